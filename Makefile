@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`. Each creates .venv and installs what it needs.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+
+.PHONY: demo test test-fast install clean
+
+$(STAMP):
+	rm -f $(VENV)/.installed-*
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned: the CPU wheel; an unpinned torch pulls several GB of CUDA wheels
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# deepspeed ships as an sdist whose build imports torch: build it against the torch above
+	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16,<0.20'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/grlm demo
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+# unit tests only: no Ray, no servers (seconds)
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not ray and not services and not slow"
+
+clean:
+	rm -rf $(VENV) runs

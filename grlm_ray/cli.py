@@ -1,0 +1,109 @@
+"""`grlm <verb> CONFIG [key.sub=value ...]` — thin: parse, load the config, call the stage function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from grlm_ray.errors import GrlmError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _split_config(args: list[str], required: bool) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    if required:
+        raise GrlmError("a CONFIG path is required before the overrides")
+    return None, args
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from grlm_ray.config import load_config
+    from grlm_ray.pipeline import format_summary, run_pipeline
+
+    path, overrides = _split_config(ns.args, required=False)
+    if path is None and DEMO_CONFIG.is_file():
+        path = str(DEMO_CONFIG)
+    cfg = load_config(path, overrides)
+    print(format_summary(run_pipeline(cfg)))
+    return 0
+
+
+def _cmd_prep(ns: argparse.Namespace) -> int:
+    from grlm_ray.config import load_config
+    from grlm_ray.pipeline import format_summary, run_pipeline
+
+    path, overrides = _split_config(ns.args, required=True)
+    print(format_summary(run_pipeline(load_config(path, overrides), stages=("prepare",))))
+    return 0
+
+
+def _cmd_validate(ns: argparse.Namespace) -> int:
+    from grlm_ray.config import load_config
+    from grlm_ray.pipeline import check_inputs
+
+    path, overrides = _split_config(ns.args, required=True)
+    cfg = load_config(path, overrides)
+    print(cfg.to_yaml(), end="")
+    problems = check_inputs(cfg)
+    if problems:
+        print("\nINVALID:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    print(f"\nOK: {path} is valid")
+    return 0
+
+
+def _cmd_stats(ns: argparse.Namespace) -> int:
+    from grlm_ray.config import S3Config
+    from grlm_ray.stats import dataset_stats, format_stats
+
+    s3 = S3Config(endpoint_url=ns.s3_endpoint) if ns.s3_endpoint else None
+    stats = dataset_stats(ns.path, s3)
+    print(json.dumps(stats, indent=2) if ns.json else format_stats(stats))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grlm", description="Generative recommendation with Term IDs on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    d = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic demo catalog")
+    d.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help="default: configs/demo.yaml")
+    d.set_defaults(fn=_cmd_demo)
+
+    pr = sub.add_parser("prep", help="stage 1: prepare catalog, sequences and targets")
+    pr.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+    pr.set_defaults(fn=_cmd_prep)
+
+    v = sub.add_parser("validate", help="load a config, apply overrides, check its inputs exist")
+    v.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+    v.set_defaults(fn=_cmd_validate)
+
+    data = sub.add_parser("data", help="inspect datasets")
+    dsub = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    st = dsub.add_parser("stats", help="users, items, interactions, sequence-length percentiles")
+    st.add_argument("path", help="a prepared stage folder or a bundle folder (local or s3://)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for s3:// paths")
+    st.set_defaults(fn=_cmd_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.fn(ns)
+    except GrlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

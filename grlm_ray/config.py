@@ -1,0 +1,222 @@
+"""Typed, strict configuration: one YAML per experiment plus ``key.sub=value`` overrides.
+
+Unknown keys are errors. The resolved config is saved with every run (``<root>/<run>/config.yaml``).
+Secrets never live here: S3 credentials come from the environment / AWS credential chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grlm_ray.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- run / storage / ray
+class S3Config(StrictModel):
+    """Where ``s3://`` roots live. Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS chain."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for a local S3-compatible server
+    region: str = "us-east-1"
+
+
+class RunConfig(StrictModel):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$")
+    root: str = "runs"  # local directory or s3://bucket/prefix
+    s3: S3Config = S3Config()
+    resume: bool = True  # skip stages whose manifest matches; resume half-done ones
+
+
+class RayConfig(StrictModel):
+    address: str | None = None  # None: start a local head on 127.0.0.1; "auto" / "ray://h:p": join
+    num_cpus: int | None = 2
+    object_store_memory_mb: int = Field(512, ge=78)
+    include_dashboard: bool = False
+    actor_num_cpus: float = Field(0.5, gt=0)  # fractional so the read tasks still get a CPU
+    no_progress_timeout_s: float = Field(600.0, gt=0)
+    progress_bars: bool = True
+
+
+# --------------------------------------------------------------------------- data sources
+class SyntheticSource(StrictModel):
+    """Deterministic product-like catalog with learnable user behaviour (see prepare/synthetic.py)."""
+
+    kind: Literal["synthetic"]
+    num_items: int = Field(600, ge=20)
+    num_users: int = Field(1500, ge=10)
+    seed: int = 0
+    num_categories: int = Field(4, ge=1)
+    mean_length: float = Field(9.0, ge=4)
+    p_complement: float = Field(0.55, ge=0, le=1)  # next item is the co-purchase partner of the last
+    p_same_type: float = Field(0.2, ge=0, le=1)
+
+
+class AmazonRawSource(StrictModel):
+    """Official Amazon 2014 files: reviews_<Category>_5.json.gz + meta_<Category>.json.gz."""
+
+    kind: Literal["amazon_raw"]
+    category: str  # e.g. Beauty, Sports_and_Outdoors, Cell_Phones_and_Accessories
+    dir: str = "."
+    reviews_file: str | None = None  # default reviews_<category>_5.json.gz
+    meta_file: str | None = None  # default meta_<category>.json.gz
+
+
+class BundleSource(StrictModel):
+    """A prepared bundle (items.parquet + sequences.parquet with int ids and the authors' `tid`)."""
+
+    kind: Literal["bundle"]
+    dir: str
+    with_terms: bool = True  # emit the bundle's TIDs as a terms table with source='provided'
+    refilter: bool = False  # bundles are already k-core filtered upstream
+
+
+class ItemColumns(StrictModel):
+    item_id: str = "item_id"
+    title: str | None = "title"
+    description: str | None = "description"
+    brand: str | None = "brand"
+    category: str | None = "category"
+    categories: str | None = "categories"  # list column, or a string split on '|'
+
+
+class InteractionColumns(StrictModel):
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str | None = "timestamp"
+
+
+class ByoSource(StrictModel):
+    """Bring your own: an items table and an interactions table (CSV or Parquet)."""
+
+    kind: Literal["byo"]
+    items: str
+    interactions: str
+    item_columns: ItemColumns = ItemColumns()
+    interaction_columns: InteractionColumns = InteractionColumns()
+    default_category: str = ""
+
+
+Source = Annotated[Union[SyntheticSource, AmazonRawSource, BundleSource, ByoSource], Field(discriminator="kind")]
+
+
+class DataConfig(StrictModel):
+    """Stage 1: catalog + sequences. ``domains`` maps a domain name (the id namespace) to a source."""
+
+    mode: Literal["single", "joint", "cross_domain"] = "single"
+    domains: dict[str, Source] = Field(
+        default_factory=lambda: {"demo": SyntheticSource(kind="synthetic")}
+    )
+    base_dir: str = "."  # relative source paths are resolved against this
+    k_core: int = Field(5, ge=0)  # iterated to a fixed point; 0 or 1 disables
+    min_user_interactions: int = Field(3, ge=3)  # leave-one-out needs train + valid + test
+    # Equal timestamps: 'file_order' keeps the order rows appear in the source (stable sort);
+    # 'item_id' orders ties by item id. Recorded in the stage manifest.
+    tie_break: Literal["file_order", "item_id"] = "file_order"
+    duplicate_interactions: Literal["keep_first", "keep_all"] = "keep_first"
+    max_sequence_length: int | None = Field(None, ge=3)  # keep the last N interactions per user
+    invalid_rows: Literal["report", "error"] = "report"  # report: write rejects + count; error: stop
+    namespace_ids: bool | None = None  # default: True for joint / cross_domain, False for single
+
+    @model_validator(mode="after")
+    def _check_domains(self) -> "DataConfig":
+        n = len(self.domains)
+        if n == 0:
+            raise ValueError("data.domains must name at least one source")
+        if self.mode == "single" and n != 1:
+            raise ValueError(f"mode 'single' takes exactly one domain, got {n}: {sorted(self.domains)}")
+        if self.mode == "joint" and n < 2:
+            raise ValueError("mode 'joint' merges two or more domains")
+        if self.mode == "cross_domain" and n != 2:
+            raise ValueError(f"mode 'cross_domain' takes exactly two domains, got {n}")
+        for name in self.domains:
+            if not name or "/" in name:
+                raise ValueError(f"domain name {name!r} must be non-empty and contain no '/'")
+        if self.namespace_ids is False and self.mode != "single":
+            raise ValueError("joint and cross_domain catalogs need namespaced ids (namespace_ids)")
+        return self
+
+    @property
+    def namespaced(self) -> bool:
+        return self.namespace_ids if self.namespace_ids is not None else self.mode != "single"
+
+
+class GrlmConfig(StrictModel):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections: a stage is redone when the sections it reads change."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for ov in overrides:
+        path, value = parse_override(ov)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: '{part}' is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GrlmConfig:
+    """Load a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
+    where = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return GrlmConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{where}: invalid config\n" + "\n".join(lines)) from None

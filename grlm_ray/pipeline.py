@@ -1,0 +1,89 @@
+"""The whole pipeline, stage by stage, over one resolved config (used by `grlm demo` and jobs/)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from grlm_ray.config import AmazonRawSource, BundleSource, ByoSource, GrlmConfig
+from grlm_ray.errors import ConfigError
+from grlm_ray.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def check_inputs(cfg: GrlmConfig) -> list[str]:
+    """Cross-field and filesystem checks before anything expensive starts; returns the problems."""
+    from grlm_ray.prepare import _resolve
+    from grlm_ray.prepare.amazon_raw import default_files
+
+    problems = []
+    for name, src in cfg.data.domains.items():
+        paths: list[Path] = []
+        if isinstance(src, AmazonRawSource):
+            d = _resolve(cfg.data.base_dir, src.dir)
+            rf, mf = default_files(src.category)
+            paths = [_resolve(str(d), src.reviews_file or rf), _resolve(str(d), src.meta_file or mf)]
+        elif isinstance(src, BundleSource):
+            d = _resolve(cfg.data.base_dir, src.dir)
+            paths = [d / "items.parquet", d / "sequences.parquet"]
+        elif isinstance(src, ByoSource):
+            paths = [_resolve(cfg.data.base_dir, src.items), _resolve(cfg.data.base_dir, src.interactions)]
+        for p in paths:
+            if not p.is_file():
+                problems.append(f"data.domains.{name}: file not found: {p}")
+    if cfg.data.mode == "cross_domain":
+        for name, src in cfg.data.domains.items():
+            if isinstance(src, BundleSource):
+                problems.append(f"data.domains.{name}: cross_domain merges by time; bundles have no timestamps")
+    if cfg.run.root.startswith("s3://") and not cfg.run.s3.endpoint_url:
+        log.info("run.root is on S3 with the default AWS endpoint")
+    return problems
+
+
+def save_resolved_config(cfg: GrlmConfig) -> str:
+    store = Store(cfg.run.root, cfg.run.s3)
+    rel = f"{cfg.run.name}/config.yaml"
+    store.write_bytes(rel, cfg.to_yaml().encode())
+    return store.uri(rel)
+
+
+def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = ("prepare",)) -> dict[str, Any]:
+    """Run the named stages in order; finished stages are skipped, half-done ones resume."""
+    problems = check_inputs(cfg)
+    if problems:
+        raise ConfigError("config checks failed:\n  " + "\n  ".join(problems))
+    t0 = time.time()
+    results: dict[str, Any] = {"config": save_resolved_config(cfg), "stages": {}}
+    for stage in stages:
+        if stage == "prepare":
+            from grlm_ray.prepare import prepare
+
+            results["stages"][stage] = prepare(cfg)
+        else:
+            raise ConfigError(f"unknown stage {stage!r}")
+    if "prepare" in stages:
+        from grlm_ray.stats import dataset_stats
+
+        results["stats"] = dataset_stats(Store(cfg.run.root, cfg.run.s3).uri(f"{cfg.run.name}/prepare"), cfg.run.s3)
+    results["seconds"] = round(time.time() - t0, 2)
+    return results
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    from grlm_ray.stats import format_stats
+
+    lines = ["", "=== grlm run summary ===", f"config   {results['config']}"]
+    for stage, m in results["stages"].items():
+        state = "skipped (already complete)" if m.get("skipped") else f"done in {m.get('seconds', 0):.1f}s"
+        outs = ", ".join(f"{k.removesuffix('.parquet')}={v:,}" for k, v in m.get("outputs", {}).items())
+        lines.append(f"{stage:8s} {state}; {outs}")
+        rej = m.get("info", {}).get("rejects")
+        if rej:
+            lines.append("         rejects: " + ", ".join(f"{k} x{v}" for k, v in rej.items()))
+    if "stats" in results:
+        lines += ["", format_stats(results["stats"])]
+    lines.append(f"\ntotal {results['seconds']:.1f}s")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""One place that starts or joins Ray, with defaults that work on a 2-core laptop.
+
+Local: a head on 127.0.0.1 only, a small object store, no dashboard, no usage stats. Ray Data gets a
+no-progress timeout (a stall becomes an error, not a hang) and actor pools get fractional CPUs so the
+read tasks still find a CPU (on 2 cores the default settings deadlock). Cluster: join by address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from grlm_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+_LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # keep every Ray listener on loopback
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> Any:
+    """Start (or join) Ray and configure Ray Data. Returns the ``ray`` module."""
+    import ray  # lazy: keeps `grlm --help` and unit tests fast
+
+    for k, v in _LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            log.info("joining Ray cluster at %s", address)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+                include_dashboard=cfg.include_dashboard,
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                configure_logging=False,
+            )
+    configure_data_context(cfg)
+    return ray
+
+
+def configure_data_context(cfg: RayConfig) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    # A stalled pipeline raises instead of hanging forever (attribute exists on Ray >= 2.40).
+    if hasattr(ctx, "execution_no_progress_timeout_s"):
+        ctx.execution_no_progress_timeout_s = cfg.no_progress_timeout_s
+
+
+def actor_pool_kwargs(cfg: RayConfig, size: int) -> dict[str, Any]:
+    """Keyword arguments for ``Dataset.map_batches`` with a callable class as an actor pool."""
+    from ray.data import ActorPoolStrategy
+
+    return {"compute": ActorPoolStrategy(size=max(1, size)), "num_cpus": cfg.actor_num_cpus}
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
