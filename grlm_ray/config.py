@@ -211,7 +211,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
-    data = apply_overrides(data, list(overrides or []))
+    if overrides:
+        # Overrides apply to the resolved config (defaults filled in), so `data.domains.demo.seed=1`
+        # works on the default domain; if the file alone does not validate (a required value comes
+        # from an override), they apply to the file's own values instead.
+        try:
+            base = GrlmConfig.model_validate(data).model_dump(mode="json")
+        except ValidationError:
+            base = data
+        data = apply_overrides(base, list(overrides))
     try:
         return GrlmConfig.model_validate(data)
     except ValidationError as e:

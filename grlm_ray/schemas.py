@@ -158,7 +158,7 @@ REJECTS = ArtifactSchema(
         Column("line", pa.int64(), nullable=True),
         Column("field", STR),
         Column("reason", STR),
-        Column("action", STR),  # dropped | repaired
+        Column("action", STR),  # dropped | repaired | noted (kept as is)
         Column("value", STR),
     ),
 )

