@@ -25,12 +25,16 @@ _LOCAL_ENV = {
 
 def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> Any:
     """Start (or join) Ray and configure Ray Data. Returns the ``ray`` module."""
+    # Before `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a constant at import
+    # time, and only with it at 0 does a local node resolve its IP to loopback.
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        for k, v in _LOCAL_ENV.items():
+            os.environ.setdefault(k, v)
     import ray  # lazy: keeps `grlm --help` and unit tests fast
 
-    for k, v in _LOCAL_ENV.items():
-        os.environ.setdefault(k, v)
     if not ray.is_initialized():
-        address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
             log.info("joining Ray cluster at %s", address)
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

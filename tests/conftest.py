@@ -61,12 +61,14 @@ def s3_server(tmp_path_factory):
     (d / "s3.json").write_text(json.dumps({"identities": [{
         "name": "grlm-test", "credentials": [{"accessKey": access, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    s3_port, master, volume, filer = free_port(), free_port(), free_port(), free_port()
+    ports = {name: free_port() for name in ("s3", "master", "volume", "filer")}
     log = d / "weed.log"
-    cmd = [_weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={d}",
-           f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-           "-s3", f"-s3.port={s3_port}", f"-s3.config={d / 's3.json'}", "-volume.max=0",
-           "-master.volumeSizeLimitMB=64"]
+    # gRPC ports default to port + 10000, which overflows for high ephemeral ports: set them all
+    cmd = [_weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={d}", "-s3",
+           f"-s3.config={d / 's3.json'}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+    for name, port in ports.items():
+        cmd += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+    s3_port = ports["s3"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -1,0 +1,37 @@
+"""`grlm` verbs end to end on the built-in demo catalog (no Ray needed for one domain)."""
+
+import json
+
+from grlm_ray.cli import main
+
+
+def test_demo_runs_then_skips_when_complete(tmp_path, capsys):
+    args = ["demo", f"run.root={tmp_path}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "prepare  done" in out and "users" in out
+    assert (tmp_path / "demo" / "config.yaml").is_file()
+    manifest = json.loads((tmp_path / "demo" / "prepare" / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["outputs"]["sequences.parquet"] > 50
+    assert main(args) == 0
+    assert "skipped (already complete)" in capsys.readouterr().out
+
+
+def test_validate_reports_missing_inputs(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  domains:\n    shop: {kind: byo, items: nope.csv, interactions: nada.csv}\n")
+    assert main(["validate", str(cfg), f"data.base_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.csv" in err and "nada.csv" in err
+
+
+def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  k_kore: 5\n")
+    assert main(["prep", str(cfg)]) == 2
+    assert "data.k_kore" in capsys.readouterr().err
+
+
+def test_stats_on_missing_folder_names_it(tmp_path, capsys):
+    assert main(["data", "stats", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
