@@ -53,6 +53,9 @@ SELLING_POINTS = ["award-winning formula", "lifetime warranty", "best seller", "
 _SYLLABLES = ["lu", "ra", "ko", "vi", "sa", "ne", "mo", "ta", "zen", "pri", "fa", "do", "qi", "bel", "or"]
 
 
+MAX_BRANDS_PER_CATEGORY = 300  # well below the 15^2 + 15^3 distinct 2-3 syllable names
+
+
 def _brand_names(rng: np.random.Generator, n: int) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
@@ -70,7 +73,7 @@ def generate(src: SyntheticSource) -> tuple[pa.Table, pd.DataFrame]:
     rng = np.random.default_rng(src.seed)
     cats = list(CATALOG)[: min(src.num_categories, len(CATALOG))]
     n_items, n_types = src.num_items, len(next(iter(CATALOG.values())))
-    n_brands = max(4, n_items // (len(cats) * 12))
+    n_brands = min(MAX_BRANDS_PER_CATEGORY, max(4, n_items // (len(cats) * 12)))
     brands = {c: _brand_names(rng, n_brands) for c in cats}
 
     cat_idx = np.arange(n_items) % len(cats)
