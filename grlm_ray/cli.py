@@ -38,8 +38,12 @@ def _stage_cmd(stage: str):
         from grlm_ray.config import load_config
         from grlm_ray.pipeline import format_summary, run_pipeline
 
+        from grlm_ray.pipeline import STAGES
+
         path, overrides = _split_config(ns.args, required=True)
-        print(format_summary(run_pipeline(load_config(path, overrides), stages=(stage,))))
+        # upstream stages run too: they are skipped when already complete for this config
+        upto = STAGES[: STAGES.index(stage) + 1]
+        print(format_summary(run_pipeline(load_config(path, overrides), stages=upto)))
         return 0
 
     return run

