@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for verb, stage, text in (("prep", "prepare", "stage 1: prepare catalog, sequences and targets"),
                               ("embed", "embed", "stage 2: sentence embeddings of item text (Ray Data)"),
-                              ("neighbors", "neighbors", "stage 2: top-k cosine neighbours (Ray Data, faiss)")):
+                              ("neighbors", "neighbors", "stage 2: top-k cosine neighbours (Ray Data, faiss)"),
+                              ("ctg", "ctg", "stage 3: Context-aware Term Generation with an LLM (Ray Data)")):
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
         sp.set_defaults(fn=_stage_cmd(stage))

@@ -63,10 +63,11 @@ def describe(item: dict[str, Any], limit: int) -> str:
 def build_messages(item: dict[str, Any], neighbors: list[dict[str, Any]], cfg: CTGConfig) -> list[dict[str, str]]:
     """The paper's prompt: the item's metadata and (unless context='none') its neighbours' metadata."""
     n = cfg.num_terms
+    use_ctx = bool(cfg.context == "neighbors" and neighbors)
     order = ", ".join(ORDER[: min(n, len(ORDER))]) + (", then more details" if n > len(ORDER) else "")
-    use_ctx = cfg.context == "neighbors" and neighbors
+    slots = [f"<{o}>" for o in ORDER[:n]] + [f"<detail {i + 1}>" for i in range(max(0, n - len(ORDER)))]
     user = INSTRUCTIONS.format(n=n, order=order, context_rule=CONTEXT_RULE if use_ctx else "",
-                               example=", ".join(f"word{i + 1}" for i in range(n)))
+                               example=", ".join(slots))
     user += "\n\nProduct: " + describe(item, cfg.max_item_chars)
     if use_ctx:
         user += "\n\nSimilar products:\n" + "\n".join(
@@ -85,10 +86,15 @@ _SPLIT = re.compile(r"[,;\n|/]+|\s+-\s+|\d+[.)]\s*")
 _CLEAN = re.compile(r"[^a-z\- ]+")
 
 
+# words that only echo the instructions ("category", "word1", "selling point"), never real terms
+INSTRUCTION_WORDS = frozenset("word category type function feature distinctive audience selling point "
+                              "product name term terms item detail".split())
+
+
 def normalize_term(raw: str) -> str:
     """'Tea Tree' -> 'tea-tree'; 'Brushes' -> 'brush'; junk and stopwords -> ''."""
     t = _CLEAN.sub(" ", re.sub(r"['\u2019]s\b", "", raw.lower())).strip(" -")
-    words = [w for w in re.split(r"[\s]+", t) if w and w not in STOPWORDS]
+    words = [w for w in re.split(r"[\s]+", t) if w and w not in STOPWORDS and w.strip("-") not in INSTRUCTION_WORDS]
     if not words or len(words) > 3:
         return ""
     if len(words) == 1:
@@ -107,10 +113,16 @@ def parse_terms(text: str, n: int) -> Parsed:
     m = re.search(r"terms?\s*:", body, re.I)
     if m:
         body = body[m.end():]
-    body = body.strip().splitlines()[0] if body.strip() else ""
-    pieces = [p for p in _SPLIT.split(body) if p and p.strip()]
-    if len(pieces) == 1 and " " in pieces[0].strip():
-        pieces = pieces[0].split()  # "shampoo hair gentle ..." without commas
+    lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
+    if not lines:
+        pieces: list[str] = []
+    elif re.match(r"^([-*\u2022]|\d+[.)])\s", lines[0]) and len(lines) > 1:
+        # a bulleted / numbered list, one term per line
+        pieces = [re.sub(r"^([-*\u2022]|\d+[.)])\s*", "", ln) for ln in lines[: n + 2]]
+    else:
+        pieces = [p for p in _SPLIT.split(lines[0]) if p and p.strip()]
+        if len(pieces) == 1 and " " in pieces[0].strip():
+            pieces = pieces[0].split()  # "shampoo hair gentle ..." without commas
     terms: list[str] = []
     dropped = 0
     for p in pieces:
@@ -128,8 +140,12 @@ def parse_terms(text: str, n: int) -> Parsed:
 
 
 def repair(parsed: list[str], fallback_texts: list[str], category: str, n: int) -> list[str]:
-    """Keep the LLM's first valid terms, then fill from the item's own words and its context."""
-    terms = list(dict.fromkeys(parsed))[:n]
+    """Keep the LLM's terms that are grounded in the item's or its neighbours' text (an invalid answer
+    often carries fragments such as 'fluid-oun'), then fill from the item's own words and its context."""
+    known = {w for text in fallback_texts for w in text_words(text)}
+    grounded = [t for t in dict.fromkeys(parsed) if all(part in known for part in t.split("-"))
+                or t in known]
+    terms = grounded[:n]
     for text in fallback_texts:
         for w in text_words(text):
             if len(terms) >= n:

@@ -50,7 +50,7 @@ def save_resolved_config(cfg: GrlmConfig) -> str:
     return store.uri(rel)
 
 
-STAGES = ("prepare", "embed", "neighbors")  # built so far, in order
+STAGES = ("prepare", "embed", "neighbors", "ctg")  # built so far, in order
 
 
 def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
@@ -67,9 +67,15 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = STAGES) -> dict[s
             from grlm_ray.embed import embed as fn
         elif stage == "neighbors":
             from grlm_ray.neighbors import neighbors as fn
+        elif stage == "ctg":
+            from grlm_ray.ctg import ctg as fn
         else:
             raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-        results["stages"][stage] = fn(cfg)
+        manifest = fn(cfg)
+        results["stages"][stage] = manifest
+        from grlm_ray.tracking import log_stage
+
+        manifest["mlflow_run_id"] = log_stage(cfg, stage, manifest)
     if "prepare" in stages:
         from grlm_ray.stats import dataset_stats
 
@@ -86,9 +92,14 @@ def format_summary(results: dict[str, Any]) -> str:
         state = "skipped (already complete)" if m.get("skipped") else f"done in {m.get('seconds', 0):.1f}s"
         outs = ", ".join(f"{k.removesuffix('.parquet')}={v:,}" for k, v in m.get("outputs", {}).items())
         lines.append(f"{stage:9s} {state}; {outs}")
-        rej = m.get("info", {}).get("rejects")
-        if rej:
-            lines.append("         rejects: " + ", ".join(f"{k} x{v}" for k, v in rej.items()))
+        info = m.get("info", {})
+        if info.get("rejects"):
+            lines.append("          rejects: " + ", ".join(f"{k} x{v}" for k, v in info["rejects"].items()))
+        if stage == "ctg" and "legality_rate" in info:
+            b, a = info["before_resolution"], info["after_resolution"]
+            lines.append(f"          legality {info['legality_rate']:.3f} (first try {info['legality_rate_first_try']:.3f}), "
+                         f"repaired {info['repaired_items']}, collisions {b['colliding_items']} -> {a['colliding_items']} items, "
+                         f"unique terms {a['unique_terms']}, items/s {info['items_per_second']}")
     if "stats" in results:
         lines += ["", format_stats(results["stats"])]
     lines.append(f"\ntotal {results['seconds']:.1f}s")

@@ -56,3 +56,17 @@ def test_repair_fills_from_own_text_then_context():
 def test_tid_stats():
     s = tid_stats([["a", "b"], ["a", "b"], ["a", "c"]])
     assert s["unique_tids"] == 2 and s["colliding_items"] == 2 and s["per_position_vocab"] == [1, 2]
+
+
+def test_parse_bullets_and_placeholder_echoes():
+    p = parse_terms("\n- Shampoo\n- Cleansing\n- Tea Tree\n- Adults\n- Invigorating\n", 5)
+    assert p.valid and p.terms == ["shampoo", "cleanse", "tea-tree", "adult", "invigorate"]
+    echo = parse_terms("<category or type>, <function>, <distinctive feature>, <audience>, <selling point>", 5)
+    assert not echo.valid and echo.terms == []
+    # a whole title as one bullet is junk (more than 3 words), not a term
+    assert not parse_terms("\n- Dove Damage Therapy Intensive Repair Conditioner\n- Dove", 5).valid
+
+
+def test_repair_drops_ungrounded_fragments():
+    out = repair(["fluid-oun", "conditioner", "dove"], ["Dove Damage Therapy Conditioner 8 Fl Oz"], "beauty", 4)
+    assert out == ["conditioner", "dove", "damage", "therapy"]
