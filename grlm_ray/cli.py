@@ -38,12 +38,12 @@ def _stage_cmd(stage: str):
         from grlm_ray.config import load_config
         from grlm_ray.pipeline import format_summary, run_pipeline
 
-        from grlm_ray.pipeline import STAGES
+        from grlm_ray.pipeline import upstream
 
         path, overrides = _split_config(ns.args, required=True)
+        cfg = load_config(path, overrides)
         # upstream stages run too: they are skipped when already complete for this config
-        upto = STAGES[: STAGES.index(stage) + 1]
-        print(format_summary(run_pipeline(load_config(path, overrides), stages=upto)))
+        print(format_summary(run_pipeline(cfg, stages=upstream(stage, cfg))))
         return 0
 
     return run
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, stage, text in (("prep", "prepare", "stage 1: prepare catalog, sequences and targets"),
                               ("embed", "embed", "stage 2: sentence embeddings of item text (Ray Data)"),
                               ("neighbors", "neighbors", "stage 2: top-k cosine neighbours (Ray Data, faiss)"),
-                              ("ctg", "ctg", "stage 3: Context-aware Term Generation with an LLM (Ray Data)")):
+                              ("ctg", "ctg", "stage 3: Context-aware Term Generation with an LLM (Ray Data)"),
+                              ("compress", "compress", "stage 3: semantic compression sweep over K (MLflow)")):
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
         sp.set_defaults(fn=_stage_cmd(stage))

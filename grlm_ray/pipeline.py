@@ -50,10 +50,18 @@ def save_resolved_config(cfg: GrlmConfig) -> str:
     return store.uri(rel)
 
 
-STAGES = ("prepare", "embed", "neighbors", "ctg")  # built so far, in order
+STAGES = ("prepare", "embed", "neighbors", "ctg", "compress")  # built so far, in order
+DEMO_STAGES = ("prepare", "embed", "neighbors", "ctg")
 
 
-def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+def upstream(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
+    """The stages ``stage`` needs, in order, ending with itself (finished ones are skipped when run)."""
+    if stage == "compress" and cfg.compress.source == "provided":
+        return ("prepare", "compress")
+    return STAGES[: STAGES.index(stage) + 1]
+
+
+def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> dict[str, Any]:
     """Run the named stages in order; finished stages are skipped, half-done ones resume."""
     problems = check_inputs(cfg)
     if problems:
@@ -69,6 +77,8 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = STAGES) -> dict[s
             from grlm_ray.neighbors import neighbors as fn
         elif stage == "ctg":
             from grlm_ray.ctg import ctg as fn
+        elif stage == "compress":
+            from grlm_ray.compress import compress as fn
         else:
             raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
         manifest = fn(cfg)
@@ -100,6 +110,10 @@ def format_summary(results: dict[str, Any]) -> str:
             lines.append(f"          legality {info['legality_rate']:.3f} (first try {info['legality_rate_first_try']:.3f}), "
                          f"repaired {info['repaired_items']}, collisions {b['colliding_items']} -> {a['colliding_items']} items, "
                          f"unique terms {a['unique_terms']}, items/s {info['items_per_second']}")
+        if stage == "compress" and "sweep" in info:
+            for r in info["sweep"]:
+                lines.append(f"          K={r['k']!s:>5}: vocabulary {r['vocab']:,}, colliding items after mapping "
+                             f"{r['colliding_items_mapped']:,}, after re-resolution {r['colliding_items_after']:,}")
     if "stats" in results:
         lines += ["", format_stats(results["stats"])]
     lines.append(f"\ntotal {results['seconds']:.1f}s")
