@@ -72,6 +72,19 @@ def colliding_items(tids: list[tuple[str, ...]]) -> int:
     return sum(n for n in counts.values() if n > 1)
 
 
+def _first_free(tid: list[str], words: list[str], slots: list[int],
+                taken: set[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """The first TID made by putting one of ``words`` into one of ``slots`` that no item uses yet."""
+    for word in words:
+        if word in tid:
+            continue
+        for j in slots:
+            cand = tuple(tid[:j] + [word] + tid[j + 1:])
+            if cand not in taken:
+                return cand
+    return None
+
+
 def resolve_collisions(
     item_ids: list[str], tids: list[list[str]], texts: list[str], *, keep_examples: int = 10
 ) -> tuple[list[list[str]], list[bool], CollisionReport]:
@@ -96,32 +109,18 @@ def resolve_collisions(
             tid = list(key)
             # positions ordered by how little they tell: most frequent term first; never position 0
             positions = sorted(range(1, len(tid)), key=lambda j: (-term_df[tid[j]], -j)) or [0]
-            new = None
-            for word in sorted(text_words(texts[i]), key=lambda w: term_df.get(w, 0)):
-                if word in tid:
-                    continue
-                for j in positions[:1]:
-                    cand = tuple(tid[:j] + [word] + tid[j + 1:])
-                    if cand not in taken:
-                        new = cand
-                        break
-                if new:
-                    n_text += 1
+            own_words = sorted(text_words(texts[i]), key=lambda w: term_df.get(w, 0))  # rarest first
+            new, by_text = None, True
+            # the item's own words replace the least informative term; catalog terms may go anywhere
+            for words, slots in ((own_words, positions[:1]), (fallback_terms, positions)):
+                new = _first_free(tid, words, slots, taken)
+                if new is not None:
                     break
-            if new is None:
-                for word in fallback_terms:
-                    if word in tid:
-                        continue
-                    for j in positions:
-                        cand = tuple(tid[:j] + [word] + tid[j + 1:])
-                        if cand not in taken:
-                            new = cand
-                            break
-                    if new:
-                        n_catalog += 1
-                        break
+                by_text = False
             if new is None:  # only possible for a one-term vocabulary; say so rather than loop
                 raise ValueError(f"cannot make the TID of item {item_ids[i]!r} distinct: vocabulary too small")
+            n_text += by_text
+            n_catalog += not by_text
             taken.add(new)
             out[i] = list(new)
             changed[i] = True

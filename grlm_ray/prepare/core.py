@@ -130,33 +130,32 @@ def build_sequences(df: pd.DataFrame, max_len: int | None = None) -> pa.Table:
     })
 
 
+def _targets(sequences: pa.Table, positions) -> pa.Table:
+    """``positions(items)`` yields (domain, valid position, test position) per target domain."""
+    rows: dict[str, list] = {"user_id": [], "split": [], "domain": [], "position": [], "target_item_id": []}
+    for u, items in zip(sequences.column("user_id").to_pylist(), sequences.column("item_ids").to_pylist()):
+        for domain, valid_pos, test_pos in positions(items):
+            for split, pos in (("valid", valid_pos), ("test", test_pos)):
+                rows["user_id"].append(u)
+                rows["split"].append(split)
+                rows["domain"].append(domain)
+                rows["position"].append(pos)
+                rows["target_item_id"].append(items[pos])
+    return pa.table(rows, schema=TARGETS.arrow)
+
+
 def leave_one_out_targets(sequences: pa.Table, domain: str) -> pa.Table:
     """Last item = test target, second last = validation target; history = the items before it."""
-    users = sequences.column("user_id").to_pylist()
-    lists = sequences.column("item_ids").to_pylist()
-    rows = {"user_id": [], "split": [], "domain": [], "position": [], "target_item_id": []}
-    for u, items in zip(users, lists):
-        n = len(items)
-        for split, pos in (("valid", n - 2), ("test", n - 1)):
-            rows["user_id"].append(u)
-            rows["split"].append(split)
-            rows["domain"].append(domain)
-            rows["position"].append(pos)
-            rows["target_item_id"].append(items[pos])
-    return pa.table(rows, schema=TARGETS.arrow)
+    return _targets(sequences, lambda items: [(domain, len(items) - 2, len(items) - 1)])
 
 
 def per_domain_targets(sequences: pa.Table, domains: list[str]) -> pa.Table:
     """Cross-domain: in each user's merged sequence, the last item of each domain is that domain's test
     target and the second last of that domain its validation target (item ids are ``domain/...``)."""
-    rows = {"user_id": [], "split": [], "domain": [], "position": [], "target_item_id": []}
-    for u, items in zip(sequences.column("user_id").to_pylist(), sequences.column("item_ids").to_pylist()):
+
+    def positions(items: list[str]):
         for d in domains:
             idx = [i for i, it in enumerate(items) if it.split("/", 1)[0] == d]
-            for split, pos in (("valid", idx[-2]), ("test", idx[-1])):
-                rows["user_id"].append(u)
-                rows["split"].append(split)
-                rows["domain"].append(d)
-                rows["position"].append(pos)
-                rows["target_item_id"].append(items[pos])
-    return pa.table(rows, schema=TARGETS.arrow)
+            yield d, idx[-2], idx[-1]
+
+    return _targets(sequences, positions)
