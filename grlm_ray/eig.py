@@ -1,0 +1,175 @@
+"""Elastic Identifier Grounding: a generated TID -> real catalog items.
+
+1. direct map: the exact TID string -> its item(s) (a collision group returns all, in catalog order);
+2. structural map, when there is no exact hit: score(item) = sum_j w_j * [generated term j is one of
+   the item's terms], w_j decaying with position j (default 1/(j+1), as the reference); the highest
+   score wins, ties broken by catalog order (deterministic).
+
+A ranked list for K: beams in order, each grounded (direct: its whole group; structural: its best item
+not yet listed), duplicates dropped, then each beam's further structural candidates, then the fallback
+order (popularity when given, else catalog order) — always exactly K items.
+
+Scoring uses an inverted index (term -> item indices, CSR arrays); a query touches only the items that
+share a term with it. ``match='substring'`` reproduces the reference's substring matching (a generated
+term matches every catalog term that contains it); exact equality is the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal, Sequence
+
+import numpy as np
+
+DIRECT, STRUCTURAL, FILL = "direct", "structural", "fill"
+
+
+def tid_text(terms: Sequence[str]) -> str:
+    """The canonical text of a TID: its terms joined by single spaces (terms never contain spaces)."""
+    return " ".join(terms)
+
+
+def parse_generated(text: str) -> list[str]:
+    return [t for t in text.replace(",", " ").lower().split() if t]
+
+
+def position_weights(n: int, decay: Literal["reciprocal", "none"] = "reciprocal") -> np.ndarray:
+    if decay == "none":
+        return np.ones(n, dtype=np.float64)
+    return 1.0 / (np.arange(n, dtype=np.float64) + 1.0)
+
+
+@dataclass
+class Grounding:
+    items: list[str]
+    grounded_by: list[str]
+    scores: list[float]
+
+
+class TidIndex:
+    """Built once per catalog (or catalog update); queries are read-only and thread-safe."""
+
+    def __init__(self, item_ids: Sequence[str], tids: Sequence[Sequence[str]], *,
+                 decay: Literal["reciprocal", "none"] = "reciprocal",
+                 match: Literal["exact", "substring"] = "exact",
+                 fallback_order: Sequence[str] | None = None, max_terms: int = 32) -> None:
+        if len(item_ids) != len(tids):
+            raise ValueError("item_ids and tids differ in length")
+        self.item_ids = np.asarray(list(item_ids), dtype=object)
+        self.n = len(self.item_ids)
+        self.match = match
+        self.weights = position_weights(max_terms, decay)
+        self.direct: dict[str, np.ndarray] = {}
+        groups: dict[str, list[int]] = {}
+        vocab: dict[str, int] = {}
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, tid in enumerate(tids):
+            groups.setdefault(tid_text(tid), []).append(i)
+            for t in set(tid):
+                rows.append(vocab.setdefault(t, len(vocab)))
+                cols.append(i)
+        self.direct = {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
+        self.vocab = vocab
+        self.vocab_list = list(vocab)
+        order = np.lexsort((np.asarray(cols), np.asarray(rows)))  # by term, then item (catalog order)
+        r = np.asarray(rows, dtype=np.int64)[order]
+        self.postings = np.asarray(cols, dtype=np.int64)[order]
+        self.indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
+        np.add.at(self.indptr, r + 1, 1)
+        self.indptr = np.cumsum(self.indptr)
+        pos = {it: k for k, it in enumerate(self.item_ids)}
+        fb = [pos[i] for i in fallback_order if i in pos] if fallback_order is not None else []
+        seen = set(fb)
+        self.fallback = np.asarray(fb + [i for i in range(self.n) if i not in seen], dtype=np.int64)
+        self._substr = lru_cache(maxsize=65536)(self._substring_terms)
+
+    # ---------------------------------------------------------------- single TID
+    def _term_ids(self, term: str) -> list[int]:
+        if self.match == "exact":
+            k = self.vocab.get(term)
+            return [] if k is None else [k]
+        return self._substr(term)
+
+    def _substring_terms(self, term: str) -> list[int]:
+        return [k for k, t in enumerate(self.vocab_list) if term in t]
+
+    def structural(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item indices, scores) of the ``top`` best structural matches, best first, ties by catalog order."""
+        idx_parts, w_parts = [], []
+        for j, t in enumerate(terms[: len(self.weights)]):
+            for k in self._term_ids(t):
+                p = self.postings[self.indptr[k]:self.indptr[k + 1]]
+                idx_parts.append(p)
+                w_parts.append(np.full(len(p), self.weights[j]))
+        if not idx_parts:
+            return np.empty(0, np.int64), np.empty(0)
+        idx = np.concatenate(idx_parts)
+        w = np.concatenate(w_parts)
+        if self.match == "substring":  # one match per (position, item): several vocab terms may hit
+            key = np.concatenate([np.full(len(p), j) for j, p in enumerate(idx_parts)])
+            _, first = np.unique(np.stack([key, idx]), axis=1, return_index=True)
+            idx, w = idx[first], w[first]
+        items, inv = np.unique(idx, return_inverse=True)  # sorted: catalog order
+        scores = np.bincount(inv, weights=w)
+        top = min(top, len(items))
+        # best score first; equal scores keep catalog order (stable sort on -score)
+        order = np.argsort(-scores, kind="stable")[:top]
+        return items[order], scores[order]
+
+    def ground_one(self, generated: str | Sequence[str]) -> tuple[np.ndarray, str]:
+        terms = parse_generated(generated) if isinstance(generated, str) else list(generated)
+        hit = self.direct.get(tid_text(terms))
+        if hit is not None:
+            return hit, DIRECT
+        items, _ = self.structural(terms, 1)
+        return items, STRUCTURAL if len(items) else FILL
+
+    # ---------------------------------------------------------------- beams -> ranked list
+    def rank(self, beams: Sequence[str | Sequence[str]], k: int, extra_per_beam: int | None = None) -> Grounding:
+        """Beams (best first) -> exactly ``k`` distinct items with how each was grounded."""
+        parsed = [parse_generated(b) if isinstance(b, str) else list(b) for b in beams]
+        out: list[int] = []
+        how: list[str] = []
+        scores: list[float] = []
+        seen: set[int] = set()
+        cands: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def push(i: int, h: str, s: float) -> None:
+            if i not in seen and len(out) < k:
+                seen.add(int(i))
+                out.append(int(i))
+                how.append(h)
+                scores.append(float(s))
+
+        deep = extra_per_beam if extra_per_beam is not None else k
+        for terms in parsed:
+            hit = self.direct.get(tid_text(terms))
+            if hit is not None:
+                for i in hit:
+                    push(i, DIRECT, float(self.weights[: len(terms)].sum()))
+                cands.append((np.empty(0, np.int64), np.empty(0)))
+                continue
+            items, sc = self.structural(terms, deep + k)
+            cands.append((items, sc))
+            for i, s in zip(items, sc):  # the beam's best item not listed yet
+                if int(i) not in seen:
+                    push(i, STRUCTURAL, s)
+                    break
+            if len(out) >= k:
+                break
+        for items, sc in cands:  # then further structural candidates, beams in order
+            for i, s in zip(items, sc):
+                if len(out) >= k:
+                    break
+                push(i, STRUCTURAL, s)
+        for i in self.fallback:
+            if len(out) >= k:
+                break
+            push(i, FILL, 0.0)
+        return Grounding([str(self.item_ids[i]) for i in out], how, scores)
+
+    def is_valid(self, generated: str | Sequence[str]) -> bool:
+        terms = parse_generated(generated) if isinstance(generated, str) else list(generated)
+        return tid_text(terms) in self.direct
