@@ -10,8 +10,8 @@ not yet listed), duplicates dropped, then each beam's further structural candida
 order (popularity when given, else catalog order) — always exactly K items.
 
 Scoring uses an inverted index (term -> item indices, CSR arrays); a query touches only the items that
-share a term with it. ``match='substring'`` reproduces the reference's substring matching (a generated
-term matches every catalog term that contains it); exact equality is the default.
+share a term with it. ``match='substring'`` reproduces the reference's matching (equal terms score 1.0,
+a term containing the other 0.8, summed over the item's matching terms); exact equality is the default.
 """
 
 from __future__ import annotations
@@ -86,31 +86,36 @@ class TidIndex:
         self._substr = lru_cache(maxsize=65536)(self._substring_terms)
 
     # ---------------------------------------------------------------- single TID
-    def _term_ids(self, term: str) -> list[int]:
+    def _term_ids(self, term: str) -> list[tuple[int, float]]:
+        """(vocabulary id, similarity) of the catalog terms a generated term matches."""
         if self.match == "exact":
             k = self.vocab.get(term)
-            return [] if k is None else [k]
+            return [] if k is None else [(k, 1.0)]
         return self._substr(term)
 
-    def _substring_terms(self, term: str) -> list[int]:
-        return [k for k, t in enumerate(self.vocab_list) if term in t]
+    def _substring_terms(self, term: str) -> list[tuple[int, float]]:
+        # the reference's rule: equal -> 1.0; one contains the other -> 0.8 (a scan of the vocabulary,
+        # cached per term)
+        out = []
+        for k, t in enumerate(self.vocab_list):
+            if t == term:
+                out.append((k, 1.0))
+            elif term in t or t in term:
+                out.append((k, 0.8))
+        return out
 
     def structural(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
         """(item indices, scores) of the ``top`` best structural matches, best first, ties by catalog order."""
         idx_parts, w_parts = [], []
         for j, t in enumerate(terms[: len(self.weights)]):
-            for k in self._term_ids(t):
+            for k, sim in self._term_ids(t):
                 p = self.postings[self.indptr[k]:self.indptr[k + 1]]
                 idx_parts.append(p)
-                w_parts.append(np.full(len(p), self.weights[j]))
+                w_parts.append(np.full(len(p), self.weights[j] * sim))
         if not idx_parts:
             return np.empty(0, np.int64), np.empty(0)
         idx = np.concatenate(idx_parts)
         w = np.concatenate(w_parts)
-        if self.match == "substring":  # one match per (position, item): several vocab terms may hit
-            key = np.concatenate([np.full(len(p), j) for j, p in enumerate(idx_parts)])
-            _, first = np.unique(np.stack([key, idx]), axis=1, return_index=True)
-            idx, w = idx[first], w[first]
         items, inv = np.unique(idx, return_inverse=True)  # sorted: catalog order
         scores = np.bincount(inv, weights=w)
         top = min(top, len(items))
