@@ -106,6 +106,71 @@ class TidIndex:
 
     def structural(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
         """(item indices, scores) of the ``top`` best structural matches, best first, ties by catalog order."""
+        if self.match == "exact":
+            return self._structural_subsets(terms, top)
+        return self._structural_scan(terms, top)
+
+    def _posting(self, k: int) -> np.ndarray:
+        return self.postings[self.indptr[k]:self.indptr[k + 1]]
+
+    def _structural_subsets(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact matching: an item's score is the weight sum of the generated positions it matches, so
+        visiting subsets of the matched positions by decreasing weight sum finds items in score order,
+        and an item first appears at exactly its own matched set (every superset scores higher and was
+        visited before). Each subset's items come from probing its shortest posting list against the
+        others, in catalog order, and stop once ``top`` items are found: a query touches a handful of
+        rows, not whole posting lists of common terms."""
+        present: list[tuple[float, np.ndarray]] = []
+        for j, t in enumerate(terms[: len(self.weights)]):
+            k = self.vocab.get(t)
+            if k is not None:  # a repeated term counts at each of its positions, as the sum defines
+                present.append((float(self.weights[j]), self._posting(k)))
+        if not present or top <= 0:
+            return np.empty(0, np.int64), np.empty(0)
+        m = len(present)
+        subsets = sorted(range(1, 1 << m), key=lambda mask: -sum(present[b][0] for b in range(m) if mask >> b & 1))
+        found: list[int] = []
+        found_scores: list[float] = []
+        seen: set[int] = set()
+        i = 0
+        while i < len(subsets) and len(found) < top:
+            # subsets with equal weight sums form one score level: merge them in catalog order
+            level = sum(present[b][0] for b in range(m) if subsets[i] >> b & 1)
+            group = []
+            while i < len(subsets) and abs(sum(present[b][0] for b in range(m) if subsets[i] >> b & 1) - level) < 1e-12:
+                group.append(subsets[i])
+                i += 1
+            need = top - len(found)
+            cands: list[int] = []
+            for mask in group:
+                lists = sorted((present[b][1] for b in range(m) if mask >> b & 1), key=len)
+                cands.extend(self._intersect_first(lists, need + len(seen), seen))
+            for c in sorted(set(cands))[:need]:
+                seen.add(c)
+                found.append(c)
+                found_scores.append(level)
+        return np.asarray(found, dtype=np.int64), np.asarray(found_scores)
+
+    @staticmethod
+    def _intersect_first(lists: list[np.ndarray], need: int, skip: set[int], chunk: int = 256) -> list[int]:
+        """The first ``need`` items (catalog order) in every list, probing the shortest one in chunks."""
+        base, others = lists[0], lists[1:]
+        out: list[int] = []
+        for s in range(0, len(base), chunk):
+            cand = base[s:s + chunk]
+            for o in others:
+                pos = np.searchsorted(o, cand)
+                pos[pos >= len(o)] = len(o) - 1
+                cand = cand[o[pos] == cand]
+                if not len(cand):
+                    break
+            out.extend(int(c) for c in cand if int(c) not in skip)
+            if len(out) >= need:
+                break
+        return out
+
+    def _structural_scan(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
+        """Substring matching (the reference's similarity): accumulate weights over posting lists."""
         idx_parts, w_parts = [], []
         for j, t in enumerate(terms[: len(self.weights)]):
             for k, sim in self._term_ids(t):

@@ -81,3 +81,24 @@ def test_metrics_hand_computed():
     assert m["overall"]["recall_at_1"] == 0.5 and m["overall"]["users"] == 2
     assert m["per_domain"]["a"]["ndcg_at_2"] == 1.0 and m["per_domain"]["b"]["recall_at_2"] == 0.0
     assert m["overall"]["vr_at_2"] == 0.25 and m["overall"]["dhr_at_1"] == 0.5
+
+
+@pytest.mark.parametrize("decay", ["reciprocal", "none"])
+def test_structural_search_equals_brute_force_scoring(decay):
+    """The subset search must give exactly the brute-force ranking (score desc, then catalog order)."""
+    import numpy as np
+
+    from grlm_ray.eig import position_weights
+
+    rng = np.random.default_rng(7)
+    vocab = [f"w{i}" for i in range(25)]
+    tids = [list(rng.choice(vocab, size=5, replace=False)) for _ in range(300)]
+    idx = TidIndex([str(i) for i in range(300)], tids, decay=decay)
+    w = position_weights(5, decay)
+    for _ in range(60):
+        q = list(rng.choice(vocab + ["zz", "yy"], size=5, replace=True))
+        brute = sorted(((-sum(w[j] for j, t in enumerate(q) if t in set(tid)), i) for i, tid in enumerate(tids)))
+        brute = [(i, -s) for s, i in brute if s < 0][:15]
+        items, scores = idx.structural(q, 15)
+        assert [int(i) for i in items] == [i for i, _ in brute], q
+        assert np.allclose(scores, [s for _, s in brute])
