@@ -84,6 +84,7 @@ class TidIndex:
         seen = set(fb)
         self.fallback = np.asarray(fb + [i for i in range(self.n) if i not in seen], dtype=np.int64)
         self._substr = lru_cache(maxsize=65536)(self._substring_terms)
+        self._plists: dict[int, list[int]] = {}
 
     # ---------------------------------------------------------------- single TID
     def _term_ids(self, term: str) -> list[tuple[int, float]]:
@@ -104,11 +105,41 @@ class TidIndex:
                 out.append((k, 0.8))
         return out
 
+    # Exact-mode strategy by the total length of the query's posting lists (all give the same ranking,
+    # checked against brute force in the tests): a dict loop when they are short (no numpy overhead),
+    # a vectorized scan in between, the subset search when common terms make them long.
+    small_postings = 4_000
+    scan_postings = 4_000
+
     def structural(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
         """(item indices, scores) of the ``top`` best structural matches, best first, ties by catalog order."""
-        if self.match == "exact":
-            return self._structural_subsets(terms, top)
-        return self._structural_scan(terms, top)
+        if self.match != "exact":
+            return self._structural_scan(terms, top)
+        hits = [(float(self.weights[j]), k) for j, t in enumerate(terms[: len(self.weights)])
+                if (k := self.vocab.get(t)) is not None]
+        total = sum(int(self.indptr[k + 1] - self.indptr[k]) for _, k in hits)
+        if total <= self.small_postings:
+            acc: dict[int, float] = {}
+            for w, k in hits:
+                for i in self._plist(k):
+                    acc[i] = acc.get(i, 0.0) + w
+            if not acc:
+                return np.empty(0, np.int64), np.empty(0)
+            if top == 1:  # grounding one beam: no sort needed
+                i, v = max(acc.items(), key=lambda x: (x[1], -x[0]))
+                return np.asarray([i], dtype=np.int64), np.asarray([v])
+            best = sorted(acc.items(), key=lambda x: (-x[1], x[0]))[:top]
+            return (np.asarray([i for i, _ in best], dtype=np.int64), np.asarray([v for _, v in best]))
+        if total <= self.scan_postings:
+            return self._structural_scan(terms, top)
+        return self._structural_subsets(terms, top)
+
+    def _plist(self, k: int) -> list[int]:
+        """A short posting list as a Python list (cached): the dict loop avoids numpy call overhead."""
+        got = self._plists.get(k)
+        if got is None:
+            got = self._plists[k] = self.postings[self.indptr[k]:self.indptr[k + 1]].tolist()
+        return got
 
     def _posting(self, k: int) -> np.ndarray:
         return self.postings[self.indptr[k]:self.indptr[k + 1]]
@@ -128,16 +159,20 @@ class TidIndex:
         if not present or top <= 0:
             return np.empty(0, np.int64), np.empty(0)
         m = len(present)
-        subsets = sorted(range(1, 1 << m), key=lambda mask: -sum(present[b][0] for b in range(m) if mask >> b & 1))
+        masks = np.arange(1, 1 << m)
+        bits = (masks[:, None] >> np.arange(m)[None, :]) & 1  # [2^m - 1, m]
+        sums = bits @ np.asarray([w for w, _ in present])
+        order = np.argsort(-sums, kind="stable")
+        subsets, sums = masks[order].tolist(), sums[order].tolist()
         found: list[int] = []
         found_scores: list[float] = []
         seen: set[int] = set()
         i = 0
         while i < len(subsets) and len(found) < top:
             # subsets with equal weight sums form one score level: merge them in catalog order
-            level = sum(present[b][0] for b in range(m) if subsets[i] >> b & 1)
+            level = sums[i]
             group = []
-            while i < len(subsets) and abs(sum(present[b][0] for b in range(m) if subsets[i] >> b & 1) - level) < 1e-12:
+            while i < len(subsets) and abs(sums[i] - level) < 1e-12:
                 group.append(subsets[i])
                 i += 1
             need = top - len(found)

@@ -84,7 +84,8 @@ def test_metrics_hand_computed():
 
 
 @pytest.mark.parametrize("decay", ["reciprocal", "none"])
-def test_structural_search_equals_brute_force_scoring(decay):
+@pytest.mark.parametrize("path", ["dict", "scan", "subsets"])
+def test_structural_search_equals_brute_force_scoring(decay, path):
     """The subset search must give exactly the brute-force ranking (score desc, then catalog order)."""
     import numpy as np
 
@@ -94,6 +95,7 @@ def test_structural_search_equals_brute_force_scoring(decay):
     vocab = [f"w{i}" for i in range(25)]
     tids = [list(rng.choice(vocab, size=5, replace=False)) for _ in range(300)]
     idx = TidIndex([str(i) for i in range(300)], tids, decay=decay)
+    idx.small_postings, idx.scan_postings = {"dict": (10**9, 10**9), "scan": (-1, 10**9), "subsets": (-1, -1)}[path]
     w = position_weights(5, decay)
     for _ in range(60):
         q = list(rng.choice(vocab + ["zz", "yy"], size=5, replace=True))
