@@ -40,6 +40,17 @@ def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_c
     # same config again: every stage is skipped
     again = run_pipeline(load_config(None, ov))
     assert all(m["skipped"] for m in again["stages"].values())
+    # an interrupted run (manifest still 'running', last part missing) resumes: only that part is redone
+    import json
+    import shutil
+
+    man = tmp_path / "demo" / "ctg" / "_manifest.json"
+    m = json.loads(man.read_text())
+    man.write_text(json.dumps({**m, "status": "running"}))
+    shutil.rmtree(tmp_path / "demo" / "ctg" / "parts" / "00001")
+    resumed = run_pipeline(load_config(None, ov))["stages"]["ctg"]
+    assert not resumed["skipped"] and resumed["info"]["generated_items_this_run"] == 3
+    assert store.read_table("demo/ctg/terms.parquet").column("item_id").to_pylist() == [r["item_id"] for r in final]
 
 
 def test_greedy_generation_is_deterministic(model_cache):
