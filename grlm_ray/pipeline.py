@@ -16,21 +16,21 @@ log = logging.getLogger(__name__)
 
 def check_inputs(cfg: GrlmConfig) -> list[str]:
     """Cross-field and filesystem checks before anything expensive starts; returns the problems."""
-    from grlm_ray.prepare import _resolve
+    from grlm_ray.prepare import resolve_path
     from grlm_ray.prepare.amazon_raw import default_files
 
     problems = []
     for name, src in cfg.data.domains.items():
         paths: list[Path] = []
         if isinstance(src, AmazonRawSource):
-            d = _resolve(cfg.data.base_dir, src.dir)
+            d = resolve_path(cfg.data.base_dir, src.dir)
             rf, mf = default_files(src.category)
-            paths = [_resolve(str(d), src.reviews_file or rf), _resolve(str(d), src.meta_file or mf)]
+            paths = [resolve_path(str(d), src.reviews_file or rf), resolve_path(str(d), src.meta_file or mf)]
         elif isinstance(src, BundleSource):
-            d = _resolve(cfg.data.base_dir, src.dir)
+            d = resolve_path(cfg.data.base_dir, src.dir)
             paths = [d / "items.parquet", d / "sequences.parquet"]
         elif isinstance(src, ByoSource):
-            paths = [_resolve(cfg.data.base_dir, src.items), _resolve(cfg.data.base_dir, src.interactions)]
+            paths = [resolve_path(cfg.data.base_dir, src.items), resolve_path(cfg.data.base_dir, src.interactions)]
         for p in paths:
             if not p.is_file():
                 problems.append(f"data.domains.{name}: file not found: {p}")

@@ -45,7 +45,7 @@ class DomainData:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve(base_dir: str, p: str) -> Path:
+def resolve_path(base_dir: str, p: str) -> Path:
     path = Path(p).expanduser()
     return path if path.is_absolute() else Path(base_dir).expanduser() / path
 
@@ -65,22 +65,22 @@ def load_domain(name: str, src: Any, data: DataConfig) -> DomainData:
         from grlm_ray.prepare import amazon_raw
 
         rf, mf = amazon_raw.default_files(src.category)
-        d = _resolve(data.base_dir, src.dir)
-        reviews = _resolve(str(d), src.reviews_file or rf)
-        meta = _resolve(str(d), src.meta_file or mf)
+        d = resolve_path(data.base_dir, src.dir)
+        reviews = resolve_path(str(d), src.reviews_file or rf)
+        meta = resolve_path(str(d), src.meta_file or mf)
         inter = amazon_raw.read_reviews(reviews, rejects)
         info["raw_interactions"] = len(inter)
         items = None  # read after filtering: only the surviving asins are parsed
     elif isinstance(src, BundleSource):
         from grlm_ray.prepare.bundle import read_bundle
 
-        items, inter, terms = read_bundle(_resolve(data.base_dir, src.dir), name, rejects)
+        items, inter, terms = read_bundle(resolve_path(data.base_dir, src.dir), name, rejects)
         refilter, keep_all_items = src.refilter, True
     elif isinstance(src, ByoSource):
         from grlm_ray.prepare import byo
 
-        items = byo.read_items(src, _resolve(data.base_dir, src.items), rejects)
-        inter = byo.read_interactions(src, _resolve(data.base_dir, src.interactions),
+        items = byo.read_items(src, resolve_path(data.base_dir, src.items), rejects)
+        inter = byo.read_interactions(src, resolve_path(data.base_dir, src.interactions),
                                       set(items.column("item_id").to_pylist()), rejects)
         keep_all_items = True  # cold items stay in the catalog: they can get TIDs and be recommended
     else:  # pragma: no cover - the config union is closed
