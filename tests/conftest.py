@@ -104,6 +104,12 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One folder for the converted GGUF model, shared by every test that runs the small LLM."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A local Ray runtime on loopback with the small-machine defaults, shared by the `ray` tests."""
     from grlm_ray.config import RayConfig

@@ -10,18 +10,19 @@ from grlm_ray.cli import main
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local):
-    args = ["demo", f"run.root={tmp_path}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300"]
+def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local, model_cache):
+    args = ["demo", f"run.root={tmp_path}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",
+            "ctg.limit=4", "ctg.retries=0", f"ctg.llm.cache_dir={model_cache}"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for stage in ("prepare", "embed", "neighbors"):
+    for stage in ("prepare", "embed", "neighbors", "ctg"):
         assert re.search(rf"^{stage}\s+done in", out, re.M), out
     assert "users" in out
     assert (tmp_path / "demo" / "config.yaml").is_file()
     manifest = json.loads((tmp_path / "demo" / "prepare" / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["outputs"]["sequences.parquet"] > 50
     assert main(args) == 0
-    assert capsys.readouterr().out.count("skipped (already complete)") == 3
+    assert capsys.readouterr().out.count("skipped (already complete)") == 4
 
 
 def test_validate_reports_missing_inputs(tmp_path, capsys):

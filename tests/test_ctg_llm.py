@@ -9,11 +9,6 @@ from grlm_ray.config import load_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
-
-
 def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_cache):
     from grlm_ray.pipeline import run_pipeline
     from grlm_ray.storage import Store
