@@ -198,7 +198,8 @@ class TermWriter:
                 source.append("llm+repair")
             valid.append(p.valid)
             reasons.append(p.reason)
-        return {"item_id": batch["item_id"], "terms": np.array(out_terms, dtype=object),
+        # terms travel as one '\t'-joined string: a column of variable-length lists would be pickled by Ray Data
+        return {"item_id": batch["item_id"], "terms": np.array(["\t".join(t) for t in out_terms], dtype=object),
                 "raw": np.array([ANSWER_PREFIX + r for r in raws], dtype=object),
                 "valid": np.array(valid), "source": np.array(source, dtype=object),
                 "attempts": attempts, "reason": np.array(reasons, dtype=object)}
@@ -325,7 +326,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
 def _save_part(ctx: StageContext, k: int, recs: list[dict]) -> None:
     table = pa.table({
         "item_id": pa.array([str(r["item_id"]) for r in recs], pa.string()),
-        "terms": pa.array([list(r["terms"]) for r in recs], pa.list_(pa.string())),
+        "terms": pa.array([str(r["terms"]).split("\t") for r in recs], pa.list_(pa.string())),
         "raw": pa.array([str(r["raw"]) for r in recs], pa.string()),
         "valid": pa.array([bool(r["valid"]) for r in recs], pa.bool_()),
         "source": pa.array([str(r["source"]) for r in recs], pa.string()),
