@@ -299,7 +299,3 @@ def check_references(sequences: pa.Table, items: pa.Table, where: str) -> None:
         f"sequence names {pc.count_distinct(missing).as_py()} item id(s) that are not in the catalog, "
         f"e.g. {missing[0].as_py()!r}", where=where, row=row, field="item_ids",
     )
-
-
-def empty_table(schema: ArtifactSchema) -> pa.Table:
-    return schema.arrow.empty_table()

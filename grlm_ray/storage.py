@@ -62,13 +62,6 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
-    def listdir(self, rel: str) -> list[str]:
-        info = self.fs.get_file_info(self.path(rel))
-        if info.type != pafs.FileType.Directory:
-            return []
-        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
-        return sorted(i.base_name for i in self.fs.get_file_info(sel))
-
     def delete_dir(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.delete_dir(self.path(rel))

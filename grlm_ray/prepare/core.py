@@ -16,8 +16,6 @@ import pyarrow as pa
 from grlm_ray.errors import DataError
 from grlm_ray.schemas import REJECTS, SEQUENCES, TARGETS
 
-INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "order"]
-
 
 @dataclass
 class Rejects:
@@ -37,9 +35,6 @@ class Rejects:
         self.rows.append({"source": source, "line": line, "field": field_name, "reason": reason,
                           "action": action, "value": _short(value)})
 
-    def extend(self, other: "Rejects") -> None:
-        self.rows.extend(other.rows)
-
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.rows:
@@ -56,11 +51,6 @@ class Rejects:
 def _short(value: object, limit: int = 200) -> str:
     s = value if isinstance(value, str) else repr(value)
     return s if len(s) <= limit else s[:limit] + "..."
-
-
-def empty_interactions() -> pd.DataFrame:
-    return pd.DataFrame({"user_id": pd.Series(dtype=str), "item_id": pd.Series(dtype=str),
-                         "timestamp": pd.Series(dtype="Int64"), "order": pd.Series(dtype="int64")})
 
 
 def order_interactions(df: pd.DataFrame, tie_break: str) -> pd.DataFrame:
