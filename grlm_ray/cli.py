@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                               ("embed", "embed", "stage 2: sentence embeddings of item text (Ray Data)"),
                               ("neighbors", "neighbors", "stage 2: top-k cosine neighbours (Ray Data, faiss)"),
                               ("ctg", "ctg", "stage 3: Context-aware Term Generation with an LLM (Ray Data)"),
-                              ("compress", "compress", "stage 3: semantic compression sweep over K (MLflow)")):
+                              ("compress", "compress", "stage 3: semantic compression sweep over K (MLflow)"),
+                              ("sft", "sft", "stage 4: IIFT instruction data (GTI, sequence, collaborative tasks)"),
+                              ("train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)")):
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
         sp.set_defaults(fn=_stage_cmd(stage))

