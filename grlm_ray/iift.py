@@ -201,7 +201,7 @@ def train_loop(config: dict[str, Any]) -> None:
         engine = None
     partitioned = use_ds and t.deepspeed.zero_stage >= 1
 
-    start, resumed = 0, None
+    start, resumed, first_loss = 0, None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -217,6 +217,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if os.path.exists(rng_file):
                 torch.set_rng_state(torch.load(rng_file))
         start = int(meta["step"])
+        first_loss = meta.get("first_loss")
         resumed = {"from_step": start, "digest_saved": meta["optimizer_digest"],
                    "digest_loaded": optimizer_digest(optimizer, partitioned)}
 
@@ -242,7 +243,7 @@ def train_loop(config: dict[str, Any]) -> None:
             digest = optimizer_digest(optimizer, partitioned)
             if rank == 0:
                 with open(os.path.join(d, "meta.json"), "w") as f:
-                    json.dump({"step": step, "optimizer_digest": digest, "strategy": t.strategy,
+                    json.dump({"step": step, "optimizer_digest": digest, "strategy": t.strategy, "first_loss": first_loss,
                                "zero_stage": t.deepspeed.zero_stage if use_ds else None}, f)
             # every rank reports its own folder: Ray Train merges them into one checkpoint
             ray.train.report({**metrics, "optimizer_digest": digest},
@@ -281,7 +282,9 @@ def train_loop(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
         window_tokens += sum(int(data[i]["length"]) for i in mine)  # real (non-padding) tokens
         done = step + 1
-        metrics = {"step": done, "epoch": epoch, "loss": loss_sum / accum,
+        if first_loss is None:
+            first_loss = loss_sum / accum
+        metrics = {"step": done, "epoch": epoch, "loss": loss_sum / accum, "first_loss": first_loss,
                    "lr": float(scheduler.get_last_lr()[0]) if hasattr(scheduler, "get_last_lr") else t.learning_rate}
         if resumed:
             metrics.update({"resumed_from_step": resumed["from_step"], "digest_saved": resumed["digest_saved"],
@@ -459,14 +462,15 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             export = export_model(cd, base_local, out, manifest)
             ctx.store.upload_dir(out, ctx.rel("model"))
         history = result.metrics_dataframe
-        losses = history["loss"].dropna().tolist() if history is not None and "loss" in history else []
         tps = history["tokens_per_s"].dropna().tolist() if history is not None and "tokens_per_s" in history else []
         ctx.info.update({
             "mlflow_run_id": run_id, "run_name": run_name(cfg), "backbone": backbone, "plan": plan,
             "tokens": batches.stats, "tokenize_seconds": round(tok_seconds, 2), "train_seconds": round(train_seconds, 2),
-            "first_loss": losses[0] if losses else None, "final_loss": final.get("loss"),
+            "first_loss": final.get("first_loss"), "final_loss": final.get("loss"),
             "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None, "steps": final.get("step"),
-            "resumed_from_step": final.get("resumed_from_step"), "export": export, "strategy": t.strategy,
+            "resumed_from_step": final.get("resumed_from_step"),
+            "optimizer_digest_saved": final.get("digest_saved"), "optimizer_digest_loaded": final.get("digest_loaded"),
+            "export": export, "strategy": t.strategy,
             "zero_stage": t.deepspeed.zero_stage if t.strategy == "deepspeed" else None,
             "model_dir": ctx.store.uri(ctx.rel("model")), "checkpoint": result.checkpoint.path,
         })

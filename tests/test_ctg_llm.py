@@ -7,6 +7,7 @@ import pytest
 from grlm_ray.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+CTG_STAGES = ("prepare", "embed", "neighbors", "ctg")
 
 
 def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_cache):
@@ -16,7 +17,7 @@ def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_c
     ov = [f"run.root={tmp_path}", "data.domains.demo.num_items=120", "data.domains.demo.num_users=300",
           "ray.progress_bars=false", "ctg.limit=6", "ctg.part_size=3", "ctg.retries=1", "ctg.llm.batch_size=6",
           "ctg.llm.max_new_tokens=24", f"ctg.llm.cache_dir={model_cache}"]
-    res = run_pipeline(load_config(None, ov))
+    res = run_pipeline(load_config(None, ov), stages=CTG_STAGES)
     info = res["stages"]["ctg"]["info"]
     store = Store(str(tmp_path))
     llm = store.read_table("demo/ctg/terms_llm.parquet").to_pylist()
@@ -33,7 +34,7 @@ def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_c
     assert info["after_resolution"]["colliding_items"] == 0
     assert info["prompt_version"] and "Similar products" in info["prompt_example"][-1]["content"]
     # same config again: every stage is skipped
-    again = run_pipeline(load_config(None, ov))
+    again = run_pipeline(load_config(None, ov), stages=CTG_STAGES)
     assert all(m["skipped"] for m in again["stages"].values())
     # an interrupted run (manifest still 'running', last part missing) resumes: only that part is redone
     import json
@@ -43,7 +44,7 @@ def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_c
     m = json.loads(man.read_text())
     man.write_text(json.dumps({**m, "status": "running"}))
     shutil.rmtree(tmp_path / "demo" / "ctg" / "parts" / "00001")
-    resumed = run_pipeline(load_config(None, ov))["stages"]["ctg"]
+    resumed = run_pipeline(load_config(None, ov), stages=CTG_STAGES)["stages"]["ctg"]
     assert not resumed["skipped"] and resumed["info"]["generated_items_this_run"] == 3
     assert store.read_table("demo/ctg/terms.parquet").column("item_id").to_pylist() == [r["item_id"] for r in final]
 

