@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                               ("ctg", "ctg", "stage 3: Context-aware Term Generation with an LLM (Ray Data)"),
                               ("compress", "compress", "stage 3: semantic compression sweep over K (MLflow)"),
                               ("sft", "sft", "stage 4: IIFT instruction data (GTI, sequence, collaborative tasks)"),
-                              ("train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)")):
+                              ("train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)"),
+                              ("eval", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)")):
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
         sp.set_defaults(fn=_stage_cmd(stage))

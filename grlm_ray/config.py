@@ -40,7 +40,10 @@ class RayConfig(StrictModel):
     address: str | None = None  # None: start a local head on 127.0.0.1; "auto" / "ray://h:p": join
     num_cpus: int | None = 2
     object_store_memory_mb: int = Field(512, ge=78)
-    include_dashboard: bool = False
+    # The dashboard serves the State API. Ray Train V2's placement-group cleaner polls it; without it the
+    # cleaner can decide a live training controller is gone and remove its placement group mid-run
+    # (seen here: workers "destroyed since the placement group was removed"). Also needed by `ray job`.
+    include_dashboard: bool = True
     actor_num_cpus: float = Field(0.5, gt=0)  # fractional so the read tasks still get a CPU
     no_progress_timeout_s: float = Field(600.0, gt=0)
     progress_bars: bool = True
@@ -317,6 +320,23 @@ class TrainConfig(StrictModel):
     fail_at_step: int | None = Field(None, ge=1)  # fault injection for tests: rank 1 dies once here
 
 
+# --------------------------------------------------------------------------- stage 5: evaluation
+class EvalConfig(StrictModel):
+    """Beam search + EIG + metrics on held-out targets (paper: 20 beams, 30 new tokens)."""
+
+    split: Literal["test", "valid"] = "test"
+    num_beams: int = Field(20, ge=1)
+    max_new_tokens: int = Field(30, ge=1)
+    constrained: bool = True  # token trie over catalog TIDs: every beam is a real item
+    match: Literal["exact", "substring"] = "exact"  # substring = the reference implementation's rule
+    decay: Literal["reciprocal", "none"] = "reciprocal"
+    ks: tuple[int, ...] = (5, 10, 20)
+    batch_size: int = Field(8, ge=1)  # users per beam-search batch
+    num_workers: int = Field(1, ge=1)  # Ray Data actors, one model copy each
+    limit_users: int | None = Field(None, ge=1)  # a seeded sample of target users (recorded)
+    seed: int = 0
+
+
 class TrackingConfig(StrictModel):
     """MLflow. ``uri`` None: a local sqlite store ``mlflow.db`` in the working directory."""
 
@@ -336,6 +356,7 @@ class GrlmConfig(StrictModel):
     sft: SFTConfig = SFTConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def section_hash(self, *sections: str) -> str:
@@ -378,23 +399,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; ``extends: other.yaml`` (relative to this file) is loaded first and deep-merged
+    under this file's values, so presets state only what they change."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'extends' loops back to itself")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return loaded
+    return _deep_merge(_read_yaml(p.parent / str(parent), seen + (p.resolve(),)), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GrlmConfig:
     """Load a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
     where = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+        data = _read_yaml(Path(path))
     if overrides:
         # Overrides apply to the resolved config (defaults filled in), so `data.domains.demo.seed=1`
         # works on the default domain; if the file alone does not validate (a required value comes

@@ -59,14 +59,17 @@ def tid_token_seqs(tokenizer: Any, tid_texts: Sequence[str]) -> list[list[int]]:
 
 
 def beam_search(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_beams: int = 20,
-                max_new_tokens: int = 30, trie: TidTrie | None = None, batch_size: int = 8) -> list[list[str]]:
-    """For each prompt (already rendered text), up to ``num_beams`` distinct continuations, best first."""
+                max_new_tokens: int = 30, trie: TidTrie | None = None, batch_size: int = 8,
+                stop_token_ids: Sequence[int] | None = None) -> list[list[str]]:
+    """For each prompt (already rendered text), up to ``num_beams`` distinct continuations, best first.
+    A beam ends at the trie's end token (constrained) or at any of ``stop_token_ids`` (default: EOS)."""
     import torch
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    eos = trie.eos_token_id if trie is not None else tokenizer.eos_token_id
+    eos: Any = trie.eos_token_id if trie is not None else (list(stop_token_ids) if stop_token_ids
+                                                           else tokenizer.eos_token_id)
     out: list[list[str]] = []
     for s in range(0, len(prompts), batch_size):
         chunk = list(prompts[s:s + batch_size])

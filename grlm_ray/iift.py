@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -161,6 +162,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from grlm_ray.tokens import collate
 
     t = TrainConfig.model_validate(config["train"])
+    # Ray Train logs every report at INFO; our own progress line (below) is enough
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -250,7 +253,7 @@ def train_loop(config: dict[str, Any]) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
     fail_rank = min(1, world - 1)
-    window_tokens, window_t0 = 0, time.time()
+    window_tokens, window_samples, window_t0 = 0, 0, time.time()
     module.train()
     for step in range(start, total):
         if t.fail_at_step is not None and step == t.fail_at_step and rank == fail_rank and ckpt is None:
@@ -281,6 +284,7 @@ def train_loop(config: dict[str, Any]) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         window_tokens += sum(int(data[i]["length"]) for i in mine)  # real (non-padding) tokens
+        window_samples += sum(int(data[i]["samples"]) for i in mine)
         done = step + 1
         if first_loss is None:
             first_loss = loss_sum / accum
@@ -292,7 +296,11 @@ def train_loop(config: dict[str, Any]) -> None:
         if done % t.log_every == 0 or done == total:
             elapsed = max(1e-9, time.time() - window_t0)
             metrics["tokens_per_s"] = window_tokens * world / elapsed
-            window_tokens, window_t0 = 0, time.time()
+            window_tokens, window_samples, window_t0 = 0, 0, time.time()
+            if rank == 0:  # progress, one line per log window (forwarded to the driver by Ray)
+                sys.stdout.write(f"[iift] step {done}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
+                                 f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:.0f}\n")
+                sys.stdout.flush()
             if mlflow_client is not None:
                 for k in ("loss", "lr", "tokens_per_s"):
                     mlflow_client.log_metric(run_id, f"train/{k}", float(metrics[k]), step=done)
@@ -385,7 +393,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
 
     def body(ctx: StageContext) -> None:
         import pyarrow.parquet as pq  # noqa: F401
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from transformers import AutoTokenizer
 
@@ -443,6 +451,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
                 checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=t.max_failures),
                 worker_runtime_env={"env_vars": env} if env else None,
+                logging_config=LoggingConfig(log_level="WARNING"),  # not one line per reported step
             ),
         )
         t1 = time.time()
@@ -463,11 +472,14 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             ctx.store.upload_dir(out, ctx.rel("model"))
         history = result.metrics_dataframe
         tps = history["tokens_per_s"].dropna().tolist() if history is not None and "tokens_per_s" in history else []
+        sps = history["samples_per_s"].dropna().tolist() if history is not None and "samples_per_s" in history else []
+        tps, sps = (tps[1:], sps[1:]) if len(tps) > 2 else (tps, sps)  # the first window includes warm-up
         ctx.info.update({
             "mlflow_run_id": run_id, "run_name": run_name(cfg), "backbone": backbone, "plan": plan,
             "tokens": batches.stats, "tokenize_seconds": round(tok_seconds, 2), "train_seconds": round(train_seconds, 2),
             "first_loss": final.get("first_loss"), "final_loss": final.get("loss"),
-            "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None, "steps": final.get("step"),
+            "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
+            "samples_per_s": round(sum(sps) / len(sps), 2) if sps else None, "steps": final.get("step"),
             "resumed_from_step": final.get("resumed_from_step"),
             "optimizer_digest_saved": final.get("digest_saved"), "optimizer_digest_loaded": final.get("digest_loaded"),
             "export": export, "strategy": t.strategy,

@@ -50,8 +50,8 @@ def save_resolved_config(cfg: GrlmConfig) -> str:
     return store.uri(rel)
 
 
-STAGES = ("prepare", "embed", "neighbors", "ctg", "compress", "sft", "train")  # built so far, in order
-DEMO_STAGES = ("prepare", "embed", "neighbors", "ctg", "sft", "train")
+STAGES = ("prepare", "embed", "neighbors", "ctg", "compress", "sft", "train", "eval")  # in order
+DEMO_STAGES = ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")
 
 
 def upstream(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
@@ -64,6 +64,8 @@ def upstream(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
         return src[cfg.sft.terms] + ("sft",)
     if stage == "train":
         return upstream("sft", cfg) + ("train",)
+    if stage == "eval":
+        return upstream("train", cfg) + ("eval",)
     return STAGES[: STAGES.index(stage) + 1]
 
 
@@ -89,6 +91,8 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
             from grlm_ray.sft import sft as fn
         elif stage == "train":
             from grlm_ray.iift import train as fn
+        elif stage == "eval":
+            from grlm_ray.evaluate import evaluate_stage as fn
         else:
             raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
         manifest = fn(cfg)
@@ -148,6 +152,10 @@ def format_summary(results: dict[str, Any]) -> str:
                          f"{info['steps']} steps, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}, "
                          f"{info['tokens_per_s']} tokens/s, padding waste {tk['padding_waste']:.1%}, "
                          f"{info['backbone']['parameters']:,} parameters; model: {info['model_dir']}")
+        if stage == "eval" and "metrics" in info:
+            from grlm_ray.evaluate import format_metrics
+
+            lines += format_metrics(info)
     if "stats" in results:
         lines += ["", format_stats(results["stats"])]
     lines.append(f"\ntotal {results['seconds']:.1f}s")

@@ -43,6 +43,7 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> An
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
                 include_dashboard=cfg.include_dashboard,
+                dashboard_host="127.0.0.1",
                 _node_ip_address="127.0.0.1",
                 runtime_env=runtime_env,
                 log_to_driver=True,

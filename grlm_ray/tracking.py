@@ -19,7 +19,8 @@ from grlm_ray.config import GrlmConfig
 log = logging.getLogger(__name__)
 
 STAGE_SECTIONS = {"prepare": ("data",), "embed": ("data", "embed"), "neighbors": ("neighbors",),
-                  "ctg": ("ctg",), "compress": ("compress",), "sft": ("sft",), "train": ("sft", "model", "train")}
+                  "ctg": ("ctg",), "compress": ("compress",), "sft": ("sft",), "train": ("sft", "model", "train"),
+                  "eval": ("eval",)}
 
 
 def tracking_uri(cfg: GrlmConfig) -> str:

@@ -5,7 +5,7 @@ import pytest
 from grlm_ray.config import GrlmConfig, load_config, apply_overrides
 from grlm_ray.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -14,7 +14,8 @@ def test_every_shipped_yaml_loads_and_opens_with_its_command(path):
     assert isinstance(cfg, GrlmConfig)
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path.name} must open with a comment giving its command"
-    assert "grlm " in path.read_text().split("\nrun:")[0]
+    head = path.read_text().split("\nrun:")[0].split("\nextends:")[0]
+    assert "grlm " in head or "jobs/" in head
 
 
 def test_unknown_keys_are_errors_and_name_the_key(tmp_path):
@@ -60,3 +61,27 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 def test_no_secret_fields_in_config():
     dumped = load_config(None, ["run.root=s3://b/p", "run.s3.endpoint_url=http://127.0.0.1:1"]).to_yaml().lower()
     assert "secret" not in dumped and "access_key" not in dumped
+
+
+def test_iift_presets_carry_the_paper_recipe_and_scale_learning_rate_with_size():
+    root = Path(__file__).resolve().parents[1] / "configs" / "iift"
+    lrs = {}
+    for size in ("0.6b", "1.7b", "4b", "8b", "14b"):
+        cfg = load_config(root / f"qwen3-{size}.yaml")
+        t = cfg.train
+        assert cfg.model.init == "pretrained" and size.replace("b", "") in cfg.model.path.lower().replace("b-", "-")
+        assert (t.global_batch, t.epochs, t.precision, t.strategy) == (128, 3.0, "bf16", "deepspeed")
+        assert cfg.data.domains["beauty"].kind == "bundle" and not cfg.model.enable_thinking
+        lrs[size] = t.learning_rate
+    assert lrs["4b"] == 1e-4
+    assert list(lrs.values()) == sorted(lrs.values(), reverse=True)
+
+
+def test_extends_merges_deeply_and_rejects_loops(tmp_path):
+    (tmp_path / "base.yaml").write_text("run:\n  name: a\n  root: r\ntrain:\n  epochs: 2\n  micro_batch: 4\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\ntrain:\n  epochs: 5\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert (cfg.run.name, cfg.train.epochs, cfg.train.micro_batch) == ("a", 5.0, 4)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "loop.yaml")

@@ -1,0 +1,186 @@
+"""Stage 5 — evaluation: beam search on the fine-tuned model, EIG grounding, Recall/NDCG/VR/DHR.
+
+Contract: prepare/{items, sequences, targets} + sft/terms + train/model -> eval/predictions.parquet and
+eval/metrics.json (overall and per domain, the protocol choices, and popularity on the same users).
+
+Users are sharded over a Ray Data actor pool; each actor holds the model, the token trie of every
+catalog TID (constrained decoding) and the TID index (EIG). The history of a target is every item
+before its position in the user's sequence (the last ``sft.max_history``), written with the same text
+format as training (``grlm_ray/sft.py``); only the TID is generated, ended by `` |``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.config import GrlmConfig
+from grlm_ray.schemas import ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
+from grlm_ray.storage import StageContext, Store, run_stage
+
+log = logging.getLogger(__name__)
+STAGE = "eval"
+
+
+def popularity_ranking(train_seqs: dict[str, list[str]]) -> list[str]:
+    """Items by training interaction count, ties by item id."""
+    counts = Counter(i for items in train_seqs.values() for i in items)
+    return [i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+class Recommender:
+    """Ray Data callable class: prompts -> beams -> grounded ranked lists (one model copy per actor)."""
+
+    def __init__(self, model_dir: str, item_ids: list[str], tids: list[list[str]], fallback: list[str],
+                 options: dict[str, Any]) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from grlm_ray.decoding import TidTrie, tid_token_seqs
+        from grlm_ray.eig import TidIndex, tid_text
+
+        torch.set_num_threads(max(1, int(options.get("threads", 1))))
+        self.o = options
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        end = self.tok(" |", add_special_tokens=False)["input_ids"]
+        if len(end) != 1:
+            raise ValueError("the TID end marker ' |' must be one token for this tokenizer")
+        self.end_id = end[0]
+        self.trie = TidTrie.build(tid_token_seqs(self.tok, [tid_text(t) for t in tids]), self.end_id) \
+            if options["constrained"] else None
+        self.index = TidIndex(item_ids, tids, decay=options["decay"], match=options["match"], fallback_order=fallback)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from grlm_ray.decoding import beam_search
+
+        beams = beam_search(self.model, self.tok, [str(p) for p in batch["prompt"]], num_beams=self.o["num_beams"],
+                            max_new_tokens=self.o["max_new_tokens"], trie=self.trie,
+                            batch_size=len(batch["prompt"]), stop_token_ids=[self.end_id, self.tok.eos_token_id])
+        ranked, how, cands, valid = [], [], [], []
+        for b in beams:
+            texts = [x.removesuffix("|").strip() for x in b]
+            g = self.index.rank(texts, self.o["k"])
+            ranked.append("\t".join(g.items))
+            how.append("\t".join(g.grounded_by))
+            cands.append("\t".join(texts))
+            valid.append("\t".join("1" if self.index.is_valid(x) else "0" for x in texts))
+        return {"row": batch["row"], "ranked": np.array(ranked, dtype=object), "how": np.array(how, dtype=object),
+                "candidates": np.array(cands, dtype=object), "valid": np.array(valid, dtype=object)}
+
+
+def build_queries(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Table,
+                  terms: dict[str, list[str]], tokenizer: Any) -> list[dict[str, Any]]:
+    from grlm_ray.sft import domain_lookup, history_prompt, item_line
+    from grlm_ray.tokens import render_prompt
+
+    e = cfg.eval
+    titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
+    by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
+    rows = [r for r in targets.to_pylist() if r["split"] == e.split]
+    if e.limit_users is not None and len(rows) > e.limit_users:
+        rng = np.random.default_rng(e.seed)
+        rows = [rows[j] for j in np.sort(rng.choice(len(rows), size=e.limit_users, replace=False))]
+    domain_of = domain_lookup(cfg)
+    out = []
+    for r in rows:
+        history = by_user[r["user_id"]][: r["position"]]
+        lines = [item_line(terms[i], titles.get(i, ""), cfg.sft.max_title_chars) for i in history]
+        msgs, prefix = history_prompt(lines, cfg.sft.max_history)
+        out.append({"row": len(out), "user_id": r["user_id"], "split": r["split"],
+                    "domain": r["domain"] or domain_of(r["target_item_id"]), "target_item_id": r["target_item_id"],
+                    "history": history,
+                    "prompt": render_prompt(tokenizer, msgs, cfg.model.enable_thinking, prefix)})
+    return out
+
+
+def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
+    store = Store(cfg.run.root, cfg.run.s3)
+    e = cfg.eval
+
+    def body(ctx: StageContext) -> None:
+        from tqdm import tqdm
+        from transformers import AutoTokenizer
+
+        from grlm_ray.metrics import evaluate
+        from grlm_ray.runtime import actor_pool_kwargs, init_ray
+        from grlm_ray.sft import training_sequences
+
+        items = ctx.read("items.parquet", ITEMS, stage="prepare")
+        seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
+        targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
+        terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
+        terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+        model_dir = ctx.store.local_dir(f"{ctx.run}/train/model", os.path.expanduser("~/.cache/grlm-ray/eval"))
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        queries = build_queries(cfg, items, seqs, targets, terms, tok)
+        popular = popularity_ranking(training_sequences(seqs, targets))
+        ids = terms_t.column("item_id").to_pylist()
+        ray = init_ray(cfg.ray)
+        import ray.data
+
+        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
+                   "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers)}
+        n_blocks = max(1, -(-len(queries) // e.batch_size))
+        ds = ray.data.from_items([{"row": q["row"], "prompt": q["prompt"]} for q in queries],
+                                 override_num_blocks=n_blocks).map_batches(
+            Recommender, batch_size=e.batch_size,
+            fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": [terms[i] for i in ids],
+                                   "fallback": popular, "options": options},
+            **actor_pool_kwargs(cfg.ray, e.num_workers))
+        t0 = time.time()
+        results: dict[int, dict[str, Any]] = {}
+        with tqdm(total=len(queries), desc="eval users", disable=not cfg.ray.progress_bars) as bar:
+            for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for j in range(len(b["row"])):
+                    results[int(b["row"][j])] = {k: str(b[k][j]) for k in ("ranked", "how", "candidates", "valid")}
+                bar.update(len(b["row"]))
+        seconds = time.time() - t0
+        rows, pop_rows = [], []
+        for q in queries:
+            r = results[q["row"]]
+            rows.append({"user_id": q["user_id"], "split": q["split"], "domain": q["domain"],
+                         "target_item_id": q["target_item_id"], "candidates": r["candidates"].split("\t"),
+                         "ranked_item_ids": r["ranked"].split("\t"), "grounded_by": r["how"].split("\t"),
+                         "beam_valid": [x == "1" for x in r["valid"].split("\t")]})
+            pop_rows.append({"domain": q["domain"], "target_item_id": q["target_item_id"],
+                             "ranked_item_ids": popular[: max(e.ks)], "grounded_by": []})
+        ctx.write("predictions.parquet", pa.Table.from_pylist(
+            [{k: v for k, v in r.items() if k != "beam_valid"} for r in rows], schema=PREDICTIONS.arrow), PREDICTIONS)
+        metrics = evaluate(rows, e.ks)
+        baseline = evaluate(pop_rows, e.ks)
+        report = {"model": metrics, "popularity": baseline, "protocol": {
+            "split": e.split, "users": len(queries), "sample": e.limit_users, "seed": e.seed,
+            "history_masked": False, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
+            "constrained": e.constrained, "grounding": {"match": e.match, "decay": e.decay},
+            "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
+            "padding": "left", "dtype": "float32"}}
+        ctx.store.write_json(ctx.rel("metrics.json"), report)
+        ctx.info.update({"metrics": metrics["overall"], "popularity": baseline["overall"],
+                         "per_domain": metrics["per_domain"], "protocol": report["protocol"],
+                         "seconds_generation": round(seconds, 2),
+                         "users_per_second": round(len(queries) / seconds, 3) if seconds > 0 else None})
+
+    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train", "eval"), body,
+                     resume=cfg.run.resume, inputs={"model": store.uri(f"{cfg.run.name}/train/model")})
+
+
+def format_metrics(info: dict[str, Any], ks: tuple[int, ...] = (5, 10)) -> list[str]:
+    m, p = info["metrics"], info["popularity"]
+    head = f"          {'':11s}" + "".join(f"{f'R@{k}':>8s}{f'N@{k}':>8s}" for k in ks) + f"{'VR@10':>8s}{'DHR@10':>8s}"
+    lines = [head]
+    for name, d in (("GRLM", m), ("popularity", p)):
+        cells = "".join(f"{d.get(f'recall_at_{k}', 0):8.4f}{d.get(f'ndcg_at_{k}', 0):8.4f}" for k in ks)
+        vr = f"{d['vr_at_10']:8.3f}" if "vr_at_10" in d else f"{'-':>8s}"
+        dh = f"{d['dhr_at_10']:8.3f}" if name == "GRLM" else f"{'-':>8s}"
+        lines.append(f"          {name:11s}{cells}{vr}{dh}")
+    lines.append(f"          users {m['users']}, protocol: {json.dumps(info['protocol'], sort_keys=True)[:160]}")
+    return lines
