@@ -36,7 +36,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         base = ["run.name=bench", f"run.root={root}", f"data.base_dir={args.data}", "tracking.enabled=false",
-                "ray.progress_bars=false", "sft.terms=provided", "model.hidden_size=128", "model.num_layers=2",
+                "ray.progress_bars=false", "sft.terms=provided", "sft.missing_terms=words", "model.hidden_size=128", "model.num_layers=2",
                 "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_size=384",
                 "train.global_batch=64", "train.micro_batch=8", "train.block_size=512", "train.max_length=512",
                 f"train.max_steps={args.steps}", f"train.log_every={max(1, args.steps // 5)}",

@@ -239,6 +239,11 @@ class SFTConfig(StrictModel):
     collab_weight: float = Field(0.0, ge=0)  # item -> top co-interaction neighbours (training data only)
     collab_top: int = Field(5, ge=1)
     max_history: int = Field(20, ge=2)  # last N items of a history (reference: 20)
+    # items the terms table does not name (e.g. the one Beauty item without an authors' TID): 'error'
+    # stops; 'words' names them from their own title/description (the CTG repair rule), collisions
+    # re-resolved, counted in the manifest
+    missing_terms: Literal["error", "words"] = "error"
+    resolve_collisions: bool = True  # distinct items never share a TID (no-op for CTG's resolved table)
     max_item_chars: int = Field(300, ge=32)  # GTI metadata length bound
     max_title_chars: int = Field(120, ge=8)  # title length bound inside sequences
     seed: int = 0

@@ -161,6 +161,27 @@ def mix(samples: dict[str, list[dict[str, Any]]], weights: dict[str, float], see
     return [out[j] for j in order]
 
 
+def _fill_missing(items: pa.Table, terms_t: pa.Table) -> tuple[pa.Table, int]:
+    """TIDs from their own words for items the terms table lacks; collisions re-resolved."""
+    from grlm_ray.ctg import repair
+
+    have = set(terms_t.column("item_id").to_pylist())
+    rest = [r for r in items.to_pylist() if r["item_id"] not in have]
+    if not rest:
+        return terms_t, 0
+    n = Counter(len(t) for t in terms_t.column("terms").to_pylist()).most_common(1)[0][0] if terms_t.num_rows else 5
+    extra = pa.table({
+        "item_id": pa.array([r["item_id"] for r in rest], pa.string()),
+        "terms": pa.array([repair([], [r["title"], r["description"]], r["category"], n) for r in rest],
+                          pa.list_(pa.string())),
+        "raw": pa.array([""] * len(rest), pa.string()),
+        "valid": pa.array([False] * len(rest), pa.bool_()),
+        "source": pa.array(["words"] * len(rest), pa.string()),
+    })
+    base = terms_t.select(extra.column_names)
+    return pa.concat_tables([base, extra.cast(base.schema)]), len(rest)
+
+
 def terms_location(cfg: GrlmConfig) -> tuple[str, str]:
     """(stage, file) of the terms table named by ``sft.terms``."""
     c = cfg.sft
@@ -183,6 +204,15 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
         terms_t = ctx.read(src_file, TERMS, stage=src_stage)
+        filled = 0
+        if c.missing_terms == "words":
+            terms_t, filled = _fill_missing(items, terms_t)
+        collisions = None
+        if c.resolve_collisions:
+            from grlm_ray.terms import resolve_terms_table
+
+            terms_t, report = resolve_terms_table(terms_t, items)
+            collisions = report.as_dict()
         terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
         train_seqs = training_sequences(seqs, targets)
         samples = build_samples(items, terms, train_seqs, c, domain_lookup(cfg))
@@ -194,6 +224,7 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         per_task = Counter(r["task"] for r in mixed)
         ctx.info.update({
             "prompt_version": PROMPT_VERSION, "terms_source": f"{src_stage}/{src_file}",
+            "items_named_from_words": filled, "collisions": collisions,
             "samples": dict(per_task), "natural_samples": {k: len(v) for k, v in samples.items()},
             "per_domain": dict(Counter(r["domain"] for r in mixed)),
             "users_without_seq_sample": sum(1 for v in train_seqs.values() if len(v[-c.max_history:]) < 2),

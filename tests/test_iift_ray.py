@@ -104,3 +104,24 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sf
     weights_killed = _exported(cfg_b)
     for name, tensor in weights_clean.items():
         assert torch.allclose(tensor, weights_killed[name], atol=1e-6), name
+
+
+def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(sft_run):
+    from grlm_ray.pipeline import run_pipeline
+    from grlm_ray.storage import Store
+
+    steps = ["train.strategy=ddp", "train.max_steps=8", "train.checkpoint_every=2", "train.fail_at_step=5"]
+    ev = ["eval.limit_users=12", "eval.num_beams=10", "eval.max_new_tokens=16", "eval.batch_size=6"]
+    cfg = load_config(None, sft_run + TINY + steps + ev)
+    info = run_pipeline(cfg, stages=("train", "eval"))["stages"]["eval"]["info"]
+    assert info["protocol"]["constrained"] and info["metrics"]["users"] == 12
+    assert info["metrics"]["vr_at_10"] == 1.0
+    for key in ("recall_at_10", "ndcg_at_10", "dhr_at_10"):
+        assert 0.0 <= info["metrics"][key] <= 1.0 and key in info["popularity"]
+    preds = Store(cfg.run.root).read_table(f"{cfg.run.name}/eval/predictions.parquet").to_pylist()
+    assert len(preds) == 12 and all(len(p["ranked_item_ids"]) == 20 == len(set(p["ranked_item_ids"])) for p in preds)
+    loose = load_config(None, sft_run + TINY + steps + ev + ["eval.constrained=false"])
+    info2 = run_pipeline(loose, stages=("eval",))["stages"]["eval"]["info"]
+    assert not info2["protocol"]["constrained"] and 0.0 <= info2["metrics"]["vr_at_10"] <= 1.0
+    metrics = json.loads(open(f"{cfg.run.root}/{cfg.run.name}/eval/metrics.json").read())
+    assert metrics["protocol"]["history_masked"] is False and metrics["popularity"]["overall"]["users"] == 12

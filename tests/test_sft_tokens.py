@@ -136,3 +136,28 @@ def test_pruned_tokenizer_encodes_the_corpus_identically(smol_tokenizer):
     other = "A brand-new product: Zyx quantum teapot, 2 pack — ünïcode"
     assert pruned.decode(pruned(other, add_special_tokens=False)["input_ids"]) == other
     assert pruned.eos_token == smol_tokenizer.eos_token and pruned.chat_template == smol_tokenizer.chat_template
+
+
+def test_popularity_counts_training_interactions_only_with_ties_by_id():
+    from grlm_ray.evaluate import popularity_ranking
+
+    items, seqs, targets = _tables()
+    train = training_sequences(seqs, targets)  # a b c | b | c a
+    assert popularity_ranking(train) == ["a", "b", "c"]  # 2 each: ties by id; d, e, f are held out only
+    assert popularity_ranking({"x": ["c", "c", "b"], "y": ["a"]}) == ["c", "a", "b"]
+
+
+def test_items_without_a_tid_are_named_from_their_words_and_stay_distinct():
+    from grlm_ray.schemas import TERMS as TERMS_SCHEMA
+    from grlm_ray.sft import _fill_missing
+    from grlm_ray.terms import resolve_terms_table
+
+    items, _, _ = _tables()
+    have = pa.Table.from_pylist([{"item_id": i, "terms": TERMS[i], "raw": "", "valid": True, "source": "provided"}
+                                 for i in "abcde"], schema=TERMS_SCHEMA.arrow)
+    filled, n = _fill_missing(items, have)
+    assert n == 1 and filled.num_rows == 6
+    row = [r for r in filled.to_pylist() if r["item_id"] == "f"][0]
+    assert row["source"] == "words" and len(row["terms"]) == 5 and "title" in row["terms"]
+    resolved, report = resolve_terms_table(filled, items)
+    assert report.as_dict()["colliding_items_after"] == 0
