@@ -163,7 +163,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     t = TrainConfig.model_validate(config["train"])
     # Ray Train logs every report at INFO; our own progress line (below) is enough
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -295,14 +296,16 @@ def train_loop(config: dict[str, Any]) -> None:
                             "digest_loaded": resumed["digest_loaded"]})
         if done % t.log_every == 0 or done == total:
             elapsed = max(1e-9, time.time() - window_t0)
+            # every rank processes the same number of rows per step: scale this rank's count by world
             metrics["tokens_per_s"] = window_tokens * world / elapsed
+            metrics["samples_per_s"] = window_samples * world / elapsed
             window_tokens, window_samples, window_t0 = 0, 0, time.time()
             if rank == 0:  # progress, one line per log window (forwarded to the driver by Ray)
                 sys.stdout.write(f"[iift] step {done}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
                                  f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:.0f}\n")
                 sys.stdout.flush()
             if mlflow_client is not None:
-                for k in ("loss", "lr", "tokens_per_s"):
+                for k in ("loss", "lr", "tokens_per_s", "samples_per_s"):
                     mlflow_client.log_metric(run_id, f"train/{k}", float(metrics[k]), step=done)
         if done % t.checkpoint_every == 0 or done == total:
             save(done, metrics)

@@ -1,0 +1,89 @@
+"""Beam search cost: trie-constrained vs unconstrained, and batched vs one user at a time.
+
+    .venv/bin/grlm demo && .venv/bin/python benchmarks/beam_search.py --root runs --users 48
+
+Uses the demo run's trained model (the pipeline up to training is run first; finished stages are
+skipped). Same users, same model, 20 beams, 30 new tokens, one process, side by side in one run.
+Writes benchmarks/results/beam_search.json with the machine description and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from machine import describe  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="runs")
+    ap.add_argument("--users", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "results" / "beam_search.json"))
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grlm_ray.config import load_config
+    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+    from grlm_ray.eig import tid_text
+    from grlm_ray.evaluate import build_queries
+    from grlm_ray.pipeline import run_pipeline, upstream
+    from grlm_ray.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
+    from grlm_ray.storage import Store
+
+    cfg = load_config(HERE.parent / "configs" / "demo.yaml", [f"run.root={args.root}", "ray.progress_bars=false",
+                                                               f"eval.limit_users={args.users}"])
+    run_pipeline(cfg, stages=upstream("train", cfg))
+    store = Store(cfg.run.root)
+    rd = lambda stage, name, schema: store.read_table(f"{cfg.run.name}/{stage}/{name}", schema)  # noqa: E731
+    terms_t = rd("sft", "terms.parquet", TERMS)
+    terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+    model_dir = store.path(f"{cfg.run.name}/train/model")
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    queries = build_queries(cfg, rd("prepare", "items.parquet", ITEMS), rd("prepare", "sequences.parquet", SEQUENCES),
+                            rd("prepare", "targets.parquet", TARGETS), terms, tok)
+    prompts = [q["prompt"] for q in queries]
+    end = tok(" |", add_special_tokens=False)["input_ids"][0]
+    trie = TidTrie.build(tid_token_seqs(tok, [tid_text(t) for t in terms.values()]), end)
+
+    def timed(batch: int, constrained: bool) -> tuple[float, list[list[str]]]:
+        beam_search(model, tok, prompts[:batch], num_beams=args.beams, max_new_tokens=30,
+                    trie=trie if constrained else None, batch_size=batch, stop_token_ids=[end, tok.eos_token_id])
+        t = time.perf_counter()  # after one warm-up batch
+        out = beam_search(model, tok, prompts, num_beams=args.beams, max_new_tokens=30,
+                          trie=trie if constrained else None, batch_size=batch, stop_token_ids=[end, tok.eos_token_id])
+        return time.perf_counter() - t, out
+
+    rows = []
+    for name, batch, constrained in (("batched, unconstrained", args.batch, False),
+                                     ("batched, constrained", args.batch, True),
+                                     ("one user at a time, constrained", 1, True)):
+        secs, out = timed(batch, constrained)
+        rows.append({"setting": name, "batch": batch, "constrained": constrained, "seconds": round(secs, 3),
+                     "users_per_s": round(len(prompts) / secs, 3), "mean_beams": sum(map(len, out)) / len(out)})
+    ratios = {"constrained_vs_unconstrained_time": round(rows[1]["seconds"] / rows[0]["seconds"], 3),
+              "batched_vs_one_at_a_time_speedup": round(rows[2]["seconds"] / rows[1]["seconds"], 3)}
+    result = {"benchmark": "beam_search", "machine": describe(), "users": len(prompts), "beams": args.beams,
+              "max_new_tokens": 30, "model": "demo run's trained model", "rows": rows, "ratios": ratios,
+              "goals": {"constrained_vs_unconstrained_time": "<= 1.3", "batched_vs_one_at_a_time_speedup": ">= 5"}}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    for r in rows:
+        print(f"{r['setting']:34s} {r['seconds']:8.2f}s {r['users_per_s']:7.2f} users/s")
+    print(json.dumps(ratios))
+
+
+if __name__ == "__main__":
+    main()
