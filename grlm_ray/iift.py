@@ -253,6 +253,15 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report({**metrics, "optimizer_digest": digest},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    def order(epoch: int) -> Any:
+        """The epoch's row order, seeded. Packed rows are shuffled one by one; padded rows (sorted by
+        length) are shuffled in whole micro batches, so each micro batch keeps similar lengths."""
+        rng = np.random.default_rng(t.seed + epoch)
+        if packed:
+            return rng.permutation(len(data))
+        chunks = [np.arange(s, min(s + t.micro_batch, len(data))) for s in range(0, len(data), t.micro_batch)]
+        return np.concatenate([chunks[j] for j in rng.permutation(len(chunks))])
+
     fail_rank = min(1, world - 1)
     window_tokens, window_samples, window_t0 = 0, 0, time.time()
     module.train()
@@ -261,8 +270,9 @@ def train_loop(config: dict[str, Any]) -> None:
             log.warning("fault injection: rank %d exits at step %d", rank, step)
             os._exit(1)
         epoch, pos = divmod(step, spe)
-        perm = np.random.default_rng(t.seed + epoch).permutation(len(data))
-        mine = perm[pos * rows_per_step:(pos + 1) * rows_per_step][rank::world]
+        step_rows = order(epoch)[pos * rows_per_step:(pos + 1) * rows_per_step]
+        per_rank = rows_per_step // world  # a multiple of micro_batch: micro batches stay whole
+        mine = step_rows[rank * per_rank:(rank + 1) * per_rank]
         loss_sum = 0.0
         for a in range(accum):
             batch = collate([data[i] for i in mine[a * t.micro_batch:(a + 1) * t.micro_batch]], packed, pad_id)
