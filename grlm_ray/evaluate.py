@@ -66,7 +66,8 @@ class Recommender:
                             batch_size=len(batch["prompt"]), stop_token_ids=[self.end_id, self.tok.eos_token_id])
         ranked, how, cands, valid = [], [], [], []
         for b in beams:
-            texts = [x.removesuffix("|").strip() for x in b]
+            # the TID is what precedes the first end marker (a finished beam may be padded past it)
+            texts = list(dict.fromkeys(x.split("|", 1)[0].strip() for x in b))
             g = self.index.rank(texts, self.o["k"])
             ranked.append("\t".join(g.items))
             how.append("\t".join(g.grounded_by))
@@ -127,7 +128,15 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         import ray.data
 
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
+        max_new = e.max_new_tokens
+        if e.constrained:
+            # a beam cut off by the token limit is a partial TID: give the longest TID (+ its end) room
+            from grlm_ray.decoding import tid_token_seqs
+            from grlm_ray.eig import tid_text
+
+            longest = max(len(x) for x in tid_token_seqs(tok, [tid_text(terms[i]) for i in ids])) + 1
+            max_new = max(max_new, longest)
+        options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
                    "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers)}
         n_blocks = max(1, -(-len(queries) // e.batch_size))
         ds = ray.data.from_items([{"row": q["row"], "prompt": q["prompt"]} for q in queries],
@@ -160,6 +169,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         report = {"model": metrics, "popularity": baseline, "protocol": {
             "split": e.split, "users": len(queries), "sample": e.limit_users, "seed": e.seed,
             "history_masked": False, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
+            "max_new_tokens_effective": max_new,
             "constrained": e.constrained, "grounding": {"match": e.match, "decay": e.decay},
             "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
             "padding": "left", "dtype": "float32"}}

@@ -12,17 +12,21 @@ from grlm_ray.cli import main
 @pytest.mark.slow
 def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local, model_cache):
     args = ["demo", f"run.root={tmp_path}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",
-            "ctg.limit=4", "ctg.retries=0", f"ctg.llm.cache_dir={model_cache}"]
+            "ctg.limit=4", "ctg.retries=0", f"ctg.llm.cache_dir={model_cache}", f"model.cache_dir={model_cache}",
+            "train.max_steps=6", "train.log_every=3", "eval.limit_users=10", "eval.num_beams=5",
+            "eval.max_new_tokens=16", "ray.progress_bars=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for stage in ("prepare", "embed", "neighbors", "ctg"):
+    stages = ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")
+    for stage in stages:
         assert re.search(rf"^{stage}\s+done in", out, re.M), out
-    assert "users" in out
+    assert "users" in out and re.search(r"^\s+GRLM\s+[0-9.]+", out, re.M) and "popularity" in out
     assert (tmp_path / "demo" / "config.yaml").is_file()
+    assert (tmp_path / "demo" / "train" / "model" / "grlm_model.json").is_file()
     manifest = json.loads((tmp_path / "demo" / "prepare" / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["outputs"]["sequences.parquet"] > 50
     assert main(args) == 0
-    assert capsys.readouterr().out.count("skipped (already complete)") == 4
+    assert capsys.readouterr().out.count("skipped (already complete)") == len(stages)
 
 
 def test_validate_reports_missing_inputs(tmp_path, capsys):
