@@ -451,7 +451,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
-                "train": t.model_dump(mode="json"), "root": cfg.run.root, "s3": cfg.run.s3.model_dump(mode="json"),
+                "train": t.model_dump(mode="json"), "root": ctx.store.uri(""), "s3": cfg.run.s3.model_dump(mode="json"),
                 "base_rel": ctx.rel("base"), "tokens_rel": ctx.rel("tokens.parquet"), "packed": batches.packed,
                 "pad_id": int(tokenizer.pad_token_id), "plan": plan, "deepspeed": ds_cfg, "mlflow": mlflow_info,
                 "threads": max(1, int(t.cpus_per_worker)),
