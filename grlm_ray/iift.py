@@ -15,6 +15,7 @@ ZeRO) into the exported model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -283,7 +284,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 engine.step()
             else:
                 sync = a == accum - 1 or world == 1
-                ctx_mgr = module.no_sync() if (not sync and hasattr(module, "no_sync")) else _null()
+                ctx_mgr = module.no_sync() if (not sync and hasattr(module, "no_sync")) else contextlib.nullcontext()
                 with ctx_mgr:
                     out = module(**batch)
                     (out.loss / accum).backward()
@@ -321,14 +322,6 @@ def train_loop(config: dict[str, Any]) -> None:
             save(done, metrics)
         else:
             ray.train.report(metrics)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 # --------------------------------------------------------------------------- export

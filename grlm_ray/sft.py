@@ -54,15 +54,10 @@ def item_line(terms: Sequence[str], title: str, max_title_chars: int = 120) -> s
 
 
 def gti_prompt(item: dict[str, Any], max_chars: int) -> list[dict[str, str]]:
-    parts = [item.get("title") or ""]
-    if item.get("brand"):
-        parts.append(f"Brand: {item['brand']}")
-    if item.get("categories"):
-        parts.append("Categories: " + ", ".join(item["categories"]))
-    if item.get("description"):
-        parts.append(item["description"])
-    meta = _clip(". ".join(p for p in parts if p) or f"a product in {item.get('category') or 'the catalog'}", max_chars)
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": GTI_USER.format(meta=meta)}]
+    from grlm_ray.ctg import describe  # the same metadata text CTG shows the LLM, without neighbours
+
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": GTI_USER.format(meta=describe(item, max_chars))}]
 
 
 def seq_prompt(first_line: str) -> list[dict[str, str]]:

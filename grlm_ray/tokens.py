@@ -35,9 +35,8 @@ def end_of_turn(tokenizer: Any) -> str:
 def encode_sample(tokenizer: Any, messages: list[dict[str, str]], completion: str,
                   enable_thinking: bool = False) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with labels -100 exactly on the prompt tokens."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, messages, enable_thinking), add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
-    return list(prompt_ids) + list(completion_ids), [IGNORE] * len(prompt_ids) + list(completion_ids)
+    ids, labels = encode_all(tokenizer, [messages], [completion], enable_thinking)
+    return ids[0], labels[0]
 
 
 def encode_all(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str],
