@@ -340,6 +340,21 @@ class EvalConfig(StrictModel):
     num_workers: int = Field(1, ge=1)  # Ray Data actors, one model copy each
     limit_users: int | None = Field(None, ge=1)  # a seeded sample of target users (recorded)
     seed: int = 0
+    # generation backend: transformers (CPU/GPU) or vllm (needs vllm in the Ray workers' environment;
+    # constrained scores are then renormalized over the allowed tokens, see grlm_ray/decoding.py)
+    backend: Literal["transformers", "vllm"] = "transformers"
+    # constrained beam scores: log-probs over the whole vocabulary (False) or renormalized over the allowed
+    # tokens (True). None: the backend's own (transformers False; vLLM True, the only one its API gives)
+    renormalize: bool | None = None
+    use_gpu: bool = False  # one GPU per actor
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+
+    @model_validator(mode="after")
+    def _vllm_scores(self) -> "EvalConfig":
+        if self.backend == "vllm" and self.constrained and self.renormalize is False:
+            raise ValueError("eval.renormalize=false needs the transformers backend: vLLM's allowed_token_ids "
+                             "reports log-probs renormalized over the allowed tokens")
+        return self
 
 
 class TrackingConfig(StrictModel):

@@ -40,34 +40,21 @@ class Recommender:
 
     def __init__(self, model_dir: str, item_ids: list[str], tids: list[list[str]], fallback: list[str],
                  options: dict[str, Any]) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from grlm_ray.decoding import TidTrie, tid_token_seqs
+        from grlm_ray.decoding import TidDecoder
         from grlm_ray.eig import TidIndex, tid_text
 
-        torch.set_num_threads(max(1, int(options.get("threads", 1))))
         self.o = options
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        end = self.tok(" |", add_special_tokens=False)["input_ids"]
-        if len(end) != 1:
-            raise ValueError("the TID end marker ' |' must be one token for this tokenizer")
-        self.end_id = end[0]
-        self.trie = TidTrie.build(tid_token_seqs(self.tok, [tid_text(t) for t in tids]), self.end_id) \
-            if options["constrained"] else None
+        self.decoder = TidDecoder(model_dir, [tid_text(t) for t in tids], backend=options["backend"],
+                                  constrained=options["constrained"], num_beams=options["num_beams"],
+                                  max_new_tokens=options["max_new_tokens"], threads=int(options.get("threads", 1)),
+                                  dtype=options.get("dtype", "float32"), device=options.get("device", "cpu"),
+                                  renormalize=bool(options.get("renormalize", False)))
         self.index = TidIndex(item_ids, tids, decay=options["decay"], match=options["match"], fallback_order=fallback)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from grlm_ray.decoding import beam_search
-
-        beams = beam_search(self.model, self.tok, [str(p) for p in batch["prompt"]], num_beams=self.o["num_beams"],
-                            max_new_tokens=self.o["max_new_tokens"], trie=self.trie,
-                            batch_size=len(batch["prompt"]), stop_token_ids=[self.end_id, self.tok.eos_token_id])
+        beams = self.decoder([str(p) for p in batch["prompt"]], batch_size=len(batch["prompt"]))
         ranked, how, cands, valid = [], [], [], []
-        for b in beams:
-            # the TID is what precedes the first end marker (a finished beam may be padded past it)
-            texts = list(dict.fromkeys(x.split("|", 1)[0].strip() for x in b))
+        for texts in beams:
             g = self.index.rank(texts, self.o["k"])
             ranked.append("\t".join(g.items))
             how.append("\t".join(g.grounded_by))
@@ -128,23 +115,27 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         import ray.data
 
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        renormalize = e.renormalize if e.renormalize is not None else e.backend == "vllm"
         max_new = e.max_new_tokens
         if e.constrained:
-            # a beam cut off by the token limit is a partial TID: give the longest TID (+ its end) room
-            from grlm_ray.decoding import tid_token_seqs
+            from grlm_ray.decoding import effective_max_new_tokens, tid_token_seqs
             from grlm_ray.eig import tid_text
 
-            longest = max(len(x) for x in tid_token_seqs(tok, [tid_text(terms[i]) for i in ids])) + 1
-            max_new = max(max_new, longest)
+            max_new = effective_max_new_tokens(tid_token_seqs(tok, [tid_text(terms[i]) for i in ids]), max_new)
         options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
+                   "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
+                   "renormalize": renormalize,
                    "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers)}
         n_blocks = max(1, -(-len(queries) // e.batch_size))
-        ds = ray.data.from_items([{"row": q["row"], "prompt": q["prompt"]} for q in queries],
+        # users of similar prompt length share a batch: less left padding (rows keep their ids)
+        lengths = [len(x) for x in tok([q["prompt"] for q in queries], add_special_tokens=False)["input_ids"]]
+        by_len = sorted(queries, key=lambda q: (lengths[q["row"]], q["row"]))
+        ds = ray.data.from_items([{"row": q["row"], "prompt": q["prompt"]} for q in by_len],
                                  override_num_blocks=n_blocks).map_batches(
             Recommender, batch_size=e.batch_size,
             fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": [terms[i] for i in ids],
                                    "fallback": popular, "options": options},
-            **actor_pool_kwargs(cfg.ray, e.num_workers))
+            **actor_pool_kwargs(cfg.ray, e.num_workers, num_gpus=1 if e.use_gpu else 0))
         t0 = time.time()
         results: dict[int, dict[str, Any]] = {}
         with tqdm(total=len(queries), desc="eval users", disable=not cfg.ray.progress_bars) as bar:
@@ -172,7 +163,9 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             "max_new_tokens_effective": max_new,
             "constrained": e.constrained, "grounding": {"match": e.match, "decay": e.decay},
             "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
-            "padding": "left", "dtype": "float32"}}
+            "padding": "left", "dtype": e.dtype, "backend": e.backend,
+            "scores": "log-probs renormalized over allowed tokens" if renormalize and e.constrained
+            else "model log-probs", "length_penalty": 1.0, "early_stopping": True}}
         ctx.store.write_json(ctx.rel("metrics.json"), report)
         ctx.info.update({"metrics": metrics["overall"], "popularity": baseline["overall"],
                          "per_domain": metrics["per_domain"], "protocol": report["protocol"],

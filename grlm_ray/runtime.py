@@ -63,11 +63,14 @@ def configure_data_context(cfg: RayConfig) -> None:
         ctx.execution_no_progress_timeout_s = cfg.no_progress_timeout_s
 
 
-def actor_pool_kwargs(cfg: RayConfig, size: int) -> dict[str, Any]:
+def actor_pool_kwargs(cfg: RayConfig, size: int, num_gpus: float = 0) -> dict[str, Any]:
     """Keyword arguments for ``Dataset.map_batches`` with a callable class as an actor pool."""
     from ray.data import ActorPoolStrategy
 
-    return {"compute": ActorPoolStrategy(size=max(1, size)), "num_cpus": cfg.actor_num_cpus}
+    kw: dict[str, Any] = {"compute": ActorPoolStrategy(size=max(1, size)), "num_cpus": cfg.actor_num_cpus}
+    if num_gpus:
+        kw["num_gpus"] = num_gpus
+    return kw
 
 
 def shutdown_ray() -> None:

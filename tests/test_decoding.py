@@ -75,3 +75,38 @@ def test_trie_empty_allowed_set_forces_eos_and_is_counted():
     assert sorted(trie.allowed([])) == [5] and sorted(trie.allowed([5])) == [6, 7]
     assert trie.allowed([5, 6]) == [2] and trie.allowed([5, 6, 2]) == [2]
     assert trie.allowed([9]) == [2] and trie.empty_hits == 1
+
+
+def _hf_generate(model, tok, prompts, num_beams, max_new_tokens, trie=None):
+    """The reference: transformers' own ``generate`` beam search (prompt run once per beam)."""
+    import torch
+
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    plen = enc["input_ids"].shape[1]
+    kw = {}
+    if trie is not None:
+        kw["prefix_allowed_tokens_fn"] = lambda b, ids: trie.allowed(ids[plen:].tolist())
+    with torch.inference_mode():
+        gen = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], num_beams=num_beams,
+                             num_return_sequences=num_beams, do_sample=False,
+                             max_new_tokens=max_new_tokens, early_stopping=True, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.sep_token_id, temperature=None, top_p=None, top_k=None, **kw)
+    texts = tok.batch_decode(gen[:, plen:], skip_special_tokens=True)
+    return [list(dict.fromkeys(t.strip() for t in texts[i * num_beams:(i + 1) * num_beams]))
+            for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_beam_search_matches_transformers_generate(tiny, constrained):
+    """Our loop (one prefill, cache copied per beam, finished users leave the batch) returns what
+    transformers' ``generate`` returns, constrained (its prefix_allowed_tokens_fn) and not."""
+    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+
+    tok, model, tids = tiny
+    trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id) if constrained else None
+    ours = beam_search(model, tok, PROMPTS, num_beams=5, max_new_tokens=8, trie=trie, batch_size=3,
+                       stop_token_ids=[tok.sep_token_id])
+    ref = _hf_generate(model, tok, PROMPTS, 5, 8, trie)
+    assert [o[0] for o in ours] == [r[0] for r in ref]
+    assert ours == ref

