@@ -74,6 +74,27 @@ def _cmd_stats(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from grlm_ray.config import load_config
+    from grlm_ray.serving import start, stop
+
+    path, overrides = _split_config(ns.args, required=True)
+    cfg = load_config(path, overrides)
+    url = start(cfg)
+    print(f"serving {cfg.run.name} at {url}  (POST {url}/v1/recommend, GET {url}/healthz, {url}/docs); "
+          "Ctrl-C stops", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    stop(cfg)
+    print("stopped", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grlm", description="Generative recommendation with Term IDs on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
         sp.set_defaults(fn=_stage_cmd(stage))
+
+    sv = sub.add_parser("serve", help="stage 6: serve a trained run on Ray Serve (HTTP on 127.0.0.1)")
+    sv.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+    sv.set_defaults(fn=_cmd_serve)
 
     v = sub.add_parser("validate", help="load a config, apply overrides, check its inputs exist")
     v.add_argument("args", nargs="+", metavar="CONFIG [key=value]")

@@ -357,6 +357,65 @@ class EvalConfig(StrictModel):
         return self
 
 
+class ReplicaConfig(StrictModel):
+    """One Serve deployment: autoscaled between min and max replicas on ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ReplicaConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        auto = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+        if self.initial_replicas is not None:
+            auto["initial_replicas"] = self.initial_replicas
+        return {"autoscaling_config": auto, "max_ongoing_requests": self.max_ongoing_requests,
+                "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+
+
+class ServeConfig(StrictModel):
+    """Ray Serve application (``grlm serve``): HTTP ingress, generator and grounding deployments.
+
+    Limits of the API: ``max_history`` (None: ``sft.max_history``, the length the model was trained on;
+    longer histories keep their last items), k in [1, ``max_k``], request bodies up to ``max_body_bytes``.
+    Admin calls need ``Authorization: Bearer <token>`` where the token is read from the environment
+    variable named by ``admin_token_env`` (never from a config); without it admin calls are refused."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    app_name: str = "grlm"
+    route_prefix: str = "/"
+    backend: Literal["transformers", "vllm"] = "transformers"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    num_beams: int = Field(20, ge=1)
+    max_new_tokens: int = Field(30, ge=1)
+    constrained: bool = True  # the default; a request may turn it off
+    max_batch_size: int = Field(8, ge=1)  # requests batched into one beam search
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_history: int | None = Field(None, ge=1)
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_body_bytes: int = Field(65536, ge=256)
+    admin_token_env: str = "GRLM_ADMIN_TOKEN"
+    catalog_update_cpus: float = Field(1.0, gt=0)  # the Ray task that runs CTG for added items
+    generator: ReplicaConfig = ReplicaConfig()
+    grounder: ReplicaConfig = ReplicaConfig(num_cpus=0.25, max_ongoing_requests=64)
+    ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
+
+
 class TrackingConfig(StrictModel):
     """MLflow. ``uri`` None: a local sqlite store ``mlflow.db`` in the working directory."""
 
@@ -377,6 +436,7 @@ class GrlmConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def section_hash(self, *sections: str) -> str:

@@ -300,10 +300,8 @@ class TidDecoder:
         self.end_id = end[0]
         self.stops = [self.end_id] + ([self.tok.eos_token_id] if self.tok.eos_token_id is not None else [])
         self.constrained = constrained
-        seqs = tid_token_seqs(self.tok, list(tid_texts))
-        self.trie = TidTrie.build(seqs, self.end_id)
         self.max_new_tokens = max_new_tokens
-        self.max_new_tokens_constrained = effective_max_new_tokens(seqs, max_new_tokens)
+        self.set_catalog(tid_texts)
         self.model: Any = None
         if backend == "vllm":
             llm = vllm_engine(model_dir, num_beams=num_beams, dtype=dtype,
@@ -320,11 +318,25 @@ class TidDecoder:
         else:
             raise ValueError(f"unknown generation backend {backend!r} (transformers | vllm)")
 
+    def set_catalog(self, tid_texts: Sequence[str]) -> None:
+        """A new catalog (e.g. items added while serving): the trie is rebuilt and swapped in one assignment;
+        a search already running keeps the trie it started with."""
+        seqs = tid_token_seqs(self.tok, list(tid_texts))
+        self._catalog = (TidTrie.build(seqs, self.end_id), effective_max_new_tokens(seqs, self.max_new_tokens))
+
+    @property
+    def trie(self) -> TidTrie:
+        return self._catalog[0]
+
+    @property
+    def max_new_tokens_constrained(self) -> int:
+        return self._catalog[1]
+
     def __call__(self, prompts: Sequence[str], batch_size: int = 8, num_beams: int | None = None,
                  constrained: bool | None = None) -> list[list[str]]:
         on = self.constrained if constrained is None else constrained
+        trie, limit = self._catalog  # one read: a catalog swapped meanwhile applies to the next call
         beams = beam_search(self.model, self.tok, prompts, num_beams=num_beams or self.num_beams,
-                            max_new_tokens=self.max_new_tokens_constrained if on else self.max_new_tokens,
-                            trie=self.trie if on else None, batch_size=batch_size, stop_token_ids=self.stops,
-                            scorer=self.scorer)
+                            max_new_tokens=limit if on else self.max_new_tokens, trie=trie if on else None,
+                            batch_size=batch_size, stop_token_ids=self.stops, scorer=self.scorer)
         return [list(dict.fromkeys(x.split("|", 1)[0].strip() for x in b)) for b in beams]

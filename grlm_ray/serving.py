@@ -1,0 +1,468 @@
+"""Stage 7 — serving: a Ray Serve application that recommends the next items for a user history.
+
+Contract: a finished run (prepare/items + sft/terms + train/model [+ serve/catalog_updates.parquet]) ->
+HTTP API on ``serve.host:serve.port`` (127.0.0.1 by default):
+
+- ``POST /v1/recommend`` {"history": [item ids, oldest first] | "tids": ["w1 .. wN", ...], "k",
+  "constrained", "num_beams"} -> ranked items (item id, TID, title, score, how each was grounded).
+  An empty history gets the most popular items (``grounded_by: popularity``); a history longer than
+  ``serve.max_history`` (default: the length the model was trained on) keeps its last items
+  (``history_truncated: true``); unknown item ids -> 422 naming them.
+- ``GET /v1/items/{item_id}``, ``GET /healthz``, ``GET /openapi.json`` (and ``/docs``).
+- ``POST /v1/admin/items`` {"items": [{item_id, title, description, brand, categories, category}]}: new
+  items get TIDs through CTG (``grlm_ray/catalog.py``) and can be recommended at once;
+  ``POST /v1/admin/reload`` {"items_path": parquet with item fields + terms}: items with their own terms.
+  Both need ``Authorization: Bearer <token>`` (the token is read from the environment variable
+  ``serve.admin_token_env`` when the app is built; only its SHA-256 travels to the replicas).
+
+Deployments (each with its own autoscaling and resources, from ``serve.*``):
+``Ingress`` (FastAPI, validation, fan-out) -> ``Generator`` (the fine-tuned model behind ``TidDecoder``:
+transformers on CPU, vLLM on GPU; requests are batched into one beam search with ``serve.batch``) and
+``Grounder`` (the TID index: EIG, item lookup, history -> text). The catalog lives in one named, detached
+``CatalogRegistry`` actor per app; it versions every update and saves it. Each request carries the
+version the ingress read; a replica that holds an older one pulls the new catalog and swaps its trie /
+index in one assignment before it answers — so an update is served by every replica from the next
+request on, without a restart.
+"""
+
+# no `from __future__ import annotations` here: FastAPI reads the `Request` annotations at runtime
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from grlm_ray import __version__
+from grlm_ray.config import GrlmConfig
+
+log = logging.getLogger(__name__)
+REGISTRY_NAMESPACE = "grlm"
+
+api = FastAPI(title="grlm-ray recommendations", version=__version__,
+              description="Next-item recommendation with Term IDs (GRLM) on Ray Serve.")
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    history: list[str] = Field(default_factory=list, description="item ids, oldest first")
+    tids: list[str] | None = Field(None, description="raw TIDs ('w1 w2 .. wN') instead of item ids, oldest first")
+    k: int | None = Field(None, description="number of items (1 .. serve.max_k; default serve.default_k)")
+    constrained: bool | None = Field(None, description="trie-constrained decoding (default serve.constrained)")
+    num_beams: int | None = Field(None, ge=1, description="beams (1 .. serve.num_beams)")
+
+
+class AdminItems(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+
+
+class AdminReload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items_path: str = Field(description="parquet: item_id, title, description, brand, category, categories, terms")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+# --------------------------------------------------------------------------- catalog registry
+class CatalogRegistry:
+    """One per app (named, detached Ray actor): the versioned catalog and its saved updates."""
+
+    def __init__(self, cfg_json: str) -> None:
+        from grlm_ray.catalog import load_catalog
+
+        self.cfg = GrlmConfig.model_validate_json(cfg_json)
+        self.cat = load_catalog(self.cfg)
+
+    def version(self) -> int:
+        return self.cat.version
+
+    def get(self) -> Any:
+        return self.cat
+
+    def add(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows with terms -> made distinct from every live TID, added as one new version, saved."""
+        from grlm_ray.catalog import distinct_from_catalog, save_updates, validate_new_items
+
+        clean = validate_new_items(rows, self.cat, need_terms=True)
+        rows = distinct_from_catalog(self.cat, [dict(c, source=str(r.get("source") or "terms table"))
+                                                for c, r in zip(clean, rows)])
+        new = self.cat.with_items(rows)
+        save_updates(self.cfg, new)
+        self.cat = new
+        return {"version": new.version, "items": [{"item_id": r["item_id"], "tid": " ".join(r["terms"]),
+                                                   "source": r["source"]} for r in rows]}
+
+
+def registry_name(cfg: GrlmConfig) -> str:
+    key = json.dumps([cfg.run.root, cfg.run.name, cfg.serve.app_name], sort_keys=True)
+    return f"grlm-catalog-{cfg.serve.app_name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def get_registry(cfg: GrlmConfig) -> Any:
+    import ray
+
+    actor = ray.remote(CatalogRegistry).options(
+        name=registry_name(cfg), namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_restarts=-1, max_task_retries=3)
+    return actor.remote(cfg.model_dump_json())
+
+
+class _CatalogFollower:
+    """Keeps a replica's catalog-derived state at the version a request asks for."""
+
+    def _follow_init(self, cfg: GrlmConfig) -> None:
+        import ray
+
+        self._registry = get_registry(cfg)
+        self._lock = asyncio.Lock()
+        cat = ray.get(self._registry.get.remote())
+        self._apply(cat)
+        self.version = cat.version
+
+    def _apply(self, cat: Any) -> None:
+        raise NotImplementedError
+
+    async def _sync(self, version: int) -> None:
+        if version <= self.version:
+            return
+        async with self._lock:
+            if version <= self.version:
+                return
+            cat = await self._registry.get.remote()
+            await asyncio.to_thread(self._apply, cat)
+            self.version = cat.version
+
+
+# --------------------------------------------------------------------------- deployments
+@serve.deployment
+class Generator(_CatalogFollower):
+    """The fine-tuned model: history text -> TIDs (beams, best first), batched across requests."""
+
+    def __init__(self, cfg_json: str, model_dir: str) -> None:
+        from grlm_ray.decoding import TidDecoder
+
+        cfg = GrlmConfig.model_validate_json(cfg_json)
+        s = cfg.serve
+        self.cfg = cfg
+        self.max_history = s.max_history or cfg.sft.max_history
+        threads = max(1, int(s.generator.num_cpus))
+        self._model_dir = model_dir
+        self.decoder: TidDecoder | None = None
+        self._make = lambda tids: TidDecoder(
+            model_dir, tids, backend=s.backend, constrained=s.constrained, num_beams=s.num_beams,
+            max_new_tokens=s.max_new_tokens, threads=threads, dtype=s.dtype,
+            device="cuda" if s.generator.num_gpus > 0 and s.backend == "transformers" else "cpu")
+        self._follow_init(cfg)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._batched.set_max_batch_size(s.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+
+    def _apply(self, cat: Any) -> None:
+        from grlm_ray.eig import tid_text
+
+        texts = [tid_text(t) for t in cat.tids.values()]
+        if self.decoder is None:
+            self.decoder = self._make(texts)
+        else:
+            self.decoder.set_catalog(texts)
+
+    async def generate(self, lines: list[str], constrained: bool, num_beams: int, version: int) -> dict[str, Any]:
+        await self._sync(version)
+        beams = await self._batched((tuple(lines), constrained, num_beams))
+        return {"beams": beams, "replica": self.replica, "catalog_version": self.version}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, requests: list[tuple[tuple[str, ...], bool, int]]) -> list[list[str]]:
+        from grlm_ray.sft import history_prompt
+        from grlm_ray.tokens import render_prompt
+
+        assert self.decoder is not None
+        out: list[list[str]] = [[] for _ in requests]
+        groups: dict[tuple[bool, int], list[int]] = {}
+        for n, (_, c, b) in enumerate(requests):
+            groups.setdefault((c, b), []).append(n)
+        for (constrained, beams), members in groups.items():
+            prompts = []
+            for n in members:
+                msgs, prefix = history_prompt(list(requests[n][0]), self.max_history)
+                prompts.append(render_prompt(self.decoder.tok, msgs, self.cfg.model.enable_thinking, prefix))
+            res = await asyncio.to_thread(self.decoder, prompts, len(prompts), beams, constrained)
+            for n, r in zip(members, res):
+                out[n] = r
+        return out
+
+
+@serve.deployment
+class Grounder(_CatalogFollower):
+    """The TID index: history ids -> text lines, beams -> ranked items (EIG), item lookup."""
+
+    def __init__(self, cfg_json: str) -> None:
+        self.cfg = GrlmConfig.model_validate_json(cfg_json)
+        self._follow_init(self.cfg)
+
+    def _apply(self, cat: Any) -> None:
+        from grlm_ray.eig import TidIndex
+
+        e = self.cfg.eval
+        ids = cat.item_ids
+        index = TidIndex(ids, [cat.tids[i] for i in ids], decay=e.decay, match=e.match, fallback_order=cat.popular)
+        self.state = (cat, index)  # one assignment: readers see the old or the new catalog, never a mix
+
+    def _item(self, cat: Any, item_id: str) -> dict[str, Any]:
+        from grlm_ray.eig import tid_text
+
+        meta = cat.items.get(item_id, {})
+        return {"item_id": item_id, "tid": tid_text(cat.tids[item_id]), "title": meta.get("title", ""),
+                "category": meta.get("category", ""), "brand": meta.get("brand", ""),
+                "added_after_training": item_id in set(cat.added)}
+
+    async def lines(self, history: list[str], tids: list[str] | None, version: int) -> dict[str, Any]:
+        """Each history entry as the model's text line; unknown ids are reported, not dropped."""
+        from grlm_ray.eig import parse_generated, tid_text
+        from grlm_ray.sft import item_line
+
+        await self._sync(version)
+        cat, index = self.state
+        limit = self.cfg.sft.max_title_chars
+        if tids is not None:
+            out = []
+            for t in tids:
+                terms = parse_generated(t)
+                hit = index.direct.get(tid_text(terms))
+                title = cat.items[str(index.item_ids[hit[0]])].get("title", "") if hit is not None else ""
+                out.append(item_line(terms, title, limit))
+            return {"lines": out, "unknown": []}
+        unknown = [i for i in history if i not in cat.tids]
+        if unknown:
+            return {"lines": [], "unknown": unknown}
+        return {"lines": [item_line(cat.tids[i], cat.items.get(i, {}).get("title", ""), limit) for i in history],
+                "unknown": []}
+
+    async def rank(self, beams: list[str], k: int, version: int) -> list[dict[str, Any]]:
+        await self._sync(version)
+        cat, index = self.state
+        g = index.rank(beams, k)
+        return [dict(self._item(cat, i), score=round(s, 6), grounded_by=h, rank=n + 1)
+                for n, (i, h, s) in enumerate(zip(g.items, g.grounded_by, g.scores))]
+
+    async def popular(self, k: int, version: int) -> list[dict[str, Any]]:
+        await self._sync(version)
+        cat, _ = self.state
+        return [dict(self._item(cat, i), score=0.0, grounded_by="popularity", rank=n + 1)
+                for n, i in enumerate(cat.popular[:k])]
+
+    async def item(self, item_id: str, version: int) -> dict[str, Any] | None:
+        await self._sync(version)
+        cat, _ = self.state
+        return self._item(cat, item_id) if item_id in cat.tids else None
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP: validation, limits, the admin token, and the generator -> grounder fan-out."""
+
+    def __init__(self, generator: Any, grounder: Any, cfg_json: str, admin_token_sha256: str | None) -> None:
+        self.cfg = GrlmConfig.model_validate_json(cfg_json)
+        self.s = self.cfg.serve
+        self.gen, self.gnd = generator, grounder
+        self.registry = get_registry(self.cfg)
+        self.admin_sha = admin_token_sha256
+        self.max_history = self.s.max_history or self.cfg.sft.max_history
+
+    async def _body(self, request: Request) -> Any:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.s.max_body_bytes:
+            raise ApiError(413, f"request body over {self.s.max_body_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > self.s.max_body_bytes:
+            raise ApiError(413, f"request body over {self.s.max_body_bytes} bytes")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON: {e}") from None
+
+    def _check_admin(self, request: Request) -> None:
+        if not self.admin_sha:
+            raise ApiError(403, f"admin API disabled: start the app with {self.s.admin_token_env} set")
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not token or not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self.admin_sha):
+            raise ApiError(401, "missing or wrong admin token (Authorization: Bearer <token>)")
+
+    async def _handle(self, fn, *args) -> JSONResponse:
+        try:
+            return JSONResponse(await fn(*args))
+        except ApiError as e:
+            return _error(e.status, e.message, **e.extra)
+        except ValidationError as e:
+            return _error(422, "invalid request", details=json.loads(e.json(include_url=False)))
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok", "catalog_version": await self.registry.version.remote(),
+                             "model": self.cfg.run.name, "version": __version__})
+
+    @api.get("/v1/items/{item_id:path}")
+    async def get_item(self, item_id: str) -> JSONResponse:
+        version = await self.registry.version.remote()
+        got = await self.gnd.item.remote(item_id, version)
+        if got is None:
+            return _error(404, f"unknown item id {item_id!r}", unknown=[item_id])
+        return JSONResponse(got)
+
+    @api.post("/v1/recommend")
+    async def recommend(self, request: Request) -> JSONResponse:
+        return await self._handle(self._recommend, request)
+
+    async def _recommend(self, request: Request) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        req = RecommendRequest.model_validate(await self._body(request))
+        s = self.s
+        k = s.default_k if req.k is None else req.k
+        if not 1 <= k <= s.max_k:
+            raise ApiError(422, f"k must be between 1 and {s.max_k}, got {k}")
+        beams = s.num_beams if req.num_beams is None else req.num_beams
+        if beams > s.num_beams:
+            raise ApiError(422, f"num_beams must be between 1 and {s.num_beams}, got {beams}")
+        if req.tids is not None and req.history:
+            raise ApiError(422, "give either 'history' (item ids) or 'tids', not both")
+        constrained = s.constrained if req.constrained is None else req.constrained
+        entries = req.tids if req.tids is not None else req.history
+        truncated = len(entries) > self.max_history
+        entries = entries[-self.max_history:]
+        version = await self.registry.version.remote()
+        base = {"catalog_version": version, "history_used": len(entries), "history_truncated": truncated,
+                "constrained": constrained, "num_beams": beams}
+        if not entries:
+            items = await self.gnd.popular.remote(k, version)
+            return dict(base, items=items, fallback="popularity (empty history)",
+                        latency_ms=round(1000 * (time.perf_counter() - t0), 1))
+        got = await self.gnd.lines.remote(list(entries), req.tids, version)
+        if got["unknown"]:
+            raise ApiError(422, f"unknown item ids: {got['unknown'][:20]}", unknown=got["unknown"][:100])
+        gen = await self.gen.generate.remote(got["lines"], constrained, beams, version)
+        items = await self.gnd.rank.remote(gen["beams"], k, version)
+        return dict(base, items=items, beams=gen["beams"], generator_replica=gen["replica"],
+                    latency_ms=round(1000 * (time.perf_counter() - t0), 1))
+
+    @api.post("/v1/admin/items")
+    async def admin_items(self, request: Request) -> JSONResponse:
+        return await self._handle(self._admin_items, request)
+
+    async def _admin_items(self, request: Request) -> dict[str, Any]:
+        import ray
+
+        from grlm_ray.catalog import assign_terms, validate_new_items
+        from grlm_ray.errors import DataError
+
+        self._check_admin(request)
+        body = AdminItems.model_validate(await self._body(request))
+        cat = await self.registry.get.remote()
+        try:
+            rows = validate_new_items(body.items, cat, need_terms=False)
+        except DataError as e:
+            raise ApiError(422, str(e)) from None
+        task = ray.remote(assign_terms).options(num_cpus=self.s.catalog_update_cpus)
+        t0 = time.perf_counter()
+        rows = await task.remote(self.cfg, cat, rows)
+        try:
+            res = await self.registry.add.remote(rows)
+        except ray.exceptions.RayTaskError as e:
+            raise ApiError(409, str(getattr(e, "cause", None) or e)) from None
+        return dict(res, ctg_seconds=round(time.perf_counter() - t0, 2))
+
+    @api.post("/v1/admin/reload")
+    async def admin_reload(self, request: Request) -> JSONResponse:
+        return await self._handle(self._admin_reload, request)
+
+    async def _admin_reload(self, request: Request) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+        import ray
+
+        self._check_admin(request)
+        body = AdminReload.model_validate(await self._body(request))
+        if not os.path.isfile(body.items_path):
+            raise ApiError(422, f"items_path {body.items_path!r} is not a file")
+        try:
+            rows = pq.read_table(body.items_path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the caller's input error
+            raise ApiError(422, f"items_path {body.items_path!r}: not a readable parquet file: {e}") from None
+        try:
+            return await self.registry.add.remote(rows)
+        except ray.exceptions.RayTaskError as e:
+            raise ApiError(422, str(getattr(e, "cause", None) or e)) from None
+
+
+# --------------------------------------------------------------------------- building and running
+def model_dir_for(cfg: GrlmConfig) -> str:
+    from grlm_ray.storage import Store
+
+    store = Store(cfg.run.root, cfg.run.s3)
+    return store.local_dir(f"{cfg.run.name}/train/model", os.path.expanduser("~/.cache/grlm-ray/serve"))
+
+
+def build(cfg: GrlmConfig) -> Any:
+    """The Serve application for a config (deployment options from ``serve.*``)."""
+    from grlm_ray.catalog import load_catalog
+
+    load_catalog(cfg)  # fail here, with the missing file named, rather than in a replica
+    s = cfg.serve
+    cfg_json = cfg.model_dump_json()
+    token = os.environ.get(s.admin_token_env)
+    sha = hashlib.sha256(token.encode()).hexdigest() if token else None
+    gen = Generator.options(**s.generator.deployment_options()).bind(cfg_json, model_dir_for(cfg))
+    gnd = Grounder.options(**s.grounder.deployment_options()).bind(cfg_json)
+    return Ingress.options(**s.ingress.deployment_options()).bind(gen, gnd, cfg_json, sha)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run` / `serve deploy` (see serve/*.yaml):
+    args {"config": path, "overrides": ["key=value", ...]}."""
+    from grlm_ray.config import load_config
+
+    return build(load_config(args.get("config"), list(args.get("overrides", []))))
+
+
+def start(cfg: GrlmConfig) -> str:
+    """Start (or update) the app on the Ray cluster of ``cfg.ray``; returns its base URL."""
+    from grlm_ray.runtime import init_ray
+
+    init_ray(cfg.ray)
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def stop(cfg: GrlmConfig) -> None:
+    """Delete the app and its catalog registry (saved updates stay on disk)."""
+    import ray
+
+    serve.delete(cfg.serve.app_name)
+    try:
+        ray.kill(ray.get_actor(registry_name(cfg), namespace=REGISTRY_NAMESPACE))
+    except ValueError:
+        pass
