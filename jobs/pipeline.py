@@ -1,6 +1,6 @@
 """Entrypoint for `ray job submit`: the whole pipeline over one config.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+    ray job submit --address http://127.0.0.1:8265 --runtime-env jobs/runtime_env.yaml -- \
         python jobs/pipeline.py configs/demo.yaml run.root=s3://bucket/runs
 
 Thin on purpose: parse, load the config, call the same function `grlm demo` calls.

@@ -1,6 +1,6 @@
 """Entrypoint for `ray job submit`: stage 1 (prepare) only.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+    ray job submit --address http://127.0.0.1:8265 --runtime-env jobs/runtime_env.yaml -- \
         python jobs/prepare.py configs/joint10.yaml data.base_dir=/data/amazon2014_raw
 """
 
