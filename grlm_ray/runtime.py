@@ -40,6 +40,7 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> An
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
             ray.init(
+                address="local",  # a new head even when a `ray start` cluster runs on this machine
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
                 include_dashboard=cfg.include_dashboard,

@@ -2,8 +2,10 @@
 
 Default store: a local sqlite file ``<run.root>/mlflow.db`` (or ``./mlflow.db`` when the root is on S3);
 ``tracking.uri`` points elsewhere (e.g. an ``mlflow server``). One experiment per dataset
-(``grlm-<first domain>``), run names ``<run>-<stage>-<time>``, params flattened with '/', metric keys
-without spaces or '@'. Skipped stages log nothing.
+(``grlm-<first domain>``), run names ``<run>-<stage>-<what>-<time>`` where <what> says the TID settings
+(and, from SFT on, the backbone and strategy), params flattened with '/', metric keys without spaces or
+'@'. Each stage run is tagged with the MLflow runs of the stages it read (``grlm.upstream.<stage>``,
+matched by run name, stage and config hash). Skipped stages log nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,43 @@ def experiment_name(cfg: GrlmConfig) -> str:
     return cfg.tracking.experiment or f"grlm-{next(iter(cfg.data.domains))}"
 
 
+def run_label(cfg: GrlmConfig, stage: str) -> str:
+    """What a stage's run is about, for its MLflow run name."""
+    c = cfg.ctg
+    tid = f"tid{c.num_terms}" + ("" if c.context == "neighbors" else "-noctx")
+    if stage in ("prepare", "embed", "neighbors"):
+        return "-".join(cfg.data.domains)[:40]
+    if stage in ("ctg", "compress"):
+        return tid
+    from grlm_ray.iift import run_name
+
+    src = cfg.sft.terms + (f"k{cfg.sft.compress_k}" if cfg.sft.terms == "compress" else "")
+    return run_name(cfg).replace(f"-{cfg.sft.terms}-", f"-{src}-")
+
+
+def upstream_runs(cfg: GrlmConfig, stage: str) -> dict[str, str]:
+    """MLflow run ids of the stages ``stage`` read, as finished for this run (name + config hash)."""
+    import mlflow
+
+    from grlm_ray.pipeline import upstream
+    from grlm_ray.storage import Store, read_manifest
+
+    store = Store(cfg.run.root, cfg.run.s3)
+    out = {}
+    for up in upstream(stage, cfg)[:-1]:
+        m = read_manifest(store, cfg.run.name, up)
+        if not m or not m.get("config_hash"):
+            continue
+        found = mlflow.search_runs(
+            experiment_names=[experiment_name(cfg)], max_results=1, output_format="list",
+            filter_string=f"tags.`grlm.run` = '{cfg.run.name}' and tags.`grlm.stage` = '{up}' "
+                          f"and tags.`grlm.config_hash` = '{m['config_hash']}'",
+            order_by=["attributes.start_time DESC"])
+        if found:
+            out[f"grlm.upstream.{up}"] = found[0].info.run_id
+    return out
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     if isinstance(obj, dict):
@@ -61,11 +100,12 @@ def log_stage(cfg: GrlmConfig, stage: str, manifest: dict[str, Any],
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_experiment(experiment_name(cfg))
-    name = f"{cfg.run.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"{cfg.run.name}-{stage}-{run_label(cfg, stage)}-{time.strftime('%Y%m%d-%H%M%S')}"
     existing = (manifest.get("info") or {}).get("mlflow_run_id")  # a stage that logged while it ran
     with (mlflow.start_run(run_id=existing) if existing else mlflow.start_run(run_name=name)) as run:
         mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": stage,
-                         "grlm.config_hash": manifest.get("config_hash", ""), "grlm.root": cfg.run.root})
+                         "grlm.config_hash": manifest.get("config_hash", ""), "grlm.root": cfg.run.root,
+                         **upstream_runs(cfg, stage)})
         params = {}
         for section in STAGE_SECTIONS.get(stage, ()):
             params.update(flatten(getattr(cfg, section).model_dump(mode="json"), section))

@@ -1,0 +1,77 @@
+"""`ray job submit` for real: a Ray head started with `ray start --head` on 127.0.0.1, the demo pipeline
+submitted with jobs/runtime_env.yaml (working dir uploaded), waited for, and its outputs checked."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """`ray start --head --block` in its own process group on loopback; every port chosen free."""
+    ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
+                                     "dashboard-agent-listen-port", "metrics-export-port", "runtime-env-agent-port")}
+    # token authentication (Ray's default for new clusters): the head and the CLI read ~/.ray/auth_token
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+           "--object-store-memory=300000000", "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
+    log = open(tmp_path / "ray_head.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError((tmp_path / "ray_head.log").read_text()[-3000:])
+        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        raise RuntimeError("the Ray head's job API did not come up:\n" + (tmp_path / "ray_head.log").read_text()[-3000:])
+    yield address, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path, model_cache):
+    address, env = ray_head
+    root = tmp_path / "runs"
+    overrides = [f"run.root={root}", "ray.address=auto", "ray.progress_bars=false",
+                 "data.domains.demo.num_items=150", "data.domains.demo.num_users=300", "ctg.limit=1",
+                 "ctg.uncovered=words", "ctg.retries=0", "ctg.llm.max_new_tokens=16",
+                 f"ctg.llm.cache_dir={model_cache}", f"model.cache_dir={model_cache}", *TINY,
+                 "train.max_steps=4", "eval.limit_users=6", "eval.num_beams=4", "eval.max_new_tokens=16"]
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml",
+           "--submission-id", "grlm-demo-test", "--", sys.executable, "jobs/pipeline.py", "configs/demo.yaml",
+           *overrides]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "grlm-demo-test"], env=env,
+                            capture_output=True, text=True)
+    assert "succeeded" in (status.stdout + status.stderr).lower()
+    run = root / "demo"
+    for rel in ("prepare/items.parquet", "ctg/terms.parquet", "sft/sft.parquet", "train/model/model.safetensors",
+                "eval/predictions.parquet"):
+        assert (run / rel).is_file(), rel
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["model"]["overall"]["users"] == 6 and metrics["protocol"]["constrained"]
