@@ -95,6 +95,32 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compression_comparison(ns: argparse.Namespace) -> int:
+    from grlm_ray.compare import compression_comparison, format_table
+    from grlm_ray.config import load_config
+
+    path, overrides = _split_config(ns.args, required=True)
+    out = compression_comparison(load_config(path, overrides))
+    print(format_table(out["rows"]))
+    print(f"table + plot: {out['run']}/compare/ and MLflow run {out['mlflow_run_id']}")
+    return 0
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from grlm_ray.compare import format_table, table_from_mlflow
+
+    import os
+
+    uri = ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('runs/mlflow.db')}"
+    out, run_id = table_from_mlflow(ns.experiment, uri)
+    if ns.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(f"{ns.experiment}: comparison of run {out['run']} (MLflow run {run_id}; terms {out['source']})")
+        print(format_table(out["rows"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grlm", description="Generative recommendation with Term IDs on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -115,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
         sp.set_defaults(fn=_stage_cmd(stage))
+
+    cc = sub.add_parser("compression-comparison",
+                        help="IIFT + eval for every K of compress.ks and the raw terms; table + plot to MLflow")
+    cc.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+    cc.set_defaults(fn=_cmd_compression_comparison)
+
+    cp = sub.add_parser("compare", help="print the latest compression comparison of an MLflow experiment")
+    cp.add_argument("experiment", help="MLflow experiment name (e.g. grlm-demo)")
+    cp.add_argument("--tracking-uri", default=None,
+                    help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db (the store of the default run.root)")
+    cp.add_argument("--json", action="store_true", help="print JSON")
+    cp.set_defaults(fn=_cmd_compare)
 
     sv = sub.add_parser("serve", help="stage 6: serve a trained run on Ray Serve (HTTP on 127.0.0.1)")
     sv.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
