@@ -487,8 +487,9 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML mapping; ``extends: other.yaml`` (relative to this file) is loaded first and deep-merged
-    under this file's values, so presets state only what they change."""
+    """A YAML mapping; ``extends: other.yaml`` or ``extends: [a.yaml, b.yaml]`` (relative to this file, later
+    ones win) is loaded first and deep-merged under this file's values, so presets state only what they
+    change (e.g. a dataset file + a recipe file)."""
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     if p.resolve() in seen:
@@ -501,10 +502,13 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         loaded = {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
-    parent = loaded.pop("extends", None)
-    if parent is None:
+    parents = loaded.pop("extends", None)
+    if parents is None:
         return loaded
-    return _deep_merge(_read_yaml(p.parent / str(parent), seen + (p.resolve(),)), loaded)
+    merged: dict[str, Any] = {}
+    for parent in parents if isinstance(parents, list) else [parents]:  # later parents win
+        merged = _deep_merge(merged, _read_yaml(p.parent / str(parent), seen + (p.resolve(),)))
+    return _deep_merge(merged, loaded)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GrlmConfig:

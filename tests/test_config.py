@@ -85,3 +85,34 @@ def test_extends_merges_deeply_and_rejects_loops(tmp_path):
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_paper_presets_and_ablations_change_only_what_they_name():
+    from grlm_ray.config import load_config
+
+    base = Path(__file__).resolve().parents[1] / "configs"
+    beauty = load_config(base / "paper" / "beauty.yaml")
+    assert beauty.model.path.endswith("Qwen3-4B-Instruct-2507") and beauty.embed.model.endswith("Qwen3-Embedding-8B")
+    assert beauty.ctg.llm.model.endswith("Qwen3-4B-Instruct-2507") and list(beauty.data.domains) == ["beauty"]
+    for name, domains in (("sports", ["sports"]), ("toys", ["toys"]), ("cross_sports_clothing", ["sports", "clothing"]),
+                          ("cross_phones_electronics", ["phones", "electronics"])):
+        cfg = load_config(base / "paper" / f"{name}.yaml")
+        assert list(cfg.data.domains) == domains and cfg.model.path == beauty.model.path
+    assert len(load_config(base / "paper" / "joint10.yaml").data.domains) == 10
+    expected = {"tid7": ("ctg", "num_terms", 7), "tid10": ("ctg", "num_terms", 10),
+                "wo_ctg": ("ctg", "context", "none"), "wo_gti": ("sft", "gti_weight", 0.0)}
+    for name, (section, field, value) in expected.items():
+        cfg = load_config(base / "paper" / "ablations" / f"{name}.yaml")
+        assert getattr(getattr(cfg, section), field) == value
+        diff = {s for s in type(cfg).model_fields if s != "run" and getattr(cfg, s) != getattr(beauty, s)}
+        assert diff == {section}, (name, diff)
+
+
+def test_extends_accepts_a_list_later_files_win(tmp_path):
+    from grlm_ray.config import load_config
+
+    (tmp_path / "a.yaml").write_text("run: {name: a}\neval: {num_beams: 4}\n")
+    (tmp_path / "b.yaml").write_text("run: {name: b}\n")
+    (tmp_path / "c.yaml").write_text("extends: [a.yaml, b.yaml]\neval: {limit_users: 7}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.run.name, cfg.eval.num_beams, cfg.eval.limit_users) == ("b", 4, 7)
