@@ -50,6 +50,12 @@ def ray_head(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+    # `ray start` recorded this head as the machine's current cluster; `ray stop` would remove the record
+    # but also every other Ray on the machine. A stale record makes Ray's State API clients (Ray Train's
+    # placement-group cleaner) try the dead head, so remove it when it is ours.
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    if record.is_file() and record.read_text().strip() == f"127.0.0.1:{ports['port']}":
+        record.unlink()
 
 
 def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path, model_cache):
