@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                               ("compress", "compress", "stage 3: semantic compression sweep over K (MLflow)"),
                               ("sft", "sft", "stage 4: IIFT instruction data (GTI, sequence, collaborative tasks)"),
                               ("train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)"),
-                              ("eval", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)")):
+                              ("eval", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)"),
+                              ("baseline", "baseline", "SASRec (CE or BCE) and popularity on GRLM's splits and users")):
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
         sp.set_defaults(fn=_stage_cmd(stage))

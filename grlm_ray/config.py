@@ -416,6 +416,25 @@ class ServeConfig(StrictModel):
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
 
 
+class BaselineConfig(StrictModel):
+    """SASRec on GRLM's splits and users (``eval.split``, ``eval.limit_users``, ``eval.seed``, ``eval.ks``).
+    ``loss: ce`` = full-softmax cross-entropy over every item; ``bce`` = one sampled negative per position
+    (the original SASRec, the reference paper's baseline)."""
+
+    loss: Literal["ce", "bce"] = "ce"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    max_len: int = Field(50, ge=2)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)  # torch threads (None: all cores)
+
+
 class TrackingConfig(StrictModel):
     """MLflow. ``uri`` None: a local sqlite store ``mlflow.db`` in the working directory."""
 
@@ -437,6 +456,7 @@ class GrlmConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
+    baseline: BaselineConfig = BaselineConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def section_hash(self, *sections: str) -> str:

@@ -64,6 +64,16 @@ class Recommender:
                 "candidates": np.array(cands, dtype=object), "valid": np.array(valid, dtype=object)}
 
 
+def select_targets(targets: pa.Table, split: str, limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """The target rows of a split, or a seeded sample of ``limit`` of them (in target order): the same users
+    for GRLM, popularity and the baselines."""
+    rows = [r for r in targets.to_pylist() if r["split"] == split]
+    if limit is not None and len(rows) > limit:
+        rng = np.random.default_rng(seed)
+        rows = [rows[j] for j in np.sort(rng.choice(len(rows), size=limit, replace=False))]
+    return rows
+
+
 def build_queries(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Table,
                   terms: dict[str, list[str]], tokenizer: Any) -> list[dict[str, Any]]:
     from grlm_ray.sft import domain_lookup, history_prompt, item_line
@@ -72,10 +82,7 @@ def build_queries(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.
     e = cfg.eval
     titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
     by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
-    rows = [r for r in targets.to_pylist() if r["split"] == e.split]
-    if e.limit_users is not None and len(rows) > e.limit_users:
-        rng = np.random.default_rng(e.seed)
-        rows = [rows[j] for j in np.sort(rng.choice(len(rows), size=e.limit_users, replace=False))]
+    rows = select_targets(targets, e.split, e.limit_users, e.seed)
     domain_of = domain_lookup(cfg)
     out = []
     for r in rows:

@@ -50,7 +50,7 @@ def save_resolved_config(cfg: GrlmConfig) -> str:
     return store.uri(rel)
 
 
-STAGES = ("prepare", "embed", "neighbors", "ctg", "compress", "sft", "train", "eval")  # in order
+STAGES = ("prepare", "embed", "neighbors", "ctg", "compress", "sft", "train", "eval", "baseline")  # in order
 DEMO_STAGES = ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")
 
 
@@ -66,6 +66,8 @@ def upstream(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
         return upstream("sft", cfg) + ("train",)
     if stage == "eval":
         return upstream("train", cfg) + ("eval",)
+    if stage == "baseline":
+        return ("prepare", "baseline")
     return STAGES[: STAGES.index(stage) + 1]
 
 
@@ -93,6 +95,8 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
             from grlm_ray.iift import train as fn
         elif stage == "eval":
             from grlm_ray.evaluate import evaluate_stage as fn
+        elif stage == "baseline":
+            from grlm_ray.baselines import baseline_stage as fn
         else:
             raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
         manifest = fn(cfg)
@@ -156,6 +160,12 @@ def format_summary(results: dict[str, Any]) -> str:
             from grlm_ray.evaluate import format_metrics
 
             lines += format_metrics(info)
+        if stage == "baseline" and "metrics" in info:
+            m, p = info["metrics"], info["popularity"]
+            lines.append(f"          {info['protocol']['model']}: R@10 {m['recall_at_10']:.4f} N@10 {m['ndcg_at_10']:.4f} "
+                         f"vs popularity R@10 {p['recall_at_10']:.4f} N@10 {p['ndcg_at_10']:.4f} "
+                         f"({m['users']} users; loss {info['loss_first']} -> {info['loss_last']}, "
+                         f"train {info['train_seconds']}s)")
     if "stats" in results:
         lines += ["", format_stats(results["stats"])]
     lines.append(f"\ntotal {results['seconds']:.1f}s")

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 STAGE_SECTIONS = {"prepare": ("data",), "embed": ("data", "embed"), "neighbors": ("neighbors",),
                   "ctg": ("ctg",), "compress": ("compress",), "sft": ("sft",), "train": ("sft", "model", "train"),
-                  "eval": ("eval",)}
+                  "eval": ("eval",), "baseline": ("baseline", "eval")}
 
 
 def tracking_uri(cfg: GrlmConfig) -> str:
@@ -41,6 +41,8 @@ def run_label(cfg: GrlmConfig, stage: str) -> str:
     """What a stage's run is about, for its MLflow run name."""
     c = cfg.ctg
     tid = f"tid{c.num_terms}" + ("" if c.context == "neighbors" else "-noctx")
+    if stage == "baseline":
+        return f"sasrec-{cfg.baseline.loss}"
     if stage in ("prepare", "embed", "neighbors"):
         return "-".join(cfg.data.domains)[:40]
     if stage in ("ctg", "compress"):

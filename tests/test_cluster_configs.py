@@ -99,7 +99,7 @@ def test_every_job_entrypoint_calls_a_cli_verb(entry):
     from grlm_ray.cli import build_parser
 
     text = entry.read_text()
-    verb = re.search(r'main\(\["(\w+)"', text).group(1)
+    verb = re.search(r'main\(\["([\w-]+)"', text).group(1)
     parser = build_parser()
     assert parser.parse_args([verb, "configs/demo.yaml"]).verb == verb
     # the usage line in the docstring names files that exist
