@@ -269,6 +269,9 @@ def train_loop(config: dict[str, Any]) -> None:
     for step in range(start, total):
         if t.fail_at_step is not None and step == t.fail_at_step and rank == fail_rank and ckpt is None:
             log.warning("fault injection: rank %d exits at step %d", rank, step)
+            # Ray Train's controller registers reported checkpoints asynchronously: let it take the last one
+            # first, so "resume from the last checkpoint before the failure" is what the test observes
+            time.sleep(5)
             os._exit(1)
         epoch, pos = divmod(step, spe)
         step_rows = order(epoch)[pos * rows_per_step:(pos + 1) * rows_per_step]
