@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _wait_port, free_port
+from conftest import _wait_port, free_port, stop_process
 
 pytestmark = [pytest.mark.services, pytest.mark.ray, pytest.mark.slow]
 
@@ -29,11 +29,7 @@ def mlflow_server(s3_server, tmp_path_factory):
         _wait_port(port, 120, proc, log)
         yield f"http://127.0.0.1:{port}", s3_server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def test_pipeline_runs_are_found_on_the_mlflow_server_with_s3_artifacts(mlflow_server, ray_local, tmp_path):
