@@ -32,18 +32,25 @@ def ray_head(tmp_path):
     log = open(tmp_path / "ray_head.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((tmp_path / "ray_head.log").read_text()[-3000:])
-        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            break
-        time.sleep(2)
-    else:
-        raise RuntimeError("the Ray head's job API did not come up:\n" + (tmp_path / "ray_head.log").read_text()[-3000:])
-    yield address, env
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError((tmp_path / "ray_head.log").read_text()[-3000:])
+            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            raise RuntimeError("the Ray head's job API did not come up:\n"
+                               + (tmp_path / "ray_head.log").read_text()[-3000:])
+        yield address, env
+    finally:  # also when the head never came up: leave no Ray processes behind
+        _stop_head(proc, log, ports["port"])
+
+
+def _stop_head(proc, log, gcs_port):
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(60)
@@ -54,7 +61,7 @@ def ray_head(tmp_path):
     # but also every other Ray on the machine. A stale record makes Ray's State API clients (Ray Train's
     # placement-group cleaner) try the dead head, so remove it when it is ours.
     record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
-    if record.is_file() and record.read_text().strip() == f"127.0.0.1:{ports['port']}":
+    if record.is_file() and record.read_text().strip() == f"127.0.0.1:{gcs_port}":
         record.unlink()
 
 
