@@ -121,12 +121,13 @@ def validate_new_items(rows: Sequence[dict[str, Any]], catalog: Catalog, *, need
 def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], store: Store | None = None,
                  threads: int = 1) -> list[dict[str, Any]]:
     """CTG for new items: embed, nearest catalog neighbours, the CTG LLM, parse/retry/repair -> rows with
-    ``terms`` and ``source``. Runs on CPU in seconds for a few items with the demo models."""
+    ``terms`` and ``source`` (the CTG stage's ``TermWriter`` does the writing). Runs on CPU in seconds for a
+    few items with the demo models."""
     import json
 
-    from grlm_ray.ctg import ANSWER_PREFIX, build_messages, parse_terms, repair
+    from grlm_ray.ctg import TermWriter, build_messages
     from grlm_ray.embed import item_text, load_matrix
-    from grlm_ray.generation import make_generator, resolve_llm_path
+    from grlm_ray.generation import resolve_llm_path
     from grlm_ray.models import resolve_model_path
 
     store = store or Store(cfg.run.root, cfg.run.s3)
@@ -149,26 +150,14 @@ def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], 
         ctx_items = [catalog.items[base_ids[j]] for j in nb if base_ids[j] in catalog.items]
         contexts.append(ctx_items)
         convs.append(build_messages(r, ctx_items, c) if c.context == "neighbors" else build_messages(r, [], c))
-    gen = make_generator(resolve_llm_path(c.llm), c.llm, threads)
-    raws = gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0)
-    parsed = [parse_terms(x, c.num_terms) for x in raws]
-    for attempt in range(c.retries):
-        todo = [i for i, p in enumerate(parsed) if not p.valid]
-        if not todo:
-            break
-        again = gen.generate([convs[i] for i in todo], prefix=ANSWER_PREFIX, temperature=c.retry_temperature,
-                             seed=c.seed + 1000 * (attempt + 1))
-        for i, x in zip(todo, again):
-            p = parse_terms(x, c.num_terms)
-            if p.valid or len(p.terms) >= len(parsed[i].terms):
-                parsed[i] = p
-    out = []
-    for r, p, ctx_items in zip(rows, parsed, contexts):
-        if p.valid:
-            out.append(dict(r, terms=p.terms, source="llm"))
-        else:
-            fb = [r["title"], r["description"]] + [x["title"] for x in ctx_items]
-            out.append(dict(r, terms=repair(p.terms, fb, r["category"], c.num_terms), source="llm+repair"))
+    # the CTG stage's own writer: generate, validate, seeded retries, repair from the item's words
+    writer = TermWriter(resolve_llm_path(c.llm), c, threads)
+    res = writer({"row": np.arange(len(rows)), "item_id": np.array([r["item_id"] for r in rows], dtype=object),
+                  "category": np.array([r["category"] for r in rows], dtype=object),
+                  "messages": np.array([json.dumps(m) for m in convs], dtype=object),
+                  "fallback": np.array([json.dumps([r["title"], r["description"]] + [x["title"] for x in ctx])
+                                        for r, ctx in zip(rows, contexts)], dtype=object)})
+    out = [dict(r, terms=str(t).split("\t"), source=str(src)) for r, t, src in zip(rows, res["terms"], res["source"])]
     log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])
     return out
 
