@@ -118,7 +118,7 @@ def train_sasrec(train_seqs: list[list[int]], n_items: int, c: BaselineConfig, p
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / max(1, count))
         log.debug("sasrec epoch %d loss %.4f", epoch, losses[-1])

@@ -121,6 +121,12 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    from grlm_ray.bench import main as bench_main
+
+    return bench_main(ns.name, ns.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grlm", description="Generative recommendation with Term IDs on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -154,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db (the store of the default run.root)")
     cp.add_argument("--json", action="store_true", help="print JSON")
     cp.set_defaults(fn=_cmd_compare)
+
+    from grlm_ray.bench import BENCHMARKS
+
+    bn = sub.add_parser("bench", help="benchmarks: a table + JSON (with the machine) in benchmarks/results/",
+                        description="benchmarks (grlm bench NAME --help for each one's options):\n" + "\n".join(
+                            f"  {k:12s} {v[1]}" for k, v in BENCHMARKS.items()),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bn.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help=", ".join(BENCHMARKS))
+    bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    bn.set_defaults(fn=_cmd_bench)
 
     sv = sub.add_parser("serve", help="stage 6: serve a trained run on Ray Serve (HTTP on 127.0.0.1)")
     sv.add_argument("args", nargs="+", metavar="CONFIG [key=value]")

@@ -17,7 +17,7 @@ from typing import Any
 
 from grlm_ray.config import GrlmConfig
 from grlm_ray.errors import ConfigError
-from grlm_ray.storage import Store
+from grlm_ray.storage import Store, copy_stages
 
 log = logging.getLogger(__name__)
 COLUMNS = ("variant", "k", "vocab", "colliding_items_mapped", "train_loss_last", "recall_at_5", "ndcg_at_5",
@@ -33,22 +33,6 @@ def variant_config(cfg: GrlmConfig, k: int | None) -> GrlmConfig:
     return GrlmConfig.model_validate(data)
 
 
-def _seed(store: Store, base: str, run: str, stages: tuple[str, ...]) -> None:
-    """Copy finished upstream stages of the base run into a variant run (same config hash: they skip)."""
-    import pyarrow.fs as pafs
-
-    for stage in stages:
-        src, dst = f"{base}/{stage}", f"{run}/{stage}"
-        if store.exists(f"{dst}/_manifest.json") or not store.exists(f"{src}/_manifest.json"):
-            continue
-        root = store.path(src)
-        for info in store.fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-            if info.type == pafs.FileType.File:
-                target = store.path(f"{dst}/{info.path[len(root) + 1:]}")
-                store.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-                store.fs.copy_file(info.path, target)
-
-
 def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
     from grlm_ray.pipeline import run_pipeline, upstream
 
@@ -61,7 +45,7 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
     rows = []
     for k in [None, *sorted(set(cfg.compress.ks))]:
         vcfg = variant_config(cfg, k)
-        _seed(store, cfg.run.name, vcfg.run.name, upstream("compress", cfg))
+        copy_stages(store, cfg.run.name, vcfg.run.name, upstream("compress", cfg))
         log.info("comparison: variant %s (run %s)", "raw" if k is None else f"K={k}", vcfg.run.name)
         res = run_pipeline(vcfg, stages=upstream("eval", vcfg))["stages"]
         m, tr = res["eval"]["info"]["metrics"], res["train"]["info"]

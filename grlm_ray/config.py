@@ -435,6 +435,19 @@ class BaselineConfig(StrictModel):
     threads: int | None = Field(None, ge=1)  # torch threads (None: all cores)
 
 
+class BenchConfig(StrictModel):
+    """``grlm bench quality``: GRLM vs SASRec vs popularity (+ ablations) on the same test users.
+    ``sample`` mode scores a seeded sample of ``sample_users`` (``eval.seed``); ``full`` every test user.
+    Both record the sample (size, seed, a digest of the user ids) with the results."""
+
+    mode: Literal["sample", "full"] = "sample"
+    sample_users: int = Field(2000, ge=1)
+    ablations: list[Literal["no_gti", "unconstrained"]] = Field(
+        default_factory=lambda: ["no_gti", "unconstrained"])
+    baselines: list[Literal["sasrec_ce", "sasrec_bce"]] = Field(default_factory=lambda: ["sasrec_ce"])
+    out_dir: str = "benchmarks/results"  # the table as JSON (+ machine description) lands here
+
+
 class TrackingConfig(StrictModel):
     """MLflow. ``uri`` None: a local sqlite store ``mlflow.db`` in the working directory."""
 
@@ -457,6 +470,7 @@ class GrlmConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
     baseline: BaselineConfig = BaselineConfig()
+    bench: BenchConfig = BenchConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def section_hash(self, *sections: str) -> str:

@@ -190,6 +190,28 @@ def read_manifest(store: Store, run: str, stage: str) -> dict[str, Any] | None:
     return store.read_json(rel) if store.exists(rel) else None
 
 
+def copy_stages(store: Store, base: str, run: str, stages: tuple[str, ...] | list[str]) -> list[str]:
+    """Copy finished stages of run ``base`` into run ``run`` (variants share upstream work; a copied stage
+    is skipped when its config hash matches, recomputed otherwise). Returns the stages copied."""
+    import pyarrow.fs as pafs
+
+    copied = []
+    for stage in stages:
+        src, dst = f"{base}/{stage}", f"{run}/{stage}"
+        if store.exists(f"{dst}/{MANIFEST}") or not store.exists(f"{src}/{MANIFEST}"):
+            continue
+        if (read_manifest(store, base, stage) or {}).get("status") != "complete":
+            continue
+        root = store.path(src)
+        for info in store.fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            if info.type == pafs.FileType.File:
+                target = store.path(f"{dst}/{info.path[len(root) + 1:]}")
+                store.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                store.fs.copy_file(info.path, target)
+        copied.append(stage)
+    return copied
+
+
 def run_stage(
     store: Store,
     run: str,

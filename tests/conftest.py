@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from grlm_ray.runtime import free_port  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "amazon2014"
 
@@ -24,12 +26,6 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "beauty" / "items.parquet").is_file():
         pytest.skip(f"prepared Amazon data not found at {SHARED_DATA}")
     return SHARED_DATA
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:

@@ -6,7 +6,7 @@
    authors' Beauty TIDs: queries/s and top-item agreement.
 2. EIG latency per query on a 1M-item synthetic catalog (direct and structural queries).
 
-    .venv/bin/python benchmarks/eig.py --shared ../shared/data/amazon2014 --queries 1000
+    grlm bench eig [--shared ../shared/data/amazon2014] [--queries 1000] [--scale-items 1000000]
 
 Writes benchmarks/results/eig.json with the machine description.
 """
@@ -14,18 +14,15 @@ Writes benchmarks/results/eig.json with the machine description.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
-
-from grlm_ray.eig import TidIndex  # noqa: E402
+from grlm_ray.bench.common import DEFAULT_SHARED
+from grlm_ray.eig import TidIndex
 
 
 class ReferenceEIG:
@@ -159,26 +156,24 @@ def bench_scale(n_items: int, n: int, rng) -> dict:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon2014"))
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shared", default=DEFAULT_SHARED, help="amazon2014 bundle folder (Beauty, authors' TIDs)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--scale-items", type=int, default=1_000_000)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "eig.json"))
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
-    result = {"benchmark": "eig", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(),
-              "args": vars(args)}
+    result: dict[str, Any] = {"args": vars(args), "tables": []}
     shared = Path(args.shared)
     if (shared / "beauty" / "items.parquet").is_file():
-        result["vs_reference_beauty"] = bench_reference(shared, args.queries, rng)
-        print(json.dumps(result["vs_reference_beauty"], indent=1))
-    result["scale"] = bench_scale(args.scale_items, args.queries, rng)
-    print(json.dumps(result["scale"], indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+        ref = result["vs_reference_beauty"] = bench_reference(shared, args.queries, rng)
+        result["tables"].append({"title": f"EIG vs the reference algorithm, Beauty ({ref['catalog_items']} items)",
+                                 "rows": [{"queries": k, **ref[k]} for k in ("exact", "structural")]})
+    else:
+        result["skipped"] = f"vs reference: {shared}/beauty/items.parquet not found"
+    sc = result["scale"] = bench_scale(args.scale_items, args.queries, rng)
+    result["tables"].append({"title": f"EIG latency, {sc['catalog_items']:,} synthetic items "
+                                      f"(index built in {sc['index_build_seconds']} s)",
+                             "rows": [{"queries": k, **sc[k]} for k in ("direct", "structural")]})
+    return result

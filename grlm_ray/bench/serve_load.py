@@ -1,7 +1,7 @@
 """Serving load test and fault run (loopback only; bounded request count and duration).
 
-    .venv/bin/grlm demo          # a trained demo run (runs/demo)
-    .venv/bin/python benchmarks/serve_load.py --root runs --levels 1,2,4,8 --requests 60 --duration 60
+    grlm demo          # a trained demo run (runs/demo)
+    grlm bench serve-load --root runs --levels 1,2,4,8 --requests 60 --duration 60
 
 Starts the Serve app of configs/demo.yaml on 127.0.0.1 with two generator replicas, then:
 1. for each concurrency level, sends up to --requests POST /v1/recommend (histories of seeded test users)
@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from machine import describe  # noqa: E402
+from grlm_ray.bench.common import REPO
 
 
 def post(url: str, body: dict, timeout: float = 120) -> tuple[int, float, dict | None]:
@@ -98,9 +94,8 @@ def running_replicas(app: str) -> int:
     return int(d.replica_states.get("RUNNING", 0)) if d is not None else 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=str(HERE.parent / "configs" / "demo.yaml"))
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="a run with a trained model")
     ap.add_argument("--root", default="runs")
     ap.add_argument("--levels", default="1,2,4,8")
     ap.add_argument("--requests", type=int, default=60)
@@ -110,9 +105,9 @@ def main() -> None:
     ap.add_argument("--concurrency-fault", type=int, default=4)
     ap.add_argument("--fault-duration", type=float, default=45.0)
     ap.add_argument("--kill-after", type=float, default=8.0)
-    ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
-    args = ap.parse_args()
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from grlm_ray.config import load_config
@@ -120,8 +115,7 @@ def main() -> None:
     from grlm_ray.serving import start, stop
     from grlm_ray.storage import Store
 
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import free_port  # noqa: E402
+    from grlm_ray.runtime import free_port
 
     cfg = load_config(args.config, [f"run.root={args.root}", "ray.progress_bars=false", f"serve.port={free_port()}",
                                     f"serve.num_beams={args.beams}", "serve.generator.min_replicas=2",
@@ -181,16 +175,11 @@ def main() -> None:
           f"ended {fault['last_failure_ended_s_after_kill']}s after it); replica count restored after "
           f"{fault['replicas_restored_s']}s", flush=True)
     stop(cfg)
-    out = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(),
-           "app": {"config": args.config, "generator_replicas": 2, "grounder_replicas": "1-2 (autoscaled)",
+    return {"app": {"config": args.config, "generator_replicas": 2, "grounder_replicas": "1-2 (autoscaled)",
                    "backend": cfg.serve.backend, "num_beams": args.beams, "k": args.k, "constrained": True,
                    "max_batch_size": cfg.serve.max_batch_size, "startup_seconds": round(startup, 1)},
            "bounds": {"requests_per_level": args.requests, "max_seconds_per_level": args.duration,
                       "fault_seconds": args.fault_duration, "target": "127.0.0.1"},
-           "levels": levels, "fault": fault}
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps({"levels": levels, "fault": fault}, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+           "levels": levels, "fault": fault,
+           "tables": [{"title": "load (per concurrency level)", "rows": levels},
+                      {"title": "fault run: one generator replica killed under load", "rows": [fault]}]}

@@ -2,37 +2,31 @@
 (one prefill per batch, cache copied per beam, finished users leave the batch) vs transformers'
 ``generate`` beam search (prompt run once per beam; same results, see tests/test_decoding.py).
 
-    .venv/bin/grlm demo && .venv/bin/python benchmarks/beam_search.py --root runs --users 48
+    grlm demo && grlm bench decoding --root runs --users 48
 
 Uses the demo run's trained model (the pipeline up to training is run first; finished stages are
 skipped). Same users, same model, 20 beams, 30 new tokens, one process, side by side in one run.
-Writes benchmarks/results/beam_search.json with the machine description and prints a table.
+Writes benchmarks/results/decoding.json with the machine description and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from grlm_ray.bench.common import REPO, ratio
 
-from machine import describe  # noqa: E402
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="a run with a trained model")
     ap.add_argument("--root", default="runs")
     ap.add_argument("--users", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "results" / "beam_search.json"))
-    args = ap.parse_args()
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,8 +38,8 @@ def main() -> None:
     from grlm_ray.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
     from grlm_ray.storage import Store
 
-    cfg = load_config(HERE.parent / "configs" / "demo.yaml", [f"run.root={args.root}", "ray.progress_bars=false",
-                                                               f"eval.limit_users={args.users}"])
+    cfg = load_config(args.config, [f"run.root={args.root}", "ray.progress_bars=false",
+                                    f"eval.limit_users={args.users}"])
     run_pipeline(cfg, stages=upstream("train", cfg))
     store = Store(cfg.run.root)
     rd = lambda stage, name, schema: store.read_table(f"{cfg.run.name}/{stage}/{name}", schema)  # noqa: E731
@@ -97,18 +91,10 @@ def main() -> None:
         secs, out = fn(batch, constrained)
         rows.append({"setting": name, "batch": batch, "constrained": constrained, "seconds": round(secs, 3),
                      "users_per_s": round(len(prompts) / secs, 3), "mean_beams": sum(map(len, out)) / len(out)})
-    ratios = {"constrained_vs_unconstrained_time": round(rows[1]["seconds"] / rows[0]["seconds"], 3),
-              "batched_vs_one_at_a_time_speedup": round(rows[2]["seconds"] / rows[1]["seconds"], 3),
-              "ours_batched_vs_generate_one_at_a_time_speedup": round(rows[4]["seconds"] / rows[1]["seconds"], 3),
-              "ours_vs_generate_batched_speedup": round(rows[3]["seconds"] / rows[1]["seconds"], 3)}
-    result = {"benchmark": "beam_search", "machine": describe(), "users": len(prompts), "beams": args.beams,
-              "max_new_tokens": 30, "model": "demo run's trained model", "rows": rows, "ratios": ratios,
-              "goals": {"constrained_vs_unconstrained_time": "<= 1.3", "batched_vs_one_at_a_time_speedup": ">= 5"}}
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    for r in rows:
-        print(f"{r['setting']:50s} {r['seconds']:8.2f}s {r['users_per_s']:7.2f} users/s")
-    print(json.dumps(ratios))
-
-
-if __name__ == "__main__":
-    main()
+    ratios = {"constrained_vs_unconstrained_time": ratio(rows[1]["seconds"], rows[0]["seconds"]),
+              "batched_vs_one_at_a_time_speedup": ratio(rows[2]["seconds"], rows[1]["seconds"]),
+              "ours_batched_vs_generate_one_at_a_time_speedup": ratio(rows[4]["seconds"], rows[1]["seconds"]),
+              "ours_vs_generate_batched_speedup": ratio(rows[3]["seconds"], rows[1]["seconds"])}
+    return {"users": len(prompts), "beams": args.beams, "max_new_tokens": 30, "config": str(args.config),
+            "model": f"{cfg.run.name} run's trained model", "rows": rows, "ratios": ratios,
+            "goals": {"constrained_vs_unconstrained_time": "<= 1.3", "batched_vs_one_at_a_time_speedup": ">= 5"}}

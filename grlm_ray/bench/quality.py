@@ -1,0 +1,149 @@
+"""Quality benchmark: GRLM vs SASRec vs popularity on the same test users, with ablations.
+
+Contract: a config (``bench`` section) -> runs that share upstream work -> one table (printed) and
+``<bench.out_dir>/quality_<run>_<mode>.json`` (+ the machine description).
+
+    <run>                       prepare, sft, train        GRLM (the config as given)
+    <run>-<mode>                eval, baseline             constrained decoding; SASRec (baseline.loss=ce)
+    <run>-<mode>-unconstrained  eval                       ablation: no token trie (same model)
+    <run>-nogti                 sft, train                 ablation: sft.gti_weight=0 (no term internalization)
+    <run>-nogti-<mode>          eval
+    <run>-<mode>-sasrec-bce     baseline                   SASRec with one sampled negative (the paper's)
+
+Variants get the stages they share copied (``storage.copy_stages``), so nothing is computed twice, and
+every stage resumes. ``sample`` mode scores a seeded sample of ``bench.sample_users`` test users
+(``eval.seed``), ``full`` mode every test user; the table is refused unless every model's predictions
+cover exactly the same users, and the sample (size, seed, a digest of the user ids) is saved with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+from grlm_ray.config import GrlmConfig
+from grlm_ray.errors import GrlmError
+from grlm_ray.storage import Store, copy_stages
+
+log = logging.getLogger(__name__)
+
+METRICS = ("recall_at_5", "ndcg_at_5", "recall_at_10", "ndcg_at_10", "vr_at_10", "dhr_at_10")
+COLUMNS = ("model", *METRICS, "train_s", "eval_s", "users")
+
+
+def _variant(cfg: GrlmConfig, name: str, **sections: dict[str, Any]) -> GrlmConfig:
+    data = cfg.model_dump(mode="json")
+    data["run"]["name"] = name
+    for section, values in sections.items():
+        data[section].update(values)
+    return GrlmConfig.model_validate(data)
+
+
+def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
+    """Every run of the benchmark, by role, with its config."""
+    b, run = cfg.bench, cfg.run.name
+    limit = {"limit_users": b.sample_users if b.mode == "sample" else None}
+    out = {"train": cfg, "eval": _variant(cfg, f"{run}-{b.mode}", eval=limit, baseline={"loss": "ce"})}
+    if "unconstrained" in b.ablations:
+        out["eval_unconstrained"] = _variant(cfg, f"{run}-{b.mode}-unconstrained", eval={**limit, "constrained": False})
+    if "no_gti" in b.ablations:
+        out["train_no_gti"] = _variant(cfg, f"{run}-nogti", sft={"gti_weight": 0.0})
+        out["eval_no_gti"] = _variant(cfg, f"{run}-nogti-{b.mode}", eval=limit, sft={"gti_weight": 0.0})
+    if "sasrec_bce" in b.baselines:
+        out["baseline_bce"] = _variant(cfg, f"{run}-{b.mode}-sasrec-bce", eval=limit, baseline={"loss": "bce"})
+    return out
+
+
+def _row(model: str, metrics: dict[str, Any], train_s: float | None, eval_s: float | None) -> dict[str, Any]:
+    return {"model": model, **{m: metrics.get(m) for m in METRICS}, "train_s": train_s, "eval_s": eval_s,
+            "users": metrics.get("users")}
+
+
+def _users(store: Store, run: str, stage: str) -> list[str]:
+    from grlm_ray.schemas import PREDICTIONS
+
+    return store.read_table(f"{run}/{stage}/predictions.parquet", PREDICTIONS).column("user_id").to_pylist()
+
+
+def quality(cfg: GrlmConfig) -> dict[str, Any]:
+    from grlm_ray.pipeline import run_pipeline, upstream
+
+    t0 = time.time()
+    runs = plan(cfg)
+    store = Store(cfg.run.root, cfg.run.s3)
+    stages: dict[str, dict[str, Any]] = {}
+
+    def go(role: str, stage: str, seed_from: str | None = None) -> dict[str, Any]:
+        c = runs[role]
+        if seed_from is not None:
+            copy_stages(store, runs[seed_from].run.name, c.run.name, upstream("train", c))
+        log.info("quality benchmark: %s (run %s, stage %s)", role, c.run.name, stage)
+        res = run_pipeline(c, stages=upstream(stage, c))["stages"]
+        stages[role] = res
+        return res
+
+    train = go("train", "train")["train"]
+    ev = go("eval", "eval", seed_from="train")["eval"]
+    rows = [_row("GRLM", ev["info"]["metrics"], train["seconds"], ev["seconds"])]
+    used = {"GRLM": ("eval", "eval")}
+    if "eval_unconstrained" in runs:
+        un = go("eval_unconstrained", "eval", seed_from="train")["eval"]
+        rows.append(_row("GRLM unconstrained", un["info"]["metrics"], train["seconds"], un["seconds"]))
+        used["GRLM unconstrained"] = ("eval_unconstrained", "eval")
+    if "train_no_gti" in runs:
+        tn = go("train_no_gti", "train", seed_from="train")["train"]
+        en = go("eval_no_gti", "eval", seed_from="train_no_gti")["eval"]
+        rows.append(_row("GRLM w/o GTI", en["info"]["metrics"], tn["seconds"], en["seconds"]))
+        used["GRLM w/o GTI"] = ("eval_no_gti", "eval")
+    for role, name in (("eval", "SASRec-CE"), ("baseline_bce", "SASRec-BCE")):
+        if role == "eval" and "sasrec_ce" not in cfg.bench.baselines or role not in runs:
+            continue
+        c = runs[role]
+        copy_stages(store, runs["train"].run.name, c.run.name, ("prepare",))
+        bl = run_pipeline(c, stages=("prepare", "baseline"))["stages"]["baseline"]
+        rows.append(_row(name, bl["info"]["metrics"], bl["info"]["train_seconds"], bl["info"]["eval_seconds"]))
+        used[name] = (role, "baseline")
+        stages.setdefault(f"{role}_baseline", {})["baseline"] = bl
+    rows.append(_row("popularity", ev["info"]["popularity"], None, None))
+
+    # same users for every model, or no table
+    reference = _users(store, runs["eval"].run.name, "eval")
+    for name, (role, stage) in used.items():
+        if _users(store, runs[role].run.name, stage) != reference:
+            raise GrlmError(f"quality benchmark: {name} ({runs[role].run.name}/{stage}) was scored on other "
+                            f"test users than GRLM ({runs['eval'].run.name}/eval)")
+    sample = {"mode": cfg.bench.mode, "users": len(reference), "limit": runs["eval"].eval.limit_users,
+              "seed": cfg.eval.seed, "split": cfg.eval.split,
+              "user_ids_sha1": hashlib.sha1("\n".join(sorted(reference)).encode()).hexdigest()}
+    return {"run": cfg.run.name, "mode": cfg.bench.mode, "sample": sample, "rows": rows,
+            "columns": list(COLUMNS), "runs": {role: c.run.name for role, c in runs.items()},
+            "protocol": ev["info"]["protocol"],
+            "training": {"grlm": {k: train["info"].get(k) for k in ("steps", "plan", "final_loss", "tokens_per_s",
+                                                                   "samples_per_s", "train_seconds")},
+                         "sasrec": {k: stages.get("eval_baseline", {}).get("baseline", {}).get("info", {}).get(k)
+                                    for k in ("losses", "train_seconds")}},
+            "model": cfg.model.model_dump(mode="json"), "train_config": cfg.train.model_dump(mode="json"),
+            "baseline_config": cfg.baseline.model_dump(mode="json"), "seconds": round(time.time() - t0, 1)}
+
+
+def add_args(ap: Any) -> None:
+    ap.add_argument("args", nargs="*", metavar="CONFIG [key=value]",
+                    help="e.g. configs/bench/beauty_quality.yaml bench.mode=full")
+    ap.add_argument("--out-dir", default=None, help="default: the config's bench.out_dir")
+
+
+def run(args: Any) -> dict[str, Any]:
+    from grlm_ray.cli import _split_config
+    from grlm_ray.config import load_config
+
+    path, overrides = _split_config(args.args, required=False)  # no CONFIG: the built-in defaults
+    cfg = load_config(path, overrides)
+    result = quality(cfg)
+    result["config"] = path
+    result["overrides"] = overrides
+    result["command"] = " ".join(["grlm bench quality", *args.args])
+    result["out_dir"] = args.out_dir or cfg.bench.out_dir
+    result["file_name"] = f"quality_{cfg.run.name}_{cfg.bench.mode}"
+    return result

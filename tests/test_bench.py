@@ -1,0 +1,75 @@
+"""The benchmark harness (`grlm bench`): tables, JSON with the machine, and the quality benchmark's
+same-users guarantee. No timings are asserted here: benchmarks measure, tests check they run right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from grlm_ray.bench import BENCHMARKS, module, report
+from grlm_ray.bench.common import describe, format_table
+from grlm_ray.cli import main as cli_main
+from grlm_ray.errors import ConfigError
+
+
+def test_every_benchmark_module_has_the_harness_interface():
+    for name in BENCHMARKS:
+        mod = module(name)
+        assert callable(mod.add_args) and callable(mod.run), name
+    with pytest.raises(ConfigError, match="unknown benchmark 'nope'"):
+        module("nope")
+
+
+def test_report_prints_tables_and_writes_json_with_the_machine(tmp_path, capsys):
+    rows = [{"setting": "a", "seconds": 1.23456, "ok": True}, {"setting": "bb", "seconds": 12.5, "ok": None}]
+    path = report("toy", {"rows": rows, "ratios": {"a_vs_b": 0.1}}, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "setting" in out and "1.2346" in out and "12.5" in out and "a_vs_b" in out
+    saved = json.loads(open(path).read())
+    assert saved["benchmark"] == "toy" and saved["rows"] == rows
+    assert saved["machine"]["logical_cpus"] >= 1 and "torch" in saved["machine"]["versions"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_format_table_aligns_columns_and_marks_missing_values():
+    lines = format_table([{"m": "GRLM", "r": 0.1}, {"m": "popularity", "r": None}]).splitlines()
+    assert len({len(x.rstrip()) for x in lines[:2]}) == 1
+    assert lines[3].split() == ["popularity", "-"]
+
+
+def test_machine_description_names_cpu_memory_and_commit():
+    m = describe()
+    assert m["memory_gib"] and m["python"] and "gpu" in m
+
+
+def test_bench_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in BENCHMARKS)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_quality_benchmark_scores_grlm_ablation_and_baselines_on_the_same_users(tiny_trained_run, tmp_path, capsys):
+    overrides = tiny_trained_run + ["bench.sample_users=24", "bench.ablations=[unconstrained]",
+                                    "bench.baselines=[sasrec_ce]", "baseline.epochs=2", "baseline.hidden_size=16",
+                                    "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8"]
+    assert cli_main(["bench", "quality", "--out-dir", str(tmp_path), *overrides]) == 0
+    out = capsys.readouterr().out
+    [path] = tmp_path.glob("quality_*_sample.json")
+    res = json.loads(path.read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    assert list(rows) == ["GRLM", "GRLM unconstrained", "SASRec-CE", "popularity"]
+    assert all(r["users"] == 24 for r in rows.values())
+    assert res["sample"]["users"] == 24 and res["sample"]["limit"] == 24 and len(res["sample"]["user_ids_sha1"]) == 40
+    assert rows["GRLM"]["vr_at_10"] == 1.0  # constrained: every beam is a catalog item
+    assert rows["GRLM unconstrained"]["vr_at_10"] <= 1.0
+    assert rows["GRLM"]["train_s"] > 0 and rows["SASRec-CE"]["train_s"] > 0 and rows["popularity"]["train_s"] is None
+    assert res["machine"]["logical_cpus"] >= 1 and res["runs"]["eval"].endswith("-sample")
+    assert "SASRec-CE" in out and "GRLM unconstrained" in out
+    # a second call finds every stage complete and recomputes nothing (same numbers)
+    assert cli_main(["bench", "quality", "--out-dir", str(tmp_path), *overrides]) == 0
+    again = json.loads(path.read_text())
+    assert again["rows"] == res["rows"]
