@@ -69,6 +69,7 @@ def test_quality_benchmark_scores_grlm_ablation_and_baselines_on_the_same_users(
     assert rows["GRLM"]["train_s"] > 0 and rows["SASRec-CE"]["train_s"] > 0 and rows["popularity"]["train_s"] is None
     assert res["machine"]["logical_cpus"] >= 1 and res["runs"]["eval"].endswith("-sample")
     assert "SASRec-CE" in out and "GRLM unconstrained" in out
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and res["mlflow_run_id"]
     # a second call finds every stage complete and recomputes nothing (same numbers)
     assert cli_main(["bench", "quality", "--out-dir", str(tmp_path), *overrides]) == 0
     again = json.loads(path.read_text())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from grlm_ray.config import GrlmConfig
@@ -117,7 +118,7 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
     sample = {"mode": cfg.bench.mode, "users": len(reference), "limit": runs["eval"].eval.limit_users,
               "seed": cfg.eval.seed, "split": cfg.eval.split,
               "user_ids_sha1": hashlib.sha1("\n".join(sorted(reference)).encode()).hexdigest()}
-    return {"run": cfg.run.name, "mode": cfg.bench.mode, "sample": sample, "rows": rows,
+    out = {"run": cfg.run.name, "mode": cfg.bench.mode, "sample": sample, "rows": rows,
             "columns": list(COLUMNS), "runs": {role: c.run.name for role, c in runs.items()},
             "protocol": ev["info"]["protocol"],
             "training": {"grlm": {k: train["info"].get(k) for k in ("steps", "plan", "final_loss", "tokens_per_s",
@@ -126,6 +127,60 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
                                     for k in ("losses", "train_seconds")}},
             "model": cfg.model.model_dump(mode="json"), "train_config": cfg.train.model_dump(mode="json"),
             "baseline_config": cfg.baseline.model_dump(mode="json"), "seconds": round(time.time() - t0, 1)}
+    out["mlflow_run_id"] = _log(cfg, out)
+    return out
+
+
+def plot(rows: list[dict[str, Any]], title: str) -> bytes:
+    """Recall/NDCG at 5 and 10 per model, one group of bars each."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        ax.bar([i + j * width for i in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=key)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["model"] for r in rows], fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _log(cfg: GrlmConfig, out: dict[str, Any]) -> str | None:
+    """One MLflow run (grlm.stage=bench-quality) with every model's metrics, the table and the plot."""
+    if not cfg.tracking.enabled:
+        return None
+    import mlflow
+
+    from grlm_ray.tracking import experiment_name, metric_key, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_experiment(experiment_name(cfg))
+    with mlflow.start_run(run_name=f"{cfg.run.name}-bench-quality-{cfg.bench.mode}-{time.strftime('%Y%m%d-%H%M%S')}") as r:
+        mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": "bench-quality", "grlm.root": cfg.run.root})
+        mlflow.log_params({"bench/mode": cfg.bench.mode, "bench/users": out["sample"]["users"],
+                           "bench/user_ids_sha1": out["sample"]["user_ids_sha1"]})
+        for row in out["rows"]:
+            for key in (*METRICS, "train_s", "eval_s"):
+                if isinstance(row.get(key), (int, float)):
+                    mlflow.log_metric(metric_key(f"{row['model']}/{key}".replace(" ", "_")), float(row[key]))
+        mlflow.log_dict(out, "quality.json")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            with open(f"{d}/quality.png", "wb") as f:
+                f.write(plot(out["rows"], f"{cfg.run.name}, {out['sample']['users']} test users ({cfg.bench.mode})"))
+            mlflow.log_artifact(f"{d}/quality.png")
+        return r.info.run_id
 
 
 def add_args(ap: Any) -> None:
@@ -146,4 +201,8 @@ def run(args: Any) -> dict[str, Any]:
     result["command"] = " ".join(["grlm bench quality", *args.args])
     result["out_dir"] = args.out_dir or cfg.bench.out_dir
     result["file_name"] = f"quality_{cfg.run.name}_{cfg.bench.mode}"
+    png = Path(result["out_dir"]) / f"{result['file_name']}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(plot(result["rows"], f"{cfg.run.name}: {result['sample']['users']} test users ({cfg.bench.mode})"))
+    result["plot"] = str(png)
     return result
