@@ -62,8 +62,10 @@ def main(name: str, argv: list[str]) -> int:
     mod.add_args(ap)
     if not any(a.dest == "out_dir" for a in ap._actions):
         ap.add_argument("--out-dir", default=DEFAULT_OUT, help="where the JSON result goes")
+    ap.add_argument("--tag", default=None, help="appended to the result's file name (e.g. a machine: h200)")
     args = ap.parse_args(argv)
     result = mod.run(args)
     out_dir = result.pop("out_dir", None) or getattr(args, "out_dir", None) or DEFAULT_OUT
-    report(name, result, out_dir, result.pop("file_name", None))
+    file_name = result.pop("file_name", None) or name.replace("-", "_")
+    report(name, result, out_dir, f"{file_name}_{args.tag}" if args.tag else file_name)
     return 0
