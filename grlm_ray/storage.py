@@ -191,17 +191,21 @@ def read_manifest(store: Store, run: str, stage: str) -> dict[str, Any] | None:
 
 
 def copy_stages(store: Store, base: str, run: str, stages: tuple[str, ...] | list[str]) -> list[str]:
-    """Copy finished stages of run ``base`` into run ``run`` (variants share upstream work; a copied stage
-    is skipped when its config hash matches, recomputed otherwise). Returns the stages copied."""
+    """Copy finished stages of run ``base`` into run ``run`` (variants share upstream work: a copied stage
+    is skipped when the variant's config gives it the same hash, recomputed otherwise). A stage the variant
+    already holds with the base's hash is left alone; an older copy is replaced. Returns the stages copied."""
     import pyarrow.fs as pafs
 
     copied = []
     for stage in stages:
         src, dst = f"{base}/{stage}", f"{run}/{stage}"
-        if store.exists(f"{dst}/{MANIFEST}") or not store.exists(f"{src}/{MANIFEST}"):
+        have, want = read_manifest(store, run, stage), read_manifest(store, base, stage)
+        if not want or want.get("status") != "complete":
             continue
-        if (read_manifest(store, base, stage) or {}).get("status") != "complete":
-            continue
+        if have and have.get("status") == "complete" and have.get("config_hash") == want.get("config_hash"):
+            continue  # already the same
+        if store.exists(dst):
+            store.delete_dir(dst)  # an older or half-done copy
         root = store.path(src)
         for info in store.fs.get_file_info(pafs.FileSelector(root, recursive=True)):
             if info.type == pafs.FileType.File:

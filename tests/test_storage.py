@@ -9,7 +9,7 @@ from grlm_ray.config import S3Config, load_config
 from grlm_ray.prepare import prepare
 from grlm_ray.schemas import ITEMS
 from grlm_ray.stats import dataset_stats
-from grlm_ray.storage import Store, read_manifest, run_stage
+from grlm_ray.storage import Store, copy_stages, read_manifest, run_stage
 
 
 def parts_stage(keys, fail_at=None, calls=None):
@@ -76,3 +76,23 @@ def test_s3_round_trip_resume_and_prepare(s3_server):
     stats = dataset_stats(f"s3://{s3_server['bucket']}/runs/demo/prepare", s3)
     assert stats["users"] == first["outputs"]["sequences.parquet"]
     assert stats["items"] == first["outputs"]["items.parquet"]
+
+
+def test_copy_stages_shares_finished_stages_and_replaces_stale_copies(tmp_path):
+    store = Store(str(tmp_path))
+
+    def write(value):
+        return lambda ctx: ctx.write("t.parquet", pa.table({"v": [value]}))
+
+    run_stage(store, "base", "a", "h1", write(1))
+    with pytest.raises(RuntimeError):
+        run_stage(store, "base", "b", "h1", lambda ctx: (_ for _ in ()).throw(RuntimeError("half-done")))
+    assert copy_stages(store, "base", "var", ("a", "b")) == ["a"]  # a half-done stage is not shared
+    assert read_manifest(store, "var", "a")["config_hash"] == "h1"
+    assert store.read_table("var/a/t.parquet").column("v").to_pylist() == [1]
+    assert copy_stages(store, "base", "var", ("a",)) == []  # the same copy is kept
+    run_stage(store, "base", "a", "h2", write(2))  # the base redoes the stage
+    assert copy_stages(store, "base", "var", ("a",)) == ["a"]
+    assert store.read_table("var/a/t.parquet").column("v").to_pylist() == [2]
+    assert not store.exists("var/b")
+
