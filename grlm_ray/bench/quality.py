@@ -85,7 +85,9 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
         stages[role] = res
         return res
 
-    train = go("train", "train")["train"]
+    base = go("train", "train")
+    train = base["train"]
+    sft_info = base["sft"]["info"]
     ev = go("eval", "eval", seed_from="train")["eval"]
     rows = [_row("GRLM", ev["info"]["metrics"], train["seconds"], ev["seconds"])]
     used = {"GRLM": ("eval", "eval")}
@@ -121,6 +123,10 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
     out = {"run": cfg.run.name, "mode": cfg.bench.mode, "sample": sample, "rows": rows,
             "columns": list(COLUMNS), "runs": {role: c.run.name for role, c in runs.items()},
             "protocol": ev["info"]["protocol"],
+            "terms": {"source": cfg.sft.terms, "samples": sft_info.get("samples"),
+                      "items_named_from_words": sft_info.get("items_named_from_words"),
+                      "colliding_items_before": sft_info.get("collisions", {}).get("colliding_items_before"),
+                      "colliding_items_after": sft_info.get("collisions", {}).get("colliding_items_after")},
             "training": {"grlm": {k: train["info"].get(k) for k in ("steps", "plan", "final_loss", "tokens_per_s",
                                                                    "samples_per_s", "train_seconds")},
                          "sasrec": {k: stages.get("eval_baseline", {}).get("baseline", {}).get("info", {}).get(k)
