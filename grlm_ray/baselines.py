@@ -138,6 +138,36 @@ def recommend(model: Any, histories: list[list[int]], k: int, max_len: int, batc
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
+def _trained_sasrec(store: Store, cfg: GrlmConfig, seqs: list[list[int]], n_items: int
+                    ) -> tuple[Any, list[float], float, str | None]:
+    """Train SASRec, or load the model an earlier run trained on the same data with the same settings
+    (``<root>/_cache/sasrec-<hash of data + baseline sections + sequences>/``): scoring another set of
+    test users (sample vs full mode) does not retrain. Returns (model, losses, training seconds, cache
+    path if loaded)."""
+    import hashlib
+    import io
+    import json
+
+    import torch
+
+    digest = hashlib.sha256(json.dumps(seqs, separators=(",", ":")).encode()).hexdigest()[:12]
+    rel = f"_cache/sasrec-{cfg.section_hash('data', 'baseline')}-{digest}"
+    if store.exists(f"{rel}/info.json") and store.exists(f"{rel}/model.pt"):
+        info = store.read_json(f"{rel}/info.json")
+        model = build_sasrec(n_items, cfg.baseline)
+        model.load_state_dict(torch.load(io.BytesIO(store.read_bytes(f"{rel}/model.pt")), weights_only=True))
+        log.info("baseline: SASRec loaded from %s (trained in %.0f s)", store.uri(rel), info["train_seconds"])
+        return model.eval(), info["losses"], info["train_seconds"], store.uri(rel)
+    t0 = time.time()
+    model, losses = train_sasrec(seqs, n_items, cfg.baseline, progress=cfg.ray.progress_bars)
+    train_s = time.time() - t0
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    store.write_bytes(f"{rel}/model.pt", buf.getvalue())
+    store.write_json(f"{rel}/info.json", {"losses": losses, "train_seconds": train_s, "items": n_items})
+    return model, losses, train_s, None
+
+
 def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
     c, e = cfg.baseline, cfg.eval
@@ -152,10 +182,8 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
         train = training_sequences(seqs, targets)
         items = sorted({i for s in seqs.column("item_ids").to_pylist() for i in s})
         index = {it: n + 1 for n, it in enumerate(items)}
-        t0 = time.time()
-        model, losses = train_sasrec([[index[i] for i in s] for s in train.values()], len(items), c,
-                                     progress=cfg.ray.progress_bars)
-        train_s = time.time() - t0
+        model, losses, train_s, cached = _trained_sasrec(store, cfg, [[index[i] for i in s] for s in train.values()],
+                                                         len(items))
         by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
         rows_t = select_targets(targets, e.split, e.limit_users, e.seed)
         domain_of = domain_lookup(cfg)
@@ -185,6 +213,7 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
                          "per_domain": metrics["per_domain"], "protocol": report["protocol"],
                          "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
                          "losses": [round(x, 4) for x in losses], "train_seconds": round(train_s, 2),
+                         "model_cache": cached,
                          "eval_seconds": round(eval_s, 2), "items": len(items), "train_users": len(train)})
 
     return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "baseline", "eval"), body,

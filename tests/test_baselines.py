@@ -63,3 +63,8 @@ def test_baseline_stage_scores_the_same_users_as_eval(tmp_path):
     assert info["metrics"]["users"] == 50 == info["popularity"]["users"]
     assert info["loss_last"] < info["loss_first"]
     assert "dhr_at_10" not in info["metrics"] and 0 <= info["metrics"]["recall_at_10"] <= 1
+    # another set of test users (eval.limit_users changes the stage's hash): the trained model is reused
+    again = run_pipeline(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit_users": 30})}),
+                         stages=("baseline",))["stages"]["baseline"]["info"]
+    assert info["model_cache"] is None and again["model_cache"] and again["metrics"]["users"] == 30
+    assert again["losses"] == info["losses"] and again["train_seconds"] == info["train_seconds"]
