@@ -66,6 +66,7 @@ def test_quality_benchmark_scores_grlm_ablation_and_baselines_on_the_same_users(
     assert res["sample"]["users"] == 24 and res["sample"]["limit"] == 24 and len(res["sample"]["user_ids_sha1"]) == 40
     assert rows["GRLM"]["vr_at_10"] == 1.0  # constrained: every beam is a catalog item
     assert rows["GRLM unconstrained"]["vr_at_10"] <= 1.0
+    assert rows["popularity"]["distinct_top1"] == 1 and 0 < rows["SASRec-CE"]["coverage_at_10"] <= 1
     assert rows["GRLM"]["train_s"] > 0 and rows["SASRec-CE"]["train_s"] > 0 and rows["popularity"]["train_s"] is None
     assert res["machine"]["logical_cpus"] >= 1 and res["runs"]["eval"].endswith("-sample")
     assert "SASRec-CE" in out and "GRLM unconstrained" in out
@@ -74,3 +75,10 @@ def test_quality_benchmark_scores_grlm_ablation_and_baselines_on_the_same_users(
     assert cli_main(["bench", "quality", "--out-dir", str(tmp_path), *overrides]) == 0
     again = json.loads(path.read_text())
     assert again["rows"] == res["rows"]
+
+
+def test_diversity_counts_distinct_recommendations():
+    from grlm_ray.bench.quality import diversity
+
+    same = diversity([["a", "b"], ["a", "b"], ["a", "c"]], catalog=10, k=2)
+    assert same == {"distinct_top1": 1, "coverage_at_2": 0.3}

@@ -31,7 +31,7 @@ from grlm_ray.storage import Store, copy_stages
 log = logging.getLogger(__name__)
 
 METRICS = ("recall_at_5", "ndcg_at_5", "recall_at_10", "ndcg_at_10", "vr_at_10", "dhr_at_10")
-COLUMNS = ("model", *METRICS, "train_s", "eval_s", "users")
+COLUMNS = ("model", *METRICS, "distinct_top1", "coverage_at_10", "train_s", "eval_s", "users")
 
 
 def _variant(cfg: GrlmConfig, name: str, **sections: dict[str, Any]) -> GrlmConfig:
@@ -62,10 +62,19 @@ def _row(model: str, metrics: dict[str, Any], train_s: float | None, eval_s: flo
             "users": metrics.get("users")}
 
 
-def _users(store: Store, run: str, stage: str) -> list[str]:
+def _predictions(store: Store, run: str, stage: str) -> tuple[list[str], list[list[str]]]:
+    """(user ids, ranked item ids) of a stage's predictions, in row order."""
     from grlm_ray.schemas import PREDICTIONS
 
-    return store.read_table(f"{run}/{stage}/predictions.parquet", PREDICTIONS).column("user_id").to_pylist()
+    t = store.read_table(f"{run}/{stage}/predictions.parquet", PREDICTIONS)
+    return t.column("user_id").to_pylist(), t.column("ranked_item_ids").to_pylist()
+
+
+def diversity(ranked: list[list[str]], catalog: int, k: int = 10) -> dict[str, Any]:
+    """How much of the catalog a model recommends: distinct items at rank 1 and in the top k, and the
+    top-k catalog coverage. A model that ignores the history recommends the same few items to everyone."""
+    top_k = {i for r in ranked for i in r[:k]}
+    return {"distinct_top1": len({r[0] for r in ranked if r}), f"coverage_at_{k}": round(len(top_k) / catalog, 4)}
 
 
 def quality(cfg: GrlmConfig) -> dict[str, Any]:
@@ -112,11 +121,16 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
     rows.append(_row("popularity", ev["info"]["popularity"], None, None))
 
     # same users for every model, or no table
-    reference = _users(store, runs["eval"].run.name, "eval")
+    reference, _ = _predictions(store, runs["eval"].run.name, "eval")
+    catalog = base["sft"]["outputs"].get("terms.parquet") or len(reference)
+    by_model = {r["model"]: r for r in rows}
     for name, (role, stage) in used.items():
-        if _users(store, runs[role].run.name, stage) != reference:
+        users, ranked = _predictions(store, runs[role].run.name, stage)
+        if users != reference:
             raise GrlmError(f"quality benchmark: {name} ({runs[role].run.name}/{stage}) was scored on other "
                             f"test users than GRLM ({runs['eval'].run.name}/eval)")
+        by_model[name].update(diversity(ranked, catalog))
+    by_model["popularity"].update({"distinct_top1": 1, "coverage_at_10": round(min(10, catalog) / catalog, 4)})
     sample = {"mode": cfg.bench.mode, "users": len(reference), "limit": runs["eval"].eval.limit_users,
               "seed": cfg.eval.seed, "split": cfg.eval.split,
               "user_ids_sha1": hashlib.sha1("\n".join(sorted(reference)).encode()).hexdigest()}
