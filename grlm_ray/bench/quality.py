@@ -85,10 +85,13 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
     stages: dict[str, dict[str, Any]] = {}
 
-    def go(role: str, stage: str, seed_from: str | None = None) -> dict[str, Any]:
+    def go(role: str, stage: str, seed_from: str | None = None, shared: tuple[str, ...] | None = None
+           ) -> dict[str, Any]:
+        """Run ``role`` up to ``stage``, first copying the finished stages it shares with ``seed_from``
+        (default: everything up to training)."""
         c = runs[role]
         if seed_from is not None:
-            copy_stages(store, runs[seed_from].run.name, c.run.name, upstream("train", c))
+            copy_stages(store, runs[seed_from].run.name, c.run.name, shared or upstream("train", c))
         log.info("quality benchmark: %s (run %s, stage %s)", role, c.run.name, stage)
         res = run_pipeline(c, stages=upstream(stage, c))["stages"]
         stages[role] = res
@@ -105,7 +108,8 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
         rows.append(_row("GRLM unconstrained", un["info"]["metrics"], train["seconds"], un["seconds"]))
         used["GRLM unconstrained"] = ("eval_unconstrained", "eval")
     if "train_no_gti" in runs:
-        tn = go("train_no_gti", "train", seed_from="train")["train"]
+        # its own SFT data and training: only the stages before SFT are shared (copying the rest is waste)
+        tn = go("train_no_gti", "train", seed_from="train", shared=upstream("sft", runs["train_no_gti"])[:-1])["train"]
         en = go("eval_no_gti", "eval", seed_from="train_no_gti")["eval"]
         rows.append(_row("GRLM w/o GTI", en["info"]["metrics"], tn["seconds"], en["seconds"]))
         used["GRLM w/o GTI"] = ("eval_no_gti", "eval")
