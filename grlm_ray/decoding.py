@@ -286,14 +286,18 @@ class TidDecoder:
     catalog TID. ``__call__(prompts)`` -> per prompt, the distinct TIDs of its beams, best first (a TID
     is the text before the first ``|``: a finished beam may run past its end marker)."""
 
-    def __init__(self, model_dir: str, tid_texts: Sequence[str], *, backend: str = "transformers",
+    def __init__(self, model_dir: str | None, tid_texts: Sequence[str], *, backend: str = "transformers",
                  constrained: bool = True, num_beams: int = 20, max_new_tokens: int = 30, threads: int = 1,
                  dtype: str = "float32", device: str = "cpu", gpu_memory_utilization: float = 0.85,
-                 renormalize: bool = False) -> None:
+                 renormalize: bool = False, model: Any = None, tokenizer: Any = None) -> None:
+        """``model_dir``: an exported model folder; or ``model`` + ``tokenizer`` already in memory (the
+        transformers backend; e.g. the model being trained, scored on validation users)."""
         from transformers import AutoTokenizer
 
+        if model_dir is None and (model is None or tokenizer is None):
+            raise ValueError("TidDecoder needs model_dir, or model and tokenizer")
         self.backend, self.num_beams = backend, num_beams
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir)
         end = self.tok(END_MARKER, add_special_tokens=False)["input_ids"]
         if len(end) != 1:
             raise ValueError(f"the TID end marker {END_MARKER!r} must be one token for the tokenizer in {model_dir}")
@@ -303,10 +307,13 @@ class TidDecoder:
         self.max_new_tokens = max_new_tokens
         self.set_catalog(tid_texts)
         self.model: Any = None
-        if backend == "vllm":
+        if model is not None:
+            self.model = model
+            self.scorer: Scorer = TransformersScorer(self.model, self.tok, renormalize=renormalize)
+        elif backend == "vllm":
             llm = vllm_engine(model_dir, num_beams=num_beams, dtype=dtype,
                               gpu_memory_utilization=gpu_memory_utilization)
-            self.scorer: Scorer = VllmScorer(llm, llm.get_tokenizer())
+            self.scorer = VllmScorer(llm, llm.get_tokenizer())
         elif backend == "transformers":
             import torch
             from transformers import AutoModelForCausalLM

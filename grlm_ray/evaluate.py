@@ -76,7 +76,7 @@ def select_targets(targets: pa.Table, split: str, limit: int | None, seed: int) 
 
 def build_queries(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Table,
                   terms: dict[str, list[str]], tokenizer: Any) -> list[dict[str, Any]]:
-    from grlm_ray.sft import domain_lookup, history_prompt, item_line
+    from grlm_ray.sft import domain_lookup, history_prompt, line_writer
     from grlm_ray.tokens import render_prompt
 
     e = cfg.eval
@@ -84,11 +84,12 @@ def build_queries(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.
     by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
     rows = select_targets(targets, e.split, e.limit_users, e.seed)
     domain_of = domain_lookup(cfg)
+    write = line_writer(cfg.sft)
     out = []
     for r in rows:
         history = by_user[r["user_id"]][: r["position"]]
-        lines = [item_line(terms[i], titles.get(i, ""), cfg.sft.max_title_chars) for i in history]
-        msgs, prefix = history_prompt(lines, cfg.sft.max_history)
+        lines = [write(terms[i], titles.get(i, "")) for i in history]
+        msgs, prefix = history_prompt(lines, cfg.sft.max_history, cfg.sft.prompt)
         out.append({"row": len(out), "user_id": r["user_id"], "split": r["split"],
                     "domain": r["domain"] or domain_of(r["target_item_id"]), "target_item_id": r["target_item_id"],
                     "history": history,

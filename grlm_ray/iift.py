@@ -44,8 +44,9 @@ def tokenizer_source(m: ModelConfig) -> str:
     return gguf_to_hf(path, m.cache_dir) if path.endswith(".gguf") else path
 
 
-def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str) -> dict[str, Any]:
-    """Write the initial model + tokenizer to ``out_dir``; returns a description for the manifest."""
+def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str, terms: list[str] | None = None) -> dict[str, Any]:
+    """Write the initial model + tokenizer to ``out_dir``; returns a description for the manifest.
+    ``terms``: every distinct TID term (``model.vocab=terms`` makes each one token)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
@@ -55,6 +56,10 @@ def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str) -> dict[str,
     if m.init == "pretrained":
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     else:
+        if m.vocab == "terms":
+            from grlm_ray.vocab import add_term_tokens
+
+            info["term_vocab"] = add_term_tokens(tok, terms or [])
         if m.prune_vocab:
             from grlm_ray.vocab import prune_tokenizer
 
@@ -65,6 +70,7 @@ def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str) -> dict[str,
             vocab_size=len(tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
             num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
             head_dim=m.head_dim, max_position_embeddings=m.max_position, rope_theta=m.rope_theta,
+            attention_dropout=m.dropout,
             tie_word_embeddings=m.tie_embeddings, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
@@ -136,6 +142,36 @@ def deepspeed_config(t: TrainConfig, accum: int, world: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- worker
+def label_positions_lm(lm: Any) -> Any:
+    """``lm`` wrapped so the forward computes the output layer only where a label is set: the same mean
+    next-token cross-entropy as ``lm(**batch).loss``, without logits for prompt and padding positions."""
+    import torch
+    import torch.nn.functional as F
+
+    from grlm_ray.tokens import IGNORE
+
+    class LabelPositionsLM(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.lm = inner
+
+        def forward(self, input_ids: Any, labels: Any, attention_mask: Any = None, position_ids: Any = None) -> Any:
+            hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids).last_hidden_state
+            target = labels[:, 1:]
+            keep = target != IGNORE
+            logits = self.lm.lm_head(hidden[:, :-1][keep])
+            loss = F.cross_entropy(logits.float(), target[keep]) if logits.shape[0] else hidden.sum() * 0.0
+            return _Output(loss)
+
+    return LabelPositionsLM(lm)
+
+
+class _Output:
+    def __init__(self, loss: Any) -> None:
+        self.loss = loss
+
+
 def optimizer_digest(optimizer: Any, partitioned: bool) -> float:
     """Sum of |exp_avg| + |exp_avg_sq| over the whole optimizer (summed over ranks when ZeRO partitions it)."""
     import torch
@@ -181,8 +217,9 @@ def train_loop(config: dict[str, Any]) -> None:
     use_ds = t.strategy == "deepspeed"
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model.config.use_cache = False
+    hf_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    hf_model.config.use_cache = False
+    model = label_positions_lm(hf_model) if t.selective_logits else hf_model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -207,6 +244,14 @@ def train_loop(config: dict[str, Any]) -> None:
     partitioned = use_ds and t.deepspeed.zero_stage >= 1
 
     start, resumed, first_loss = 0, None, None
+    vcfg = t.validation
+    val_state: dict[str, Any] = {"best": None, "best_step": None, "since_best": 0, "points": []}
+    clock_offset, clock_t0, val_seconds = 0.0, time.time(), 0.0
+
+    def train_clock() -> float:
+        """Seconds spent training so far (validation excluded), across resumes."""
+        return round(clock_offset + time.time() - clock_t0 - val_seconds, 2)
+
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -214,8 +259,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if use_ds:
                 engine.load_checkpoint(d, tag=CKPT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
             else:
-                target = module.module if hasattr(module, "module") else module
-                target.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=device))
+                hf_model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=device))
                 optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), map_location=device))
                 scheduler.load_state_dict(torch.load(os.path.join(d, "scheduler.pt")))
             rng_file = os.path.join(d, f"rng_rank{rank}.pt")
@@ -223,6 +267,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 torch.set_rng_state(torch.load(rng_file))
         start = int(meta["step"])
         first_loss = meta.get("first_loss")
+        val_state.update(meta.get("validation") or {})
+        clock_offset = float(meta.get("train_seconds") or 0.0)
         resumed = {"from_step": start, "digest_saved": meta["optimizer_digest"],
                    "digest_loaded": optimizer_digest(optimizer, partitioned)}
 
@@ -240,8 +286,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if use_ds:
                 engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step})
             elif rank == 0:
-                target = module.module if hasattr(module, "module") else module
-                torch.save(target.state_dict(), os.path.join(d, "model.pt"))
+                torch.save(hf_model.state_dict(), os.path.join(d, "model.pt"))
                 torch.save(optimizer.state_dict(), os.path.join(d, "optimizer.pt"))
                 torch.save(scheduler.state_dict(), os.path.join(d, "scheduler.pt"))
             torch.save(torch.get_rng_state(), os.path.join(d, f"rng_rank{rank}.pt"))
@@ -249,7 +294,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 with open(os.path.join(d, "meta.json"), "w") as f:
                     json.dump({"step": step, "optimizer_digest": digest, "strategy": t.strategy, "first_loss": first_loss,
-                               "zero_stage": t.deepspeed.zero_stage if use_ds else None}, f)
+                               "zero_stage": t.deepspeed.zero_stage if use_ds else None, "validation": val_state,
+                               "train_seconds": train_clock()}, f)
             # every rank reports its own folder: Ray Train merges them into one checkpoint
             ray.train.report({**metrics, "optimizer_digest": digest},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -262,6 +308,70 @@ def train_loop(config: dict[str, Any]) -> None:
             return rng.permutation(len(data))
         chunks = [np.arange(s, min(s + t.micro_batch, len(data))) for s in range(0, len(data), t.micro_batch)]
         return np.concatenate([chunks[j] for j in rng.permutation(len(chunks))])
+
+    validator = None
+    if config.get("validation"):
+        from transformers import AutoTokenizer
+
+        from grlm_ray.validation import Validator
+
+        vc = config["validation"]
+        validator = Validator(pq.read_table(store.path(vc["queries_rel"]), filesystem=store.fs),
+                              pq.read_table(store.path(vc["catalog_rel"]), filesystem=store.fs),
+                              AutoTokenizer.from_pretrained(base_dir), num_beams=vcfg.num_beams,
+                              batch_size=vcfg.batch_size, max_new_tokens=vc["max_new_tokens"], decay=vc["decay"],
+                              match=vc["match"], rank=rank, world=world)
+    every = set()
+    if validator is not None:
+        if vcfg.every_steps:
+            every.update(range(vcfg.every_steps, total + 1, vcfg.every_steps))
+        if vcfg.every_epochs:
+            k = max(1, round(vcfg.every_epochs * spe))
+            every.update(range(k, total + 1, k))
+        every.add(total)
+
+    def validate(done: int, metrics: dict[str, Any]) -> bool:
+        """Score the validation users; returns True when training should stop (patience exhausted)."""
+        nonlocal val_seconds
+        from grlm_ray.validation import reduce_metrics
+
+        t_v = time.time()
+        res = reduce_metrics(validator.sums(hf_model), world)
+        took = time.time() - t_v
+        val_seconds += took
+        point = {"step": done, "epoch": round(done / spe, 4), "train_minutes": round(train_clock() / 60, 3),
+                 "seconds": round(took, 2), **{k: round(x, 6) if isinstance(x, float) else x for k, x in res.items()}}
+        val_state["points"].append(point)
+        score = res[vcfg.metric]
+        if val_state["best"] is None or score > val_state["best"]:
+            val_state.update(best=score, best_step=done, since_best=0)
+            if rank == 0:
+                save_best(done, point)
+        else:
+            val_state["since_best"] += 1
+        metrics.update({f"val_{k}": x for k, x in res.items() if k != "users"})
+        metrics["val_best"] = val_state["best"]
+        if rank == 0:
+            store.write_json(config["validation"]["curve_rel"], val_state["points"])
+            sys.stdout.write(f"[iift] validation step {done} epoch {point['epoch']:.2f}: R@10 {res['recall_at_10']:.4f} "
+                             f"N@10 {res['ndcg_at_10']:.4f} VR@10 {res['vr_at_10']:.3f} ({res['users']} users, "
+                             f"{took:.0f} s); best {vcfg.metric} {val_state['best']:.4f} at step "
+                             f"{val_state['best_step']}\n")
+            sys.stdout.flush()
+            if mlflow_client is not None:
+                for k, x in res.items():
+                    mlflow_client.log_metric(run_id, f"val/{k}", float(x), step=done)
+                mlflow_client.log_metric(run_id, "val/train_minutes", point["train_minutes"], step=done)
+        return bool(vcfg.patience and val_state["since_best"] >= vcfg.patience)
+
+    def save_best(done: int, point: dict[str, Any]) -> None:
+        """The best weights so far, in the checkpoint layout ``export_model`` reads (rank 0, full weights)."""
+        with tempfile.TemporaryDirectory(prefix="grlm-best-") as d:
+            torch.save({k: x.detach().float().cpu() for k, x in hf_model.state_dict().items()},
+                       os.path.join(d, "model.pt"))
+            with open(os.path.join(d, "meta.json"), "w") as f:
+                json.dump({"step": done, "strategy": "ddp", "validation": point}, f)
+            store.upload_dir(d, config["validation"]["best_rel"])
 
     fail_rank = min(1, world - 1)
     window_tokens, window_samples, window_t0 = 0, 0, time.time()
@@ -321,10 +431,20 @@ def train_loop(config: dict[str, Any]) -> None:
             if mlflow_client is not None:
                 for k in ("loss", "lr", "tokens_per_s", "samples_per_s"):
                     mlflow_client.log_metric(run_id, f"train/{k}", float(metrics[k]), step=done)
-        if done % t.checkpoint_every == 0 or done == total:
+        stop = False
+        if done in every:
+            t_v = time.time()
+            stop = validate(done, metrics)
+            window_t0 += time.time() - t_v  # throughput windows exclude validation
+        if done % t.checkpoint_every == 0 or done == total or done in every:
             save(done, metrics)
         else:
             ray.train.report(metrics)
+        if stop:
+            if rank == 0:
+                sys.stdout.write(f"[iift] early stop at step {done}: no better {vcfg.metric} in {vcfg.patience} "
+                                 "validations\n")
+            break
 
 
 # --------------------------------------------------------------------------- export
@@ -336,7 +456,9 @@ def consolidated_state_dict(ckpt_dir: str) -> dict[str, Any]:
     if meta["strategy"] == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG))
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG))
+        # train.selective_logits wraps the model: its parameters are named lm.<HF name>
+        return {k[3:] if k.startswith("lm.") else k: x for k, x in state.items()}
     return torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu")
 
 
@@ -362,15 +484,25 @@ def export_model(ckpt_dir: str, base_dir: str, out_dir: str, manifest: dict[str,
 def corpus_texts(cfg: GrlmConfig, sft_table: Any, items: Any, terms: Any) -> list[str]:
     """Every text the model will see: rendered SFT samples plus every catalog line (so each TID, even
     one outside the training mixture, encodes with kept tokens)."""
-    from grlm_ray.sft import item_line, SYSTEM
+    from grlm_ray.sft import PROMPTS, line_writer
+    from grlm_ray.tokens import render_prompt
 
+    write = line_writer(cfg.sft)
     titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
     texts = [m["content"] for msgs in sft_table.column("prompt").to_pylist() for m in msgs]
     texts += sft_table.column("completion").to_pylist()
-    texts += [item_line(tids, titles.get(i, ""), cfg.sft.max_title_chars)
+    texts += [write(tids, titles.get(i, ""))
               for i, tids in zip(terms.column("item_id").to_pylist(), terms.column("terms").to_pylist())]
-    texts += ["<|im_start|>system\n" + SYSTEM + "<|im_end|>\n<|im_start|>user\n", "<|im_start|>assistant\n", "\n"]
+    # the chat template's own text around a turn (rendered by the tokenizer's template, nothing hard-coded)
+    texts += [render_prompt(_template_tokenizer(cfg), [{"role": "system", "content": PROMPTS[cfg.sft.prompt]["system"]},
+                                                        {"role": "user", "content": "x"}]), "\n"]
     return texts
+
+
+def _template_tokenizer(cfg: GrlmConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_source(cfg.model))
 
 
 def tokenize_sft(tokenizer: Any, sft_table: Any, cfg: GrlmConfig):
@@ -378,7 +510,8 @@ def tokenize_sft(tokenizer: Any, sft_table: Any, cfg: GrlmConfig):
 
     t = cfg.train
     ids, labels = encode_all(tokenizer, sft_table.column("prompt").to_pylist(),
-                             sft_table.column("completion").to_pylist(), cfg.model.enable_thinking)
+                             sft_table.column("completion").to_pylist(), cfg.model.enable_thinking,
+                             mask_titles=cfg.sft.item_text == "tid_title_input")
     ids = [x[: t.max_length] for x in ids]
     labels = [x[: t.max_length] for x in labels]
     if t.packing:
@@ -399,6 +532,9 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
     t, m = cfg.train, cfg.model
     if t.strategy == "deepspeed" and t.deepspeed.zero_stage == 0:
         raise ConfigError("train.deepspeed.zero_stage=0: use train.strategy=ddp instead")
+    if t.validation.enabled and t.strategy == "deepspeed" and t.deepspeed.zero_stage == 3:
+        raise ConfigError("train.validation with ZeRO-3 is not supported (each rank holds a shard of the weights); "
+                          "use ZeRO-2 or DDP, or score checkpoints with grlm eval")
 
     def body(ctx: StageContext) -> None:
         import pyarrow.parquet as pq  # noqa: F401
@@ -415,7 +551,8 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="grlm-base-") as tmp:
             if not ctx.store.exists(ctx.rel("base/config.json")):
-                backbone = build_backbone(m, corpus_texts(cfg, sft_table, items, terms), tmp)
+                all_terms = sorted({w for tid in terms.column("terms").to_pylist() for w in tid})
+                backbone = build_backbone(m, corpus_texts(cfg, sft_table, items, terms), tmp, all_terms)
                 ctx.store.write_json(ctx.rel("base_info.json"), backbone)
                 ctx.store.upload_dir(tmp, ctx.rel("base"))
             backbone = ctx.store.read_json(ctx.rel("base_info.json"))
@@ -425,6 +562,20 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         batches = tokenize_sft(tokenizer, sft_table, cfg)
         ctx.write("tokens.parquet", batches.table)
         tok_seconds = time.time() - t0
+        validation = None
+        if t.validation.enabled:
+            from grlm_ray.schemas import SEQUENCES, TARGETS
+            from grlm_ray.validation import build_validation_set, popularity_metrics
+
+            queries, catalog = build_validation_set(
+                cfg, items, ctx.read("sequences.parquet", SEQUENCES, stage="prepare"),
+                ctx.read("targets.parquet", TARGETS, stage="prepare"), terms, tokenizer)
+            ctx.write("validation.parquet", queries)
+            ctx.write("catalog.parquet", catalog)
+            validation = {"queries_rel": ctx.rel("validation.parquet"), "catalog_rel": ctx.rel("catalog.parquet"),
+                          "curve_rel": ctx.rel("validation_curve.json"), "best_rel": ctx.rel("best"),
+                          "max_new_tokens": cfg.eval.max_new_tokens, "decay": cfg.eval.decay, "match": cfg.eval.match,
+                          "popularity": popularity_metrics(queries, catalog)}
 
         ray = init_ray(cfg.ray)
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
@@ -450,7 +601,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
                 "train": t.model_dump(mode="json"), "root": ctx.store.uri(""), "s3": cfg.run.s3.model_dump(mode="json"),
                 "base_rel": ctx.rel("base"), "tokens_rel": ctx.rel("tokens.parquet"), "packed": batches.packed,
                 "pad_id": int(tokenizer.pad_token_id), "plan": plan, "deepspeed": ds_cfg, "mlflow": mlflow_info,
-                "threads": max(1, int(t.cpus_per_worker)),
+                "threads": max(1, int(t.cpus_per_worker)), "validation": validation,
             },
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker}),
@@ -476,9 +627,24 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "mlflow_run_id": run_id, "ray_train_run": train_name, "checkpoint": result.checkpoint.path,
             "step": final.get("step"),
         }
-        with tempfile.TemporaryDirectory(prefix="grlm-export-") as out, result.checkpoint.as_directory() as cd:
+        curve = best = None
+        if validation is not None:
+            curve = ctx.store.read_json(ctx.rel("validation_curve.json")) if ctx.store.exists(
+                ctx.rel("validation_curve.json")) else []
+            best = max(curve, key=lambda p: p[t.validation.metric]) if curve else None
+        exported = "last"
+        with tempfile.TemporaryDirectory(prefix="grlm-export-") as out, contextlib.ExitStack() as stack:
+            if best is not None and t.validation.export == "best" and ctx.store.exists(ctx.rel("best/model.pt")):
+                cd = ctx.store.local_dir(ctx.rel("best"), tempfile.mkdtemp(prefix="grlm-best-"))
+                exported = f"best (step {best['step']})"
+                manifest.update({"step": best["step"], "validation": best})
+            else:
+                cd = stack.enter_context(result.checkpoint.as_directory())
+            manifest["exported"] = exported
             export = export_model(cd, base_local, out, manifest)
             ctx.store.upload_dir(out, ctx.rel("model"))
+        if curve:
+            _record_curve(ctx, cfg, curve, validation["popularity"], run_id)
         history = result.metrics_dataframe
         tps = history["tokens_per_s"].dropna().tolist() if history is not None and "tokens_per_s" in history else []
         sps = history["samples_per_s"].dropna().tolist() if history is not None and "samples_per_s" in history else []
@@ -491,13 +657,30 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "samples_per_s": round(sum(sps) / len(sps), 2) if sps else None, "steps": final.get("step"),
             "resumed_from_step": final.get("resumed_from_step"),
             "optimizer_digest_saved": final.get("digest_saved"), "optimizer_digest_loaded": final.get("digest_loaded"),
-            "export": export, "strategy": t.strategy,
+            "export": export, "exported": exported, "strategy": t.strategy,
+            "validation": {"points": curve, "best": best, "popularity": validation["popularity"]} if curve else None,
             "zero_stage": t.deepspeed.zero_stage if t.strategy == "deepspeed" else None,
             "model_dir": ctx.store.uri(ctx.rel("model")), "checkpoint": result.checkpoint.path,
         })
 
     return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train") + "-" + _sft_hash(store, cfg),
                      body, resume=cfg.run.resume, inputs={"sft": store.uri(f"{cfg.run.name}/sft/sft.parquet")})
+
+
+def _record_curve(ctx: StageContext, cfg: GrlmConfig, curve: list[dict[str, Any]], popularity: dict[str, float],
+                  run_id: str | None) -> None:
+    """The learning curve as a plot next to the model (and in MLflow)."""
+    from grlm_ray.validation import plot_curve
+
+    with tempfile.TemporaryDirectory(prefix="grlm-curve-") as d:
+        png = os.path.join(d, "learning_curve.png")
+        plot_curve(curve, png, popularity)
+        with open(png, "rb") as f:
+            ctx.store.write_bytes(ctx.rel("learning_curve.png"), f.read())
+        if run_id:
+            from grlm_ray.tracking import log_artifact
+
+            log_artifact(cfg, run_id, png)
 
 
 def _sft_hash(store: Store, cfg: GrlmConfig) -> str:

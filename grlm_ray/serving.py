@@ -203,7 +203,7 @@ class Generator(_CatalogFollower):
         for (constrained, beams), members in groups.items():
             prompts = []
             for n in members:
-                msgs, prefix = history_prompt(list(requests[n][0]), self.max_history)
+                msgs, prefix = history_prompt(list(requests[n][0]), self.max_history, self.cfg.sft.prompt)
                 prompts.append(render_prompt(self.decoder.tok, msgs, self.cfg.model.enable_thinking, prefix))
             res = await asyncio.to_thread(self.decoder, prompts, len(prompts), beams, constrained)
             for n, r in zip(members, res):
@@ -238,23 +238,23 @@ class Grounder(_CatalogFollower):
     async def lines(self, history: list[str], tids: list[str] | None, version: int) -> dict[str, Any]:
         """Each history entry as the model's text line; unknown ids are reported, not dropped."""
         from grlm_ray.eig import parse_generated, tid_text
-        from grlm_ray.sft import item_line
+        from grlm_ray.sft import line_writer
 
         await self._sync(version)
         cat, index = self.state
-        limit = self.cfg.sft.max_title_chars
+        write = line_writer(self.cfg.sft)
         if tids is not None:
             out = []
             for t in tids:
                 terms = parse_generated(t)
                 hit = index.direct.get(tid_text(terms))
                 title = cat.items[str(index.item_ids[hit[0]])].get("title", "") if hit is not None else ""
-                out.append(item_line(terms, title, limit))
+                out.append(write(terms, title))
             return {"lines": out, "unknown": []}
         unknown = [i for i in history if i not in cat.tids]
         if unknown:
             return {"lines": [], "unknown": unknown}
-        return {"lines": [item_line(cat.tids[i], cat.items.get(i, {}).get("title", ""), limit) for i in history],
+        return {"lines": [write(cat.tids[i], cat.items.get(i, {}).get("title", "")) for i in history],
                 "unknown": []}
 
     async def rank(self, beams: list[str], k: int, version: int) -> list[dict[str, Any]]:

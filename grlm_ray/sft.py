@@ -31,7 +31,7 @@ from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
-PROMPT_VERSION = "iift-v1"
+PROMPT_VERSION = "iift-v2"  # v2: sft.item_text chooses the item line (v1 = tid_title)
 TID_END = " |"
 
 SYSTEM = ("You are a product recommender. Every product is written on one line as its Term ID (a few words) "
@@ -40,6 +40,19 @@ GTI_USER = "Product: {meta}\nWrite this product's Term ID."
 SEQ_USER = ("A customer's products in the order they were bought. The first one:\n{line}\n"
             "Write the products that follow, one per line.")
 COLLAB_USER = "Product:\n{line}\nWrite the products most often bought together with it, one per line."
+# sft.prompt=short: the same tasks with one-word instructions. A scratch model learns nothing from the
+# long wording, which is most of a sequence sample's tokens (measured on Beauty: 82 prompt tokens for a
+# 36-token TID-only completion); a pretrained LLM may want the full sentences.
+PROMPTS = {
+    "full": {"system": SYSTEM, "gti": GTI_USER, "seq": SEQ_USER, "collab": COLLAB_USER},
+    "short": {"system": "Recommender.", "gti": "Item: {meta}\nTID:", "seq": "Next:\n{line}",
+              "collab": "Together:\n{line}"},
+}
+
+
+def _messages(style: str, task: str, **fields: str) -> list[dict[str, str]]:
+    p = PROMPTS[style]
+    return [{"role": "system", "content": p["system"]}, {"role": "user", "content": p[task].format(**fields)}]
 
 
 def _clip(text: str, limit: int) -> str:
@@ -47,30 +60,49 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
-def item_line(terms: Sequence[str], title: str, max_title_chars: int = 120) -> str:
-    """``w1 w2 w3 w4 w5 | Title`` (TID alone, still closed by `` |``, when there is no title)."""
-    title = _clip(title, max_title_chars)
+def item_line(terms: Sequence[str], title: str, max_title_chars: int = 120, with_title: bool = True) -> str:
+    """``w1 w2 w3 w4 w5 | Title`` (TID alone, still closed by `` |``, when there is no title or
+    ``with_title`` is off)."""
+    title = _clip(title, max_title_chars) if with_title else ""
     return tid_text(terms) + TID_END + (f" {title}" if title else "")
 
 
-def gti_prompt(item: dict[str, Any], max_chars: int) -> list[dict[str, str]]:
+def line_writer(c: SFTConfig):
+    """``(terms, title) -> line`` in the configured ``sft.item_text`` format: the one writer training,
+    evaluation and serving share."""
+    with_title = c.item_text != "tid"
+    return lambda terms, title: item_line(terms, title, c.max_title_chars, with_title)
+
+
+def title_spans(completion: str) -> list[tuple[int, int]]:
+    """Character spans of the titles in a completion (after each line's first `` |``, to the line's end):
+    what ``sft.item_text=tid_title_input`` leaves out of the loss."""
+    spans, start = [], 0
+    for line in completion.split("\n"):
+        cut = line.find(TID_END)
+        if cut >= 0 and cut + len(TID_END) < len(line):
+            spans.append((start + cut + len(TID_END), start + len(line)))
+        start += len(line) + 1
+    return spans
+
+
+def gti_prompt(item: dict[str, Any], max_chars: int, style: str = "full") -> list[dict[str, str]]:
     from grlm_ray.ctg import describe  # the same metadata text CTG shows the LLM, without neighbours
 
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": GTI_USER.format(meta=describe(item, max_chars))}]
+    return _messages(style, "gti", meta=describe(item, max_chars))
 
 
-def seq_prompt(first_line: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SEQ_USER.format(line=first_line)}]
+def seq_prompt(first_line: str, style: str = "full") -> list[dict[str, str]]:
+    return _messages(style, "seq", line=first_line)
 
 
-def history_prompt(lines: Sequence[str], max_history: int) -> tuple[list[dict[str, str]], str]:
+def history_prompt(lines: Sequence[str], max_history: int, style: str = "full") -> tuple[list[dict[str, str]], str]:
     """(messages, start of the answer) for predicting the item after ``lines`` (oldest first).
     The model continues the answer with the next item's TID."""
     if not lines:
         raise ValueError("a history needs at least one item")
     window = list(lines)[-max_history:]
-    return seq_prompt(window[0]), "".join(line + "\n" for line in window[1:])
+    return seq_prompt(window[0], style), "".join(line + "\n" for line in window[1:])
 
 
 def tid_completion(terms: Sequence[str]) -> str:
@@ -117,22 +149,22 @@ def build_samples(items: pa.Table, terms: dict[str, list[str]], train_seqs: dict
     if missing:
         raise DataError(f"{len(missing)} items have no TID in the chosen terms table (e.g. {missing[:3]}); "
                         "run CTG on every item (ctg.limit unset, or ctg.uncovered=words) or pick sft.terms")
-    lines = {i: item_line(terms[i], rows[i]["title"], c.max_title_chars) for i in rows}
+    write = line_writer(c)
+    lines = {i: write(terms[i], rows[i]["title"]) for i in rows}
     out: dict[str, list[dict[str, Any]]] = {"gti": [], "seq": [], "collab": []}
     for i, r in rows.items():
-        out["gti"].append({"task": "gti", "domain": domain_of(i), "prompt": gti_prompt(r, c.max_item_chars),
+        out["gti"].append({"task": "gti", "domain": domain_of(i), "prompt": gti_prompt(r, c.max_item_chars, c.prompt),
                            "completion": tid_completion(terms[i])})
     for u in sorted(train_seqs):
         window = train_seqs[u][-c.max_history:]
         if len(window) < 2:
             continue  # nothing to predict from a single training item
-        out["seq"].append({"task": "seq", "domain": domain_of(window[0]), "prompt": seq_prompt(lines[window[0]]),
+        out["seq"].append({"task": "seq", "domain": domain_of(window[0]), "prompt": seq_prompt(lines[window[0]], c.prompt),
                            "completion": "\n".join(lines[i] for i in window[1:])})
     if c.collab_weight > 0:
         for a, nbrs in sorted(co_interaction_neighbors(train_seqs, c.collab_top).items()):
             out["collab"].append({"task": "collab", "domain": domain_of(a),
-                                  "prompt": [{"role": "system", "content": SYSTEM},
-                                             {"role": "user", "content": COLLAB_USER.format(line=lines[a])}],
+                                  "prompt": _messages(c.prompt, "collab", line=lines[a]),
                                   "completion": "\n".join(lines[b] for b in nbrs)})
     return out
 

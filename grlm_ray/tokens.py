@@ -40,8 +40,12 @@ def encode_sample(tokenizer: Any, messages: list[dict[str, str]], completion: st
 
 
 def encode_all(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str],
-               enable_thinking: bool = False, batch: int = 2048) -> tuple[list[list[int]], list[list[int]]]:
-    """Batched ``encode_sample`` (fast tokenizers encode a list at once)."""
+               enable_thinking: bool = False, batch: int = 2048, mask_titles: bool = False
+               ) -> tuple[list[list[int]], list[list[int]]]:
+    """Batched ``encode_sample`` (fast tokenizers encode a list at once). ``mask_titles``: completion tokens
+    that start inside an item's title (``sft.title_spans``) get label -100 too: read, never predicted."""
+    from grlm_ray.sft import title_spans
+
     ids_out: list[list[int]] = []
     labels_out: list[list[int]] = []
     eot = end_of_turn(tokenizer)
@@ -49,10 +53,20 @@ def encode_all(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], completi
         ptexts = [render_prompt(tokenizer, m, enable_thinking) for m in prompts[s:s + batch]]
         ctexts = [c + eot for c in completions[s:s + batch]]
         penc = tokenizer(ptexts, add_special_tokens=False)["input_ids"]
-        cenc = tokenizer(ctexts, add_special_tokens=False)["input_ids"]
-        for p, c in zip(penc, cenc):
+        cenc = tokenizer(ctexts, add_special_tokens=False, return_offsets_mapping=mask_titles)
+        for j, (p, c) in enumerate(zip(penc, cenc["input_ids"])):
+            lab = list(c)
+            if mask_titles:
+                spans = title_spans(completions[s + j])
+                if spans:
+                    starts = np.array([a for a, _ in spans])
+                    ends = np.array([b for _, b in spans])
+                    for n, (a, _) in enumerate(cenc["offset_mapping"][j]):
+                        k = np.searchsorted(starts, a, side="right") - 1
+                        if k >= 0 and a < ends[k]:
+                            lab[n] = IGNORE
             ids_out.append(list(p) + list(c))
-            labels_out.append([IGNORE] * len(p) + list(c))
+            labels_out.append([IGNORE] * len(p) + lab)
     return ids_out, labels_out
 
 

@@ -139,6 +139,13 @@ def start_stage_run(cfg: GrlmConfig, stage: str, label: str) -> str:
     return run.info.run_id
 
 
+def log_artifact(cfg: GrlmConfig, run_id: str, path: str) -> None:
+    """Attach a local file (e.g. a plot) to a run that is already open or finished."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri(cfg)).log_artifact(run_id, path)
+
+
 def _log_loss_plot(mlflow: Any, run_id: str) -> None:
     history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "train/loss")
     if not history:

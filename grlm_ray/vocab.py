@@ -59,7 +59,9 @@ def prune_tokenizer(tokenizer: Any, texts: Iterable[str]) -> tuple[Any, dict[str
         keep.add(tok)
         if tok in producer:
             stack.extend(producer[tok])
-    added = sorted(spec.get("added_tokens", []), key=lambda a: a["id"])
+    # added tokens: the special ones always, the others (e.g. TID terms) only where the corpus uses them
+    added = sorted((a for a in spec.get("added_tokens", []) if a.get("special") or a["id"] in used_ids),
+                   key=lambda a: a["id"])
     added_contents = {a["content"] for a in added}
     # specials first (their ids stay small and stable), then kept tokens in original id order
     order = [a["content"] for a in added] + sorted((t for t in keep if t not in added_contents), key=lambda t: vocab[t])
@@ -83,3 +85,33 @@ def prune_tokenizer(tokenizer: Any, texts: Iterable[str]) -> tuple[Any, dict[str
     report = {"vocab_before": len(tokenizer), "vocab_after": len(pruned), "corpus_tokens_used": len(used_ids),
               "merges_before": len(merges), "merges_after": len(model["merges"])}
     return pruned, report
+
+
+def add_term_tokens(tokenizer: Any, terms: Iterable[str]) -> dict[str, Any]:
+    """Make every TID term one token of ``tokenizer`` (in place), in both spellings a term has in the
+    text format: at the start of a line (``term``) and after a space (`` term``). They are added tokens
+    (matched before the BPE, longest first), so the tokenizer stays an ordinary HF folder; other text
+    still goes through the BPE. ``prune_tokenizer`` then drops the spellings the corpus never uses.
+    Line-start spellings only match whole words; a spaced spelling also matches the start of a longer
+    word in free text (`` color`` in `` colorful``), which only changes how such text splits."""
+    from tokenizers import AddedToken
+
+    # ASCII terms only: the byte-level decoder would read a non-ASCII added token's characters as byte
+    # symbols (``crème`` decodes to ``cr\ufffdme``); those few terms keep their BPE pieces
+    every = {t for t in terms if t and not any(ch.isspace() for ch in t)}
+    words = sorted(t for t in every if t.isascii())
+    if not words:
+        raise GrlmError("model.vocab=terms: the terms table has no terms")
+    before = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in words]
+                         + [AddedToken(" " + w, single_word=False, normalized=False) for w in words])
+    return {"terms": len(words), "terms_left_to_bpe": len(every) - len(words),
+            "term_tokens_added": len(tokenizer) - before}
+
+
+def tokens_per_tid(tokenizer: Any, tid_texts: Iterable[str]) -> dict[str, float]:
+    """How many tokens a TID takes at the start of an answer (its end marker excluded): mean and max."""
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in tid_texts]
+    if not lengths:
+        return {"mean": 0.0, "max": 0}
+    return {"mean": round(sum(lengths) / len(lengths), 3), "max": max(lengths)}
