@@ -49,6 +49,15 @@ def _stage_cmd(stage: str):
     return run
 
 
+def _cmd_diagnose(ns: argparse.Namespace) -> int:
+    from grlm_ray.config import load_config
+    from grlm_ray.diagnose import diagnose, format_report
+
+    path, overrides = _split_config(ns.args, required=True)
+    print(format_report(diagnose(load_config(path, overrides), users=ns.users, rows=ns.rows)))
+    return 0
+
+
 def _cmd_validate(ns: argparse.Namespace) -> int:
     from grlm_ray.config import load_config
     from grlm_ray.pipeline import check_inputs
@@ -174,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="stage 6: serve a trained run on Ray Serve (HTTP on 127.0.0.1)")
     sv.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
     sv.set_defaults(fn=_cmd_serve)
+
+    dg = sub.add_parser("diagnose", help="what a trained model learned: train/eval token alignment, tokens per "
+                        "TID, loss by token kind, per-position term accuracy (train/diagnostics.json + MLflow)")
+    dg.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+    dg.add_argument("--users", type=int, default=300, help="validation users (alignment, term accuracy)")
+    dg.add_argument("--rows", type=int, default=400, help="training rows for the loss by token kind")
+    dg.set_defaults(fn=_cmd_diagnose)
 
     v = sub.add_parser("validate", help="load a config, apply overrides, check its inputs exist")
     v.add_argument("args", nargs="+", metavar="CONFIG [key=value]")

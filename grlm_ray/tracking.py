@@ -11,6 +11,7 @@ matched by run name, stage and config hash). Skipped stages log nothing.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -144,6 +145,22 @@ def log_artifact(cfg: GrlmConfig, run_id: str, path: str) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri(cfg)).log_artifact(run_id, path)
+
+
+def log_diagnostics(cfg: GrlmConfig, report: dict[str, Any]) -> str:
+    """One MLflow run (grlm.stage=diagnose) with the diagnostics as metrics and the whole report as JSON."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_experiment(experiment_name(cfg))
+    with mlflow.start_run(run_name=f"{cfg.run.name}-diagnose-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+        mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": "diagnose", **upstream_runs(cfg, "eval")})
+        mlflow.log_params({k: str(v) for k, v in report["format"].items()})
+        metrics = {metric_key(f"diagnose/{k}"): float(v) for k, v in flatten(report).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(report, "diagnostics.json")
+        return run.info.run_id
 
 
 def _log_loss_plot(mlflow: Any, run_id: str) -> None:

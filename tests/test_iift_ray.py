@@ -170,3 +170,36 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_ru
           {n: r["seconds"] for n, r in vllm_res["runs"].items()}, {n: r["seconds"] for n, r in hf_res["runs"].items()},
           "top-1 agreement at 5 beams:",
           sum(a[0] == b[0] for a, b in zip(wide, hf_res["runs"]["beams5_constrained"]["beams"])))
+
+
+def test_validation_during_training_exports_the_best_checkpoint_and_stops_early(sft_run):
+    import torch
+
+    from grlm_ray.storage import Store
+
+    cfg, m = _train(sft_run, ["train.strategy=ddp", "train.max_steps=8", "train.checkpoint_every=4",
+                              "train.validation.enabled=true", "train.validation.users=12",
+                              "train.validation.every_steps=2", "train.validation.every_epochs=null",
+                              "train.validation.patience=2", "train.validation.num_beams=5"])
+    info = m["info"]
+    points = info["validation"]["points"]
+    assert points and [p["step"] for p in points] == list(range(2, 2 * len(points) + 1, 2))
+    assert all(p["users"] == 12 and 0 <= p["recall_at_10"] <= 1 and p["vr_at_10"] == 1.0 for p in points)
+    best = max(points, key=lambda p: p["ndcg_at_10"])  # the first of equal scores
+    assert info["validation"]["best"]["step"] == best["step"] and info["exported"] == f"best (step {best['step']})"
+    # early stopping: training ran until two validations in a row brought nothing better (or to the end)
+    stopped = info["steps"] < 8
+    assert stopped == (points[-1]["step"] - best["step"] >= 4 and info["steps"] == points[-1]["step"])
+    # the exported model is the best checkpoint's weights, not the last step's
+    store = Store(cfg.run.root)
+    best_state = torch.load(store.path(f"{cfg.run.name}/train/best/model.pt"))
+    exported = _exported(cfg)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, best_state[name]), name
+    assert store.exists(f"{cfg.run.name}/train/learning_curve.png")
+    assert store.read_json(f"{cfg.run.name}/train/validation_curve.json") == points
+    # validation users are valid targets, never test ones
+    q = store.read_table(f"{cfg.run.name}/train/validation.parquet").to_pylist()
+    targets = {(t["user_id"], t["target_item_id"]): t["split"] for t in
+               store.read_table(f"{cfg.run.name}/prepare/targets.parquet").to_pylist() if t["split"] == "valid"}
+    assert len(q) == 12 and all((r["user_id"], r["target_item_id"]) in targets for r in q)

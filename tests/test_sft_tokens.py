@@ -161,3 +161,66 @@ def test_items_without_a_tid_are_named_from_their_words_and_stay_distinct():
     assert row["source"] == "words" and len(row["terms"]) == 5 and "title" in row["terms"]
     resolved, report = resolve_terms_table(filled, items)
     assert report.as_dict()["colliding_items_after"] == 0
+
+
+def test_item_text_modes_write_the_line_and_mask_titles_out_of_the_loss(smol_tokenizer):
+    from grlm_ray.sft import line_writer, title_spans
+    from grlm_ray.tokens import encode_all
+
+    tok = smol_tokenizer
+    full = line_writer(SFTConfig(item_text="tid_title"))(TERMS["a"], "Mild Shampoo 8 oz")
+    lean = line_writer(SFTConfig(item_text="tid"))(TERMS["a"], "Mild Shampoo 8 oz")
+    assert full == "shampoo hair organic women mild | Mild Shampoo 8 oz"
+    assert lean == "shampoo hair organic women mild |"
+    completion = full + "\n" + line_writer(SFTConfig())(TERMS["b"], "Soft Conditioner")
+    assert [completion[a:b] for a, b in title_spans(completion)] == [" Mild Shampoo 8 oz", " Soft Conditioner"]
+    messages, _ = history_prompt([lean], max_history=20)
+    (ids,), (labels,) = encode_all(tok, [messages], [completion], mask_titles=True)
+    (ids2,), (plain,) = encode_all(tok, [messages], [completion])
+    assert ids == ids2
+    kept = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    assert kept == ("shampoo hair organic women mild |\nconditioner hair organic women soft |" + tok.eos_token)
+    assert sum(lab != IGNORE for lab in plain) > sum(lab != IGNORE for lab in labels)
+
+
+def test_short_prompts_are_one_line_instructions_and_keep_the_history_format():
+    from grlm_ray.sft import PROMPTS
+
+    msgs, prefix = history_prompt(["x |", "y |", "z |"], max_history=20, style="short")
+    assert msgs[0]["content"] == PROMPTS["short"]["system"] and msgs[1]["content"] == "Next:\nx |"
+    assert prefix == "y |\nz |\n"
+    items, seqs, targets = _tables()
+    samples = build_samples(items, TERMS, training_sequences(seqs, targets), SFTConfig(prompt="short", item_text="tid"),
+                            lambda i: "x")
+    assert samples["seq"][0]["prompt"][1]["content"].startswith("Next:\n")
+    assert samples["gti"][0]["prompt"][1]["content"].startswith("Item: ")
+
+
+def test_term_vocabulary_makes_every_term_one_token_and_round_trips(smol_tokenizer):
+    import copy
+
+    from grlm_ray.decoding import END_MARKER
+    from grlm_ray.eig import tid_text
+    from grlm_ray.vocab import add_term_tokens, prune_tokenizer, tokens_per_tid
+
+    terms = {**TERMS, "g": ["hair-mask", "color-lock", "citrus", "crème", "unisex"]}
+    tok = copy.deepcopy(smol_tokenizer)
+    info = add_term_tokens(tok, [w for t in terms.values() for w in t])
+    assert info["terms_left_to_bpe"] == 1  # crème: non-ASCII terms keep their BPE pieces
+    corpus = [item_line(t, f"Title {i}") for i, t in terms.items()] + ["Colorful hair serum, citrus scent"]
+    pruned, report = prune_tokenizer(tok, corpus)
+    for i, t in terms.items():
+        text = tid_text(t)
+        ids = pruned(text, add_special_tokens=False)["input_ids"]
+        assert pruned.decode(ids) == text  # grounding reads the decoded text
+        if i != "g":
+            assert len(ids) == 5, pruned.convert_ids_to_tokens(ids)
+        # inside a history line, after a line break, the same tokens
+        line_ids = pruned("x |\n" + text + " |", add_special_tokens=False)["input_ids"]
+        assert line_ids[-len(ids) - 1:-1] == ids
+    assert len(pruned(END_MARKER, add_special_tokens=False)["input_ids"]) == 1
+    assert tokens_per_tid(pruned, [tid_text(t) for k, t in TERMS.items()]) == {"mean": 5.0, "max": 5}
+    free = "Colorful hair serum, citrus scent"
+    assert pruned.decode(pruned(free, add_special_tokens=False)["input_ids"]) == free
+    # spellings the corpus never uses are pruned away: far fewer tokens than 2 per term
+    assert report["vocab_after"] < len(smol_tokenizer) / 20

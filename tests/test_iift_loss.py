@@ -1,0 +1,31 @@
+"""The label-positions loss (train.selective_logits) is the model's own loss, value and gradients."""
+
+import pytest
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_label_positions_loss_equals_the_models_own_loss_and_gradients(packed):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from grlm_ray.iift import label_positions_lm
+    from grlm_ray.tokens import IGNORE, bucket, collate, pack
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.config.use_cache = False
+    ids = [[int(x) for x in torch.randint(1, 50, (n,))] for n in (7, 12, 5, 9)]
+    labels = [[IGNORE] * (len(x) // 2) + x[len(x) // 2:] for x in ids]
+    batches = pack(ids, labels, 32, 0) if packed else bucket(ids, labels, 32, 4)
+    batch = collate(batches.table.to_pylist(), packed, 0)
+    ref = model(**batch).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = label_positions_lm(model)(**batch).loss
+    out.backward()
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[n], atol=1e-6), n
