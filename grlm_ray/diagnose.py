@@ -83,16 +83,16 @@ def alignment(cfg: GrlmConfig, tokenizer: Any, model: Any, items: Any, seqs: Any
     from grlm_ray.decoding import TransformersScorer, tid_token_seqs
     from grlm_ray.eig import tid_text
     from grlm_ray.evaluate import build_queries
-    from grlm_ray.sft import history_prompt, line_writer, training_sequences
+    from grlm_ray.sft import history_prompt, line_writer, seq_prompt, training_sequences
     from grlm_ray.tokens import encode_all, render_prompt
 
     train_seqs = training_sequences(seqs, targets)
     vcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"split": "valid", "limit_users": users})})
     queries = build_queries(vcfg, items, seqs, targets, terms, tokenizer)
     seq_rows = [r for r in sft_table.to_pylist() if r["task"] == "seq"]
-    first_of = {}
-    for r in seq_rows:  # a training sample is identified by its prompt + completion; index by completion text
-        first_of.setdefault(r["completion"], r)
+    samples = {}  # a training sample is identified by its prompt (the first item) + completion
+    for r in seq_rows:
+        samples.setdefault((r["prompt"][-1]["content"], r["completion"]), r)
     write = line_writer(cfg.sft)
     titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
     checked = matched = 0
@@ -104,7 +104,8 @@ def alignment(cfg: GrlmConfig, tokenizer: Any, model: Any, items: Any, seqs: Any
         # the validation target follows the whole training sequence; predicting its last training item
         # from the items before it is the prefix of the training sample
         completion = "\n".join(write(terms[i], titles.get(i, "")) for i in window[1:])
-        sample = first_of.get(completion)
+        first = seq_prompt(write(terms[window[0]], titles.get(window[0], "")), cfg.sft.prompt)[-1]["content"]
+        sample = samples.get((first, completion))
         if sample is None:
             continue
         ids, _ = encode_all(tokenizer, [sample["prompt"]], [sample["completion"]], cfg.model.enable_thinking)

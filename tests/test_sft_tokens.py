@@ -224,3 +224,18 @@ def test_term_vocabulary_makes_every_term_one_token_and_round_trips(smol_tokeniz
     assert pruned.decode(pruned(free, add_special_tokens=False)["input_ids"]) == free
     # spellings the corpus never uses are pruned away: far fewer tokens than 2 per term
     assert report["vocab_after"] < len(smol_tokenizer) / 20
+
+
+def test_loss_by_kind_labels_tid_end_title_newline_and_end_of_turn(smol_tokenizer):
+    from grlm_ray.diagnose import token_kinds
+
+    tok = smol_tokenizer
+    completion = "shampoo hair organic women mild | Mild Shampoo\nconditioner hair organic women soft |"
+    enc = tok(completion + tok.eos_token, add_special_tokens=False, return_offsets_mapping=True)
+    kinds = token_kinds(completion, enc["offset_mapping"], len(enc["input_ids"]))
+    pieces = {}
+    for i, k in zip(enc["input_ids"], kinds):
+        pieces.setdefault(k, []).append(i)
+    assert tok.decode(pieces["tid"]) == "shampoo hair organic women mildconditioner hair organic women soft"
+    assert tok.decode(pieces["end"]) == " | |" and tok.decode(pieces["title"]) == " Mild Shampoo"
+    assert tok.decode(pieces["newline"]) == "\n" and tok.decode(pieces["eot"]) == tok.eos_token
