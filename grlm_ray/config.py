@@ -329,7 +329,8 @@ class TrainConfig(StrictModel):
     """IIFT on Ray Train. Batches are packed rows of ``block_size`` tokens (``packing``) or padded
     length-bucketed samples; ``global_batch`` counts samples, as the paper's 128."""
 
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    # ddp / deepspeed: Ray Train workers; single: the same loop in one process without Ray (one GPU or CPU)
+    strategy: Literal["ddp", "deepspeed", "single"] = "ddp"
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -357,6 +358,13 @@ class TrainConfig(StrictModel):
     # vocabulary) runs on completion tokens, not on every prompt token; same loss value
     selective_logits: bool = True
     validation: ValidationConfig = ValidationConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.strategy == "single" and self.num_workers != 1:
+            raise ValueError("train.strategy=single runs one process: set train.num_workers=1 "
+                             "(train.cpus_per_worker is its thread count)")
+        return self
 
 
 # --------------------------------------------------------------------------- stage 5: evaluation

@@ -187,11 +187,102 @@ def optimizer_digest(optimizer: Any, partitioned: bool) -> float:
     return float(total)
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: everything it needs comes in ``config`` (no module globals)."""
+class RaySession:
+    """The training loop's view of Ray Train: rank, checkpoints, reports, the DDP wrapper."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        # Ray Train logs every report at INFO; our own progress line is enough
+        for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, use_gpu: bool) -> Any:
+        import torch
+
+        return self._train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    def prepare(self, model: Any) -> Any:
+        return self._train.torch.prepare_model(model) if self.world > 1 else model
+
+    def checkpoint(self) -> Any:
+        """The checkpoint to resume from (an object with ``as_directory()``), or None."""
+        return self._train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=ckpt)
+
+
+class LocalCheckpoint:
+    def __init__(self, path: str, store: Store, rel: str) -> None:
+        self.path, self._store, self._rel = path, store, rel
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        with tempfile.TemporaryDirectory(prefix="grlm-ckpt-") as d:
+            yield self._store.local_dir(self._rel, d)
+
+
+class LocalSession:
+    """``train.strategy=single``: the same loop in this process, no Ray. Checkpoints go to
+    ``<train>/single/checkpoint_<step>`` in the run's store (the newest ``keep`` are kept); a second call
+    resumes from the newest complete one."""
+
+    rank, world = 0, 1
+
+    def __init__(self, store: Store, rel: str, keep: int) -> None:
+        self.store, self.rel, self.keep = store, rel, keep
+        self.history: list[dict[str, Any]] = []
+        self.latest: LocalCheckpoint | None = None
+
+    def device(self, use_gpu: bool) -> Any:
+        import torch
+
+        return torch.device("cuda" if use_gpu else "cpu")
+
+    def prepare(self, model: Any) -> Any:
+        return model
+
+    def _steps(self) -> list[int]:
+        """Steps of the complete checkpoints (those with their meta.json), oldest first."""
+        from pyarrow.fs import FileSelector, FileType
+
+        infos = self.store.fs.get_file_info(FileSelector(self.store.path(self.rel), allow_not_found=True))
+        names = [os.path.basename(i.path) for i in infos if i.type == FileType.Directory]
+        return sorted(int(n.split("_", 1)[1]) for n in names if n.startswith("checkpoint_")
+                      and self.store.exists(f"{self.rel}/{n}/meta.json"))
+
+    def checkpoint(self) -> LocalCheckpoint | None:
+        steps = self._steps()
+        if not steps:
+            return None
+        rel = f"{self.rel}/checkpoint_{steps[-1]:08d}"
+        self.latest = LocalCheckpoint(self.store.uri(rel), self.store, rel)
+        return self.latest
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        self.history.append(dict(metrics))
+        if checkpoint_dir:
+            step = int(metrics["step"])
+            rel = f"{self.rel}/checkpoint_{step:08d}"
+            # meta.json last: a checkpoint folder without it is incomplete and never resumed from
+            for name in sorted(os.listdir(checkpoint_dir), key=lambda n: n == "meta.json"):
+                with open(os.path.join(checkpoint_dir, name), "rb") as f:
+                    self.store.write_bytes(f"{rel}/{name}", f.read())
+            self.latest = LocalCheckpoint(self.store.uri(rel), self.store, rel)
+            for old in self._steps()[:-self.keep]:
+                self.store.delete_dir(f"{self.rel}/checkpoint_{old:08d}")
+
+
+def train_loop(config: dict[str, Any], session: Any = None) -> None:
+    """One training worker: everything it needs comes in ``config`` (no module globals). ``session``:
+    Ray Train's (default, inside a ``TorchTrainer``) or a ``LocalSession`` (``train.strategy=single``)."""
     import numpy as np
     import pyarrow.parquet as pq
-    import ray.train
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -199,11 +290,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from grlm_ray.tokens import collate
 
     t = TrainConfig.model_validate(config["train"])
-    # Ray Train logs every report at INFO; our own progress line (below) is enough
-    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = session if session is not None else RaySession()
+    rank, world = session.rank, session.world
     torch.set_num_threads(max(1, int(config["threads"])))
     torch.manual_seed(t.seed + rank)
     store = Store(config["root"], S3Config.model_validate(config["s3"]))
@@ -215,7 +303,7 @@ def train_loop(config: dict[str, Any]) -> None:
     plan = config["plan"]
     rows_per_step, accum, spe, total = plan["rows_per_step"], plan["accum"], plan["steps_per_epoch"], plan["total_steps"]
     use_ds = t.strategy == "deepspeed"
-    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    device = session.device(t.use_gpu)
 
     hf_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     hf_model.config.use_cache = False
@@ -239,7 +327,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         model.to(device)
         scheduler = sched_fn(optimizer)
-        module = ray.train.torch.prepare_model(model) if world > 1 else model
+        module = session.prepare(model)
         engine = None
     partitioned = use_ds and t.deepspeed.zero_stage >= 1
 
@@ -252,7 +340,7 @@ def train_loop(config: dict[str, Any]) -> None:
         """Seconds spent training so far (validation excluded), across resumes."""
         return round(clock_offset + time.time() - clock_t0 - val_seconds, 2)
 
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             meta = json.load(open(os.path.join(d, "meta.json")))
@@ -297,8 +385,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                "zero_stage": t.deepspeed.zero_stage if use_ds else None, "validation": val_state,
                                "train_seconds": train_clock()}, f)
             # every rank reports its own folder: Ray Train merges them into one checkpoint
-            ray.train.report({**metrics, "optimizer_digest": digest},
-                             checkpoint=ray.train.Checkpoint.from_directory(d))
+            session.report({**metrics, "optimizer_digest": digest}, checkpoint_dir=d)
 
     def order(epoch: int) -> Any:
         """The epoch's row order, seeded. Packed rows are shuffled one by one; padded rows (sorted by
@@ -442,7 +529,7 @@ def train_loop(config: dict[str, Any]) -> None:
             # not every step: Ray Train V2 hands a report to the controller through a one-slot queue that it
             # drains on its own poll interval, so a report per step throttled training to that interval
             # (31 samples/s on Beauty with workers ~30% busy; py-spy: blocked in TrainContext._wait_then_report)
-            ray.train.report(metrics)
+            session.report(metrics)
         if stop:
             if rank == 0:
                 sys.stdout.write(f"[iift] early stop at step {done}: no better {vcfg.metric} in {vcfg.patience} "
@@ -540,12 +627,8 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
                           "use ZeRO-2 or DDP, or score checkpoints with grlm eval")
 
     def body(ctx: StageContext) -> None:
-        import pyarrow.parquet as pq  # noqa: F401
-        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
         from transformers import AutoTokenizer
 
-        from grlm_ray.runtime import init_ray
         from grlm_ray.tracking import start_stage_run
 
         sft_table = ctx.read("sft.parquet", SFT, stage="sft")
@@ -580,12 +663,16 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
                           "max_new_tokens": cfg.eval.max_new_tokens, "decay": cfg.eval.decay, "match": cfg.eval.match,
                           "popularity": popularity_metrics(queries, catalog)}
 
-        ray = init_ray(cfg.ray)
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        if not t.use_gpu and t.num_workers * t.cpus_per_worker > cpus:
-            raise ConfigError(f"train.num_workers={t.num_workers} x cpus_per_worker={t.cpus_per_worker} > {cpus} CPUs "
-                              "in the Ray cluster")
-        plan = plan_steps(t, batches.table.num_rows, batches.stats["samples"], t.num_workers)
+        world = 1 if t.strategy == "single" else t.num_workers
+        if t.strategy != "single":
+            from grlm_ray.runtime import init_ray
+
+            ray = init_ray(cfg.ray)
+            cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+            if not t.use_gpu and t.num_workers * t.cpus_per_worker > cpus:
+                raise ConfigError(f"train.num_workers={t.num_workers} x cpus_per_worker={t.cpus_per_worker} > {cpus} "
+                                  "CPUs in the Ray cluster")
+        plan = plan_steps(t, batches.table.num_rows, batches.stats["samples"], world)
         ds_cfg = deepspeed_config(t, plan["accum"], t.num_workers) if t.strategy == "deepspeed" else None
         if ds_cfg:
             ctx.store.write_json(ctx.rel("deepspeed.json"), ds_cfg)
@@ -596,29 +683,17 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
 
             mlflow_info = {"uri": tracking_uri(cfg), "run_id": run_id}
         train_name = f"{cfg.run.name}-train-{cfg.section_hash('model', 'train')[:8]}"
-        storage = ctx.store.uri(ctx.rel("ray"))
-        env = {"DS_ACCELERATOR": "cpu"} if not t.use_gpu else {}
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "train": t.model_dump(mode="json"), "root": ctx.store.uri(""), "s3": cfg.run.s3.model_dump(mode="json"),
-                "base_rel": ctx.rel("base"), "tokens_rel": ctx.rel("tokens.parquet"), "packed": batches.packed,
-                "pad_id": int(tokenizer.pad_token_id), "plan": plan, "deepspeed": ds_cfg, "mlflow": mlflow_info,
-                "threads": max(1, int(t.cpus_per_worker)), "validation": validation,
-            },
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                         resources_per_worker={"CPU": t.cpus_per_worker}),
-            run_config=RunConfig(
-                name=train_name, storage_path=storage if not ctx.store.is_s3 else ctx.store.path(ctx.rel("ray")),
-                storage_filesystem=ctx.store.fs if ctx.store.is_s3 else None,
-                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=t.max_failures),
-                worker_runtime_env={"env_vars": env} if env else None,
-                logging_config=LoggingConfig(log_level="WARNING"),  # not one line per reported step
-            ),
-        )
+        loop_config = {
+            "train": t.model_dump(mode="json"), "root": ctx.store.uri(""), "s3": cfg.run.s3.model_dump(mode="json"),
+            "base_rel": ctx.rel("base"), "tokens_rel": ctx.rel("tokens.parquet"), "packed": batches.packed,
+            "pad_id": int(tokenizer.pad_token_id), "plan": plan, "deepspeed": ds_cfg, "mlflow": mlflow_info,
+            "threads": max(1, int(t.cpus_per_worker)), "validation": validation,
+        }
         t1 = time.time()
-        result = trainer.fit()
+        if t.strategy == "single":
+            result = _fit_single(ctx, t, loop_config)
+        else:
+            result = _fit_ray(ctx, t, loop_config, train_name)
         train_seconds = time.time() - t1
         if result.checkpoint is None:
             raise ConfigError("training finished without a checkpoint")
@@ -627,7 +702,8 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "base_model": m.path, "init": m.init, "backbone": backbone, "chat_template": tokenizer.chat_template,
             "enable_thinking": m.enable_thinking, "prompt_version": _sft_prompt_version(ctx),
             "tid_source": _sft_terms_source(ctx), "num_terms": cfg.ctg.num_terms,
-            "mlflow_run_id": run_id, "ray_train_run": train_name, "checkpoint": result.checkpoint.path,
+            "mlflow_run_id": run_id, "ray_train_run": train_name if t.strategy != "single" else None,
+            "checkpoint": result.checkpoint.path,
             "step": final.get("step"),
         }
         curve = best = None
@@ -668,6 +744,49 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
 
     return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train") + "-" + _sft_hash(store, cfg),
                      body, resume=cfg.run.resume, inputs={"sft": store.uri(f"{cfg.run.name}/sft/sft.parquet")})
+
+
+def _fit_ray(ctx: StageContext, t: TrainConfig, loop_config: dict[str, Any], train_name: str) -> Any:
+    """``train_loop`` on ``t.num_workers`` Ray Train workers (DDP or DeepSpeed); Ray Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = ctx.store.uri(ctx.rel("ray"))
+    env = {"DS_ACCELERATOR": "cpu"} if not t.use_gpu else {}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name=train_name, storage_path=storage if not ctx.store.is_s3 else ctx.store.path(ctx.rel("ray")),
+            storage_filesystem=ctx.store.fs if ctx.store.is_s3 else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env={"env_vars": env} if env else None,
+            logging_config=LoggingConfig(log_level="WARNING"),  # not one line per reported step
+        ),
+    )
+    return trainer.fit()
+
+
+class SingleResult:
+    """What the driver reads of a finished run, as Ray Train's Result has it."""
+
+    def __init__(self, session: LocalSession) -> None:
+        import pandas as pd
+
+        self.checkpoint = session.latest
+        self.metrics = session.history[-1] if session.history else {}
+        self.metrics_dataframe = pd.DataFrame(session.history) if session.history else None
+
+
+def _fit_single(ctx: StageContext, t: TrainConfig, loop_config: dict[str, Any]) -> SingleResult:
+    """``train.strategy=single``: the same loop in this process (one CPU or one GPU, no Ray needed)."""
+    session = LocalSession(ctx.store, ctx.rel("single"), t.keep_checkpoints)
+    loop_config = {**loop_config, "threads": max(1, int(t.cpus_per_worker))}
+    train_loop(loop_config, session)
+    return SingleResult(session)
 
 
 def _record_curve(ctx: StageContext, cfg: GrlmConfig, curve: list[dict[str, Any]], popularity: dict[str, float],

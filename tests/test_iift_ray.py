@@ -203,3 +203,24 @@ def test_validation_during_training_exports_the_best_checkpoint_and_stops_early(
     targets = {(t["user_id"], t["target_item_id"]): t["split"] for t in
                store.read_table(f"{cfg.run.name}/prepare/targets.parquet").to_pylist() if t["split"] == "valid"}
     assert len(q) == 12 and all((r["user_id"], r["target_item_id"]) in targets for r in q)
+
+
+def test_single_process_strategy_trains_the_same_loop_as_one_ray_worker(sft_run):
+    """train.strategy=single (no Ray Train: a one-GPU machine without Ray) runs the same loop: with the same
+    seed and data it ends where one DDP worker ends, checkpoints in the run's store and resumes from them."""
+    import torch
+
+    from grlm_ray.storage import Store
+
+    steps = ["train.max_steps=6", "train.checkpoint_every=3", "train.num_workers=1"]
+    cfg_r, ray_run = _train(sft_run, steps + ["train.strategy=ddp"])
+    cfg_s, single = _train(sft_run, steps + ["train.strategy=single"])
+    info = single["info"]
+    assert info["strategy"] == "single" and info["steps"] == 6
+    assert info["final_loss"] == pytest.approx(ray_run["info"]["final_loss"], rel=1e-4)
+    a, b = _exported(cfg_r), _exported(cfg_s)
+    for name, tensor in a.items():
+        assert torch.allclose(tensor, b[name], atol=1e-5), name
+    store = Store(cfg_s.run.root)
+    assert store.exists(f"{cfg_s.run.name}/train/single/checkpoint_00000006/meta.json")
+    assert json.load(open(f"{cfg_s.run.root}/{cfg_s.run.name}/train/model/grlm_model.json"))["ray_train_run"] is None
