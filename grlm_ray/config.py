@@ -274,7 +274,9 @@ class ModelConfig(StrictModel):
     # scratch only: 'bpe' = the (pruned) tokenizer of ``path``; 'terms' = every distinct TID term becomes one
     # token of that tokenizer (other text still falls back to its BPE), so a TID is N decoding steps
     vocab: Literal["bpe", "terms"] = "bpe"
-    dropout: float = Field(0.0, ge=0, lt=1)  # scratch only: attention dropout
+    # scratch only, training only: dropout on attention weights, the embeddings and each attention / MLP
+    # output before it joins the residual stream (as SASRec and GPT-2); inference is unchanged
+    dropout: float = Field(0.0, ge=0, lt=1)
     hidden_size: int = Field(256, ge=16)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)

@@ -142,6 +142,28 @@ def deepspeed_config(t: TrainConfig, accum: int, world: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- worker
+def add_residual_dropout(model: Any, p: float) -> int:
+    """Dropout (training mode only) on the token embeddings and on every attention / MLP output before the
+    residual add, as forward hooks: the saved model is the plain HF architecture. Returns hooks added."""
+    import torch.nn.functional as F
+
+    if p <= 0:
+        return 0
+
+    def drop(module: Any, _inputs: Any, output: Any) -> Any:
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (F.dropout(output[0], p, True),) + tuple(output[1:])
+        return F.dropout(output, p, True)
+
+    inner = model.model
+    targets = [inner.embed_tokens] + [m for layer in inner.layers for m in (layer.self_attn, layer.mlp)]
+    for module in targets:
+        module.register_forward_hook(drop)
+    return len(targets)
+
+
 def label_positions_lm(lm: Any) -> Any:
     """``lm`` wrapped so the forward computes the output layer only where a label is set: the same mean
     next-token cross-entropy as ``lm(**batch).loss``, without logits for prompt and padding positions."""
@@ -307,6 +329,7 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
 
     hf_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     hf_model.config.use_cache = False
+    add_residual_dropout(hf_model, float(config.get("dropout", 0.0)))
     model = label_positions_lm(hf_model) if t.selective_logits else hf_model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -688,6 +711,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "base_rel": ctx.rel("base"), "tokens_rel": ctx.rel("tokens.parquet"), "packed": batches.packed,
             "pad_id": int(tokenizer.pad_token_id), "plan": plan, "deepspeed": ds_cfg, "mlflow": mlflow_info,
             "threads": max(1, int(t.cpus_per_worker)), "validation": validation,
+            "dropout": m.dropout if m.init == "scratch" else 0.0,
         }
         t1 = time.time()
         if t.strategy == "single":

@@ -29,3 +29,27 @@ def test_label_positions_loss_equals_the_models_own_loss_and_gradients(packed):
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, ref_grads[n], atol=1e-6), n
+
+
+def test_residual_dropout_acts_in_training_only_and_leaves_the_saved_model_plain(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from grlm_ray.iift import add_residual_dropout
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    ids = torch.randint(0, 50, (2, 9))
+    model.eval()
+    before = model(input_ids=ids).logits
+    assert add_residual_dropout(model, 0.3) == 1 + 2 * 2
+    assert torch.equal(model(input_ids=ids).logits, before)  # eval: no dropout
+    model.train()
+    a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(a, b)  # training: two passes differ
+    model.save_pretrained(tmp_path)
+    model.eval()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(again(input_ids=ids).logits, before, atol=1e-6)
