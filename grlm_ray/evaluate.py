@@ -180,8 +180,13 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                          "seconds_generation": round(seconds, 2),
                          "users_per_second": round(len(queries) / seconds, 3) if seconds > 0 else None})
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train", "eval"), body,
-                     resume=cfg.run.resume, inputs={"model": store.uri(f"{cfg.run.name}/train/model")})
+    # the trained model's own key is part of this one: new TIDs (ctg / compress / embed / neighbours changes)
+    # retrain the model and must re-evaluate it, not report the old model's metrics
+    from grlm_ray.storage import read_manifest
+
+    train_key = str((read_manifest(store, cfg.run.name, "train") or {}).get("config_hash", "none"))[-8:]
+    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train", "eval") + "-" + train_key,
+                     body, resume=cfg.run.resume, inputs={"model": store.uri(f"{cfg.run.name}/train/model")})
 
 
 def format_metrics(info: dict[str, Any], ks: tuple[int, ...] = (5, 10)) -> list[str]:
