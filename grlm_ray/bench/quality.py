@@ -151,8 +151,39 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
                                     for k in ("losses", "train_seconds")}},
             "model": cfg.model.model_dump(mode="json"), "train_config": cfg.train.model_dump(mode="json"),
             "baseline_config": cfg.baseline.model_dump(mode="json"), "seconds": round(time.time() - t0, 1)}
+    curves = {"GRLM": (train["info"].get("validation") or {}).get("points")}
+    if "train_no_gti" in stages:
+        curves["GRLM w/o GTI"] = (stages["train_no_gti"]["train"]["info"].get("validation") or {}).get("points")
+    out["validation_curves"] = {k: v for k, v in curves.items() if v}
     out["mlflow_run_id"] = _log(cfg, out)
     return out
+
+
+def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str) -> bytes:
+    """Validation R@10 and N@10 of each trained model against training wall-clock (the learning curves)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, points in curves.items():
+        xs = [p["train_minutes"] for p in points]
+        axes[0].plot(xs, [p["recall_at_10"] for p in points], "o-", label=name)
+        axes[1].plot(xs, [p["ndcg_at_10"] for p in points], "o-", label=name)
+    for ax, label in zip(axes, ("validation R@10", "validation N@10")):
+        ax.set_xlabel("training wall-clock (min)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def plot(rows: list[dict[str, Any]], title: str) -> bytes:
@@ -229,4 +260,9 @@ def run(args: Any) -> dict[str, Any]:
     png.parent.mkdir(parents=True, exist_ok=True)
     png.write_bytes(plot(result["rows"], f"{cfg.run.name}: {result['sample']['users']} test users ({cfg.bench.mode})"))
     result["plot"] = str(png)
+    if result.get("validation_curves"):
+        curves_png = Path(result["out_dir"]) / f"{result['file_name']}_curves.png"
+        curves_png.write_bytes(plot_curves(result["validation_curves"], f"{cfg.run.name}: learning curves "
+                                           "(validation users, never test)"))
+        result["curves_plot"] = str(curves_png)
     return result
