@@ -430,7 +430,7 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
                               pq.read_table(store.path(vc["catalog_rel"]), filesystem=store.fs),
                               AutoTokenizer.from_pretrained(base_dir), num_beams=vcfg.num_beams,
                               batch_size=vcfg.batch_size, max_new_tokens=vc["max_new_tokens"], decay=vc["decay"],
-                              match=vc["match"], rank=rank, world=world)
+                              match=vc["match"], rank=rank, world=world, renormalize=bool(vc.get("renormalize")))
     every = set()
     if validator is not None:
         if vcfg.every_steps:
@@ -684,6 +684,8 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             validation = {"queries_rel": ctx.rel("validation.parquet"), "catalog_rel": ctx.rel("catalog.parquet"),
                           "curve_rel": ctx.rel("validation_curve.json"), "best_rel": ctx.rel("best"),
                           "max_new_tokens": cfg.eval.max_new_tokens, "decay": cfg.eval.decay, "match": cfg.eval.match,
+                          # scored as the evaluation scores (transformers backend: unless eval.renormalize)
+                          "renormalize": bool(cfg.eval.renormalize),
                           "popularity": popularity_metrics(queries, catalog)}
 
         world = 1 if t.strategy == "single" else t.num_workers

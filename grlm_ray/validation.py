@@ -47,7 +47,7 @@ class Validator:
     """Scores a model in memory on this rank's share of the validation users."""
 
     def __init__(self, queries: pa.Table, catalog: pa.Table, tokenizer: Any, *, num_beams: int, batch_size: int,
-                 max_new_tokens: int, decay: str, match: str, rank: int, world: int) -> None:
+                 max_new_tokens: int, decay: str, match: str, rank: int, world: int, renormalize: bool = False) -> None:
         from grlm_ray.eig import TidIndex, tid_text
 
         rows = queries.to_pylist()
@@ -61,7 +61,8 @@ class Validator:
         self.tid_texts = [tid_text(t) for t in tids]
         self.index = TidIndex(ids, tids, decay=decay, match=match, fallback_order=fallback)
         self.tokenizer = tokenizer
-        self.opts = {"num_beams": num_beams, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+        self.opts = {"num_beams": num_beams, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                     "renormalize": renormalize}
         self._trie: Any = None
 
     def sums(self, model: Any) -> np.ndarray:
@@ -76,7 +77,8 @@ class Validator:
         model.config.use_cache = True
         try:
             decoder = TidDecoder(None, self.tid_texts, model=model, tokenizer=self.tokenizer, constrained=True,
-                                 num_beams=self.opts["num_beams"], max_new_tokens=self.opts["max_new_tokens"])
+                                 num_beams=self.opts["num_beams"], max_new_tokens=self.opts["max_new_tokens"],
+                                 renormalize=self.opts["renormalize"])
             out = np.zeros(7)
             with torch.inference_mode():
                 for s in range(0, len(self.rows), self.opts["batch_size"]):
