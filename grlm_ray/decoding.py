@@ -71,9 +71,16 @@ class TidTrie:
         return nxt or [self.eos_token_id]
 
 
+# A TID is written after a space, also at the start of a line (`` w1 w2 w3 |``), so every term has one
+# spelling (`` term``): one token per term with ``model.vocab=terms``, the common word-with-space BPE
+# tokens otherwise.
+TID_START = " "
+
+
 def tid_token_seqs(tokenizer: Any, tid_texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each TID text as the model writes it at the start of its answer."""
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in tid_texts]
+    """Token ids of each TID text (canonical, ``eig.tid_text``) as the model writes it at the start of its
+    answer: after ``TID_START``."""
+    return [tokenizer(TID_START + t, add_special_tokens=False)["input_ids"] for t in tid_texts]
 
 
 class Scorer(Protocol):
@@ -151,7 +158,12 @@ class TransformersScorer:
     """HF causal LM: one prefill per batch, KV cache copied per beam and reordered each step."""
 
     def __init__(self, model: Any, tokenizer: Any, renormalize: bool = False) -> None:
+        import inspect
+
         self.model, self.tok, self.renormalize = model, tokenizer, renormalize
+        # the prefill needs the last position's logits only: without this the output layer runs on every
+        # prompt token (with a small model and a large vocabulary, most of the prefill's cost)
+        self.keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -181,7 +193,7 @@ class TransformersScorer:
 
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                             use_cache=True)
+                             use_cache=True, **self.keep)
         self.cache = out.past_key_values
         return out.logits[:, -1, :]
 

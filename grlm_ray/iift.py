@@ -354,6 +354,12 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
         engine = None
     partitioned = use_ds and t.deepspeed.zero_stage >= 1
 
+    def forward_precision() -> Any:
+        """bf16 autocast for ddp / single (weights, optimizer state and loss stay fp32); DeepSpeed casts itself."""
+        if t.precision == "bf16" and not use_ds:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     start, resumed, first_loss = 0, None, None
     vcfg = t.validation
     val_state: dict[str, Any] = {"best": None, "best_step": None, "since_best": 0, "points": []}
@@ -509,7 +515,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
                 sync = a == accum - 1 or world == 1
                 ctx_mgr = module.no_sync() if (not sync and hasattr(module, "no_sync")) else contextlib.nullcontext()
                 with ctx_mgr:
-                    out = module(**batch)
+                    with forward_precision():
+                        out = module(**batch)
                     (out.loss / accum).backward()
             loss_sum += float(out.loss.detach())
         if not use_ds:

@@ -5,8 +5,9 @@ sft/sft.parquet (task, domain, prompt messages, completion) and sft/terms.parque
 stage uses: training, evaluation, serving).
 
 Text format, shared by training, evaluation and serving (one place: this module):
-- an item is one line ``<term> <term> ... | <title>``; the TID is always closed by `` |`` so a
-  decoder knows where it ends (the title is never generated at inference);
+- an item is one line `` <term> <term> ... | <title>``: the TID starts with a space (``TID_START``, so a
+  term is spelled the same at the start of a line as after another term) and is always closed by `` |``
+  so a decoder knows where it ends (the title is never generated at inference);
 - sequence prediction: the prompt holds the first item of the (last ``max_history``) history, the
   completion writes every following item, one line each. At inference the same prompt is followed by the
   history's later lines as the start of the answer, and the model writes the next TID.
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig, SFTConfig
+from grlm_ray.decoding import TID_START
 from grlm_ray.eig import tid_text
 from grlm_ray.errors import DataError
 from grlm_ray.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
@@ -31,7 +33,8 @@ from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
-PROMPT_VERSION = "iift-v2"  # v2: sft.item_text chooses the item line (v1 = tid_title)
+# v3: a TID starts with a space; v2: sft.item_text chooses the item line (v1 = tid_title)
+PROMPT_VERSION = "iift-v3"
 TID_END = " |"
 
 SYSTEM = ("You are a product recommender. Every product is written on one line as its Term ID (a few words) "
@@ -61,10 +64,10 @@ def _clip(text: str, limit: int) -> str:
 
 
 def item_line(terms: Sequence[str], title: str, max_title_chars: int = 120, with_title: bool = True) -> str:
-    """``w1 w2 w3 w4 w5 | Title`` (TID alone, still closed by `` |``, when there is no title or
+    """`` w1 w2 w3 w4 w5 | Title`` (TID alone, still closed by `` |``, when there is no title or
     ``with_title`` is off)."""
     title = _clip(title, max_title_chars) if with_title else ""
-    return tid_text(terms) + TID_END + (f" {title}" if title else "")
+    return tid_completion(terms) + (f" {title}" if title else "")
 
 
 def line_writer(c: SFTConfig):
@@ -106,7 +109,8 @@ def history_prompt(lines: Sequence[str], max_history: int, style: str = "full") 
 
 
 def tid_completion(terms: Sequence[str]) -> str:
-    return tid_text(terms) + TID_END
+    """`` w1 w2 w3 w4 w5 |``: how a TID is written (GTI's answer, the start of every item line)."""
+    return TID_START + tid_text(terms) + TID_END
 
 
 # --------------------------------------------------------------------------- splits
@@ -258,7 +262,8 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
             "example": {t: samples[t][0] for t in samples if samples[t]},
         })
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft") + "-" + _terms_hash(store, cfg, src_stage),
+    key = f"{cfg.section_hash('data', 'sft')}-{_terms_hash(store, cfg, src_stage)}-{PROMPT_VERSION}"
+    return run_stage(store, cfg.run.name, STAGE, key,
                      body, resume=cfg.run.resume, inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/{src_file}")})
 
 

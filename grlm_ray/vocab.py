@@ -88,12 +88,11 @@ def prune_tokenizer(tokenizer: Any, texts: Iterable[str]) -> tuple[Any, dict[str
 
 
 def add_term_tokens(tokenizer: Any, terms: Iterable[str]) -> dict[str, Any]:
-    """Make every TID term one token of ``tokenizer`` (in place), in both spellings a term has in the
-    text format: at the start of a line (``term``) and after a space (`` term``). They are added tokens
-    (matched before the BPE, longest first), so the tokenizer stays an ordinary HF folder; other text
-    still goes through the BPE. ``prune_tokenizer`` then drops the spellings the corpus never uses.
-    Line-start spellings only match whole words; a spaced spelling also matches the start of a longer
-    word in free text (`` color`` in `` colorful``), which only changes how such text splits."""
+    """Make every TID term one token of ``tokenizer`` (in place), spelled as the text format writes it:
+    after a space (`` term``; a TID starts with ``decoding.TID_START``, also at the start of a line). They
+    are added tokens (matched before the BPE, longest first), so the tokenizer stays an ordinary HF folder;
+    other text still goes through the BPE. A spaced term also matches the start of a longer word in free
+    text (`` color`` in `` colorful``), which only changes how such text splits."""
     from tokenizers import AddedToken
 
     # ASCII terms only: the byte-level decoder would read a non-ASCII added token's characters as byte
@@ -103,15 +102,16 @@ def add_term_tokens(tokenizer: Any, terms: Iterable[str]) -> dict[str, Any]:
     if not words:
         raise GrlmError("model.vocab=terms: the terms table has no terms")
     before = len(tokenizer)
-    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in words]
-                         + [AddedToken(" " + w, single_word=False, normalized=False) for w in words])
+    tokenizer.add_tokens([AddedToken(" " + w, single_word=False, normalized=False) for w in words])
     return {"terms": len(words), "terms_left_to_bpe": len(every) - len(words),
             "term_tokens_added": len(tokenizer) - before}
 
 
 def tokens_per_tid(tokenizer: Any, tid_texts: Iterable[str]) -> dict[str, float]:
     """How many tokens a TID takes at the start of an answer (its end marker excluded): mean and max."""
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in tid_texts]
+    from grlm_ray.decoding import tid_token_seqs
+
+    lengths = [len(ids) for ids in tid_token_seqs(tokenizer, list(tid_texts))]
     if not lengths:
         return {"mean": 0.0, "max": 0}
     return {"mean": round(sum(lengths) / len(lengths), 3), "max": max(lengths)}

@@ -116,7 +116,7 @@ def test_label_mask_covers_exactly_the_prompt_and_eval_text_continues_training_t
     assert eval_msgs == messages and prefix == lines["b"] + "\n"
     eval_ids = tok(tok.apply_chat_template(eval_msgs, tokenize=False, add_generation_prompt=True) + prefix,
                    add_special_tokens=False)["input_ids"]
-    tid_ids = tok(" ".join(TERMS["c"]) + " |", add_special_tokens=False)["input_ids"]
+    tid_ids = tok(" " + " ".join(TERMS["c"]) + " |", add_special_tokens=False)["input_ids"]
     assert ids[:len(eval_ids)] == eval_ids
     assert ids[len(eval_ids):len(eval_ids) + len(tid_ids)] == tid_ids
 
@@ -170,8 +170,8 @@ def test_item_text_modes_write_the_line_and_mask_titles_out_of_the_loss(smol_tok
     tok = smol_tokenizer
     full = line_writer(SFTConfig(item_text="tid_title"))(TERMS["a"], "Mild Shampoo 8 oz")
     lean = line_writer(SFTConfig(item_text="tid"))(TERMS["a"], "Mild Shampoo 8 oz")
-    assert full == "shampoo hair organic women mild | Mild Shampoo 8 oz"
-    assert lean == "shampoo hair organic women mild |"
+    assert full == " shampoo hair organic women mild | Mild Shampoo 8 oz"
+    assert lean == " shampoo hair organic women mild |"
     completion = full + "\n" + line_writer(SFTConfig())(TERMS["b"], "Soft Conditioner")
     assert [completion[a:b] for a, b in title_spans(completion)] == [" Mild Shampoo 8 oz", " Soft Conditioner"]
     messages, _ = history_prompt([lean], max_history=20)
@@ -179,7 +179,7 @@ def test_item_text_modes_write_the_line_and_mask_titles_out_of_the_loss(smol_tok
     (ids2,), (plain,) = encode_all(tok, [messages], [completion])
     assert ids == ids2
     kept = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
-    assert kept == ("shampoo hair organic women mild |\nconditioner hair organic women soft |" + tok.eos_token)
+    assert kept == (" shampoo hair organic women mild |\n conditioner hair organic women soft |" + tok.eos_token)
     assert sum(lab != IGNORE for lab in plain) > sum(lab != IGNORE for lab in labels)
 
 
@@ -207,22 +207,23 @@ def test_term_vocabulary_makes_every_term_one_token_and_round_trips(smol_tokeniz
     tok = copy.deepcopy(smol_tokenizer)
     info = add_term_tokens(tok, [w for t in terms.values() for w in t])
     assert info["terms_left_to_bpe"] == 1  # crème: non-ASCII terms keep their BPE pieces
+    assert info["term_tokens_added"] == info["terms"]  # one spelling per term: one input and output row
     corpus = [item_line(t, f"Title {i}") for i, t in terms.items()] + ["Colorful hair serum, citrus scent"]
     pruned, report = prune_tokenizer(tok, corpus)
     for i, t in terms.items():
-        text = tid_text(t)
+        text = " " + tid_text(t)  # as the model writes it (decoding.TID_START)
         ids = pruned(text, add_special_tokens=False)["input_ids"]
         assert pruned.decode(ids) == text  # grounding reads the decoded text
         if i != "g":
             assert len(ids) == 5, pruned.convert_ids_to_tokens(ids)
         # inside a history line, after a line break, the same tokens
-        line_ids = pruned("x |\n" + text + " |", add_special_tokens=False)["input_ids"]
+        line_ids = pruned(" x |\n" + text + " |", add_special_tokens=False)["input_ids"]
         assert line_ids[-len(ids) - 1:-1] == ids
     assert len(pruned(END_MARKER, add_special_tokens=False)["input_ids"]) == 1
     assert tokens_per_tid(pruned, [tid_text(t) for k, t in TERMS.items()]) == {"mean": 5.0, "max": 5}
     free = "Colorful hair serum, citrus scent"
     assert pruned.decode(pruned(free, add_special_tokens=False)["input_ids"]) == free
-    # spellings the corpus never uses are pruned away: far fewer tokens than 2 per term
+    # BPE tokens the corpus never uses are pruned away
     assert report["vocab_after"] < len(smol_tokenizer) / 20
 
 

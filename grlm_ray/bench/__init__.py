@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "decoding": ("decoding", "beam search: constrained vs unconstrained, batched vs one user at a time, "
                              "ours vs transformers generate (a trained run: grlm demo)"),
     "training": ("training", "IIFT throughput on Beauty: packing vs padding, 1 vs 2 DDP workers"),
+    "recipe-speed": ("recipe_speed", "IIFT throughput of the CPU quality recipe: fp32 vs bf16, DDP vs one process"),
     "ray-scaling": ("ray_scaling", "embedding and CTG items/s with 1 and 2 Ray Data workers"),
     "serve-load": ("serve_load", "Ray Serve load test (loopback, bounded) and a replica-kill fault run"),
     "vllm-parity": ("vllm_parity", "vLLM (CPU build) vs transformers: same greedy output, timings"),
