@@ -488,7 +488,8 @@ class BenchConfig(StrictModel):
 
     mode: Literal["sample", "full"] = "sample"
     sample_users: int = Field(2000, ge=1)
-    ablations: list[Literal["no_gti", "unconstrained"]] = Field(
+    # no_gti: the config again without GTI; with_gti: for a config without GTI, again with it (weight 1)
+    ablations: list[Literal["no_gti", "with_gti", "unconstrained"]] = Field(
         default_factory=lambda: ["no_gti", "unconstrained"])
     baselines: list[Literal["sasrec_ce", "sasrec_bce"]] = Field(default_factory=lambda: ["sasrec_ce"])
     out_dir: str = "benchmarks/results"  # the table as JSON (+ machine description) lands here

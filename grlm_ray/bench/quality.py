@@ -6,8 +6,9 @@ Contract: a config (``bench`` section) -> runs that share upstream work -> one t
     <run>                       prepare, sft, train        GRLM (the config as given)
     <run>-<mode>                eval, baseline             constrained decoding; SASRec (baseline.loss=ce)
     <run>-<mode>-unconstrained  eval                       ablation: no token trie (same model)
-    <run>-nogti                 sft, train                 ablation: sft.gti_weight=0 (no term internalization)
+    <run>-nogti                 sft, train                 ablation no_gti: sft.gti_weight=0 (no term internalization)
     <run>-nogti-<mode>          eval
+    <run>-gti / <run>-gti-<mode>  (same)                   ablation with_gti: sft.gti_weight=1 (for a config without GTI)
     <run>-<mode>-sasrec-bce     baseline                   SASRec with one sampled negative (the paper's)
 
 Variants get the stages they share copied (``storage.copy_stages``), so nothing is computed twice, and
@@ -50,8 +51,16 @@ def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
     if "unconstrained" in b.ablations:
         out["eval_unconstrained"] = _variant(cfg, f"{run}-{b.mode}-unconstrained", eval={**limit, "constrained": False})
     if "no_gti" in b.ablations:
-        out["train_no_gti"] = _variant(cfg, f"{run}-nogti", sft={"gti_weight": 0.0})
-        out["eval_no_gti"] = _variant(cfg, f"{run}-nogti-{b.mode}", eval=limit, sft={"gti_weight": 0.0})
+        if cfg.sft.gti_weight == 0:
+            raise GrlmError("bench.ablations has no_gti but the config trains without GTI (sft.gti_weight=0): "
+                            "use the with_gti ablation")
+        out["train_gti"] = _variant(cfg, f"{run}-nogti", sft={"gti_weight": 0.0})
+        out["eval_gti"] = _variant(cfg, f"{run}-nogti-{b.mode}", eval=limit, sft={"gti_weight": 0.0})
+    elif "with_gti" in b.ablations:
+        if cfg.sft.gti_weight > 0:
+            raise GrlmError("bench.ablations has with_gti but the config already trains with GTI: use no_gti")
+        out["train_gti"] = _variant(cfg, f"{run}-gti", sft={"gti_weight": 1.0})
+        out["eval_gti"] = _variant(cfg, f"{run}-gti-{b.mode}", eval=limit, sft={"gti_weight": 1.0})
     if "sasrec_bce" in b.baselines:
         out["baseline_bce"] = _variant(cfg, f"{run}-{b.mode}-sasrec-bce", eval=limit, baseline={"loss": "bce"})
     return out
@@ -107,12 +116,13 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
         un = go("eval_unconstrained", "eval", seed_from="train")["eval"]
         rows.append(_row("GRLM unconstrained", un["info"]["metrics"], train["seconds"], un["seconds"]))
         used["GRLM unconstrained"] = ("eval_unconstrained", "eval")
-    if "train_no_gti" in runs:
+    gti_name = "GRLM w/o GTI" if cfg.sft.gti_weight > 0 else "GRLM with GTI"
+    if "train_gti" in runs:
         # its own SFT data and training: only the stages before SFT are shared (copying the rest is waste)
-        tn = go("train_no_gti", "train", seed_from="train", shared=upstream("sft", runs["train_no_gti"])[:-1])["train"]
-        en = go("eval_no_gti", "eval", seed_from="train_no_gti")["eval"]
-        rows.append(_row("GRLM w/o GTI", en["info"]["metrics"], tn["seconds"], en["seconds"]))
-        used["GRLM w/o GTI"] = ("eval_no_gti", "eval")
+        tn = go("train_gti", "train", seed_from="train", shared=upstream("sft", runs["train_gti"])[:-1])["train"]
+        en = go("eval_gti", "eval", seed_from="train_gti")["eval"]
+        rows.append(_row(gti_name, en["info"]["metrics"], tn["seconds"], en["seconds"]))
+        used[gti_name] = ("eval_gti", "eval")
     for role, name in (("eval", "SASRec-CE"), ("baseline_bce", "SASRec-BCE")):
         if role == "eval" and "sasrec_ce" not in cfg.bench.baselines or role not in runs:
             continue
@@ -152,8 +162,8 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
             "model": cfg.model.model_dump(mode="json"), "train_config": cfg.train.model_dump(mode="json"),
             "baseline_config": cfg.baseline.model_dump(mode="json"), "seconds": round(time.time() - t0, 1)}
     curves = {"GRLM": (train["info"].get("validation") or {}).get("points")}
-    if "train_no_gti" in stages:
-        curves["GRLM w/o GTI"] = (stages["train_no_gti"]["train"]["info"].get("validation") or {}).get("points")
+    if "train_gti" in stages:
+        curves[gti_name] = (stages["train_gti"]["train"]["info"].get("validation") or {}).get("points")
     out["validation_curves"] = {k: v for k, v in curves.items() if v}
     out["mlflow_run_id"] = _log(cfg, out)
     return out
