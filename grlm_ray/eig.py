@@ -110,6 +110,9 @@ class TidIndex:
     # a vectorized scan in between, the subset search when common terms make them long.
     small_postings = 4_000
     scan_postings = 4_000
+    # the subset search visits 2^m - 1 subsets of the m matched positions: a long unconstrained generation
+    # (30 tokens without an end marker) would need 2^30; past this many positions the exact scan runs
+    subset_positions = 16
 
     def structural(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
         """(item indices, scores) of the ``top`` best structural matches, best first, ties by catalog order."""
@@ -130,7 +133,7 @@ class TidIndex:
                 return np.asarray([i], dtype=np.int64), np.asarray([v])
             best = sorted(acc.items(), key=lambda x: (-x[1], x[0]))[:top]
             return (np.asarray([i for i, _ in best], dtype=np.int64), np.asarray([v for _, v in best]))
-        if total <= self.scan_postings:
+        if total <= self.scan_postings or len(hits) > self.subset_positions:
             return self._structural_scan(terms, top)
         return self._structural_subsets(terms, top)
 

@@ -215,8 +215,16 @@ class RaySession:
     def __init__(self) -> None:
         import ray.train
 
-        # Ray Train logs every report at INFO; our own progress line is enough
-        for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+        # Ray Train logs every report at INFO ("Reporting training result ..."); our own progress line is
+        # enough. That module names its logger after its file path, not its module name.
+        names = ["ray.train", "ray.train.v2._internal.execution.context"]
+        try:
+            from ray.train.v2._internal.execution import context as _ctx_module
+
+            names.append(_ctx_module.__file__)
+        except ImportError:  # another Ray Train layout: its lines stay
+            pass
+        for name in names:
             logging.getLogger(name).setLevel(logging.WARNING)
         self._train = ray.train
         ctx = ray.train.get_context()

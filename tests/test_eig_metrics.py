@@ -104,3 +104,24 @@ def test_structural_search_equals_brute_force_scoring(decay, path):
         items, scores = idx.structural(q, 15)
         assert [int(i) for i in items] == [i for i, _ in brute], q
         assert np.allclose(scores, [s for _, s in brute])
+
+
+def test_a_long_unconstrained_generation_ranks_exactly_without_enumerating_subsets():
+    """An unconstrained beam that never wrote its end marker has up to max_new_tokens terms: 30 matched
+    positions must not become 2^30 subsets (it ran out of memory on Beauty); the ranking stays exact."""
+    import numpy as np
+
+    from grlm_ray.eig import position_weights
+
+    rng = np.random.default_rng(3)
+    vocab = [f"w{i}" for i in range(40)]
+    tids = [list(rng.choice(vocab, size=5, replace=False)) for _ in range(400)]
+    idx = TidIndex([str(i) for i in range(400)], tids)
+    idx.small_postings = idx.scan_postings = -1  # the path that used to enumerate subsets
+    q = list(rng.choice(vocab, size=30, replace=True))
+    w = position_weights(32)
+    brute = sorted(((-sum(w[j] for j, t in enumerate(q) if t in set(tid)), i) for i, tid in enumerate(tids)))
+    brute = [(i, -s) for s, i in brute if s < 0][:10]
+    items, scores = idx.structural(q, 10)
+    assert [int(i) for i in items] == [i for i, _ in brute]
+    assert np.allclose(scores, [s for _, s in brute])

@@ -188,8 +188,15 @@ def test_validation_during_training_exports_the_best_checkpoint_and_stops_early(
     best = max(points, key=lambda p: p["ndcg_at_10"])  # the first of equal scores
     assert info["validation"]["best"]["step"] == best["step"] and info["exported"] == f"best (step {best['step']})"
     # early stopping: training ran until two validations in a row brought nothing better (or to the end)
-    stopped = info["steps"] < 8
-    assert stopped == (points[-1]["step"] - best["step"] >= 4 and info["steps"] == points[-1]["step"])
+    best_so_far, patience_out = None, []
+    for p in points:
+        if best_so_far is None or p["ndcg_at_10"] > best_so_far["ndcg_at_10"]:
+            best_so_far = p
+        patience_out.append(p["step"] - best_so_far["step"] >= 4)
+    if info["steps"] < 8:  # stopped early, at the first validation where patience ran out
+        assert patience_out[-1] and not any(patience_out[:-1]) and info["steps"] == points[-1]["step"]
+    else:  # ran to the end: patience never ran out before the last step
+        assert not any(patience_out[:-1]) and points[-1]["step"] == 8
     # the exported model is the best checkpoint's weights, not the last step's
     store = Store(cfg.run.root)
     best_state = torch.load(store.path(f"{cfg.run.name}/train/best/model.pt"))
