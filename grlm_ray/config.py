@@ -338,7 +338,8 @@ class TrainConfig(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     # bf16: DeepSpeed's bf16 mode, or (ddp / single) autocast with fp32 master weights and an fp32 loss;
-    # on a CPU with avx512_bf16 / AMX it is ~1.4x faster than fp32 (benchmarks/results/cpu_precision.json)
+    # on this project's CPU (avx512_bf16) 1.24x (DDP x2) / 1.31x (one process) fp32's samples/s
+    # (grlm bench recipe-speed: benchmarks/results/recipe_speed.json)
     precision: Literal["fp32", "bf16"] = "fp32"
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # stop early (smoke runs, tests)

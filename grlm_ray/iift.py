@@ -217,7 +217,7 @@ class RaySession:
 
         # Ray Train logs every report at INFO ("Reporting training result ..."); our own progress line is
         # enough. That module names its logger after its file path, not its module name.
-        names = ["ray.train", "ray.train.v2._internal.execution.context"]
+        names = ["ray.train"]
         try:
             from ray.train.v2._internal.execution import context as _ctx_module
 
