@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig
 from grlm_ray.schemas import ITEMS, TERMS
+from grlm_ray.pipeline import reads
 from grlm_ray.storage import StageContext, Store, run_stage
 from grlm_ray.terms import colliding_items, resolve_terms_table
 
@@ -124,7 +125,8 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
         _log_sweep(cfg, rows)
 
     return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "ctg", "compress", "embed"), body,
-                     resume=cfg.run.resume, inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/terms.parquet")})
+                     resume=cfg.run.resume, after=reads(STAGE, cfg),
+                     inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/terms.parquet")})
 
 
 def _log_sweep(cfg: GrlmConfig, rows: list[dict[str, Any]]) -> None:

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from grlm_ray.config import CTGConfig, GrlmConfig
 from grlm_ray.schemas import ITEMS, NEIGHBORS, TERMS
+from grlm_ray.pipeline import reads
 from grlm_ray.storage import StageContext, Store, run_stage
 from grlm_ray.terms import STOPWORDS, base_form, colliding_items, resolve_terms_table, text_words
 
@@ -337,7 +338,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         })
 
     return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "embed", "neighbors", "ctg"), body,
-                     resume=cfg.run.resume, inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
+                     resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
 
 
 def _save_part(ctx: StageContext, k: int, recs: list[dict]) -> None:

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig
 from grlm_ray.schemas import EMBEDDINGS, ITEMS
+from grlm_ray.pipeline import reads
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def embed(cfg: GrlmConfig) -> dict[str, Any]:
                          "workers": cfg.embed.num_workers})
 
     return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "embed"), body,
-                     resume=cfg.run.resume, inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
+                     resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
 
 
 def load_matrix(table: pa.Table) -> np.ndarray:

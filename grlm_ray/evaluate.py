@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig
 from grlm_ray.schemas import ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
+from grlm_ray.pipeline import reads
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,9 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                          "seconds_generation": round(seconds, 2),
                          "users_per_second": round(len(queries) / seconds, 3) if seconds > 0 else None})
 
-    # the trained model's own key is part of this one: new TIDs (ctg / compress / embed / neighbours changes)
-    # retrain the model and must re-evaluate it, not report the old model's metrics
-    from grlm_ray.storage import read_manifest
-
-    train_key = str((read_manifest(store, cfg.run.name, "train") or {}).get("config_hash", "none"))[-8:]
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train", "eval") + "-" + train_key,
-                     body, resume=cfg.run.resume, inputs={"model": store.uri(f"{cfg.run.name}/train/model")})
+    # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
+    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train", "eval"),
+                     body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"model": store.uri(f"{cfg.run.name}/train/model")})
 
 
 def format_metrics(info: dict[str, Any], ks: tuple[int, ...] = (5, 10)) -> list[str]:

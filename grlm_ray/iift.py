@@ -28,6 +28,7 @@ from typing import Any
 from grlm_ray.config import GrlmConfig, ModelConfig, TrainConfig
 from grlm_ray.errors import ConfigError
 from grlm_ray.schemas import ITEMS, SFT, TERMS
+from grlm_ray.pipeline import reads
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -783,8 +784,8 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "model_dir": ctx.store.uri(ctx.rel("model")), "checkpoint": result.checkpoint.path,
         })
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train") + "-" + _sft_hash(store, cfg),
-                     body, resume=cfg.run.resume, inputs={"sft": store.uri(f"{cfg.run.name}/sft/sft.parquet")})
+    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train"),
+                     body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"sft": store.uri(f"{cfg.run.name}/sft/sft.parquet")})
 
 
 def _fit_ray(ctx: StageContext, t: TrainConfig, loop_config: dict[str, Any], train_name: str) -> Any:
@@ -844,12 +845,6 @@ def _record_curve(ctx: StageContext, cfg: GrlmConfig, curve: list[dict[str, Any]
             from grlm_ray.tracking import log_artifact
 
             log_artifact(cfg, run_id, png)
-
-
-def _sft_hash(store: Store, cfg: GrlmConfig) -> str:
-    from grlm_ray.storage import read_manifest
-
-    return str((read_manifest(store, cfg.run.name, "sft") or {}).get("config_hash", "none"))[-8:]
 
 
 def _sft_prompt_version(ctx: StageContext) -> str:

@@ -54,21 +54,35 @@ STAGES = ("prepare", "embed", "neighbors", "ctg", "compress", "sft", "train", "e
 DEMO_STAGES = ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")
 
 
+def reads(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
+    """The stages whose outputs ``stage`` reads directly; its key chains theirs (``storage.run_stage``)."""
+    terms_stage = {"ctg": "ctg", "provided": "prepare", "compress": "compress"}[cfg.sft.terms]
+    direct = {
+        "prepare": (),
+        "embed": ("prepare",),
+        "neighbors": ("embed",),
+        "ctg": ("prepare", "neighbors"),
+        "compress": ("prepare",) if cfg.compress.source == "provided" else ("prepare", "embed", "ctg"),
+        "sft": ("prepare", terms_stage),
+        "train": ("sft",),
+        "eval": ("prepare", "sft", "train"),
+        "baseline": ("prepare",),
+    }
+    if stage not in direct:
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    return tuple(dict.fromkeys(direct[stage]))
+
+
 def upstream(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
-    """The stages ``stage`` needs, in order, ending with itself (finished ones are skipped when run)."""
-    if stage == "compress":
-        return ("prepare", "compress") if cfg.compress.source == "provided" else \
-            ("prepare", "embed", "neighbors", "ctg", "compress")
-    if stage == "sft":
-        src = {"ctg": upstream("ctg", cfg), "provided": ("prepare",), "compress": upstream("compress", cfg)}
-        return src[cfg.sft.terms] + ("sft",)
-    if stage == "train":
-        return upstream("sft", cfg) + ("train",)
-    if stage == "eval":
-        return upstream("train", cfg) + ("eval",)
-    if stage == "baseline":
-        return ("prepare", "baseline")
-    return STAGES[: STAGES.index(stage) + 1]
+    """The stages ``stage`` needs, in pipeline order, ending with itself (finished ones are skipped when run)."""
+    need: set[str] = set()
+    todo = [stage]
+    while todo:
+        s = todo.pop()
+        if s not in need:
+            need.add(s)
+            todo.extend(reads(s, cfg))
+    return tuple(s for s in STAGES if s in need)
 
 
 def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> dict[str, Any]:

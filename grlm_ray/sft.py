@@ -29,6 +29,7 @@ from grlm_ray.decoding import TID_START
 from grlm_ray.eig import tid_text
 from grlm_ray.errors import DataError
 from grlm_ray.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
+from grlm_ray.pipeline import reads
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -262,14 +263,8 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
             "example": {t: samples[t][0] for t in samples if samples[t]},
         })
 
-    key = f"{cfg.section_hash('data', 'sft')}-{_terms_hash(store, cfg, src_stage)}-{PROMPT_VERSION}"
-    return run_stage(store, cfg.run.name, STAGE, key,
-                     body, resume=cfg.run.resume, inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/{src_file}")})
+    key = f"{cfg.section_hash('data', 'sft')}-{PROMPT_VERSION}"
+    return run_stage(store, cfg.run.name, STAGE, key, body, resume=cfg.run.resume, after=reads(STAGE, cfg),
+                     inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/{src_file}")})
 
 
-def _terms_hash(store: Store, cfg: GrlmConfig, stage: str) -> str:
-    """The upstream terms stage's config hash: new TIDs mean new SFT data."""
-    from grlm_ray.storage import read_manifest
-
-    m = read_manifest(store, cfg.run.name, stage) or {}
-    return str(m.get("config_hash", "none"))[:8]

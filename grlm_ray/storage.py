@@ -225,13 +225,23 @@ def run_stage(
     *,
     resume: bool = True,
     inputs: dict[str, str] | None = None,
+    after: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """Run ``fn`` as stage ``stage`` of ``run`` unless an identical run of it is complete.
 
-    - complete manifest, same hash, resume=True  -> skipped, manifest returned;
+    The stage's key chains ``config_hash`` (its own config sections) with the keys of the stages in
+    ``after`` (the stages whose outputs it reads, from their manifests): any change upstream re-runs every
+    stage downstream of it, and nothing else.
+    - complete manifest, same key, resume=True   -> skipped, manifest returned;
     - running manifest, same hash, resume=True   -> resumed: ``fn`` sees the finished parts;
     - otherwise                                  -> the stage folder is cleared and ``fn`` runs.
     """
+    upstream_keys = {s: str((read_manifest(store, run, s) or {}).get("config_hash", "none")) for s in after}
+    if upstream_keys:
+        import hashlib
+
+        chained = hashlib.sha256(json.dumps(upstream_keys, sort_keys=True).encode()).hexdigest()[:12]
+        config_hash = f"{config_hash}-{chained}"
     manifest = read_manifest(store, run, stage)
     if resume and manifest and manifest.get("config_hash") == config_hash:
         if manifest.get("status") == "complete":
@@ -244,6 +254,7 @@ def run_stage(
     base = {
         "stage": stage,
         "config_hash": config_hash,
+        "upstream": upstream_keys,
         "grlm_version": __version__,
         "inputs": inputs or {},
         "started_at": started,

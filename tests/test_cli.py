@@ -28,6 +28,29 @@ def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local, model_c
     assert main(args) == 0
     assert capsys.readouterr().out.count("skipped (already complete)") == len(stages)
 
+    # chained keys: a change re-runs its stage and everything downstream of it, nothing else, and eval
+    # always scores the model that is there now (never an older model's metrics)
+    def ran(extra: list[str]) -> list[str]:
+        assert main(args + extra) == 0
+        out = capsys.readouterr().out
+        assert all(re.search(rf"^{s}\s+(done in|skipped)", out, re.M) for s in stages), out
+        return [s for s in stages if re.search(rf"^{s}\s+done in", out, re.M)]
+
+    def eval_reads_current_model() -> bool:
+        train = json.loads((tmp_path / "demo" / "train" / "_manifest.json").read_text())
+        ev = json.loads((tmp_path / "demo" / "eval" / "_manifest.json").read_text())
+        return ev["upstream"]["train"] == train["config_hash"]
+
+    assert ran(["eval.num_beams=4"]) == ["eval"] and eval_reads_current_model()
+    assert ran(["eval.num_beams=4", "ctg.num_terms=4"]) == ["ctg", "sft", "train", "eval"]
+    assert eval_reads_current_model()
+    from grlm_ray.storage import Store
+
+    assert {len(t) for t in Store(str(tmp_path)).read_table("demo/sft/terms.parquet").column("terms").to_pylist()} == {4}
+    assert ran(["eval.num_beams=4", "ctg.num_terms=4", "neighbors.k=6"]) == ["neighbors", "ctg", "sft", "train", "eval"]
+    assert ran(["eval.num_beams=4", "ctg.num_terms=4", "neighbors.k=6", "embed.batch_size=32"]) == list(stages[1:])
+    assert eval_reads_current_model()
+
 
 def test_validate_reports_missing_inputs(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"

@@ -96,3 +96,40 @@ def test_copy_stages_shares_finished_stages_and_replaces_stale_copies(tmp_path):
     assert store.read_table("var/a/t.parquet").column("v").to_pylist() == [2]
     assert not store.exists("var/b")
 
+
+
+def test_chained_keys_rerun_downstream_only(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    calls: list[str] = []
+
+    def stage(name: str):
+        def body(ctx):
+            calls.append(name)
+            ctx.write("x.parquet", pa.table({"k": [name]}))
+        return body
+
+    def chain(a: str, b: str, c: str) -> None:  # a <- b <- c, each with its own config hash
+        run_stage(store, "r", "a", a, stage("a"))
+        run_stage(store, "r", "b", b, stage("b"), after=("a",))
+        run_stage(store, "r", "c", c, stage("c"), after=("b",))
+
+    chain("1", "1", "1")
+    chain("1", "1", "1")
+    assert calls == ["a", "b", "c"]  # the second pass skipped everything
+    chain("1", "1", "2")
+    assert calls[3:] == ["c"]  # only the changed stage
+    chain("2", "1", "2")
+    assert calls[4:] == ["a", "b", "c"]  # a change upstream reaches every stage downstream
+    assert read_manifest(store, "r", "c")["upstream"] == {"b": read_manifest(store, "r", "b")["config_hash"]}
+
+
+def test_stage_graph_upstream_closure():
+    from grlm_ray.pipeline import reads, upstream
+
+    cfg = load_config(None, [])
+    assert upstream("eval", cfg) == ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")
+    assert upstream("baseline", cfg) == ("prepare", "baseline")
+    provided = load_config(None, ["sft.terms=provided"])
+    assert upstream("train", provided) == ("prepare", "sft", "train") and reads("sft", provided) == ("prepare",)
+    comp = load_config(None, ["sft.terms=compress", "sft.compress_k=64"])
+    assert upstream("sft", comp) == ("prepare", "embed", "neighbors", "ctg", "compress", "sft")
