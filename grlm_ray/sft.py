@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig, SFTConfig
-from grlm_ray.decoding import TID_START
+from grlm_ray.decoding import END_MARKER, TID_START
 from grlm_ray.eig import tid_text
 from grlm_ray.errors import DataError
 from grlm_ray.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 STAGE = "sft"
 # v3: a TID starts with a space; v2: sft.item_text chooses the item line (v1 = tid_title)
 PROMPT_VERSION = "iift-v3"
-TID_END = " |"
+TID_END = END_MARKER  # closes every TID; one definition (grlm_ray/decoding.py)
 
 SYSTEM = ("You are a product recommender. Every product is written on one line as its Term ID (a few words) "
           "followed by ' | ' and its title.")

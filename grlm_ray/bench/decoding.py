@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grlm_ray.config import load_config
-    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+    from grlm_ray.decoding import END_MARKER, TidTrie, beam_search, tid_token_seqs
     from grlm_ray.eig import tid_text
     from grlm_ray.evaluate import build_queries
     from grlm_ray.pipeline import run_pipeline, upstream
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             rd("prepare", "targets.parquet", TARGETS), terms, tok)
     # the eval stage batches users of similar prompt length together; do the same here
     prompts = sorted((q["prompt"] for q in queries), key=lambda p: len(tok(p)["input_ids"]))
-    end = tok(" |", add_special_tokens=False)["input_ids"][0]
+    end = tok(END_MARKER, add_special_tokens=False)["input_ids"][0]
     trie = TidTrie.build(tid_token_seqs(tok, [tid_text(t) for t in terms.values()]), end)
 
     def timed(batch: int, constrained: bool) -> tuple[float, list[list[str]]]:
