@@ -8,6 +8,7 @@ stopped half-way keeps its finished parts (``parts/<key>/``) and resumes from th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -238,8 +239,6 @@ def run_stage(
     """
     upstream_keys = {s: str((read_manifest(store, run, s) or {}).get("config_hash", "none")) for s in after}
     if upstream_keys:
-        import hashlib
-
         chained = hashlib.sha256(json.dumps(upstream_keys, sort_keys=True).encode()).hexdigest()[:12]
         config_hash = f"{config_hash}-{chained}"
     manifest = read_manifest(store, run, stage)
