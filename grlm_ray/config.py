@@ -362,6 +362,10 @@ class TrainConfig(StrictModel):
     # loss over the label positions only: the output layer (most of a small model's cost with a large
     # vocabulary) runs on completion tokens, not on every prompt token; same loss value
     selective_logits: bool = True
+    # an exponential moving average of the weights (e.g. 0.999 ~ the last 1,000 steps), updated after every
+    # optimizer step; validation, the best checkpoint and the exported model use the averaged weights.
+    # None: the raw weights. Costs one fp32 copy of the weights per worker (not with ZeRO-3)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")

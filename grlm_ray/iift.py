@@ -34,6 +34,7 @@ from grlm_ray.storage import StageContext, Store, run_stage
 log = logging.getLogger(__name__)
 STAGE = "train"
 CKPT_TAG = "state"  # DeepSpeed checkpoint tag inside every Ray Train checkpoint
+EMA_FILE = "ema.pt"  # train.ema_decay: the weight average inside a checkpoint (rank 0)
 
 
 # --------------------------------------------------------------------------- backbone
@@ -193,6 +194,53 @@ def label_positions_lm(lm: Any) -> Any:
 class _Output:
     def __init__(self, loss: Any) -> None:
         self.loss = loss
+
+
+class WeightEMA:
+    """Exponential moving average of a model's trainable weights (``train.ema_decay``), kept in fp32 next
+    to the weights. The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the
+    average is not anchored to the random initialisation. ``applied`` swaps the averaged weights in (for
+    validation and saving) and restores the trained ones after."""
+
+    def __init__(self, model: Any, decay: float) -> None:
+        self.decay, self.updates = float(decay), 0
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def update(self, model: Any) -> None:
+        import torch
+
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in self.shadow:
+                    self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self, model: Any):
+        import torch
+
+        params = {n: p for n, p in model.named_parameters() if n in self.shadow}
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.shadow[n].to(p.dtype))
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ConfigError("the checkpoint's weight average does not match the model's parameters")
+        self.updates = int(state["updates"])
+        for n, x in state["shadow"].items():
+            self.shadow[n].copy_(x)
 
 
 def optimizer_digest(optimizer: Any, partitioned: bool) -> float:
@@ -362,6 +410,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
         module = session.prepare(model)
         engine = None
     partitioned = use_ds and t.deepspeed.zero_stage >= 1
+    ema = WeightEMA(hf_model, t.ema_decay) if t.ema_decay else None
+    averaged = ema.applied if ema is not None else (lambda m: contextlib.nullcontext(m))
 
     def forward_precision() -> Any:
         """bf16 autocast for ddp / single (weights, optimizer state and loss stay fp32); DeepSpeed casts itself."""
@@ -388,6 +438,11 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
                 hf_model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=device))
                 optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), map_location=device))
                 scheduler.load_state_dict(torch.load(os.path.join(d, "scheduler.pt")))
+            if ema is not None:
+                if not os.path.exists(os.path.join(d, EMA_FILE)):
+                    raise ConfigError(f"train.ema_decay is set but checkpoint {ckpt.path} has no {EMA_FILE}: "
+                                      "it was written without a weight average; resume with the same train config")
+                ema.load_state_dict(torch.load(os.path.join(d, EMA_FILE), map_location=device))
             rng_file = os.path.join(d, f"rng_rank{rank}.pt")
             if os.path.exists(rng_file):
                 torch.set_rng_state(torch.load(rng_file))
@@ -415,6 +470,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
                 torch.save(hf_model.state_dict(), os.path.join(d, "model.pt"))
                 torch.save(optimizer.state_dict(), os.path.join(d, "optimizer.pt"))
                 torch.save(scheduler.state_dict(), os.path.join(d, "scheduler.pt"))
+            if ema is not None and rank == 0:
+                torch.save(ema.state_dict(), os.path.join(d, EMA_FILE))
             torch.save(torch.get_rng_state(), os.path.join(d, f"rng_rank{rank}.pt"))
             digest = optimizer_digest(optimizer, partitioned)
             if rank == 0:
@@ -461,7 +518,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
         from grlm_ray.validation import reduce_metrics
 
         t_v = time.time()
-        res = reduce_metrics(validator.sums(hf_model), world)
+        with averaged(hf_model) as scored:
+            res = reduce_metrics(validator.sums(scored), world)
         took = time.time() - t_v
         val_seconds += took
         point = {"step": done, "epoch": round(done / spe, 4), "train_minutes": round(train_clock() / 60, 3),
@@ -471,7 +529,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
         if val_state["best"] is None or score > val_state["best"]:
             val_state.update(best=score, best_step=done, since_best=0)
             if rank == 0:
-                save_best(done, point)
+                with averaged(hf_model):
+                    save_best(done, point)
         else:
             val_state["since_best"] += 1
         metrics.update({f"val_{k}": x for k, x in res.items() if k != "users"})
@@ -534,6 +593,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(hf_model)
         window_tokens += sum(int(data[i]["length"]) for i in mine)  # real (non-padding) tokens
         window_samples += sum(int(data[i]["samples"]) for i in mine)
         done = step + 1
@@ -578,7 +639,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
 
 # --------------------------------------------------------------------------- export
 def consolidated_state_dict(ckpt_dir: str) -> dict[str, Any]:
-    """The full fp32 model weights of a checkpoint folder (ZeRO shards gathered, or the DDP file)."""
+    """The full fp32 model weights of a checkpoint folder (ZeRO shards gathered, or the DDP file); the
+    weight average instead where the checkpoint has one (``train.ema_decay``)."""
     import torch
 
     meta = json.load(open(os.path.join(ckpt_dir, "meta.json")))
@@ -587,8 +649,13 @@ def consolidated_state_dict(ckpt_dir: str) -> dict[str, Any]:
 
         state = dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=CKPT_TAG))
         # train.selective_logits wraps the model: its parameters are named lm.<HF name>
-        return {k[3:] if k.startswith("lm.") else k: x for k, x in state.items()}
-    return torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu")
+        state = {k[3:] if k.startswith("lm.") else k: x for k, x in state.items()}
+    else:
+        state = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu")
+    ema_file = os.path.join(ckpt_dir, EMA_FILE)
+    if os.path.exists(ema_file):
+        state.update(torch.load(ema_file, map_location="cpu")["shadow"])
+    return state
 
 
 def export_model(ckpt_dir: str, base_dir: str, out_dir: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -597,6 +664,9 @@ def export_model(ckpt_dir: str, base_dir: str, out_dir: str, manifest: dict[str,
 
     state = consolidated_state_dict(ckpt_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if model.config.tie_word_embeddings:
+        # the output layer is the embedding: a separate (possibly stale) copy must not overwrite it on load
+        state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -661,6 +731,9 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
     t, m = cfg.train, cfg.model
     if t.strategy == "deepspeed" and t.deepspeed.zero_stage == 0:
         raise ConfigError("train.deepspeed.zero_stage=0: use train.strategy=ddp instead")
+    if t.ema_decay and t.strategy == "deepspeed" and t.deepspeed.zero_stage == 3:
+        raise ConfigError("train.ema_decay with ZeRO-3 is not supported (each rank holds a shard of the weights); "
+                          "use ZeRO-2 or DDP")
     if t.validation.enabled and t.strategy == "deepspeed" and t.deepspeed.zero_stage == 3:
         raise ConfigError("train.validation with ZeRO-3 is not supported (each rank holds a shard of the weights); "
                           "use ZeRO-2 or DDP, or score checkpoints with grlm eval")

@@ -53,3 +53,56 @@ def test_residual_dropout_acts_in_training_only_and_leaves_the_saved_model_plain
     model.eval()
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.allclose(again(input_ids=ids).logits, before, atol=1e-6)
+
+
+def test_weight_average_follows_the_decay_swaps_in_and_out_and_exports_through_tied_embeddings(tmp_path):
+    """train.ema_decay: the average after n updates is the warmed-up exponential average of the weights;
+    ``applied`` scores with it and restores the trained weights; a checkpoint's ema.pt becomes the exported
+    model, including the tied output layer (a stale lm_head copy must not overwrite the averaged embedding)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from grlm_ray.errors import ConfigError
+    from grlm_ray.iift import EMA_FILE, WeightEMA, export_model
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    w = model.model.embed_tokens.weight
+    expected = w.detach().clone()
+    ema = WeightEMA(model, 0.9)
+    for n in range(1, 6):
+        with torch.no_grad():
+            w.add_(1.0)
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w.detach()
+    assert torch.allclose(ema.shadow["model.embed_tokens.weight"], expected, atol=1e-5)
+    trained = w.detach().clone()
+    with ema.applied(model) as m:
+        assert torch.allclose(m.lm_head.weight, expected, atol=1e-5)  # tied: the output layer is averaged too
+    assert torch.equal(w, trained)
+    # a checkpoint with the raw weights (lm_head included, as DDP saves them) and the average: export = average
+    base, ckpt, out = tmp_path / "base", tmp_path / "ckpt", tmp_path / "out"
+    model.save_pretrained(base)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+                            ).save_pretrained(base)
+    ckpt.mkdir()
+    torch.save(model.state_dict(), ckpt / "model.pt")
+    torch.save(ema.state_dict(), ckpt / EMA_FILE)
+    (ckpt / "meta.json").write_text(json.dumps({"strategy": "ddp"}))
+    export_model(str(ckpt), str(base), str(out), {})
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(exported.model.embed_tokens.weight, expected, atol=1e-5)
+    assert torch.allclose(exported.lm_head.weight, expected, atol=1e-5)
+    deeper = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    other = WeightEMA(AutoModelForCausalLM.from_config(deeper), 0.9)
+    with pytest.raises(ConfigError, match="weight average does not match"):
+        other.load_state_dict(ema.state_dict())

@@ -67,10 +67,15 @@ def test_deepspeed_zero_trains_and_export_equals_consolidated_checkpoint(sft_run
     assert out.shape[1] > 1
 
 
-def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sft_run):
+@pytest.mark.parametrize("ema", [None, 0.6])
+def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sft_run, ema):
+    """With train.ema_decay the weight average is part of the checkpoint: the resumed run exports the same
+    averaged weights as the uninterrupted one, and they are not the last step's raw weights."""
     import torch
 
     steps = ["train.strategy=ddp", "train.max_steps=8", "train.checkpoint_every=2"]
+    if ema is not None:
+        steps.append(f"train.ema_decay={ema}")
     cfg_a, clean = _train(sft_run, steps)
     weights_clean = _exported(cfg_a)
     assert clean["info"]["resumed_from_step"] is None
@@ -91,6 +96,12 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sf
     weights_killed = _exported(cfg_b)
     for name, tensor in weights_clean.items():
         assert torch.allclose(tensor, weights_killed[name], atol=1e-6), name
+    if ema is not None:
+        import os
+
+        raw = torch.load(os.path.join(killed["info"]["checkpoint"], "model.pt"))  # the last step, raw
+        assert os.path.exists(os.path.join(killed["info"]["checkpoint"], "ema.pt"))
+        assert any(not torch.allclose(raw[n], weights_clean[n], atol=1e-4) for n in weights_clean)
 
 
 def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(sft_run):
