@@ -277,6 +277,10 @@ class ModelConfig(StrictModel):
     # scratch only, training only: dropout on attention weights, the embeddings and each attention / MLP
     # output before it joins the residual stream (as SASRec and GPT-2); inference is unchanged
     dropout: float = Field(0.0, ge=0, lt=1)
+    # scratch only: 'embedder' starts every token's embedding from the sentence embedder (``embed.model``)
+    # applied to the token's text, projected to ``hidden_size`` by PCA and scaled to the random init's
+    # spread (pretrained word knowledge for a scratch model); special tokens keep their random init
+    embed_init: Literal["random", "embedder"] = "random"
     hidden_size: int = Field(256, ge=16)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -291,6 +295,8 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.embed_init != "random" and self.init != "scratch":
+            raise ValueError("model.embed_init applies to init=scratch only (a pretrained backbone keeps its embeddings)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
         if self.vocab == "terms" and self.init != "scratch":

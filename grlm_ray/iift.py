@@ -46,9 +46,49 @@ def tokenizer_source(m: ModelConfig) -> str:
     return gguf_to_hf(path, m.cache_dir) if path.endswith(".gguf") else path
 
 
-def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str, terms: list[str] | None = None) -> dict[str, Any]:
+def embedder_init(model: Any, tok: Any, embedder: str, threads: int = 1) -> dict[str, Any]:
+    """``model.embed_init=embedder``: each token's text (``tok.decode([id])``, stripped) encoded by the sentence
+    embedder, the vectors projected to the hidden size by PCA (the first components; extra dimensions, if the
+    model is wider than the embedder, keep their random values) and scaled to the random init's standard
+    deviation. Special and whitespace-only tokens keep their random init."""
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from grlm_ray.models import resolve_model_path
+
+    weight = model.get_input_embeddings().weight
+    special = set(tok.all_special_ids)
+    ids, texts = [], []
+    for i in range(weight.shape[0]):
+        text = tok.decode([i]).strip() if i < len(tok) and i not in special else ""
+        if text:
+            ids.append(i)
+            texts.append(text)
+    if len(ids) < 2:
+        raise ConfigError("model.embed_init=embedder: the tokenizer has fewer than 2 tokens with text")
+    torch.set_num_threads(max(1, threads))
+    enc = SentenceTransformer(resolve_model_path(embedder), device="cpu")
+    x = enc.encode(texts, batch_size=256, convert_to_numpy=True, normalize_embeddings=True,
+                   show_progress_bar=False).astype(np.float64)
+    x -= x.mean(axis=0)
+    _, sv, vt = np.linalg.svd(x, full_matrices=False)
+    k = min(weight.shape[1], vt.shape[0])
+    proj = x @ vt[:k].T
+    std = float(weight.detach().std())
+    proj *= std / max(proj.std(), 1e-12)
+    with torch.no_grad():
+        weight[torch.tensor(ids), :k] = torch.tensor(proj, dtype=weight.dtype)
+    explained = float((sv[:k] ** 2).sum() / (sv ** 2).sum())
+    return {"embed_init": "embedder", "embedder": embedder, "embedded_tokens": len(ids),
+            "components": k, "explained_variance": round(explained, 4)}
+
+
+def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str, terms: list[str] | None = None,
+                   embedder: str | None = None) -> dict[str, Any]:
     """Write the initial model + tokenizer to ``out_dir``; returns a description for the manifest.
-    ``terms``: every distinct TID term (``model.vocab=terms`` makes each one token)."""
+    ``terms``: every distinct TID term (``model.vocab=terms`` makes each one token); ``embedder``: the
+    sentence embedder for ``model.embed_init=embedder``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
@@ -77,6 +117,10 @@ def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str, terms: list[
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
         model = AutoModelForCausalLM.from_config(qcfg, dtype=torch.float32)
+        if m.embed_init == "embedder":
+            if not embedder:
+                raise ConfigError("model.embed_init=embedder needs the sentence embedder's path (embed.model)")
+            info["embedding_init"] = embedder_init(model, tok, embedder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -750,7 +794,8 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="grlm-base-") as tmp:
             if not ctx.store.exists(ctx.rel("base/config.json")):
                 all_terms = sorted({w for tid in terms.column("terms").to_pylist() for w in tid})
-                backbone = build_backbone(m, corpus_texts(cfg, sft_table, items, terms), tmp, all_terms)
+                backbone = build_backbone(m, corpus_texts(cfg, sft_table, items, terms), tmp, all_terms,
+                                          embedder=cfg.embed.model)
                 ctx.store.write_json(ctx.rel("base_info.json"), backbone)
                 ctx.store.upload_dir(tmp, ctx.rel("base"))
             backbone = ctx.store.read_json(ctx.rel("base_info.json"))
@@ -857,7 +902,9 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "model_dir": ctx.store.uri(ctx.rel("model")), "checkpoint": result.checkpoint.path,
         })
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train"),
+    # the sentence embedder shapes the initial weights under model.embed_init=embedder
+    sections = ("data", "sft", "model", "train") + (("embed",) if m.embed_init == "embedder" else ())
+    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash(*sections),
                      body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"sft": store.uri(f"{cfg.run.name}/sft/sft.parquet")})
 
 

@@ -106,3 +106,39 @@ def test_weight_average_follows_the_decay_swaps_in_and_out_and_exports_through_t
     other = WeightEMA(AutoModelForCausalLM.from_config(deeper), 0.9)
     with pytest.raises(ConfigError, match="weight average does not match"):
         other.load_state_dict(ema.state_dict())
+
+
+def test_embedder_init_gives_related_words_related_embeddings_and_keeps_special_tokens_random():
+    """model.embed_init=embedder with the shipped MiniLM: token embeddings start from the words' meaning
+    (shampoo nearer conditioner than drill), at the random init's spread; special tokens are untouched."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+
+    from grlm_ray.config import EmbedConfig
+    from grlm_ray.iift import embedder_init
+
+    words = ["shampoo", "conditioner", "hair", "drill", "hammer", "screwdriver", "lipstick", "mascara", "eyeliner",
+             "tent", "backpack", "sleeping", "puzzle", "doll", "lego", "soap", "lotion", "moisturizer", "wrench",
+             "saw", "blocks", "toy", "cream", "serum"]
+    vocab = {"<pad>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    before = model.get_input_embeddings().weight.detach().clone()
+    info = embedder_init(model, tok, EmbedConfig().model)
+    w = model.get_input_embeddings().weight.detach()
+    assert info["embedded_tokens"] == len(words) and info["components"] == 16
+    assert torch.equal(w[0], before[0])  # the special (pad) token keeps its random init
+    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)  # tied
+    assert abs(float(w[1:].std()) / float(before.std()) - 1) < 0.2
+
+    def cos(a, b):
+        return float(torch.nn.functional.cosine_similarity(w[vocab[a]], w[vocab[b]], dim=0))
+
+    assert cos("shampoo", "conditioner") > cos("shampoo", "drill")
+    assert cos("hammer", "wrench") > cos("hammer", "lipstick")
