@@ -104,11 +104,13 @@ class _Beam:
 
 def search(scorer: Scorer, prompts: Sequence[str], *, num_beams: int, max_new_tokens: int,
            trie: TidTrie | None, stop_token_ids: Sequence[int]) -> list[list[tuple[str, float]]]:
-    """Beam search for a batch of prompts -> per prompt, (text, score) best first."""
+    """Beam search for a batch of prompts -> per prompt, (text, log-probability) best first: beams are
+    ranked by their mean token log-probability; the value returned is the sum (the continuation's
+    log-probability under the model, end token included)."""
     stops = set([trie.eos_token_id] if trie is not None else stop_token_ids)
     width = 2 * num_beams
     running: list[list[_Beam]] = [[_Beam([], 0.0, 0)] for _ in prompts]
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in prompts]
+    finished: list[list[tuple[float, list[int], float]]] = [[] for _ in prompts]
     live = list(range(len(prompts)))  # users still searching, in row-block order
 
     def allowed_for(beams: list[_Beam]) -> list[list[int]] | None:
@@ -130,7 +132,7 @@ def search(scorer: Scorer, prompts: Sequence[str], *, num_beams: int, max_new_to
                      if acc.reshape(-1)[j] > -math.inf]
             beams_u, base = running[u], offset
             offset += n
-            new_fin = [(s / (step + 1), beams_u[row - base].tokens + [t])
+            new_fin = [(s / (step + 1), beams_u[row - base].tokens + [t], s)
                        for rank, (row, t, s) in enumerate(cands) if rank < num_beams and (t in stops or last)]
             if len(finished[u]) < num_beams and new_fin:
                 finished[u] = sorted(finished[u] + new_fin, key=lambda x: -x[0])[:num_beams]
@@ -151,7 +153,7 @@ def search(scorer: Scorer, prompts: Sequence[str], *, num_beams: int, max_new_to
             break
         tok, lp = scorer.step(np.array(parents), np.array(chosen), allowed_for([b for u in live for b in running[u]]),
                               width)
-    return [[(scorer.decode(toks), s) for s, toks in fin] for fin in finished]
+    return [[(scorer.decode(toks), raw) for _, toks, raw in fin] for fin in finished]
 
 
 class TransformersScorer:
@@ -269,10 +271,12 @@ def vllm_engine(model_dir: str, *, num_beams: int, dtype: str = "auto", max_mode
 
 def beam_search(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_beams: int = 20,
                 max_new_tokens: int = 30, trie: TidTrie | None = None, batch_size: int = 8,
-                stop_token_ids: Sequence[int] | None = None, scorer: Scorer | None = None) -> list[list[str]]:
-    """For each prompt (already rendered text), up to ``num_beams`` distinct continuations, best first.
-    A beam ends at the trie's end token (constrained) or at any of ``stop_token_ids`` (default: EOS).
-    ``model`` is an HF causal LM unless ``scorer`` (e.g. ``VllmScorer``) is given."""
+                stop_token_ids: Sequence[int] | None = None, scorer: Scorer | None = None,
+                with_scores: bool = False) -> list[list[Any]]:
+    """For each prompt (already rendered text), up to ``num_beams`` distinct continuations, best first
+    (``with_scores``: ``(text, log-probability)`` pairs). A beam ends at the trie's end token (constrained)
+    or at any of ``stop_token_ids`` (default: EOS). ``model`` is an HF causal LM unless ``scorer`` (e.g.
+    ``VllmScorer``) is given."""
     stops = list(stop_token_ids) if stop_token_ids else [tokenizer.eos_token_id]
     sc = scorer if scorer is not None else TransformersScorer(model, tokenizer)
     out: list[list[str]] = []
@@ -280,7 +284,11 @@ def beam_search(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_beams
         res = search(sc, list(prompts[s:s + batch_size]), num_beams=num_beams, max_new_tokens=max_new_tokens,
                      trie=trie, stop_token_ids=stops)
         # identical texts can come back twice (different token paths): keep the first
-        out.extend(list(dict.fromkeys(t.strip() for t, _ in r)) for r in res)
+        for r in res:
+            first: dict[str, float] = {}
+            for t, lp in r:
+                first.setdefault(t.strip(), lp)
+            out.append(list(first.items()) if with_scores else list(first))
     return out
 
 
@@ -352,10 +360,18 @@ class TidDecoder:
         return self._catalog[1]
 
     def __call__(self, prompts: Sequence[str], batch_size: int = 8, num_beams: int | None = None,
-                 constrained: bool | None = None) -> list[list[str]]:
+                 constrained: bool | None = None, with_scores: bool = False) -> list[list[Any]]:
+        """Per prompt, the distinct TIDs best first; ``with_scores``: ``(tid, log-probability)`` pairs, the
+        log-probability of the best beam that wrote the TID."""
         on = self.constrained if constrained is None else constrained
         trie, limit = self._catalog  # one read: a catalog swapped meanwhile applies to the next call
         beams = beam_search(self.model, self.tok, prompts, num_beams=num_beams or self.num_beams,
                             max_new_tokens=limit if on else self.max_new_tokens, trie=trie if on else None,
-                            batch_size=batch_size, stop_token_ids=self.stops, scorer=self.scorer)
-        return [list(dict.fromkeys(x.split("|", 1)[0].strip() for x in b)) for b in beams]
+                            batch_size=batch_size, stop_token_ids=self.stops, scorer=self.scorer, with_scores=True)
+        out: list[list[Any]] = []
+        for b in beams:
+            first: dict[str, float] = {}
+            for text, lp in b:
+                first.setdefault(text.split("|", 1)[0].strip(), lp)
+            out.append(list(first.items()) if with_scores else list(first))
+        return out

@@ -45,6 +45,7 @@ class Grounding:
     items: list[str]
     grounded_by: list[str]
     scores: list[float]
+    beams: list[int | None]  # the index of the beam each item was grounded from (None: the fallback fill)
 
 
 class TidIndex:
@@ -241,42 +242,44 @@ class TidIndex:
         out: list[int] = []
         how: list[str] = []
         scores: list[float] = []
+        source: list[int | None] = []
         seen: set[int] = set()
         cands: list[tuple[np.ndarray, np.ndarray]] = []
 
-        def push(i: int, h: str, s: float) -> None:
+        def push(i: int, h: str, s: float, beam: int | None) -> None:
             if i not in seen and len(out) < k:
                 seen.add(int(i))
                 out.append(int(i))
                 how.append(h)
                 scores.append(float(s))
+                source.append(beam)
 
         deep = extra_per_beam if extra_per_beam is not None else k
-        for terms in parsed:
+        for b, terms in enumerate(parsed):
             hit = self.direct.get(tid_text(terms))
             if hit is not None:
                 for i in hit:
-                    push(i, DIRECT, float(self.weights[: len(terms)].sum()))
+                    push(i, DIRECT, float(self.weights[: len(terms)].sum()), b)
                 cands.append((np.empty(0, np.int64), np.empty(0)))
                 continue
             items, sc = self.structural(terms, deep + k)
             cands.append((items, sc))
             for i, s in zip(items, sc):  # the beam's best item not listed yet
                 if int(i) not in seen:
-                    push(i, STRUCTURAL, s)
+                    push(i, STRUCTURAL, s, b)
                     break
             if len(out) >= k:
                 break
-        for items, sc in cands:  # then further structural candidates, beams in order
+        for b, (items, sc) in enumerate(cands):  # then further structural candidates, beams in order
             for i, s in zip(items, sc):
                 if len(out) >= k:
                     break
-                push(i, STRUCTURAL, s)
+                push(i, STRUCTURAL, s, b)
         for i in self.fallback:
             if len(out) >= k:
                 break
-            push(i, FILL, 0.0)
-        return Grounding([str(self.item_ids[i]) for i in out], how, scores)
+            push(i, FILL, 0.0, None)
+        return Grounding([str(self.item_ids[i]) for i in out], how, scores, source)
 
     def is_valid(self, generated: str | Sequence[str]) -> bool:
         terms = parse_generated(generated) if isinstance(generated, str) else list(generated)

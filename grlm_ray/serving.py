@@ -4,7 +4,8 @@ Contract: a finished run (prepare/items + sft/terms + train/model [+ serve/catal
 HTTP API on ``serve.host:serve.port`` (127.0.0.1 by default):
 
 - ``POST /v1/recommend`` {"history": [item ids, oldest first] | "tids": ["w1 .. wN", ...], "k",
-  "constrained", "num_beams"} -> ranked items (item id, TID, title, score, how each was grounded).
+  "constrained", "num_beams"} -> ranked items (item id, TID, title, how each was grounded, the beam it came
+  from: ``beam_rank`` and its ``log_prob``, and EIG's ``grounding_score``) and the beams themselves.
   An empty history gets the most popular items (``grounded_by: popularity``); a history longer than
   ``serve.max_history`` (default: the length the model was trained on) keeps its last items
   (``history_truncated: true``); unknown item ids -> 422 naming them.
@@ -191,12 +192,12 @@ class Generator(_CatalogFollower):
         return {"beams": beams, "replica": self.replica, "catalog_version": self.version}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _batched(self, requests: list[tuple[tuple[str, ...], bool, int]]) -> list[list[str]]:
+    async def _batched(self, requests: list[tuple[tuple[str, ...], bool, int]]) -> list[list[dict[str, Any]]]:
         from grlm_ray.sft import history_prompt
         from grlm_ray.tokens import render_prompt
 
         assert self.decoder is not None
-        out: list[list[str]] = [[] for _ in requests]
+        out: list[list[dict[str, Any]]] = [[] for _ in requests]
         groups: dict[tuple[bool, int], list[int]] = {}
         for n, (_, c, b) in enumerate(requests):
             groups.setdefault((c, b), []).append(n)
@@ -205,9 +206,9 @@ class Generator(_CatalogFollower):
             for n in members:
                 msgs, prefix = history_prompt(list(requests[n][0]), self.max_history, self.cfg.sft.prompt)
                 prompts.append(render_prompt(self.decoder.tok, msgs, self.cfg.model.enable_thinking, prefix))
-            res = await asyncio.to_thread(self.decoder, prompts, len(prompts), beams, constrained)
+            res = await asyncio.to_thread(self.decoder, prompts, len(prompts), beams, constrained, True)
             for n, r in zip(members, res):
-                out[n] = r
+                out[n] = [{"tid": tid, "log_prob": round(float(lp), 6)} for tid, lp in r]
         return out
 
 
@@ -257,18 +258,26 @@ class Grounder(_CatalogFollower):
         return {"lines": [write(cat.tids[i], cat.items.get(i, {}).get("title", "")) for i in history],
                 "unknown": []}
 
-    async def rank(self, beams: list[str], k: int, version: int) -> list[dict[str, Any]]:
+    async def rank(self, beams: list[dict[str, Any]], k: int, version: int) -> list[dict[str, Any]]:
+        """Beams ({tid, log_prob}, best first) -> k items. Each item carries the beam it came from:
+        ``beam_rank`` (1 = best) and ``log_prob`` (that beam's log-probability: the model's ranking signal,
+        comparable across requests), and ``grounding_score`` (EIG's weighted term match of the item to that
+        beam; the full TID weight for a direct hit). Items filled in from popularity have no beam (null)."""
         await self._sync(version)
         cat, index = self.state
-        g = index.rank(beams, k)
-        return [dict(self._item(cat, i), score=round(s, 6), grounded_by=h, rank=n + 1)
-                for n, (i, h, s) in enumerate(zip(g.items, g.grounded_by, g.scores))]
+        g = index.rank([b["tid"] for b in beams], k)
+        out = []
+        for n, (i, h, s, b) in enumerate(zip(g.items, g.grounded_by, g.scores, g.beams)):
+            out.append(dict(self._item(cat, i), rank=n + 1, grounded_by=h, grounding_score=round(s, 6),
+                            beam_rank=None if b is None else b + 1,
+                            log_prob=None if b is None else beams[b]["log_prob"]))
+        return out
 
     async def popular(self, k: int, version: int) -> list[dict[str, Any]]:
         await self._sync(version)
         cat, _ = self.state
-        return [dict(self._item(cat, i), score=0.0, grounded_by="popularity", rank=n + 1)
-                for n, i in enumerate(cat.popular[:k])]
+        return [dict(self._item(cat, i), rank=n + 1, grounded_by="popularity", grounding_score=0.0, beam_rank=None,
+                     log_prob=None) for n, i in enumerate(cat.popular[:k])]
 
     async def item(self, item_id: str, version: int) -> dict[str, Any] | None:
         await self._sync(version)

@@ -110,3 +110,29 @@ def test_beam_search_matches_transformers_generate(tiny, constrained):
     ref = _hf_generate(model, tok, PROMPTS, 5, 8, trie)
     assert [o[0] for o in ours] == [r[0] for r in ref]
     assert ours == ref
+
+
+def test_beam_scores_are_the_models_log_probability_of_the_tid(tiny):
+    """with_scores: each distinct TID comes with the log-probability the model gives its tokens (end token
+    included) after the prompt, recomputed here by one teacher-forced forward pass."""
+    import torch
+
+    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+
+    tok, model, tids = tiny
+    trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id)
+    scored = beam_search(model, tok, PROMPTS, num_beams=4, max_new_tokens=10, trie=trie, batch_size=3,
+                         with_scores=True)
+    plain = beam_search(model, tok, PROMPTS, num_beams=4, max_new_tokens=10, trie=trie, batch_size=3)
+    assert [[t for t, _ in r] for r in scored] == plain
+    for prompt, r in zip(PROMPTS, scored):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        for tid, lp in r:
+            target = tid_token_seqs(tok, [tid])[0] + [tok.sep_token_id]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids + target])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            ref = sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(target))
+            assert lp == pytest.approx(ref, abs=1e-3), (prompt, tid)
+        means = [lp / (len(tid_token_seqs(tok, [t])[0]) + 1) for t, lp in r]
+        assert means == sorted(means, reverse=True)  # ranked by the mean token log-probability

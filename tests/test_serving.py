@@ -71,10 +71,20 @@ def test_recommends_over_http_with_every_field(app):
     status, res = call(url, "POST", "/v1/recommend", {"history": hist, "k": 7})
     assert status == 200, res
     assert len(res["items"]) == 7 and len({i["item_id"] for i in res["items"]}) == 7
-    for n, item in enumerate(res["items"]):
-        assert {"item_id", "tid", "title", "score", "grounded_by", "rank"} <= set(item) and item["rank"] == n + 1
-        assert item["grounded_by"] in ("direct", "structural", "fill")
     assert res["constrained"] and 1 <= len(res["beams"]) <= 8
+    lps = [b["log_prob"] for b in res["beams"]]
+    assert all(lp <= 0 for lp in lps) and lps == sorted(lps, reverse=True)  # constrained: one TID length
+    for n, item in enumerate(res["items"]):
+        assert {"item_id", "tid", "title", "grounded_by", "rank", "beam_rank", "log_prob",
+                "grounding_score"} <= set(item) and item["rank"] == n + 1
+        assert item["grounded_by"] in ("direct", "structural", "fill")
+        if item["grounded_by"] == "fill":
+            assert item["beam_rank"] is None and item["log_prob"] is None
+            continue
+        beam = res["beams"][item["beam_rank"] - 1]
+        assert item["log_prob"] == beam["log_prob"] and item["grounding_score"] > 0
+        if item["grounded_by"] == "direct":
+            assert item["tid"] == beam["tid"]
     status, got = call(url, "GET", f"/v1/items/{res['items'][0]['item_id']}")
     assert status == 200 and got["tid"] == res["items"][0]["tid"]
     # raw TIDs as the history give the same answer as the items they name
@@ -157,7 +167,7 @@ def test_catalog_updates_are_served_without_restarting_the_generator(app, tmp_pa
     # 2) a terms table: give a TID the model writes for this user but no item had, to a new item
     live = {" ".join(t) for t in pq.read_table(f"{cfg.run.root}/{cfg.run.name}/sft/terms.parquet")
             .column("terms").to_pylist()} | {tid}
-    unknown = [b for b in before["beams"] if b not in live and len(b.split()) >= 2]
+    unknown = [b["tid"] for b in before["beams"] if b["tid"] not in live and len(b["tid"].split()) >= 2]
     assert unknown, before["beams"]  # unconstrained, the tiny model writes TIDs no item has
     table = pa.Table.from_pylist([{"item_id": "new-tab-1", "title": "A brand new item", "description": "",
                                    "brand": "", "category": "Beauty", "categories": [],
