@@ -127,6 +127,10 @@ class DataConfig(StrictModel):
     duplicate_interactions: Literal["keep_first", "keep_all"] = "keep_first"
     max_sequence_length: int | None = Field(None, ge=3)  # keep the last N interactions per user
     invalid_rows: Literal["report", "error"] = "report"  # report: write rejects + count; error: stop
+    # item text (title, description, brand, categories): HTML entities unescaped (&amp; &reg; &#39;, also
+    # double-escaped), control / zero-width characters removed, whitespace collapsed, Unicode NFC; each
+    # repaired value is counted (manifest, rejects) and its source text kept in prepare/raw_text.parquet
+    clean_text: bool = True
     namespace_ids: bool | None = None  # default: True for joint / cross_domain, False for single
 
     @model_validator(mode="after")

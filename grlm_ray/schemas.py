@@ -163,8 +163,18 @@ REJECTS = ArtifactSchema(
     ),
 )
 
+# prepare/raw_text: the source text of every item field that prepare cleaned (data.clean_text), as read
+RAW_TEXT = ArtifactSchema(
+    "raw_text",
+    (
+        Column("item_id", STR, nonempty=True),
+        Column("field", STR),  # title | description | brand | category | categories (JSON list)
+        Column("raw", STR),
+    ),
+)
+
 ARTIFACTS: dict[str, ArtifactSchema] = {
-    s.name: s for s in (ITEMS, SEQUENCES, TARGETS, TERMS, EMBEDDINGS, NEIGHBORS, SFT, PREDICTIONS, REJECTS)
+    s.name: s for s in (ITEMS, SEQUENCES, TARGETS, TERMS, EMBEDDINGS, NEIGHBORS, SFT, PREDICTIONS, REJECTS, RAW_TEXT)
 }
 
 

@@ -39,7 +39,15 @@ def test_prepare_bundle_keeps_sequences_and_provided_terms(shared_data, tmp_path
     assert all(len(t) == 5 for t in terms.column("terms").to_pylist())
     assert dataset_stats(store.uri("b/prepare"))["interactions"] == 194687
     rej = store.read_table("b/prepare/rejects.parquet").to_pylist()
-    assert [(r["action"], r["field"]) for r in rej] == [("noted", "tid")]  # item 315 has no TID
+    cleaned = [r for r in rej if r["reason"].startswith("text cleaned")]
+    assert [(r["action"], r["field"]) for r in rej if r not in cleaned] == [("noted", "tid")]  # item 315: no TID
+    # the authors' titles carry HTML entities (&amp; ...): cleaned in prepare, counted, source text kept
+    import re
+
+    titles = store.read_table("b/prepare/items.parquet").column("title").to_pylist()
+    assert not any(re.search(r"&(amp|quot|#39|reg|nbsp);", t) for t in titles)
+    n = m["info"]["domains"]["beauty"]["text_cleaned"]["title"]
+    assert n == len(cleaned) == store.read_table("b/prepare/raw_text.parquet").num_rows > 0
 
 
 @pytest.mark.ray

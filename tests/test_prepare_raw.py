@@ -136,3 +136,56 @@ def test_duplicate_interactions_keep_first(tmp_path):
     assert seqs["u3"]["item_ids"].count("A") == 1
     assert m["info"]["domains"]["beauty"]["duplicate_interactions_dropped"] == 1
     assert pc.sum(pc.list_value_length(read(tmp_path, "sequences.parquet").column("item_ids"))).as_py() == 25
+
+
+@pytest.mark.parametrize("raw, clean, kinds", [
+    ("Shampoo &amp; Care", "Shampoo & Care", ["html entities"]),
+    ("L&#39;Or&eacute;al &quot;Elvive&quot;", "L'Oréal \"Elvive\"", ["html entities"]),
+    ("Glow&amp;reg; Serum", "Glow® Serum", ["html entities"]),  # double-escaped
+    ("Oil&#x2122;", "Oil™", ["html entities"]),
+    ("AT&T and &foo; stay", "AT&T and &foo; stay", []),  # not an entity / unknown: kept as is
+    ("Lip\x07stick\u200b Balm\ufeff", "Lip stick Balm", ["control characters", "whitespace"]),
+    ("  two\tlines\n\nof  text ", "two lines of text", ["whitespace"]),
+    ("Cre\u0301me", "Cr\u00e9me", ["unicode normalization"]),  # combining accent -> one code point
+    ("Already clean", "Already clean", []),
+    ("", "", []),
+])
+def test_clean_text_repairs_markup_controls_and_whitespace(raw, clean, kinds):
+    from grlm_ray.prepare.core import clean_text
+
+    assert clean_text(raw) == (clean, kinds)
+
+
+def test_item_text_is_cleaned_once_counted_and_recoverable(tmp_path):
+    """Entities, controls and stray whitespace in the meta file never reach the items table; every
+    repaired value is a 'repaired' rejects row naming row and field, its source text is in raw_text, the
+    manifest counts them per field; data.clean_text=false keeps the text as read."""
+    write_raw(tmp_path)
+    meta_path = tmp_path / "meta_Beauty.json.gz"
+    with gzip.open(meta_path, "rb") as f:
+        lines = f.read().decode().splitlines()
+    lines[1] = ("{'asin': 'B', 'title': 'Conditioner &amp;amp; Mask\\x07  ', 'brand': 'L&#39;Or\\u00e9al', "
+                "'categories': [['Beauty', ' Hair &amp; Care ', 'Hair & Care']], 'description': 'Soft\\n\\nhair'}")
+    with gzip.open(meta_path, "wb") as f:
+        f.write("\n".join(lines).encode() + b"\n")
+    m = prepare(raw_config(tmp_path))
+    items = {r["item_id"]: r for r in read(tmp_path, "items.parquet").to_pylist()}
+    b = items["B"]
+    assert b["title"] == "Conditioner & Mask" and b["brand"] == "L'Oréal" and b["description"] == "Soft hair"
+    assert b["categories"] == ["Beauty", "Hair & Care"]
+    assert items["A"]["title"] == "Shampoo & Care"
+    raw = {(r["item_id"], r["field"]): r["raw"] for r in read(tmp_path, "raw_text.parquet").to_pylist()}
+    assert raw[("B", "title")] == "Conditioner &amp;amp; Mask\x07  " and raw[("B", "brand")] == "L&#39;Or\u00e9al"
+    assert json.loads(raw[("B", "categories")]) == ["Beauty", " Hair &amp; Care ", "Hair & Care"]
+    assert raw[("A", "title")] == "Shampoo &amp; Care" and ("C", "title") not in raw
+    rej = [r for r in read(tmp_path, "rejects.parquet").to_pylist() if r["reason"].startswith("text cleaned")]
+    row_b = [r["item_id"] for r in read(tmp_path, "items.parquet").to_pylist()].index("B")
+    title_b = next(r for r in rej if r["field"] == "title" and r["reason"].endswith("item B"))
+    assert title_b["action"] == "repaired" and title_b["line"] == row_b
+    assert "html entities" in title_b["reason"] and "control characters" in title_b["reason"]
+    cleaned = m["info"]["domains"]["beauty"]["text_cleaned"]
+    assert cleaned["title"] == 2 and cleaned["brand"] == 1 and cleaned["categories"] == 1
+    assert len(rej) == sum(cleaned.values()) == len(raw)
+    kept = prepare(raw_config(tmp_path, **{"run.name": "t2", "data.clean_text": "false"}))
+    items2 = {r["item_id"]: r for r in Store(str(tmp_path / "runs")).read_table("t2/prepare/items.parquet").to_pylist()}
+    assert items2["B"]["title"] == "Conditioner &amp;amp; Mask\x07  " and "text_cleaned" not in kept["info"]["domains"]["beauty"]

@@ -72,8 +72,8 @@ def test_recommends_over_http_with_every_field(app):
     assert status == 200, res
     assert len(res["items"]) == 7 and len({i["item_id"] for i in res["items"]}) == 7
     assert res["constrained"] and 1 <= len(res["beams"]) <= 8
-    lps = [b["log_prob"] for b in res["beams"]]
-    assert all(lp <= 0 for lp in lps) and lps == sorted(lps, reverse=True)  # constrained: one TID length
+    assert all(b["log_prob"] <= 0 and b["tid"] for b in res["beams"])
+    assert len({b["tid"] for b in res["beams"]}) == len(res["beams"])  # distinct TIDs
     for n, item in enumerate(res["items"]):
         assert {"item_id", "tid", "title", "grounded_by", "rank", "beam_rank", "log_prob",
                 "grounding_score"} <= set(item) and item["rank"] == n + 1
@@ -82,7 +82,7 @@ def test_recommends_over_http_with_every_field(app):
             assert item["beam_rank"] is None and item["log_prob"] is None
             continue
         beam = res["beams"][item["beam_rank"] - 1]
-        assert item["log_prob"] == beam["log_prob"] and item["grounding_score"] > 0
+        assert item["log_prob"] == beam["log_prob"] and item["grounding_score"] >= 0
         if item["grounded_by"] == "direct":
             assert item["tid"] == beam["tid"]
     status, got = call(url, "GET", f"/v1/items/{res['items'][0]['item_id']}")

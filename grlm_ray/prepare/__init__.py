@@ -1,7 +1,8 @@
 """Stage 1 — prepare: sources -> catalog (items), chronological sequences, leave-one-out targets.
 
-Contract out (``<root>/<run>/prepare/``): ``items``, ``sequences``, ``targets``, ``rejects`` and, when a
-source provides Term IDs, ``terms`` (source='provided'). Each domain is loaded and filtered as its own
+Contract out (``<root>/<run>/prepare/``): ``items``, ``sequences``, ``targets``, ``rejects``, ``raw_text``
+(the source text of every item field cleaned under ``data.clean_text``) and, when a source provides Term
+IDs, ``terms`` (source='provided'). Each domain is loaded and filtered as its own
 resumable part (in parallel as Ray tasks when there are several), then the parts are merged by mode:
 
 - single: one domain, ids as in the source (unless ``namespace_ids``);
@@ -27,7 +28,7 @@ from grlm_ray.config import (AmazonRawSource, BundleSource, ByoSource, DataConfi
                              SyntheticSource)
 from grlm_ray.errors import DataError
 from grlm_ray.prepare import core
-from grlm_ray.schemas import ITEMS, REJECTS, SEQUENCES, TARGETS, TERMS, check_references
+from grlm_ray.schemas import ITEMS, RAW_TEXT, REJECTS, SEQUENCES, TARGETS, TERMS, check_references
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class DomainData:
     terms: pa.Table | None
     rejects: list[dict]
     info: dict[str, Any] = field(default_factory=dict)
+    raw_text: pa.Table | None = None  # source text of the cleaned item fields
 
 
 def resolve_path(base_dir: str, p: str) -> Path:
@@ -125,8 +127,13 @@ def load_domain(name: str, src: Any, data: DataConfig) -> DomainData:
         import pyarrow.compute as pc
 
         items = items.filter(pc.is_in(items.column("item_id"), value_set=pa.array(sorted(used), pa.string())))
+    raw_text = None
+    if data.clean_text:
+        # once, here, for every source: the embedder, CTG prompts and SFT lines all read these fields
+        items, raw_text, cleaned = core.clean_items(items, f"{name} items", rejects)
+        info["text_cleaned"] = cleaned  # repaired values per field (rows: rejects, action 'repaired')
     info["items_with_empty_title"] = int(sum(1 for t in items.column("title").to_pylist() if not t))
-    return DomainData(name, items, inter, terms, rejects.rows, info)
+    return DomainData(name, items, inter, terms, rejects.rows, info, raw_text)
 
 
 def _namespace(d: DomainData, users: bool) -> DomainData:
@@ -141,7 +148,10 @@ def _namespace(d: DomainData, users: bool) -> DomainData:
     terms = None
     if d.terms is not None:
         terms = d.terms.set_column(0, "item_id", pc.binary_join_element_wise(prefix, d.terms.column("item_id"), ""))
-    return DomainData(d.name, items, inter, terms, d.rejects, d.info)
+    raw = d.raw_text
+    if raw is not None:
+        raw = raw.set_column(0, "item_id", pc.binary_join_element_wise(prefix, raw.column("item_id"), ""))
+    return DomainData(d.name, items, inter, terms, d.rejects, d.info, raw)
 
 
 def _interactions_table(df: pd.DataFrame) -> pa.Table:
@@ -165,6 +175,8 @@ def _save_part(ctx: StageContext, d: DomainData) -> None:
     }
     if d.terms is not None:
         tables["terms.parquet"] = (d.terms, TERMS)
+    if d.raw_text is not None:
+        tables["raw_text.parquet"] = (d.raw_text, RAW_TEXT)
     ctx.write_part(d.name, tables, meta=d.info)
 
 
@@ -172,10 +184,13 @@ def _load_part(ctx: StageContext, name: str) -> DomainData:
     terms = None
     if ctx.store.exists(ctx.rel(f"parts/{name}/terms.parquet")):
         terms = ctx.read_part(name, "terms.parquet", TERMS)
+    raw = None
+    if ctx.store.exists(ctx.rel(f"parts/{name}/raw_text.parquet")):
+        raw = ctx.read_part(name, "raw_text.parquet", RAW_TEXT)
     return DomainData(name, ctx.read_part(name, "items.parquet", ITEMS),
                       _interactions_frame(ctx.read_part(name, "interactions.parquet")),
                       terms, ctx.read_part(name, "rejects.parquet", REJECTS).to_pylist(),
-                      ctx.part_meta(name))
+                      ctx.part_meta(name), raw)
 
 
 def _load_pending(cfg: GrlmConfig, ctx: StageContext) -> None:
@@ -263,6 +278,8 @@ def prepare(cfg: GrlmConfig) -> dict[str, Any]:
         terms = [d.terms for d in parts if d.terms is not None]
         if terms:
             ctx.write("terms.parquet", pa.concat_tables(terms), TERMS)
+        raw = [d.raw_text for d in parts if d.raw_text is not None]
+        ctx.write("raw_text.parquet", pa.concat_tables(raw) if raw else RAW_TEXT.arrow.empty_table(), RAW_TEXT)
         rejects = [r for d in parts for r in d.rejects]
         ctx.write("rejects.parquet", pa.Table.from_pylist(rejects, schema=REJECTS.arrow), REJECTS)
         counts = core.Rejects(rows=rejects).counts()

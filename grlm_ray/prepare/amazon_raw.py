@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import gzip
-import html
 import json
 import re
 from pathlib import Path
@@ -95,7 +94,7 @@ def _text(value: Any) -> str:
         return ""
     if isinstance(value, list):  # some descriptions are lists of paragraphs
         value = " ".join(str(v) for v in value)
-    return " ".join(html.unescape(str(value)).split())
+    return str(value)  # entities, controls and whitespace: cleaned for every source in prepare (data.clean_text)
 
 
 def _categories(value: Any) -> list[str]:

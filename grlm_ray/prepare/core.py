@@ -7,6 +7,10 @@ the tie-break for equal timestamps under ``tie_break='file_order'``).
 
 from __future__ import annotations
 
+import html
+import json
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from grlm_ray.errors import DataError
-from grlm_ray.schemas import REJECTS, SEQUENCES, TARGETS
+from grlm_ray.schemas import RAW_TEXT, REJECTS, SEQUENCES, TARGETS
 
 
 @dataclass
@@ -51,6 +55,80 @@ class Rejects:
 def _short(value: object, limit: int = 200) -> str:
     s = value if isinstance(value, str) else repr(value)
     return s if len(s) <= limit else s[:limit] + "..."
+
+
+# ------------------------------------------------------------------ item text
+TEXT_FIELDS = ("title", "description", "brand", "category")
+_ENTITY = re.compile(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+# C0 / C1 controls other than whitespace, zero-width and bidi marks, the BOM: never part of a product's text
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+
+
+def clean_text(value: str) -> tuple[str, list[str]]:
+    """``value`` with HTML entities unescaped (up to three rounds: ``&amp;reg;`` is ``®``), control and
+    zero-width characters removed, whitespace runs collapsed to one space and trimmed, Unicode NFC.
+    Returns the text and what was repaired (``html entities``, ``control characters``, ``whitespace``,
+    ``unicode normalization``); an empty list when the value was clean."""
+    kinds: list[str] = []
+    s = value
+    for _ in range(3):
+        if "&" not in s or not _ENTITY.search(s):
+            break
+        u = html.unescape(s)
+        if u == s:
+            break
+        s = u
+        if "html entities" not in kinds:
+            kinds.append("html entities")
+    c = _CONTROL.sub(" ", s)
+    if c != s:
+        kinds.append("control characters")
+    w = " ".join(c.split())
+    if w != c:
+        kinds.append("whitespace")
+    n = unicodedata.normalize("NFC", w)
+    if n != w:
+        kinds.append("unicode normalization")
+    return n, kinds
+
+
+def clean_items(items: pa.Table, source: str, rejects: Rejects) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """Clean every text field of an items table (``clean_text``; category lists element-wise, empty and
+    repeated elements dropped). Each repaired value becomes a ``repaired`` rejects row (row, field, what) and a
+    ``raw_text`` row holding its source text; returns (items, raw_text, repaired values per field)."""
+    ids = items.column("item_id").to_pylist()
+    raw_rows: list[dict[str, str]] = []
+    counts: dict[str, int] = {}
+    out = items
+    for name in TEXT_FIELDS + ("categories",):
+        if name not in items.column_names:
+            continue
+        col = items.column(name).to_pylist()
+        new, changed = [], 0
+        for row, v in enumerate(col):
+            if name == "categories":
+                parts = [clean_text(x or "") for x in (v or [])]
+                kinds = sorted({k for _, ks in parts for k in ks})
+                cleaned = list(dict.fromkeys(t for t, _ in parts if t))
+                if len(cleaned) != len(v or []):
+                    kinds.append("empty or repeated entries")
+                raw = json.dumps(v or [], ensure_ascii=False)
+            else:
+                cleaned, kinds = clean_text(v or "")
+                raw = v or ""
+            new.append(cleaned)
+            if kinds:
+                changed += 1
+                raw_rows.append({"item_id": ids[row], "field": name, "raw": raw})
+                rejects.add(source, row, name, f"text cleaned ({', '.join(kinds)}): item {ids[row]}",
+                            action="repaired", value=raw)
+        if changed:
+            counts[name] = changed
+            idx = out.column_names.index(name)
+            out = out.set_column(idx, out.schema.field(name), pa.array(new, out.schema.field(name).type))
+    raw_table = (pa.Table.from_pylist(raw_rows, schema=RAW_TEXT.arrow) if raw_rows
+                 else RAW_TEXT.arrow.empty_table())
+    return out, raw_table, counts
 
 
 def order_interactions(df: pd.DataFrame, tie_break: str) -> pd.DataFrame:
