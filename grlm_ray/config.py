@@ -200,8 +200,14 @@ class LLMConfig(StrictModel):
 
 
 class CTGConfig(StrictModel):
-    """Context-aware Term Generation: each item's TID written by an LLM that sees its neighbours."""
+    """Context-aware Term Generation: each item's TID written by an LLM that sees its neighbours
+    (``method: llm``), or by CTG's rules applied to the item's text, its neighbours and catalog statistics
+    without an LLM (``method: lexical``, ``grlm_ray/lexical.py``; also the repair of LLM answers that do
+    not validate, ``repair: lexical``)."""
 
+    method: Literal["llm", "lexical"] = "llm"
+    repair: Literal["lexical", "words"] = "lexical"  # 'words': the item's own title words, then its neighbours'
+    distinct_terms: int = Field(2, ge=1)  # lexical: the last 1-2 terms set the item apart from its neighbours
     num_terms: int = Field(5, ge=2, le=16)
     context: Literal["neighbors", "none"] = "neighbors"  # 'none' = the paper's "w/o CTG" ablation
     num_neighbors: int = Field(5, ge=0)

@@ -5,9 +5,11 @@ Contract: prepare/items + neighbors/neighbors -> ctg/terms (resolved, collision-
 ctg/terms_llm (as parsed from the LLM, before collision resolution).
 
 Every output is parsed and validated (exactly N distinct lowercase base-form terms). Outputs that do not
-validate are retried with seeded sampling; if none validates, the repair fallback keeps the valid terms
-the LLM wrote and fills the rest from the item's own text (title, then description), then its
-neighbours' titles, then its category — marked ``valid=False``, ``source='llm+repair'`` and counted.
+validate are retried with seeded sampling; if none validates, the item gets the statistical TID
+(``ctg.repair=lexical``, ``grlm_ray/lexical.py``) or, with ``repair=words``, the LLM's grounded terms
+filled from its own text, its neighbours' titles and its category — marked ``valid=False``,
+``source='llm+repair'`` and counted. ``ctg.method=lexical`` writes every TID with the statistical rules
+(no LLM, one process, ``source='lexical'``).
 """
 
 from __future__ import annotations
@@ -194,8 +196,12 @@ class TermWriter:
                 out_terms.append(p.terms)
                 source.append("llm")
             else:
-                fallback = json.loads(batch["fallback"][i])
-                out_terms.append(repair(p.terms, fallback, str(batch["category"][i]), n))
+                lexical = json.loads(batch["lexical"][i])
+                if lexical:  # ctg.repair=lexical: CTG's rules without the LLM (computed by the driver)
+                    out_terms.append(lexical)
+                else:
+                    fallback = json.loads(batch["fallback"][i])
+                    out_terms.append(repair(p.terms, fallback, str(batch["category"][i]), n))
                 source.append("llm+repair")
             valid.append(p.valid)
             reasons.append(p.reason)
@@ -233,7 +239,8 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
 
     store = Store(cfg.run.root, cfg.run.s3)
     c = cfg.ctg
-    model_path = resolve_llm_path(c.llm)  # converts a GGUF once, before any actor starts
+    # converts a GGUF once, before any actor starts; the lexical method needs no LLM
+    model_path = resolve_llm_path(c.llm) if c.method == "llm" else None
 
     def body(ctx: StageContext) -> None:
         import time
@@ -251,11 +258,25 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         parts = [ids[s:s + c.part_size] for s in range(0, len(ids), c.part_size)]
         pending = [k for k in range(len(parts)) if not ctx.part_done(f"{k:05d}")]
         no_neighbors = sum(1 for i in ids if c.context == "neighbors" and not nbrs.get(i))
-        log.info("ctg: %d items in %d parts, %d to do (%s, %s)", len(ids), len(parts), len(pending),
-                 c.llm.backend, c.llm.model)
+        log.info("ctg: %d items in %d parts, %d to do (%s)", len(ids), len(parts), len(pending),
+                 "lexical" if c.method == "lexical" else f"{c.llm.backend}, {c.llm.model}")
         t0 = time.time()
         done_items = 0
-        if pending:
+        lexical = None
+        if pending and (c.method == "lexical" or c.repair == "lexical"):
+            from grlm_ray.lexical import LexicalTermWriter
+
+            lexical = LexicalTermWriter(items.to_pylist(), nbrs, c.num_terms, c.num_neighbors, c.distinct_terms)
+        if pending and c.method == "lexical":
+            assert lexical is not None
+            from tqdm import tqdm
+
+            for k in tqdm(pending, desc="ctg parts (lexical)", disable=not cfg.ray.progress_bars):
+                recs = [{"item_id": i, "terms": "\t".join(lexical.tid(i)), "raw": "", "valid": True,
+                         "source": "lexical", "attempts": 1, "reason": "ok"} for i in parts[k]]
+                _save_part(ctx, k, recs)
+                done_items += len(recs)
+        elif pending:
             rows = []
             for k in pending:
                 for i in parts[k]:
@@ -265,6 +286,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
                         "row": len(rows), "part": k, "item_id": i, "category": item["category"],
                         "messages": json.dumps(build_messages(item, ctx_items, c)),
                         "fallback": json.dumps([item["title"], item["description"]] + [x["title"] for x in ctx_items]),
+                        "lexical": json.dumps(lexical.tid(i) if lexical is not None else []),
                     })
             ray = init_ray(cfg.ray)
             import ray.data
@@ -323,7 +345,8 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.write("terms.parquet", resolved, TERMS)
         after = tid_stats(resolved.column("terms").to_pylist())
         ctx.info.update({
-            "prompt_version": PROMPT_VERSION, "backend": c.llm.backend, "model": c.llm.model,
+            "method": c.method, "prompt_version": PROMPT_VERSION if c.method == "llm" else None,
+            "backend": c.llm.backend if c.method == "llm" else None, "model": c.llm.model if c.method == "llm" else None,
             "context": c.context, "num_terms": c.num_terms, "items": len(ids),
             "legality_rate": round(sum(valid) / len(valid), 4) if valid else 0.0,
             "legality_rate_first_try": round(first_try / len(valid), 4) if valid else 0.0,
@@ -334,7 +357,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             "collisions": report.as_dict() if report else None,
             "generated_items_this_run": done_items, "generation_seconds": round(seconds, 2),
             "items_per_second": round(done_items / seconds, 3) if done_items and seconds > 0 else None,
-            "prompt_example": build_messages(by_id[ids[0]], [by_id[j] for j in nbrs.get(ids[0], [])[: c.num_neighbors] if j in by_id], c) if ids else None,
+            "prompt_example": None if c.method == "lexical" else build_messages(by_id[ids[0]], [by_id[j] for j in nbrs.get(ids[0], [])[: c.num_neighbors] if j in by_id], c) if ids else None,
         })
 
     return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "embed", "neighbors", "ctg"), body,
