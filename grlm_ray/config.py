@@ -513,7 +513,9 @@ class BenchConfig(StrictModel):
     ablations: list[Literal["no_gti", "with_gti", "unconstrained"]] = Field(
         default_factory=lambda: ["no_gti", "unconstrained"])
     baselines: list[Literal["sasrec_ce", "sasrec_bce"]] = Field(default_factory=lambda: ["sasrec_ce"])
-    out_dir: str = "benchmarks/results"  # the table as JSON (+ machine description) lands here
+    # the table as JSON (+ machine description) lands here; None: the checkout's benchmarks/results (wherever
+    # the command runs from); a relative path is taken from the working directory
+    out_dir: str | None = None
 
 
 class TrackingConfig(StrictModel):

@@ -264,7 +264,9 @@ def run(args: Any) -> dict[str, Any]:
     result["config"] = path
     result["overrides"] = overrides
     result["command"] = " ".join(["grlm bench quality", *args.args])
-    result["out_dir"] = args.out_dir or cfg.bench.out_dir
+    from grlm_ray.bench.common import DEFAULT_OUT
+
+    result["out_dir"] = args.out_dir or cfg.bench.out_dir or DEFAULT_OUT
     result["file_name"] = f"quality_{cfg.run.name}_{cfg.bench.mode}"
     png = Path(result["out_dir"]) / f"{result['file_name']}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
