@@ -374,7 +374,6 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)  # a killed worker restarts the group from the last checkpoint
     log_every: int = Field(10, ge=1)
-    fail_at_step: int | None = Field(None, ge=1)  # fault injection for tests: rank 1 dies once here
     # loss over the label positions only: the output layer (most of a small model's cost with a large
     # vocabulary) runs on completion tokens, not on every prompt token; same loss value
     selective_logits: bool = True

@@ -25,6 +25,7 @@ import tempfile
 import time
 from typing import Any
 
+from grlm_ray import faults
 from grlm_ray.config import GrlmConfig, ModelConfig, TrainConfig
 from grlm_ray.errors import ConfigError
 from grlm_ray.schemas import ITEMS, SFT, TERMS
@@ -605,12 +606,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     window_tokens, window_samples, window_t0 = 0, 0, time.time()
     module.train()
     for step in range(start, total):
-        if t.fail_at_step is not None and step == t.fail_at_step and rank == fail_rank and ckpt is None:
-            log.warning("fault injection: rank %d exits at step %d", rank, step)
-            # Ray Train's controller registers reported checkpoints asynchronously: let it take the last one
-            # first, so "resume from the last checkpoint before the failure" is what the test observes
-            time.sleep(5)
-            os._exit(1)
+        if faults.due(config.get("faults"), "train_step", step) and rank == fail_rank and ckpt is None:
+            faults.crash("train_step", step, f"training rank {rank}")
         epoch, pos = divmod(step, spe)
         step_rows = order(epoch)[pos * rows_per_step:(pos + 1) * rows_per_step]
         per_rank = rows_per_step // world  # a multiple of micro_batch: micro batches stay whole
@@ -848,6 +845,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "pad_id": int(tokenizer.pad_token_id), "plan": plan, "deepspeed": ds_cfg, "mlflow": mlflow_info,
             "threads": max(1, int(t.cpus_per_worker)), "validation": validation,
             "dropout": m.dropout if m.init == "scratch" else 0.0,
+            "faults": faults.spec(),  # tests only (GRLM_FAULTS), read here in the driver
         }
         t1 = time.time()
         if t.strategy == "single":

@@ -116,3 +116,15 @@ def test_extends_accepts_a_list_later_files_win(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: [a.yaml, b.yaml]\neval: {limit_users: 7}\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert (cfg.run.name, cfg.eval.num_beams, cfg.eval.limit_users) == ("b", 4, 7)
+
+
+def test_fault_injection_is_read_from_the_environment_only():
+    from grlm_ray import faults
+    from grlm_ray.config import TrainConfig
+
+    assert faults.spec({}) == {} and faults.spec({"GRLM_FAULTS": " train_step@5 "}) == {"train_step": 5}
+    assert faults.due({"train_step": 5}, "train_step", 5) and not faults.due({}, "train_step", 5)
+    for bad in ("train_step", "train_step@x", "nowhere@3"):
+        with pytest.raises(ValueError, match="GRLM_FAULTS"):
+            faults.spec({"GRLM_FAULTS": bad})
+    assert "fail_at_step" not in TrainConfig.model_fields  # no test hook in a production config

@@ -68,7 +68,7 @@ def test_deepspeed_zero_trains_and_export_equals_consolidated_checkpoint(sft_run
 
 
 @pytest.mark.parametrize("ema", [None, 0.6])
-def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sft_run, ema):
+def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sft_run, ema, monkeypatch):
     """With train.ema_decay the weight average is part of the checkpoint: the resumed run exports the same
     averaged weights as the uninterrupted one, and they are not the last step's raw weights."""
     import torch
@@ -79,8 +79,11 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sf
     cfg_a, clean = _train(sft_run, steps)
     weights_clean = _exported(cfg_a)
     assert clean["info"]["resumed_from_step"] is None
-    # rank 1 dies (os._exit) at step 5; Ray Train restarts both workers from the step-4 checkpoint
-    cfg_b, killed = _train(sft_run, steps + ["train.fail_at_step=5"])
+    # rank 1 dies (os._exit) at step 5; Ray Train restarts both workers from the step-4 checkpoint. The fault
+    # is not part of the config: the same config is trained again from scratch (run.resume=false)
+    monkeypatch.setenv("GRLM_FAULTS", "train_step@5")
+    cfg_b, killed = _train(sft_run, steps + ["run.resume=false"])
+    monkeypatch.delenv("GRLM_FAULTS")
     info = killed["info"]
     assert info["resumed_from_step"] == 4 and info["steps"] == 8
     from grlm_ray.storage import Store
@@ -108,7 +111,7 @@ def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(
     from grlm_ray.pipeline import run_pipeline
     from grlm_ray.storage import Store
 
-    steps = ["train.strategy=ddp", "train.max_steps=8", "train.checkpoint_every=2", "train.fail_at_step=5"]
+    steps = ["train.strategy=ddp", "train.max_steps=8", "train.checkpoint_every=2"]
     ev = ["eval.limit_users=12", "eval.num_beams=10", "eval.max_new_tokens=16", "eval.batch_size=6"]
     cfg = load_config(None, sft_run + TINY + steps + ev)
     info = run_pipeline(cfg, stages=("train", "eval"))["stages"]["eval"]["info"]
