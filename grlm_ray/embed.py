@@ -71,8 +71,13 @@ def embed(cfg: GrlmConfig) -> dict[str, Any]:
 
         cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 1))
         threads = max(1, cpus // cfg.embed.num_workers)
-        ds = ray.data.from_arrow(pa.table({"item_id": items.column("item_id"), "text": texts}))
-        ds = ds.repartition(max(cfg.embed.num_workers * 4, 1)).map_batches(
+        table = pa.table({"item_id": items.column("item_id"), "text": texts})
+        # blocks cut here, in the driver: a repartition is a shuffle task needing a whole CPU, which never
+        # gets scheduled on a 1-CPU cluster while the encoder actor holds part of it (embed hung there)
+        n_blocks = min(max(cfg.embed.num_workers * 4, 1), max(1, table.num_rows))
+        step = -(-table.num_rows // n_blocks) if table.num_rows else 1
+        ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, max(1, table.num_rows), step)])
+        ds = ds.map_batches(
             SentenceEncoder, batch_size=cfg.embed.batch_size * 4,
             fn_constructor_kwargs={"model_path": model_path, "device": cfg.embed.device,
                                    "batch_size": cfg.embed.batch_size, "threads": threads},
