@@ -101,8 +101,12 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
         import ray.data
 
         base_ref = ray.put(base)
-        ds = ray.data.range(n, override_num_blocks=max(1, math.ceil(n / cfg.neighbors.query_batch)))
-        ds = ds.map_batches(lambda b: {"row": b["id"]}).map_batches(
+        # query blocks cut in the driver: no read or map tasks (each needs a whole CPU, which a 1-CPU cluster
+        # never frees while the searcher actor holds part of it), only the actor pool
+        step = max(1, cfg.neighbors.query_batch)
+        rows = pa.table({"row": pa.array(np.arange(n, dtype=np.int64))})
+        ds = ray.data.from_arrow([rows.slice(s, step) for s in range(0, max(1, n), step)])
+        ds = ds.map_batches(
             NeighborSearcher, batch_size=cfg.neighbors.query_batch,
             fn_constructor_kwargs={"base": base_ref, "cfg": cfg.neighbors, "kind": kind},
             **actor_pool_kwargs(cfg.ray, cfg.neighbors.num_workers))
