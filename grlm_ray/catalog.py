@@ -150,14 +150,29 @@ def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], 
         ctx_items = [catalog.items[base_ids[j]] for j in nb if base_ids[j] in catalog.items]
         contexts.append(ctx_items)
         convs.append(build_messages(r, ctx_items, c) if c.context == "neighbors" else build_messages(r, [], c))
-    # the CTG stage's own writer: generate, validate, seeded retries, repair from the item's words
-    writer = TermWriter(resolve_llm_path(c.llm), c, threads)
-    res = writer({"row": np.arange(len(rows)), "item_id": np.array([r["item_id"] for r in rows], dtype=object),
-                  "category": np.array([r["category"] for r in rows], dtype=object),
-                  "messages": np.array([json.dumps(m) for m in convs], dtype=object),
-                  "fallback": np.array([json.dumps([r["title"], r["description"]] + [x["title"] for x in ctx])
-                                        for r, ctx in zip(rows, contexts)], dtype=object)})
-    out = [dict(r, terms=str(t).split("\t"), source=str(src)) for r, t, src in zip(rows, res["terms"], res["source"])]
+    lexical: list[list[str]] = [[] for _ in rows]
+    if c.method == "lexical" or c.repair == "lexical":
+        from grlm_ray.lexical import LexicalTermWriter
+
+        # catalog statistics over the live catalog plus the new items; each new item's embedding neighbours
+        nbrs = {r["item_id"]: [x["item_id"] for x in ctx] for r, ctx in zip(rows, contexts)} \
+            if c.context == "neighbors" else {}
+        lex = LexicalTermWriter([*({**v, "item_id": k} for k, v in catalog.items.items()), *rows], nbrs,
+                                c.num_terms, c.num_neighbors,
+                                c.distinct_terms)
+        lexical = [lex.tid(r["item_id"]) for r in rows]
+    if c.method == "lexical":  # CTG's rules without the LLM: nothing to load
+        out = [dict(r, terms=t, source="lexical") for r, t in zip(rows, lexical)]
+    else:
+        # the CTG stage's own writer: generate, validate, seeded retries, repair (lexical or the item's words)
+        writer = TermWriter(resolve_llm_path(c.llm), c, threads)
+        res = writer({"row": np.arange(len(rows)), "item_id": np.array([r["item_id"] for r in rows], dtype=object),
+                      "category": np.array([r["category"] for r in rows], dtype=object),
+                      "messages": np.array([json.dumps(m) for m in convs], dtype=object),
+                      "fallback": np.array([json.dumps([r["title"], r["description"]] + [x["title"] for x in ctx])
+                                            for r, ctx in zip(rows, contexts)], dtype=object),
+                      "lexical": np.array([json.dumps(t) for t in lexical], dtype=object)})
+        out = [dict(r, terms=str(t).split("\t"), source=str(src)) for r, t, src in zip(rows, res["terms"], res["source"])]
     log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])
     return out
 

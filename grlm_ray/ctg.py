@@ -196,7 +196,7 @@ class TermWriter:
                 out_terms.append(p.terms)
                 source.append("llm")
             else:
-                lexical = json.loads(batch["lexical"][i])
+                lexical = json.loads(batch["lexical"][i]) if "lexical" in batch else []
                 if lexical:  # ctg.repair=lexical: CTG's rules without the LLM (computed by the driver)
                     out_terms.append(lexical)
                 else:

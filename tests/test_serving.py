@@ -167,8 +167,10 @@ def test_catalog_updates_are_served_without_restarting_the_generator(app, tmp_pa
     # 2) a terms table: give a TID the model writes for this user but no item had, to a new item
     live = {" ".join(t) for t in pq.read_table(f"{cfg.run.root}/{cfg.run.name}/sft/terms.parquet")
             .column("terms").to_pylist()} | {tid}
-    unknown = [b["tid"] for b in before["beams"] if b["tid"] not in live and len(b["tid"].split()) >= 2]
-    assert unknown, before["beams"]  # unconstrained, the tiny model writes TIDs no item has
+    # unconstrained, the tiny model writes TIDs no item has (sometimes one long "word" such as a run of digits
+    # from the demo titles' model numbers: still a TID the grounder can be given)
+    unknown = [b["tid"] for b in before["beams"] if b["tid"] and b["tid"] not in live]
+    assert unknown, before["beams"]
     table = pa.Table.from_pylist([{"item_id": "new-tab-1", "title": "A brand new item", "description": "",
                                    "brand": "", "category": "Beauty", "categories": [],
                                    "terms": unknown[0].split()}])
