@@ -24,9 +24,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from grlm_ray.terms import STOPWORDS, base_form
+from grlm_ray.terms import STOPWORDS, text_words
 
-_WORD = re.compile(r"[a-z][a-z]+(?:-[a-z]+)*")
 # a title's first segment ends at punctuation or at a connecting word: its last content word is the head
 _SEGMENT = re.compile(r"[,;:|()\[\]!?/]|\s[-\u2013\u2014]\s|\s(?:for|with|by|from|in|of|and|&|plus|includes?)\s",
                       re.I)
@@ -46,26 +45,8 @@ class ItemWords:
 
 
 def words(text: str) -> list[str]:
-    """Distinct candidate words of ``text`` in order: alphabetic, >= 3 letters, base form, no noise."""
-    out: list[str] = []
-    for m in _WORD.finditer((text or "").lower()):
-        w = m.group(0).strip("-")
-        if len(w) < 3 or w in NOISE:
-            continue
-        b = _base(w)
-        if len(b) >= 3 and b not in NOISE and b not in out:
-            out.append(b)
-    return out
-
-
-_BASE: dict[str, str] = {}
-
-
-def _base(w: str) -> str:
-    b = _BASE.get(w)
-    if b is None:
-        b = _BASE[w] = base_form(w)
-    return b
+    """Distinct candidate words of ``text`` in order (``terms.text_words``): no stop words, units or markup."""
+    return text_words(text or "", NOISE)
 
 
 def item_words(item: Mapping[str, Any], max_desc_chars: int = 300) -> ItemWords:

@@ -39,15 +39,15 @@ def base_form(word: str) -> str:
     return simplemma.lemmatize(w, lang="en").lower()
 
 
-def text_words(text: str) -> list[str]:
-    """Distinct candidate words of a text, in order: alphabetic, >= 3 letters, no stopwords, base form."""
+def text_words(text: str, stop: frozenset[str] = STOPWORDS) -> list[str]:
+    """Distinct candidate words of a text, in order: alphabetic, >= 3 letters, not in ``stop``, base form."""
     out: list[str] = []
     for m in _WORD.finditer(text.lower()):
         w = m.group(0)
-        if len(w) < 3 or w in STOPWORDS:
+        if len(w) < 3 or w in stop:
             continue
         b = base_form(w)
-        if b not in STOPWORDS and len(b) >= 3 and b not in out:
+        if b not in stop and len(b) >= 3 and b not in out:
             out.append(b)
     return out
 
