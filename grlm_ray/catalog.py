@@ -29,7 +29,7 @@ ITEM_FIELDS = ("item_id", "category", "title", "description", "brand", "categori
 UPDATE_SCHEMA = pa.schema([("item_id", pa.string()), ("category", pa.string()), ("title", pa.string()),
                            ("description", pa.string()), ("brand", pa.string()),
                            ("categories", pa.list_(pa.string())), ("terms", pa.list_(pa.string())),
-                           ("source", pa.string())])
+                           ("source", pa.string()), ("catalog_version", pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -39,18 +39,24 @@ class Catalog:
     tids: dict[str, list[str]]  # item_id -> terms
     popular: list[str]  # training interaction count, then item id
     added: list[str] = field(default_factory=list)  # items added after training, in order
+    added_in: dict[str, int] = field(default_factory=dict)  # added item -> the catalog version that added it
 
     @property
     def item_ids(self) -> list[str]:
         return list(self.tids)
 
-    def with_items(self, rows: Sequence[dict[str, Any]]) -> "Catalog":
-        items, tids = dict(self.items), dict(self.tids)
+    def with_items(self, rows: Sequence[dict[str, Any]], version: int | None = None) -> "Catalog":
+        """A new version with ``rows`` (item fields + terms) added; ``version`` restores a saved one."""
+        v = self.version + 1 if version is None else version
+        if v <= self.version:
+            raise ValueError(f"catalog version {v} is not after {self.version}")
+        items, tids, added_in = dict(self.items), dict(self.tids), dict(self.added_in)
+        added = self.added + [r["item_id"] for r in rows if r["item_id"] not in self.tids]
         for r in rows:
             items[r["item_id"]] = {k: r.get(k) for k in ITEM_FIELDS}
             tids[r["item_id"]] = list(r["terms"])
-        added = self.added + [r["item_id"] for r in rows if r["item_id"] not in self.tids]
-        return Catalog(self.version + 1, items, tids, self.popular, added)
+            added_in.setdefault(r["item_id"], v)
+        return Catalog(v, items, tids, self.popular, added, added_in)
 
 
 def load_catalog(cfg: GrlmConfig, store: Store | None = None) -> Catalog:
@@ -73,14 +79,20 @@ def load_catalog(cfg: GrlmConfig, store: Store | None = None) -> Catalog:
     cat = Catalog(0, meta, tids, popularity_ranking(training_sequences(seqs, targets)))
     if store.exists(f"{run}/{UPDATES}"):
         saved = store.read_table(f"{run}/{UPDATES}").to_pylist()
-        cat = cat.with_items(saved)
-        log.info("catalog: %d items added after training (from %s)", len(saved), store.uri(f"{run}/{UPDATES}"))
+        by_version: dict[int, list[dict[str, Any]]] = {}
+        for r in saved:  # files written before versions were saved: one update, version 1
+            by_version.setdefault(int(r.get("catalog_version") or 1), []).append(r)
+        for v in sorted(by_version):  # the same versions as before the restart
+            cat = cat.with_items(by_version[v], version=v)
+        log.info("catalog: %d items added after training, version %d (from %s)", len(saved), cat.version,
+                 store.uri(f"{run}/{UPDATES}"))
     return cat
 
 
 def save_updates(cfg: GrlmConfig, catalog: Catalog, store: Store | None = None) -> None:
     store = store or Store(cfg.run.root, cfg.run.s3)
-    rows = [dict(catalog.items[i], terms=catalog.tids[i], source="update") for i in catalog.added]
+    rows = [dict(catalog.items[i], terms=catalog.tids[i], source="update", catalog_version=catalog.added_in.get(i, 1))
+            for i in catalog.added]
     store.write_table(f"{cfg.run.name}/{UPDATES}", pa.Table.from_pylist(rows, schema=UPDATE_SCHEMA))
 
 

@@ -435,6 +435,10 @@ class ReplicaConfig(StrictModel):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(16, ge=1)
+    # overload shedding: past max_ongoing_requests on every replica, at most this many requests wait at each
+    # caller (-1: no bound); the rest are refused at once: HTTP 503 with ``Retry-After: retry_after_s``
+    max_queued_requests: int = Field(-1, ge=-1)
+    retry_after_s: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> "ReplicaConfig":
@@ -449,7 +453,19 @@ class ReplicaConfig(StrictModel):
         if self.initial_replicas is not None:
             auto["initial_replicas"] = self.initial_replicas
         return {"autoscaling_config": auto, "max_ongoing_requests": self.max_ongoing_requests,
+                "max_queued_requests": self.max_queued_requests,
+                "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
                 "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+
+
+class RetryConfig(StrictModel):
+    """Retries of an idempotent recommend call whose generator / grounder replica (or the catalog registry)
+    died: up to ``max_attempts`` tries in all, waiting ``backoff_s`` doubled each time (at most
+    ``max_backoff_s``), never past ``serve.request_timeout_s``. Admin calls are never retried."""
+
+    max_attempts: int = Field(5, ge=1)
+    backoff_s: float = Field(0.2, ge=0)
+    max_backoff_s: float = Field(2.0, ge=0)
 
 
 class ServeConfig(StrictModel):
@@ -477,7 +493,9 @@ class ServeConfig(StrictModel):
     max_body_bytes: int = Field(65536, ge=256)
     admin_token_env: str = "GRLM_ADMIN_TOKEN"
     catalog_update_cpus: float = Field(1.0, gt=0)  # the Ray task that runs CTG for added items
-    generator: ReplicaConfig = ReplicaConfig()
+    request_timeout_s: float = Field(60.0, gt=0)  # a recommend call's deadline, retries included
+    retry: RetryConfig = RetryConfig()
+    generator: ReplicaConfig = ReplicaConfig(max_queued_requests=16)
     grounder: ReplicaConfig = ReplicaConfig(num_cpus=0.25, max_ongoing_requests=64)
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
 

@@ -39,6 +39,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+import ray
 from ray import serve
 
 from grlm_ray import __version__
@@ -74,13 +76,127 @@ class AdminReload(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
+        self.status, self.message, self.headers, self.extra = status, message, headers, extra
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def _body_doc(model: type[BaseModel], *statuses: int) -> dict[str, Any]:
+    """OpenAPI for a route that reads its JSON body itself (so that every bad body gets our error format):
+    the request schema and the error answers it can give."""
+    why = {400: "malformed JSON", 401: "missing or wrong admin token", 403: "admin API disabled",
+           404: "unknown item", 409: "conflicting update", 413: "body over serve.max_body_bytes",
+           415: "Content-Type is not application/json", 422: "invalid field (named in 'error' / 'details')",
+           503: "overloaded or a replica unavailable (Retry-After)"}
+    err = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}},
+                                           "required": ["error"]}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
+            "responses": {str(c): {"description": why[c], "content": err} for c in statuses}}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    """What a dead or restarting replica / actor raises at its caller: safe to retry an idempotent call."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return (RayActorError, DeploymentUnavailableError)
+
+
+def _overloaded(e: BaseException, what: str) -> ApiError:
+    """A deployment's queue is full (``max_queued_requests``): 503 at once, with Retry-After."""
+    import math
+
+    after = getattr(e, "retry_after_s", None)
+    return ApiError(503, f"overloaded: the {what} queue is full, retry later",
+                    headers={"Retry-After": str(max(1, math.ceil(after)))} if after is not None else None)
+
+
+class Retrier:
+    """Bounded retries of idempotent calls (``serve.retry``) within a request's deadline; counts them."""
+
+    def __init__(self, cfg: GrlmConfig, metrics: "ServiceMetrics | None" = None) -> None:
+        self.r = cfg.serve.retry
+        self.metrics = metrics
+
+    async def __call__(self, call: Any, what: str, deadline: float) -> tuple[Any, int]:
+        """``call()`` -> awaitable; returns (its result, retries made). BackPressureError -> 503 (not retried:
+        the caller is told to come back); a dead replica -> retried on another one until attempts or the
+        deadline run out."""
+        from ray.serve.exceptions import BackPressureError
+
+        retryable = _retryable()
+        wait = self.r.backoff_s
+        for attempt in range(self.r.max_attempts):
+            try:
+                return await call(), attempt
+            except BackPressureError as e:
+                if self.metrics is not None:
+                    self.metrics.shed.inc(tags={"target": what})
+                raise _overloaded(e, what) from None
+            except retryable as e:
+                left = deadline - time.monotonic()
+                if attempt + 1 >= self.r.max_attempts or left <= wait:
+                    raise ApiError(503, f"the {what} is unavailable ({type(e).__name__}) after {attempt + 1} "
+                                   "attempts; retry later", headers={"Retry-After": "1"}) from None
+                log.warning("%s call failed (%s), retry %d in %.2fs", what, type(e).__name__, attempt + 1, wait)
+                if self.metrics is not None:
+                    self.metrics.retries.inc(tags={"target": what})
+                await asyncio.sleep(wait)
+                wait = min(self.r.max_backoff_s, wait * 2)
+        raise AssertionError("unreachable")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (no such path, wrong method) in the API's error format."""
+    what = {404: "no route matches", 405: "method not allowed for"}.get(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, f"{what} path {request.url.path!r} ({request.method})",
+                  dict(exc.headers) if exc.headers else None)
+
+
+# --------------------------------------------------------------------------- service metrics
+LATENCY_BOUNDS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+
+
+class ServiceMetrics:
+    """The app's own metrics, exported with Ray Serve's on Ray's metrics port (Prometheus text format; Ray
+    adds the ``ray_`` prefix and the deployment / replica / application tags). serve/README.md has the
+    queries. Alongside Serve's built-in ``ray_serve_*`` request and replica metrics."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter("grlm_requests", description="API requests by route and HTTP status",
+                                tag_keys=("route", "status"))
+        self.latency = Histogram("grlm_request_latency_ms", description="API request latency (ms) by route",
+                                 boundaries=LATENCY_BOUNDS_MS, tag_keys=("route",))
+        self.grounded = Counter("grlm_items_grounded", description="recommended items by how they were grounded "
+                                "(direct: a beam is an item's TID; structural: EIG's term match; fill / "
+                                "popularity: no beam)", tag_keys=("grounded_by",))
+        self.fallbacks = Counter("grlm_fallbacks", description="recommend answers that used popularity",
+                                 tag_keys=("reason",))
+        self.retries = Counter("grlm_retries", description="calls retried after a replica or the registry died",
+                               tag_keys=("target",))
+        self.shed = Counter("grlm_shed", description="requests refused with 503 because a queue was full",
+                            tag_keys=("target",))
+        self.catalog_version = Gauge("grlm_catalog_version", description="catalog version the ingress serves")
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+        self.latency.observe(1000 * seconds, tags={"route": route})
+
+    def answer(self, res: dict[str, Any]) -> None:
+        for item in res.get("items", []):
+            self.grounded.inc(tags={"grounded_by": item["grounded_by"]})
+        if res.get("fallback"):
+            self.fallbacks.inc(tags={"reason": "empty_history"})
+        elif any(i["grounded_by"] == "fill" for i in res.get("items", [])):
+            self.fallbacks.inc(tags={"reason": "fill"})
+        self.catalog_version.set(res["catalog_version"])
 
 
 # --------------------------------------------------------------------------- catalog registry
@@ -99,6 +215,7 @@ class CatalogRegistry:
     def get(self) -> Any:
         return self.cat
 
+    @ray.method(max_task_retries=0)  # not idempotent: a restarted registry must not add the rows twice
     def add(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Rows with terms -> made distinct from every live TID, added as one new version, saved."""
         from grlm_ray.catalog import distinct_from_catalog, save_updates, validate_new_items
@@ -127,15 +244,41 @@ def get_registry(cfg: GrlmConfig) -> Any:
     return actor.remote(cfg.model_dump_json())
 
 
+class RegistryClient:
+    """A caller's handle on the catalog registry that survives the registry's death: a crashed registry is
+    restarted by Ray (``max_restarts=-1``; idempotent reads are retried); a killed one is re-created from the
+    run's saved updates, at the same catalog version, by the next call."""
+
+    def __init__(self, cfg: GrlmConfig, metrics: "ServiceMetrics | None" = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.actor = get_registry(cfg)
+
+    async def call(self, method: str, *args: Any, retry: bool = True) -> Any:
+        r = self.cfg.serve.retry
+        wait = r.backoff_s
+        for attempt in range(r.max_attempts if retry else 1):
+            try:
+                return await getattr(self.actor, method).remote(*args)
+            except ray.exceptions.RayActorError:
+                if not retry or attempt + 1 >= r.max_attempts:
+                    raise
+                log.warning("catalog registry unavailable; re-attaching (retry %d)", attempt + 1)
+                if self.metrics is not None:
+                    self.metrics.retries.inc(tags={"target": "registry"})
+                await asyncio.sleep(wait)
+                wait = min(r.max_backoff_s, wait * 2)
+                self.actor = await asyncio.to_thread(get_registry, self.cfg)
+        raise AssertionError("unreachable")
+
+
 class _CatalogFollower:
     """Keeps a replica's catalog-derived state at the version a request asks for."""
 
     def _follow_init(self, cfg: GrlmConfig) -> None:
-        import ray
-
-        self._registry = get_registry(cfg)
+        self._registry = RegistryClient(cfg)
         self._lock = asyncio.Lock()
-        cat = ray.get(self._registry.get.remote())
+        cat = ray.get(self._registry.actor.get.remote())
         self._apply(cat)
         self.version = cat.version
 
@@ -148,7 +291,7 @@ class _CatalogFollower:
         async with self._lock:
             if version <= self.version:
                 return
-            cat = await self._registry.get.remote()
+            cat = await self._registry.call("get")
             await asyncio.to_thread(self._apply, cat)
             self.version = cat.version
 
@@ -294,7 +437,9 @@ class Ingress:
         self.cfg = GrlmConfig.model_validate_json(cfg_json)
         self.s = self.cfg.serve
         self.gen, self.gnd = generator, grounder
-        self.registry = get_registry(self.cfg)
+        self.metrics = ServiceMetrics()
+        self.registry = RegistryClient(self.cfg, self.metrics)
+        self.retry = Retrier(self.cfg, self.metrics)
         self.admin_sha = admin_token_sha256
         self.max_history = self.s.max_history or self.cfg.sft.max_history
 
@@ -312,6 +457,8 @@ class Ingress:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deeply") from None
 
     def _check_admin(self, request: Request) -> None:
         if not self.admin_sha:
@@ -321,30 +468,47 @@ class Ingress:
         if not token or not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self.admin_sha):
             raise ApiError(401, "missing or wrong admin token (Authorization: Bearer <token>)")
 
-    async def _handle(self, fn, *args) -> JSONResponse:
+    async def _handle(self, route: str, fn, *args) -> JSONResponse:
+        t0 = time.perf_counter()
+        status = 500
         try:
-            return JSONResponse(await fn(*args))
+            res = await fn(*args)
+            status = 200
+            if route == "recommend":
+                self.metrics.answer(res)
+            return JSONResponse(res)
         except ApiError as e:
-            return _error(e.status, e.message, **e.extra)
+            status = e.status
+            return _error(e.status, e.message, e.headers, **e.extra)
         except ValidationError as e:
-            return _error(422, "invalid request", details=json.loads(e.json(include_url=False)))
+            status = 422
+            return _error(422, "invalid request", details=json.loads(e.json(include_url=False, include_input=False)))
+        finally:
+            self.metrics.request(route, status, time.perf_counter() - t0)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        return JSONResponse({"status": "ok", "catalog_version": await self.registry.version.remote(),
-                             "model": self.cfg.run.name, "version": __version__})
+        return await self._handle("healthz", self._health)
+
+    async def _health(self) -> dict[str, Any]:
+        return {"status": "ok", "catalog_version": await self.registry.call("version"), "model": self.cfg.run.name,
+                "version": __version__}
 
     @api.get("/v1/items/{item_id:path}")
     async def get_item(self, item_id: str) -> JSONResponse:
-        version = await self.registry.version.remote()
-        got = await self.gnd.item.remote(item_id, version)
-        if got is None:
-            return _error(404, f"unknown item id {item_id!r}", unknown=[item_id])
-        return JSONResponse(got)
+        return await self._handle("item", self._get_item, item_id)
 
-    @api.post("/v1/recommend")
+    async def _get_item(self, item_id: str) -> Any:
+        deadline = time.monotonic() + self.s.request_timeout_s
+        version = await self.registry.call("version")
+        got, _ = await self.retry(lambda: self.gnd.item.remote(item_id, version), "grounder", deadline)
+        if got is None:
+            raise ApiError(404, f"unknown item_id {item_id!r}", unknown=[item_id])
+        return got
+
+    @api.post("/v1/recommend", openapi_extra=_body_doc(RecommendRequest, 400, 413, 415, 422, 503))
     async def recommend(self, request: Request) -> JSONResponse:
-        return await self._handle(self._recommend, request)
+        return await self._handle("recommend", self._recommend, request)
 
     async def _recommend(self, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -362,24 +526,28 @@ class Ingress:
         entries = req.tids if req.tids is not None else req.history
         truncated = len(entries) > self.max_history
         entries = entries[-self.max_history:]
-        version = await self.registry.version.remote()
+        deadline = time.monotonic() + s.request_timeout_s
+        version = await self.registry.call("version")
         base = {"catalog_version": version, "history_used": len(entries), "history_truncated": truncated,
                 "constrained": constrained, "num_beams": beams}
         if not entries:
-            items = await self.gnd.popular.remote(k, version)
-            return dict(base, items=items, fallback="popularity (empty history)",
+            items, n = await self.retry(lambda: self.gnd.popular.remote(k, version), "grounder", deadline)
+            return dict(base, items=items, fallback="popularity (empty history)", retries=n,
                         latency_ms=round(1000 * (time.perf_counter() - t0), 1))
-        got = await self.gnd.lines.remote(list(entries), req.tids, version)
+        # every call below is idempotent: a replica that dies mid-call is retried on another (serve.retry)
+        got, n1 = await self.retry(lambda: self.gnd.lines.remote(list(entries), req.tids, version), "grounder",
+                                   deadline)
         if got["unknown"]:
-            raise ApiError(422, f"unknown item ids: {got['unknown'][:20]}", unknown=got["unknown"][:100])
-        gen = await self.gen.generate.remote(got["lines"], constrained, beams, version)
-        items = await self.gnd.rank.remote(gen["beams"], k, version)
-        return dict(base, items=items, beams=gen["beams"], generator_replica=gen["replica"],
+            raise ApiError(422, f"history: unknown item ids: {got['unknown'][:20]}", unknown=got["unknown"][:100])
+        gen, n2 = await self.retry(lambda: self.gen.generate.remote(got["lines"], constrained, beams, version),
+                                   "generator", deadline)
+        items, n3 = await self.retry(lambda: self.gnd.rank.remote(gen["beams"], k, version), "grounder", deadline)
+        return dict(base, items=items, beams=gen["beams"], generator_replica=gen["replica"], retries=n1 + n2 + n3,
                     latency_ms=round(1000 * (time.perf_counter() - t0), 1))
 
-    @api.post("/v1/admin/items")
+    @api.post("/v1/admin/items", openapi_extra=_body_doc(AdminItems, 400, 401, 403, 409, 413, 415, 422))
     async def admin_items(self, request: Request) -> JSONResponse:
-        return await self._handle(self._admin_items, request)
+        return await self._handle("admin_items", self._admin_items, request)
 
     async def _admin_items(self, request: Request) -> dict[str, Any]:
         import ray
@@ -389,7 +557,7 @@ class Ingress:
 
         self._check_admin(request)
         body = AdminItems.model_validate(await self._body(request))
-        cat = await self.registry.get.remote()
+        cat = await self.registry.call("get")
         try:
             rows = validate_new_items(body.items, cat, need_terms=False)
         except DataError as e:
@@ -398,14 +566,14 @@ class Ingress:
         t0 = time.perf_counter()
         rows = await task.remote(self.cfg, cat, rows)
         try:
-            res = await self.registry.add.remote(rows)
+            res = await self.registry.call("add", rows, retry=False)
         except ray.exceptions.RayTaskError as e:
             raise ApiError(409, str(getattr(e, "cause", None) or e)) from None
         return dict(res, ctg_seconds=round(time.perf_counter() - t0, 2))
 
-    @api.post("/v1/admin/reload")
+    @api.post("/v1/admin/reload", openapi_extra=_body_doc(AdminReload, 400, 401, 403, 413, 415, 422))
     async def admin_reload(self, request: Request) -> JSONResponse:
-        return await self._handle(self._admin_reload, request)
+        return await self._handle("admin_reload", self._admin_reload, request)
 
     async def _admin_reload(self, request: Request) -> dict[str, Any]:
         import pyarrow.parquet as pq
@@ -420,7 +588,7 @@ class Ingress:
         except Exception as e:  # noqa: BLE001 - any unreadable file is the caller's input error
             raise ApiError(422, f"items_path {body.items_path!r}: not a readable parquet file: {e}") from None
         try:
-            return await self.registry.add.remote(rows)
+            return await self.registry.call("add", rows, retry=False)
         except ray.exceptions.RayTaskError as e:
             raise ApiError(422, str(getattr(e, "cause", None) or e)) from None
 
@@ -464,6 +632,13 @@ def start(cfg: GrlmConfig) -> str:
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def replica_names(app_name: str, deployment: str) -> list[str]:
+    """Names of the live replica actors of one deployment (namespace ``serve``), from the Ray cluster this
+    process is connected to (fault runs kill them by name)."""
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and f"{app_name}#{deployment}#" in a["name"])
 
 
 def stop(cfg: GrlmConfig) -> None:
