@@ -130,63 +130,101 @@ def validate_new_items(rows: Sequence[dict[str, Any]], catalog: Catalog, *, need
     return out
 
 
-def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], store: Store | None = None,
-                 threads: int = 1) -> list[dict[str, Any]]:
-    """CTG for new items: embed, nearest catalog neighbours, the CTG LLM, parse/retry/repair -> rows with
-    ``terms`` and ``source`` (the CTG stage's ``TermWriter`` does the writing). Runs on CPU in seconds for a
-    few items with the demo models."""
-    import json
+class CatalogTermWriter:
+    """CTG for new items, with its models loaded once: the run's embedder and item embeddings, the CTG LLM
+    (``ctg.method: llm``) and the catalog statistics of statistical CTG (kept up to date with the catalog,
+    item by item). ``writer(catalog, rows)`` -> rows with ``terms`` and ``source``: embed, nearest catalog
+    neighbours (cosine, the run's embeddings), the CTG stage's own ``TermWriter`` (generate, validate,
+    seeded retries, repair) or statistical CTG. Serving keeps one resident (``serving.TermWriterDeployment``);
+    ``assign_terms`` is the one-shot form."""
 
-    from grlm_ray.ctg import TermWriter, build_messages
-    from grlm_ray.embed import item_text, load_matrix
-    from grlm_ray.generation import resolve_llm_path
-    from grlm_ray.models import resolve_model_path
+    def __init__(self, cfg: GrlmConfig, store: Store | None = None, threads: int = 1) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
 
-    store = store or Store(cfg.run.root, cfg.run.s3)
-    c = cfg.ctg
-    emb_t = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
-    base_ids = emb_t.column("item_id").to_pylist()
-    base = load_matrix(emb_t)
-    import torch
-    from sentence_transformers import SentenceTransformer
+        from grlm_ray.embed import load_matrix
+        from grlm_ray.models import resolve_model_path
 
-    torch.set_num_threads(max(1, threads))
-    enc = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
-    texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"], cfg.embed.max_chars)
-             for r in rows]
-    q = enc.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-    k = min(c.num_neighbors, len(base_ids))
-    nbr_rows = np.argsort(-(q @ base.T), axis=1, kind="stable")[:, :k] if k else np.zeros((len(rows), 0), int)
-    convs, contexts = [], []
-    for r, nb in zip(rows, nbr_rows):
-        ctx_items = [catalog.items[base_ids[j]] for j in nb if base_ids[j] in catalog.items]
-        contexts.append(ctx_items)
-        convs.append(build_messages(r, ctx_items, c) if c.context == "neighbors" else build_messages(r, [], c))
-    lexical: list[list[str]] = [[] for _ in rows]
-    if c.method == "lexical" or c.repair == "lexical":
+        self.cfg = cfg
+        store = store or Store(cfg.run.root, cfg.run.s3)
+        emb_t = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
+        self.base_ids = emb_t.column("item_id").to_pylist()
+        self.base = load_matrix(emb_t)
+        torch.set_num_threads(max(1, threads))
+        self.encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
+        self.llm = None
+        if cfg.ctg.method == "llm":
+            from grlm_ray.ctg import TermWriter
+            from grlm_ray.generation import resolve_llm_path
+
+            self.llm = TermWriter(resolve_llm_path(cfg.ctg.llm), cfg.ctg, threads)
+        self.lex = None  # statistical CTG's catalog statistics, built on first use
+        self.lex_ids: set[str] = set()
+
+    def _lexical(self, catalog: Catalog, rows: list[dict[str, Any]], nbrs: dict[str, list[str]]) -> list[list[str]]:
+        """Statistical CTG's TIDs for ``rows``: statistics over the live catalog plus these rows, exactly as a
+        writer built from scratch would have them (the rows are added for the call and taken out again)."""
         from grlm_ray.lexical import LexicalTermWriter
 
-        # catalog statistics over the live catalog plus the new items; each new item's embedding neighbours
-        nbrs = {r["item_id"]: [x["item_id"] for x in ctx] for r, ctx in zip(rows, contexts)} \
-            if c.context == "neighbors" else {}
-        lex = LexicalTermWriter([*({**v, "item_id": k} for k, v in catalog.items.items()), *rows], nbrs,
-                                c.num_terms, c.num_neighbors,
-                                c.distinct_terms)
-        lexical = [lex.tid(r["item_id"]) for r in rows]
-    if c.method == "lexical":  # CTG's rules without the LLM: nothing to load
-        out = [dict(r, terms=t, source="lexical") for r, t in zip(rows, lexical)]
-    else:
-        # the CTG stage's own writer: generate, validate, seeded retries, repair (lexical or the item's words)
-        writer = TermWriter(resolve_llm_path(c.llm), c, threads)
-        res = writer({"row": np.arange(len(rows)), "item_id": np.array([r["item_id"] for r in rows], dtype=object),
-                      "category": np.array([r["category"] for r in rows], dtype=object),
-                      "messages": np.array([json.dumps(m) for m in convs], dtype=object),
-                      "fallback": np.array([json.dumps([r["title"], r["description"]] + [x["title"] for x in ctx])
-                                            for r, ctx in zip(rows, contexts)], dtype=object),
-                      "lexical": np.array([json.dumps(t) for t in lexical], dtype=object)})
-        out = [dict(r, terms=str(t).split("\t"), source=str(src)) for r, t, src in zip(rows, res["terms"], res["source"])]
-    log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])
-    return out
+        c = self.cfg.ctg
+        if self.lex is None:
+            self.lex = LexicalTermWriter([{**v, "item_id": k} for k, v in catalog.items.items()], {},
+                                         c.num_terms, c.num_neighbors, c.distinct_terms)
+            self.lex_ids = set(catalog.items)
+        else:  # items the catalog gained since the last call
+            new = [{**catalog.items[k], "item_id": k} for k in catalog.items if k not in self.lex_ids]
+            self.lex.add_items(new)
+            self.lex_ids.update(r["item_id"] for r in new)
+        self.lex.add_items(rows, nbrs)
+        try:
+            return [self.lex.tid(r["item_id"]) for r in rows]
+        finally:
+            self.lex.remove_items([r["item_id"] for r in rows])
+
+    def __call__(self, catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import json
+
+        from grlm_ray.ctg import build_messages
+        from grlm_ray.embed import item_text
+
+        c = self.cfg.ctg
+        texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],
+                           self.cfg.embed.max_chars) for r in rows]
+        q = self.encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        k = min(c.num_neighbors, len(self.base_ids))
+        nbr_rows = np.argsort(-(q @ self.base.T), axis=1, kind="stable")[:, :k] if k else np.zeros((len(rows), 0), int)
+        convs, contexts = [], []
+        for r, nb in zip(rows, nbr_rows):
+            ctx_items = [catalog.items[self.base_ids[j]] for j in nb if self.base_ids[j] in catalog.items]
+            contexts.append(ctx_items)
+            convs.append(build_messages(r, ctx_items if c.context == "neighbors" else [], c))
+        lexical: list[list[str]] = [[] for _ in rows]
+        if c.method == "lexical" or c.repair == "lexical":
+            # each new item's embedding neighbours (none for context: none)
+            nbrs = {r["item_id"]: [x["item_id"] for x in ctx] for r, ctx in zip(rows, contexts)} \
+                if c.context == "neighbors" else {}
+            lexical = self._lexical(catalog, rows, nbrs)
+        if self.llm is None:  # statistical CTG: CTG's rules without the LLM
+            out = [dict(r, terms=t, source="lexical") for r, t in zip(rows, lexical)]
+        else:
+            # the CTG stage's own writer: generate, validate, seeded retries, repair (lexical or the item's words)
+            res = self.llm({"row": np.arange(len(rows)),
+                            "item_id": np.array([r["item_id"] for r in rows], dtype=object),
+                            "category": np.array([r["category"] for r in rows], dtype=object),
+                            "messages": np.array([json.dumps(m) for m in convs], dtype=object),
+                            "fallback": np.array([json.dumps([r["title"], r["description"]] + [x["title"] for x in ctx])
+                                                  for r, ctx in zip(rows, contexts)], dtype=object),
+                            "lexical": np.array([json.dumps(t) for t in lexical], dtype=object)})
+            out = [dict(r, terms=str(t).split("\t"), source=str(src))
+                   for r, t, src in zip(rows, res["terms"], res["source"])]
+        log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])
+        return out
+
+
+def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], store: Store | None = None,
+                 threads: int = 1) -> list[dict[str, Any]]:
+    """CTG for new items, one shot (loads the models for this call): see ``CatalogTermWriter``."""
+    return CatalogTermWriter(cfg, store, threads)(catalog, rows)
 
 
 def distinct_from_catalog(catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

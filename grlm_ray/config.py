@@ -492,11 +492,15 @@ class ServeConfig(StrictModel):
     max_k: int = Field(100, ge=1)
     max_body_bytes: int = Field(65536, ge=256)
     admin_token_env: str = "GRLM_ADMIN_TOKEN"
-    catalog_update_cpus: float = Field(1.0, gt=0)  # the Ray task that runs CTG for added items
+    term_writer_timeout_s: float = Field(300.0, gt=0)  # an admin items call (a term writer may start cold)
     request_timeout_s: float = Field(60.0, gt=0)  # a recommend call's deadline, retries included
     retry: RetryConfig = RetryConfig()
     generator: ReplicaConfig = ReplicaConfig(max_queued_requests=16)
     grounder: ReplicaConfig = ReplicaConfig(num_cpus=0.25, max_ongoing_requests=64)
+    # CTG for added items, models resident (min_replicas 0: loaded on the first admin call, unloaded after
+    # downscale_delay_s idle)
+    term_writer: ReplicaConfig = ReplicaConfig(min_replicas=1, max_replicas=1, num_cpus=0.25, max_ongoing_requests=4,
+                                               downscale_delay_s=600.0)
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
 
 

@@ -75,15 +75,37 @@ class LexicalTermWriter:
         self.n = num_terms
         self.k = num_neighbors
         self.distinct = max(1, min(distinct_terms, num_terms - 1))
-        self.items = {str(it["item_id"]): it for it in items}
-        self.words = {i: item_words(it) for i, it in self.items.items()}
-        self.neighbors = {str(i): [str(j) for j in v] for i, v in (neighbors or {}).items()}
+        self.items: dict[str, Mapping[str, Any]] = {}
+        self.words: dict[str, Any] = {}
+        self.neighbors: dict[str, list[str]] = {}
         self.df: Counter = Counter()
         self.heads: Counter = Counter()
-        for w in self.words.values():
+        self.add_items(items, neighbors)
+
+    def add_items(self, items: Sequence[Mapping[str, Any]],
+                  neighbors: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Items (and their neighbours) into the catalog statistics; an item id already there is replaced."""
+        self.remove_items([str(it["item_id"]) for it in items if str(it["item_id"]) in self.items])
+        for it in items:
+            i = str(it["item_id"])
+            w = item_words(it)
+            self.items[i], self.words[i] = it, w
             self.df.update(set(w.title) | set(w.other))
             if w.head:
                 self.heads[w.head] += 1
+        self.neighbors.update({str(i): [str(j) for j in v] for i, v in (neighbors or {}).items()})
+        self.n_items = max(1, len(self.items))
+
+    def remove_items(self, item_ids: Sequence[str]) -> None:
+        """Items out of the statistics again (their counts subtracted)."""
+        for i in item_ids:
+            if self.items.pop(i, None) is None:
+                continue
+            w = self.words.pop(i)
+            self.df.subtract(set(w.title) | set(w.other))
+            if w.head:
+                self.heads[w.head] -= 1
+            self.neighbors.pop(i, None)
         self.n_items = max(1, len(self.items))
 
     def idf(self, w: str) -> float:

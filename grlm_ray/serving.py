@@ -428,15 +428,46 @@ class Grounder(_CatalogFollower):
         return self._item(cat, item_id) if item_id in cat.tids else None
 
 
+@serve.deployment(name="TermWriter")
+class TermWriterDeployment(_CatalogFollower):
+    """CTG for items added while serving (``POST /v1/admin/items``), resident: the run's embedder and item
+    embeddings, the CTG LLM and statistical CTG's catalog statistics stay loaded between calls
+    (``serve.term_writer``: its own replicas and autoscaling; ``min_replicas: 0`` loads them on demand)."""
+
+    def __init__(self, cfg_json: str) -> None:
+        from grlm_ray.catalog import CatalogTermWriter
+
+        t0 = time.perf_counter()
+        cfg = GrlmConfig.model_validate_json(cfg_json)
+        self.writer = CatalogTermWriter(cfg, threads=max(1, int(cfg.serve.term_writer.num_cpus)))
+        self._follow_init(cfg)
+        self.load_seconds = round(time.perf_counter() - t0, 2)
+        self.calls = 0
+        self._write_lock = asyncio.Lock()  # one call at a time: the writer's statistics change during a call
+
+    def _apply(self, cat: Any) -> None:
+        self.cat = cat
+
+    async def write(self, rows: list[dict[str, Any]], version: int) -> dict[str, Any]:
+        await self._sync(version)
+        async with self._write_lock:
+            t0 = time.perf_counter()
+            out = await asyncio.to_thread(self.writer, self.cat, rows)
+            self.calls += 1
+        return {"rows": out, "writer": {"seconds": round(time.perf_counter() - t0, 3), "calls": self.calls,
+                                        "load_seconds": self.load_seconds}}
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
     """HTTP: validation, limits, the admin token, and the generator -> grounder fan-out."""
 
-    def __init__(self, generator: Any, grounder: Any, cfg_json: str, admin_token_sha256: str | None) -> None:
+    def __init__(self, generator: Any, grounder: Any, writer: Any, cfg_json: str,
+                 admin_token_sha256: str | None) -> None:
         self.cfg = GrlmConfig.model_validate_json(cfg_json)
         self.s = self.cfg.serve
-        self.gen, self.gnd = generator, grounder
+        self.gen, self.gnd, self.writer = generator, grounder, writer
         self.metrics = ServiceMetrics()
         self.registry = RegistryClient(self.cfg, self.metrics)
         self.retry = Retrier(self.cfg, self.metrics)
@@ -552,7 +583,7 @@ class Ingress:
     async def _admin_items(self, request: Request) -> dict[str, Any]:
         import ray
 
-        from grlm_ray.catalog import assign_terms, validate_new_items
+        from grlm_ray.catalog import validate_new_items
         from grlm_ray.errors import DataError
 
         self._check_admin(request)
@@ -562,14 +593,15 @@ class Ingress:
             rows = validate_new_items(body.items, cat, need_terms=False)
         except DataError as e:
             raise ApiError(422, str(e)) from None
-        task = ray.remote(assign_terms).options(num_cpus=self.s.catalog_update_cpus)
         t0 = time.perf_counter()
-        rows = await task.remote(self.cfg, cat, rows)
+        # writing TIDs is idempotent (retried like a recommend call); adding them to the catalog is not
+        deadline = time.monotonic() + max(self.s.request_timeout_s, self.s.term_writer_timeout_s)
+        wrote, _ = await self.retry(lambda: self.writer.write.remote(rows, cat.version), "term writer", deadline)
         try:
-            res = await self.registry.call("add", rows, retry=False)
+            res = await self.registry.call("add", wrote["rows"], retry=False)
         except ray.exceptions.RayTaskError as e:
             raise ApiError(409, str(getattr(e, "cause", None) or e)) from None
-        return dict(res, ctg_seconds=round(time.perf_counter() - t0, 2))
+        return dict(res, ctg_seconds=round(time.perf_counter() - t0, 2), term_writer=wrote["writer"])
 
     @api.post("/v1/admin/reload", openapi_extra=_body_doc(AdminReload, 400, 401, 403, 413, 415, 422))
     async def admin_reload(self, request: Request) -> JSONResponse:
@@ -612,7 +644,8 @@ def build(cfg: GrlmConfig) -> Any:
     sha = hashlib.sha256(token.encode()).hexdigest() if token else None
     gen = Generator.options(**s.generator.deployment_options()).bind(cfg_json, model_dir_for(cfg))
     gnd = Grounder.options(**s.grounder.deployment_options()).bind(cfg_json)
-    return Ingress.options(**s.ingress.deployment_options()).bind(gen, gnd, cfg_json, sha)
+    writer = TermWriterDeployment.options(**s.term_writer.deployment_options()).bind(cfg_json)
+    return Ingress.options(**s.ingress.deployment_options()).bind(gen, gnd, writer, cfg_json, sha)
 
 
 def build_app(args: dict[str, Any]) -> Any:

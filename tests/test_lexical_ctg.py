@@ -48,6 +48,20 @@ def test_type_first_then_shared_words_then_what_sets_the_item_apart():
     assert len({tuple(t) for t in tids.values()}) == len(tids)  # no collisions on this catalog
 
 
+def test_items_added_and_removed_one_by_one_give_the_tids_of_a_writer_built_at_once():
+    """The resident term writer of serving keeps its statistics up to date item by item: the same TIDs as a
+    writer built from scratch over the same items, and removing items restores the counts exactly."""
+    items, nbrs = catalog()
+    full = LexicalTermWriter(items, nbrs, num_terms=5, num_neighbors=2).tids()
+    w = LexicalTermWriter(items[:3], {k: nbrs[k] for k in ("sh-tea", "sh-argan")}, num_terms=5, num_neighbors=2)
+    df_before, heads_before = +w.df, +w.heads
+    w.add_items(items[5:], {k: nbrs[k] for k in ("li-red", "li-nude")})
+    w.remove_items(["li-red", "li-nude", "mi-travel"])
+    assert +w.df == df_before and +w.heads == heads_before and set(w.items) == {"sh-tea", "sh-argan", "sh-kids"}
+    w.add_items(items[3:], {k: nbrs[k] for k in nbrs if k not in ("sh-tea", "sh-argan")})
+    assert w.tids() == full
+
+
 def test_markup_units_numbers_and_stopwords_never_become_terms():
     assert words("Silk Smooth &amp; Detangler&reg; 12 oz 3-pack for the soft &nbsp;hair 10x") == [
         "silk", "smooth", "detangler", "soft", "hair"]

@@ -34,7 +34,7 @@ def app(tiny_trained_run, monkeypatch_module):
         # small queues so that the overload test can fill them: 2 running + 4 waiting, the rest refused
         "serve.generator.max_ongoing_requests=2", "serve.generator.max_queued_requests=4",
         "serve.grounder.min_replicas=2", "serve.grounder.max_replicas=2", "serve.grounder.num_cpus=0.1",
-        "serve.catalog_update_cpus=0.5"])
+        "serve.term_writer.num_cpus=0.5"])
     url = start(cfg)
     yield cfg, url, token
     stop(cfg)
@@ -158,6 +158,8 @@ def test_catalog_updates_are_served_without_restarting_the_generator(app, tmp_pa
     status, res = call(url, "POST", "/v1/admin/items", {"items": [new]}, headers=auth)
     assert status == 200, res
     assert res["version"] == version + 1 and res["items"][0]["source"].startswith("llm")
+    writer1 = res["term_writer"]
+    assert writer1["calls"] == 1 and writer1["load_seconds"] > 0
     tid = res["items"][0]["tid"]
     assert len(tid.split()) == cfg.ctg.num_terms
     for _ in range(6):  # both grounding replicas know it
@@ -168,6 +170,13 @@ def test_catalog_updates_are_served_without_restarting_the_generator(app, tmp_pa
     # an item id that exists already is refused
     status, res = call(url, "POST", "/v1/admin/items", {"items": [new]}, headers=auth)
     assert status == 422 and "already exists" in res["error"]
+    # the term writer is resident: a second addition reuses the loaded models (same replica, not reloaded)
+    first = call(url, "GET", "/healthz")[1]["catalog_version"]
+    status, res2 = call(url, "POST", "/v1/admin/items", {"items": [dict(new, item_id="new-ctg-2",
+                                                                          title="Glowra Vegan Lip Liner")]}, headers=auth)
+    assert status == 200 and res2["version"] == first + 1, res2
+    assert res2["term_writer"]["calls"] == 2 and res2["term_writer"]["load_seconds"] == writer1["load_seconds"]
+    version += 1
     # 2) a terms table: give a TID the model writes for this user but no item had, to a new item
     live = {" ".join(t) for t in pq.read_table(f"{cfg.run.root}/{cfg.run.name}/sft/terms.parquet")
             .column("terms").to_pylist()} | {tid}
@@ -192,7 +201,8 @@ def test_catalog_updates_are_served_without_restarting_the_generator(app, tmp_pa
     assert status == 200 and con["catalog_version"] == version + 2
     # updates are saved with the run
     saved = pq.read_table(f"{cfg.run.root}/{cfg.run.name}/serve/catalog_updates.parquet").to_pylist()
-    assert [r["item_id"] for r in saved] == ["new-ctg-1", "new-tab-1"]
+    assert [r["item_id"] for r in saved] == ["new-ctg-1", "new-ctg-2", "new-tab-1"]
+    assert [r["catalog_version"] for r in saved] == [version, version + 1, version + 2]
 
 
 def _post_raw(url, body, timeout=120):

@@ -1,21 +1,30 @@
-"""Serving load test and fault run (loopback only; bounded request count and duration).
+"""Serving load test, overload level and fault runs (loopback only; bounded request count and duration).
 
     grlm demo          # a trained demo run (runs/demo)
-    grlm bench serve-load --root runs --levels 1,2,4,8 --requests 60 --duration 60
+    grlm bench serve-load --root runs
+    grlm bench serve-load --config configs/bench/beauty_quality.yaml --root /tmp/runs --set run.name=exp-r6 \
+        --tag beauty                                   # a model trained on Beauty (12k items)
 
-Starts the Serve app of configs/demo.yaml on 127.0.0.1 with two generator replicas, then:
-1. for each concurrency level, sends up to --requests POST /v1/recommend (histories of seeded test users)
+Starts the Serve app of --config on 127.0.0.1 with two generator and two grounding replicas; the generator
+takes ``--sustainable`` requests at once (half per replica) and queues as many more per caller, past which
+requests are refused with 503 + Retry-After. Then:
+1. load levels: for each concurrency, up to --requests POST /v1/recommend (histories of seeded test users)
    within --duration seconds: p50/p99 latency, throughput, errors;
-2. fault run: at --concurrency-fault, kills one generator replica (ray.kill) --kill-after seconds in and
-   records failed requests (and how many were in flight at the kill), when the last failure ended, and
-   when Serve reported the replica count restored.
-Writes benchmarks/results/serve_load.json with the machine description and prints a table.
+2. overload: --overload-factor x --sustainable clients for --fault-duration seconds: statuses, p99 of the
+   accepted requests vs the sustainable level's p99, how fast the 503s come back, timeouts;
+3. fault runs, each at --concurrency-fault clients for --fault-duration seconds with one kill --kill-after
+   seconds in: a generator replica, a grounding replica, the catalog registry actor (killed for good; the
+   app re-creates it from the run's saved updates). Failed requests (0 is the goal: the ingress retries
+   idempotent calls), retries made, the catalog version before / after, time until Serve had replaced the
+   replica.
+Writes benchmarks/results/serve_load[_TAG].json with the machine description and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import threading
 import time
 import urllib.error
@@ -29,6 +38,7 @@ from grlm_ray.bench.common import REPO
 
 
 def post(url: str, body: dict, timeout: float = 120) -> tuple[int, float, dict | None]:
+    """(status, seconds, JSON body); status 0 = no HTTP answer (connection error or client timeout)."""
     data = json.dumps(body).encode()
     req = urllib.request.Request(url + "/v1/recommend", data=data, method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -38,17 +48,26 @@ def post(url: str, body: dict, timeout: float = 120) -> tuple[int, float, dict |
             out = json.loads(r.read())
             return r.status, time.perf_counter() - t, out
     except urllib.error.HTTPError as e:
-        return e.code, time.perf_counter() - t, None
-    except Exception:  # noqa: BLE001 - a dropped connection counts as a failed request
+        try:
+            out = json.loads(e.read() or b"{}")
+        except ValueError:
+            out = None
+        return e.code, time.perf_counter() - t, dict(out or {}, retry_after=e.headers.get("Retry-After"))
+    except Exception:  # noqa: BLE001 - a dropped connection or a timeout counts as a failed request
         return 0, time.perf_counter() - t, None
 
 
+def _pct(x: np.ndarray, q: float) -> float | None:
+    return round(float(np.percentile(x, q)), 1) if len(x) else None
+
+
 def load(url: str, histories: list[list[str]], concurrency: int, n: int, duration: float, k: int,
-         log: list | None = None) -> dict:
+         timeout: float = 120) -> dict[str, Any]:
+    """``concurrency`` closed-loop clients, at most ``n`` requests within ``duration`` seconds."""
     deadline = time.time() + duration
     counter = iter(range(n))
     lock = threading.Lock()
-    results: list[tuple[float, int, float]] = []  # (start time, status, latency)
+    events: list[tuple[float, int, float, dict | None]] = []  # (start time, status, latency, body)
 
     def worker() -> None:
         while time.time() < deadline:
@@ -57,69 +76,122 @@ def load(url: str, histories: list[list[str]], concurrency: int, n: int, duratio
             if i is None:
                 return
             start = time.time()
-            status, lat, _ = post(url, {"history": histories[i % len(histories)], "k": k})
+            status, lat, body = post(url, {"history": histories[i % len(histories)], "k": k}, timeout)
             with lock:
-                results.append((start, status, lat))
-                if log is not None:
-                    log.append((start, status, lat))
+                events.append((start, status, lat, body))
 
     t0 = time.time()
     with ThreadPoolExecutor(concurrency) as ex:
         for _ in range(concurrency):
             ex.submit(worker)
     wall = time.time() - t0
-    ok = np.asarray([lat for _, s, lat in results if s == 200]) * 1000
-    errors = sum(1 for _, s, _ in results if s != 200)
-    return {"concurrency": concurrency, "requests": len(results), "errors": errors,
+    ok = np.asarray([lat for _, s, lat, _ in events if s == 200]) * 1000
+    shed = np.asarray([lat for _, s, lat, b in events if s == 503 and b and "overloaded" in str(b.get("error"))]) * 1000
+    statuses: dict[str, int] = {}
+    for _, s, _, _ in events:
+        statuses[str(s)] = statuses.get(str(s), 0) + 1
+    return {"concurrency": concurrency, "requests": len(events), "ok": len(ok),
+            "errors": sum(1 for _, s, _, _ in events if s != 200), "statuses": statuses,
+            "shed_503": len(shed), "timeouts": statuses.get("0", 0),
             "seconds": round(wall, 2), "throughput_rps": round(len(ok) / wall, 3) if wall else None,
-            "p50_ms": round(float(np.percentile(ok, 50)), 1) if len(ok) else None,
-            "p99_ms": round(float(np.percentile(ok, 99)), 1) if len(ok) else None,
-            "mean_ms": round(float(ok.mean()), 1) if len(ok) else None}
+            "p50_ms": _pct(ok, 50), "p99_ms": _pct(ok, 99), "mean_ms": round(float(ok.mean()), 1) if len(ok) else None,
+            "p99_503_ms": _pct(shed, 99),
+            "retries": sum(int((b or {}).get("retries") or 0) for _, s, _, b in events if s == 200),
+            "_events": events}
 
 
-def generator_replicas(app: str) -> list[str]:
-    from ray.util.state import list_actors
-
-    return [a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name == f"ServeReplica:{app}:Generator" and a.name]
-
-
-def running_replicas(app: str) -> int:
+def running_replicas(app: str, deployment: str) -> int:
     from ray import serve
 
     st = serve.status().applications.get(app)
     if st is None:
         return 0
-    d = st.deployments.get("Generator")
+    d = st.deployments.get(deployment)
     return int(d.replica_states.get("RUNNING", 0)) if d is not None else 0
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="a run with a trained model")
     ap.add_argument("--root", default="runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--levels", default="1,2,4,8")
-    ap.add_argument("--requests", type=int, default=60)
-    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--requests", type=int, default=200, help="per load level")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds per load level at most")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--sustainable", type=int, default=4,
+                    help="requests the generator takes at once (the throughput knee of the demo model here)")
+    ap.add_argument("--overload-factor", type=int, default=4)
     ap.add_argument("--concurrency-fault", type=int, default=4)
-    ap.add_argument("--fault-duration", type=float, default=45.0)
+    ap.add_argument("--fault-duration", type=float, default=40.0)
     ap.add_argument("--kill-after", type=float, default=8.0)
+    ap.add_argument("--faults", default="generator,grounder,registry")
+
+
+def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Kill one ``what`` (a generator / grounder replica, or the registry) under load; count failures."""
+    import ray
+
+    from grlm_ray.serving import REGISTRY_NAMESPACE, registry_name, replica_names
+
+    app = cfg.serve.app_name
+    version_before = post(url, {"history": histories[0], "k": args.k})[2]["catalog_version"]
+    result: dict[str, Any] = {}
+    dep = {"generator": "Generator", "grounder": "Grounder"}.get(what)
+    before = replica_names(app, dep) if dep else []
+    want = len(before)
+
+    def killer() -> None:
+        time.sleep(args.kill_after)
+        result["kill_time"] = time.time()
+        if dep is None:
+            result["killed"] = registry_name(cfg)
+            ray.kill(ray.get_actor(registry_name(cfg), namespace=REGISTRY_NAMESPACE), no_restart=True)
+            return
+        result["killed"] = before[0]
+        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        deadline = time.time() + args.fault_duration + 60
+        while time.time() < deadline:  # until Serve has replaced it
+            alive = replica_names(app, dep)
+            if running_replicas(app, dep) >= want and before[0] not in alive and len(alive) >= want:
+                result["replaced_s"] = round(time.time() - result["kill_time"], 2)
+                return
+            time.sleep(0.25)
+
+    th = threading.Thread(target=killer)
+    th.start()
+    r = load(url, histories, args.concurrency_fault, 100_000, args.fault_duration, args.k)
+    th.join()
+    events = r.pop("_events")
+    kt = result["kill_time"]
+    fails = [(s - kt, s + lat - kt) for s, st, lat, _ in events if st != 200]
+    after = [b["catalog_version"] for s, st, _, b in events if st == 200 and s > kt]
+    r.update({"killed": what, "actor": result["killed"], "kill_after_s": args.kill_after,
+              "failed_requests": len(fails), "failed_in_flight_at_kill": sum(1 for a, b in fails if a < 0 <= b),
+              "retried_requests": sum(1 for _, st, _, b in events if st == 200 and (b or {}).get("retries")),
+              "catalog_version_before": version_before,
+              "catalog_versions_after": sorted(set(after)),
+              "replaced_s": result.get("replaced_s") if dep else None})
+    print(f"fault run ({what}): killed {result['killed']} at +{args.kill_after}s; {r['requests']} requests, "
+          f"{r['failed_requests']} failed, {r['retries']} retries; catalog version {version_before} -> "
+          f"{r['catalog_versions_after']}; replaced after {r['replaced_s']}s", flush=True)
+    return r
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-
     from grlm_ray.config import load_config
+    from grlm_ray.runtime import free_port
     from grlm_ray.schemas import SEQUENCES, TARGETS
     from grlm_ray.serving import start, stop
     from grlm_ray.storage import Store
 
-    from grlm_ray.runtime import free_port
-
-    cfg = load_config(args.config, [f"run.root={args.root}", "ray.progress_bars=false", f"serve.port={free_port()}",
-                                    f"serve.num_beams={args.beams}", "serve.generator.min_replicas=2",
-                                    "serve.generator.max_replicas=2", "serve.generator.num_cpus=0.5",
+    half = max(1, math.ceil(args.sustainable / 2))
+    cfg = load_config(args.config, [f"run.root={args.root}", *args.set, "ray.progress_bars=false",
+                                    f"serve.port={free_port()}", f"serve.num_beams={args.beams}",
+                                    "serve.generator.min_replicas=2", "serve.generator.max_replicas=2",
+                                    "serve.generator.num_cpus=0.5", f"serve.generator.max_ongoing_requests={half}",
+                                    f"serve.generator.max_queued_requests={half}",
+                                    "serve.grounder.min_replicas=2", "serve.grounder.max_replicas=2",
                                     "serve.grounder.num_cpus=0.1"])
     store = Store(cfg.run.root)
     seqs = store.read_table(f"{cfg.run.name}/prepare/sequences.parquet", SEQUENCES)
@@ -127,59 +199,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
     rng = np.random.default_rng(0)
     test = [r for r in targets.to_pylist() if r["split"] == "test"]
-    histories = [by_user[test[i]["user_id"]][: test[i]["position"]] for i in rng.permutation(len(test))[:200]]
+    histories = [by_user[test[i]["user_id"]][: test[i]["position"]] for i in rng.permutation(len(test))[:500]]
     t = time.time()
     url = start(cfg)
     startup = time.time() - t
-    print(f"app up at {url} in {startup:.1f}s", flush=True)
-    post(url, {"history": histories[0], "k": args.k})  # warm-up
-    levels = []
-    for c in [int(x) for x in args.levels.split(",")]:
-        r = load(url, histories, c, args.requests, args.duration, args.k)
-        levels.append(r)
-        print(f"concurrency {c:3d}: {r['requests']:4d} requests, {r['errors']} errors, {r['throughput_rps']} req/s, "
-              f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms", flush=True)
-
-    # fault run: kill one generator replica under load
-    events: list = []
-    result: dict = {}
-    before = generator_replicas(cfg.serve.app_name)
-
-    def killer() -> None:
-        time.sleep(args.kill_after)
-        name = before[0]
-        result["killed"] = name
-        result["kill_time"] = time.time()
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-        deadline = time.time() + args.fault_duration + 60
-        while time.time() < deadline:  # until Serve has replaced it
-            alive = generator_replicas(cfg.serve.app_name)
-            if running_replicas(cfg.serve.app_name) >= 2 and name not in alive and len(alive) >= 2:
-                result["replicas_restored_s"] = round(time.time() - result["kill_time"], 2)
-                return
-            time.sleep(0.25)
-
-    th = threading.Thread(target=killer)
-    th.start()
-    fault = load(url, histories, args.concurrency_fault, 10_000, args.fault_duration, args.k, log=events)
-    th.join()
-    kt = result["kill_time"]
-    fails = [(s - kt, s + lat - kt) for s, st, lat in events if st != 200]  # (start, end) relative to the kill
-    fault.update({"killed_replica": result["killed"], "kill_after_s": args.kill_after,
-                  "failed_requests": len(fails),
-                  "failed_in_flight_at_kill": sum(1 for a, b in fails if a < 0 <= b),
-                  "last_failure_ended_s_after_kill": round(max(b for _, b in fails), 2) if fails else None,
-                  "replicas_restored_s": result.get("replicas_restored_s")})
-    print(f"fault run: killed {result['killed']} at +{args.kill_after}s; {fault['requests']} requests, "
-          f"{fault['failed_requests']} failed ({fault['failed_in_flight_at_kill']} in flight at the kill, the last "
-          f"ended {fault['last_failure_ended_s_after_kill']}s after it); replica count restored after "
-          f"{fault['replicas_restored_s']}s", flush=True)
-    stop(cfg)
-    return {"app": {"config": args.config, "generator_replicas": 2, "grounder_replicas": "1-2 (autoscaled)",
-                   "backend": cfg.serve.backend, "num_beams": args.beams, "k": args.k, "constrained": True,
-                   "max_batch_size": cfg.serve.max_batch_size, "startup_seconds": round(startup, 1)},
-           "bounds": {"requests_per_level": args.requests, "max_seconds_per_level": args.duration,
-                      "fault_seconds": args.fault_duration, "target": "127.0.0.1"},
-           "levels": levels, "fault": fault,
-           "tables": [{"title": "load (per concurrency level)", "rows": levels},
-                      {"title": "fault run: one generator replica killed under load", "rows": [fault]}]}
+    print(f"app up at {url} in {startup:.1f}s ({len(histories)} test histories, catalog "
+          f"{len(set(seqs.column('item_ids').combine_chunks().flatten().to_pylist()))} items)", flush=True)
+    for h in histories[:4]:  # warm-up
+        post(url, {"history": h, "k": args.k})
+    try:
+        levels = []
+        for c in [int(x) for x in args.levels.split(",")]:
+            r = load(url, histories, c, args.requests, args.duration, args.k)
+            r.pop("_events")
+            levels.append(r)
+            print(f"concurrency {c:3d}: {r['requests']:4d} requests, statuses {r['statuses']}, "
+                  f"{r['throughput_rps']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms", flush=True)
+        # overload: the sustainable level again for the same time, then factor x its clients
+        ref = load(url, histories, args.sustainable, 100_000, args.fault_duration, args.k)
+        ref.pop("_events")
+        over = load(url, histories, args.overload_factor * args.sustainable, 100_000, args.fault_duration, args.k)
+        over.pop("_events")
+        other = {s: n for s, n in over["statuses"].items() if s not in ("200", "503")}
+        overload = {"sustainable_concurrency": args.sustainable, "overload_concurrency": over["concurrency"],
+                    "requests": over["requests"], "accepted": over["ok"], "shed_503": over["shed_503"],
+                    "other_statuses": other, "timeouts": over["timeouts"],
+                    "p99_accepted_ms": over["p99_ms"], "p99_sustainable_ms": ref["p99_ms"],
+                    "p99_ratio": round(over["p99_ms"] / ref["p99_ms"], 3) if over["p99_ms"] and ref["p99_ms"] else None,
+                    "p99_503_ms": over["p99_503_ms"], "throughput_accepted_rps": over["throughput_rps"],
+                    "throughput_sustainable_rps": ref["throughput_rps"]}
+        print(f"overload x{args.overload_factor}: {over['requests']} requests, {over['ok']} accepted, "
+              f"{over['shed_503']} shed (503, p99 {over['p99_503_ms']} ms), other {other}; p99 accepted "
+              f"{over['p99_ms']} ms vs {ref['p99_ms']} ms at {args.sustainable} ({overload['p99_ratio']}x)", flush=True)
+        faults = [_fault_run(cfg, url, histories, what, args) for what in args.faults.split(",") if what]
+    finally:
+        stop(cfg)
+    items = len(set(seqs.column("item_ids").combine_chunks().flatten().to_pylist()))
+    return {"app": {"config": args.config, "run": cfg.run.name, "catalog_items": items,
+                    "generator_replicas": 2, "grounder_replicas": 2, "backend": cfg.serve.backend,
+                    "num_beams": args.beams, "k": args.k, "constrained": True,
+                    "generator_max_ongoing_per_replica": half, "generator_max_queued": half,
+                    "max_batch_size": cfg.serve.max_batch_size, "retry": cfg.serve.retry.model_dump(),
+                    "startup_seconds": round(startup, 1)},
+            "bounds": {"requests_per_level": args.requests, "max_seconds_per_level": args.duration,
+                       "overload_and_fault_seconds": args.fault_duration, "target": "127.0.0.1"},
+            "levels": levels, "overload": overload, "faults": faults,
+            "tables": [{"title": "load (per concurrency level)",
+                        "columns": ["concurrency", "requests", "errors", "throughput_rps", "p50_ms", "p99_ms"],
+                        "rows": levels},
+                       {"title": f"overload: {over['concurrency']} clients vs the sustainable {args.sustainable}",
+                        "rows": [{k: v for k, v in overload.items() if k != "other_statuses"}]},
+                       {"title": "fault runs: one kill under load each",
+                        "columns": ["killed", "requests", "failed_requests", "retries", "retried_requests",
+                                    "catalog_version_before", "catalog_versions_after", "replaced_s", "p99_ms"],
+                        "rows": faults}],
+            "file_name": "serve_load"}
