@@ -92,9 +92,11 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     path, overrides = _split_config(ns.args, required=True)
     cfg = load_config(path, overrides)
+    from grlm_ray.runtime import metrics_url
+
     url = start(cfg)
     print(f"serving {cfg.run.name} at {url}  (POST {url}/v1/recommend, GET {url}/healthz, {url}/docs); "
-          "Ctrl-C stops", flush=True)
+          f"Prometheus metrics at {metrics_url()}; Ctrl-C stops", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

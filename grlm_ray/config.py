@@ -47,6 +47,9 @@ class RayConfig(StrictModel):
     actor_num_cpus: float = Field(0.5, gt=0)  # fractional so the read tasks still get a CPU
     no_progress_timeout_s: float = Field(600.0, gt=0)
     progress_bars: bool = True
+    # Prometheus metrics of a local head (Ray's, Serve's and the app's own): None = a port Ray picks
+    # (`grlm serve` prints it); on a cluster, `ray start --metrics-export-port=...` decides
+    metrics_export_port: int | None = Field(None, ge=1, le=65535)
 
 
 # --------------------------------------------------------------------------- data sources

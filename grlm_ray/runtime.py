@@ -39,6 +39,7 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> An
             log.info("joining Ray cluster at %s", address)
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
+            extra = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
             ray.init(
                 address="local",  # a new head even when a `ray start` cluster runs on this machine
                 num_cpus=cfg.num_cpus,
@@ -49,6 +50,7 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> An
                 runtime_env=runtime_env,
                 log_to_driver=True,
                 configure_logging=False,
+                **extra,
             )
     configure_data_context(cfg)
     return ray
@@ -72,6 +74,19 @@ def actor_pool_kwargs(cfg: RayConfig, size: int, num_gpus: float = 0) -> dict[st
     if num_gpus:
         kw["num_gpus"] = num_gpus
     return kw
+
+
+def metrics_url() -> str | None:
+    """Where this Ray node serves its Prometheus metrics (None before ``init_ray``)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    me = ray.get_runtime_context().get_node_id()
+    for n in ray.nodes():
+        if n["NodeID"] == me and n.get("MetricsExportPort"):
+            return f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+    return None
 
 
 def shutdown_ray() -> None:

@@ -20,8 +20,16 @@ def test_serve_config_is_consistent(path):
 
     from grlm_ray.config import load_config
 
+    from ray.serve.schema import ServeDeploySchema
+
     doc = yaml.safe_load(path.read_text())
     assert doc["http_options"]["port"] and doc["applications"]
+    from ray.serve.schema import DeploymentSchema
+
+    ServeDeploySchema.model_validate(doc)  # Serve's own schema: option values
+    for app in doc["applications"]:  # ... and names (the schema lets unknown keys through)
+        for d in app.get("deployments", []):
+            assert set(d) <= set(DeploymentSchema.model_fields), set(d) - set(DeploymentSchema.model_fields)
     for app in doc["applications"]:
         module, attr = app["import_path"].split(":")
         mod = importlib.import_module(module)
@@ -31,7 +39,7 @@ def test_serve_config_is_consistent(path):
         cfg = load_config(cfg_path, app["args"].get("overrides", []))
         assert cfg.serve.host == "127.0.0.1" or doc["http_options"]["host"] != "127.0.0.1"
         names = {d["name"] for d in app.get("deployments", [])}
-        assert names <= {"Generator", "Grounder", "Ingress"}, names
+        assert names <= {"Generator", "Grounder", "TermWriter", "Ingress"}, names
         for d in app.get("deployments", []):
             auto = d.get("autoscaling_config", {})
             assert auto.get("min_replicas", 0) <= auto.get("max_replicas", 1)

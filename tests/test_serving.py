@@ -376,17 +376,18 @@ def test_service_metrics_on_rays_metrics_port(app):
     catalog version) reach Prometheus text on Ray's metrics port after the traffic of the tests above."""
     import time
 
-    import ray
-
     cfg, url, _ = app
     assert call(url, "POST", "/v1/recommend", {"history": _histories(cfg, 1)[0], "k": 5})[0] == 200
-    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    from grlm_ray.runtime import metrics_url
+
+    murl = metrics_url()
+    assert murl and murl.startswith("http://127.0.0.1:"), murl
     want = ['ray_grlm_requests_total{', 'route="recommend"', 'status="200"', 'status="422"', 'status="503"',
             "ray_grlm_request_latency_ms_bucket{", 'grounded_by="direct"', "ray_grlm_catalog_version{",
             'ray_grlm_retries_total{', 'target="registry"', 'ray_grlm_shed_total{', 'target="generator"']
     deadline, text = time.time() + 90, ""
     while time.time() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        with urllib.request.urlopen(murl, timeout=30) as r:
             text = r.read().decode()
         grlm = "\n".join(line for line in text.splitlines() if "grlm_" in line)
         if all(w in grlm for w in want):
