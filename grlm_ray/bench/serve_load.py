@@ -16,7 +16,10 @@ requests are refused with 503 + Retry-After. Then:
    seconds in: a generator replica, a grounding replica, the catalog registry actor (killed for good; the
    app re-creates it from the run's saved updates). Failed requests (0 is the goal: the ingress retries
    idempotent calls), retries made, the catalog version before / after, time until Serve had replaced the
-   replica.
+   replica;
+4. catalog updates: --updates new items added one at a time through the admin API (the term writer starts
+   with 0 replicas, so the first call loads its models: cold; the others warm), each timed until a recommend
+   call with it in the history is answered. The run's saved catalog updates are restored afterwards.
 Writes benchmarks/results/serve_load[_TAG].json with the machine description and prints the tables.
 """
 
@@ -30,11 +33,14 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from grlm_ray.bench.common import REPO
+
+TOKEN_ENV = "GRLM_BENCH_ADMIN_TOKEN"
 
 
 def post(url: str, body: dict, timeout: float = 120) -> tuple[int, float, dict | None]:
@@ -126,6 +132,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fault-duration", type=float, default=40.0)
     ap.add_argument("--kill-after", type=float, default=8.0)
     ap.add_argument("--faults", default="generator,grounder,registry")
+    ap.add_argument("--updates", type=int, default=4, help="items added one by one (the first cold)")
 
 
 def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -178,6 +185,42 @@ def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: 
     return r
 
 
+def _admin(url: str, token: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
+    req = urllib.request.Request(url + "/v1/admin/items", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _catalog_updates(url: str, token: str, histories: list[list[str]], n: int, k: int) -> list[dict[str, Any]]:
+    """Add ``n`` new items one at a time (the term writer starts with 0 replicas: the first is cold): for each,
+    the admin call's time and the time until a recommend call with the item in its history is answered
+    (every replica then serves the new catalog version) = the time until the item is recommendable."""
+    rows = []
+    for i in range(n):
+        item = {"item_id": f"bench-new-{i}-{int(time.time())}", "category": "Beauty", "brand": "Glowra",
+                "title": ["Glowra Vegan Matte Lipstick, Ruby Red", "Argan Oil Repair Shampoo for Dry Hair, 12 oz",
+                          "Lighted Travel Makeup Mirror, 10x Magnifying"][i % 3],
+                "description": "A new product added while serving.", "categories": ["Beauty"]}
+        t0 = time.perf_counter()
+        status, res = _admin(url, token, {"items": [item]})
+        t_admin = time.perf_counter() - t0
+        if status != 200:
+            raise RuntimeError(f"admin items answered {status}: {res}")
+        st, _, out = post(url, {"history": histories[i][-5:] + [item["item_id"]], "k": k})
+        t_total = time.perf_counter() - t0
+        rows.append({"item": i + 1, "cold": i == 0, "tid": res["items"][0]["tid"], "source": res["items"][0]["source"],
+                     "admin_s": round(t_admin, 3), "term_writer_s": res["term_writer"]["seconds"],
+                     "writer_load_s": res["term_writer"]["load_seconds"], "recommendable_s": round(t_total, 3),
+                     "recommend_status": st, "catalog_version": (out or {}).get("catalog_version")})
+        print(f"catalog update {i + 1} ({'cold' if i == 0 else 'warm'}): {res['items'][0]['source']} TID "
+              f"{res['items'][0]['tid']!r}; admin {t_admin:.2f}s, recommendable after {t_total:.2f}s", flush=True)
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from grlm_ray.config import load_config
     from grlm_ray.runtime import free_port
@@ -192,7 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "serve.generator.num_cpus=0.5", f"serve.generator.max_ongoing_requests={half}",
                                     f"serve.generator.max_queued_requests={half}",
                                     "serve.grounder.min_replicas=2", "serve.grounder.max_replicas=2",
-                                    "serve.grounder.num_cpus=0.1"])
+                                    "serve.grounder.num_cpus=0.1", "serve.term_writer.min_replicas=0",
+                                    "serve.term_writer.num_cpus=0.25", f"serve.admin_token_env={TOKEN_ENV}"])
     store = Store(cfg.run.root)
     seqs = store.read_table(f"{cfg.run.name}/prepare/sequences.parquet", SEQUENCES)
     targets = store.read_table(f"{cfg.run.name}/prepare/targets.parquet", TARGETS)
@@ -200,6 +244,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     test = [r for r in targets.to_pylist() if r["split"] == "test"]
     histories = [by_user[test[i]["user_id"]][: test[i]["position"]] for i in rng.permutation(len(test))[:500]]
+    import os
+    import secrets
+
+    token = os.environ[TOKEN_ENV] = secrets.token_hex(16)  # this app's admin token, never written anywhere
+    updates = Path(cfg.run.root) / cfg.run.name / "serve" / "catalog_updates.parquet"
+    saved = updates.read_bytes() if updates.is_file() else None  # the bench's items are taken out again
     t = time.time()
     url = start(cfg)
     startup = time.time() - t
@@ -232,8 +282,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{over['shed_503']} shed (503, p99 {over['p99_503_ms']} ms), other {other}; p99 accepted "
               f"{over['p99_ms']} ms vs {ref['p99_ms']} ms at {args.sustainable} ({overload['p99_ratio']}x)", flush=True)
         faults = [_fault_run(cfg, url, histories, what, args) for what in args.faults.split(",") if what]
+        updates_rows = _catalog_updates(url, token, histories, args.updates, args.k) if args.updates else []
     finally:
         stop(cfg)
+        if saved is None:
+            updates.unlink(missing_ok=True)
+        else:
+            updates.write_bytes(saved)
     items = len(set(seqs.column("item_ids").combine_chunks().flatten().to_pylist()))
     return {"app": {"config": args.config, "run": cfg.run.name, "catalog_items": items,
                     "generator_replicas": 2, "grounder_replicas": 2, "backend": cfg.serve.backend,
@@ -243,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "startup_seconds": round(startup, 1)},
             "bounds": {"requests_per_level": args.requests, "max_seconds_per_level": args.duration,
                        "overload_and_fault_seconds": args.fault_duration, "target": "127.0.0.1"},
-            "levels": levels, "overload": overload, "faults": faults,
+            "levels": levels, "overload": overload, "faults": faults, "catalog_updates": updates_rows,
             "tables": [{"title": "load (per concurrency level)",
                         "columns": ["concurrency", "requests", "errors", "throughput_rps", "p50_ms", "p99_ms"],
                         "rows": levels},
@@ -252,5 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        {"title": "fault runs: one kill under load each",
                         "columns": ["killed", "requests", "failed_requests", "retries", "retried_requests",
                                     "catalog_version_before", "catalog_versions_after", "replaced_s", "p99_ms"],
-                        "rows": faults}],
+                        "rows": faults},
+                       {"title": f"catalog updates (ctg.method={cfg.ctg.method}; the first starts the term writer)",
+                        "columns": ["item", "cold", "source", "admin_s", "term_writer_s", "writer_load_s",
+                                    "recommendable_s", "recommend_status"], "rows": updates_rows}],
             "file_name": "serve_load"}
