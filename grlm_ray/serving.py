@@ -1,4 +1,4 @@
-"""Stage 7 — serving: a Ray Serve application that recommends the next items for a user history.
+"""Stage 6 — serving: a Ray Serve application that recommends the next items for a user history.
 
 Contract: a finished run (prepare/items + sft/terms + train/model [+ serve/catalog_updates.parquet]) ->
 HTTP API on ``serve.host:serve.port`` (127.0.0.1 by default):
@@ -17,13 +17,18 @@ HTTP API on ``serve.host:serve.port`` (127.0.0.1 by default):
   ``serve.admin_token_env`` when the app is built; only its SHA-256 travels to the replicas).
 
 Deployments (each with its own autoscaling and resources, from ``serve.*``):
-``Ingress`` (FastAPI, validation, fan-out) -> ``Generator`` (the fine-tuned model behind ``TidDecoder``:
-transformers on CPU, vLLM on GPU; requests are batched into one beam search with ``serve.batch``) and
-``Grounder`` (the TID index: EIG, item lookup, history -> text). The catalog lives in one named, detached
-``CatalogRegistry`` actor per app; it versions every update and saves it. Each request carries the
-version the ingress read; a replica that holds an older one pulls the new catalog and swaps its trie /
-index in one assignment before it answers — so an update is served by every replica from the next
-request on, without a restart.
+``Ingress`` (FastAPI, validation, fan-out, retries, metrics) -> ``Generator`` (the fine-tuned model behind
+``TidDecoder``: transformers on CPU, vLLM on GPU; requests are batched into one beam search with
+``serve.batch``), ``Grounder`` (the TID index: EIG, item lookup, history -> text) and ``TermWriter`` (CTG
+for added items, its models resident). The catalog lives in one named, detached ``CatalogRegistry`` actor
+per app; it versions every update and saves it. Each request carries the version the ingress read; a
+replica that holds an older one pulls the new catalog and swaps its trie / index in one assignment before
+it answers — so an update is served by every replica from the next request on, without a restart.
+
+Failures: idempotent calls (everything a recommend / item lookup does) are retried on a live replica when
+theirs died (``Retrier``, ``serve.retry``); a dead registry is re-attached or re-created from the saved
+updates at the same version (``RegistryClient``); a full queue (``max_queued_requests``) is answered 503 +
+Retry-After at once. Metrics: ``ServiceMetrics`` (Prometheus, on Ray's metrics port).
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the `Request` annotations at runtime
