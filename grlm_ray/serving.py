@@ -260,21 +260,25 @@ class RegistryClient:
         self.actor = get_registry(cfg)
 
     async def call(self, method: str, *args: Any, retry: bool = True) -> Any:
+        """``method(*args)`` on the registry; reads are retried until ``serve.request_timeout_s`` (a registry
+        being re-created loads the run's catalog first: seconds for a large one)."""
         r = self.cfg.serve.retry
         wait = r.backoff_s
-        for attempt in range(r.max_attempts if retry else 1):
+        deadline = time.monotonic() + self.cfg.serve.request_timeout_s
+        attempt = 0
+        while True:
             try:
                 return await getattr(self.actor, method).remote(*args)
             except ray.exceptions.RayActorError:
-                if not retry or attempt + 1 >= r.max_attempts:
+                attempt += 1
+                if not retry or time.monotonic() + wait > deadline:
                     raise
-                log.warning("catalog registry unavailable; re-attaching (retry %d)", attempt + 1)
+                log.warning("catalog registry unavailable; re-attaching (retry %d)", attempt)
                 if self.metrics is not None:
                     self.metrics.retries.inc(tags={"target": "registry"})
                 await asyncio.sleep(wait)
                 wait = min(r.max_backoff_s, wait * 2)
                 self.actor = await asyncio.to_thread(get_registry, self.cfg)
-        raise AssertionError("unreachable")
 
 
 class _CatalogFollower:

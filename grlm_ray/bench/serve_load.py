@@ -69,7 +69,8 @@ def _pct(x: np.ndarray, q: float) -> float | None:
 
 def load(url: str, histories: list[list[str]], concurrency: int, n: int, duration: float, k: int,
          timeout: float = 120) -> dict[str, Any]:
-    """``concurrency`` closed-loop clients, at most ``n`` requests within ``duration`` seconds."""
+    """``concurrency`` closed-loop clients, at most ``n`` requests within ``duration`` seconds. A client told
+    503 + Retry-After waits that long before its next request, as a well-behaved client does."""
     deadline = time.time() + duration
     counter = iter(range(n))
     lock = threading.Lock()
@@ -85,6 +86,8 @@ def load(url: str, histories: list[list[str]], concurrency: int, n: int, duratio
             status, lat, body = post(url, {"history": histories[i % len(histories)], "k": k}, timeout)
             with lock:
                 events.append((start, status, lat, body))
+            if status == 503 and body and body.get("retry_after"):
+                time.sleep(min(float(body["retry_after"]), max(0.0, deadline - time.time())))
 
     t0 = time.time()
     with ThreadPoolExecutor(concurrency) as ex:
@@ -103,6 +106,7 @@ def load(url: str, histories: list[list[str]], concurrency: int, n: int, duratio
             "p50_ms": _pct(ok, 50), "p99_ms": _pct(ok, 99), "mean_ms": round(float(ok.mean()), 1) if len(ok) else None,
             "p99_503_ms": _pct(shed, 99),
             "retries": sum(int((b or {}).get("retries") or 0) for _, s, _, b in events if s == 200),
+            "errors_seen": sorted({f"{s}: {str((b or {}).get('error'))[:160]}" for _, s, _, b in events if s != 200})[:5],
             "_events": events}
 
 
