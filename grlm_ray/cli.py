@@ -88,11 +88,12 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     import threading
 
     from grlm_ray.config import load_config
-    from grlm_ray.serving import start, stop
+    from grlm_ray.runtime import init_ray, metrics_url
 
     path, overrides = _split_config(ns.args, required=True)
     cfg = load_config(path, overrides)
-    from grlm_ray.runtime import metrics_url
+    init_ray(cfg.ray)  # before grlm_ray.serving imports ray: a local head's listeners stay on loopback
+    from grlm_ray.serving import start, stop
 
     url = start(cfg)
     print(f"serving {cfg.run.name} at {url}  (POST {url}/v1/recommend, GET {url}/healthz, {url}/docs); "

@@ -120,6 +120,14 @@ def _overloaded(e: BaseException, what: str) -> ApiError:
                     headers={"Retry-After": str(max(1, math.ceil(after)))} if after is not None else None)
 
 
+def _waits(r: Any):
+    """Backoff of ``serve.retry``: backoff_s, doubled each time, at most max_backoff_s."""
+    wait = r.backoff_s
+    while True:
+        yield wait
+        wait = min(r.max_backoff_s, wait * 2)
+
+
 class Retrier:
     """Bounded retries of idempotent calls (``serve.retry``) within a request's deadline; counts them."""
 
@@ -134,7 +142,7 @@ class Retrier:
         from ray.serve.exceptions import BackPressureError
 
         retryable = _retryable()
-        wait = self.r.backoff_s
+        waits = _waits(self.r)
         for attempt in range(self.r.max_attempts):
             try:
                 return await call(), attempt
@@ -143,6 +151,7 @@ class Retrier:
                     self.metrics.shed.inc(tags={"target": what})
                 raise _overloaded(e, what) from None
             except retryable as e:
+                wait = next(waits)
                 left = deadline - time.monotonic()
                 if attempt + 1 >= self.r.max_attempts or left <= wait:
                     raise ApiError(503, f"the {what} is unavailable ({type(e).__name__}) after {attempt + 1} "
@@ -151,7 +160,6 @@ class Retrier:
                 if self.metrics is not None:
                     self.metrics.retries.inc(tags={"target": what})
                 await asyncio.sleep(wait)
-                wait = min(self.r.max_backoff_s, wait * 2)
         raise AssertionError("unreachable")
 
 
@@ -262,8 +270,7 @@ class RegistryClient:
     async def call(self, method: str, *args: Any, retry: bool = True) -> Any:
         """``method(*args)`` on the registry; reads are retried until ``serve.request_timeout_s`` (a registry
         being re-created loads the run's catalog first: seconds for a large one)."""
-        r = self.cfg.serve.retry
-        wait = r.backoff_s
+        waits = _waits(self.cfg.serve.retry)
         deadline = time.monotonic() + self.cfg.serve.request_timeout_s
         attempt = 0
         while True:
@@ -271,13 +278,13 @@ class RegistryClient:
                 return await getattr(self.actor, method).remote(*args)
             except ray.exceptions.RayActorError:
                 attempt += 1
+                wait = next(waits)
                 if not retry or time.monotonic() + wait > deadline:
                     raise
                 log.warning("catalog registry unavailable; re-attaching (retry %d)", attempt)
                 if self.metrics is not None:
                     self.metrics.retries.inc(tags={"target": "registry"})
                 await asyncio.sleep(wait)
-                wait = min(r.max_backoff_s, wait * 2)
                 self.actor = await asyncio.to_thread(get_registry, self.cfg)
 
 

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from grlm_ray.runtime import free_port  # noqa: F401  (re-exported for the tests)
+from grlm_ray.runtime import _LOCAL_ENV, free_port  # noqa: F401  (free_port re-exported for the tests)
+
+# Tests only start local heads: the loopback settings before any test module imports ray (Ray reads them
+# at import time), whatever order the tests run in
+for _k, _v in _LOCAL_ENV.items():
+    os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "amazon2014"

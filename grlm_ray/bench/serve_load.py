@@ -43,11 +43,12 @@ from grlm_ray.bench.common import REPO
 TOKEN_ENV = "GRLM_BENCH_ADMIN_TOKEN"
 
 
-def post(url: str, body: dict, timeout: float = 120) -> tuple[int, float, dict | None]:
+def post(url: str, body: dict, timeout: float = 120, path: str = "/v1/recommend",
+         headers: dict[str, str] | None = None) -> tuple[int, float, dict | None]:
     """(status, seconds, JSON body); status 0 = no HTTP answer (connection error or client timeout)."""
     data = json.dumps(body).encode()
-    req = urllib.request.Request(url + "/v1/recommend", data=data, method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + path, data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     t = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -189,16 +190,6 @@ def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: 
     return r
 
 
-def _admin(url: str, token: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/v1/admin/items", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 def _catalog_updates(url: str, token: str, histories: list[list[str]], n: int, k: int) -> list[dict[str, Any]]:
     """Add ``n`` new items one at a time (the term writer starts with 0 replicas: the first is cold): for each,
     the admin call's time and the time until a recommend call with the item in its history is answered
@@ -210,7 +201,8 @@ def _catalog_updates(url: str, token: str, histories: list[list[str]], n: int, k
                           "Lighted Travel Makeup Mirror, 10x Magnifying"][i % 3],
                 "description": "A new product added while serving.", "categories": ["Beauty"]}
         t0 = time.perf_counter()
-        status, res = _admin(url, token, {"items": [item]})
+        status, _, res = post(url, {"items": [item]}, timeout=600, path="/v1/admin/items",
+                              headers={"Authorization": f"Bearer {token}"})
         t_admin = time.perf_counter() - t0
         if status != 200:
             raise RuntimeError(f"admin items answered {status}: {res}")
@@ -257,8 +249,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.time()
     url = start(cfg)
     startup = time.time() - t
-    print(f"app up at {url} in {startup:.1f}s ({len(histories)} test histories, catalog "
-          f"{len(set(seqs.column('item_ids').combine_chunks().flatten().to_pylist()))} items)", flush=True)
+    items = len(set(seqs.column("item_ids").combine_chunks().flatten().to_pylist()))
+    print(f"app up at {url} in {startup:.1f}s ({len(histories)} test histories, catalog {items} items)", flush=True)
     for h in histories[:4]:  # warm-up
         post(url, {"history": h, "k": args.k})
     try:
@@ -293,7 +285,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             updates.unlink(missing_ok=True)
         else:
             updates.write_bytes(saved)
-    items = len(set(seqs.column("item_ids").combine_chunks().flatten().to_pylist()))
     return {"app": {"config": args.config, "run": cfg.run.name, "catalog_items": items,
                     "generator_replicas": 2, "grounder_replicas": 2, "backend": cfg.serve.backend,
                     "num_beams": args.beams, "k": args.k, "constrained": True,
