@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from grlm_ray.config import BaselineConfig, GrlmConfig
 from grlm_ray.schemas import PREDICTIONS, SEQUENCES, TARGETS
-from grlm_ray.pipeline import reads
+from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -217,5 +217,5 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
                          "model_cache": cached,
                          "eval_seconds": round(eval_s, 2), "items": len(items), "train_users": len(train)})
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "baseline", "eval"), body,
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
                      resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"sequences": store.uri(f"{cfg.run.name}/prepare/sequences.parquet")})

@@ -36,9 +36,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 def _stage_cmd(stage: str):
     def run(ns: argparse.Namespace) -> int:
         from grlm_ray.config import load_config
-        from grlm_ray.pipeline import format_summary, run_pipeline
-
-        from grlm_ray.pipeline import upstream
+        from grlm_ray.pipeline import format_summary, run_pipeline, upstream
 
         path, overrides = _split_config(ns.args, required=True)
         cfg = load_config(path, overrides)
@@ -148,15 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help="default: configs/demo.yaml")
     d.set_defaults(fn=_cmd_demo)
 
-    for verb, stage, text in (("prep", "prepare", "stage 1: prepare catalog, sequences and targets"),
-                              ("embed", "embed", "stage 2: sentence embeddings of item text (Ray Data)"),
-                              ("neighbors", "neighbors", "stage 2: top-k cosine neighbours (Ray Data, faiss)"),
-                              ("ctg", "ctg", "stage 3: Context-aware Term Generation with an LLM (Ray Data)"),
-                              ("compress", "compress", "stage 3: semantic compression sweep over K (MLflow)"),
-                              ("sft", "sft", "stage 4: IIFT instruction data (GTI, sequence, collaborative tasks)"),
-                              ("train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)"),
-                              ("eval", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)"),
-                              ("baseline", "baseline", "SASRec (CE or BCE) and popularity on GRLM's splits and users")):
+    from grlm_ray.registry import REGISTRY
+
+    for spec in REGISTRY:  # one verb per stage of the declared graph
+        verb, stage, text = spec.verb, spec.name, spec.help
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
         sp.set_defaults(fn=_stage_cmd(stage))

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig
 from grlm_ray.schemas import ITEMS, TERMS
-from grlm_ray.pipeline import reads
+from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 from grlm_ray.terms import colliding_items, resolve_terms_table
 
@@ -124,7 +124,7 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({"source": src_stage, "sweep": rows})
         _log_sweep(cfg, rows)
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "ctg", "compress", "embed"), body,
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
                      resume=cfg.run.resume, after=reads(STAGE, cfg),
                      inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/terms.parquet")})
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from grlm_ray.config import CTGConfig, GrlmConfig
 from grlm_ray.schemas import ITEMS, NEIGHBORS, TERMS
-from grlm_ray.pipeline import reads
+from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 from grlm_ray.terms import STOPWORDS, base_form, colliding_items, resolve_terms_table, text_words
 
@@ -360,7 +360,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             "prompt_example": None if c.method == "lexical" else build_messages(by_id[ids[0]], [by_id[j] for j in nbrs.get(ids[0], [])[: c.num_neighbors] if j in by_id], c) if ids else None,
         })
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "embed", "neighbors", "ctg"), body,
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
                      resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
 
 

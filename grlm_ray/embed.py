@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig
 from grlm_ray.schemas import EMBEDDINGS, ITEMS
-from grlm_ray.pipeline import reads
+from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def embed(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({"model": cfg.embed.model, "dim": dim, "items_without_text": no_text,
                          "workers": cfg.embed.num_workers})
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "embed"), body,
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
                      resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
 
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig
 from grlm_ray.schemas import ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
-from grlm_ray.pipeline import reads
+from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                          "users_per_second": round(len(queries) / seconds, 3) if seconds > 0 else None})
 
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "sft", "model", "train", "eval"),
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE),
                      body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"model": store.uri(f"{cfg.run.name}/train/model")})
 
 

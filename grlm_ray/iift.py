@@ -29,7 +29,7 @@ from grlm_ray import faults
 from grlm_ray.config import GrlmConfig, ModelConfig, TrainConfig
 from grlm_ray.errors import ConfigError
 from grlm_ray.schemas import ITEMS, SFT, TERMS
-from grlm_ray.pipeline import reads
+from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -900,9 +900,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "model_dir": ctx.store.uri(ctx.rel("model")), "checkpoint": result.checkpoint.path,
         })
 
-    # the sentence embedder shapes the initial weights under model.embed_init=embedder
-    sections = ("data", "sft", "model", "train") + (("embed",) if m.embed_init == "embedder" else ())
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash(*sections),
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE),
                      body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"sft": store.uri(f"{cfg.run.name}/sft/sft.parquet")})
 
 

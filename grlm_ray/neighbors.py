@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig, NeighborsConfig
 from grlm_ray.schemas import EMBEDDINGS, NEIGHBORS
-from grlm_ray.pipeline import reads
+from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 
 STAGE = "neighbors"
@@ -126,6 +126,6 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({"index": kind, "k": cfg.neighbors.k, "items": n,
                          "items_with_fewer_than_k": int((valid.sum(axis=1) < idx.shape[1]).sum())})
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data", "embed", "neighbors"), body,
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
                      resume=cfg.run.resume, after=reads(STAGE, cfg),
                      inputs={"embeddings": store.uri(f"{cfg.run.name}/embed/embeddings.parquet")})

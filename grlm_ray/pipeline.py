@@ -9,7 +9,9 @@ from typing import Any
 
 from grlm_ray.config import AmazonRawSource, BundleSource, ByoSource, GrlmConfig
 from grlm_ray.errors import ConfigError
+from grlm_ray.registry import DEMO_STAGES, STAGES, reads, stage, upstream  # noqa: F401 (the graph, re-exported)
 from grlm_ray.storage import Store
+from grlm_ray.tracking import log_stage
 
 log = logging.getLogger(__name__)
 
@@ -50,41 +52,6 @@ def save_resolved_config(cfg: GrlmConfig) -> str:
     return store.uri(rel)
 
 
-STAGES = ("prepare", "embed", "neighbors", "ctg", "compress", "sft", "train", "eval", "baseline")  # in order
-DEMO_STAGES = ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")
-
-
-def reads(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
-    """The stages whose outputs ``stage`` reads directly; its key chains theirs (``storage.run_stage``)."""
-    terms_stage = {"ctg": "ctg", "provided": "prepare", "compress": "compress"}[cfg.sft.terms]
-    direct = {
-        "prepare": (),
-        "embed": ("prepare",),
-        "neighbors": ("embed",),
-        "ctg": ("prepare", "neighbors"),
-        "compress": ("prepare",) if cfg.compress.source == "provided" else ("prepare", "embed", "ctg"),
-        "sft": ("prepare", terms_stage),
-        "train": ("sft",),
-        "eval": ("prepare", "sft", "train"),
-        "baseline": ("prepare",),
-    }
-    if stage not in direct:
-        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    return tuple(dict.fromkeys(direct[stage]))
-
-
-def upstream(stage: str, cfg: GrlmConfig) -> tuple[str, ...]:
-    """The stages ``stage`` needs, in pipeline order, ending with itself (finished ones are skipped when run)."""
-    need: set[str] = set()
-    todo = [stage]
-    while todo:
-        s = todo.pop()
-        if s not in need:
-            need.add(s)
-            todo.extend(reads(s, cfg))
-    return tuple(s for s in STAGES if s in need)
-
-
 def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> dict[str, Any]:
     """Run the named stages in order; finished stages are skipped, half-done ones resume."""
     problems = check_inputs(cfg)
@@ -92,32 +59,10 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
         raise ConfigError("config checks failed:\n  " + "\n  ".join(problems))
     t0 = time.time()
     results: dict[str, Any] = {"config": save_resolved_config(cfg), "stages": {}}
-    for stage in stages:
-        if stage == "prepare":
-            from grlm_ray.prepare import prepare as fn
-        elif stage == "embed":
-            from grlm_ray.embed import embed as fn
-        elif stage == "neighbors":
-            from grlm_ray.neighbors import neighbors as fn
-        elif stage == "ctg":
-            from grlm_ray.ctg import ctg as fn
-        elif stage == "compress":
-            from grlm_ray.compress import compress as fn
-        elif stage == "sft":
-            from grlm_ray.sft import sft as fn
-        elif stage == "train":
-            from grlm_ray.iift import train as fn
-        elif stage == "eval":
-            from grlm_ray.evaluate import evaluate_stage as fn
-        elif stage == "baseline":
-            from grlm_ray.baselines import baseline_stage as fn
-        else:
-            raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-        manifest = fn(cfg)
-        results["stages"][stage] = manifest
-        from grlm_ray.tracking import log_stage
-
-        manifest["mlflow_run_id"] = log_stage(cfg, stage, manifest, texts=_stage_texts(cfg, stage, manifest))
+    for name in stages:
+        manifest = stage(name).function()(cfg)
+        results["stages"][name] = manifest
+        manifest["mlflow_run_id"] = log_stage(cfg, name, manifest, texts=_stage_texts(cfg, name, manifest))
     if "prepare" in stages:
         from grlm_ray.stats import dataset_stats
 

@@ -29,7 +29,7 @@ from grlm_ray.decoding import END_MARKER, TID_START
 from grlm_ray.eig import tid_text
 from grlm_ray.errors import DataError
 from grlm_ray.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
-from grlm_ray.pipeline import reads
+from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -263,8 +263,7 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
             "example": {t: samples[t][0] for t in samples if samples[t]},
         })
 
-    key = f"{cfg.section_hash('data', 'sft')}-{PROMPT_VERSION}"
-    return run_stage(store, cfg.run.name, STAGE, key, body, resume=cfg.run.resume, after=reads(STAGE, cfg),
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE, PROMPT_VERSION), body, resume=cfg.run.resume, after=reads(STAGE, cfg),
                      inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/{src_file}")})
 
 

@@ -17,13 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from grlm_ray import registry
 from grlm_ray.config import GrlmConfig
 
 log = logging.getLogger(__name__)
-
-STAGE_SECTIONS = {"prepare": ("data",), "embed": ("data", "embed"), "neighbors": ("neighbors",),
-                  "ctg": ("ctg",), "compress": ("compress",), "sft": ("sft",), "train": ("sft", "model", "train"),
-                  "eval": ("eval",), "baseline": ("baseline", "eval")}
 
 
 def tracking_uri(cfg: GrlmConfig) -> str:
@@ -58,12 +55,11 @@ def upstream_runs(cfg: GrlmConfig, stage: str) -> dict[str, str]:
     """MLflow run ids of the stages ``stage`` read, as finished for this run (name + config hash)."""
     import mlflow
 
-    from grlm_ray.pipeline import upstream
     from grlm_ray.storage import Store, read_manifest
 
     store = Store(cfg.run.root, cfg.run.s3)
     out = {}
-    for up in upstream(stage, cfg)[:-1]:
+    for up in registry.upstream(stage, cfg)[:-1]:
         m = read_manifest(store, cfg.run.name, up)
         if not m or not m.get("config_hash"):
             continue
@@ -110,7 +106,7 @@ def log_stage(cfg: GrlmConfig, stage: str, manifest: dict[str, Any],
                          "grlm.config_hash": manifest.get("config_hash", ""), "grlm.root": cfg.run.root,
                          **upstream_runs(cfg, stage)})
         params = {}
-        for section in STAGE_SECTIONS.get(stage, ()):
+        for section in registry.stage(stage).tracked:
             params.update(flatten(getattr(cfg, section).model_dump(mode="json"), section))
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         metrics = {metric_key(k): float(v) for k, v in flatten(manifest.get("info", {})).items()

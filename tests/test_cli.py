@@ -23,6 +23,11 @@ def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local, model_c
     assert "users" in out and re.search(r"^\s+GRLM\s+[0-9.]+", out, re.M) and "popularity" in out
     assert (tmp_path / "demo" / "config.yaml").is_file()
     assert (tmp_path / "demo" / "train" / "model" / "grlm_model.json").is_file()
+    from grlm_ray.registry import stage
+
+    for name in stages:  # what the stage graph declares is there
+        for out_name in stage(name).outputs:
+            assert (tmp_path / "demo" / name / out_name).exists(), (name, out_name)
     manifest = json.loads((tmp_path / "demo" / "prepare" / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["outputs"]["sequences.parquet"] > 50
     assert main(args) == 0

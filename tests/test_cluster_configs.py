@@ -12,10 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config_args(cmd: str) -> tuple[Path, list[str]]:
-    """`python jobs/x.py CONFIG k=v ...` -> (entrypoint, [CONFIG, overrides...])."""
+    """`python jobs/grlm.py VERB CONFIG k=v ...` -> (entrypoint, [CONFIG, overrides...])."""
     parts = shlex.split(cmd)
     i = next(n for n, p in enumerate(parts) if re.fullmatch(r"jobs/\w+\.py", p))
-    return REPO / parts[i], parts[i + 1:]
+    return REPO / parts[i], parts[i + 2:]
 
 
 def _load(args: list[str]):
@@ -94,14 +94,38 @@ def test_runtime_env_uploads_code_not_data_and_holds_no_secrets():
     assert not any(re.search(r"SECRET|(^|_)TOKEN($|_)|PASSWORD|ACCESS_KEY", k) for k in doc.get("env_vars", {}))
 
 
-@pytest.mark.parametrize("entry", sorted((REPO / "jobs").glob("*.py")), ids=lambda p: p.name)
-def test_every_job_entrypoint_calls_a_cli_verb(entry):
-    from grlm_ray.cli import build_parser
+def _job_commands() -> list[tuple[Path, str]]:
+    """Every `jobs/grlm.py VERB CONFIG ...` written in the repo's docs, configs and cluster files."""
+    files = [REPO / "README.md", *(REPO / "cluster").rglob("*.*"), *(REPO / "configs").rglob("*.yaml"),
+             *(REPO / "jobs").glob("*.*")]
+    out = []
+    for f in files:
+        for m in re.finditer(r"jobs/grlm\.py ([\w-]+) ((?:configs/)?[\w/.-]+\.yaml)?", f.read_text()):
+            out.append((f, m.group(0)))
+    return out
 
-    text = entry.read_text()
-    verb = re.search(r'main\(\["([\w-]+)"', text).group(1)
+
+def test_the_job_entrypoint_runs_every_cli_verb_and_every_usage_names_real_things():
+    """One `ray job submit` entrypoint (jobs/grlm.py) for every verb: the stage registry's and the rest."""
+    import subprocess
+    import sys
+
+    from grlm_ray.cli import build_parser
+    from grlm_ray.registry import REGISTRY
+
+    assert sorted(p.name for p in (REPO / "jobs").glob("*.py")) == ["grlm.py"]
+    r = subprocess.run([sys.executable, "jobs/grlm.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for s in REGISTRY:
+        assert s.verb in r.stdout and s.help in " ".join(r.stdout.split()), s.name
     parser = build_parser()
-    assert parser.parse_args([verb, "configs/demo.yaml"]).verb == verb
-    # the usage line in the docstring names files that exist
-    for path in re.findall(r"(configs/[\w/.-]+\.yaml|jobs/[\w.]+\.(?:py|yaml))", text):
-        assert (REPO / path).is_file(), path
+    uses = _job_commands()
+    assert len(uses) >= 10  # README, cluster files, every paper / iift config's usage line
+    for where, use in uses:
+        parts = use.split()
+        verb = parts[1]
+        if verb == "VERB":  # the generic usage line
+            continue
+        assert parser.parse_args([verb, "configs/demo.yaml"]).verb == verb, (where, use)
+        if len(parts) > 2 and parts[2].startswith("configs/"):
+            assert (REPO / parts[2]).is_file(), (where, use)

@@ -74,7 +74,7 @@ def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path, model_cache):
                  f"ctg.llm.cache_dir={model_cache}", f"model.cache_dir={model_cache}", *TINY,
                  "train.max_steps=4", "eval.limit_users=6", "eval.num_beams=4", "eval.max_new_tokens=16"]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml",
-           "--submission-id", "grlm-demo-test", "--", sys.executable, "jobs/pipeline.py", "configs/demo.yaml",
+           "--submission-id", "grlm-demo-test", "--", sys.executable, "jobs/grlm.py", "demo", "configs/demo.yaml",
            *overrides]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]

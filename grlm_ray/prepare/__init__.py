@@ -27,6 +27,7 @@ import pyarrow as pa
 from grlm_ray.config import (AmazonRawSource, BundleSource, ByoSource, DataConfig, GrlmConfig,
                              SyntheticSource)
 from grlm_ray.errors import DataError
+from grlm_ray.registry import stage_key
 from grlm_ray.prepare import core
 from grlm_ray.schemas import ITEMS, RAW_TEXT, REJECTS, SEQUENCES, TARGETS, TERMS, check_references
 from grlm_ray.storage import StageContext, Store, run_stage
@@ -290,5 +291,5 @@ def prepare(cfg: GrlmConfig) -> dict[str, Any]:
             "domains": {d.name: d.info for d in parts}, "merge": merge_info, "rejects": counts,
         })
 
-    return run_stage(store, cfg.run.name, STAGE, cfg.section_hash("data"), body, resume=cfg.run.resume,
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body, resume=cfg.run.resume,
                      inputs={n: s.model_dump_json() for n, s in cfg.data.domains.items()})

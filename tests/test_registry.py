@@ -1,0 +1,47 @@
+"""The declared stage graph (grlm_ray/registry.py) against the code that runs it. No Ray, no models."""
+
+import importlib
+
+import pytest
+
+from grlm_ray.config import GrlmConfig, load_config
+from grlm_ray.registry import DEMO_STAGES, REGISTRY, STAGES, reads, stage, stage_key, upstream
+
+
+@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+def test_every_record_names_a_stage_module_that_runs_under_its_name(spec):
+    module = importlib.import_module(spec.entry.split(":")[0])
+    assert module.STAGE == spec.name  # the name the module's manifests are written under
+    assert callable(spec.function())
+    fields = set(GrlmConfig.model_fields)
+    assert set(spec.sections) <= fields and set(spec.tracked) <= fields and spec.sections
+    assert spec.help and spec.outputs is not None
+
+
+def test_the_graph_is_ordered_acyclic_and_its_verbs_unique():
+    assert len({s.verb for s in REGISTRY}) == len(REGISTRY)
+    for terms in ("ctg", "provided", "compress"):
+        cfg = load_config(None, [f"sft.terms={terms}", "sft.compress_k=64"])
+        for s in REGISTRY:
+            for up in reads(s.name, cfg):  # a stage reads only stages that come before it
+                assert STAGES.index(up) < STAGES.index(s.name), (s.name, up)
+    assert DEMO_STAGES == ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")
+
+
+def test_a_stage_key_moves_with_its_own_sections_only():
+    base = load_config(None, [])
+    assert stage_key(base, "eval") != stage_key(load_config(None, ["eval.num_beams=3"]), "eval")
+    assert stage_key(base, "ctg") == stage_key(load_config(None, ["eval.num_beams=3"]), "ctg")
+    # the embedder initialises the weights only under model.embed_init=embedder
+    emb = ["model.embed_init=embedder"]
+    assert stage_key(load_config(None, emb), "train") != stage_key(load_config(None, emb + ["embed.batch_size=7"]), "train")
+    assert stage_key(base, "train") == stage_key(load_config(None, ["embed.batch_size=7"]), "train")
+    assert stage_key(base, "sft", "v9").endswith("-v9")
+    assert upstream("eval", base)[-1] == "eval"
+
+
+def test_an_unknown_stage_is_a_clear_error():
+    from grlm_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown stage 'nope'; known: prepare, embed"):
+        stage("nope")
