@@ -114,17 +114,11 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
 def _log(cfg: GrlmConfig, out: dict[str, Any], png: bytes) -> str | None:
     if not cfg.tracking.enabled:
         return None
-    import tempfile
-
     import mlflow
 
-    from grlm_ray.tracking import experiment_name, metric_key, tracking_uri
+    from grlm_ray.tracking import log_bytes, metric_key, open_run, run_name
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(experiment_name(cfg))
-    with mlflow.start_run(run_name=f"{cfg.run.name}-compare-ks{'-'.join(map(str, sorted(set(cfg.compress.ks))))}"
-                                   f"-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": "compare", "grlm.root": cfg.run.root})
+    with open_run(cfg, "compare", run_name(cfg, f"compare-ks{'-'.join(map(str, sorted(set(cfg.compress.ks))))}")) as run:
         mlflow.log_params({"compress/ks": str(sorted(set(cfg.compress.ks))), "compress/source": cfg.compress.source})
         for r in out["rows"]:
             for key in ("recall_at_10", "ndcg_at_10", "vocab"):
@@ -132,10 +126,7 @@ def _log(cfg: GrlmConfig, out: dict[str, Any], png: bytes) -> str | None:
                     mlflow.log_metric(metric_key(f"{r['variant']}/{key}"), float(r[key]))
         mlflow.log_dict(out, "comparison.json")
         mlflow.log_text(to_csv(out["rows"]), "comparison.csv")
-        with tempfile.TemporaryDirectory() as d:
-            with open(f"{d}/comparison.png", "wb") as f:
-                f.write(png)
-            mlflow.log_artifact(f"{d}/comparison.png")
+        log_bytes(png, "comparison.png")
         return run.info.run_id
 
 

@@ -137,19 +137,15 @@ def _log_sweep(cfg: GrlmConfig, rows: list[dict[str, Any]]) -> None:
 
     import mlflow
 
-    from grlm_ray.tracking import experiment_name, tracking_uri
+    from grlm_ray.tracking import open_run
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(experiment_name(cfg))
-    with mlflow.start_run(run_name=f"{cfg.run.name}-compress-sweep") as parent:
-        mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": "compress"})
+    with open_run(cfg, STAGE, f"{cfg.run.name}-compress-sweep") as parent:
         mlflow.log_text(json.dumps(rows, indent=2), "sweep.json")
         with tempfile.TemporaryDirectory() as d:
             plot_sweep(rows, f"{d}/compression_sweep.png")
             mlflow.log_artifact(f"{d}/compression_sweep.png")
         for r in rows:
-            with mlflow.start_run(run_name=f"{cfg.run.name}-compress-k{r['k']}", nested=True,
-                                  parent_run_id=parent.info.run_id):
-                mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": "compress", "grlm.compress_k": str(r["k"])})
+            with open_run(cfg, STAGE, f"{cfg.run.name}-compress-k{r['k']}", parent_run_id=parent.info.run_id,
+                          tags={"grlm.compress_k": str(r["k"])}):
                 mlflow.log_param("compress/k", r["k"])
                 mlflow.log_metrics({k: float(v) for k, v in r.items() if k != "k"})

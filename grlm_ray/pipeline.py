@@ -9,11 +9,13 @@ from typing import Any
 
 from grlm_ray.config import AmazonRawSource, BundleSource, ByoSource, GrlmConfig
 from grlm_ray.errors import ConfigError
-from grlm_ray.registry import DEMO_STAGES, STAGES, reads, stage, upstream  # noqa: F401 (the graph, re-exported)
+from grlm_ray import registry
+from grlm_ray.registry import DEMO_STAGES, STAGES, reads, upstream
 from grlm_ray.storage import Store
 from grlm_ray.tracking import log_stage
 
 log = logging.getLogger(__name__)
+__all__ = ["DEMO_STAGES", "STAGES", "check_inputs", "format_summary", "reads", "run_pipeline", "upstream"]
 
 
 def check_inputs(cfg: GrlmConfig) -> list[str]:
@@ -60,7 +62,7 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
     t0 = time.time()
     results: dict[str, Any] = {"config": save_resolved_config(cfg), "stages": {}}
     for name in stages:
-        manifest = stage(name).function()(cfg)
+        manifest = registry.stage(name).function()(cfg)
         results["stages"][name] = manifest
         manifest["mlflow_run_id"] = log_stage(cfg, name, manifest, texts=_stage_texts(cfg, name, manifest))
     if "prepare" in stages:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import math
 import re
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from grlm_ray import registry
 from grlm_ray.config import GrlmConfig
@@ -57,6 +59,7 @@ def upstream_runs(cfg: GrlmConfig, stage: str) -> dict[str, str]:
 
     from grlm_ray.storage import Store, read_manifest
 
+    mlflow.set_tracking_uri(tracking_uri(cfg))
     store = Store(cfg.run.root, cfg.run.s3)
     out = {}
     for up in registry.upstream(stage, cfg)[:-1]:
@@ -71,6 +74,42 @@ def upstream_runs(cfg: GrlmConfig, stage: str) -> dict[str, str]:
         if found:
             out[f"grlm.upstream.{up}"] = found[0].info.run_id
     return out
+
+
+@contextmanager
+def open_run(cfg: GrlmConfig, stage: str, name: str, *, run_id: str | None = None,
+             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """The one place a grlm MLflow run is opened: this config's store and experiment, tagged with the run
+    name, stage and root (``grlm.*``); ``run_id`` re-opens a run, ``parent_run_id`` nests one."""
+    import mlflow
+
+    if not parent_run_id:  # a nested run lives in its parent's store and experiment
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        mlflow.set_experiment(experiment_name(cfg))
+    if run_id:
+        ctx = mlflow.start_run(run_id=run_id)
+    elif parent_run_id:
+        ctx = mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id)
+    else:
+        ctx = mlflow.start_run(run_name=name)
+    with ctx as run:
+        mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": stage, "grlm.root": cfg.run.root, **(tags or {})})
+        yield run
+
+
+def run_name(cfg: GrlmConfig, what: str) -> str:
+    """``<run>-<what>-<time>``: how every grlm MLflow run is named."""
+    return f"{cfg.run.name}-{what}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def log_bytes(data: bytes, filename: str) -> None:
+    """Attach bytes (a PNG, a CSV) to the active run as ``filename``."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / filename
+        path.write_bytes(data)
+        mlflow.log_artifact(str(path))
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -97,14 +136,9 @@ def log_stage(cfg: GrlmConfig, stage: str, manifest: dict[str, Any],
         return None
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(experiment_name(cfg))
-    name = f"{cfg.run.name}-{stage}-{run_label(cfg, stage)}-{time.strftime('%Y%m%d-%H%M%S')}"
     existing = (manifest.get("info") or {}).get("mlflow_run_id")  # a stage that logged while it ran
-    with (mlflow.start_run(run_id=existing) if existing else mlflow.start_run(run_name=name)) as run:
-        mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": stage,
-                         "grlm.config_hash": manifest.get("config_hash", ""), "grlm.root": cfg.run.root,
-                         **upstream_runs(cfg, stage)})
+    with open_run(cfg, stage, run_name(cfg, f"{stage}-{run_label(cfg, stage)}"), run_id=existing,
+                  tags={"grlm.config_hash": manifest.get("config_hash", ""), **upstream_runs(cfg, stage)}) as run:
         params = {}
         for section in registry.stage(stage).tracked:
             params.update(flatten(getattr(cfg, section).model_dump(mode="json"), section))
@@ -131,7 +165,7 @@ def start_stage_run(cfg: GrlmConfig, stage: str, label: str) -> str:
     mlflow.set_tracking_uri(tracking_uri(cfg))
     exp = mlflow.set_experiment(experiment_name(cfg))
     client = MlflowClient(tracking_uri(cfg))
-    run = client.create_run(exp.experiment_id, run_name=f"{cfg.run.name}-{stage}-{label}-{time.strftime('%Y%m%d-%H%M%S')}",
+    run = client.create_run(exp.experiment_id, run_name=run_name(cfg, f"{stage}-{label}"),
                             tags={"grlm.run": cfg.run.name, "grlm.stage": stage, "grlm.root": cfg.run.root})
     return run.info.run_id
 
@@ -147,10 +181,7 @@ def log_diagnostics(cfg: GrlmConfig, report: dict[str, Any]) -> str:
     """One MLflow run (grlm.stage=diagnose) with the diagnostics as metrics and the whole report as JSON."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(experiment_name(cfg))
-    with mlflow.start_run(run_name=f"{cfg.run.name}-diagnose-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": "diagnose", **upstream_runs(cfg, "eval")})
+    with open_run(cfg, "diagnose", run_name(cfg, "diagnose"), tags=upstream_runs(cfg, "eval")) as run:
         mlflow.log_params({k: str(v) for k, v in report["format"].items()})
         metrics = {metric_key(f"diagnose/{k}"): float(v) for k, v in flatten(report).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}

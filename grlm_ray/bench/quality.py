@@ -226,12 +226,9 @@ def _log(cfg: GrlmConfig, out: dict[str, Any]) -> str | None:
         return None
     import mlflow
 
-    from grlm_ray.tracking import experiment_name, metric_key, tracking_uri
+    from grlm_ray.tracking import log_bytes, metric_key, open_run, run_name
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(experiment_name(cfg))
-    with mlflow.start_run(run_name=f"{cfg.run.name}-bench-quality-{cfg.bench.mode}-{time.strftime('%Y%m%d-%H%M%S')}") as r:
-        mlflow.set_tags({"grlm.run": cfg.run.name, "grlm.stage": "bench-quality", "grlm.root": cfg.run.root})
+    with open_run(cfg, "bench-quality", run_name(cfg, f"bench-quality-{cfg.bench.mode}")) as r:
         mlflow.log_params({"bench/mode": cfg.bench.mode, "bench/users": out["sample"]["users"],
                            "bench/user_ids_sha1": out["sample"]["user_ids_sha1"]})
         for row in out["rows"]:
@@ -239,12 +236,7 @@ def _log(cfg: GrlmConfig, out: dict[str, Any]) -> str | None:
                 if isinstance(row.get(key), (int, float)):
                     mlflow.log_metric(metric_key(f"{row['model']}/{key}".replace(" ", "_")), float(row[key]))
         mlflow.log_dict(out, "quality.json")
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            with open(f"{d}/quality.png", "wb") as f:
-                f.write(plot(out["rows"], f"{cfg.run.name}, {out['sample']['users']} test users ({cfg.bench.mode})"))
-            mlflow.log_artifact(f"{d}/quality.png")
+        log_bytes(plot(out["rows"], f"{cfg.run.name}, {out['sample']['users']} test users ({cfg.bench.mode})"), "quality.png")
         return r.info.run_id
 
 
