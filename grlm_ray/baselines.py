@@ -174,9 +174,9 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
     c, e = cfg.baseline, cfg.eval
 
     def body(ctx: StageContext) -> None:
-        from grlm_ray.evaluate import popularity_ranking, select_targets
+        from grlm_ray.protocol import popularity_ranking, select_targets
         from grlm_ray.metrics import evaluate
-        from grlm_ray.sft import domain_lookup, training_sequences
+        from grlm_ray.textformat import domain_lookup, training_sequences
 
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")

@@ -61,8 +61,8 @@ class Catalog:
 
 def load_catalog(cfg: GrlmConfig, store: Store | None = None) -> Catalog:
     """The run's catalog: its items, the TIDs the model was trained with, and saved updates."""
-    from grlm_ray.evaluate import popularity_ranking
-    from grlm_ray.sft import training_sequences
+    from grlm_ray.protocol import popularity_ranking
+    from grlm_ray.textformat import training_sequences
 
     store = store or Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name
@@ -142,19 +142,19 @@ class CatalogTermWriter:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from grlm_ray.embed import load_matrix
+        from grlm_ray.schemas import embedding_matrix
         from grlm_ray.models import resolve_model_path
 
         self.cfg = cfg
         store = store or Store(cfg.run.root, cfg.run.s3)
         emb_t = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
         self.base_ids = emb_t.column("item_id").to_pylist()
-        self.base = load_matrix(emb_t)
+        self.base = embedding_matrix(emb_t)
         torch.set_num_threads(max(1, threads))
         self.encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
         self.llm = None
         if cfg.ctg.method == "llm":
-            from grlm_ray.ctg import TermWriter
+            from grlm_ray.termgen import TermWriter
             from grlm_ray.generation import resolve_llm_path
 
             self.llm = TermWriter(resolve_llm_path(cfg.ctg.llm), cfg.ctg, threads)
@@ -184,8 +184,8 @@ class CatalogTermWriter:
     def __call__(self, catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import json
 
-        from grlm_ray.ctg import build_messages
-        from grlm_ray.embed import item_text
+        from grlm_ray.termgen import build_messages
+        from grlm_ray.textformat import item_text
 
         c = self.cfg.ctg
         texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],

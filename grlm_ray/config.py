@@ -263,7 +263,7 @@ class SFTConfig(StrictModel):
     # tid_title = ``TID | title`` (the paper's format), tid = ``TID |`` only, tid_title_input = ``TID | title``
     # with the title tokens of completions left out of the loss (the model reads titles, writes TIDs)
     item_text: Literal["tid_title", "tid", "tid_title_input"] = "tid_title"
-    prompt: Literal["full", "short"] = "full"  # instruction wording (sft.PROMPTS): short = one word per task
+    prompt: Literal["full", "short"] = "full"  # instruction wording (textformat.PROMPTS): short = one word per task
     seed: int = 0
 
     @model_validator(mode="after")

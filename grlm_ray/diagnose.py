@@ -3,7 +3,7 @@
 Four measurements on a finished ``train`` stage (written to ``train/diagnostics.json`` and MLflow):
 
 - **alignment**: for real users, the tokens evaluation feeds the model (the rendered history prompt,
-  built by ``evaluate.build_queries``) followed by the trie's tokens of the next item's TID must be
+  built by ``protocol.build_queries``) followed by the trie's tokens of the next item's TID must be
   exactly a prefix of that user's training sample tokens (same chat-template tokens, positions, history
   window); and a left-padded batch (as evaluation pads) must give the same next-token log-probs as each
   prompt alone (position ids follow the padding).
@@ -29,19 +29,19 @@ from grlm_ray.storage import Store
 
 def token_kinds(completion: str, offsets: list[tuple[int, int]], n_tokens: int) -> list[str]:
     """Kind of each completion token: tid / end / title / newline / eot (tokens past the text)."""
-    from grlm_ray.sft import TID_END
+    from grlm_ray.decoding import END_MARKER
 
     kinds = []
     starts = []  # (start, end, kind) character ranges of the completion
     pos = 0
     for line in completion.split("\n"):
-        cut = line.find(TID_END)
+        cut = line.find(END_MARKER)
         if cut < 0:
             starts.append((pos, pos + len(line), "tid"))
         else:
             starts.append((pos, pos + cut, "tid"))
-            starts.append((pos + cut, pos + cut + len(TID_END), "end"))
-            starts.append((pos + cut + len(TID_END), pos + len(line), "title"))
+            starts.append((pos + cut, pos + cut + len(END_MARKER), "end"))
+            starts.append((pos + cut + len(END_MARKER), pos + len(line), "title"))
         starts.append((pos + len(line), pos + len(line) + 1, "newline"))
         pos += len(line) + 1
     for j in range(n_tokens):
@@ -82,8 +82,8 @@ def alignment(cfg: GrlmConfig, tokenizer: Any, model: Any, items: Any, seqs: Any
 
     from grlm_ray.decoding import TransformersScorer, tid_token_seqs
     from grlm_ray.eig import tid_text
-    from grlm_ray.evaluate import build_queries
-    from grlm_ray.sft import history_prompt, line_writer, seq_prompt, training_sequences
+    from grlm_ray.protocol import build_queries
+    from grlm_ray.textformat import history_prompt, line_writer, seq_prompt, training_sequences
     from grlm_ray.tokens import encode_all, render_prompt
 
     train_seqs = training_sequences(seqs, targets)
@@ -177,7 +177,7 @@ def diagnose(cfg: GrlmConfig, users: int = 300, rows: int = 400) -> dict[str, An
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grlm_ray.evaluate import build_queries
+    from grlm_ray.protocol import build_queries
     from grlm_ray.vocab import tokens_per_tid
     from grlm_ray.eig import tid_text
 

@@ -15,24 +15,11 @@ import pyarrow as pa
 from grlm_ray.config import GrlmConfig
 from grlm_ray.schemas import EMBEDDINGS, ITEMS
 from grlm_ray.registry import reads, stage_key
+from grlm_ray.textformat import item_text
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
 STAGE = "embed"
-
-
-def item_text(title: str, description: str, categories: list[str], brand: str, category: str,
-              max_chars: int) -> str:
-    """The text an item is known by: title, description, categories, brand (empty parts skipped)."""
-    parts = [title.strip(), description.strip()]
-    if categories:
-        parts.append("Categories: " + ", ".join(categories))
-    if brand.strip():
-        parts.append("Brand: " + brand.strip())
-    text = ". ".join(p for p in parts if p)
-    if not text:  # no text at all: the category name is all we know (counted in the manifest)
-        text = category or "item"
-    return text[:max_chars]
 
 
 class SentenceEncoder:
@@ -99,10 +86,3 @@ def embed(cfg: GrlmConfig) -> dict[str, Any]:
 
     return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
                      resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
-
-
-def load_matrix(table: pa.Table) -> np.ndarray:
-    """embeddings table -> [n_items, dim] float32 (zero copy where possible)."""
-    col = table.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)

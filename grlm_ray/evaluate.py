@@ -6,7 +6,7 @@ eval/metrics.json (overall and per domain, the protocol choices, and popularity 
 Users are sharded over a Ray Data actor pool; each actor holds the model, the token trie of every
 catalog TID (constrained decoding) and the TID index (EIG). The history of a target is every item
 before its position in the user's sequence (the last ``sft.max_history``), written with the same text
-format as training (``grlm_ray/sft.py``); only the TID is generated, ended by `` |``.
+format as training (``grlm_ray/textformat.py``); only the TID is generated, ended by `` |``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -23,17 +22,12 @@ import pyarrow as pa
 
 from grlm_ray.config import GrlmConfig
 from grlm_ray.schemas import ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
+from grlm_ray.protocol import build_queries, popularity_ranking
 from grlm_ray.registry import reads, stage_key
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
-
-
-def popularity_ranking(train_seqs: dict[str, list[str]]) -> list[str]:
-    """Items by training interaction count, ties by item id."""
-    counts = Counter(i for items in train_seqs.values() for i in items)
-    return [i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 class Recommender:
@@ -65,39 +59,6 @@ class Recommender:
                 "candidates": np.array(cands, dtype=object), "valid": np.array(valid, dtype=object)}
 
 
-def select_targets(targets: pa.Table, split: str, limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """The target rows of a split, or a seeded sample of ``limit`` of them (in target order): the same users
-    for GRLM, popularity and the baselines."""
-    rows = [r for r in targets.to_pylist() if r["split"] == split]
-    if limit is not None and len(rows) > limit:
-        rng = np.random.default_rng(seed)
-        rows = [rows[j] for j in np.sort(rng.choice(len(rows), size=limit, replace=False))]
-    return rows
-
-
-def build_queries(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Table,
-                  terms: dict[str, list[str]], tokenizer: Any) -> list[dict[str, Any]]:
-    from grlm_ray.sft import domain_lookup, history_prompt, line_writer
-    from grlm_ray.tokens import render_prompt
-
-    e = cfg.eval
-    titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
-    by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
-    rows = select_targets(targets, e.split, e.limit_users, e.seed)
-    domain_of = domain_lookup(cfg)
-    write = line_writer(cfg.sft)
-    out = []
-    for r in rows:
-        history = by_user[r["user_id"]][: r["position"]]
-        lines = [write(terms[i], titles.get(i, "")) for i in history]
-        msgs, prefix = history_prompt(lines, cfg.sft.max_history, cfg.sft.prompt)
-        out.append({"row": len(out), "user_id": r["user_id"], "split": r["split"],
-                    "domain": r["domain"] or domain_of(r["target_item_id"]), "target_item_id": r["target_item_id"],
-                    "history": history,
-                    "prompt": render_prompt(tokenizer, msgs, cfg.model.enable_thinking, prefix)})
-    return out
-
-
 def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
     e = cfg.eval
@@ -108,7 +69,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
 
         from grlm_ray.metrics import evaluate
         from grlm_ray.runtime import actor_pool_kwargs, init_ray
-        from grlm_ray.sft import training_sequences
+        from grlm_ray.textformat import training_sequences
 
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")

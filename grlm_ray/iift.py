@@ -30,6 +30,7 @@ from grlm_ray.config import GrlmConfig, ModelConfig, TrainConfig
 from grlm_ray.errors import ConfigError
 from grlm_ray.schemas import ITEMS, SFT, TERMS
 from grlm_ray.registry import reads, stage_key
+from grlm_ray.tracking import model_label
 from grlm_ray.storage import StageContext, Store, run_stage
 
 log = logging.getLogger(__name__)
@@ -724,7 +725,7 @@ def export_model(ckpt_dir: str, base_dir: str, out_dir: str, manifest: dict[str,
 def corpus_texts(cfg: GrlmConfig, sft_table: Any, items: Any, terms: Any) -> list[str]:
     """Every text the model will see: rendered SFT samples plus every catalog line (so each TID, even
     one outside the training mixture, encodes with kept tokens)."""
-    from grlm_ray.sft import PROMPTS, line_writer
+    from grlm_ray.textformat import PROMPTS, line_writer
     from grlm_ray.tokens import render_prompt
 
     write = line_writer(cfg.sft)
@@ -757,14 +758,6 @@ def tokenize_sft(tokenizer: Any, sft_table: Any, cfg: GrlmConfig):
     if t.packing:
         return pack(ids, labels, t.block_size, tokenizer.pad_token_id)
     return bucket(ids, labels, t.max_length, t.micro_batch)
-
-
-def run_name(cfg: GrlmConfig) -> str:
-    m, t = cfg.model, cfg.train
-    backbone = os.path.basename(m.path.rstrip("/")).split(".")[0] if m.init == "pretrained" else \
-        f"scratch{m.num_layers}x{m.hidden_size}"
-    strat = f"zero{t.deepspeed.zero_stage}" if t.strategy == "deepspeed" else "ddp"
-    return f"{backbone}-tid{cfg.ctg.num_terms}-{cfg.sft.terms}-{strat}"
 
 
 def train(cfg: GrlmConfig) -> dict[str, Any]:
@@ -833,7 +826,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         if ds_cfg:
             ctx.store.write_json(ctx.rel("deepspeed.json"), ds_cfg)
         mlflow_info = None
-        run_id = start_stage_run(cfg, STAGE, run_name(cfg)) if cfg.tracking.enabled else None
+        run_id = start_stage_run(cfg, STAGE, model_label(cfg)) if cfg.tracking.enabled else None
         if run_id:
             from grlm_ray.tracking import tracking_uri
 
@@ -887,7 +880,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         sps = history["samples_per_s"].dropna().tolist() if history is not None and "samples_per_s" in history else []
         tps, sps = (tps[1:], sps[1:]) if len(tps) > 2 else (tps, sps)  # the first window includes warm-up
         ctx.info.update({
-            "mlflow_run_id": run_id, "run_name": run_name(cfg), "backbone": backbone, "plan": plan,
+            "mlflow_run_id": run_id, "run_name": model_label(cfg), "backbone": backbone, "plan": plan,
             "tokens": batches.stats, "tokenize_seconds": round(tok_seconds, 2), "train_seconds": round(train_seconds, 2),
             "first_loss": final.get("first_loss"), "final_loss": final.get("loss"),
             "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,

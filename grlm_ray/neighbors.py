@@ -85,7 +85,7 @@ class NeighborSearcher:
 
 
 def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
-    from grlm_ray.embed import load_matrix
+    from grlm_ray.schemas import embedding_matrix
 
     store = Store(cfg.run.root, cfg.run.s3)
 
@@ -94,7 +94,7 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
 
         table = ctx.read("embeddings.parquet", EMBEDDINGS, stage="embed")
         ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
-        base = np.ascontiguousarray(load_matrix(table))
+        base = np.ascontiguousarray(embedding_matrix(table))
         n = base.shape[0]
         kind = choose_index(cfg.neighbors, n)
         ray = init_ray(cfg.ray)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -309,3 +310,10 @@ def check_references(sequences: pa.Table, items: pa.Table, where: str) -> None:
         f"sequence names {pc.count_distinct(missing).as_py()} item id(s) that are not in the catalog, "
         f"e.g. {missing[0].as_py()!r}", where=where, row=row, field="item_ids",
     )
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """embeddings table -> [n_items, dim] float32 (zero copy where possible)."""
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)

@@ -352,7 +352,7 @@ class Generator(_CatalogFollower):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, requests: list[tuple[tuple[str, ...], bool, int]]) -> list[list[dict[str, Any]]]:
-        from grlm_ray.sft import history_prompt
+        from grlm_ray.textformat import history_prompt
         from grlm_ray.tokens import render_prompt
 
         assert self.decoder is not None
@@ -398,7 +398,7 @@ class Grounder(_CatalogFollower):
     async def lines(self, history: list[str], tids: list[str] | None, version: int) -> dict[str, Any]:
         """Each history entry as the model's text line; unknown ids are reported, not dropped."""
         from grlm_ray.eig import parse_generated, tid_text
-        from grlm_ray.sft import line_writer
+        from grlm_ray.textformat import line_writer
 
         await self._sync(version)
         cat, index = self.state

@@ -44,7 +44,7 @@ def encode_all(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], completi
                ) -> tuple[list[list[int]], list[list[int]]]:
     """Batched ``encode_sample`` (fast tokenizers encode a list at once). ``mask_titles``: completion tokens
     that start inside an item's title (``sft.title_spans``) get label -100 too: read, never predicted."""
-    from grlm_ray.sft import title_spans
+    from grlm_ray.textformat import title_spans
 
     ids_out: list[list[int]] = []
     labels_out: list[list[int]] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import tempfile
 import time
@@ -37,6 +38,15 @@ def experiment_name(cfg: GrlmConfig) -> str:
     return cfg.tracking.experiment or f"grlm-{next(iter(cfg.data.domains))}"
 
 
+def model_label(cfg: GrlmConfig) -> str:
+    """``<backbone>-tid<N>-<terms>-<strategy>``: the trained model, in its MLflow run names."""
+    m, t = cfg.model, cfg.train
+    backbone = os.path.basename(m.path.rstrip("/")).split(".")[0] if m.init == "pretrained" else \
+        f"scratch{m.num_layers}x{m.hidden_size}"
+    strat = f"zero{t.deepspeed.zero_stage}" if t.strategy == "deepspeed" else "ddp"
+    return f"{backbone}-tid{cfg.ctg.num_terms}-{cfg.sft.terms}-{strat}"
+
+
 def run_label(cfg: GrlmConfig, stage: str) -> str:
     """What a stage's run is about, for its MLflow run name."""
     c = cfg.ctg
@@ -47,10 +57,8 @@ def run_label(cfg: GrlmConfig, stage: str) -> str:
         return "-".join(cfg.data.domains)[:40]
     if stage in ("ctg", "compress"):
         return tid
-    from grlm_ray.iift import run_name
-
     src = cfg.sft.terms + (f"k{cfg.sft.compress_k}" if cfg.sft.terms == "compress" else "")
-    return run_name(cfg).replace(f"-{cfg.sft.terms}-", f"-{src}-")
+    return model_label(cfg).replace(f"-{cfg.sft.terms}-", f"-{src}-")
 
 
 def upstream_runs(cfg: GrlmConfig, stage: str) -> dict[str, str]:

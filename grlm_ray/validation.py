@@ -24,8 +24,8 @@ def build_validation_set(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targe
                          terms_t: pa.Table, tokenizer: Any) -> tuple[pa.Table, pa.Table]:
     """(queries, catalog): the seeded sample of validation users and every item's TID with its
     popularity rank (training interactions, as the evaluation's fallback)."""
-    from grlm_ray.evaluate import build_queries, popularity_ranking
-    from grlm_ray.sft import training_sequences
+    from grlm_ray.protocol import build_queries, popularity_ranking
+    from grlm_ray.textformat import training_sequences
 
     v = cfg.train.validation
     vcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"split": "valid", "limit_users": v.users,

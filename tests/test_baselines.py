@@ -45,7 +45,7 @@ def test_sasrec_untrained_does_not_know_the_rule():
 @pytest.mark.ray
 def test_baseline_stage_scores_the_same_users_as_eval(tmp_path):
     from grlm_ray.config import load_config
-    from grlm_ray.evaluate import select_targets
+    from grlm_ray.protocol import select_targets
     from grlm_ray.pipeline import run_pipeline
     from grlm_ray.storage import Store
 

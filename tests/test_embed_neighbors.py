@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from grlm_ray.config import NeighborsConfig, load_config
-from grlm_ray.embed import embed, item_text, load_matrix
+from grlm_ray.embed import embed
+from grlm_ray.schemas import embedding_matrix
+from grlm_ray.textformat import item_text
 from grlm_ray.errors import ConfigError
 from grlm_ray.models import resolve_model_path
 from grlm_ray.neighbors import NeighborSearcher, neighbors, topk_exact
@@ -59,7 +61,7 @@ def test_embed_and_neighbors_on_the_demo_catalog(tmp_path, ray_local):
     emb = store.read_table("demo/embed/embeddings.parquet")
     items = store.read_table("demo/prepare/items.parquet")
     assert emb.column("item_id").to_pylist() == items.column("item_id").to_pylist()
-    mat = load_matrix(emb)
+    mat = embedding_matrix(emb)
     assert np.allclose(np.linalg.norm(mat, axis=1), 1.0, atol=1e-4)
     neighbors(cfg)
     nb = store.read_table("demo/neighbors/neighbors.parquet").to_pylist()

@@ -143,7 +143,7 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_ru
 
     from grlm_ray.decode_job import run as run_local
     from grlm_ray.eig import tid_text
-    from grlm_ray.evaluate import build_queries
+    from grlm_ray.protocol import build_queries
 
     repo = Path(__file__).resolve().parents[1]
     vpy = repo / ".venv-vllm" / "bin" / "python"

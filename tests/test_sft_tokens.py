@@ -9,8 +9,8 @@ import pytest
 
 from grlm_ray.config import SFTConfig
 from grlm_ray.schemas import ITEMS, SEQUENCES, TARGETS
-from grlm_ray.sft import (build_samples, co_interaction_neighbors, history_prompt, item_line, mix,
-                          training_sequences)
+from grlm_ray.sft import build_samples, co_interaction_neighbors, mix
+from grlm_ray.textformat import history_prompt, item_line, training_sequences
 from grlm_ray.tokens import IGNORE, encode_sample, pack
 
 TERMS = {"a": ["shampoo", "hair", "organic", "women", "mild"], "b": ["conditioner", "hair", "organic", "women", "soft"],
@@ -139,7 +139,7 @@ def test_pruned_tokenizer_encodes_the_corpus_identically(smol_tokenizer):
 
 
 def test_popularity_counts_training_interactions_only_with_ties_by_id():
-    from grlm_ray.evaluate import popularity_ranking
+    from grlm_ray.protocol import popularity_ranking
 
     items, seqs, targets = _tables()
     train = training_sequences(seqs, targets)  # a b c | b | c a
@@ -164,7 +164,7 @@ def test_items_without_a_tid_are_named_from_their_words_and_stay_distinct():
 
 
 def test_item_text_modes_write_the_line_and_mask_titles_out_of_the_loss(smol_tokenizer):
-    from grlm_ray.sft import line_writer, title_spans
+    from grlm_ray.textformat import line_writer, title_spans
     from grlm_ray.tokens import encode_all
 
     tok = smol_tokenizer
@@ -184,7 +184,7 @@ def test_item_text_modes_write_the_line_and_mask_titles_out_of_the_loss(smol_tok
 
 
 def test_short_prompts_are_one_line_instructions_and_keep_the_history_format():
-    from grlm_ray.sft import PROMPTS
+    from grlm_ray.textformat import PROMPTS
 
     msgs, prefix = history_prompt(["x |", "y |", "z |"], max_history=20, style="short")
     assert msgs[0]["content"] == PROMPTS["short"]["system"] and msgs[1]["content"] == "Next:\nx |"

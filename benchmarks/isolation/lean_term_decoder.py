@@ -15,8 +15,8 @@ Results (Beauty, 2 vCPU, one process per core): benchmarks/results/quality_isola
 """
 import sys, time, json, math, argparse
 import numpy as np, torch, pyarrow.parquet as pq, pyarrow as pa
-from grlm_ray.sft import training_sequences
-from grlm_ray.evaluate import select_targets
+from grlm_ray.textformat import training_sequences
+from grlm_ray.protocol import select_targets
 ap = argparse.ArgumentParser()
 ap.add_argument("--run", required=True); ap.add_argument("--minutes", type=float, default=20)
 ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--dropout", type=float, default=0.0)

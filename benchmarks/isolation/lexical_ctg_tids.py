@@ -45,7 +45,7 @@ def run(dataset: str, data_dir: Path, k: int, threads: int) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from grlm_ray.ctg import tid_stats
+    from grlm_ray.termgen import tid_stats
     from grlm_ray.lexical import LexicalTermWriter
     from grlm_ray.models import resolve_model_path
     from grlm_ray.prepare.core import clean_text

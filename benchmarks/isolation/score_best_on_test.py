@@ -33,7 +33,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grlm_ray.config import load_config
-    from grlm_ray.evaluate import build_queries
+    from grlm_ray.protocol import build_queries
     from grlm_ray.storage import Store
     from grlm_ray.validation import Validator, build_validation_set, reduce_metrics
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from grlm_ray.config import load_config
     from grlm_ray.decoding import END_MARKER, TidTrie, beam_search, tid_token_seqs
     from grlm_ray.eig import tid_text
-    from grlm_ray.evaluate import build_queries
+    from grlm_ray.protocol import build_queries
     from grlm_ray.pipeline import run_pipeline, upstream
     from grlm_ray.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
     from grlm_ray.storage import Store
