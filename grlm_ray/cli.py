@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -139,7 +138,8 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grlm", description="Generative recommendation with Term IDs on Ray.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and Ray's and the libraries' own progress lines on the console")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     d = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic demo catalog")
@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from grlm_ray.runtime import configure_console
+
+    configure_console(ns.verbose)
     try:
         return ns.fn(ns)
     except GrlmError as e:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Any
 
-from grlm_ray import faults
+from grlm_ray import faults, runtime
 from grlm_ray.config import GrlmConfig, ModelConfig, TrainConfig
 from grlm_ray.errors import ConfigError
 from grlm_ray.schemas import ITEMS, SFT, TERMS
@@ -606,6 +606,7 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     fail_rank = min(1, world - 1)
     window_tokens, window_samples, window_t0 = 0, 0, time.time()
     module.train()
+    console_every = t.log_every * max(1, total // (20 * t.log_every)) if not config.get("verbose") else t.log_every
     for step in range(start, total):
         if faults.due(config.get("faults"), "train_step", step) and rank == fail_rank and ckpt is None:
             faults.crash("train_step", step, f"training rank {rank}")
@@ -653,7 +654,9 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
             metrics["tokens_per_s"] = window_tokens * world / elapsed
             metrics["samples_per_s"] = window_samples * world / elapsed
             window_tokens, window_samples, window_t0 = 0, 0, time.time()
-            if rank == 0:  # progress, one line per log window (forwarded to the driver by Ray)
+            # progress on the console (forwarded to the driver by Ray): about 20 lines per training, or every
+            # log window with console_every_log (grlm -v); MLflow gets every window
+            if rank == 0 and (done == total or done % console_every == 0):
                 sys.stdout.write(f"[iift] step {done}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
                                  f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:.0f}\n")
                 sys.stdout.flush()
@@ -772,6 +775,9 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         raise ConfigError("train.validation with ZeRO-3 is not supported (each rank holds a shard of the weights); "
                           "use ZeRO-2 or DDP, or score checkpoints with grlm eval")
 
+    if not t.use_gpu:  # DeepSpeed's accelerator probe warns on every CPU import; say CPU up front
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
     def body(ctx: StageContext) -> None:
         from transformers import AutoTokenizer
 
@@ -839,6 +845,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "threads": max(1, int(t.cpus_per_worker)), "validation": validation,
             "dropout": m.dropout if m.init == "scratch" else 0.0,
             "faults": faults.spec(),  # tests only (GRLM_FAULTS), read here in the driver
+            "verbose": runtime.console_verbose(),
         }
         t1 = time.time()
         if t.strategy == "single":

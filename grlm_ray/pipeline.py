@@ -62,6 +62,7 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
     t0 = time.time()
     results: dict[str, Any] = {"config": save_resolved_config(cfg), "stages": {}}
     for name in stages:
+        log.info("stage %s (%s)", name, registry.stage(name).help)
         manifest = registry.stage(name).function()(cfg)
         results["stages"][name] = manifest
         manifest["mlflow_run_id"] = log_stage(cfg, name, manifest, texts=_stage_texts(cfg, name, manifest))

@@ -1,8 +1,12 @@
-"""One place that starts or joins Ray, with defaults that work on a 2-core laptop.
+"""One place that starts or joins Ray, with defaults that work on a 2-core laptop, and the console.
 
 Local: a head on 127.0.0.1 only, a small object store, no dashboard, no usage stats. Ray Data gets a
 no-progress timeout (a stall becomes an error, not a hang) and actor pools get fractional CPUs so the
 read tasks still find a CPU (on 2 cores the default settings deadlock). Cluster: join by address.
+
+Console (``configure_console``): grlm's own lines, one progress bar per long stage and the summary. Ray
+Data's progress snapshots and execution plans, MLflow's store set-up and the libraries' weight-loading bars
+go to Ray's log files (their folder is printed once) unless ``grlm -v``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,26 @@ from typing import Any
 from grlm_ray.config import RayConfig
 
 log = logging.getLogger(__name__)
+_VERBOSE = False
+# library chatter that is not the user's business unless -v: read by the libraries at import, inherited by
+# the Ray workers a local head starts
+_QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",   # transformers' "Loading weights" / "Writing model shards" bars
+    "MLFLOW_LOGGING_LEVEL": "WARNING",     # "Creating initial MLflow database tables..."
+}
+
+
+def configure_console(verbose: bool = False) -> None:
+    """Logging for a `grlm` command: INFO lines of grlm (DEBUG with ``verbose``), libraries at WARNING."""
+    global _VERBOSE
+    _VERBOSE = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for k, v in _QUIET_ENV.items():
+            os.environ.setdefault(k, v)
+        for name in ("mlflow", "alembic", "urllib3", "filelock", "httpx", "sentence_transformers", "faiss"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 _LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -53,7 +77,33 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> An
                 **extra,
             )
     configure_data_context(cfg)
+    if not _VERBOSE:
+        _ray_logs_to_files(ray)
     return ray
+
+
+def console_verbose() -> bool:
+    """Whether the command runs with -v (everything on the console)."""
+    return _VERBOSE
+
+
+def _ray_logs_to_files(ray: Any) -> None:
+    """Ray Data's INFO lines (execution plans, progress snapshots on a non-terminal) stay in its log file;
+    warnings and errors still reach the console. Says once where the files are."""
+    for h in logging.getLogger("ray.data").handlers:
+        if not isinstance(h, logging.FileHandler) and type(h).__name__ != "SessionFileHandler":
+            h.setLevel(logging.WARNING)
+    global _LOGS_SHOWN
+    if not _LOGS_SHOWN:
+        _LOGS_SHOWN = True
+        try:
+            logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+        except AttributeError:  # joined a cluster: the logs live on its nodes
+            return
+        log.info("Ray's own logs: %s (grlm -v shows them here)", logs)
+
+
+_LOGS_SHOWN = False
 
 
 def configure_data_context(cfg: RayConfig) -> None:
