@@ -8,7 +8,7 @@ cross-entropy over every item at every position (the strong variant); ``bce`` wi
 per position (the original, and the reference paper's baseline). Training sequences are the users' items
 with every held-out target removed (``sft.training_sequences``, the same as IIFT's); a target's history
 is every item before its position (its last ``max_len``), as in GRLM's evaluation, and the ranked list is
-scored by ``grlm_ray.metrics.evaluate`` next to popularity on the same users.
+scored by ``grlm_ray.metrics.score_rankings`` next to popularity on the same users.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
 
     def body(ctx: StageContext) -> None:
         from grlm_ray.protocol import popularity_ranking, select_targets
-        from grlm_ray.metrics import evaluate
+        from grlm_ray.metrics import score_rankings
         from grlm_ray.textformat import domain_lookup, training_sequences
 
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
@@ -202,7 +202,7 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
             pop_rows.append({"domain": dom, "target_item_id": r["target_item_id"], "ranked_item_ids": popular,
                              "grounded_by": []})
         ctx.write("predictions.parquet", pa.Table.from_pylist(rows, schema=PREDICTIONS.arrow), PREDICTIONS)
-        metrics, baseline = evaluate(rows, e.ks), evaluate(pop_rows, e.ks)
+        metrics, baseline = score_rankings(rows, e.ks), score_rankings(pop_rows, e.ks)
         for m in (metrics["overall"], baseline["overall"]):  # direct hits are a GRLM notion
             for key in [k for k in m if k.startswith("dhr_")]:
                 del m[key]

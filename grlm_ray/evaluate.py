@@ -67,7 +67,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         from tqdm import tqdm
         from transformers import AutoTokenizer
 
-        from grlm_ray.metrics import evaluate
+        from grlm_ray.metrics import score_rankings
         from grlm_ray.runtime import actor_pool_kwargs, init_ray
         from grlm_ray.textformat import training_sequences
 
@@ -125,8 +125,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                              "ranked_item_ids": popular[: max(e.ks)], "grounded_by": []})
         ctx.write("predictions.parquet", pa.Table.from_pylist(
             [{k: v for k, v in r.items() if k != "beam_valid"} for r in rows], schema=PREDICTIONS.arrow), PREDICTIONS)
-        metrics = evaluate(rows, e.ks)
-        baseline = evaluate(pop_rows, e.ks)
+        metrics = score_rankings(rows, e.ks)
+        baseline = score_rankings(pop_rows, e.ks)
         report = {"model": metrics, "popularity": baseline, "protocol": {
             "split": e.split, "users": len(queries), "sample": e.limit_users, "seed": e.seed,
             "history_masked": False, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,

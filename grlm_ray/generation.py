@@ -1,6 +1,6 @@
 """Text generation backends behind one interface: transformers (CPU or GPU) and vLLM.
 
-``Generator.generate(conversations, prefix=...)`` renders each conversation with the model's own chat
+``TextGenerator.generate(conversations, prefix=...)`` renders each conversation with the model's own chat
 template (Qwen3: thinking disabled unless configured), appends ``prefix`` to the assistant turn, and
 returns the generated continuations. Greedy when ``temperature`` is 0, seeded sampling otherwise.
 """
@@ -21,7 +21,10 @@ from grlm_ray.models import resolve_model_path
 log = logging.getLogger(__name__)
 
 
-class Generator(Protocol):
+class TextGenerator(Protocol):
+    """An LLM that continues chat conversations (transformers or vLLM); the serving deployment that
+    recommends is ``serving.Generator``."""
+
     def generate(self, conversations: list[list[dict[str, str]]], *, prefix: str = "",
                  temperature: float = 0.0, seed: int = 0, max_new_tokens: int | None = None) -> list[str]: ...
 
@@ -132,7 +135,7 @@ class VllmGenerator:
         return [o.outputs[0].text for o in self.llm.generate(texts, params, use_tqdm=False)]
 
 
-def make_generator(path: str, cfg: LLMConfig, threads: int | None = None) -> Generator:
+def make_generator(path: str, cfg: LLMConfig, threads: int | None = None) -> TextGenerator:
     if cfg.backend == "vllm":
         return VllmGenerator(path, cfg, threads)
     return TransformersGenerator(path, cfg, threads)

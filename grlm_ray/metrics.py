@@ -32,7 +32,7 @@ def dhr_at_k(grounded_by: Sequence[str], k: int) -> float:
     return sum(1 for x in g if x == "direct") / len(g) if g else 0.0
 
 
-def evaluate(rows: Iterable[dict], ks: Sequence[int] = (5, 10, 20)) -> dict:
+def score_rankings(rows: Iterable[dict], ks: Sequence[int] = (5, 10, 20)) -> dict:
     """rows: dicts with target_item_id, ranked_item_ids, grounded_by, domain and (optional) beam_valid.
     Returns {'overall': {...}, 'per_domain': {domain: {...}}, 'users': n} with keys like recall_at_10."""
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))

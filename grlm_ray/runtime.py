@@ -1,6 +1,6 @@
 """One place that starts or joins Ray, with defaults that work on a 2-core laptop, and the console.
 
-Local: a head on 127.0.0.1 only, a small object store, no dashboard, no usage stats. Ray Data gets a
+Local: a head on 127.0.0.1 only (dashboard included, on loopback), a small object store, no usage stats. Ray Data gets a
 no-progress timeout (a stall becomes an error, not a hang) and actor pools get fractional CPUs so the
 read tasks still find a CPU (on 2 cores the default settings deadlock). Cluster: join by address.
 

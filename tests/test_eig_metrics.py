@@ -5,7 +5,7 @@ import math
 import pytest
 
 from grlm_ray.eig import DIRECT, FILL, STRUCTURAL, TidIndex
-from grlm_ray.metrics import dhr_at_k, evaluate, ndcg_at_k, recall_at_k, vr_at_k
+from grlm_ray.metrics import dhr_at_k, ndcg_at_k, recall_at_k, score_rankings, vr_at_k
 
 CATALOG = {
     "a": ["shampoo", "hair", "gentle", "woman", "organic"],
@@ -77,7 +77,7 @@ def test_metrics_hand_computed():
         {"domain": "b", "target_item_id": "t", "ranked_item_ids": ["x", "y"], "grounded_by": ["fill", "fill"],
          "beam_valid": [False, False]},
     ]
-    m = evaluate(rows, ks=(1, 2))
+    m = score_rankings(rows, ks=(1, 2))
     assert m["overall"]["recall_at_1"] == 0.5 and m["overall"]["users"] == 2
     assert m["per_domain"]["a"]["ndcg_at_2"] == 1.0 and m["per_domain"]["b"]["recall_at_2"] == 0.0
     assert m["overall"]["vr_at_2"] == 0.25 and m["overall"]["dhr_at_1"] == 0.5
