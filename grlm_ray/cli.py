@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from grlm_ray.errors import GrlmError
+from grlm_ray.core.errors import GrlmError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -21,8 +21,8 @@ def _split_config(args: list[str], required: bool) -> tuple[str | None, list[str
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from grlm_ray.config import load_config
-    from grlm_ray.pipeline import format_summary, run_pipeline
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.pipeline import format_summary, run_pipeline
 
     path, overrides = _split_config(ns.args, required=False)
     if path is None and DEMO_CONFIG.is_file():
@@ -34,8 +34,8 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 def _stage_cmd(stage: str):
     def run(ns: argparse.Namespace) -> int:
-        from grlm_ray.config import load_config
-        from grlm_ray.pipeline import format_summary, run_pipeline, upstream
+        from grlm_ray.core.config import load_config
+        from grlm_ray.core.pipeline import format_summary, run_pipeline, upstream
 
         path, overrides = _split_config(ns.args, required=True)
         cfg = load_config(path, overrides)
@@ -47,8 +47,8 @@ def _stage_cmd(stage: str):
 
 
 def _cmd_diagnose(ns: argparse.Namespace) -> int:
-    from grlm_ray.config import load_config
-    from grlm_ray.diagnose import diagnose, format_report
+    from grlm_ray.core.config import load_config
+    from grlm_ray.lib.diagnose import diagnose, format_report
 
     path, overrides = _split_config(ns.args, required=True)
     print(format_report(diagnose(load_config(path, overrides), users=ns.users, rows=ns.rows)))
@@ -56,8 +56,8 @@ def _cmd_diagnose(ns: argparse.Namespace) -> int:
 
 
 def _cmd_validate(ns: argparse.Namespace) -> int:
-    from grlm_ray.config import load_config
-    from grlm_ray.pipeline import check_inputs
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.pipeline import check_inputs
 
     path, overrides = _split_config(ns.args, required=True)
     cfg = load_config(path, overrides)
@@ -71,8 +71,8 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_stats(ns: argparse.Namespace) -> int:
-    from grlm_ray.config import S3Config
-    from grlm_ray.stats import dataset_stats, format_stats
+    from grlm_ray.core.config import S3Config
+    from grlm_ray.lib.stats import dataset_stats, format_stats
 
     s3 = S3Config(endpoint_url=ns.s3_endpoint) if ns.s3_endpoint else None
     stats = dataset_stats(ns.path, s3)
@@ -84,13 +84,13 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from grlm_ray.config import load_config
-    from grlm_ray.runtime import init_ray, metrics_url
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.runtime import init_ray, metrics_url
 
     path, overrides = _split_config(ns.args, required=True)
     cfg = load_config(path, overrides)
-    init_ray(cfg.ray)  # before grlm_ray.serving imports ray: a local head's listeners stay on loopback
-    from grlm_ray.serving import start, stop
+    init_ray(cfg.ray)  # before grlm_ray.serving.app imports ray: a local head's listeners stay on loopback
+    from grlm_ray.serving.app import start, stop
 
     url = start(cfg)
     print(f"serving {cfg.run.name} at {url}  (POST {url}/v1/recommend, GET {url}/healthz, {url}/docs); "
@@ -105,8 +105,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def _cmd_compression_comparison(ns: argparse.Namespace) -> int:
-    from grlm_ray.compare import compression_comparison, format_table
-    from grlm_ray.config import load_config
+    from grlm_ray.core.config import load_config
+    from grlm_ray.lib.compare import compression_comparison, format_table
 
     path, overrides = _split_config(ns.args, required=True)
     out = compression_comparison(load_config(path, overrides))
@@ -116,15 +116,15 @@ def _cmd_compression_comparison(ns: argparse.Namespace) -> int:
 
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
-    from grlm_ray.compare import format_table, table_from_mlflow
-
     import os
+
+    from grlm_ray.lib.compare import format_table, table_from_mlflow
 
     if ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         uri = ns.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     else:  # the store a run with the default config uses (tracking.tracking_uri: <run.root>/mlflow.db)
-        from grlm_ray.config import load_config
-        from grlm_ray.tracking import tracking_uri
+        from grlm_ray.core.config import load_config
+        from grlm_ray.core.tracking import tracking_uri
 
         uri = tracking_uri(load_config(None, []))
     out, run_id = table_from_mlflow(ns.experiment, uri)
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help="default: configs/demo.yaml")
     d.set_defaults(fn=_cmd_demo)
 
-    from grlm_ray.registry import REGISTRY
+    from grlm_ray.core.registry import REGISTRY
 
     for spec in REGISTRY:  # one verb per stage of the declared graph
         verb, stage, text = spec.verb, spec.name, spec.help
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    from grlm_ray.runtime import configure_console
+    from grlm_ray.core.runtime import configure_console
 
     configure_console(ns.verbose)
     try:

@@ -5,7 +5,7 @@
     ray job submit ... -- python jobs/grlm.py train configs/iift/qwen3-4b.yaml      # IIFT (and what it needs)
     ray job submit ... -- python jobs/grlm.py compression-comparison configs/demo.yaml compress.ks='[40,80]'
 
-The verbs are the stage registry's (grlm_ray/registry.py: prep, embed, neighbors, ctg, compress, sft, train,
+The verbs are the stage registry's (grlm_ray/core/registry.py: prep, embed, neighbors, ctg, compress, sft, train,
 eval, baseline) plus demo and compression-comparison; a stage runs the stages it needs first (finished ones
 are skipped; resubmitting an interrupted job resumes it). Thin on purpose: the same function as `grlm VERB`.
 """

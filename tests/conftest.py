@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from grlm_ray.runtime import _LOCAL_ENV, free_port  # noqa: F401  (free_port re-exported for the tests)
+from grlm_ray.core.runtime import _LOCAL_ENV, free_port  # noqa: F401  (free_port re-exported for the tests)
 
 # Tests only start local heads: the loopback settings before any test module imports ray (Ray reads them
 # at import time), whatever order the tests run in
@@ -126,8 +126,8 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "mode
 def tiny_sft_run(tmp_path_factory, ray_local, model_cache):
     """A tiny synthetic run up to SFT (prepare -> embed -> neighbours -> CTG on 1 item, the rest named by
     their own words -> SFT): the overrides that select it."""
-    from grlm_ray.config import load_config
-    from grlm_ray.pipeline import run_pipeline, upstream
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.pipeline import run_pipeline, upstream
 
     root = tmp_path_factory.mktemp("iift")
     base = [f"run.root={root}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",
@@ -143,8 +143,8 @@ def tiny_sft_run(tmp_path_factory, ray_local, model_cache):
 @pytest.fixture(scope="session")
 def tiny_trained_run(tiny_sft_run):
     """The tiny run with a model trained for 8 DDP steps (exported to train/model): its overrides."""
-    from grlm_ray.config import load_config
-    from grlm_ray.pipeline import run_pipeline
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.pipeline import run_pipeline
 
     overrides = tiny_sft_run + TINY + ["train.strategy=ddp", "train.max_steps=8"]
     run_pipeline(load_config(None, overrides), stages=("sft", "train"))
@@ -154,8 +154,8 @@ def tiny_trained_run(tiny_sft_run):
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray runtime on loopback with the small-machine defaults, shared by the `ray` tests."""
-    from grlm_ray.config import RayConfig
-    from grlm_ray.runtime import init_ray, shutdown_ray
+    from grlm_ray.core.config import RayConfig
+    from grlm_ray.core.runtime import init_ray, shutdown_ray
 
     ray = init_ray(RayConfig(num_cpus=2, object_store_memory_mb=256, progress_bars=False,
                              no_progress_timeout_s=120))

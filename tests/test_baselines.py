@@ -17,8 +17,8 @@ def _cyclic_sequences(n_items=30, n_users=300, length=8, seed=0):
 
 @pytest.mark.parametrize("loss", ["ce", "bce"])
 def test_sasrec_learns_a_planted_next_item_rule(loss):
-    from grlm_ray.baselines import recommend, train_sasrec
-    from grlm_ray.config import BaselineConfig
+    from grlm_ray.stages.baselines import recommend, train_sasrec
+    from grlm_ray.core.config import BaselineConfig
 
     n = 30
     c = BaselineConfig(loss=loss, hidden_size=32, num_layers=1, epochs=40 if loss == "ce" else 60, batch_size=64,
@@ -31,8 +31,8 @@ def test_sasrec_learns_a_planted_next_item_rule(loss):
 
 
 def test_sasrec_untrained_does_not_know_the_rule():
-    from grlm_ray.baselines import build_sasrec, recommend
-    from grlm_ray.config import BaselineConfig
+    from grlm_ray.stages.baselines import build_sasrec, recommend
+    from grlm_ray.core.config import BaselineConfig
 
     import torch
 
@@ -44,10 +44,10 @@ def test_sasrec_untrained_does_not_know_the_rule():
 
 @pytest.mark.ray
 def test_baseline_stage_scores_the_same_users_as_eval(tmp_path):
-    from grlm_ray.config import load_config
-    from grlm_ray.protocol import select_targets
-    from grlm_ray.pipeline import run_pipeline
-    from grlm_ray.storage import Store
+    from grlm_ray.core.config import load_config
+    from grlm_ray.lib.protocol import select_targets
+    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.core.storage import Store
 
     cfg = load_config(None, [f"run.root={tmp_path}", "data.domains.demo.num_items=120",
                              "data.domains.demo.num_users=300", "ray.progress_bars=false", "eval.limit_users=50",

@@ -10,7 +10,7 @@ import pytest
 from grlm_ray.bench import BENCHMARKS, module, report
 from grlm_ray.bench.common import describe, format_table
 from grlm_ray.cli import main as cli_main
-from grlm_ray.errors import ConfigError
+from grlm_ray.core.errors import ConfigError
 
 
 def test_every_benchmark_module_has_the_harness_interface():

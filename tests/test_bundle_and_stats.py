@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from grlm_ray.cli import main
-from grlm_ray.config import load_config
-from grlm_ray.prepare import prepare
-from grlm_ray.stats import dataset_stats
-from grlm_ray.storage import Store
+from grlm_ray.core.config import load_config
+from grlm_ray.stages.prepare import prepare
+from grlm_ray.lib.stats import dataset_stats
+from grlm_ray.core.storage import Store
 
 
 def test_stats_on_prepared_beauty_bundle(shared_data, capsys):

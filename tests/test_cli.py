@@ -30,7 +30,7 @@ def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local, model_c
     assert "users" in out and re.search(r"^\s+GRLM\s+[0-9.]+", out, re.M) and "popularity" in out
     assert (tmp_path / "demo" / "config.yaml").is_file()
     assert (tmp_path / "demo" / "train" / "model" / "grlm_model.json").is_file()
-    from grlm_ray.registry import stage
+    from grlm_ray.core.registry import stage
 
     for name in stages:  # what the stage graph declares is there
         for out_name in stage(name).outputs:
@@ -56,7 +56,7 @@ def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local, model_c
     assert ran(["eval.num_beams=4"]) == ["eval"] and eval_reads_current_model()
     assert ran(["eval.num_beams=4", "ctg.num_terms=4"]) == ["ctg", "sft", "train", "eval"]
     assert eval_reads_current_model()
-    from grlm_ray.storage import Store
+    from grlm_ray.core.storage import Store
 
     assert {len(t) for t in Store(str(tmp_path)).read_table("demo/sft/terms.parquet").column("terms").to_pylist()} == {4}
     assert ran(["eval.num_beams=4", "ctg.num_terms=4", "neighbors.k=6"]) == ["neighbors", "ctg", "sft", "train", "eval"]

@@ -18,7 +18,7 @@ def _config_args(cmd: str) -> tuple[Path, list[str]]:
 
 
 def _load(args: list[str]):
-    from grlm_ray.config import load_config
+    from grlm_ray.core.config import load_config
 
     assert (REPO / args[0]).is_file(), args[0]
     return load_config(REPO / args[0], [a for a in args[1:] if "=" in a])
@@ -110,7 +110,7 @@ def test_the_job_entrypoint_runs_every_cli_verb_and_every_usage_names_real_thing
     import sys
 
     from grlm_ray.cli import build_parser
-    from grlm_ray.registry import REGISTRY
+    from grlm_ray.core.registry import REGISTRY
 
     assert sorted(p.name for p in (REPO / "jobs").glob("*.py")) == ["grlm.py"]
     r = subprocess.run([sys.executable, "jobs/grlm.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -10,9 +10,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
     from grlm_ray.cli import main
-    from grlm_ray.compare import compression_comparison
-    from grlm_ray.config import load_config
-    from grlm_ray.tracking import tracking_uri
+    from grlm_ray.lib.compare import compression_comparison
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.tracking import tracking_uri
 
     cfg = load_config(None, tiny_sft_run + TINY + [
         "compress.ks=[20,40]", "train.max_steps=3", "eval.limit_users=5", "eval.num_beams=3",

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from grlm_ray.compress import apply_map, core_term_map
+from grlm_ray.stages.compress import apply_map, core_term_map
 
 
 def test_core_terms_merge_near_synonyms_and_keep_tids_distinct():
@@ -21,9 +21,9 @@ def test_core_terms_merge_near_synonyms_and_keep_tids_distinct():
 
 @pytest.mark.slow
 def test_sweep_on_authors_beauty_tids_with_real_encoder(shared_data, tmp_path):
-    from grlm_ray.config import load_config
-    from grlm_ray.pipeline import run_pipeline
-    from grlm_ray.storage import Store
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.core.storage import Store
 
     cfg = load_config(None, [f"run.root={tmp_path}", "run.name=b", f"data.base_dir={shared_data}",
                              "data.domains={beauty: {kind: bundle, dir: beauty}}", "compress.source=provided",
@@ -39,7 +39,7 @@ def test_sweep_on_authors_beauty_tids_with_real_encoder(shared_data, tmp_path):
     assert Store(str(tmp_path)).read_table("b/compress/k1000/terms.parquet").num_rows == 12100
     import mlflow
 
-    from grlm_ray.tracking import tracking_uri
+    from grlm_ray.core.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     runs = mlflow.search_runs(experiment_names=["grlm-beauty"], filter_string="tags.`grlm.stage` = 'compress'")

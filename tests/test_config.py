@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from grlm_ray.config import GrlmConfig, load_config, apply_overrides
-from grlm_ray.errors import ConfigError
+from grlm_ray.core.config import GrlmConfig, load_config, apply_overrides
+from grlm_ray.core.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -88,7 +88,7 @@ def test_extends_merges_deeply_and_rejects_loops(tmp_path):
 
 
 def test_paper_presets_and_ablations_change_only_what_they_name():
-    from grlm_ray.config import load_config
+    from grlm_ray.core.config import load_config
 
     base = Path(__file__).resolve().parents[1] / "configs"
     beauty = load_config(base / "paper" / "beauty.yaml")
@@ -109,7 +109,7 @@ def test_paper_presets_and_ablations_change_only_what_they_name():
 
 
 def test_extends_accepts_a_list_later_files_win(tmp_path):
-    from grlm_ray.config import load_config
+    from grlm_ray.core.config import load_config
 
     (tmp_path / "a.yaml").write_text("run: {name: a}\neval: {num_beams: 4}\n")
     (tmp_path / "b.yaml").write_text("run: {name: b}\n")
@@ -119,8 +119,8 @@ def test_extends_accepts_a_list_later_files_win(tmp_path):
 
 
 def test_fault_injection_is_read_from_the_environment_only():
-    from grlm_ray import faults
-    from grlm_ray.config import TrainConfig
+    from grlm_ray.core import faults
+    from grlm_ray.core.config import TrainConfig
 
     assert faults.spec({}) == {} and faults.spec({"GRLM_FAULTS": " train_step@5 "}) == {"train_step": 5}
     assert faults.due({"train_step": 5}, "train_step", 5) and not faults.due({}, "train_step", 5)

@@ -4,15 +4,15 @@ import re
 
 import pytest
 
-from grlm_ray.config import load_config
+from grlm_ray.core.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CTG_STAGES = ("prepare", "embed", "neighbors", "ctg")
 
 
 def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_cache):
-    from grlm_ray.pipeline import run_pipeline
-    from grlm_ray.storage import Store
+    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.core.storage import Store
 
     ov = [f"run.root={tmp_path}", "data.domains.demo.num_items=120", "data.domains.demo.num_users=300",
           "ray.progress_bars=false", "ctg.limit=6", "ctg.part_size=3", "ctg.retries=1", "ctg.llm.batch_size=6",
@@ -50,8 +50,8 @@ def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_c
 
 
 def test_greedy_generation_is_deterministic(model_cache):
-    from grlm_ray.config import LLMConfig
-    from grlm_ray.generation import TransformersGenerator, resolve_llm_path
+    from grlm_ray.core.config import LLMConfig
+    from grlm_ray.lib.generation import TransformersGenerator, resolve_llm_path
 
     cfg = LLMConfig(cache_dir=str(model_cache), max_new_tokens=12, batch_size=2)
     gen = TransformersGenerator(resolve_llm_path(cfg), cfg, threads=2)

@@ -1,7 +1,7 @@
 """CTG prompt, parsing, normalization and repair on hand-written LLM outputs (no model needed)."""
 
-from grlm_ray.config import CTGConfig
-from grlm_ray.termgen import build_messages, normalize_term, parse_terms, repair, tid_stats
+from grlm_ray.core.config import CTGConfig
+from grlm_ray.lib.termgen import build_messages, normalize_term, parse_terms, repair, tid_stats
 
 ITEM = {"item_id": "1", "title": "Tea Tree Special Shampoo", "description": "Invigorating cleanser. " * 100,
         "brand": "Paul Mitchell", "categories": ["Beauty", "Hair Care"], "category": "beauty"}

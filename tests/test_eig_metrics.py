@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from grlm_ray.eig import DIRECT, FILL, STRUCTURAL, TidIndex
-from grlm_ray.metrics import dhr_at_k, ndcg_at_k, recall_at_k, score_rankings, vr_at_k
+from grlm_ray.lib.eig import DIRECT, FILL, STRUCTURAL, TidIndex
+from grlm_ray.lib.metrics import dhr_at_k, ndcg_at_k, recall_at_k, score_rankings, vr_at_k
 
 CATALOG = {
     "a": ["shampoo", "hair", "gentle", "woman", "organic"],
@@ -89,7 +89,7 @@ def test_structural_search_equals_brute_force_scoring(decay, path):
     """The subset search must give exactly the brute-force ranking (score desc, then catalog order)."""
     import numpy as np
 
-    from grlm_ray.eig import position_weights
+    from grlm_ray.lib.eig import position_weights
 
     rng = np.random.default_rng(7)
     vocab = [f"w{i}" for i in range(25)]
@@ -111,7 +111,7 @@ def test_a_long_unconstrained_generation_ranks_exactly_without_enumerating_subse
     positions must not become 2^30 subsets (it ran out of memory on Beauty); the ranking stays exact."""
     import numpy as np
 
-    from grlm_ray.eig import position_weights
+    from grlm_ray.lib.eig import position_weights
 
     rng = np.random.default_rng(3)
     vocab = [f"w{i}" for i in range(40)]

@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 
-from grlm_ray.config import NeighborsConfig, load_config
-from grlm_ray.embed import embed
-from grlm_ray.schemas import embedding_matrix
-from grlm_ray.textformat import item_text
-from grlm_ray.errors import ConfigError
-from grlm_ray.models import resolve_model_path
-from grlm_ray.neighbors import NeighborSearcher, neighbors, topk_exact
-from grlm_ray.prepare import prepare
-from grlm_ray.storage import Store
+from grlm_ray.core.config import NeighborsConfig, load_config
+from grlm_ray.stages.embed import embed
+from grlm_ray.core.schemas import embedding_matrix
+from grlm_ray.lib.textformat import item_text
+from grlm_ray.core.errors import ConfigError
+from grlm_ray.lib.models import resolve_model_path
+from grlm_ray.stages.neighbors import NeighborSearcher, neighbors, topk_exact
+from grlm_ray.stages.prepare import prepare
+from grlm_ray.core.storage import Store
 
 
 def test_item_text_skips_empty_parts_and_falls_back_to_category():

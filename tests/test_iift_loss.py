@@ -8,8 +8,8 @@ def test_label_positions_loss_equals_the_models_own_loss_and_gradients(packed):
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from grlm_ray.iift import label_positions_lm
-    from grlm_ray.tokens import IGNORE, bucket, collate, pack
+    from grlm_ray.stages.train import label_positions_lm
+    from grlm_ray.lib.tokens import IGNORE, bucket, collate, pack
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -35,7 +35,7 @@ def test_residual_dropout_acts_in_training_only_and_leaves_the_saved_model_plain
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from grlm_ray.iift import add_residual_dropout
+    from grlm_ray.stages.train import add_residual_dropout
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -64,8 +64,8 @@ def test_weight_average_follows_the_decay_swaps_in_and_out_and_exports_through_t
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from grlm_ray.errors import ConfigError
-    from grlm_ray.iift import EMA_FILE, WeightEMA, export_model
+    from grlm_ray.core.errors import ConfigError
+    from grlm_ray.stages.train import EMA_FILE, WeightEMA, export_model
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -115,8 +115,8 @@ def test_embedder_init_gives_related_words_related_embeddings_and_keeps_special_
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
-    from grlm_ray.config import EmbedConfig
-    from grlm_ray.iift import embedder_init
+    from grlm_ray.core.config import EmbedConfig
+    from grlm_ray.stages.train import embedder_init
 
     words = ["shampoo", "conditioner", "hair", "drill", "hammer", "screwdriver", "lipstick", "mascara", "eyeliner",
              "tent", "backpack", "sleeping", "puzzle", "doll", "lego", "soap", "lotion", "moisturizer", "wrench",

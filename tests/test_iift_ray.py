@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TINY
 
-from grlm_ray.config import load_config
+from grlm_ray.core.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -21,7 +21,7 @@ def sft_run(tiny_sft_run):
 
 
 def _train(base, extra):
-    from grlm_ray.pipeline import run_pipeline
+    from grlm_ray.core.pipeline import run_pipeline
 
     cfg = load_config(None, base + TINY + extra)
     return cfg, run_pipeline(cfg, stages=("sft", "train"))["stages"]["train"]
@@ -37,7 +37,7 @@ def _exported(cfg):
 def test_deepspeed_zero_trains_and_export_equals_consolidated_checkpoint(sft_run, stage):
     import torch
 
-    from grlm_ray.iift import consolidated_state_dict
+    from grlm_ray.stages.train import consolidated_state_dict
 
     cfg, m = _train(sft_run, ["train.strategy=deepspeed", f"train.deepspeed.zero_stage={stage}",
                               "train.max_steps=10", "train.checkpoint_every=5"])
@@ -86,7 +86,7 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sf
     monkeypatch.delenv("GRLM_FAULTS")
     info = killed["info"]
     assert info["resumed_from_step"] == 4 and info["steps"] == 8
-    from grlm_ray.storage import Store
+    from grlm_ray.core.storage import Store
 
     # the resumed run read back exactly the optimizer state it had saved at step 4
     metrics = Store(cfg_b.run.root).read_json(f"{cfg_b.run.name}/train/_manifest.json")["info"]
@@ -108,8 +108,8 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sf
 
 
 def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(sft_run):
-    from grlm_ray.pipeline import run_pipeline
-    from grlm_ray.storage import Store
+    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.core.storage import Store
 
     steps = ["train.strategy=ddp", "train.max_steps=8", "train.checkpoint_every=2"]
     ev = ["eval.limit_users=12", "eval.num_beams=10", "eval.max_new_tokens=16", "eval.batch_size=6"]
@@ -141,9 +141,9 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_ru
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from grlm_ray.decode_job import run as run_local
-    from grlm_ray.eig import tid_text
-    from grlm_ray.protocol import build_queries
+    from grlm_ray.lib.decode_job import run as run_local
+    from grlm_ray.lib.eig import tid_text
+    from grlm_ray.lib.protocol import build_queries
 
     repo = Path(__file__).resolve().parents[1]
     vpy = repo / ".venv-vllm" / "bin" / "python"
@@ -166,7 +166,7 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_ru
                         {"name": "beams5_constrained", "constrained": True, "num_beams": 5}]}
     (tmp_path / "req.json").write_text(json.dumps(dict(request, backend="vllm")))
     env = dict(os.environ, PYTHONPATH=str(repo), VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
-    proc = subprocess.run([str(vpy), "-m", "grlm_ray.decode_job", str(tmp_path / "req.json"),
+    proc = subprocess.run([str(vpy), "-m", "grlm_ray.lib.decode_job", str(tmp_path / "req.json"),
                            str(tmp_path / "res.json")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     vllm_res = json.loads((tmp_path / "res.json").read_text())
@@ -189,7 +189,7 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_ru
 def test_validation_during_training_exports_the_best_checkpoint_and_stops_early(sft_run):
     import torch
 
-    from grlm_ray.storage import Store
+    from grlm_ray.core.storage import Store
 
     cfg, m = _train(sft_run, ["train.strategy=ddp", "train.max_steps=8", "train.checkpoint_every=4",
                               "train.validation.enabled=true", "train.validation.users=12",
@@ -231,7 +231,7 @@ def test_single_process_strategy_trains_the_same_loop_as_one_ray_worker(sft_run)
     seed and data it ends where one DDP worker ends, checkpoints in the run's store and resumes from them."""
     import torch
 
-    from grlm_ray.storage import Store
+    from grlm_ray.core.storage import Store
 
     steps = ["train.max_steps=6", "train.checkpoint_every=3", "train.num_workers=1"]
     cfg_r, ray_run = _train(sft_run, steps + ["train.strategy=ddp"])

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from grlm_ray.lexical import LexicalTermWriter, item_words, words
+from grlm_ray.lib.lexical import LexicalTermWriter, item_words, words
 
 
 def catalog():
@@ -98,9 +98,9 @@ def test_context_none_uses_no_neighbour_words():
 def test_lexical_stage_names_every_item_without_an_llm(tmp_path, ray_local):
     """ctg.method=lexical on the synthetic catalog (real MiniLM embeddings and neighbours): every item gets
     N legal terms, collisions are resolved, the manifest says how; the stage resumes (skips) on a rerun."""
-    from grlm_ray.config import load_config
-    from grlm_ray.pipeline import run_pipeline
-    from grlm_ray.storage import Store
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.core.storage import Store
 
     ov = [f"run.root={tmp_path}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",
           "ray.progress_bars=false", "ctg.method=lexical", "ctg.part_size=64",

@@ -4,10 +4,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grlm_ray.config import load_config
-from grlm_ray.errors import DataError
-from grlm_ray.prepare import prepare
-from grlm_ray.storage import Store
+from grlm_ray.core.config import load_config
+from grlm_ray.core.errors import DataError
+from grlm_ray.stages.prepare import prepare
+from grlm_ray.core.storage import Store
 
 ITEMS_CSV = "item_id,title,description,brand,category,categories\n" + "\n".join(
     f"i{k},Item {k},desc {k},b,cat,x|y" for k in range(1, 7)) + "\n"

@@ -6,10 +6,10 @@ import json
 import pyarrow.compute as pc
 import pytest
 
-from grlm_ray.config import load_config
-from grlm_ray.errors import DataError
-from grlm_ray.prepare import prepare
-from grlm_ray.storage import Store
+from grlm_ray.core.config import load_config
+from grlm_ray.core.errors import DataError
+from grlm_ray.stages.prepare import prepare
+from grlm_ray.core.storage import Store
 
 CORE_USERS = ["u1", "u2", "u3", "u4", "u5"]
 CORE_ITEMS = ["A", "B", "C", "D", "E"]
@@ -151,7 +151,7 @@ def test_duplicate_interactions_keep_first(tmp_path):
     ("", "", []),
 ])
 def test_clean_text_repairs_markup_controls_and_whitespace(raw, clean, kinds):
-    from grlm_ray.prepare.core import clean_text
+    from grlm_ray.stages.prepare.core import clean_text
 
     assert clean_text(raw) == (clean, kinds)
 

@@ -1,11 +1,11 @@
-"""The declared stage graph (grlm_ray/registry.py) against the code that runs it. No Ray, no models."""
+"""The declared stage graph (grlm_ray/core/registry.py) against the code that runs it. No Ray, no models."""
 
 import importlib
 
 import pytest
 
-from grlm_ray.config import GrlmConfig, load_config
-from grlm_ray.registry import DEMO_STAGES, REGISTRY, STAGES, reads, stage, stage_key, upstream
+from grlm_ray.core.config import GrlmConfig, load_config
+from grlm_ray.core.registry import DEMO_STAGES, REGISTRY, STAGES, reads, stage, stage_key, upstream
 
 
 @pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
@@ -41,7 +41,7 @@ def test_a_stage_key_moves_with_its_own_sections_only():
 
 
 def test_an_unknown_stage_is_a_clear_error():
-    from grlm_ray.errors import ConfigError
+    from grlm_ray.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown stage 'nope'; known: prepare, embed"):
         stage("nope")

@@ -15,8 +15,8 @@ def test_local_ray_binds_loopback(ray_local):
 def test_actor_pool_with_fractional_cpus_completes(ray_local):
     import ray.data
 
-    from grlm_ray.config import RayConfig
-    from grlm_ray.runtime import actor_pool_kwargs
+    from grlm_ray.core.config import RayConfig
+    from grlm_ray.core.runtime import actor_pool_kwargs
 
     class Square:
         def __init__(self):

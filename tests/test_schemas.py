@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from grlm_ray.errors import DataError
-from grlm_ray.schemas import ITEMS, SEQUENCES, EMBEDDINGS, check_references, validate
+from grlm_ray.core.errors import DataError
+from grlm_ray.core.schemas import ITEMS, SEQUENCES, EMBEDDINGS, check_references, validate
 
 
 def items(**over):

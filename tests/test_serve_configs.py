@@ -18,7 +18,7 @@ def test_there_are_serve_configs():
 def test_serve_config_is_consistent(path):
     import importlib
 
-    from grlm_ray.config import load_config
+    from grlm_ray.core.config import load_config
 
     from ray.serve.schema import ServeDeploySchema
 

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from grlm_ray.config import GrlmConfig
+from grlm_ray.core.config import GrlmConfig
 
 
 def _retrier(**retry):
-    from grlm_ray.serving import Retrier
+    from grlm_ray.serving.app import Retrier
 
     cfg = GrlmConfig.model_validate({"serve": {"retry": {"backoff_s": 0.01, "max_backoff_s": 0.02, **retry}}})
     return Retrier(cfg)
@@ -40,7 +40,7 @@ def test_a_dead_replica_is_retried_until_a_live_one_answers():
 def test_retries_stop_at_max_attempts_and_at_the_deadline():
     from ray.exceptions import ActorDiedError
 
-    from grlm_ray.serving import ApiError
+    from grlm_ray.serving.app import ApiError
 
     call, calls = _flaky([ActorDiedError()] * 10)
     with pytest.raises(ApiError) as e:
@@ -56,7 +56,7 @@ def test_retries_stop_at_max_attempts_and_at_the_deadline():
 def test_a_full_queue_is_not_retried_but_answered_503_with_retry_after():
     from ray.serve.exceptions import BackPressureError
 
-    from grlm_ray.serving import ApiError
+    from grlm_ray.serving.app import ApiError
 
     call, calls = _flaky([BackPressureError(num_queued_requests=16, max_queued_requests=16, retry_after_s=2.5)])
     with pytest.raises(ApiError) as e:

@@ -23,8 +23,8 @@ def app(tiny_trained_run, monkeypatch_module):
 
     from ray import serve
 
-    from grlm_ray.config import load_config
-    from grlm_ray.serving import start, stop
+    from grlm_ray.core.config import load_config
+    from grlm_ray.serving.app import start, stop
 
     token = secrets.token_hex(16)
     monkeypatch_module.setenv(TOKEN_ENV, token)
@@ -217,7 +217,7 @@ def _post_raw(url, body, timeout=120):
 
 
 def _replicas(app_name, deployment):
-    from grlm_ray.serving import replica_names
+    from grlm_ray.serving.app import replica_names
 
     return replica_names(app_name, deployment)
 
@@ -232,7 +232,7 @@ def test_dead_grounder_replica_and_registry_lose_no_requests(app):
 
     import ray
 
-    from grlm_ray.serving import REGISTRY_NAMESPACE, registry_name
+    from grlm_ray.serving.app import REGISTRY_NAMESPACE, registry_name
 
     cfg, url, _ = app
     version = call(url, "GET", "/healthz")[1]["catalog_version"]
@@ -378,7 +378,7 @@ def test_service_metrics_on_rays_metrics_port(app):
 
     cfg, url, _ = app
     assert call(url, "POST", "/v1/recommend", {"history": _histories(cfg, 1)[0], "k": 5})[0] == 200
-    from grlm_ray.runtime import metrics_url
+    from grlm_ray.core.runtime import metrics_url
 
     murl = metrics_url()
     assert murl and murl.startswith("http://127.0.0.1:"), murl

@@ -7,11 +7,11 @@ converted once per session into ``model_cache``).
 import pyarrow as pa
 import pytest
 
-from grlm_ray.config import SFTConfig
-from grlm_ray.schemas import ITEMS, SEQUENCES, TARGETS
-from grlm_ray.sft import build_samples, co_interaction_neighbors, mix
-from grlm_ray.textformat import history_prompt, item_line, training_sequences
-from grlm_ray.tokens import IGNORE, encode_sample, pack
+from grlm_ray.core.config import SFTConfig
+from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS
+from grlm_ray.stages.sft import build_samples, co_interaction_neighbors, mix
+from grlm_ray.lib.textformat import history_prompt, item_line, training_sequences
+from grlm_ray.lib.tokens import IGNORE, encode_sample, pack
 
 TERMS = {"a": ["shampoo", "hair", "organic", "women", "mild"], "b": ["conditioner", "hair", "organic", "women", "soft"],
          "c": ["mascara", "eye", "black", "waterproof", "volume"], "d": ["lipstick", "lip", "red", "matte", "bold"],
@@ -93,8 +93,8 @@ def test_packed_samples_do_not_attend_across_boundaries():
 def smol_tokenizer(model_cache):
     from transformers import AutoTokenizer
 
-    from grlm_ray.config import ModelConfig
-    from grlm_ray.iift import tokenizer_source
+    from grlm_ray.core.config import ModelConfig
+    from grlm_ray.stages.train import tokenizer_source
 
     return AutoTokenizer.from_pretrained(tokenizer_source(ModelConfig(cache_dir=str(model_cache))))
 
@@ -122,7 +122,7 @@ def test_label_mask_covers_exactly_the_prompt_and_eval_text_continues_training_t
 
 
 def test_pruned_tokenizer_encodes_the_corpus_identically(smol_tokenizer):
-    from grlm_ray.vocab import prune_tokenizer
+    from grlm_ray.lib.vocab import prune_tokenizer
 
     corpus = [item_line(t, f"Title {i.upper()} for dry-skin users") for i, t in TERMS.items()]
     corpus.append(smol_tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
@@ -139,7 +139,7 @@ def test_pruned_tokenizer_encodes_the_corpus_identically(smol_tokenizer):
 
 
 def test_popularity_counts_training_interactions_only_with_ties_by_id():
-    from grlm_ray.protocol import popularity_ranking
+    from grlm_ray.lib.protocol import popularity_ranking
 
     items, seqs, targets = _tables()
     train = training_sequences(seqs, targets)  # a b c | b | c a
@@ -148,9 +148,9 @@ def test_popularity_counts_training_interactions_only_with_ties_by_id():
 
 
 def test_items_without_a_tid_are_named_from_their_words_and_stay_distinct():
-    from grlm_ray.schemas import TERMS as TERMS_SCHEMA
-    from grlm_ray.sft import _fill_missing
-    from grlm_ray.terms import resolve_terms_table
+    from grlm_ray.core.schemas import TERMS as TERMS_SCHEMA
+    from grlm_ray.stages.sft import _fill_missing
+    from grlm_ray.lib.terms import resolve_terms_table
 
     items, _, _ = _tables()
     have = pa.Table.from_pylist([{"item_id": i, "terms": TERMS[i], "raw": "", "valid": True, "source": "provided"}
@@ -164,8 +164,8 @@ def test_items_without_a_tid_are_named_from_their_words_and_stay_distinct():
 
 
 def test_item_text_modes_write_the_line_and_mask_titles_out_of_the_loss(smol_tokenizer):
-    from grlm_ray.textformat import line_writer, title_spans
-    from grlm_ray.tokens import encode_all
+    from grlm_ray.lib.textformat import line_writer, title_spans
+    from grlm_ray.lib.tokens import encode_all
 
     tok = smol_tokenizer
     full = line_writer(SFTConfig(item_text="tid_title"))(TERMS["a"], "Mild Shampoo 8 oz")
@@ -184,7 +184,7 @@ def test_item_text_modes_write_the_line_and_mask_titles_out_of_the_loss(smol_tok
 
 
 def test_short_prompts_are_one_line_instructions_and_keep_the_history_format():
-    from grlm_ray.textformat import PROMPTS
+    from grlm_ray.lib.textformat import PROMPTS
 
     msgs, prefix = history_prompt(["x |", "y |", "z |"], max_history=20, style="short")
     assert msgs[0]["content"] == PROMPTS["short"]["system"] and msgs[1]["content"] == "Next:\nx |"
@@ -199,9 +199,9 @@ def test_short_prompts_are_one_line_instructions_and_keep_the_history_format():
 def test_term_vocabulary_makes_every_term_one_token_and_round_trips(smol_tokenizer):
     import copy
 
-    from grlm_ray.decoding import END_MARKER
-    from grlm_ray.eig import tid_text
-    from grlm_ray.vocab import add_term_tokens, prune_tokenizer, tokens_per_tid
+    from grlm_ray.lib.decoding import END_MARKER
+    from grlm_ray.lib.eig import tid_text
+    from grlm_ray.lib.vocab import add_term_tokens, prune_tokenizer, tokens_per_tid
 
     terms = {**TERMS, "g": ["hair-mask", "color-lock", "citrus", "crème", "unisex"]}
     tok = copy.deepcopy(smol_tokenizer)
@@ -228,7 +228,7 @@ def test_term_vocabulary_makes_every_term_one_token_and_round_trips(smol_tokeniz
 
 
 def test_loss_by_kind_labels_tid_end_title_newline_and_end_of_turn(smol_tokenizer):
-    from grlm_ray.diagnose import token_kinds
+    from grlm_ray.lib.diagnose import token_kinds
 
     tok = smol_tokenizer
     completion = "shampoo hair organic women mild | Mild Shampoo\nconditioner hair organic women soft |"

@@ -5,11 +5,11 @@ import os
 import pyarrow as pa
 import pytest
 
-from grlm_ray.config import S3Config, load_config
-from grlm_ray.prepare import prepare
-from grlm_ray.schemas import ITEMS
-from grlm_ray.stats import dataset_stats
-from grlm_ray.storage import Store, copy_stages, read_manifest, run_stage
+from grlm_ray.core.config import S3Config, load_config
+from grlm_ray.stages.prepare import prepare
+from grlm_ray.core.schemas import ITEMS
+from grlm_ray.lib.stats import dataset_stats
+from grlm_ray.core.storage import Store, copy_stages, read_manifest, run_stage
 
 
 def parts_stage(keys, fail_at=None, calls=None):
@@ -124,7 +124,7 @@ def test_chained_keys_rerun_downstream_only(tmp_path):
 
 
 def test_stage_graph_upstream_closure():
-    from grlm_ray.pipeline import reads, upstream
+    from grlm_ray.core.pipeline import reads, upstream
 
     cfg = load_config(None, [])
     assert upstream("eval", cfg) == ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")

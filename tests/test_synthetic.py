@@ -4,8 +4,8 @@ from collections import Counter
 
 import numpy as np
 
-from grlm_ray.config import SyntheticSource
-from grlm_ray.prepare.synthetic import generate
+from grlm_ray.core.config import SyntheticSource
+from grlm_ray.stages.prepare.synthetic import generate
 
 
 def src(**kw):

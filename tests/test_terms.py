@@ -2,7 +2,7 @@
 
 import pytest
 
-from grlm_ray.terms import base_form, colliding_items, resolve_collisions, text_words
+from grlm_ray.lib.terms import base_form, colliding_items, resolve_collisions, text_words
 
 
 def test_base_form_and_text_words():
@@ -35,10 +35,10 @@ def test_items_without_text_fall_back_to_catalog_terms():
 
 
 def test_authors_beauty_tids_go_from_440_colliding_items_to_zero(shared_data, tmp_path):
-    from grlm_ray.config import load_config
-    from grlm_ray.prepare import prepare
-    from grlm_ray.storage import Store
-    from grlm_ray.terms import resolve_terms_table
+    from grlm_ray.core.config import load_config
+    from grlm_ray.stages.prepare import prepare
+    from grlm_ray.core.storage import Store
+    from grlm_ray.lib.terms import resolve_terms_table
 
     prepare(load_config(None, [f"run.root={tmp_path}", "run.name=b", f"data.base_dir={shared_data}",
                                "data.domains={beauty: {kind: bundle, dir: beauty}}"]))

@@ -1,10 +1,10 @@
-"""grlm_ray/tracking.py, the one owner of MLflow: runs land in the config's store and experiment, tagged.
+"""grlm_ray/core/tracking.py, the one owner of MLflow: runs land in the config's store and experiment, tagged.
 A real MLflow sqlite store; no Ray."""
 
 from mlflow.tracking import MlflowClient
 
-from grlm_ray.config import load_config
-from grlm_ray.tracking import experiment_name, log_bytes, log_stage, open_run, run_name, tracking_uri
+from grlm_ray.core.config import load_config
+from grlm_ray.core.tracking import experiment_name, log_bytes, log_stage, open_run, run_name, tracking_uri
 
 
 def test_runs_are_opened_tagged_and_nested_in_the_configs_store(tmp_path):

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grlm_ray.validation import Validator, reduce_metrics
+from grlm_ray.lib.validation import Validator, reduce_metrics
 
 
 def main() -> None:

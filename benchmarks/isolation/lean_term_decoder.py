@@ -15,8 +15,8 @@ Results (Beauty, 2 vCPU, one process per core): benchmarks/results/quality_isola
 """
 import sys, time, json, math, argparse
 import numpy as np, torch, pyarrow.parquet as pq, pyarrow as pa
-from grlm_ray.textformat import training_sequences
-from grlm_ray.protocol import select_targets
+from grlm_ray.lib.textformat import training_sequences
+from grlm_ray.lib.protocol import select_targets
 ap = argparse.ArgumentParser()
 ap.add_argument("--run", required=True); ap.add_argument("--minutes", type=float, default=20)
 ap.add_argument("--lr", type=float, default=1e-3); ap.add_argument("--dropout", type=float, default=0.0)
@@ -59,7 +59,7 @@ cfg = Qwen3Config(vocab_size=V, hidden_size=a.hidden, num_hidden_layers=a.layers
                   attention_dropout=a.dropout, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 model = Qwen3ForCausalLM(cfg)
 if a.dropout:
-    from grlm_ray.iift import add_residual_dropout
+    from grlm_ray.stages.train import add_residual_dropout
     add_residual_dropout(model, a.dropout)
 print("params", sum(p.numel() for p in model.parameters()), flush=True)
 opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
@@ -89,7 +89,7 @@ class Keep1(torch.nn.Module):
     def forward(self, **kw):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.bf16)):
             return self.m(**kw, logits_to_keep=1)
-from grlm_ray.decoding import TidTrie, TransformersScorer, search
+from grlm_ray.lib.decoding import TidTrie, TransformersScorer, search
 dtrie = TidTrie.build([t for t in tid_ids.values()], 2)
 @torch.inference_mode()
 def validate(B=10, U=32):

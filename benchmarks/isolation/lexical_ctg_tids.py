@@ -45,12 +45,12 @@ def run(dataset: str, data_dir: Path, k: int, threads: int) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from grlm_ray.termgen import tid_stats
-    from grlm_ray.lexical import LexicalTermWriter
-    from grlm_ray.models import resolve_model_path
-    from grlm_ray.prepare.core import clean_text
-    from grlm_ray.schemas import ITEMS, TERMS
-    from grlm_ray.terms import resolve_terms_table
+    from grlm_ray.lib.termgen import tid_stats
+    from grlm_ray.lib.lexical import LexicalTermWriter
+    from grlm_ray.lib.models import resolve_model_path
+    from grlm_ray.stages.prepare.core import clean_text
+    from grlm_ray.core.schemas import ITEMS, TERMS
+    from grlm_ray.lib.terms import resolve_terms_table
 
     torch.set_num_threads(threads)
     rows = pq.read_table(data_dir / dataset / "items.parquet").to_pylist()

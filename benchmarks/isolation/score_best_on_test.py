@@ -32,10 +32,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grlm_ray.config import load_config
-    from grlm_ray.protocol import build_queries
-    from grlm_ray.storage import Store
-    from grlm_ray.validation import Validator, build_validation_set, reduce_metrics
+    from grlm_ray.core.config import load_config
+    from grlm_ray.lib.protocol import build_queries
+    from grlm_ray.core.storage import Store
+    from grlm_ray.lib.validation import Validator, build_validation_set, reduce_metrics
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [])

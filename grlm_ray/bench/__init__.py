@@ -32,7 +32,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 
 def module(name: str) -> Any:
-    from grlm_ray.errors import ConfigError
+    from grlm_ray.core.errors import ConfigError
 
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")

@@ -17,6 +17,7 @@ from typing import Any
 
 from grlm_ray.bench.common import REPO, ratio
 
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="a run with a trained model")
     ap.add_argument("--root", default="runs")
@@ -35,13 +36,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grlm_ray.config import load_config
-    from grlm_ray.decoding import END_MARKER, TidTrie, beam_search, tid_token_seqs
-    from grlm_ray.eig import tid_text
-    from grlm_ray.protocol import build_queries
-    from grlm_ray.pipeline import run_pipeline, upstream
-    from grlm_ray.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
-    from grlm_ray.storage import Store
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.pipeline import run_pipeline, upstream
+    from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
+    from grlm_ray.core.storage import Store
+    from grlm_ray.lib.decoding import END_MARKER, TidTrie, beam_search, tid_token_seqs
+    from grlm_ray.lib.eig import tid_text
+    from grlm_ray.lib.protocol import build_queries
 
     cfg = load_config(args.config, [f"run.root={args.root}", "ray.progress_bars=false",
                                     f"eval.limit_users={args.users}"])

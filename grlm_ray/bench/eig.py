@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from grlm_ray.bench.common import DEFAULT_SHARED
-from grlm_ray.eig import TidIndex
+from grlm_ray.lib.eig import TidIndex
 
 
 class ReferenceEIG:
@@ -113,8 +113,8 @@ def bench_reference(shared: Path, n: int, rng) -> dict:
 
 def synthetic_tids(n_items: int, seed: int):
     """TIDs shaped like CTG output for a synthetic catalog: type, two attributes, audience, brand."""
-    from grlm_ray.config import SyntheticSource
-    from grlm_ray.prepare.synthetic import generate
+    from grlm_ray.core.config import SyntheticSource
+    from grlm_ray.stages.prepare.synthetic import generate
 
     items, _ = generate(SyntheticSource(kind="synthetic", num_items=n_items, num_users=10, seed=seed,
                                         num_categories=6))

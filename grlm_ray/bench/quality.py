@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grlm_ray.config import GrlmConfig
-from grlm_ray.errors import GrlmError
-from grlm_ray.storage import Store, copy_stages
+from grlm_ray.core.config import GrlmConfig
+from grlm_ray.core.errors import GrlmError
+from grlm_ray.core.storage import Store, copy_stages
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _row(model: str, metrics: dict[str, Any], train_s: float | None, eval_s: flo
 
 def _predictions(store: Store, run: str, stage: str) -> tuple[list[str], list[list[str]]]:
     """(user ids, ranked item ids) of a stage's predictions, in row order."""
-    from grlm_ray.schemas import PREDICTIONS
+    from grlm_ray.core.schemas import PREDICTIONS
 
     t = store.read_table(f"{run}/{stage}/predictions.parquet", PREDICTIONS)
     return t.column("user_id").to_pylist(), t.column("ranked_item_ids").to_pylist()
@@ -87,7 +87,7 @@ def diversity(ranked: list[list[str]], catalog: int, k: int = 10) -> dict[str, A
 
 
 def quality(cfg: GrlmConfig) -> dict[str, Any]:
-    from grlm_ray.pipeline import run_pipeline, upstream
+    from grlm_ray.core.pipeline import run_pipeline, upstream
 
     t0 = time.time()
     runs = plan(cfg)
@@ -226,7 +226,7 @@ def _log(cfg: GrlmConfig, out: dict[str, Any]) -> str | None:
         return None
     import mlflow
 
-    from grlm_ray.tracking import log_bytes, metric_key, open_run, run_name
+    from grlm_ray.core.tracking import log_bytes, metric_key, open_run, run_name
 
     with open_run(cfg, "bench-quality", run_name(cfg, f"bench-quality-{cfg.bench.mode}")) as r:
         mlflow.log_params({"bench/mode": cfg.bench.mode, "bench/users": out["sample"]["users"],
@@ -248,7 +248,7 @@ def add_args(ap: Any) -> None:
 
 def run(args: Any) -> dict[str, Any]:
     from grlm_ray.cli import _split_config
-    from grlm_ray.config import load_config
+    from grlm_ray.core.config import load_config
 
     path, overrides = _split_config(args.args, required=False)  # no CONFIG: the built-in defaults
     cfg = load_config(path, overrides)

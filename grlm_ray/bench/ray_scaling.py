@@ -22,11 +22,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from grlm_ray.config import load_config
-    from grlm_ray.ctg import ctg
-    from grlm_ray.embed import embed
-    from grlm_ray.neighbors import neighbors
-    from grlm_ray.prepare import prepare
+    from grlm_ray.core.config import load_config
+    from grlm_ray.stages.ctg import ctg
+    from grlm_ray.stages.embed import embed
+    from grlm_ray.stages.neighbors import neighbors
+    from grlm_ray.stages.prepare import prepare
 
     rows = []
     with tempfile.TemporaryDirectory() as root:

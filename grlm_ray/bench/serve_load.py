@@ -144,7 +144,7 @@ def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: 
     """Kill one ``what`` (a generator / grounder replica, or the registry) under load; count failures."""
     import ray
 
-    from grlm_ray.serving import REGISTRY_NAMESPACE, registry_name, replica_names
+    from grlm_ray.serving.app import REGISTRY_NAMESPACE, registry_name, replica_names
 
     app = cfg.serve.app_name
     version_before = post(url, {"history": histories[0], "k": args.k})[2]["catalog_version"]
@@ -218,11 +218,11 @@ def _catalog_updates(url: str, token: str, histories: list[list[str]], n: int, k
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from grlm_ray.config import load_config
-    from grlm_ray.runtime import free_port
-    from grlm_ray.schemas import SEQUENCES, TARGETS
-    from grlm_ray.serving import start, stop
-    from grlm_ray.storage import Store
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.runtime import free_port
+    from grlm_ray.core.schemas import SEQUENCES, TARGETS
+    from grlm_ray.core.storage import Store
+    from grlm_ray.serving.app import start, stop
 
     half = max(1, math.ceil(args.sustainable / 2))
     cfg = load_config(args.config, [f"run.root={args.root}", *args.set, "ray.progress_bars=false",

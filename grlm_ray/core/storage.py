@@ -1,0 +1,273 @@
+"""Run storage: a root that is a local directory or ``s3://bucket/prefix``.
+
+Layout: ``<root>/<run>/<stage>/...`` with ``_manifest.json`` per stage. Writes are atomic: a local file
+is written beside its target and renamed into place; an S3 object only becomes visible once its upload
+completes. A stage is skipped when its manifest says complete for the same config hash; a stage that
+stopped half-way keeps its finished parts (``parts/<key>/``) and resumes from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from grlm_ray import __version__
+from grlm_ray.core.config import S3Config
+from grlm_ray.core.errors import DataError, GrlmError
+from grlm_ray.core.schemas import ArtifactSchema, validate
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+
+
+class Store:
+    """A filesystem rooted at a local path or an S3 prefix; paths below are '/'-separated."""
+
+    def __init__(self, root: str, s3: S3Config | None = None) -> None:
+        self.root_uri = root.rstrip("/")
+        self.is_s3 = root.startswith("s3://")
+        if self.is_s3:
+            s3 = s3 or S3Config()
+            kwargs: dict[str, Any] = {"region": s3.region}
+            if s3.endpoint_url:
+                scheme, _, host = s3.endpoint_url.partition("://")
+                kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+            # Credentials: the AWS SDK default chain (env vars, ~/.aws, instance roles). Never config.
+            self.fs: pafs.FileSystem = pafs.S3FileSystem(**kwargs)
+            self._base = root[len("s3://"):].rstrip("/")
+        elif root.startswith("file://") or "://" not in root:
+            self.fs = pafs.LocalFileSystem()
+            self._base = os.path.abspath(root.removeprefix("file://"))
+        else:
+            raise GrlmError(f"unsupported run root {root!r}: use a local path or s3://bucket/prefix")
+
+    def path(self, rel: str) -> str:
+        rel = rel.strip("/")
+        return f"{self._base}/{rel}" if rel else self._base
+
+    def uri(self, rel: str) -> str:
+        return f"s3://{self.path(rel)}" if self.is_s3 else self.path(rel)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def delete_dir(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_dir(self.path(rel))
+
+    def upload_dir(self, local_dir: str, rel: str) -> None:
+        """Copy a local folder to ``rel`` (file by file, each write atomic), replacing what was there."""
+        self.delete_dir(rel)
+        for dirpath, _, files in os.walk(local_dir):
+            for name in files:
+                src = os.path.join(dirpath, name)
+                sub = os.path.relpath(src, local_dir).replace(os.sep, "/")
+                with open(src, "rb") as f:
+                    self.write_bytes(f"{rel}/{sub}", f.read())
+
+    def local_dir(self, rel: str, cache: str) -> str:
+        """A local folder holding ``rel``: the path itself on local storage, else a download into ``cache``."""
+        if not self.is_s3:
+            return self.path(rel)
+        dest = os.path.join(cache, rel.strip("/").replace("/", "__"))
+        if os.path.isdir(dest):
+            return dest
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        base = self.path(rel)
+        for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            if info.type == pafs.FileType.File:
+                out = os.path.join(tmp, os.path.relpath(info.path, base))
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                with self.fs.open_input_stream(info.path) as f, open(out, "wb") as g:
+                    g.write(f.read())
+        os.replace(tmp, dest)
+        return dest
+
+    # -- atomic writes --------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_s3:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+            return
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise DataError("file not found", where=self.uri(rel)) from e
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_table(self, rel: str, table: pa.Table, schema: ArtifactSchema | None = None) -> pa.Table:
+        if schema is not None:
+            table = validate(table, schema, where=f"{self.uri(rel)} (writing)")
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+        return table
+
+    def read_table(self, rel: str, schema: ArtifactSchema | None = None) -> pa.Table:
+        where = self.uri(rel)
+        if not self.exists(rel):
+            raise DataError("file not found", where=where)
+        try:
+            table = pq.read_table(self.path(rel), filesystem=self.fs)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"cannot read Parquet: {e}", where=where) from e
+        return validate(table, schema, where=where) if schema is not None else table
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: where to read and write, and its resumable parts."""
+
+    store: Store
+    run: str
+    stage: str
+    info: dict[str, Any] = field(default_factory=dict)  # goes into the manifest
+    outputs: dict[str, int] = field(default_factory=dict)  # artifact -> row count
+
+    def rel(self, name: str) -> str:
+        return f"{self.run}/{self.stage}/{name}"
+
+    def stage_rel(self, stage: str, name: str) -> str:
+        return f"{self.run}/{stage}/{name}"
+
+    def write(self, name: str, table: pa.Table, schema: ArtifactSchema | None = None) -> pa.Table:
+        table = self.store.write_table(self.rel(name), table, schema)
+        self.outputs[name] = table.num_rows
+        return table
+
+    def read(self, name: str, schema: ArtifactSchema | None = None, stage: str | None = None) -> pa.Table:
+        return self.store.read_table(self.stage_rel(stage or self.stage, name), schema)
+
+    # -- resumable parts: a part is done once its _done marker exists -----------------------
+    def part_done(self, key: str) -> bool:
+        return self.store.exists(self.rel(f"parts/{key}/_done"))
+
+    def write_part(self, key: str, tables: dict[str, tuple[pa.Table, ArtifactSchema | None]],
+                   meta: dict[str, Any] | None = None) -> None:
+        for name, (table, schema) in tables.items():
+            self.store.write_table(self.rel(f"parts/{key}/{name}"), table, schema)
+        self.store.write_json(self.rel(f"parts/{key}/_done"), meta or {})
+
+    def read_part(self, key: str, name: str, schema: ArtifactSchema | None = None) -> pa.Table:
+        return self.store.read_table(self.rel(f"parts/{key}/{name}"), schema)
+
+    def part_meta(self, key: str) -> dict[str, Any]:
+        return self.store.read_json(self.rel(f"parts/{key}/_done"))
+
+
+def read_manifest(store: Store, run: str, stage: str) -> dict[str, Any] | None:
+    rel = f"{run}/{stage}/{MANIFEST}"
+    return store.read_json(rel) if store.exists(rel) else None
+
+
+def copy_stages(store: Store, base: str, run: str, stages: tuple[str, ...] | list[str]) -> list[str]:
+    """Copy finished stages of run ``base`` into run ``run`` (variants share upstream work: a copied stage
+    is skipped when the variant's config gives it the same hash, recomputed otherwise). A stage the variant
+    already holds with the base's hash is left alone; an older copy is replaced. Returns the stages copied."""
+    import pyarrow.fs as pafs
+
+    copied = []
+    for stage in stages:
+        src, dst = f"{base}/{stage}", f"{run}/{stage}"
+        have, want = read_manifest(store, run, stage), read_manifest(store, base, stage)
+        if not want or want.get("status") != "complete":
+            continue
+        if have and have.get("status") == "complete" and have.get("config_hash") == want.get("config_hash"):
+            continue  # already the same
+        if store.exists(dst):
+            store.delete_dir(dst)  # an older or half-done copy
+        root = store.path(src)
+        for info in store.fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            if info.type == pafs.FileType.File:
+                target = store.path(f"{dst}/{info.path[len(root) + 1:]}")
+                store.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                store.fs.copy_file(info.path, target)
+        copied.append(stage)
+    return copied
+
+
+def run_stage(
+    store: Store,
+    run: str,
+    stage: str,
+    config_hash: str,
+    fn: Callable[[StageContext], None],
+    *,
+    resume: bool = True,
+    inputs: dict[str, str] | None = None,
+    after: tuple[str, ...] | list[str] = (),
+) -> dict[str, Any]:
+    """Run ``fn`` as stage ``stage`` of ``run`` unless an identical run of it is complete.
+
+    The stage's key chains ``config_hash`` (its own config sections) with the keys of the stages in
+    ``after`` (the stages whose outputs it reads, from their manifests): any change upstream re-runs every
+    stage downstream of it, and nothing else.
+    - complete manifest, same key, resume=True   -> skipped, manifest returned;
+    - running manifest, same hash, resume=True   -> resumed: ``fn`` sees the finished parts;
+    - otherwise                                  -> the stage folder is cleared and ``fn`` runs.
+    """
+    upstream_keys = {s: str((read_manifest(store, run, s) or {}).get("config_hash", "none")) for s in after}
+    if upstream_keys:
+        chained = hashlib.sha256(json.dumps(upstream_keys, sort_keys=True).encode()).hexdigest()[:12]
+        config_hash = f"{config_hash}-{chained}"
+    manifest = read_manifest(store, run, stage)
+    if resume and manifest and manifest.get("config_hash") == config_hash:
+        if manifest.get("status") == "complete":
+            log.info("stage %s: complete for config %s, skipped", stage, config_hash)
+            return {**manifest, "skipped": True}
+        log.info("stage %s: resuming a run that stopped half-way", stage)
+    elif manifest is not None or store.exists(f"{run}/{stage}"):
+        store.delete_dir(f"{run}/{stage}")
+    started = time.time()
+    base = {
+        "stage": stage,
+        "config_hash": config_hash,
+        "upstream": upstream_keys,
+        "grlm_version": __version__,
+        "inputs": inputs or {},
+        "started_at": started,
+    }
+    store.write_json(f"{run}/{stage}/{MANIFEST}", {**base, "status": "running"})
+    ctx = StageContext(store, run, stage)
+    fn(ctx)
+    final = {
+        **base,
+        "status": "complete",
+        "finished_at": time.time(),
+        "seconds": round(time.time() - started, 3),
+        "outputs": ctx.outputs,
+        "info": ctx.info,
+    }
+    store.write_json(f"{run}/{stage}/{MANIFEST}", final)
+    return {**final, "skipped": False}

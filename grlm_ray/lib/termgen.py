@@ -1,0 +1,204 @@
+"""Term generation with an LLM, the library under the CTG stage and the serving term writer: the CTG prompt
+(an item and its neighbours), parsing and validating an answer (exactly N distinct lowercase base-form
+terms), repair of answers that do not validate, and ``TermWriter`` (generate, validate, retry with seeded
+sampling, repair) for a batch of items.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.core.config import CTGConfig
+from grlm_ray.lib.generation import make_generator
+from grlm_ray.lib.terms import STOPWORDS, base_form, colliding_items, text_words
+from grlm_ray.lib.textformat import describe
+
+PROMPT_VERSION = "ctg-v1"
+ANSWER_PREFIX = "Terms:"
+
+CTG_SYSTEM = "You write short Term IDs that identify products in a catalog."
+INSTRUCTIONS = (
+    "Write exactly {n} words that identify the product below, lowercase, each in its base form, ordered by "
+    "importance: {order}.{context_rule} Answer with one line: Terms: {example}"
+)
+ORDER = ["category or type", "function", "distinctive feature", "audience", "selling point"]
+CONTEXT_RULE = (" Use the same words as the similar products for what they share, and 1-2 words that set "
+                "this product apart from them.")
+
+
+def build_messages(item: dict[str, Any], neighbors: list[dict[str, Any]], cfg: CTGConfig) -> list[dict[str, str]]:
+    """The paper's prompt: the item's metadata and (unless context='none') its neighbours' metadata."""
+    n = cfg.num_terms
+    use_ctx = bool(cfg.context == "neighbors" and neighbors)
+    order = ", ".join(ORDER[: min(n, len(ORDER))]) + (", then more details" if n > len(ORDER) else "")
+    slots = [f"<{o}>" for o in ORDER[:n]] + [f"<detail {i + 1}>" for i in range(max(0, n - len(ORDER)))]
+    user = INSTRUCTIONS.format(n=n, order=order, context_rule=CONTEXT_RULE if use_ctx else "",
+                               example=", ".join(slots))
+    user += "\n\nProduct: " + describe(item, cfg.max_item_chars)
+    if use_ctx:
+        user += "\n\nSimilar products:\n" + "\n".join(
+            "- " + describe(nb, cfg.max_neighbor_chars) for nb in neighbors[: cfg.num_neighbors])
+    return [{"role": "system", "content": CTG_SYSTEM}, {"role": "user", "content": user}]
+
+
+@dataclass
+class Parsed:
+    terms: list[str]  # cleaned, distinct, in order
+    valid: bool
+    reason: str
+
+
+_SPLIT = re.compile(r"[,;\n|/]+|\s+-\s+|\d+[.)]\s*")
+_CLEAN = re.compile(r"[^a-z\- ]+")
+
+
+# words that only echo the instructions ("category", "word1", "selling point"), never real terms
+INSTRUCTION_WORDS = frozenset("word category type function feature distinctive audience selling point "
+                              "product name term terms item detail".split())
+
+
+def normalize_term(raw: str) -> str:
+    """'Tea Tree' -> 'tea-tree'; 'Brushes' -> 'brush'; junk and stopwords -> ''."""
+    t = _CLEAN.sub(" ", re.sub(r"['\u2019]s\b", "", raw.lower())).strip(" -")
+    words = [w for w in re.split(r"[\s]+", t) if w and w not in STOPWORDS and w.strip("-") not in INSTRUCTION_WORDS]
+    if not words or len(words) > 3:
+        return ""
+    if len(words) == 1:
+        w = words[0].strip("-")
+        if "-" in w:
+            w = "-".join(p for p in w.split("-") if p)
+        if len(w) < 2 or w in STOPWORDS:
+            return ""
+        return base_form(w)
+    return "-".join(base_form(w) if i == len(words) - 1 else w for i, w in enumerate(words))
+
+
+def parse_terms(text: str, n: int) -> Parsed:
+    """Parse an LLM answer (the text after the 'Terms:' prefix) into exactly n distinct terms."""
+    body = text.strip()
+    m = re.search(r"terms?\s*:", body, re.I)
+    if m:
+        body = body[m.end():]
+    lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
+    if not lines:
+        pieces: list[str] = []
+    elif re.match(r"^([-*\u2022]|\d+[.)])\s", lines[0]) and len(lines) > 1:
+        # a bulleted / numbered list, one term per line
+        pieces = [re.sub(r"^([-*\u2022]|\d+[.)])\s*", "", ln) for ln in lines[: n + 2]]
+    else:
+        pieces = [p for p in _SPLIT.split(lines[0]) if p and p.strip()]
+        if len(pieces) == 1 and " " in pieces[0].strip():
+            pieces = pieces[0].split()  # "shampoo hair gentle ..." without commas
+    terms: list[str] = []
+    dropped = 0
+    for p in pieces:
+        t = normalize_term(p)
+        if not t:
+            dropped += 1
+            continue
+        if t not in terms:
+            terms.append(t)
+    if len(terms) == n:
+        return Parsed(terms, True, "ok")
+    if len(terms) > n:
+        return Parsed(terms, False, f"{len(terms)} terms, expected {n}")
+    return Parsed(terms, False, f"{len(terms)} usable terms, expected {n}" + (f" ({dropped} junk)" if dropped else ""))
+
+
+def repair(parsed: list[str], fallback_texts: list[str], category: str, n: int) -> list[str]:
+    """Keep the LLM's terms that are grounded in the item's or its neighbours' text (an invalid answer
+    often carries fragments such as 'fluid-oun'), then fill from the item's own words and its context."""
+    known = {w for text in fallback_texts for w in text_words(text)}
+    grounded = [t for t in dict.fromkeys(parsed) if all(part in known for part in t.split("-"))
+                or t in known]
+    terms = grounded[:n]
+    for text in fallback_texts:
+        for w in text_words(text):
+            if len(terms) >= n:
+                return terms
+            if w not in terms:
+                terms.append(w)
+    for w in [normalize_term(category) or "item", "product", "item", "goods", "article"]:
+        if len(terms) >= n:
+            break
+        if w and w not in terms:
+            terms.append(w)
+    return terms[:n]
+
+
+class TermWriter:
+    """Ray Data callable class: generate, validate, retry, repair for a batch of prompts."""
+
+    def __init__(self, model_path: str, cfg: CTGConfig, threads: int) -> None:
+
+        self.cfg = cfg
+        self.gen = make_generator(model_path, cfg.llm, threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        cfg, n = self.cfg, self.cfg.num_terms
+        convs = [json.loads(m) for m in batch["messages"]]
+        raws = self.gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0)
+        parsed = [parse_terms(r, n) for r in raws]
+        attempts = np.ones(len(convs), dtype=np.int32)
+        for attempt in range(cfg.retries):
+            todo = [i for i, p in enumerate(parsed) if not p.valid]
+            if not todo:
+                break
+            seed = cfg.seed + 1000 * (attempt + 1) + int(batch["row"][todo[0]])
+            again = self.gen.generate([convs[i] for i in todo], prefix=ANSWER_PREFIX,
+                                      temperature=cfg.retry_temperature, seed=seed)
+            for i, r in zip(todo, again):
+                attempts[i] += 1
+                p = parse_terms(r, n)
+                if p.valid or len(p.terms) >= len(parsed[i].terms):
+                    parsed[i], raws[i] = p, r
+        out_terms, valid, source, reasons = [], [], [], []
+        for i, p in enumerate(parsed):
+            if p.valid:
+                out_terms.append(p.terms)
+                source.append("llm")
+            else:
+                lexical = json.loads(batch["lexical"][i]) if "lexical" in batch else []
+                if lexical:  # ctg.repair=lexical: CTG's rules without the LLM (computed by the driver)
+                    out_terms.append(lexical)
+                else:
+                    fallback = json.loads(batch["fallback"][i])
+                    out_terms.append(repair(p.terms, fallback, str(batch["category"][i]), n))
+                source.append("llm+repair")
+            valid.append(p.valid)
+            reasons.append(p.reason)
+        # terms travel as one '\t'-joined string: a column of variable-length lists would be pickled by Ray Data
+        return {"item_id": batch["item_id"], "terms": np.array(["\t".join(t) for t in out_terms], dtype=object),
+                "raw": np.array([ANSWER_PREFIX + r for r in raws], dtype=object),
+                "valid": np.array(valid), "source": np.array(source, dtype=object),
+                "attempts": attempts, "reason": np.array(reasons, dtype=object)}
+
+
+def tid_stats(tids: list[list[str]]) -> dict[str, Any]:
+    keys = [tuple(t) for t in tids]
+    n = len(keys)
+    colliding = colliding_items(keys)
+    width = max((len(k) for k in keys), default=0)
+    return {
+        "items": n, "unique_tids": len(set(keys)), "unique_terms": len({t for k in keys for t in k}),
+        "per_position_vocab": [len({k[j] for k in keys if len(k) > j}) for j in range(width)],
+        "colliding_items": colliding, "collision_rate": round(colliding / n, 6) if n else 0.0,
+    }
+
+
+def select_items(items: pa.Table, cfg: CTGConfig) -> pa.Table:
+    if cfg.limit is None:
+        return items
+    if cfg.sample:
+        rng = np.random.default_rng(cfg.seed)
+        idx = np.sort(rng.choice(items.num_rows, size=min(cfg.limit, items.num_rows), replace=False))
+        return items.take(pa.array(idx))
+    return items.slice(0, cfg.limit)
+
+

@@ -1,0 +1,150 @@
+"""Term IDs: normalizing terms and making every item's TID distinct.
+
+A TID is an ordered list of N terms (category/type, function, features, audience, selling point).
+Items that end with the same TID are a *collision group*. ``resolve_collisions`` keeps the first item
+of each group (catalog order) and, for each other item, swaps the least informative term — the one
+most frequent across the catalog, never the first (the type) — for a word that sets the item apart:
+a word from its own title / description (rarest first), else a catalog term that makes the TID unique.
+Works on any terms table (LLM-made or the authors' provided TIDs).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import pyarrow as pa
+
+from grlm_ray.core.schemas import TERMS
+
+_WORD = re.compile(r"[a-z][a-z]+(?:-[a-z]+)*")
+STOPWORDS = frozenset(
+    "a an and are as at be by for from has have in is it its of on or the to with without this that these "
+    "those your you our we they their them he she his her not no all any each more most other some such "
+    "only own same so than too very can will just should now new set pack pcs piece pieces size oz ml fl "
+    "inch inches count ct lb lbs one two three four five six seven eight nine ten over under about into out "
+    "per via ounce ounces gram grams pound pounds model item product brand inc ltd value".split())
+
+
+@lru_cache(maxsize=200_000)
+def base_form(word: str) -> str:
+    """Lowercase base form (lemma) of one word; hyphenated compounds are kept whole."""
+    import simplemma  # offline lemmatizer; its data ships in the wheel
+
+    w = word.strip().lower()
+    if "-" in w:
+        return w
+    return simplemma.lemmatize(w, lang="en").lower()
+
+
+def text_words(text: str, stop: frozenset[str] = STOPWORDS) -> list[str]:
+    """Distinct candidate words of a text, in order: alphabetic, >= 3 letters, not in ``stop``, base form."""
+    out: list[str] = []
+    for m in _WORD.finditer(text.lower()):
+        w = m.group(0)
+        if len(w) < 3 or w in stop:
+            continue
+        b = base_form(w)
+        if b not in stop and len(b) >= 3 and b not in out:
+            out.append(b)
+    return out
+
+
+@dataclass
+class CollisionReport:
+    items: int
+    colliding_items_before: int
+    groups_before: int
+    colliding_items_after: int
+    changed_items: int
+    by_text_word: int
+    by_catalog_term: int
+    examples: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def colliding_items(tids: list[tuple[str, ...]]) -> int:
+    counts = Counter(tids)
+    return sum(n for n in counts.values() if n > 1)
+
+
+def _first_free(tid: list[str], words: list[str], slots: list[int],
+                taken: set[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """The first TID made by putting one of ``words`` into one of ``slots`` that no item uses yet."""
+    for word in words:
+        if word in tid:
+            continue
+        for j in slots:
+            cand = tuple(tid[:j] + [word] + tid[j + 1:])
+            if cand not in taken:
+                return cand
+    return None
+
+
+def resolve_collisions(
+    item_ids: list[str], tids: list[list[str]], texts: list[str], *, keep_examples: int = 10
+) -> tuple[list[list[str]], list[bool], CollisionReport]:
+    """Return (new tids, changed flags, report). ``texts[i]`` is item i's title + description."""
+    keyed = [tuple(t) for t in tids]
+    before = colliding_items(keyed)
+    groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, k in enumerate(keyed):
+        groups[k].append(i)
+    term_df = Counter(t for k in keyed for t in set(k))
+    taken = set(keyed)
+    # catalog terms, most common first: a shared word is a better identifier word than a rare one
+    fallback_terms = [t for t, _ in term_df.most_common()]
+    out = [list(t) for t in tids]
+    changed = [False] * len(tids)
+    n_text = n_catalog = 0
+    examples: list[dict] = []
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        for i in members[1:]:
+            tid = list(key)
+            # positions ordered by how little they tell: most frequent term first; never position 0
+            positions = sorted(range(1, len(tid)), key=lambda j: (-term_df[tid[j]], -j)) or [0]
+            own_words = sorted(text_words(texts[i]), key=lambda w: term_df.get(w, 0))  # rarest first
+            new, by_text = None, True
+            # the item's own words replace the least informative term; catalog terms may go anywhere
+            for words, slots in ((own_words, positions[:1]), (fallback_terms, positions)):
+                new = _first_free(tid, words, slots, taken)
+                if new is not None:
+                    break
+                by_text = False
+            if new is None:  # only possible for a one-term vocabulary; say so rather than loop
+                raise ValueError(f"cannot make the TID of item {item_ids[i]!r} distinct: vocabulary too small")
+            n_text += by_text
+            n_catalog += not by_text
+            taken.add(new)
+            out[i] = list(new)
+            changed[i] = True
+            if len(examples) < keep_examples:
+                examples.append({"item_id": item_ids[i], "before": list(key), "after": list(new),
+                                 "kept_by": item_ids[members[0]]})
+    report = CollisionReport(
+        items=len(tids), colliding_items_before=before, groups_before=sum(1 for m in groups.values() if len(m) > 1),
+        colliding_items_after=colliding_items([tuple(t) for t in out]), changed_items=sum(changed),
+        by_text_word=n_text, by_catalog_term=n_catalog, examples=examples)
+    return out, changed, report
+
+
+def resolve_terms_table(terms: pa.Table, items: pa.Table) -> tuple[pa.Table, CollisionReport]:
+    """Apply ``resolve_collisions`` to a terms table, using the items table for the item texts.
+
+    Changed rows keep their ``raw`` text and get ``source`` suffixed with ``+dedup``.
+    """
+    text_of = {r["item_id"]: f"{r['title']} {r['description']}" for r in
+               items.select(["item_id", "title", "description"]).to_pylist()}
+    ids = terms.column("item_id").to_pylist()
+    tids = terms.column("terms").to_pylist()
+    new, changed, report = resolve_collisions(ids, tids, [text_of.get(i, "") for i in ids])
+    source = [s + "+dedup" if c else s for s, c in zip(terms.column("source").to_pylist(), changed)]
+    out = terms.set_column(terms.column_names.index("terms"), "terms", pa.array(new, pa.list_(pa.string())))
+    out = out.set_column(out.column_names.index("source"), "source", pa.array(source, pa.string()))
+    return out.cast(TERMS.arrow), report

@@ -1,0 +1,182 @@
+"""Tokenization for IIFT: chat-rendered prompts with masked labels, sequence packing, length bucketing.
+
+- A sample is ``prompt_ids + completion_ids``; labels are -100 on every prompt token, so the loss is on
+  the completion (the answer and its end-of-turn token) only.
+- Packing puts several samples in one row of ``block_size`` tokens (first-fit decreasing). Position ids
+  restart at 0 for every sample; the model then builds a block-diagonal causal mask from them
+  (transformers: packed sequences are detected from position ids when no attention mask is given), so a
+  sample never attends to another. The padding tail of a row is its own segment with labels -100.
+- Without packing, samples are sorted by length and cut into micro batches (length bucketing), padded on
+  the right with an attention mask. Both report their padding waste.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.lib.generation import render
+from grlm_ray.lib.textformat import title_spans
+
+IGNORE = -100
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], enable_thinking: bool = False, prefix: str = "") -> str:
+    """The chat-template text the model sees before it writes; identical at training, eval and serving."""
+
+    return render(tokenizer, messages, prefix, enable_thinking)
+
+
+def end_of_turn(tokenizer: Any) -> str:
+    return tokenizer.eos_token or ""
+
+
+def encode_sample(tokenizer: Any, messages: list[dict[str, str]], completion: str,
+                  enable_thinking: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels -100 exactly on the prompt tokens."""
+    ids, labels = encode_all(tokenizer, [messages], [completion], enable_thinking)
+    return ids[0], labels[0]
+
+
+def encode_all(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str],
+               enable_thinking: bool = False, batch: int = 2048, mask_titles: bool = False
+               ) -> tuple[list[list[int]], list[list[int]]]:
+    """Batched ``encode_sample`` (fast tokenizers encode a list at once). ``mask_titles``: completion tokens
+    that start inside an item's title (``sft.title_spans``) get label -100 too: read, never predicted."""
+
+    ids_out: list[list[int]] = []
+    labels_out: list[list[int]] = []
+    eot = end_of_turn(tokenizer)
+    for s in range(0, len(prompts), batch):
+        ptexts = [render_prompt(tokenizer, m, enable_thinking) for m in prompts[s:s + batch]]
+        ctexts = [c + eot for c in completions[s:s + batch]]
+        penc = tokenizer(ptexts, add_special_tokens=False)["input_ids"]
+        cenc = tokenizer(ctexts, add_special_tokens=False, return_offsets_mapping=mask_titles)
+        for j, (p, c) in enumerate(zip(penc, cenc["input_ids"])):
+            lab = list(c)
+            if mask_titles:
+                spans = title_spans(completions[s + j])
+                if spans:
+                    starts = np.array([a for a, _ in spans])
+                    ends = np.array([b for _, b in spans])
+                    for n, (a, _) in enumerate(cenc["offset_mapping"][j]):
+                        k = np.searchsorted(starts, a, side="right") - 1
+                        if k >= 0 and a < ends[k]:
+                            lab[n] = IGNORE
+            ids_out.append(list(p) + list(c))
+            labels_out.append([IGNORE] * len(p) + lab)
+    return ids_out, labels_out
+
+
+@dataclass
+class Batches:
+    """Token rows ready for training, and what building them cost."""
+
+    table: pa.Table  # input_ids, labels, position_ids (list<int32>), samples, length (int32)
+    packed: bool
+    stats: dict[str, Any]
+
+
+def pack(ids: list[list[int]], labels: list[list[int]], block_size: int, pad_id: int) -> Batches:
+    """First-fit decreasing into rows of ``block_size``; samples longer than a row are cut (counted)."""
+    lengths = np.array([min(len(x), block_size) for x in ids])
+    order = np.argsort(-lengths, kind="stable")
+    rows: list[list[int]] = []
+    free = np.zeros(max(1, len(ids)), dtype=np.int64)  # free slots per row (first len(rows) in use)
+    for j in order:
+        n = int(lengths[j])
+        fits = np.flatnonzero(free[: len(rows)] >= n)
+        if fits.size:  # first fit (vectorized scan over the open rows)
+            r = int(fits[0])
+            rows[r].append(int(j))
+            free[r] -= n
+        else:
+            rows.append([int(j)])
+            free[len(rows) - 1] = block_size - n
+    col_ids, col_labels, col_pos, col_n, col_len = [], [], [], [], []
+    real = 0
+    for members in rows:
+        r_ids: list[int] = []
+        r_lab: list[int] = []
+        r_pos: list[int] = []
+        for j in members:
+            n = int(lengths[j])
+            r_ids += ids[j][:n]
+            r_lab += labels[j][:n]
+            r_pos += list(range(n))
+        real += len(r_ids)
+        col_len.append(len(r_ids))
+        pad = block_size - len(r_ids)
+        r_ids += [pad_id] * pad
+        r_lab += [IGNORE] * pad
+        r_pos += list(range(pad))  # its own segment
+        col_ids.append(r_ids)
+        col_labels.append(r_lab)
+        col_pos.append(r_pos)
+        col_n.append(len(members))
+    table = pa.table({
+        "input_ids": pa.array(col_ids, pa.list_(pa.int32())),
+        "labels": pa.array(col_labels, pa.list_(pa.int32())),
+        "position_ids": pa.array(col_pos, pa.list_(pa.int32())),
+        "samples": pa.array(col_n, pa.int32()),
+        "length": pa.array(col_len, pa.int32()),
+    })
+    total = len(rows) * block_size
+    return Batches(table, True, {
+        "rows": len(rows), "samples": len(ids), "tokens": int(real), "slots": int(total),
+        "padding_waste": round(1 - real / total, 4) if total else 0.0,
+        "truncated_samples": int(sum(1 for x in ids if len(x) > block_size)),
+        "label_tokens": int(sum(sum(1 for t in lab[:block_size] if t != IGNORE) for lab in labels)),
+    })
+
+
+def bucket(ids: list[list[int]], labels: list[list[int]], max_length: int, micro_batch: int) -> Batches:
+    """One row per sample (cut to ``max_length``), sorted by length so a micro batch of neighbours pads
+    little; ``position_ids`` are left empty (the loader pads and builds the attention mask)."""
+    lengths = np.array([min(len(x), max_length) for x in ids])
+    order = np.argsort(lengths, kind="stable")
+    col_ids = [ids[j][: lengths[j]] for j in order]
+    col_labels = [labels[j][: lengths[j]] for j in order]
+    slots = 0
+    for s in range(0, len(order), micro_batch):
+        slots += int(lengths[order[s:s + micro_batch]].max()) * len(order[s:s + micro_batch])
+    real = int(lengths.sum())
+    table = pa.table({
+        "input_ids": pa.array(col_ids, pa.list_(pa.int32())),
+        "labels": pa.array(col_labels, pa.list_(pa.int32())),
+        "position_ids": pa.array([[] for _ in col_ids], pa.list_(pa.int32())),
+        "samples": pa.array([1] * len(col_ids), pa.int32()),
+        "length": pa.array([len(x) for x in col_ids], pa.int32()),
+    })
+    return Batches(table, False, {
+        "rows": len(col_ids), "samples": len(ids), "tokens": real, "slots": slots,
+        "padding_waste": round(1 - real / slots, 4) if slots else 0.0,
+        "truncated_samples": int(sum(1 for x in ids if len(x) > max_length)),
+        "label_tokens": int(sum(sum(1 for t in lab[:max_length] if t != IGNORE) for lab in labels)),
+    })
+
+
+def collate(rows: list[dict[str, list[int]]], packed: bool, pad_id: int) -> dict[str, Any]:
+    """Tensors for one micro batch. Packed rows: input_ids, labels, position_ids (no attention mask, so
+    the model masks per segment). Padded rows: right padding + attention mask."""
+    import torch
+
+    if packed:
+        return {
+            "input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long),
+            "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long),
+            "position_ids": torch.tensor([r["position_ids"] for r in rows], dtype=torch.long),
+        }
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        lab[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask}

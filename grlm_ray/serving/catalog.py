@@ -1,0 +1,238 @@
+"""The serving catalog: every item with its TID, from a finished run plus items added later (no retraining).
+
+Contract: prepare/items + sft/terms (+ serve/catalog_updates.parquet) -> ``Catalog`` (versioned, immutable;
+an update makes a new version). New items get TIDs the way the CTG stage gives them: their text is
+embedded with the run's embedding model, their nearest catalog items (cosine, the run's embeddings) are
+the context, the CTG LLM writes N terms (parsed, retried, repaired as in ``grlm_ray/stages/ctg.py``), and the
+collision rule makes each new TID distinct from every live one. Items added through a terms table
+(`reload`) bring their own terms and go through the same collision rule. Updates are saved atomically
+to ``<run>/serve/catalog_updates.parquet``, so a restarted app serves them too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.core.config import GrlmConfig
+from grlm_ray.core.errors import DataError
+from grlm_ray.core.schemas import EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS, embedding_matrix
+from grlm_ray.core.storage import Store
+from grlm_ray.lib.generation import resolve_llm_path
+from grlm_ray.lib.lexical import LexicalTermWriter
+from grlm_ray.lib.models import resolve_model_path
+from grlm_ray.lib.protocol import popularity_ranking
+from grlm_ray.lib.termgen import TermWriter, build_messages
+from grlm_ray.lib.terms import resolve_collisions
+from grlm_ray.lib.textformat import item_text, training_sequences
+
+log = logging.getLogger(__name__)
+UPDATES = "serve/catalog_updates.parquet"
+ITEM_FIELDS = ("item_id", "category", "title", "description", "brand", "categories")
+UPDATE_SCHEMA = pa.schema([("item_id", pa.string()), ("category", pa.string()), ("title", pa.string()),
+                           ("description", pa.string()), ("brand", pa.string()),
+                           ("categories", pa.list_(pa.string())), ("terms", pa.list_(pa.string())),
+                           ("source", pa.string()), ("catalog_version", pa.int64())])
+
+
+@dataclass(frozen=True)
+class Catalog:
+    version: int
+    items: dict[str, dict[str, Any]]  # item_id -> metadata (ITEM_FIELDS)
+    tids: dict[str, list[str]]  # item_id -> terms
+    popular: list[str]  # training interaction count, then item id
+    added: list[str] = field(default_factory=list)  # items added after training, in order
+    added_in: dict[str, int] = field(default_factory=dict)  # added item -> the catalog version that added it
+
+    @property
+    def item_ids(self) -> list[str]:
+        return list(self.tids)
+
+    def with_items(self, rows: Sequence[dict[str, Any]], version: int | None = None) -> "Catalog":
+        """A new version with ``rows`` (item fields + terms) added; ``version`` restores a saved one."""
+        v = self.version + 1 if version is None else version
+        if v <= self.version:
+            raise ValueError(f"catalog version {v} is not after {self.version}")
+        items, tids, added_in = dict(self.items), dict(self.tids), dict(self.added_in)
+        added = self.added + [r["item_id"] for r in rows if r["item_id"] not in self.tids]
+        for r in rows:
+            items[r["item_id"]] = {k: r.get(k) for k in ITEM_FIELDS}
+            tids[r["item_id"]] = list(r["terms"])
+            added_in.setdefault(r["item_id"], v)
+        return Catalog(v, items, tids, self.popular, added, added_in)
+
+
+def load_catalog(cfg: GrlmConfig, store: Store | None = None) -> Catalog:
+    """The run's catalog: its items, the TIDs the model was trained with, and saved updates."""
+
+    store = store or Store(cfg.run.root, cfg.run.s3)
+    run = cfg.run.name
+    for rel in ("prepare/items.parquet", "sft/terms.parquet", "train/model/config.json"):
+        if not store.exists(f"{run}/{rel}"):
+            raise DataError(f"{store.uri(f'{run}/{rel}')} is missing: run `grlm train` (or `grlm demo`) for this "
+                            "config before serving it")
+    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
+    terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
+    meta = {r["item_id"]: {k: r[k] for k in ITEM_FIELDS} for r in items.select(list(ITEM_FIELDS)).to_pylist()}
+    tids = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
+    targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
+    cat = Catalog(0, meta, tids, popularity_ranking(training_sequences(seqs, targets)))
+    if store.exists(f"{run}/{UPDATES}"):
+        saved = store.read_table(f"{run}/{UPDATES}").to_pylist()
+        by_version: dict[int, list[dict[str, Any]]] = {}
+        for r in saved:  # files written before versions were saved: one update, version 1
+            by_version.setdefault(int(r.get("catalog_version") or 1), []).append(r)
+        for v in sorted(by_version):  # the same versions as before the restart
+            cat = cat.with_items(by_version[v], version=v)
+        log.info("catalog: %d items added after training, version %d (from %s)", len(saved), cat.version,
+                 store.uri(f"{run}/{UPDATES}"))
+    return cat
+
+
+def save_updates(cfg: GrlmConfig, catalog: Catalog, store: Store | None = None) -> None:
+    store = store or Store(cfg.run.root, cfg.run.s3)
+    rows = [dict(catalog.items[i], terms=catalog.tids[i], source="update", catalog_version=catalog.added_in.get(i, 1))
+            for i in catalog.added]
+    store.write_table(f"{cfg.run.name}/{UPDATES}", pa.Table.from_pylist(rows, schema=UPDATE_SCHEMA))
+
+
+def validate_new_items(rows: Sequence[dict[str, Any]], catalog: Catalog, *, need_terms: bool) -> list[dict[str, Any]]:
+    """Clean rows (defaults for missing text fields) or a DataError naming the row and field."""
+    out, seen = [], set()
+    for n, r in enumerate(rows):
+        where = f"item {n}"
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: expected an object")
+        iid = r.get("item_id")
+        if not isinstance(iid, str) or not iid.strip():
+            raise DataError(f"{where}: field 'item_id' must be a non-empty string")
+        if iid in catalog.tids or iid in seen:
+            raise DataError(f"{where}: item_id {iid!r} already exists")
+        seen.add(iid)
+        clean: dict[str, Any] = {"item_id": iid}
+        for k in ("category", "title", "description", "brand"):
+            v = r.get(k, "")
+            if not isinstance(v, str):
+                raise DataError(f"{where} ({iid}): field {k!r} must be a string")
+            clean[k] = v
+        cats = r.get("categories", [])
+        if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+            raise DataError(f"{where} ({iid}): field 'categories' must be a list of strings")
+        clean["categories"] = cats
+        if not (clean["title"] or clean["description"]):
+            raise DataError(f"{where} ({iid}): needs a 'title' or a 'description' to be described")
+        if need_terms:
+            t = r.get("terms")
+            if not isinstance(t, list) or not t or not all(isinstance(x, str) and x and " " not in x for x in t):
+                raise DataError(f"{where} ({iid}): field 'terms' must be a non-empty list of single words")
+            clean["terms"] = [x.lower() for x in t]  # as generated text is read (eig.parse_generated)
+        out.append(clean)
+    return out
+
+
+class CatalogTermWriter:
+    """CTG for new items, with its models loaded once: the run's embedder and item embeddings, the CTG LLM
+    (``ctg.method: llm``) and the catalog statistics of statistical CTG (kept up to date with the catalog,
+    item by item). ``writer(catalog, rows)`` -> rows with ``terms`` and ``source``: embed, nearest catalog
+    neighbours (cosine, the run's embeddings), the CTG stage's own ``TermWriter`` (generate, validate,
+    seeded retries, repair) or statistical CTG. Serving keeps one resident (``serving.TermWriterDeployment``);
+    ``assign_terms`` is the one-shot form."""
+
+    def __init__(self, cfg: GrlmConfig, store: Store | None = None, threads: int = 1) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+
+        self.cfg = cfg
+        store = store or Store(cfg.run.root, cfg.run.s3)
+        emb_t = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
+        self.base_ids = emb_t.column("item_id").to_pylist()
+        self.base = embedding_matrix(emb_t)
+        torch.set_num_threads(max(1, threads))
+        self.encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
+        self.llm = None
+        if cfg.ctg.method == "llm":
+
+            self.llm = TermWriter(resolve_llm_path(cfg.ctg.llm), cfg.ctg, threads)
+        self.lex = None  # statistical CTG's catalog statistics, built on first use
+        self.lex_ids: set[str] = set()
+
+    def _lexical(self, catalog: Catalog, rows: list[dict[str, Any]], nbrs: dict[str, list[str]]) -> list[list[str]]:
+        """Statistical CTG's TIDs for ``rows``: statistics over the live catalog plus these rows, exactly as a
+        writer built from scratch would have them (the rows are added for the call and taken out again)."""
+
+        c = self.cfg.ctg
+        if self.lex is None:
+            self.lex = LexicalTermWriter([{**v, "item_id": k} for k, v in catalog.items.items()], {},
+                                         c.num_terms, c.num_neighbors, c.distinct_terms)
+            self.lex_ids = set(catalog.items)
+        else:  # items the catalog gained since the last call
+            new = [{**catalog.items[k], "item_id": k} for k in catalog.items if k not in self.lex_ids]
+            self.lex.add_items(new)
+            self.lex_ids.update(r["item_id"] for r in new)
+        self.lex.add_items(rows, nbrs)
+        try:
+            return [self.lex.tid(r["item_id"]) for r in rows]
+        finally:
+            self.lex.remove_items([r["item_id"] for r in rows])
+
+    def __call__(self, catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import json
+
+
+        c = self.cfg.ctg
+        texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],
+                           self.cfg.embed.max_chars) for r in rows]
+        q = self.encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        k = min(c.num_neighbors, len(self.base_ids))
+        nbr_rows = np.argsort(-(q @ self.base.T), axis=1, kind="stable")[:, :k] if k else np.zeros((len(rows), 0), int)
+        convs, contexts = [], []
+        for r, nb in zip(rows, nbr_rows):
+            ctx_items = [catalog.items[self.base_ids[j]] for j in nb if self.base_ids[j] in catalog.items]
+            contexts.append(ctx_items)
+            convs.append(build_messages(r, ctx_items if c.context == "neighbors" else [], c))
+        lexical: list[list[str]] = [[] for _ in rows]
+        if c.method == "lexical" or c.repair == "lexical":
+            # each new item's embedding neighbours (none for context: none)
+            nbrs = {r["item_id"]: [x["item_id"] for x in ctx] for r, ctx in zip(rows, contexts)} \
+                if c.context == "neighbors" else {}
+            lexical = self._lexical(catalog, rows, nbrs)
+        if self.llm is None:  # statistical CTG: CTG's rules without the LLM
+            out = [dict(r, terms=t, source="lexical") for r, t in zip(rows, lexical)]
+        else:
+            # the CTG stage's own writer: generate, validate, seeded retries, repair (lexical or the item's words)
+            res = self.llm({"row": np.arange(len(rows)),
+                            "item_id": np.array([r["item_id"] for r in rows], dtype=object),
+                            "category": np.array([r["category"] for r in rows], dtype=object),
+                            "messages": np.array([json.dumps(m) for m in convs], dtype=object),
+                            "fallback": np.array([json.dumps([r["title"], r["description"]] + [x["title"] for x in ctx])
+                                                  for r, ctx in zip(rows, contexts)], dtype=object),
+                            "lexical": np.array([json.dumps(t) for t in lexical], dtype=object)})
+            out = [dict(r, terms=str(t).split("\t"), source=str(src))
+                   for r, t, src in zip(rows, res["terms"], res["source"])]
+        log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])
+        return out
+
+
+def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], store: Store | None = None,
+                 threads: int = 1) -> list[dict[str, Any]]:
+    """CTG for new items, one shot (loads the models for this call): see ``CatalogTermWriter``."""
+    return CatalogTermWriter(cfg, store, threads)(catalog, rows)
+
+
+def distinct_from_catalog(catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The collision rule of the CTG stage, with every live TID kept as it is (the model knows them)."""
+
+    live = list(catalog.tids)
+    ids = live + [r["item_id"] for r in rows]
+    tids = [catalog.tids[i] for i in live] + [r["terms"] for r in rows]
+    texts = [""] * len(live) + [f"{r['title']} {r['description']}" for r in rows]
+    # resolve_collisions keeps the first member of each group: live items come first, so they keep theirs
+    new, changed, _ = resolve_collisions(ids, tids, texts)
+    return [dict(r, terms=new[len(live) + n], source=r["source"] + ("+dedup" if changed[len(live) + n] else ""))
+            for n, r in enumerate(rows)]

@@ -1,0 +1,176 @@
+"""Stage 3 — CTG (Context-aware Term Generation): an LLM writes each item's Term ID while looking at
+the item's neighbours, on a Ray Data actor pool.
+
+Contract: prepare/items + neighbors/neighbors -> ctg/terms (resolved, collision-free) and
+ctg/terms_llm (as parsed from the LLM, before collision resolution).
+
+Every output is parsed and validated (exactly N distinct lowercase base-form terms). Outputs that do not
+validate are retried with seeded sampling; if none validates, the item gets the statistical TID
+(``ctg.repair=lexical``, ``grlm_ray/lib/lexical.py``) or, with ``repair=words``, the LLM's grounded terms
+filled from its own text, its neighbours' titles and its category — marked ``valid=False``,
+``source='llm+repair'`` and counted. ``ctg.method=lexical`` writes every TID with the statistical rules
+(no LLM, one process, ``source='lexical'``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+
+from grlm_ray.core.config import GrlmConfig
+from grlm_ray.core.registry import reads, stage_key
+from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
+from grlm_ray.core.schemas import ITEMS, NEIGHBORS, TERMS
+from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.lib.generation import resolve_llm_path
+from grlm_ray.lib.lexical import LexicalTermWriter
+from grlm_ray.lib.termgen import PROMPT_VERSION, TermWriter, build_messages, repair, select_items, tid_stats
+from grlm_ray.lib.terms import resolve_terms_table
+
+log = logging.getLogger(__name__)
+STAGE = "ctg"
+
+
+def ctg(cfg: GrlmConfig) -> dict[str, Any]:
+
+    store = Store(cfg.run.root, cfg.run.s3)
+    c = cfg.ctg
+    # converts a GGUF once, before any actor starts; the lexical method needs no LLM
+    model_path = resolve_llm_path(c.llm) if c.method == "llm" else None
+
+    def body(ctx: StageContext) -> None:
+        import time
+
+
+        items = ctx.read("items.parquet", ITEMS, stage="prepare")
+        by_id = {r["item_id"]: r for r in items.to_pylist()}
+        nbrs: dict[str, list[str]] = {}
+        if c.context == "neighbors" and c.num_neighbors > 0:
+            nb = ctx.read("neighbors.parquet", NEIGHBORS, stage="neighbors")
+            nbrs = dict(zip(nb.column("item_id").to_pylist(), nb.column("neighbor_ids").to_pylist()))
+        chosen = select_items(items, c)
+        ids = chosen.column("item_id").to_pylist()
+        parts = [ids[s:s + c.part_size] for s in range(0, len(ids), c.part_size)]
+        pending = [k for k in range(len(parts)) if not ctx.part_done(f"{k:05d}")]
+        no_neighbors = sum(1 for i in ids if c.context == "neighbors" and not nbrs.get(i))
+        log.info("ctg: %d items in %d parts, %d to do (%s)", len(ids), len(parts), len(pending),
+                 "lexical" if c.method == "lexical" else f"{c.llm.backend}, {c.llm.model}")
+        t0 = time.time()
+        done_items = 0
+        lexical = None
+        if pending and (c.method == "lexical" or c.repair == "lexical"):
+
+            lexical = LexicalTermWriter(items.to_pylist(), nbrs, c.num_terms, c.num_neighbors, c.distinct_terms)
+        if pending and c.method == "lexical":
+            assert lexical is not None
+            from tqdm import tqdm
+
+            for k in tqdm(pending, desc="ctg parts (lexical)", disable=not cfg.ray.progress_bars):
+                recs = [{"item_id": i, "terms": "\t".join(lexical.tid(i)), "raw": "", "valid": True,
+                         "source": "lexical", "attempts": 1, "reason": "ok"} for i in parts[k]]
+                _save_part(ctx, k, recs)
+                done_items += len(recs)
+        elif pending:
+            rows = []
+            for k in pending:
+                for i in parts[k]:
+                    item = by_id[i]
+                    ctx_items = [by_id[j] for j in nbrs.get(i, [])[: c.num_neighbors] if j in by_id]
+                    rows.append({
+                        "row": len(rows), "part": k, "item_id": i, "category": item["category"],
+                        "messages": json.dumps(build_messages(item, ctx_items, c)),
+                        "fallback": json.dumps([item["title"], item["description"]] + [x["title"] for x in ctx_items]),
+                        "lexical": json.dumps(lexical.tid(i) if lexical is not None else []),
+                    })
+            ray = init_ray(cfg.ray)
+            import ray.data
+
+            cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 1))
+            # one block per LLM batch: results stream back (and parts get saved) as batches finish, and
+            # several workers get work; a single block would hold every result until the very end
+            n_blocks = max(1, -(-len(rows) // c.llm.batch_size))
+            ds = ray.data.from_items(rows, override_num_blocks=n_blocks).map_batches(
+                TermWriter, batch_size=c.llm.batch_size,
+                fn_constructor_kwargs={"model_path": model_path, "cfg": c,
+                                       "threads": max(1, cpus // c.num_workers)},
+                **actor_pool_kwargs(cfg.ray, c.num_workers),
+                **({"num_gpus": c.llm.tensor_parallel_size} if c.llm.device.startswith("cuda") else {}))
+            buffers: dict[int, list[dict]] = {k: [] for k in pending}
+            from tqdm import tqdm
+
+            with tqdm(total=len(rows), desc="ctg items", disable=not cfg.ray.progress_bars) as bar:
+                part_of = {r["item_id"]: r["part"] for r in rows}
+                for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+                    for j in range(len(b["item_id"])):
+                        rec = {key: b[key][j] for key in ("item_id", "terms", "raw", "valid", "source", "attempts", "reason")}
+                        k = part_of[str(rec["item_id"])]
+                        buffers[k].append(rec)
+                        if len(buffers[k]) == len(parts[k]):  # a part is complete: save it now
+                            _save_part(ctx, k, buffers.pop(k))
+                    bar.update(len(b["item_id"]))
+                    done_items += len(b["item_id"])
+        seconds = time.time() - t0
+        tables = [ctx.read_part(f"{k:05d}", "terms_llm.parquet") for k in range(len(parts))]
+        llm = pa.concat_tables(tables)
+        attempts = llm.column("attempts").to_pylist()
+        valid = llm.column("valid").to_pylist()
+        first_try = sum(1 for a, v in zip(attempts, valid) if v and a == 1)
+        terms_llm = llm.select(["item_id", "terms", "raw", "valid", "source"])
+        uncovered = 0
+        if c.uncovered == "words" and len(ids) < items.num_rows:
+            chosen_set = set(ids)
+            rest = [r for r in items.to_pylist() if r["item_id"] not in chosen_set]
+            uncovered = len(rest)
+            words = []
+            for r in rest:
+                ctx_titles = [by_id[j]["title"] for j in nbrs.get(r["item_id"], [])[: c.num_neighbors] if j in by_id]
+                words.append(repair([], [r["title"], r["description"]] + ctx_titles, r["category"], c.num_terms))
+            terms_llm = pa.concat_tables([terms_llm, pa.table({
+                "item_id": pa.array([r["item_id"] for r in rest], pa.string()),
+                "terms": pa.array(words, pa.list_(pa.string())),
+                "raw": pa.array([""] * len(rest), pa.string()),
+                "valid": pa.array([False] * len(rest), pa.bool_()),
+                "source": pa.array(["words"] * len(rest), pa.string()),
+            })])
+        ctx.write("terms_llm.parquet", terms_llm, TERMS)
+        before = tid_stats(terms_llm.column("terms").to_pylist())
+        resolved, report = (resolve_terms_table(terms_llm, items) if c.resolve_collisions
+                            else (terms_llm, None))
+        ctx.write("terms.parquet", resolved, TERMS)
+        after = tid_stats(resolved.column("terms").to_pylist())
+        ctx.info.update({
+            "method": c.method, "prompt_version": PROMPT_VERSION if c.method == "llm" else None,
+            "backend": c.llm.backend if c.method == "llm" else None, "model": c.llm.model if c.method == "llm" else None,
+            "context": c.context, "num_terms": c.num_terms, "items": len(ids),
+            "legality_rate": round(sum(valid) / len(valid), 4) if valid else 0.0,
+            "legality_rate_first_try": round(first_try / len(valid), 4) if valid else 0.0,
+            "repaired_items": len(valid) - sum(valid), "items_without_neighbors": no_neighbors,
+            "uncovered_items_from_words": uncovered,
+            "failure_reasons": dict(Counter(r for r in llm.column("reason").to_pylist() if r != "ok").most_common(8)),
+            "before_resolution": before, "after_resolution": after,
+            "collisions": report.as_dict() if report else None,
+            "generated_items_this_run": done_items, "generation_seconds": round(seconds, 2),
+            "items_per_second": round(done_items / seconds, 3) if done_items and seconds > 0 else None,
+            "prompt_example": None if c.method == "lexical" else build_messages(by_id[ids[0]], [by_id[j] for j in nbrs.get(ids[0], [])[: c.num_neighbors] if j in by_id], c) if ids else None,
+        })
+
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
+                     resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
+
+
+def _save_part(ctx: StageContext, k: int, recs: list[dict]) -> None:
+    table = pa.table({
+        "item_id": pa.array([str(r["item_id"]) for r in recs], pa.string()),
+        "terms": pa.array([str(r["terms"]).split("\t") for r in recs], pa.list_(pa.string())),
+        "raw": pa.array([str(r["raw"]) for r in recs], pa.string()),
+        "valid": pa.array([bool(r["valid"]) for r in recs], pa.bool_()),
+        "source": pa.array([str(r["source"]) for r in recs], pa.string()),
+        "attempts": pa.array([int(r["attempts"]) for r in recs], pa.int32()),
+        "reason": pa.array([str(r["reason"]) for r in recs], pa.string()),
+    })
+    ctx.write_part(f"{k:05d}", {"terms_llm.parquet": (table, None)})

@@ -1,0 +1,144 @@
+"""Stage 5 — evaluation: beam search on the fine-tuned model, EIG grounding, Recall/NDCG/VR/DHR.
+
+Contract: prepare/{items, sequences, targets} + sft/terms + train/model -> eval/predictions.parquet and
+eval/metrics.json (overall and per domain, the protocol choices, and popularity on the same users).
+
+Users are sharded over a Ray Data actor pool; each actor holds the model, the token trie of every
+catalog TID (constrained decoding) and the TID index (EIG). The history of a target is every item
+before its position in the user's sequence (the last ``sft.max_history``), written with the same text
+format as training (``grlm_ray/lib/textformat.py``); only the TID is generated, ended by `` |``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.core.config import GrlmConfig
+from grlm_ray.core.registry import reads, stage_key
+from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
+from grlm_ray.core.schemas import ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
+from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_seqs
+from grlm_ray.lib.eig import TidIndex, tid_text
+from grlm_ray.lib.metrics import score_rankings
+from grlm_ray.lib.protocol import build_queries, popularity_ranking
+from grlm_ray.lib.textformat import training_sequences
+
+log = logging.getLogger(__name__)
+STAGE = "eval"
+
+
+class Recommender:
+    """Ray Data callable class: prompts -> beams -> grounded ranked lists (one model copy per actor)."""
+
+    def __init__(self, model_dir: str, item_ids: list[str], tids: list[list[str]], fallback: list[str],
+                 options: dict[str, Any]) -> None:
+
+        self.o = options
+        self.decoder = TidDecoder(model_dir, [tid_text(t) for t in tids], backend=options["backend"],
+                                  constrained=options["constrained"], num_beams=options["num_beams"],
+                                  max_new_tokens=options["max_new_tokens"], threads=int(options.get("threads", 1)),
+                                  dtype=options.get("dtype", "float32"), device=options.get("device", "cpu"),
+                                  renormalize=bool(options.get("renormalize", False)))
+        self.index = TidIndex(item_ids, tids, decay=options["decay"], match=options["match"], fallback_order=fallback)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        beams = self.decoder([str(p) for p in batch["prompt"]], batch_size=len(batch["prompt"]))
+        ranked, how, cands, valid = [], [], [], []
+        for texts in beams:
+            g = self.index.rank(texts, self.o["k"])
+            ranked.append("\t".join(g.items))
+            how.append("\t".join(g.grounded_by))
+            cands.append("\t".join(texts))
+            valid.append("\t".join("1" if self.index.is_valid(x) else "0" for x in texts))
+        return {"row": batch["row"], "ranked": np.array(ranked, dtype=object), "how": np.array(how, dtype=object),
+                "candidates": np.array(cands, dtype=object), "valid": np.array(valid, dtype=object)}
+
+
+def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
+    store = Store(cfg.run.root, cfg.run.s3)
+    e = cfg.eval
+
+    def body(ctx: StageContext) -> None:
+        from tqdm import tqdm
+        from transformers import AutoTokenizer
+
+
+        items = ctx.read("items.parquet", ITEMS, stage="prepare")
+        seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
+        targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
+        terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
+        terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+        model_dir = ctx.store.local_dir(f"{ctx.run}/train/model", os.path.expanduser("~/.cache/grlm-ray/eval"))
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        queries = build_queries(cfg, items, seqs, targets, terms, tok)
+        popular = popularity_ranking(training_sequences(seqs, targets))
+        ids = terms_t.column("item_id").to_pylist()
+        ray = init_ray(cfg.ray)
+        import ray.data
+
+        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        renormalize = e.renormalize if e.renormalize is not None else e.backend == "vllm"
+        max_new = e.max_new_tokens
+        if e.constrained:
+
+            max_new = effective_max_new_tokens(tid_token_seqs(tok, [tid_text(terms[i]) for i in ids]), max_new)
+        options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
+                   "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
+                   "renormalize": renormalize,
+                   "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers)}
+        n_blocks = max(1, -(-len(queries) // e.batch_size))
+        # users of similar prompt length share a batch: less left padding (rows keep their ids)
+        lengths = [len(x) for x in tok([q["prompt"] for q in queries], add_special_tokens=False)["input_ids"]]
+        by_len = sorted(queries, key=lambda q: (lengths[q["row"]], q["row"]))
+        ds = ray.data.from_items([{"row": q["row"], "prompt": q["prompt"]} for q in by_len],
+                                 override_num_blocks=n_blocks).map_batches(
+            Recommender, batch_size=e.batch_size,
+            fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": [terms[i] for i in ids],
+                                   "fallback": popular, "options": options},
+            **actor_pool_kwargs(cfg.ray, e.num_workers, num_gpus=1 if e.use_gpu else 0))
+        t0 = time.time()
+        results: dict[int, dict[str, Any]] = {}
+        with tqdm(total=len(queries), desc="eval users", disable=not cfg.ray.progress_bars) as bar:
+            for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for j in range(len(b["row"])):
+                    results[int(b["row"][j])] = {k: str(b[k][j]) for k in ("ranked", "how", "candidates", "valid")}
+                bar.update(len(b["row"]))
+        seconds = time.time() - t0
+        rows, pop_rows = [], []
+        for q in queries:
+            r = results[q["row"]]
+            rows.append({"user_id": q["user_id"], "split": q["split"], "domain": q["domain"],
+                         "target_item_id": q["target_item_id"], "candidates": r["candidates"].split("\t"),
+                         "ranked_item_ids": r["ranked"].split("\t"), "grounded_by": r["how"].split("\t"),
+                         "beam_valid": [x == "1" for x in r["valid"].split("\t")]})
+            pop_rows.append({"domain": q["domain"], "target_item_id": q["target_item_id"],
+                             "ranked_item_ids": popular[: max(e.ks)], "grounded_by": []})
+        ctx.write("predictions.parquet", pa.Table.from_pylist(
+            [{k: v for k, v in r.items() if k != "beam_valid"} for r in rows], schema=PREDICTIONS.arrow), PREDICTIONS)
+        metrics = score_rankings(rows, e.ks)
+        baseline = score_rankings(pop_rows, e.ks)
+        report = {"model": metrics, "popularity": baseline, "protocol": {
+            "split": e.split, "users": len(queries), "sample": e.limit_users, "seed": e.seed,
+            "history_masked": False, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
+            "max_new_tokens_effective": max_new,
+            "constrained": e.constrained, "grounding": {"match": e.match, "decay": e.decay},
+            "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
+            "padding": "left", "dtype": e.dtype, "backend": e.backend,
+            "scores": "log-probs renormalized over allowed tokens" if renormalize and e.constrained
+            else "model log-probs", "length_penalty": 1.0, "early_stopping": True}}
+        ctx.store.write_json(ctx.rel("metrics.json"), report)
+        ctx.info.update({"metrics": metrics["overall"], "popularity": baseline["overall"],
+                         "per_domain": metrics["per_domain"], "protocol": report["protocol"],
+                         "seconds_generation": round(seconds, 2),
+                         "users_per_second": round(len(queries) / seconds, 3) if seconds > 0 else None})
+
+    # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE),
+                     body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"model": store.uri(f"{cfg.run.name}/train/model")})

@@ -1,0 +1,130 @@
+"""Stage 2b — neighbours: top-k cosine neighbours of every item (self excluded), on Ray Data.
+
+Query blocks are sharded over actors that each hold the index (the normalized embedding matrix, shared
+through the object store). 'exact': blocked matrix products; 'flat': faiss exact inner product;
+'ivf': faiss IVF (approximate), which 'auto' picks above ``ivf_threshold`` items.
+Contract: embed/embeddings -> neighbors/neighbors (item_id, neighbor_ids, scores desc).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.core.config import GrlmConfig, NeighborsConfig
+from grlm_ray.core.registry import reads, stage_key
+from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
+from grlm_ray.core.schemas import EMBEDDINGS, NEIGHBORS, embedding_matrix
+from grlm_ray.core.storage import StageContext, Store, run_stage
+
+STAGE = "neighbors"
+
+
+def topk_exact(queries: np.ndarray, query_rows: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[q, d] x [n, d] -> (indices [q, k], scores [q, k]) by inner product, excluding each query's own row."""
+    scores = queries @ base.T  # [q, n]
+    scores[np.arange(len(query_rows)), query_rows] = -np.inf
+    k = min(k, base.shape[0] - 1)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # [q, k] unordered
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
+
+
+def build_faiss_index(base: np.ndarray, cfg: NeighborsConfig, kind: str) -> Any:
+    import faiss
+
+    d = base.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = cfg.ivf_nlist or max(1, int(4 * math.sqrt(base.shape[0])))
+        quant = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(base)
+        index.nprobe = cfg.ivf_nprobe
+    if cfg.use_gpu and hasattr(faiss, "StandardGpuResources"):
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(base)
+    return index
+
+
+def choose_index(cfg: NeighborsConfig, n: int) -> str:
+    if cfg.index != "auto":
+        return cfg.index
+    return "ivf" if n > cfg.ivf_threshold else "flat"
+
+
+class NeighborSearcher:
+    """Ray Data callable class: holds the index, answers a batch of query rows."""
+
+    def __init__(self, base: Any, cfg: NeighborsConfig, kind: str) -> None:
+        if not isinstance(base, np.ndarray):  # an ObjectRef: Ray Data passes constructor kwargs as is
+            import ray
+
+            base = ray.get(base)
+        self.base, self.cfg, self.kind = base, cfg, kind
+        self.index = build_faiss_index(base, cfg, kind) if kind in ("flat", "ivf") else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = batch["row"].astype(np.int64)
+        q = self.base[rows]
+        k = self.cfg.k
+        if self.index is None:
+            idx, sc = topk_exact(q, rows, self.base, k)
+        else:
+            sc, idx = self.index.search(q, k + 1)  # one extra: the item itself is usually first
+            keep = idx != rows[:, None]
+            idx = np.stack([r[m][:k] if m.sum() >= k else np.pad(r[m], (0, k - m.sum()), constant_values=-1)
+                            for r, m in zip(idx, keep)])
+            sc = np.stack([r[m][:k] if m.sum() >= k else np.pad(r[m], (0, k - m.sum()), constant_values=-np.inf)
+                           for r, m in zip(sc, keep)])
+        return {"row": rows, "idx": idx.astype(np.int64), "score": sc.astype(np.float32)}
+
+
+def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
+
+    store = Store(cfg.run.root, cfg.run.s3)
+
+    def body(ctx: StageContext) -> None:
+
+        table = ctx.read("embeddings.parquet", EMBEDDINGS, stage="embed")
+        ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
+        base = np.ascontiguousarray(embedding_matrix(table))
+        n = base.shape[0]
+        kind = choose_index(cfg.neighbors, n)
+        ray = init_ray(cfg.ray)
+        import ray.data
+
+        base_ref = ray.put(base)
+        # query blocks cut in the driver: no read or map tasks (each needs a whole CPU, which a 1-CPU cluster
+        # never frees while the searcher actor holds part of it), only the actor pool
+        step = max(1, cfg.neighbors.query_batch)
+        rows = pa.table({"row": pa.array(np.arange(n, dtype=np.int64))})
+        ds = ray.data.from_arrow([rows.slice(s, step) for s in range(0, max(1, n), step)])
+        ds = ds.map_batches(
+            NeighborSearcher, batch_size=cfg.neighbors.query_batch,
+            fn_constructor_kwargs={"base": base_ref, "cfg": cfg.neighbors, "kind": kind},
+            **actor_pool_kwargs(cfg.ray, cfg.neighbors.num_workers))
+        idx = np.full((n, min(cfg.neighbors.k, n - 1)), -1, dtype=np.int64)
+        sc = np.full(idx.shape, -np.inf, dtype=np.float32)
+        for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+            idx[b["row"]] = b["idx"][:, : idx.shape[1]]
+            sc[b["row"]] = b["score"][:, : idx.shape[1]]
+        valid = idx >= 0
+        neighbor_ids = [list(ids[r[m]]) for r, m in zip(idx, valid)]
+        scores = [list(s[m]) for s, m in zip(sc, valid)]
+        ctx.write("neighbors.parquet", pa.table({
+            "item_id": table.column("item_id"),
+            "neighbor_ids": pa.array(neighbor_ids, pa.list_(pa.string())),
+            "scores": pa.array(scores, pa.list_(pa.float32())),
+        }), NEIGHBORS)
+        ctx.info.update({"index": kind, "k": cfg.neighbors.k, "items": n,
+                         "items_with_fewer_than_k": int((valid.sum(axis=1) < idx.shape[1]).sum())})
+
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
+                     resume=cfg.run.resume, after=reads(STAGE, cfg),
+                     inputs={"embeddings": store.uri(f"{cfg.run.name}/embed/embeddings.parquet")})

@@ -1,0 +1,321 @@
+"""Stage 1 — prepare: sources -> catalog (items), chronological sequences, leave-one-out targets.
+
+Contract out (``<root>/<run>/prepare/``): ``items``, ``sequences``, ``targets``, ``rejects``, ``raw_text``
+(the source text of every item field cleaned under ``data.clean_text``) and, when a source provides Term
+IDs, ``terms`` (source='provided'). Each domain is loaded and filtered as its own
+resumable part (in parallel as Ray tasks when there are several), then the parts are merged by mode:
+
+- single: one domain, ids as in the source (unless ``namespace_ids``);
+- joint: every domain's items and users namespaced ``<domain>/<id>``, sequences kept per domain;
+- cross_domain: users present in both domains; their interactions merged chronologically; the last
+  (second last) item of *each* domain is that domain's test (validation) target.
+
+Ordering: by timestamp; equal timestamps by ``tie_break`` (file order, or item id); a source without
+timestamps is taken in file order. The rules used are recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from grlm_ray.core.config import AmazonRawSource, BundleSource, ByoSource, DataConfig, GrlmConfig, SyntheticSource
+from grlm_ray.core.errors import DataError
+from grlm_ray.core.registry import stage_key
+from grlm_ray.core.runtime import init_ray
+from grlm_ray.core.schemas import ITEMS, RAW_TEXT, REJECTS, SEQUENCES, TARGETS, TERMS, check_references
+from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.stages.prepare import core
+
+log = logging.getLogger(__name__)
+
+STAGE = "prepare"
+
+
+@dataclass
+class DomainData:
+    name: str
+    items: pa.Table
+    interactions: pd.DataFrame
+    terms: pa.Table | None
+    rejects: list[dict]
+    info: dict[str, Any] = field(default_factory=dict)
+    raw_text: pa.Table | None = None  # source text of the cleaned item fields
+
+
+def resolve_path(base_dir: str, p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else Path(base_dir).expanduser() / path
+
+
+def check_sources(cfg: GrlmConfig) -> list[str]:
+    """Every source file a domain names exists, and the domains fit the data mode (the stage's declared
+    check: `grlm validate`, and every pipeline run before it starts)."""
+    from grlm_ray.stages.prepare.amazon_raw import default_files  # dispatch to the source readers
+
+    problems = []
+    for name, src in cfg.data.domains.items():
+        paths: list[Path] = []
+        if isinstance(src, AmazonRawSource):
+            d = resolve_path(cfg.data.base_dir, src.dir)
+            rf, mf = default_files(src.category)
+            paths = [resolve_path(str(d), src.reviews_file or rf), resolve_path(str(d), src.meta_file or mf)]
+        elif isinstance(src, BundleSource):
+            d = resolve_path(cfg.data.base_dir, src.dir)
+            paths = [d / "items.parquet", d / "sequences.parquet"]
+        elif isinstance(src, ByoSource):
+            paths = [resolve_path(cfg.data.base_dir, src.items), resolve_path(cfg.data.base_dir, src.interactions)]
+        for p in paths:
+            if not p.is_file():
+                problems.append(f"data.domains.{name}: file not found: {p}")
+    if cfg.data.mode == "cross_domain":
+        for name, src in cfg.data.domains.items():
+            if isinstance(src, BundleSource):
+                problems.append(f"data.domains.{name}: cross_domain merges by time; bundles have no timestamps")
+    return problems
+
+
+def load_domain(name: str, src: Any, data: DataConfig) -> DomainData:
+    """Read one source and apply the per-domain rules (dedupe, k-core, short users, ordering)."""
+    rejects = core.Rejects(policy=data.invalid_rows)
+    info: dict[str, Any] = {"kind": src.kind}
+    terms = None
+    refilter = True
+    keep_all_items = False
+    if isinstance(src, SyntheticSource):
+        from grlm_ray.stages.prepare.synthetic import generate
+
+        items, inter = generate(src)
+    elif isinstance(src, AmazonRawSource):
+        from grlm_ray.stages.prepare import amazon_raw
+
+        rf, mf = amazon_raw.default_files(src.category)
+        d = resolve_path(data.base_dir, src.dir)
+        reviews = resolve_path(str(d), src.reviews_file or rf)
+        meta = resolve_path(str(d), src.meta_file or mf)
+        inter = amazon_raw.read_reviews(reviews, rejects)
+        info["raw_interactions"] = len(inter)
+        items = None  # read after filtering: only the surviving asins are parsed
+    elif isinstance(src, BundleSource):
+        from grlm_ray.stages.prepare.bundle import read_bundle
+
+        items, inter, terms = read_bundle(resolve_path(data.base_dir, src.dir), name, rejects)
+        refilter, keep_all_items = src.refilter, True
+    elif isinstance(src, ByoSource):
+        from grlm_ray.stages.prepare import byo
+
+        items = byo.read_items(src, resolve_path(data.base_dir, src.items), rejects)
+        inter = byo.read_interactions(src, resolve_path(data.base_dir, src.interactions),
+                                      set(items.column("item_id").to_pylist()), rejects)
+        keep_all_items = True  # cold items stay in the catalog: they can get TIDs and be recommended
+    else:  # pragma: no cover - the config union is closed
+        raise TypeError(type(src))
+
+    info["interactions_read"] = len(inter)
+    has_ts = bool(inter["timestamp"].notna().any())
+    info["ordering"] = (f"timestamp, ties by {data.tie_break}" if has_ts
+                        else "file order (source has no timestamps)")
+    inter = core.order_interactions(inter, data.tie_break if has_ts else "file_order")
+    if refilter:
+        inter, n_dup = core.drop_duplicate_interactions(inter, data.duplicate_interactions)
+        info["duplicate_interactions_dropped"] = n_dup
+        n_before_u, n_before_i = inter["user_id"].nunique(), inter["item_id"].nunique()
+        inter, rounds = core.k_core(inter, data.k_core)
+        info["k_core"] = {"k": data.k_core, "rounds": rounds,
+                          "users_dropped": int(n_before_u - inter["user_id"].nunique()),
+                          "items_dropped": int(n_before_i - inter["item_id"].nunique())}
+    inter, n_short = core.drop_short_users(inter, data.min_user_interactions)
+    info["users_below_min_interactions_dropped"] = n_short
+    if inter.empty:
+        raise DataError(f"domain '{name}': no user has {data.min_user_interactions}+ interactions after "
+                        f"filtering (k_core={data.k_core}); nothing to train or evaluate on")
+
+    used = set(inter["item_id"].unique())
+    if isinstance(src, AmazonRawSource):
+        from grlm_ray.stages.prepare import amazon_raw
+
+        items = amazon_raw.read_meta(meta, used, src.category, rejects)
+        found = set(items.column("item_id").to_pylist())
+        missing = sorted(used - found)
+        info["items_without_meta"] = len(missing)
+        if missing:  # reviewed items without a meta line stay, with empty text (counted, not dropped)
+            n = len(missing)
+            filler = pa.table({"item_id": missing, "category": [src.category] * n, "title": [""] * n,
+                               "description": [""] * n, "brand": [""] * n,
+                               "categories": pa.array([[]] * n, pa.list_(pa.string())),
+                               "source_id": missing}, schema=ITEMS.arrow)
+            items = pa.concat_tables([items, filler])
+    assert items is not None
+    if not keep_all_items:
+        import pyarrow.compute as pc
+
+        items = items.filter(pc.is_in(items.column("item_id"), value_set=pa.array(sorted(used), pa.string())))
+    raw_text = None
+    if data.clean_text:
+        # once, here, for every source: the embedder, CTG prompts and SFT lines all read these fields
+        items, raw_text, cleaned = core.clean_items(items, f"{name} items", rejects)
+        info["text_cleaned"] = cleaned  # repaired values per field (rows: rejects, action 'repaired')
+    info["items_with_empty_title"] = int(sum(1 for t in items.column("title").to_pylist() if not t))
+    return DomainData(name, items, inter, terms, rejects.rows, info, raw_text)
+
+
+def _namespace(d: DomainData, users: bool) -> DomainData:
+    import pyarrow.compute as pc
+
+    prefix = f"{d.name}/"
+    items = d.items.set_column(0, "item_id", pc.binary_join_element_wise(prefix, d.items.column("item_id"), ""))
+    inter = d.interactions.copy()
+    inter["item_id"] = prefix + inter["item_id"]
+    if users:
+        inter["user_id"] = prefix + inter["user_id"]
+    terms = None
+    if d.terms is not None:
+        terms = d.terms.set_column(0, "item_id", pc.binary_join_element_wise(prefix, d.terms.column("item_id"), ""))
+    raw = d.raw_text
+    if raw is not None:
+        raw = raw.set_column(0, "item_id", pc.binary_join_element_wise(prefix, raw.column("item_id"), ""))
+    return DomainData(d.name, items, inter, terms, d.rejects, d.info, raw)
+
+
+def _interactions_table(df: pd.DataFrame) -> pa.Table:
+    return pa.table({"user_id": pa.array(df["user_id"], pa.string()), "item_id": pa.array(df["item_id"], pa.string()),
+                     "timestamp": pa.array(df["timestamp"].astype("Int64"), pa.int64()),
+                     "order": pa.array(df["order"], pa.int64())})
+
+
+def _interactions_frame(t: pa.Table) -> pd.DataFrame:
+    return pd.DataFrame({"user_id": pd.Series(t.column("user_id").to_pylist(), dtype=str),
+                         "item_id": pd.Series(t.column("item_id").to_pylist(), dtype=str),
+                         "timestamp": pd.Series(t.column("timestamp").to_pylist(), dtype="Int64"),
+                         "order": pd.Series(t.column("order").to_pylist(), dtype="int64")})
+
+
+def _save_part(ctx: StageContext, d: DomainData) -> None:
+    tables: dict[str, tuple[pa.Table, Any]] = {
+        "items.parquet": (d.items, ITEMS),
+        "interactions.parquet": (_interactions_table(d.interactions), None),
+        "rejects.parquet": (pa.Table.from_pylist(d.rejects, schema=REJECTS.arrow), REJECTS),
+    }
+    if d.terms is not None:
+        tables["terms.parquet"] = (d.terms, TERMS)
+    if d.raw_text is not None:
+        tables["raw_text.parquet"] = (d.raw_text, RAW_TEXT)
+    ctx.write_part(d.name, tables, meta=d.info)
+
+
+def _load_part(ctx: StageContext, name: str) -> DomainData:
+    terms = None
+    if ctx.store.exists(ctx.rel(f"parts/{name}/terms.parquet")):
+        terms = ctx.read_part(name, "terms.parquet", TERMS)
+    raw = None
+    if ctx.store.exists(ctx.rel(f"parts/{name}/raw_text.parquet")):
+        raw = ctx.read_part(name, "raw_text.parquet", RAW_TEXT)
+    return DomainData(name, ctx.read_part(name, "items.parquet", ITEMS),
+                      _interactions_frame(ctx.read_part(name, "interactions.parquet")),
+                      terms, ctx.read_part(name, "rejects.parquet", REJECTS).to_pylist(),
+                      ctx.part_meta(name), raw)
+
+
+def _load_pending(cfg: GrlmConfig, ctx: StageContext) -> None:
+    data = cfg.data
+    pending = [n for n in data.domains if not ctx.part_done(n)]
+    done = [n for n in data.domains if n not in pending]
+    if done:
+        log.info("prepare: %d domain(s) already done, resuming: %s", len(done), ", ".join(done))
+    if len(pending) > 1:
+
+        ray = init_ray(cfg.ray)
+        task = ray.remote(num_cpus=1)(load_domain)
+        refs = {task.remote(n, data.domains[n], data): n for n in pending}
+        from tqdm import tqdm
+
+        with tqdm(total=len(refs), desc="prepare domains", disable=not cfg.ray.progress_bars) as bar:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                name = refs.pop(ready[0])
+                _save_part(ctx, ray.get(ready[0]))  # each domain is saved as it lands: resumable
+                bar.update(1)
+                bar.set_postfix_str(name)
+    else:
+        for n in pending:
+            _save_part(ctx, load_domain(n, data.domains[n], data))
+
+
+def _merge(cfg: DataConfig, parts: list[DomainData]) -> tuple[pa.Table, pa.Table, pa.Table, dict[str, Any]]:
+    info: dict[str, Any] = {}
+    if cfg.mode != "cross_domain":
+        seqs, targets = [], []
+        for d in parts:
+            s = core.build_sequences(d.interactions, cfg.max_sequence_length)
+            seqs.append(s)
+            targets.append(core.leave_one_out_targets(s, d.name))
+        items = pa.concat_tables([d.items for d in parts])
+        return items, pa.concat_tables(seqs), pa.concat_tables(targets), info
+
+    a, b = parts
+    for d in parts:
+        if not d.interactions["timestamp"].notna().all():
+            raise DataError(f"cross_domain merges by time, but domain '{d.name}' has interactions without "
+                            f"timestamps (a prepared bundle has none): use raw files or your own data")
+    common = set(a.interactions["user_id"]) & set(b.interactions["user_id"])
+    info["users_in_both_domains"] = len(common)
+    frames = []
+    for rank, d in enumerate(parts):
+        f = d.interactions[d.interactions["user_id"].isin(common)].copy()
+        f["domain_rank"] = rank
+        frames.append(f)
+    merged = pd.concat(frames, ignore_index=True)
+    # equal timestamps across domains: first domain of the config first, then file order
+    merged = merged.sort_values(["user_id", "timestamp", "domain_rank", "order"], kind="stable")
+    if cfg.max_sequence_length:
+        merged = merged.groupby("user_id", sort=False).tail(cfg.max_sequence_length)
+    per_dom = merged.groupby(["user_id", "domain_rank"]).size().unstack(fill_value=0)
+    ok_users = per_dom.index[(per_dom >= 3).all(axis=1)]
+    info["users_dropped_fewer_than_3_per_domain"] = int(len(per_dom) - len(ok_users))
+    merged = merged[merged["user_id"].isin(set(ok_users))].drop(columns="domain_rank")
+    if merged.empty:
+        raise DataError("cross_domain: no user has 3+ interactions in both domains")
+    seqs = core.build_sequences(merged.reset_index(drop=True))
+    targets = core.per_domain_targets(seqs, [d.name for d in parts])
+    items = pa.concat_tables([d.items for d in parts])
+    return items, seqs, targets, info
+
+
+def prepare(cfg: GrlmConfig) -> dict[str, Any]:
+    """Run (or skip / resume) stage 1 for ``cfg``; returns the stage manifest."""
+    store = Store(cfg.run.root, cfg.run.s3)
+
+    def body(ctx: StageContext) -> None:
+        data = cfg.data
+        _load_pending(cfg, ctx)
+        parts = [_load_part(ctx, n) for n in data.domains]
+        if data.namespaced:
+            parts = [_namespace(d, users=data.mode != "cross_domain") for d in parts]
+        items, seqs, targets, merge_info = _merge(data, parts)
+        where = ctx.store.uri(ctx.rel("sequences.parquet"))
+        check_references(seqs, items, where=where)
+        ctx.write("items.parquet", items, ITEMS)
+        ctx.write("sequences.parquet", seqs, SEQUENCES)
+        ctx.write("targets.parquet", targets, TARGETS)
+        terms = [d.terms for d in parts if d.terms is not None]
+        if terms:
+            ctx.write("terms.parquet", pa.concat_tables(terms), TERMS)
+        raw = [d.raw_text for d in parts if d.raw_text is not None]
+        ctx.write("raw_text.parquet", pa.concat_tables(raw) if raw else RAW_TEXT.arrow.empty_table(), RAW_TEXT)
+        rejects = [r for d in parts for r in d.rejects]
+        ctx.write("rejects.parquet", pa.Table.from_pylist(rejects, schema=REJECTS.arrow), REJECTS)
+        counts = core.Rejects(rows=rejects).counts()
+        ctx.info.update({
+            "mode": data.mode, "namespaced_ids": data.namespaced, "tie_break": data.tie_break,
+            "duplicate_interactions": data.duplicate_interactions, "k_core": data.k_core,
+            "min_user_interactions": data.min_user_interactions,
+            "domains": {d.name: d.info for d in parts}, "merge": merge_info, "rejects": counts,
+        })
+
+    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body, resume=cfg.run.resume,
+                     inputs={n: s.model_dump_json() for n, s in cfg.data.domains.items()})
