@@ -111,6 +111,6 @@ def format_summary(results: dict[str, Any]) -> str:
                          f"({m['users']} users; loss {info['loss_first']} -> {info['loss_last']}, "
                          f"train {info['train_seconds']}s)")
     if "stats" in results:
-        lines += ["", format_stats(results["stats"])]
+        lines.append(format_stats(results["stats"], compact=True))
     lines.append(f"\ntotal {results['seconds']:.1f}s")
     return "\n".join(lines)

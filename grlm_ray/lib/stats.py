@@ -54,8 +54,13 @@ def dataset_stats(path: str, s3: S3Config | None = None) -> dict[str, Any]:
     return out
 
 
-def format_stats(s: dict[str, Any]) -> str:
+def format_stats(s: dict[str, Any], compact: bool = False) -> str:
+    """The full table (`grlm data stats`), or two lines for a run's summary."""
     sl = s["sequence_length"]
+    if compact:
+        return (f"dataset   {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions "
+                f"(density {s['density']:.6f}); {s['path']}\n"
+                "          sequence length p50 {p50:g}, p90 {p90:g}, max {max}, mean {mean}".format(**sl))
     lines = [
         f"dataset      {s['path']}",
         f"users        {s['users']:,}",
