@@ -52,7 +52,6 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
         results["stages"][name] = manifest
         manifest["mlflow_run_id"] = log_stage(cfg, name, manifest, texts=_stage_texts(cfg, name, manifest))
     if "prepare" in stages:
-
         results["stats"] = dataset_stats(Store(cfg.run.root, cfg.run.s3).uri(f"{cfg.run.name}/prepare"), cfg.run.s3)
     results["seconds"] = round(time.time() - t0, 2)
     return results
@@ -74,7 +73,6 @@ def _stage_texts(cfg: GrlmConfig, stage: str, manifest: dict[str, Any]) -> dict[
 
 
 def format_summary(results: dict[str, Any]) -> str:
-
     lines = ["", "=== grlm run summary ===", f"config   {results['config']}"]
     for stage, m in results["stages"].items():
         state = "skipped (already complete)" if m.get("skipped") else f"done in {m.get('seconds', 0):.1f}s"
@@ -102,7 +100,6 @@ def format_summary(results: dict[str, Any]) -> str:
                          f"{info['tokens_per_s']} tokens/s, padding waste {tk['padding_waste']:.1%}, "
                          f"{info['backbone']['parameters']:,} parameters; model: {info['model_dir']}")
         if stage == "eval" and "metrics" in info:
-
             lines += format_metrics(info)
         if stage == "baseline" and "metrics" in info:
             m, p = info["metrics"], info["popularity"]

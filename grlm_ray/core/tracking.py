@@ -66,7 +66,6 @@ def upstream_runs(cfg: GrlmConfig, stage: str) -> dict[str, str]:
     """MLflow run ids of the stages ``stage`` read, as finished for this run (name + config hash)."""
     import mlflow
 
-
     mlflow.set_tracking_uri(tracking_uri(cfg))
     store = Store(cfg.run.root, cfg.run.s3)
     out = {}

@@ -36,7 +36,6 @@ def variant_config(cfg: GrlmConfig, k: int | None) -> GrlmConfig:
 
 
 def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
-
     if not cfg.compress.ks:
         raise ConfigError("compress.ks is empty: nothing to compare")
     t0 = time.time()
@@ -116,7 +115,6 @@ def _log(cfg: GrlmConfig, out: dict[str, Any], png: bytes) -> str | None:
     if not cfg.tracking.enabled:
         return None
     import mlflow
-
 
     with open_run(cfg, "compare", run_name(cfg, f"compare-ks{'-'.join(map(str, sorted(set(cfg.compress.ks))))}")) as run:
         mlflow.log_params({"compress/ks": str(sorted(set(cfg.compress.ks))), "compress/source": cfg.compress.source})

@@ -25,7 +25,6 @@ from grlm_ray.lib.decoding import TidDecoder
 
 
 def run(request: dict) -> dict:
-
     t0 = time.time()
     runs = request["runs"]
     dec = TidDecoder(request["model_dir"], request["tids"], backend=request.get("backend", "vllm"),

@@ -62,7 +62,6 @@ def token_kinds(completion: str, offsets: list[tuple[int, int]], n_tokens: int) 
 def loss_by_kind(model: Any, tokenizer: Any, sft_rows: list[dict[str, Any]], enable_thinking: bool) -> dict[str, Any]:
     import torch
 
-
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     eot = end_of_turn(tokenizer)
     with torch.inference_mode():
@@ -84,7 +83,6 @@ def alignment(cfg: GrlmConfig, tokenizer: Any, model: Any, items: Any, seqs: Any
               terms: dict[str, list[str]], sft_table: Any, users: int) -> dict[str, Any]:
     """Evaluation's prompt + the target TID's trie tokens vs the training sample, token by token."""
     import torch
-
 
     train_seqs = training_sequences(seqs, targets)
     vcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"split": "valid", "limit_users": users})})
@@ -177,7 +175,6 @@ def diagnose(cfg: GrlmConfig, users: int = 300, rows: int = 400) -> dict[str, An
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     store = Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name
     if not store.exists(f"{run}/train/model/config.json"):
@@ -207,7 +204,6 @@ def diagnose(cfg: GrlmConfig, users: int = 300, rows: int = 400) -> dict[str, An
     }
     store.write_json(f"{run}/train/diagnostics.json", report)
     if cfg.tracking.enabled:
-
         log_diagnostics(cfg, report)
     return report
 

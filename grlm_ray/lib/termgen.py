@@ -136,7 +136,6 @@ class TermWriter:
     """Ray Data callable class: generate, validate, retry, repair for a batch of prompts."""
 
     def __init__(self, model_path: str, cfg: CTGConfig, threads: int) -> None:
-
         self.cfg = cfg
         self.gen = make_generator(model_path, cfg.llm, threads)
 

@@ -71,7 +71,6 @@ class Validator:
         """[users, R@5, N@5, R@10, N@10, valid beams, beams] summed over this rank's users."""
         import torch
 
-
         was_training, cache = model.training, model.config.use_cache
         model.eval()
         model.config.use_cache = True

@@ -231,7 +231,6 @@ class CatalogRegistry:
     """One per app (named, detached Ray actor): the versioned catalog and its saved updates."""
 
     def __init__(self, cfg_json: str) -> None:
-
         self.cfg = GrlmConfig.model_validate_json(cfg_json)
         self.cat = load_catalog(self.cfg)
 
@@ -330,7 +329,6 @@ class Generator(_CatalogFollower):
     """The fine-tuned model: history text -> TIDs (beams, best first), batched across requests."""
 
     def __init__(self, cfg_json: str, model_dir: str) -> None:
-
         cfg = GrlmConfig.model_validate_json(cfg_json)
         s = cfg.serve
         self.cfg = cfg
@@ -348,7 +346,6 @@ class Generator(_CatalogFollower):
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
     def _apply(self, cat: Any) -> None:
-
         texts = [tid_text(t) for t in cat.tids.values()]
         if self.decoder is None:
             self.decoder = self._make(texts)
@@ -362,7 +359,6 @@ class Generator(_CatalogFollower):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, requests: list[tuple[tuple[str, ...], bool, int]]) -> list[list[dict[str, Any]]]:
-
         assert self.decoder is not None
         out: list[list[dict[str, Any]]] = [[] for _ in requests]
         groups: dict[tuple[bool, int], list[int]] = {}
@@ -388,14 +384,12 @@ class Grounder(_CatalogFollower):
         self._follow_init(self.cfg)
 
     def _apply(self, cat: Any) -> None:
-
         e = self.cfg.eval
         ids = cat.item_ids
         index = TidIndex(ids, [cat.tids[i] for i in ids], decay=e.decay, match=e.match, fallback_order=cat.popular)
         self.state = (cat, index)  # one assignment: readers see the old or the new catalog, never a mix
 
     def _item(self, cat: Any, item_id: str) -> dict[str, Any]:
-
         meta = cat.items.get(item_id, {})
         return {"item_id": item_id, "tid": tid_text(cat.tids[item_id]), "title": meta.get("title", ""),
                 "category": meta.get("category", ""), "brand": meta.get("brand", ""),
@@ -455,7 +449,6 @@ class TermWriterDeployment(_CatalogFollower):
     (``serve.term_writer``: its own replicas and autoscaling; ``min_replicas: 0`` loads them on demand)."""
 
     def __init__(self, cfg_json: str) -> None:
-
         t0 = time.perf_counter()
         cfg = GrlmConfig.model_validate_json(cfg_json)
         self.writer = CatalogTermWriter(cfg, threads=max(1, int(cfg.serve.term_writer.num_cpus)))
@@ -602,7 +595,6 @@ class Ingress:
     async def _admin_items(self, request: Request) -> dict[str, Any]:
         import ray
 
-
         self._check_admin(request)
         body = AdminItems.model_validate(await self._body(request))
         cat = await self.registry.call("get")
@@ -644,7 +636,6 @@ class Ingress:
 
 # --------------------------------------------------------------------------- building and running
 def model_dir_for(cfg: GrlmConfig) -> str:
-
     store = Store(cfg.run.root, cfg.run.s3)
     return store.local_dir(f"{cfg.run.name}/train/model", os.path.expanduser("~/.cache/grlm-ray/serve"))
 

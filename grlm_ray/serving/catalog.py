@@ -147,7 +147,6 @@ class CatalogTermWriter:
         import torch
         from sentence_transformers import SentenceTransformer
 
-
         self.cfg = cfg
         store = store or Store(cfg.run.root, cfg.run.s3)
         emb_t = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
@@ -157,7 +156,6 @@ class CatalogTermWriter:
         self.encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
         self.llm = None
         if cfg.ctg.method == "llm":
-
             self.llm = TermWriter(resolve_llm_path(cfg.ctg.llm), cfg.ctg, threads)
         self.lex = None  # statistical CTG's catalog statistics, built on first use
         self.lex_ids: set[str] = set()
@@ -183,7 +181,6 @@ class CatalogTermWriter:
 
     def __call__(self, catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import json
-
 
         c = self.cfg.ctg
         texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],

@@ -177,7 +177,6 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
     c, e = cfg.baseline, cfg.eval
 
     def body(ctx: StageContext) -> None:
-
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
         train = training_sequences(seqs, targets)

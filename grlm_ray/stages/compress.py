@@ -60,7 +60,6 @@ def apply_map(tids: list[list[str]], mapping: dict[str, str]) -> list[list[str]]
 def encode_terms(model_spec: str, terms: list[str]) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
-
     model = SentenceTransformer(resolve_model_path(model_spec), device="cpu")
     texts = [t.replace("-", " ") for t in terms]
     return model.encode(texts, batch_size=256, normalize_embeddings=True, convert_to_numpy=True,
@@ -137,7 +136,6 @@ def _log_sweep(cfg: GrlmConfig, rows: list[dict[str, Any]]) -> None:
     import tempfile
 
     import mlflow
-
 
     with open_run(cfg, STAGE, f"{cfg.run.name}-compress-sweep") as parent:
         mlflow.log_text(json.dumps(rows, indent=2), "sweep.json")

@@ -37,7 +37,6 @@ STAGE = "ctg"
 
 
 def ctg(cfg: GrlmConfig) -> dict[str, Any]:
-
     store = Store(cfg.run.root, cfg.run.s3)
     c = cfg.ctg
     # converts a GGUF once, before any actor starts; the lexical method needs no LLM
@@ -45,7 +44,6 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
 
     def body(ctx: StageContext) -> None:
         import time
-
 
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         by_id = {r["item_id"]: r for r in items.to_pylist()}
@@ -64,7 +62,6 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         done_items = 0
         lexical = None
         if pending and (c.method == "lexical" or c.repair == "lexical"):
-
             lexical = LexicalTermWriter(items.to_pylist(), nbrs, c.num_terms, c.num_neighbors, c.distinct_terms)
         if pending and c.method == "lexical":
             assert lexical is not None

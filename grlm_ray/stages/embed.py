@@ -42,12 +42,10 @@ class SentenceEncoder:
 
 
 def embed(cfg: GrlmConfig) -> dict[str, Any]:
-
     store = Store(cfg.run.root, cfg.run.s3)
     model_path = resolve_model_path(cfg.embed.model)
 
     def body(ctx: StageContext) -> None:
-
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         rows = items.select(["item_id", "title", "description", "categories", "brand", "category"]).to_pylist()
         texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],

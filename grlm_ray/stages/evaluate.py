@@ -69,7 +69,6 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         from tqdm import tqdm
         from transformers import AutoTokenizer
 
-
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
@@ -87,7 +86,6 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         renormalize = e.renormalize if e.renormalize is not None else e.backend == "vllm"
         max_new = e.max_new_tokens
         if e.constrained:
-
             max_new = effective_max_new_tokens(tid_token_seqs(tok, [tid_text(terms[i]) for i in ids]), max_new)
         options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
                    "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",

@@ -86,11 +86,9 @@ class NeighborSearcher:
 
 
 def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
-
     store = Store(cfg.run.root, cfg.run.s3)
 
     def body(ctx: StageContext) -> None:
-
         table = ctx.read("embeddings.parquet", EMBEDDINGS, stage="embed")
         ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
         base = np.ascontiguousarray(embedding_matrix(table))

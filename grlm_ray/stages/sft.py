@@ -146,7 +146,6 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
             terms_t, filled = _fill_missing(items, terms_t)
         collisions = None
         if c.resolve_collisions:
-
             terms_t, report = resolve_terms_table(terms_t, items)
             collisions = report.as_dict()
         terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))

@@ -48,7 +48,6 @@ EMA_FILE = "ema.pt"  # train.ema_decay: the weight average inside a checkpoint (
 
 # --------------------------------------------------------------------------- backbone
 def tokenizer_source(m: ModelConfig) -> str:
-
     path = resolve_model_path(m.path)
     return gguf_to_hf(path, m.cache_dir) if path.endswith(".gguf") else path
 
@@ -61,7 +60,6 @@ def embedder_init(model: Any, tok: Any, embedder: str, threads: int = 1) -> dict
     import numpy as np
     import torch
     from sentence_transformers import SentenceTransformer
-
 
     weight = model.get_input_embeddings().weight
     special = set(tok.all_special_ids)
@@ -105,10 +103,8 @@ def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str, terms: list[
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     else:
         if m.vocab == "terms":
-
             info["term_vocab"] = add_term_tokens(tok, terms or [])
         if m.prune_vocab:
-
             tok, report = prune_tokenizer(tok, corpus)
             info["vocab_pruning"] = report
         torch.manual_seed(m.seed)
@@ -412,7 +408,6 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-
     t = TrainConfig.model_validate(config["train"])
     session = session if session is not None else RaySession()
     rank, world = session.rank, session.world
@@ -539,7 +534,6 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     validator = None
     if config.get("validation"):
         from transformers import AutoTokenizer
-
 
         vc = config["validation"]
         validator = Validator(pq.read_table(store.path(vc["queries_rel"]), filesystem=store.fs),
@@ -745,7 +739,6 @@ def _template_tokenizer(cfg: GrlmConfig) -> Any:
 
 
 def tokenize_sft(tokenizer: Any, sft_table: Any, cfg: GrlmConfig):
-
     t = cfg.train
     ids, labels = encode_all(tokenizer, sft_table.column("prompt").to_pylist(),
                              sft_table.column("completion").to_pylist(), cfg.model.enable_thinking,
@@ -775,7 +768,6 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
     def body(ctx: StageContext) -> None:
         from transformers import AutoTokenizer
 
-
         sft_table = ctx.read("sft.parquet", SFT, stage="sft")
         terms = ctx.read("terms.parquet", TERMS, stage="sft")
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
@@ -796,7 +788,6 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         tok_seconds = time.time() - t0
         validation = None
         if t.validation.enabled:
-
             queries, catalog = build_validation_set(
                 cfg, items, ctx.read("sequences.parquet", SEQUENCES, stage="prepare"),
                 ctx.read("targets.parquet", TARGETS, stage="prepare"), terms, tokenizer)
@@ -811,7 +802,6 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
 
         world = 1 if t.strategy == "single" else t.num_workers
         if t.strategy != "single":
-
             ray = init_ray(cfg.ray)
             cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             if not t.use_gpu and t.num_workers * t.cpus_per_worker > cpus:
@@ -824,7 +814,6 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         mlflow_info = None
         run_id = start_stage_run(cfg, STAGE, model_label(cfg)) if cfg.tracking.enabled else None
         if run_id:
-
             mlflow_info = {"uri": tracking_uri(cfg), "run_id": run_id}
         train_name = f"{cfg.run.name}-train-{cfg.section_hash('model', 'train')[:8]}"
         loop_config = {
@@ -946,15 +935,12 @@ def _record_curve(ctx: StageContext, cfg: GrlmConfig, curve: list[dict[str, Any]
         with open(png, "rb") as f:
             ctx.store.write_bytes(ctx.rel("learning_curve.png"), f.read())
         if run_id:
-
             log_artifact(cfg, run_id, png)
 
 
 def _sft_prompt_version(ctx: StageContext) -> str:
-
     return ((read_manifest(ctx.store, ctx.run, "sft") or {}).get("info") or {}).get("prompt_version", "")
 
 
 def _sft_terms_source(ctx: StageContext) -> str:
-
     return ((read_manifest(ctx.store, ctx.run, "sft") or {}).get("info") or {}).get("terms_source", "")

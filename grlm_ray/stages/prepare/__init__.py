@@ -228,7 +228,6 @@ def _load_pending(cfg: GrlmConfig, ctx: StageContext) -> None:
     if done:
         log.info("prepare: %d domain(s) already done, resuming: %s", len(done), ", ".join(done))
     if len(pending) > 1:
-
         ray = init_ray(cfg.ray)
         task = ray.remote(num_cpus=1)(load_domain)
         refs = {task.remote(n, data.domains[n], data): n for n in pending}
