@@ -20,6 +20,27 @@ def test_prompt_has_neighbours_unless_ablated_and_is_bounded():
     assert "exactly 7 words" in build_messages(ITEM, NB, CTGConfig(num_terms=7))[-1]["content"]
 
 
+def test_few_shot_examples_are_earlier_turns_with_the_answer_format():
+    examples = [(NB[0], ["conditioner", "hair", "tea-tree", "women", "mint"])]
+    plain = build_messages(ITEM, NB, CTGConfig())
+    assert build_messages(ITEM, NB, CTGConfig(), examples) == plain  # few_shot=0: examples are not shown
+    msgs = build_messages(ITEM, NB, CTGConfig(few_shot=2), examples)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert "exactly 5 words" in msgs[1]["content"] and "Tea Tree Conditioner" in msgs[1]["content"]
+    assert msgs[2]["content"] == "Terms: conditioner, hair, tea-tree, women, mint"
+    assert parse_terms(msgs[2]["content"], 5).valid  # the example answer is one the parser accepts
+    assert msgs[3]["content"].startswith("Product: ") and "Similar products" in msgs[3]["content"]
+    assert "exactly 5 words" not in msgs[3]["content"]  # the instructions are said once
+
+
+def test_a_new_option_at_its_default_keeps_finished_stages_valid():
+    from grlm_ray.core.config import load_config
+
+    base = load_config(None, [])
+    assert base.section_hash("ctg") == load_config(None, ["ctg.few_shot=0"]).section_hash("ctg")
+    assert base.section_hash("ctg") != load_config(None, ["ctg.few_shot=2"]).section_hash("ctg")
+
+
 def test_normalize_term():
     assert normalize_term("Shampoos") == "shampoo"
     assert normalize_term("Tea Tree") == "tea-tree"

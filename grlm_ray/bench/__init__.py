@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "recipe-speed": ("recipe_speed", "IIFT throughput of the CPU quality recipe: fp32 vs bf16, DDP vs one process"),
     "ray-scaling": ("ray_scaling", "embedding and CTG items/s with 1 and 2 Ray Data workers"),
     "serve-load": ("serve_load", "Ray Serve load test (loopback, bounded) and a replica-kill fault run"),
+    "ctg-llms": ("ctg_llms", "CTG with the offline LLMs (x few-shot) vs statistical CTG on the same items: legality, "
+                             "items/s, collisions, first term = product type"),
     "vllm-parity": ("vllm_parity", "vLLM (CPU build) vs transformers: same greedy output, timings"),
 }
 

@@ -24,6 +24,23 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+def neutral_default(default: Any, **kw: Any) -> Any:
+    """A field added after stages were keyed: at its default it leaves their keys as they were."""
+    return Field(default, json_schema_extra={"key_neutral": True}, **kw)
+
+
+def _key_dump(model: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("key_neutral") and value == field.default:
+            continue
+        out[name] = _key_dump(value) if isinstance(value, BaseModel) else \
+            model.__pydantic_serializer__.to_python(model, mode="json", include={name})[name]
+    return out
+
+
 # --------------------------------------------------------------------------- run / storage / ray
 class S3Config(StrictModel):
     """Where ``s3://`` roots live. Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS chain."""
@@ -220,6 +237,10 @@ class CTGConfig(StrictModel):
     max_item_chars: int = Field(400, ge=32)  # bounded prompt length
     max_neighbor_chars: int = Field(120, ge=16)
     retries: int = Field(2, ge=0)  # sampled retries for outputs that do not validate
+    # worked examples before the item, as earlier chat turns: up to N of its neighbours with their TIDs
+    # (statistical CTG's in the stage, the live catalog's when serving adds items); shows a small LLM the
+    # answer format and the words its neighbours use
+    few_shot: int = neutral_default(0, ge=0, le=8)
     retry_temperature: float = Field(0.7, gt=0)
     seed: int = 0
     limit: int | None = Field(None, ge=1)  # only the first N items (after a seeded shuffle if sample)
@@ -572,8 +593,10 @@ class GrlmConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of some sections: a stage is redone when the sections it reads change."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        """Stable hash of some sections: a stage is redone when the sections it reads change. A field added
+        with ``neutral_default`` counts only when set to something else: finished stages stay valid when a
+        release adds an option whose default does what the stage did before."""
+        payload = {s: _key_dump(getattr(self, s)) for s in sections}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -69,6 +69,11 @@ def resolve_llm_path(cfg: LLMConfig) -> str:
 
 
 def render(tokenizer: Any, conversation: list[dict[str, str]], prefix: str, enable_thinking: bool) -> str:
+    """The conversation in the model's own chat template; a base model without one (e.g. Gemma-3-270M's
+    GGUF) gets a plain transcript it can continue: one ``Role: text`` block per turn, then the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in conversation) + "Assistant: "
+        return (tokenizer.bos_token or "") + text + prefix.lstrip()
     text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
     return text + prefix

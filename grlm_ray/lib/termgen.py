@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -32,19 +32,26 @@ CONTEXT_RULE = (" Use the same words as the similar products for what they share
                 "this product apart from them.")
 
 
-def build_messages(item: dict[str, Any], neighbors: list[dict[str, Any]], cfg: CTGConfig) -> list[dict[str, str]]:
-    """The paper's prompt: the item's metadata and (unless context='none') its neighbours' metadata."""
+def build_messages(item: dict[str, Any], neighbors: list[dict[str, Any]], cfg: CTGConfig,
+                   examples: Sequence[tuple[dict[str, Any], Sequence[str]]] = ()) -> list[dict[str, str]]:
+    """The paper's prompt: the item's metadata and (unless context='none') its neighbours' metadata. With
+    ``examples`` ((item, its terms) pairs, at most ``cfg.few_shot``) the instructions come with worked
+    examples first, as earlier turns: product -> ``Terms: ...``; then the item."""
     n = cfg.num_terms
     use_ctx = bool(cfg.context == "neighbors" and neighbors)
     order = ", ".join(ORDER[: min(n, len(ORDER))]) + (", then more details" if n > len(ORDER) else "")
     slots = [f"<{o}>" for o in ORDER[:n]] + [f"<detail {i + 1}>" for i in range(max(0, n - len(ORDER)))]
     user = INSTRUCTIONS.format(n=n, order=order, context_rule=CONTEXT_RULE if use_ctx else "",
                                example=", ".join(slots))
-    user += "\n\nProduct: " + describe(item, cfg.max_item_chars)
+    turns: list[dict[str, str]] = []
+    for j, (ex, terms) in enumerate(list(examples)[: cfg.few_shot]):
+        ask = (user + "\n\n" if j == 0 else "") + "Product: " + describe(ex, cfg.max_neighbor_chars)
+        turns += [{"role": "user", "content": ask}, {"role": "assistant", "content": f"{ANSWER_PREFIX} {', '.join(terms)}"}]
+    last = ("" if turns else user + "\n\n") + "Product: " + describe(item, cfg.max_item_chars)
     if use_ctx:
-        user += "\n\nSimilar products:\n" + "\n".join(
+        last += "\n\nSimilar products:\n" + "\n".join(
             "- " + describe(nb, cfg.max_neighbor_chars) for nb in neighbors[: cfg.num_neighbors])
-    return [{"role": "system", "content": CTG_SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": CTG_SYSTEM}, *turns, {"role": "user", "content": last}]
 
 
 @dataclass

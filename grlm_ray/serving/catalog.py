@@ -192,7 +192,9 @@ class CatalogTermWriter:
         for r, nb in zip(rows, nbr_rows):
             ctx_items = [catalog.items[self.base_ids[j]] for j in nb if self.base_ids[j] in catalog.items]
             contexts.append(ctx_items)
-            convs.append(build_messages(r, ctx_items if c.context == "neighbors" else [], c))
+            examples = [(x, catalog.tids[self.base_ids[j]]) for j, x in
+                        zip([j for j in nb if self.base_ids[j] in catalog.items], ctx_items)][: c.few_shot]
+            convs.append(build_messages(r, ctx_items if c.context == "neighbors" else [], c, examples))
         lexical: list[list[str]] = [[] for _ in rows]
         if c.method == "lexical" or c.repair == "lexical":
             # each new item's embedding neighbours (none for context: none)

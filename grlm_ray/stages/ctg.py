@@ -61,7 +61,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         t0 = time.time()
         done_items = 0
         lexical = None
-        if pending and (c.method == "lexical" or c.repair == "lexical"):
+        if pending and (c.method == "lexical" or c.repair == "lexical" or c.few_shot):
             lexical = LexicalTermWriter(items.to_pylist(), nbrs, c.num_terms, c.num_neighbors, c.distinct_terms)
         if pending and c.method == "lexical":
             assert lexical is not None
@@ -80,7 +80,8 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
                     ctx_items = [by_id[j] for j in nbrs.get(i, [])[: c.num_neighbors] if j in by_id]
                     rows.append({
                         "row": len(rows), "part": k, "item_id": i, "category": item["category"],
-                        "messages": json.dumps(build_messages(item, ctx_items, c)),
+                        "messages": json.dumps(build_messages(item, ctx_items, c, [
+                            (x, lexical.tid(x["item_id"])) for x in ctx_items[: c.few_shot]] if lexical else ())),
                         "fallback": json.dumps([item["title"], item["description"]] + [x["title"] for x in ctx_items]),
                         "lexical": json.dumps(lexical.tid(i) if lexical is not None else []),
                     })
