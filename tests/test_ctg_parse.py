@@ -91,3 +91,16 @@ def test_parse_bullets_and_placeholder_echoes():
 def test_repair_drops_ungrounded_fragments():
     out = repair(["fluid-oun", "conditioner", "dove"], ["Dove Damage Therapy Conditioner 8 Fl Oz"], "beauty", 4)
     assert out == ["conditioner", "dove", "damage", "therapy"]
+
+
+def test_a_tokenizer_without_a_chat_template_gets_a_plain_transcript():
+    from types import SimpleNamespace
+
+    from grlm_ray.lib.generation import render
+
+    tok = SimpleNamespace(chat_template=None, bos_token="<bos>")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Product: soap"},
+            {"role": "assistant", "content": "Terms: soap, bar, olive, women, gentle"}, {"role": "user", "content": "Product: gel"}]
+    text = render(tok, msgs, "Terms:", enable_thinking=False)
+    assert text.startswith("<bos>System: Be brief.\n\nUser: Product: soap\n\nAssistant: Terms: soap")
+    assert text.endswith("User: Product: gel\n\nAssistant: Terms:")
