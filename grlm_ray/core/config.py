@@ -528,6 +528,10 @@ class ServeConfig(StrictModel):
     # downscale_delay_s idle)
     term_writer: ReplicaConfig = ReplicaConfig(min_replicas=1, max_replicas=1, num_cpus=0.25, max_ongoing_requests=4,
                                                downscale_delay_s=600.0)
+    # torch threads of the term writer's embedder and LLM (None: its num_cpus, at least 1). Updates are rare
+    # and bursty: more threads than the CPUs it reserves make one update faster at the cost of sharing the
+    # cores with the generator while it runs
+    term_writer_threads: int | None = Field(None, ge=1)
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
 
 

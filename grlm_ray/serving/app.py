@@ -451,7 +451,8 @@ class TermWriterDeployment(_CatalogFollower):
     def __init__(self, cfg_json: str) -> None:
         t0 = time.perf_counter()
         cfg = GrlmConfig.model_validate_json(cfg_json)
-        self.writer = CatalogTermWriter(cfg, threads=max(1, int(cfg.serve.term_writer.num_cpus)))
+        self.writer = CatalogTermWriter(cfg, threads=cfg.serve.term_writer_threads
+                                        or max(1, int(cfg.serve.term_writer.num_cpus)))
         self._follow_init(cfg)
         self.load_seconds = round(time.perf_counter() - t0, 2)
         self.calls = 0
