@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 from grlm_ray.core.config import RayConfig
@@ -33,9 +34,13 @@ def configure_console(verbose: bool = False) -> None:
     _VERBOSE = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not verbose:
+    if verbose:
+        os.environ["GRLM_VERBOSE"] = "1"  # read where models load (lib.models.quiet_loading), here and in workers
+    else:
         for k, v in _QUIET_ENV.items():
             os.environ.setdefault(k, v)
+        if shutil.which("nvidia-smi") is None:  # DeepSpeed's accelerator probe warns on every CPU-only import
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         for name in ("mlflow", "alembic", "urllib3", "filelock", "httpx", "sentence_transformers", "faiss"):
             logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -33,6 +33,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from grlm_ray.lib.models import quiet_loading
+
 
 @dataclass
 class TidTrie:
@@ -311,6 +313,7 @@ class TidDecoder:
                  renormalize: bool = False, model: Any = None, tokenizer: Any = None) -> None:
         """``model_dir``: an exported model folder; or ``model`` + ``tokenizer`` already in memory (the
         transformers backend; e.g. the model being trained, scored on validation users)."""
+        quiet_loading()
         from transformers import AutoTokenizer
 
         if model_dir is None and (model is None or tokenizer is None):

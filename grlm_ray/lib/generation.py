@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from grlm_ray.core.config import LLMConfig
-from grlm_ray.lib.models import resolve_model_path
+from grlm_ray.lib.models import quiet_loading, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class TextGenerator(Protocol):
 def gguf_to_hf(gguf_path: str, cache_dir: str) -> str:
     """Convert a GGUF file once into a cached HF folder (transformers dequantizes it); loading GGUF
     takes ~30-50 s on 2 cores, the cached folder ~1 s. The cache key is the file's path, size and mtime."""
+    quiet_loading()
     src = Path(gguf_path)
     st = src.stat()
     key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -42,8 +43,16 @@ def gguf_to_hf(gguf_path: str, cache_dir: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a cached HF folder %s (once)", src.name, target)
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    quantized = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar (not behind its progress-bar switch): off unless -v
+    quiet = os.environ.get("GRLM_VERBOSE") != "1" and "TQDM_DISABLE" not in os.environ
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    finally:
+        if quiet:
+            os.environ.pop("TQDM_DISABLE", None)
     conf = quantized.config.to_dict()
     conf.pop("quantization_config", None)  # dequantized weights: a plain float model from here on
     model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(conf), dtype=torch.float32)
@@ -81,6 +90,7 @@ def render(tokenizer: Any, conversation: list[dict[str, str]], prefix: str, enab
 
 class TransformersGenerator:
     def __init__(self, path: str, cfg: LLMConfig, threads: int | None = None) -> None:
+        quiet_loading()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -9,7 +9,6 @@ DHR@K = share of the first K ranked items grounded by the direct map (direct-hit
 from __future__ import annotations
 
 import json
-
 import math
 from collections import defaultdict
 from typing import Any, Iterable, Sequence

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from grlm_ray.core.errors import ConfigError
@@ -23,3 +24,15 @@ def resolve_model_path(spec: str) -> str:
         raise ConfigError(f"model path not found: {path} (from {spec!r}); models are read from local "
                           f"folders or installed packages, never downloaded at run time")
     return str(path)
+
+
+def quiet_loading() -> None:
+    """No weight-loading / shard-writing progress bars from transformers and the hub in this process (they
+    print per load, in every Ray worker); ``grlm -v`` (GRLM_VERBOSE=1) keeps them. Called where models load."""
+    if os.environ.get("GRLM_VERBOSE") == "1":
+        return
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    hub_utils.disable_progress_bars()
+    hf_logging.disable_progress_bar()

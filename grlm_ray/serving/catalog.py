@@ -24,7 +24,7 @@ from grlm_ray.core.schemas import EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS, 
 from grlm_ray.core.storage import Store
 from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
-from grlm_ray.lib.models import resolve_model_path
+from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.protocol import popularity_ranking
 from grlm_ray.lib.termgen import TermWriter, build_messages
 from grlm_ray.lib.terms import resolve_collisions
@@ -144,6 +144,7 @@ class CatalogTermWriter:
     ``assign_terms`` is the one-shot form."""
 
     def __init__(self, cfg: GrlmConfig, store: Store | None = None, threads: int = 1) -> None:
+        quiet_loading()
         import torch
         from sentence_transformers import SentenceTransformer
 

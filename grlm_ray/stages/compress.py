@@ -21,7 +21,7 @@ from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.schemas import ITEMS, TERMS
 from grlm_ray.core.storage import StageContext, Store, run_stage
 from grlm_ray.core.tracking import open_run
-from grlm_ray.lib.models import resolve_model_path
+from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.terms import colliding_items, resolve_terms_table
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def apply_map(tids: list[list[str]], mapping: dict[str, str]) -> list[list[str]]
 
 
 def encode_terms(model_spec: str, terms: list[str]) -> np.ndarray:
+    quiet_loading()
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(resolve_model_path(model_spec), device="cpu")

@@ -17,7 +17,7 @@ from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import EMBEDDINGS, ITEMS
 from grlm_ray.core.storage import StageContext, Store, run_stage
-from grlm_ray.lib.models import resolve_model_path
+from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.textformat import item_text
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class SentenceEncoder:
     """Ray Data callable class: loads the model once per actor, encodes batches of texts."""
 
     def __init__(self, model_path: str, device: str, batch_size: int, threads: int) -> None:
+        quiet_loading()
         import torch
         from sentence_transformers import SentenceTransformer
 

@@ -27,6 +27,7 @@ from grlm_ray.core.storage import StageContext, Store, run_stage
 from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_seqs
 from grlm_ray.lib.eig import TidIndex, tid_text
 from grlm_ray.lib.metrics import score_rankings
+from grlm_ray.lib.models import quiet_loading
 from grlm_ray.lib.protocol import build_queries, popularity_ranking
 from grlm_ray.lib.textformat import training_sequences
 
@@ -66,6 +67,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
     e = cfg.eval
 
     def body(ctx: StageContext) -> None:
+        quiet_loading()
         from tqdm import tqdm
         from transformers import AutoTokenizer
 

@@ -34,7 +34,7 @@ from grlm_ray.core.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
 from grlm_ray.core.storage import StageContext, Store, read_manifest, run_stage
 from grlm_ray.core.tracking import log_artifact, model_label, start_stage_run, tracking_uri
 from grlm_ray.lib.generation import gguf_to_hf
-from grlm_ray.lib.models import resolve_model_path
+from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.textformat import PROMPTS, line_writer
 from grlm_ray.lib.tokens import IGNORE, bucket, collate, encode_all, pack, render_prompt
 from grlm_ray.lib.validation import Validator, build_validation_set, plot_curve, popularity_metrics, reduce_metrics
@@ -57,6 +57,7 @@ def embedder_init(model: Any, tok: Any, embedder: str, threads: int = 1) -> dict
     embedder, the vectors projected to the hidden size by PCA (the first components; extra dimensions, if the
     model is wider than the embedder, keep their random values) and scaled to the random init's standard
     deviation. Special and whitespace-only tokens keep their random init."""
+    quiet_loading()
     import numpy as np
     import torch
     from sentence_transformers import SentenceTransformer
@@ -93,6 +94,7 @@ def build_backbone(m: ModelConfig, corpus: list[str], out_dir: str, terms: list[
     """Write the initial model + tokenizer to ``out_dir``; returns a description for the manifest.
     ``terms``: every distinct TID term (``model.vocab=terms`` makes each one token); ``embedder``: the
     sentence embedder for ``model.embed_init=embedder``."""
+    quiet_loading()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
@@ -403,6 +405,7 @@ class LocalSession:
 def train_loop(config: dict[str, Any], session: Any = None) -> None:
     """One training worker: everything it needs comes in ``config`` (no module globals). ``session``:
     Ray Train's (default, inside a ``TorchTrainer``) or a ``LocalSession`` (``train.strategy=single``)."""
+    quiet_loading()
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -695,6 +698,7 @@ def consolidated_state_dict(ckpt_dir: str) -> dict[str, Any]:
 
 
 def export_model(ckpt_dir: str, base_dir: str, out_dir: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    quiet_loading()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -733,6 +737,7 @@ def corpus_texts(cfg: GrlmConfig, sft_table: Any, items: Any, terms: Any) -> lis
 
 
 def _template_tokenizer(cfg: GrlmConfig) -> Any:
+    quiet_loading()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_source(cfg.model))
@@ -766,6 +771,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     def body(ctx: StageContext) -> None:
+        quiet_loading()
         from transformers import AutoTokenizer
 
         sft_table = ctx.read("sft.parquet", SFT, stage="sft")
