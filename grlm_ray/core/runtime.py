@@ -69,18 +69,30 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> An
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
             extra = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
-            ray.init(
-                address="local",  # a new head even when a `ray start` cluster runs on this machine
-                num_cpus=cfg.num_cpus,
-                object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
-                include_dashboard=cfg.include_dashboard,
-                dashboard_host="127.0.0.1",
-                _node_ip_address="127.0.0.1",
-                runtime_env=runtime_env,
-                log_to_driver=True,
-                configure_logging=False,
-                **extra,
-            )
+            # The head's GCS port is chosen here so that every worker of this job knows its cluster
+            # (RAY_ADDRESS): Ray Train's PlacementGroupCleaner looks its controller up through the state API,
+            # which otherwise scans the machine for Ray instances — with two local heads (a training and a
+            # test run) it asked the other one, found no controller, and removed the live training's
+            # placement group (measured: a Beauty training killed at step 4,600).
+            gcs_port = free_port()
+            env = dict(runtime_env or {})
+            env["env_vars"] = {**(env.get("env_vars") or {}), "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+            os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+            try:
+                ray.init(
+                    address="local",  # a new head even when a `ray start` cluster runs on this machine
+                    num_cpus=cfg.num_cpus,
+                    object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+                    include_dashboard=cfg.include_dashboard,
+                    dashboard_host="127.0.0.1",
+                    _node_ip_address="127.0.0.1",
+                    runtime_env=env,
+                    log_to_driver=True,
+                    configure_logging=False,
+                    **extra,
+                )
+            finally:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)  # not for heads this process starts later
     configure_data_context(cfg)
     if not _VERBOSE:
         _ray_logs_to_files(ray)
