@@ -30,3 +30,19 @@ def test_actor_pool_with_fractional_cpus_completes(ray_local):
         Square, batch_size=50, **actor_pool_kwargs(RayConfig(), size=2))
     out = ds.to_pandas().sort_values("x")
     assert np.array_equal(out["y"].to_numpy(), np.arange(1000) ** 2)
+
+
+def test_every_worker_of_a_local_head_knows_its_cluster(ray_local):
+    """Ray's state API (used by Ray Train's PlacementGroupCleaner to see whether its controller lives) scans
+    the machine for Ray instances unless RAY_ADDRESS is set; with two local heads it asked the wrong one and
+    removed a live training's placement group. Every worker gets this head's address."""
+    import os
+
+    ray = ray_local
+
+    @ray.remote
+    def address() -> str | None:
+        return os.environ.get("RAY_ADDRESS")
+
+    assert ray.get(address.remote()) == ray.get_runtime_context().gcs_address
+    assert "RAY_GCS_SERVER_PORT" not in os.environ  # a later head in this process picks its own port
