@@ -33,12 +33,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=1, help="ctg.retries for every LLM arm")
 
 
-def _category_words(item: dict[str, Any]) -> set[str]:
+def _category_words(item: dict[str, Any]) -> set[str] | None:
+    """Words of the item's most specific category, or None when it has no path below the domain (the
+    Amazon 2014 bundles carry titles only: then the product-type share is not measurable)."""
     from grlm_ray.lib.terms import text_words
 
-    cats = item.get("categories") or []
-    leaf = cats[-1] if cats else (item.get("category") or "")
-    return set(text_words(leaf))
+    cats = [c for c in (item.get("categories") or []) if c]
+    return set(text_words(cats[-1])) if len(cats) >= 2 else None
 
 
 def _arm(base_cfg: Any, name: str, overrides: list[str]) -> dict[str, Any]:
@@ -55,13 +56,15 @@ def _arm(base_cfg: Any, name: str, overrides: list[str]) -> dict[str, Any]:
     items = {r["item_id"]: r for r in store.read_table(f"{cfg.run.name}/prepare/items.parquet", ITEMS).to_pylist()}
     raw = store.read_table(f"{cfg.run.name}/ctg/terms_llm.parquet", TERMS).to_pylist()
     typed = [r for r in raw if r["terms"]]
-    named = sum(1 for r in typed if r["terms"][0] in _category_words(items[r["item_id"]]))
+    cats = [(r, _category_words(items[r["item_id"]])) for r in typed]
+    cats = [(r, w) for r, w in cats if w]
+    named = sum(1 for r, w in cats if r["terms"][0] in w)
     junk = sum(1 for r in typed for t in r["terms"] if re.search(r"(amp|reg|quot|nbsp|trade)$", t))
     return {"items": info["items"], "legal_first_try": info["legality_rate_first_try"], "legal": info["legality_rate"],
             "items_per_s": info.get("items_per_second"), "stage_s": round(time.time() - t0, 1),
             "colliding_before": info["before_resolution"]["colliding_items"],
             "colliding_after": info["after_resolution"]["colliding_items"],
-            "first_term_is_type": round(named / len(typed), 3) if typed else None, "markup_terms": junk,
+            "first_term_is_type": round(named / len(cats), 3) if cats else None, "markup_terms": junk,
             "reasons": info.get("failure_reasons"),
             "example": raw[0]["raw"][:160] if raw and raw[0].get("raw") else (raw[0]["terms"] if raw else None)}
 

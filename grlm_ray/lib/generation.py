@@ -7,6 +7,7 @@ returns the generated continuations. Greedy when ``temperature`` is 0, seeded sa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -43,16 +44,19 @@ def gguf_to_hf(gguf_path: str, cache_dir: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a cached HF folder %s (once)", src.name, target)
-    # transformers' GGUF reader draws its own tqdm bar (not behind its progress-bar switch): off unless -v
-    quiet = os.environ.get("GRLM_VERBOSE") != "1" and "TQDM_DISABLE" not in os.environ
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+    # transformers' GGUF reader draws its own tqdm bar, not behind its progress-bar switch (tqdm reads
+    # TQDM_DISABLE only when imported): its tqdm is swapped for a disabled one while converting, unless -v
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and os.environ.get("GRLM_VERBOSE") != "1":
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         quantized = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     finally:
-        if quiet:
-            os.environ.pop("TQDM_DISABLE", None)
+        if bar is not None:
+            gguf_utils.tqdm = bar
     conf = quantized.config.to_dict()
     conf.pop("quantization_config", None)  # dequantized weights: a plain float model from here on
     model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(conf), dtype=torch.float32)
