@@ -600,7 +600,7 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     fail_rank = min(1, world - 1)
     window_tokens, window_samples, window_t0 = 0, 0, time.time()
     module.train()
-    console_every = t.log_every * max(1, total // (10 * t.log_every)) if not config.get("verbose") else t.log_every
+    console_every = t.log_every * max(1, -(-total // (5 * t.log_every))) if not config.get("verbose") else t.log_every
     for step in range(start, total):
         if faults.due(config.get("faults"), "train_step", step) and rank == fail_rank and ckpt is None:
             faults.crash("train_step", step, f"training rank {rank}")
@@ -648,8 +648,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
             metrics["tokens_per_s"] = window_tokens * world / elapsed
             metrics["samples_per_s"] = window_samples * world / elapsed
             window_tokens, window_samples, window_t0 = 0, 0, time.time()
-            # progress on the console (forwarded to the driver by Ray): about 10 lines per training, or every
-            # log window with console_every_log (grlm -v); MLflow gets every window
+            # progress on the console (forwarded to the driver by Ray): about 5 lines per training, or every
+            # log window with grlm -v; MLflow gets every window
             if rank == 0 and (done == total or done % console_every == 0):
                 sys.stdout.write(f"[iift] step {done}/{total} epoch {epoch} loss {metrics['loss']:.4f} "
                                  f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:.0f}\n")
