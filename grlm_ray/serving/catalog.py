@@ -194,7 +194,8 @@ class CatalogTermWriter:
             ctx_items = [catalog.items[self.base_ids[j]] for j in nb if self.base_ids[j] in catalog.items]
             contexts.append(ctx_items)
             examples = [(x, catalog.tids[self.base_ids[j]]) for j, x in
-                        zip([j for j in nb if self.base_ids[j] in catalog.items], ctx_items)][: c.few_shot]
+                        zip([j for j in nb if self.base_ids[j] in catalog.items], ctx_items)][: c.few_shot] \
+                if c.context == "neighbors" else []  # as in the stage: examples are neighbours
             convs.append(build_messages(r, ctx_items if c.context == "neighbors" else [], c, examples))
         lexical: list[list[str]] = [[] for _ in rows]
         if c.method == "lexical" or c.repair == "lexical":
