@@ -125,3 +125,15 @@ def test_lexical_stage_names_every_item_without_an_llm(tmp_path, ray_local):
     assert hits / len(final) > 0.9
     again = run_pipeline(load_config(None, ov), stages=stages)
     assert all(m["skipped"] for m in again["stages"].values())
+    # the baseline the rules are measured against (ctg.method=words): the item's first title words, in title
+    # order; upstream stages are reused, only CTG runs again (under its own key)
+    ov_words = [o for o in ov if o != "ctg.method=lexical"] + ["ctg.method=words"]
+    base = run_pipeline(load_config(None, ov_words), stages=stages)
+    assert [s for s, m in base["stages"].items() if not m["skipped"]] == ["ctg"]
+    assert base["stages"]["ctg"]["info"]["method"] == "words"
+    raw_words = {r["item_id"]: r for r in store.read_table("demo/ctg/terms_llm.parquet").to_pylist()}
+    assert {r["source"] for r in raw_words.values()} == {"words"}
+    from grlm_ray.lib.terms import text_words
+    for i, r in list(raw_words.items())[:20]:
+        own = list(dict.fromkeys(text_words(by_id[i]["title"])))
+        assert r["terms"][: min(5, len(own))] == own[:5], (r["terms"], by_id[i]["title"])

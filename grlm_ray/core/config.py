@@ -226,9 +226,10 @@ class CTGConfig(StrictModel):
     """Context-aware Term Generation: each item's TID written by an LLM that sees its neighbours
     (``method: llm``), or by CTG's rules applied to the item's text, its neighbours and catalog statistics
     without an LLM (``method: lexical``, ``grlm_ray/lib/lexical.py``; also the repair of LLM answers that do
-    not validate, ``repair: lexical``)."""
+    not validate, ``repair: lexical``), or, as a baseline, from the item's first title words with no rules
+    (``method: words``: its title, then its description, its neighbours' titles and its category)."""
 
-    method: Literal["llm", "lexical"] = "llm"
+    method: Literal["llm", "lexical", "words"] = "llm"
     repair: Literal["lexical", "words"] = "lexical"  # 'words': the item's own title words, then its neighbours'
     distinct_terms: int = Field(2, ge=1)  # lexical: the last 1-2 terms set the item apart from its neighbours
     num_terms: int = Field(5, ge=2, le=16)

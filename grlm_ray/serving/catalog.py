@@ -26,7 +26,7 @@ from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.protocol import popularity_ranking
-from grlm_ray.lib.termgen import TermWriter, build_messages
+from grlm_ray.lib.termgen import TermWriter, build_messages, repair
 from grlm_ray.lib.terms import resolve_collisions
 from grlm_ray.lib.textformat import item_text, training_sequences
 
@@ -198,12 +198,16 @@ class CatalogTermWriter:
                 if c.context == "neighbors" else []  # as in the stage: examples are neighbours
             convs.append(build_messages(r, ctx_items if c.context == "neighbors" else [], c, examples))
         lexical: list[list[str]] = [[] for _ in rows]
-        if c.method == "lexical" or c.repair == "lexical":
+        if c.method == "lexical" or (c.method == "llm" and c.repair == "lexical"):
             # each new item's embedding neighbours (none for context: none)
             nbrs = {r["item_id"]: [x["item_id"] for x in ctx] for r, ctx in zip(rows, contexts)} \
                 if c.context == "neighbors" else {}
             lexical = self._lexical(catalog, rows, nbrs)
-        if self.llm is None:  # statistical CTG: CTG's rules without the LLM
+        if c.method == "words":  # the baseline: the item's own title words first, as the stage writes them
+            out = [dict(r, terms=repair([], [r["title"], r["description"]] + [x["title"] for x in ctx],
+                                        r["category"], c.num_terms), source="words")
+                   for r, ctx in zip(rows, contexts)]
+        elif self.llm is None:  # statistical CTG: CTG's rules without the LLM
             out = [dict(r, terms=t, source="lexical") for r, t in zip(rows, lexical)]
         else:
             # the CTG stage's own writer: generate, validate, seeded retries, repair (lexical or the item's words)

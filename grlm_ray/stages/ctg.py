@@ -9,7 +9,9 @@ validate are retried with seeded sampling; if none validates, the item gets the 
 (``ctg.repair=lexical``, ``grlm_ray/lib/lexical.py``) or, with ``repair=words``, the LLM's grounded terms
 filled from its own text, its neighbours' titles and its category — marked ``valid=False``,
 ``source='llm+repair'`` and counted. ``ctg.method=lexical`` writes every TID with the statistical rules
-(no LLM, one process, ``source='lexical'``).
+(no LLM, one process, ``source='lexical'``); ``ctg.method=words`` is the baseline the rules are measured
+against: the item's first N distinct title words (then description, neighbours' titles, category),
+``source='words'``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
     c = cfg.ctg
     # converts a GGUF once, before any actor starts; the lexical method needs no LLM
     model_path = resolve_llm_path(c.llm) if c.method == "llm" else None
+    by_rules = c.method != "llm"  # lexical / words: one process, no LLM
 
     def body(ctx: StageContext) -> None:
         import time
@@ -57,19 +60,25 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         pending = [k for k in range(len(parts)) if not ctx.part_done(f"{k:05d}")]
         no_neighbors = sum(1 for i in ids if c.context == "neighbors" and not nbrs.get(i))
         log.info("ctg: %d items in %d parts, %d to do (%s)", len(ids), len(parts), len(pending),
-                 "lexical" if c.method == "lexical" else f"{c.llm.backend}, {c.llm.model}")
+                 c.method if by_rules else f"{c.llm.backend}, {c.llm.model}")
         t0 = time.time()
         done_items = 0
         lexical = None
-        if pending and (c.method == "lexical" or c.repair == "lexical" or c.few_shot):
+        if pending and (c.method == "lexical" or (c.method == "llm" and (c.repair == "lexical" or c.few_shot))):
             lexical = LexicalTermWriter(items.to_pylist(), nbrs, c.num_terms, c.num_neighbors, c.distinct_terms)
-        if pending and c.method == "lexical":
-            assert lexical is not None
+        if pending and by_rules:
             from tqdm import tqdm
 
-            for k in tqdm(pending, desc="ctg parts (lexical)", disable=not cfg.ray.progress_bars):
-                recs = [{"item_id": i, "terms": "\t".join(lexical.tid(i)), "raw": "", "valid": True,
-                         "source": "lexical", "attempts": 1, "reason": "ok"} for i in parts[k]]
+            def rule_tid(i: str) -> list[str]:
+                if lexical is not None:
+                    return lexical.tid(i)
+                r = by_id[i]  # method=words
+                return repair([], [r["title"], r["description"]] + [
+                    by_id[j]["title"] for j in nbrs.get(i, [])[: c.num_neighbors] if j in by_id], r["category"], c.num_terms)
+
+            for k in tqdm(pending, desc=f"ctg parts ({c.method})", disable=not cfg.ray.progress_bars):
+                recs = [{"item_id": i, "terms": "\t".join(rule_tid(i)), "raw": "", "valid": True,
+                         "source": c.method, "attempts": 1, "reason": "ok"} for i in parts[k]]
                 _save_part(ctx, k, recs)
                 done_items += len(recs)
         elif pending:
@@ -154,7 +163,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             "collisions": report.as_dict() if report else None,
             "generated_items_this_run": done_items, "generation_seconds": round(seconds, 2),
             "items_per_second": round(done_items / seconds, 3) if done_items and seconds > 0 else None,
-            "prompt_example": None if c.method == "lexical" else build_messages(by_id[ids[0]], [by_id[j] for j in nbrs.get(ids[0], [])[: c.num_neighbors] if j in by_id], c) if ids else None,
+            "prompt_example": None if by_rules else build_messages(by_id[ids[0]], [by_id[j] for j in nbrs.get(ids[0], [])[: c.num_neighbors] if j in by_id], c) if ids else None,
         })
 
     return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
