@@ -29,6 +29,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "serve-load": ("serve_load", "Ray Serve load test (loopback, bounded) and a replica-kill fault run"),
     "ctg-llms": ("ctg_llms", "CTG with the offline LLMs (x few-shot) vs statistical CTG on the same items: legality, "
                              "items/s, collisions, first term = product type"),
+    "scale": ("scale", "time and peak RSS of every LLM-free stage at the joint-10 shape, 300k and 1M items; "
+                       "log-log slopes and a plot"),
     "vllm-parity": ("vllm_parity", "vLLM (CPU build) vs transformers: same greedy output, timings"),
 }
 

@@ -84,6 +84,11 @@ class SyntheticSource(StrictModel):
     mean_length: float = Field(9.0, ge=4)
     p_complement: float = Field(0.55, ge=0, le=1)  # next item is the co-purchase partner of the last
     p_same_type: float = Field(0.2, ge=0, le=1)
+    # 'templated': a few product types and attributes per category (the demo); 'zipf': text that looks like
+    # a real catalog at any size — Zipf word frequencies, a vocabulary that grows with the catalog (Heaps'
+    # law), ~12-word titles, a product type per ~100 items (grlm bench scale)
+    text: Literal["templated", "zipf"] = neutral_default("templated")
+    category: str = neutral_default("Products")  # zipf text: the domain's category name (one category)
 
 
 class AmazonRawSource(StrictModel):

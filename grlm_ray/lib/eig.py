@@ -16,6 +16,7 @@ a term containing the other 0.8, summed over the item's matching terms); exact e
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Sequence
@@ -38,6 +39,24 @@ def position_weights(n: int, decay: Literal["reciprocal", "none"] = "reciprocal"
     if decay == "none":
         return np.ones(n, dtype=np.float64)
     return 1.0 / (np.arange(n, dtype=np.float64) + 1.0)
+
+
+@lru_cache(maxsize=4096)
+def _levels(ws: tuple[float, ...]) -> list[tuple[float, list[int]]]:
+    """Non-empty subsets of positions with weights ``ws`` (bit masks), grouped by equal weight sum, highest
+    sum first (cached: a query's matched weights repeat across queries)."""
+    m = len(ws)
+    masks = np.arange(1, 1 << m)
+    bits = (masks[:, None] >> np.arange(m)[None, :]) & 1
+    sums = bits @ np.asarray(ws)
+    order = np.argsort(-sums, kind="stable")
+    out: list[tuple[float, list[int]]] = []
+    for mask, v in zip(masks[order].tolist(), sums[order].tolist()):
+        if out and abs(out[-1][0] - v) < 1e-12:
+            out[-1][1].append(mask)
+        else:
+            out.append((v, [mask]))
+    return out
 
 
 @dataclass
@@ -86,6 +105,8 @@ class TidIndex:
         self.fallback = np.asarray(fb + [i for i in range(self.n) if i not in seen], dtype=np.int64)
         self._substr = lru_cache(maxsize=65536)(self._substring_terms)
         self._plists: dict[int, list[int]] = {}
+        self._lens: list[int] = np.diff(self.indptr).tolist()  # posting list lengths, by term id
+        self._wlist: list[float] = self.weights.tolist()
 
     # ---------------------------------------------------------------- single TID
     def _term_ids(self, term: str) -> list[tuple[int, float]]:
@@ -107,21 +128,25 @@ class TidIndex:
         return out
 
     # Exact-mode strategy by the total length of the query's posting lists (all give the same ranking,
-    # checked against brute force in the tests): a dict loop when they are short (no numpy overhead),
-    # a vectorized scan in between, the subset search when common terms make them long.
-    small_postings = 4_000
-    scan_postings = 4_000
+    # checked against brute force in the tests): a dict loop when they are tiny (no set-up at all; <= 96
+    # postings was fastest on Beauty), else the
+    # subset search (benchmarks/results/scale.json: p50 30 us vs 110 us for a vectorized scan and 330 us for
+    # the dict loop at 27k items on realistic TIDs); the scan for long generations (too many subsets) or
+    # when ``scan_postings`` is raised.
+    small_postings = 96
+    scan_postings = -1
     # the subset search visits 2^m - 1 subsets of the m matched positions: a long unconstrained generation
     # (30 tokens without an end marker) would need 2^30; past this many positions the exact scan runs
-    subset_positions = 16
+    subset_positions = 12
+    probe_max = 4_096  # a subset's shortest list longer than this is probed with numpy, not bisect
 
     def structural(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
         """(item indices, scores) of the ``top`` best structural matches, best first, ties by catalog order."""
         if self.match != "exact":
             return self._structural_scan(terms, top)
-        hits = [(float(self.weights[j]), k) for j, t in enumerate(terms[: len(self.weights)])
-                if (k := self.vocab.get(t)) is not None]
-        total = sum(int(self.indptr[k + 1] - self.indptr[k]) for _, k in hits)
+        wl = self._wlist
+        hits = [(wl[j], k) for j, t in enumerate(terms[: len(wl)]) if (k := self.vocab.get(t)) is not None]
+        total = sum(self._lens[k] for _, k in hits)
         if total <= self.small_postings:
             acc: dict[int, float] = {}
             for w, k in hits:
@@ -136,7 +161,7 @@ class TidIndex:
             return (np.asarray([i for i, _ in best], dtype=np.int64), np.asarray([v for _, v in best]))
         if total <= self.scan_postings or len(hits) > self.subset_positions:
             return self._structural_scan(terms, top)
-        return self._structural_subsets(terms, top)
+        return self._structural_subsets(hits, top)
 
     def _plist(self, k: int) -> list[int]:
         """A short posting list as a Python list (cached): the dict loop avoids numpy call overhead."""
@@ -148,47 +173,65 @@ class TidIndex:
     def _posting(self, k: int) -> np.ndarray:
         return self.postings[self.indptr[k]:self.indptr[k + 1]]
 
-    def _structural_subsets(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
+    def _structural_subsets(self, hits: list[tuple[float, int]], top: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact matching: an item's score is the weight sum of the generated positions it matches, so
         visiting subsets of the matched positions by decreasing weight sum finds items in score order,
         and an item first appears at exactly its own matched set (every superset scores higher and was
-        visited before). Each subset's items come from probing its shortest posting list against the
-        others, in catalog order, and stop once ``top`` items are found: a query touches a handful of
-        rows, not whole posting lists of common terms."""
-        present: list[tuple[float, np.ndarray]] = []
-        for j, t in enumerate(terms[: len(self.weights)]):
-            k = self.vocab.get(t)
-            if k is not None:  # a repeated term counts at each of its positions, as the sum defines
-                present.append((float(self.weights[j]), self._posting(k)))
-        if not present or top <= 0:
+        visited before). A subset's items are its shortest posting list's items found in all the others
+        (binary search in cached lists), in catalog order, stopping once ``top`` are found: a query touches
+        a handful of rows, not whole posting lists of common terms — and most subsets hold a rare term,
+        so they are empty after a few probes. ``hits``: (weight, term id) of the matched positions (a
+        repeated term counts at each of its positions, as the sum defines)."""
+        if not hits or top <= 0:
             return np.empty(0, np.int64), np.empty(0)
-        m = len(present)
-        masks = np.arange(1, 1 << m)
-        bits = (masks[:, None] >> np.arange(m)[None, :]) & 1  # [2^m - 1, m]
-        sums = bits @ np.asarray([w for w, _ in present])
-        order = np.argsort(-sums, kind="stable")
-        subsets, sums = masks[order].tolist(), sums[order].tolist()
+        lists = [self._plist(k) for _, k in hits]
+        by_len = sorted(range(len(lists)), key=lambda b: len(lists[b]))  # a subset's lists, shortest first
         found: list[int] = []
         found_scores: list[float] = []
         seen: set[int] = set()
-        i = 0
-        while i < len(subsets) and len(found) < top:
-            # subsets with equal weight sums form one score level: merge them in catalog order
-            level = sums[i]
-            group = []
-            while i < len(subsets) and abs(sums[i] - level) < 1e-12:
-                group.append(subsets[i])
-                i += 1
+        for level, masks in _levels(tuple(w for w, _ in hits)):
             need = top - len(found)
-            cands: list[int] = []
-            for mask in group:
-                lists = sorted((present[b][1] for b in range(m) if mask >> b & 1), key=len)
-                cands.extend(self._intersect_first(lists, need + len(seen), seen))
-            for c in sorted(set(cands))[:need]:
+            cands: set[int] = set()
+            for mask in masks:
+                cands.update(self._common([lists[b] for b in by_len if mask >> b & 1], need, seen))
+            if not cands:
+                continue
+            for c in sorted(cands)[:need]:
                 seen.add(c)
                 found.append(c)
                 found_scores.append(level)
+            if len(found) >= top:
+                break
         return np.asarray(found, dtype=np.int64), np.asarray(found_scores)
+
+    def _common(self, members: list[list[int]], need: int, skip: set[int]) -> list[int]:
+        """The first ``need`` items (catalog order) in every list of ``members`` (shortest first), not in
+        ``skip``."""
+        base, others = members[0], members[1:]
+        if not others:
+            out = []
+            for x in base:
+                if x not in skip:
+                    out.append(x)
+                    if len(out) >= need:
+                        break
+            return out
+        if len(base) > self.probe_max:  # long lists everywhere: vectorized probing in chunks
+            arrays = [np.asarray(m, dtype=np.int64) for m in members]
+            return self._intersect_first(arrays, need + len(skip), skip)[:need]
+        out = []
+        for x in base:
+            if x in skip:
+                continue
+            for o in others:
+                i = bisect_left(o, x)
+                if i == len(o) or o[i] != x:
+                    break
+            else:
+                out.append(x)
+                if len(out) >= need:
+                    break
+        return out
 
     @staticmethod
     def _intersect_first(lists: list[np.ndarray], need: int, skip: set[int], chunk: int = 256) -> list[int]:

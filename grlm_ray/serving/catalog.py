@@ -75,6 +75,11 @@ def load_catalog(cfg: GrlmConfig, store: Store | None = None) -> Catalog:
         if not store.exists(f"{run}/{rel}"):
             raise DataError(f"{store.uri(f'{run}/{rel}')} is missing: run `grlm train` (or `grlm demo`) for this "
                             "config before serving it")
+    return read_catalog(store, run)
+
+
+def read_catalog(store: Store, run: str) -> Catalog:
+    """The catalog of a run's prepared items and SFT terms (+ saved updates), the model not checked."""
     items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
     terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
     meta = {r["item_id"]: {k: r[k] for k in ITEM_FIELDS} for r in items.select(list(ITEM_FIELDS)).to_pylist()}

@@ -68,9 +68,92 @@ def _brand_names(rng: np.random.Generator, n: int) -> list[str]:
     return names
 
 
-def generate(src: SyntheticSource) -> tuple[pa.Table, pd.DataFrame]:
-    """Return (items table, interactions frame) for the synthetic source; same seed, same data."""
-    rng = np.random.default_rng(src.seed)
+_ZIPF_SYLLABLES = ["ba", "ce", "di", "fo", "gu", "ha", "je", "ki", "lo", "mu", "na", "pe", "ri", "so", "tu",
+                   "va", "we", "xi", "yo", "zu", "bra", "cle", "dri", "flo", "gra", "kro", "pla", "sti", "tra",
+                   "vel", "mar", "ton", "ser", "lin", "dex", "por", "qua", "ren", "sol", "tix"]
+COMMON_WORDS = 3_000  # the head of the vocabulary every domain shares (colours, sizes, "set", "pack", ...)
+
+
+def _word(k: int) -> str:
+    """The k-th word of the synthetic vocabulary: distinct for every k, short for small k (as frequent
+    words are), letters only."""
+    base = len(_ZIPF_SYLLABLES)
+    k += base  # at least two syllables
+    out = []
+    while k:
+        k, d = divmod(k, base)
+        out.append(_ZIPF_SYLLABLES[d])
+    return "".join(reversed(out))
+
+
+def _zipf_sampler(n: int, s: float, rng: np.random.Generator):
+    cdf = np.cumsum(1.0 / np.power(np.arange(1, n + 1, dtype=np.float64), s))
+    cdf /= cdf[-1]
+    return lambda size: np.searchsorted(cdf, rng.random(size), side="right").clip(0, n - 1)
+
+
+def _zipf_items(src: SyntheticSource, rng: np.random.Generator) -> tuple:
+    """Text that looks like a real catalog at any size: each item has a product type (one per ~100 items,
+    Zipf-sized), a brand, and a title of ~12 words — brand, words drawn half from its type's own
+    vocabulary and half from the domain's Zipf-distributed vocabulary (a shared common head plus
+    domain words; size ~ 12 * n^0.6, Heaps' law), the type's name, sometimes an audience. Vectorized
+    sampling; strings are joined once per item."""
+    n = src.num_items
+    n_types = max(10, n // 100)
+    n_brands = max(4, n // 25)
+    v_domain = int(12 * n ** 0.6)
+    domain_base = COMMON_WORDS + (src.seed % 1000) * 10_000_000  # a block of words per domain (seed)
+    vocab = np.concatenate([np.arange(COMMON_WORDS), domain_base + np.arange(v_domain)])
+    draw_word = _zipf_sampler(len(vocab), 1.05, rng)
+    type_idx = _zipf_sampler(n_types, 0.9, rng)(n)
+    brand_idx = _zipf_sampler(n_brands, 1.0, rng)(n)
+    # each type: a name (a domain word) and 24 characteristic words, Zipf within the type
+    type_name = domain_base + v_domain + np.arange(n_types)  # past the sampled block: names are distinct
+    type_words = vocab[draw_word(n_types * 24)].reshape(n_types, 24)
+    draw_local = _zipf_sampler(24, 0.8, rng)
+    n_words = 3 + rng.poisson(6, n).clip(0, 14)
+    n_desc = 12 + rng.poisson(14, n)
+    total = int(n_words.sum() + n_desc.sum())
+    local = rng.random(total) < 0.5
+    picks = np.where(local, type_words[np.repeat(type_idx, n_words + n_desc), draw_local(total)],
+                     vocab[draw_word(total)])
+    audience = np.where(rng.random(n) < 0.3, rng.integers(0, len(AUDIENCES), n), -1)
+    words: dict[int, str] = {}
+
+    def w(k: int) -> str:
+        got = words.get(k)
+        if got is None:
+            got = words[k] = _word(int(k))
+        return got
+
+    brand_names = [w(domain_base + 9_000_000 + b).capitalize() for b in range(n_brands)]
+    ids, titles, descs, brands, cats_col = [], [], [], [], []
+    off = 0
+    for i in range(n):
+        nt, nd = int(n_words[i]), int(n_desc[i])
+        tw = [w(k) for k in dict.fromkeys(picks[off:off + nt].tolist())]  # a title names a word once
+        dw = [w(k) for k in picks[off + nt:off + nt + nd].tolist()]
+        off += nt + nd
+        t = w(int(type_name[type_idx[i]]))
+        b = brand_names[brand_idx[i]]
+        title = f"{b} {' '.join(x.capitalize() for x in tw)} {t.capitalize()}"
+        if audience[i] >= 0:
+            title += f" for {AUDIENCES[audience[i]].capitalize()}"
+        ids.append(str(i + 1))
+        titles.append(title)
+        descs.append(f"{' '.join(dw).capitalize()}.")
+        brands.append(b)
+        cats_col.append([src.category, t.capitalize()])
+    items = pa.table({
+        "item_id": ids, "category": pa.array([src.category] * n, pa.string()), "title": titles,
+        "description": descs, "brand": brands, "categories": pa.array(cats_col, pa.list_(pa.string())),
+        "source_id": pa.nulls(n, pa.string()),
+    }, schema=ITEMS.arrow)
+    return items, np.zeros(n, np.int64), type_idx.astype(np.int64), brand_idx.astype(np.int64), 1, n_types, n_brands
+
+
+def _templated_items(src: SyntheticSource, rng: np.random.Generator) -> tuple:
+    """The demo's text: a few product types and attributes per category, one title template."""
     cats = list(CATALOG)[: min(src.num_categories, len(CATALOG))]
     n_items, n_types = src.num_items, len(next(iter(CATALOG.values())))
     n_brands = min(MAX_BRANDS_PER_CATEGORY, max(4, n_items // (len(cats) * 12)))
@@ -83,7 +166,6 @@ def generate(src: SyntheticSource) -> tuple[pa.Table, pd.DataFrame]:
     a2 = (a1 + rng.integers(1, 10, n_items)) % 10  # distinct from a1
     aud = rng.integers(0, len(AUDIENCES), n_items)
     sell = rng.integers(0, len(SELLING_POINTS), n_items)
-    popularity = 1.0 / np.power(rng.permutation(n_items) + 1.0, 0.8)
 
     # --- items table
     ids, titles, descs, brand_col, cat_col, cats_col = [], [], [], [], [], []
@@ -103,6 +185,19 @@ def generate(src: SyntheticSource) -> tuple[pa.Table, pd.DataFrame]:
         "item_id": ids, "category": cat_col, "title": titles, "description": descs, "brand": brand_col,
         "categories": pa.array(cats_col, pa.list_(pa.string())), "source_id": pa.nulls(n_items, pa.string()),
     }, schema=ITEMS.arrow)
+    return items, cat_idx, type_idx, brand_idx, len(cats), n_types, n_brands
+
+
+def generate(src: SyntheticSource) -> tuple[pa.Table, pd.DataFrame]:
+    """Return (items table, interactions frame) for the synthetic source; same seed, same data."""
+    rng = np.random.default_rng(src.seed)
+    n_items = src.num_items
+    if src.text == "zipf":
+        items, cat_idx, type_idx, brand_idx, n_cats, n_types, n_brands = _zipf_items(src, rng)
+    else:
+        items, cat_idx, type_idx, brand_idx, n_cats, n_types, n_brands = _templated_items(src, rng)
+    popularity = 1.0 / np.power(rng.permutation(n_items) + 1.0, 0.8)
+    cats = list(range(n_cats))
 
     # --- co-purchase partner: an item of the partner type in the same category, same brand if any
     group = cat_idx * n_types + type_idx  # (category, type) group id
