@@ -16,7 +16,6 @@ a term containing the other 0.8, summed over the item's matching terms); exact e
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Sequence
@@ -105,6 +104,11 @@ class TidIndex:
         self.fallback = np.asarray(fb + [i for i in range(self.n) if i not in seen], dtype=np.int64)
         self._substr = lru_cache(maxsize=65536)(self._substring_terms)
         self._plists: dict[int, list[int]] = {}
+        self._psets: dict[int, frozenset[int]] = {}
+        self._pset_items = 0
+        if len(self.postings) <= self.eager_set_postings:  # small catalogs: every set up front (Beauty: 60k)
+            for k in range(len(self.vocab_list)):
+                self._pset(k)
         self._lens: list[int] = np.diff(self.indptr).tolist()  # posting list lengths, by term id
         self._wlist: list[float] = self.weights.tolist()
 
@@ -138,7 +142,8 @@ class TidIndex:
     # the subset search visits 2^m - 1 subsets of the m matched positions: a long unconstrained generation
     # (30 tokens without an end marker) would need 2^30; past this many positions the exact scan runs
     subset_positions = 12
-    probe_max = 4_096  # a subset's shortest list longer than this is probed with numpy, not bisect
+    set_cache_items = 20_000_000  # posting-list sets kept for the subset search (~60 bytes per entry)
+    eager_set_postings = 1_000_000  # up to this many postings (~200k items) the sets are built with the index
 
     def structural(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
         """(item indices, scores) of the ``top`` best structural matches, best first, ties by catalog order."""
@@ -178,14 +183,14 @@ class TidIndex:
         visiting subsets of the matched positions by decreasing weight sum finds items in score order,
         and an item first appears at exactly its own matched set (every superset scores higher and was
         visited before). A subset's items are its shortest posting list's items found in all the others
-        (binary search in cached lists), in catalog order, stopping once ``top`` are found: a query touches
-        a handful of rows, not whole posting lists of common terms — and most subsets hold a rare term,
-        so they are empty after a few probes. ``hits``: (weight, term id) of the matched positions (a
+        (set intersections, smallest first), in catalog order, stopping once ``top`` are found: a query
+        touches a handful of rows, not whole posting lists of common terms. ``hits``: (weight, term id) of the matched positions (a
         repeated term counts at each of its positions, as the sum defines)."""
         if not hits or top <= 0:
             return np.empty(0, np.int64), np.empty(0)
-        lists = [self._plist(k) for _, k in hits]
-        by_len = sorted(range(len(lists)), key=lambda b: len(lists[b]))  # a subset's lists, shortest first
+        lens = self._lens
+        by_len = sorted(range(len(hits)), key=lambda b: lens[hits[b][1]])  # a subset's lists, shortest first
+        ks = [hits[b][1] for b in by_len]
         found: list[int] = []
         found_scores: list[float] = []
         seen: set[int] = set()
@@ -193,7 +198,7 @@ class TidIndex:
             need = top - len(found)
             cands: set[int] = set()
             for mask in masks:
-                cands.update(self._common([lists[b] for b in by_len if mask >> b & 1], need, seen))
+                cands.update(self._common([k for b, k in zip(by_len, ks) if mask >> b & 1], need, seen))
             if not cands:
                 continue
             for c in sorted(cands)[:need]:
@@ -204,34 +209,36 @@ class TidIndex:
                 break
         return np.asarray(found, dtype=np.int64), np.asarray(found_scores)
 
-    def _common(self, members: list[list[int]], need: int, skip: set[int]) -> list[int]:
-        """The first ``need`` items (catalog order) in every list of ``members`` (shortest first), not in
-        ``skip``."""
-        base, others = members[0], members[1:]
-        if not others:
+    def _common(self, members: list[int], need: int, skip: set[int]) -> list[int]:
+        """The first ``need`` items (catalog order) in the posting lists of every term id in ``members``
+        (shortest first), not in ``skip``: C-level set intersections, smallest set first."""
+        if len(members) == 1:
             out = []
-            for x in base:
+            for x in self._plist(members[0]):
                 if x not in skip:
                     out.append(x)
                     if len(out) >= need:
                         break
             return out
-        if len(base) > self.probe_max:  # long lists everywhere: vectorized probing in chunks
-            arrays = [np.asarray(m, dtype=np.int64) for m in members]
-            return self._intersect_first(arrays, need + len(skip), skip)[:need]
-        out = []
-        for x in base:
-            if x in skip:
-                continue
-            for o in others:
-                i = bisect_left(o, x)
-                if i == len(o) or o[i] != x:
-                    break
-            else:
-                out.append(x)
-                if len(out) >= need:
-                    break
-        return out
+        common = self._pset(members[0]) & self._pset(members[1])
+        for k in members[2:]:
+            if not common:
+                break
+            common &= self._pset(k)
+        if skip:
+            common -= skip
+        return sorted(common)[:need] if common else []
+
+    def _pset(self, k: int) -> frozenset[int]:
+        """A posting list as a set (cached; the cache is dropped past ``set_cache_items`` entries)."""
+        got = self._psets.get(k)
+        if got is None:
+            if self._pset_items > self.set_cache_items:
+                self._psets.clear()
+                self._pset_items = 0
+            got = self._psets[k] = frozenset(self._plist(k))
+            self._pset_items += len(got)
+        return got
 
     @staticmethod
     def _intersect_first(lists: list[np.ndarray], need: int, skip: set[int], chunk: int = 256) -> list[int]:
