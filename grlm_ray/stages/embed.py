@@ -39,7 +39,7 @@ class SentenceEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = self.model.encode(list(batch["text"]), batch_size=self.batch_size, convert_to_numpy=True,
                                 normalize_embeddings=True, show_progress_bar=False)
-        return {"item_id": batch["item_id"], "embedding": emb.astype(np.float32)}
+        return {"row": batch["row"], "embedding": emb.astype(np.float32)}
 
 
 def embed(cfg: GrlmConfig) -> dict[str, Any]:
@@ -57,7 +57,8 @@ def embed(cfg: GrlmConfig) -> dict[str, Any]:
 
         cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 1))
         threads = max(1, cpus // cfg.embed.num_workers)
-        table = pa.table({"item_id": items.column("item_id"), "text": texts})
+        table = pa.table({"row": pa.array(np.arange(len(texts), dtype=np.int64)), "text": texts})
+        del texts
         # blocks cut here, in the driver: a repartition is a shuffle task needing a whole CPU, which never
         # gets scheduled on a 1-CPU cluster while the encoder actor holds part of it (embed hung there)
         n_blocks = min(max(cfg.embed.num_workers * 4, 1), max(1, table.num_rows))
@@ -70,13 +71,14 @@ def embed(cfg: GrlmConfig) -> dict[str, Any]:
             **actor_pool_kwargs(cfg.ray, cfg.embed.num_workers),
             **({"num_gpus": 1} if cfg.embed.device.startswith("cuda") else {}),
         )
-        ids, vecs = [], []
+        mat = None  # filled in catalog order as batches land: one copy of the matrix, no reordering
         for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-            ids.extend(b["item_id"].tolist())
-            vecs.append(np.asarray(b["embedding"], dtype=np.float32))
-        mat = np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)
-        order = {i: k for k, i in enumerate(ids)}
-        mat = mat[[order[i] for i in items.column("item_id").to_pylist()]]  # catalog order
+            emb_b = np.asarray(b["embedding"], dtype=np.float32)
+            if mat is None:
+                mat = np.empty((table.num_rows, emb_b.shape[1]), np.float32)
+            mat[b["row"]] = emb_b
+        if mat is None:
+            mat = np.zeros((0, 0), np.float32)
         dim = int(mat.shape[1])
         emb = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1), pa.float32()), dim)
         ctx.write("embeddings.parquet", pa.table({"item_id": items.column("item_id"), "embedding": emb}), EMBEDDINGS)
