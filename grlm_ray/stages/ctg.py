@@ -49,7 +49,8 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         import time
 
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
-        by_id = {r["item_id"]: r for r in items.to_pylist()}
+        item_rows = items.to_pylist()  # one set of row dicts for the prompts, the rules and the fill
+        by_id = {r["item_id"]: r for r in item_rows}
         nbrs: dict[str, list[str]] = {}
         if c.context == "neighbors" and c.num_neighbors > 0:
             nb = ctx.read("neighbors.parquet", NEIGHBORS, stage="neighbors")
@@ -65,7 +66,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         done_items = 0
         lexical = None
         if pending and (c.method == "lexical" or (c.method == "llm" and (c.repair == "lexical" or c.few_shot))):
-            lexical = LexicalTermWriter(items.to_pylist(), nbrs, c.num_terms, c.num_neighbors, c.distinct_terms)
+            lexical = LexicalTermWriter(item_rows, nbrs, c.num_terms, c.num_neighbors, c.distinct_terms)
         if pending and by_rules:
             from tqdm import tqdm
 
@@ -131,7 +132,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         uncovered = 0
         if c.uncovered == "words" and len(ids) < items.num_rows:
             chosen_set = set(ids)
-            rest = [r for r in items.to_pylist() if r["item_id"] not in chosen_set]
+            rest = [r for r in item_rows if r["item_id"] not in chosen_set]
             uncovered = len(rest)
             words = []
             for r in rest:

@@ -54,18 +54,21 @@ def co_interaction_neighbors(train_seqs: dict[str, list[str]], top: int) -> dict
 # --------------------------------------------------------------------------- builders
 def build_samples(items: pa.Table, terms: dict[str, list[str]], train_seqs: dict[str, list[str]],
                   c: SFTConfig, domain_of) -> dict[str, list[dict[str, Any]]]:
-    """All samples of every task (weights applied later), each {task, domain, prompt, completion}."""
-    rows = {r["item_id"]: r for r in items.to_pylist()}
-    missing = [i for i in rows if i not in terms]
+    """All samples of every task with a weight (weights applied later), each {task, domain, prompt,
+    completion}; a task of weight 0 is not built (the GTI prompts carry every item's description)."""
+    ids = items.column("item_id").to_pylist()
+    missing = [i for i in ids if i not in terms]
     if missing:
         raise DataError(f"{len(missing)} items have no TID in the chosen terms table (e.g. {missing[:3]}); "
                         "run CTG on every item (ctg.limit unset, or ctg.uncovered=words) or pick sft.terms")
     write = line_writer(c)
-    lines = {i: write(terms[i], rows[i]["title"]) for i in rows}
+    lines = {i: write(terms[i], t) for i, t in zip(ids, items.column("title").to_pylist())}
     out: dict[str, list[dict[str, Any]]] = {"gti": [], "seq": [], "collab": []}
-    for i, r in rows.items():
-        out["gti"].append({"task": "gti", "domain": domain_of(i), "prompt": gti_prompt(r, c.max_item_chars, c.prompt),
-                           "completion": tid_completion(terms[i])})
+    if c.gti_weight > 0:
+        for r in items.to_pylist():
+            i = r["item_id"]
+            out["gti"].append({"task": "gti", "domain": domain_of(i), "prompt": gti_prompt(r, c.max_item_chars, c.prompt),
+                               "completion": tid_completion(terms[i])})
     for u in sorted(train_seqs):
         window = train_seqs[u][-c.max_history:]
         if len(window) < 2:
@@ -152,15 +155,18 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         train_seqs = training_sequences(seqs, targets)
         samples = build_samples(items, terms, train_seqs, c, domain_lookup(cfg))
         mixed = mix(samples, {"gti": c.gti_weight, "seq": c.seq_weight, "collab": c.collab_weight}, c.seed)
-        table = pa.Table.from_pylist(mixed, schema=SFT.arrow)
+        table = pa.table({f.name: pa.array([r[f.name] for r in mixed], f.type) for f in SFT.arrow}, schema=SFT.arrow)
         ctx.write("sft.parquet", table, SFT)
-        item_ids = set(items.column("item_id").to_pylist())
-        ctx.write("terms.parquet", terms_t.filter(pa.array([i in item_ids for i in terms_t.column("item_id").to_pylist()])), TERMS)
+        import pyarrow.compute as pc
+
+        ctx.write("terms.parquet", terms_t.filter(pc.is_in(terms_t.column("item_id"), value_set=items.column("item_id").combine_chunks())),
+                  TERMS)
         per_task = Counter(r["task"] for r in mixed)
         ctx.info.update({
             "prompt_version": PROMPT_VERSION, "terms_source": f"{src_stage}/{src_file}",
             "items_named_from_words": filled, "collisions": collisions,
-            "samples": dict(per_task), "natural_samples": {k: len(v) for k, v in samples.items()},
+            "samples": dict(per_task), "natural_samples": {k: len(v) for k, v in samples.items()} | (
+                {"gti": items.num_rows} if c.gti_weight <= 0 else {}),
             "per_domain": dict(Counter(r["domain"] for r in mixed)),
             "users_without_seq_sample": sum(1 for v in train_seqs.values() if len(v[-c.max_history:]) < 2),
             "example": {t: samples[t][0] for t in samples if samples[t]},
