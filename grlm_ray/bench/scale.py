@@ -78,11 +78,13 @@ def size_config(size: str, root: Path) -> Path:
 class TreeSampler:
     """Peak RSS of a process and all its descendants (sampled every ``interval`` s), per process."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    def __init__(self, pid: int, interval: float = 0.1, cap_bytes: int | None = None) -> None:
         import psutil
 
         self.root = psutil.Process(pid)
         self.interval = interval
+        self.cap = cap_bytes
+        self.capped = False
         self.peak: dict[int, tuple[int, str]] = {}
         self.peak_total = 0
         self._stop = threading.Event()
@@ -108,6 +110,13 @@ class TreeSampler:
                 if rss > self.peak.get(p.pid, (0, ""))[0]:
                     self.peak[p.pid] = (rss, name)
             self.peak_total = max(self.peak_total, total)
+            if self.cap and total > self.cap and not self.capped:  # protect the machine: stop the step
+                self.capped = True
+                for p in reversed(procs):
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
             self._stop.wait(self.interval)
 
     def stop(self) -> dict[str, Any]:
@@ -116,17 +125,18 @@ class TreeSampler:
         root = self.peak.get(self.root.pid, (0, ""))[0]
         others = [(rss, name) for pid, (rss, name) in self.peak.items() if pid != self.root.pid]
         top = max(others, default=(0, ""))
-        return {"driver_peak_rss_mb": round(root / 2**20), "other_peak_rss_mb": round(top[0] / 2**20),
+        return {**({"killed_over_mb": round(self.cap / 2**20)} if self.capped and self.cap else {}),
+                "driver_peak_rss_mb": round(root / 2**20), "other_peak_rss_mb": round(top[0] / 2**20),
                 "other_peak_process": top[1] or None, "tree_peak_rss_mb": round(self.peak_total / 2**20)}
 
 
-def measure(cmd: list[str], log_path: Path) -> dict[str, Any]:
+def measure(cmd: list[str], log_path: Path, cap_gb: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        sampler = TreeSampler(proc.pid)
+        sampler = TreeSampler(proc.pid, cap_bytes=int(cap_gb * 2**30) if cap_gb else None)
         rc = proc.wait()
     mem = sampler.stop()
     return {"seconds": round(time.perf_counter() - t0, 1), "rc": rc, **mem}
@@ -369,6 +379,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of the steps, in order")
     ap.add_argument("--root", default=None, help="where the runs go (default: a folder under /tmp); reused: "
                                                  "finished stages are skipped")
+    ap.add_argument("--max-rss-gb", type=float, default=15.0,
+                    help="a step whose processes pass this much RSS together is stopped (and reported)")
     ap.add_argument("--flat-max-items", type=int, default=400_000,
                     help="exact (flat) neighbours only up to this many items: O(n^2)")
 
@@ -410,10 +422,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"size": size, "step": step, "skipped": f"> {args.flat_max_items:,} items (O(n^2))"})
                 continue
             print(f"[{time.strftime('%H:%M:%S')}] {size}: {step} ...", flush=True)
-            m = measure(step_command(step, cfg_path), log_path)
+            m = measure(step_command(step, cfg_path), log_path, args.max_rss_gb)
             row = {"size": size, "step": step, **m, **(_details(log_path) if step in IN_PROCESS else {})}
             if m["rc"] != 0:
-                row["error"] = f"exit {m['rc']}: see {log_path}"
+                row["error"] = (f"stopped: its processes passed {args.max_rss_gb} GB together" if m.get("killed_over_mb")
+                                else f"exit {m['rc']}: see {log_path}")
                 rows.append(row)
                 print(f"  failed: {row['error']}", flush=True)
                 break

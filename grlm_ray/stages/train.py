@@ -36,7 +36,7 @@ from grlm_ray.core.tracking import log_artifact, model_label, start_stage_run, t
 from grlm_ray.lib.generation import gguf_to_hf
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.textformat import PROMPTS, line_writer
-from grlm_ray.lib.tokens import IGNORE, bucket, collate, encode_all, pack, render_prompt
+from grlm_ray.lib.tokens import IGNORE, bucket, bucket_arrow, collate, encode_all, encode_arrow, pack, render_prompt
 from grlm_ray.lib.validation import Validator, build_validation_set, plot_curve, popularity_metrics, reduce_metrics
 from grlm_ray.lib.vocab import add_term_tokens, prune_tokenizer
 
@@ -745,6 +745,10 @@ def _template_tokenizer(cfg: GrlmConfig) -> Any:
 
 def tokenize_sft(tokenizer: Any, sft_table: Any, cfg: GrlmConfig):
     t = cfg.train
+    if not t.packing:  # Arrow columns end to end
+        ids_a, labels_a = encode_arrow(tokenizer, sft_table, cfg.model.enable_thinking,
+                                       mask_titles=cfg.sft.item_text == "tid_title_input")
+        return bucket_arrow(ids_a, labels_a, t.max_length, t.micro_batch)
     ids, labels = encode_all(tokenizer, sft_table.column("prompt").to_pylist(),
                              sft_table.column("completion").to_pylist(), cfg.model.enable_thinking,
                              mask_titles=cfg.sft.item_text == "tid_title_input")
