@@ -128,3 +128,17 @@ def test_fault_injection_is_read_from_the_environment_only():
         with pytest.raises(ValueError, match="GRLM_FAULTS"):
             faults.spec({"GRLM_FAULTS": bad})
     assert "fail_at_step" not in TrainConfig.model_fields  # no test hook in a production config
+
+
+def test_object_store_is_sized_from_the_data_within_bounds():
+    import os
+
+    from grlm_ray.core.config import RayConfig
+    from grlm_ray.core.runtime import object_store_bytes
+
+    cfg = RayConfig(object_store_memory_mb=512)
+    assert object_store_bytes(cfg) == 512 * 2**20  # nothing said: the configured floor
+    assert object_store_bytes(cfg, 10 * 2**20) == 512 * 2**20  # small data: the floor
+    assert object_store_bytes(cfg, 1536 * 2**20) == int(2.5 * 1536 * 2**20)  # 1M x 384 float32: sized from it
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert object_store_bytes(cfg, 10**13) == int(0.4 * total)  # never past 40% of the machine

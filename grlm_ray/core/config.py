@@ -59,6 +59,8 @@ class RunConfig(StrictModel):
 class RayConfig(StrictModel):
     address: str | None = None  # None: start a local head on 127.0.0.1; "auto" / "ray://h:p": join
     num_cpus: int | None = 2
+    # a local head's object store: at least this; a stage that ships more (the neighbour search's embedding
+    # matrix) sizes it from its data, up to 40% of memory (core/runtime.py: object_store_bytes)
     object_store_memory_mb: int = Field(512, ge=78)
     # The dashboard serves the State API. Ray Train V2's placement-group cleaner polls it; without it the
     # cleaner can decide a live training controller is gone and remove its placement group mid-run

@@ -52,8 +52,23 @@ _LOCAL_ENV = {
 }
 
 
-def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> Any:
-    """Start (or join) Ray and configure Ray Data. Returns the ``ray`` module."""
+def object_store_bytes(cfg: RayConfig, data_bytes: int = 0) -> int:
+    """A local head's object store: ``object_store_memory_mb`` at least, else sized from the data the stage
+    ships to its actors (``data_bytes``: 2.5x, for the object and the copies in flight), at most 40% of
+    the machine's memory."""
+    floor = cfg.object_store_memory_mb * 1024 * 1024
+    if data_bytes <= 0:
+        return floor
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 2**30
+    return int(max(floor, min(2.5 * data_bytes, 0.4 * total)))
+
+
+def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None, data_bytes: int = 0) -> Any:
+    """Start (or join) Ray and configure Ray Data. Returns the ``ray`` module. ``data_bytes``: what the
+    caller will put in the object store (sizes a local head's store; see ``object_store_bytes``)."""
     # Before `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a constant at import
     # time, and only with it at 0 does a local node resolve its IP to loopback.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -82,7 +97,7 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None) -> An
                 ray.init(
                     address="local",  # a new head even when a `ray start` cluster runs on this machine
                     num_cpus=cfg.num_cpus,
-                    object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+                    object_store_memory=object_store_bytes(cfg, data_bytes),
                     include_dashboard=cfg.include_dashboard,
                     dashboard_host="127.0.0.1",
                     _node_ip_address="127.0.0.1",

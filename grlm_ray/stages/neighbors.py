@@ -91,12 +91,15 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
     def body(ctx: StageContext) -> None:
         table = ctx.read("embeddings.parquet", EMBEDDINGS, stage="embed")
         base = np.ascontiguousarray(embedding_matrix(table))
+        item_ids = table.column("item_id").combine_chunks()
+        del table  # the matrix is all the search needs; the driver keeps no second copy
         n = base.shape[0]
         kind = choose_index(cfg.neighbors, n)
-        ray = init_ray(cfg.ray)
+        ray = init_ray(cfg.ray, data_bytes=base.nbytes)
         import ray.data
 
         base_ref = ray.put(base)
+        del base  # the actors read it from the object store
         # query blocks cut in the driver: no read or map tasks (each needs a whole CPU, which a 1-CPU cluster
         # never frees while the searcher actor holds part of it), only the actor pool
         step = max(1, cfg.neighbors.query_batch)
@@ -115,7 +118,6 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
         # Arrow list columns straight from the arrays (row-major keeps each row's order): no Python object
         # per neighbour (10 per item: 10M at 1M items)
         offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
-        item_ids = table.column("item_id").combine_chunks()
         ctx.write("neighbors.parquet", pa.table({
             "item_id": item_ids,
             "neighbor_ids": pa.ListArray.from_arrays(offsets, item_ids.take(pa.array(idx[valid]))),
