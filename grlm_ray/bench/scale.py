@@ -488,6 +488,7 @@ def _plot(rows: list[dict[str, Any]], sizes: list[str], shapes: dict[str, Any], 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for step in STEPS:
@@ -497,9 +498,12 @@ def _plot(rows: list[dict[str, Any]], sizes: list[str], shapes: dict[str, Any], 
         xs = [_n_items(shapes, s) for s, _ in pts]
         axes[0].plot(xs, [max(r["seconds"], 0.1) for _, r in pts], marker="o", label=step)
         axes[1].plot(xs, [max(r["driver_peak_rss_mb"], r["other_peak_rss_mb"]) for _, r in pts], marker="o", label=step)
+    ticks = sorted({_n_items(shapes, s) for s in sizes})
     for ax, title in ((axes[0], "seconds"), (axes[1], "peak RSS of one process (MB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(ticks, [f"{t / 1000:,.0f}k" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("catalog items")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
