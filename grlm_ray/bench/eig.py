@@ -126,6 +126,18 @@ def synthetic_tids(n_items: int, seed: int):
     return ids, [tids[i] for i in ids]
 
 
+def grounding_latency(index: TidIndex, queries) -> dict[str, float]:
+    """p50 / p99 / mean microseconds of ``index.ground_one`` over ``queries``, one at a time."""
+    lat = []
+    for q in queries:
+        t = time.perf_counter()
+        index.ground_one(q)
+        lat.append(time.perf_counter() - t)
+    us = np.asarray(lat) * 1e6
+    return {"p50_us": round(float(np.percentile(us, 50)), 1), "p99_us": round(float(np.percentile(us, 99)), 1),
+            "mean_us": round(float(us.mean()), 1)}
+
+
 def bench_scale(n_items: int, n: int, rng) -> dict:
     t0 = time.time()
     ids, tids = synthetic_tids(n_items, 0)
@@ -140,15 +152,7 @@ def bench_scale(n_items: int, n: int, rng) -> dict:
     # first pass: cold (a large catalog's posting-list sets are built on first touch); second: warm, as a
     # serving replica runs after its first queries
     for name, qs in (("direct", exact), ("structural", perturbed), ("structural_warm", perturbed)):
-        lat = []
-        for q in qs:
-            t = time.perf_counter()
-            index.ground_one(q)
-            lat.append(time.perf_counter() - t)
-        lat_us = np.asarray(lat) * 1e6
-        res[name] = {"p50_us": round(float(np.percentile(lat_us, 50)), 1),
-                     "p99_us": round(float(np.percentile(lat_us, 99)), 1),
-                     "mean_us": round(float(lat_us.mean()), 1)}
+        res[name] = grounding_latency(index, qs)
         g = index.rank([" ".join(q) for q in qs[:20]], 10)
         res[name]["rank_k10_len"] = len(g.items)
         # the same top-20 (items and scores) as the vectorized exact scan, query by query

@@ -291,6 +291,7 @@ def _step_eig(cfg: Any, out: dict[str, Any]) -> None:
     import numpy as np
 
     from grlm_ray.core.schemas import TERMS
+    from grlm_ray.bench.eig import grounding_latency
     from grlm_ray.core.storage import Store
     from grlm_ray.lib.eig import TidIndex
 
@@ -312,14 +313,8 @@ def _step_eig(cfg: Any, out: dict[str, Any]) -> None:
         structural.append(q)
     out.update({"items": len(ids), "vocabulary": len(vocab), "index_build_seconds": round(build, 2)})
     for name, qs in (("direct", direct), ("structural", structural)):
-        lat = []
-        for q in qs:
-            t = time.perf_counter()
-            index.ground_one(q)
-            lat.append(time.perf_counter() - t)
-        us = np.asarray(lat) * 1e6
-        out[f"{name}_p50_us"] = round(float(np.percentile(us, 50)), 1)
-        out[f"{name}_p99_us"] = round(float(np.percentile(us, 99)), 1)
+        lat = grounding_latency(index, qs)
+        out[f"{name}_p50_us"], out[f"{name}_p99_us"] = lat["p50_us"], lat["p99_us"]
 
 
 def _step_serving_catalog(cfg: Any, out: dict[str, Any]) -> None:

@@ -169,14 +169,11 @@ class TidIndex:
         return self._structural_subsets(hits, top)
 
     def _plist(self, k: int) -> list[int]:
-        """A short posting list as a Python list (cached): the dict loop avoids numpy call overhead."""
+        """A posting list as a Python list (cached): the dict loop and the sets avoid numpy call overhead."""
         got = self._plists.get(k)
         if got is None:
             got = self._plists[k] = self.postings[self.indptr[k]:self.indptr[k + 1]].tolist()
         return got
-
-    def _posting(self, k: int) -> np.ndarray:
-        return self.postings[self.indptr[k]:self.indptr[k + 1]]
 
     def _structural_subsets(self, hits: list[tuple[float, int]], top: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact matching: an item's score is the weight sum of the generated positions it matches, so
@@ -239,24 +236,6 @@ class TidIndex:
             got = self._psets[k] = frozenset(self._plist(k))
             self._pset_items += len(got)
         return got
-
-    @staticmethod
-    def _intersect_first(lists: list[np.ndarray], need: int, skip: set[int], chunk: int = 256) -> list[int]:
-        """The first ``need`` items (catalog order) in every list, probing the shortest one in chunks."""
-        base, others = lists[0], lists[1:]
-        out: list[int] = []
-        for s in range(0, len(base), chunk):
-            cand = base[s:s + chunk]
-            for o in others:
-                pos = np.searchsorted(o, cand)
-                pos[pos >= len(o)] = len(o) - 1
-                cand = cand[o[pos] == cand]
-                if not len(cand):
-                    break
-            out.extend(int(c) for c in cand if int(c) not in skip)
-            if len(out) >= need:
-                break
-        return out
 
     def _structural_scan(self, terms: Sequence[str], top: int) -> tuple[np.ndarray, np.ndarray]:
         """Substring matching (the reference's similarity): accumulate weights over posting lists."""
