@@ -93,6 +93,34 @@ def test_context_none_uses_no_neighbour_words():
     assert with_ctx.tid("li-red")[0] == without.tid("li-red")[0] == "lipstick"
 
 
+
+def test_lead_brand_puts_the_brand_before_the_type_only_where_the_catalog_shows_one():
+    """lead='brand': the brand field's first word, else a title's first word that opens >= 2 titles and at
+    least half of the titles it is in; items without one keep the type first; the add/remove counts hold."""
+    titles = {
+        "lx-sh": "Luxo Argan Shampoo, 8 oz", "lx-co": "Luxo Argan Conditioner", "lx-ma": "Luxo Silk Hair Mask",
+        "gentle-sh": "Gentle Baby Shampoo",  # 'gentle' opens one title only: not a brand
+        "tea-1": "Tea Tree Shampoo", "tea-2": "Green Tea Face Mask",  # 'tea' opens 1 of its 2 titles
+        "tea-3": "Tea Tree Body Lotion",  # now 2 of 3: brand-like (the catalog decides, not the word)
+    }
+    items = [{"item_id": i, "title": t, "category": "Beauty", "brand": ""} for i, t in titles.items()]
+    items.append({"item_id": "field", "title": "Repair Conditioner", "category": "Beauty", "brand": "Hair Co."})
+    nbrs = {k: [j for j in titles if j != k][:3] for k in titles}
+    w = LexicalTermWriter(items, nbrs, num_terms=4, num_neighbors=3, lead="brand")
+    tids = w.tids()
+    assert [tids[i][0] for i in ("lx-sh", "lx-co", "lx-ma")] == ["luxo"] * 3
+    assert tids["lx-sh"][1] == "shampoo" and tids["lx-co"][1] == "conditioner"
+    assert tids["gentle-sh"][0] == "shampoo" and w.explain("gentle-sh")["roles"][0] == "type"
+    assert tids["tea-1"][0] == tids["tea-3"][0] == "tea" and tids["tea-2"][0] == "mask"  # opens with 'green'
+    assert tids["field"][:2] == ["hair", "conditioner"]  # the brand field wins over the title
+    for t in tids.values():
+        assert len(t) == 4 and len(set(t)) == 4
+    assert LexicalTermWriter(items, nbrs, num_terms=4, num_neighbors=3).tid("lx-sh")[0] == "shampoo"
+    w.remove_items(["tea-3"])
+    assert w.brand("tea-1") is None and w.tid("tea-1")[0] == "shampoo"
+    with pytest.raises(ValueError, match="lead"):
+        LexicalTermWriter(items, nbrs, num_terms=4, lead="color")
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_lexical_stage_names_every_item_without_an_llm(tmp_path, ray_local):

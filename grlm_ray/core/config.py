@@ -239,6 +239,8 @@ class CTGConfig(StrictModel):
     method: Literal["llm", "lexical", "words"] = "llm"
     repair: Literal["lexical", "words"] = "lexical"  # 'words': the item's own title words, then its neighbours'
     distinct_terms: int = Field(2, ge=1)  # lexical: the last 1-2 terms set the item apart from its neighbours
+    lead: Literal["type", "brand"] = "type"  # lexical: 'brand' puts the brand (or a brand-like first title
+                                             # word) before the product type
     num_terms: int = Field(5, ge=2, le=16)
     context: Literal["neighbors", "none"] = "neighbors"  # 'none' = the paper's "w/o CTG" ablation
     num_neighbors: int = Field(5, ge=0)

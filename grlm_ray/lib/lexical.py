@@ -12,6 +12,10 @@ From each item's own text, its embedding neighbours and statistics over the whol
 4. exactly N distinct lowercase base-form words; never stop words, units, numbers or markup; short texts
    are filled from the item's other words, then its neighbours' shared words, then its category.
 
+``lead="brand"`` puts the item's brand before its type: the first word of its ``brand`` field, else its
+title's first word when that word is brand-like across the catalog (it opens at least two titles and at
+least half of the titles it appears in); an item without one keeps the type first.
+
 Deterministic and single-process: every catalog statistic is counted once (a few seconds for 100k items).
 It is also CTG's repair path for LLM answers that do not validate.
 """
@@ -39,6 +43,7 @@ NOISE = STOPWORDS | UNITS | MARKUP
 @dataclass(frozen=True)
 class ItemWords:
     head: str | None  # the head of the title's first segment (None: no content word)
+    lead: str | None  # the brand field's first word, else the title's first candidate word
     title: tuple[str, ...]  # title candidate words, in order
     other: tuple[str, ...]  # categories, brand, description words not in the title, in order
     all: frozenset[str]
@@ -55,13 +60,15 @@ def item_words(item: Mapping[str, Any], max_desc_chars: int = 300) -> ItemWords:
     seg = words(first)
     head = seg[-1] if seg else None
     tw = words(title)
+    brand = words(item.get("brand") or "")
+    lead = brand[0] if brand else (tw[0] if tw and title.lower().lstrip().startswith(tw[0][:3]) else None)
     extra: list[str] = []
     cats = item.get("categories") or []
     for text in [*reversed(list(cats)), item.get("brand") or "", (item.get("description") or "")[:max_desc_chars]]:
         for w in words(text):
             if w not in tw and w not in extra:
                 extra.append(w)
-    return ItemWords(head, tuple(tw), tuple(extra), frozenset(tw) | frozenset(extra))
+    return ItemWords(head, lead, tuple(tw), tuple(extra), frozenset(tw) | frozenset(extra))
 
 
 class LexicalTermWriter:
@@ -69,9 +76,13 @@ class LexicalTermWriter:
     first; empty or missing for ``context: none``)."""
 
     def __init__(self, items: Sequence[Mapping[str, Any]], neighbors: Mapping[str, Sequence[str]] | None,
-                 num_terms: int, num_neighbors: int = 5, distinct_terms: int = 2) -> None:
+                 num_terms: int, num_neighbors: int = 5, distinct_terms: int = 2,
+                 lead: str = "type") -> None:
         if num_terms < 2:
             raise ValueError("a TID needs at least 2 terms")
+        if lead not in ("type", "brand"):
+            raise ValueError(f"lead must be 'type' or 'brand', got {lead!r}")
+        self.lead = lead
         self.n = num_terms
         self.k = num_neighbors
         self.distinct = max(1, min(distinct_terms, num_terms - 1))
@@ -80,6 +91,7 @@ class LexicalTermWriter:
         self.neighbors: dict[str, list[str]] = {}
         self.df: Counter = Counter()
         self.heads: Counter = Counter()
+        self.leads: Counter = Counter()  # how many titles each word opens (or brands it is the first word of)
         self.add_items(items, neighbors)
 
     def add_items(self, items: Sequence[Mapping[str, Any]],
@@ -93,6 +105,8 @@ class LexicalTermWriter:
             self.df.update(set(w.title) | set(w.other))
             if w.head:
                 self.heads[w.head] += 1
+            if w.lead:
+                self.leads[w.lead] += 1
         self.neighbors.update({str(i): [str(j) for j in v] for i, v in (neighbors or {}).items()})
         self.n_items = max(1, len(self.items))
 
@@ -105,6 +119,8 @@ class LexicalTermWriter:
             self.df.subtract(set(w.title) | set(w.other))
             if w.head:
                 self.heads[w.head] -= 1
+            if w.lead:
+                self.leads[w.lead] -= 1
             self.neighbors.pop(i, None)
         self.n_items = max(1, len(self.items))
 
@@ -116,6 +132,17 @@ class LexicalTermWriter:
         h = self.heads[w]
         return h / (self.df[w] + 1) * math.log1p(h)
 
+    def brand(self, item_id: str) -> str | None:
+        """The item's brand word (``lead='brand'``): its brand field's first word, else its title's first word
+        when that word opens >= 2 titles and at least half of the titles it is in; None otherwise."""
+        w = self.words[item_id]
+        if not w.lead:
+            return None
+        if self.items[item_id].get("brand"):
+            return w.lead
+        n = self.leads[w.lead]
+        return w.lead if n >= 2 and n * 2 >= self.df[w.lead] else None
+
     def explain(self, item_id: str) -> dict[str, Any]:
         """The TID with the role of each term: type, shared (with neighbour counts), distinct, fill."""
         w = self.words[item_id]
@@ -123,7 +150,8 @@ class LexicalTermWriter:
         nbrs = [self.words[j] for j in self.neighbors.get(item_id, [])[: self.k] if j in self.words]
         shared = {c: sum(c in nb.all for nb in nbrs) for c in cands}
         # 1. the type: most type-like title word (the item's own head first among equals), else categories
-        pool = [c for c in w.title] or cands
+        brand = self.brand(item_id) if self.lead == "brand" else None
+        pool = [c for c in w.title if c != brand] or [c for c in cands if c != brand]
         type_word = None
         if pool:
             type_word = max(pool, key=lambda c: (self.typeness(c) + (1e-6 if c == w.head else 0.0),
@@ -131,8 +159,11 @@ class LexicalTermWriter:
         if type_word is None and nbrs:  # no words of its own: the neighbours' most common head
             heads = Counter(nb.head for nb in nbrs if nb.head)
             type_word = heads.most_common(1)[0][0] if heads else None
-        terms: list[str] = [type_word] if type_word else []
-        roles: list[str] = ["type"] if type_word else []
+        terms: list[str] = [brand] if brand else []
+        roles: list[str] = ["brand"] if brand else []
+        if type_word:
+            terms.append(type_word)
+            roles.append("type")
         rest = [c for c in cands if c not in terms]
         # 2. words shared with neighbours, most shared first, then title order
         n_shared = self.n - len(terms) - self.distinct
@@ -173,6 +204,6 @@ class LexicalTermWriter:
 
 
 def _importance_order(terms: list[str], roles: list[str]) -> list[int]:
-    """type, shared, fill, then the distinguishing words last (CTG's order: what the item is first)."""
-    rank = {"type": 0, "shared": 1, "fill": 2, "distinct": 3}
+    """(brand,) type, shared, fill, then the distinguishing words last (CTG's order: what the item is first)."""
+    rank = {"brand": -1, "type": 0, "shared": 1, "fill": 2, "distinct": 3}
     return sorted(range(len(terms)), key=lambda j: (rank[roles[j]], j))

@@ -173,7 +173,8 @@ class CatalogTermWriter:
         c = self.cfg.ctg
         if self.lex is None:
             self.lex = LexicalTermWriter([{**v, "item_id": k} for k, v in catalog.items.items()], {},
-                                         c.num_terms, c.num_neighbors, c.distinct_terms)
+                                         c.num_terms, c.num_neighbors, c.distinct_terms,
+                                         lead=c.lead)
             self.lex_ids = set(catalog.items)
         else:  # items the catalog gained since the last call
             new = [{**catalog.items[k], "item_id": k} for k in catalog.items if k not in self.lex_ids]

@@ -66,7 +66,8 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         done_items = 0
         lexical = None
         if pending and (c.method == "lexical" or (c.method == "llm" and (c.repair == "lexical" or c.few_shot))):
-            lexical = LexicalTermWriter(item_rows, nbrs, c.num_terms, c.num_neighbors, c.distinct_terms)
+            lexical = LexicalTermWriter(item_rows, nbrs, c.num_terms, c.num_neighbors, c.distinct_terms,
+                                        lead=c.lead)
         if pending and by_rules:
             from tqdm import tqdm
 
