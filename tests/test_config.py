@@ -142,3 +142,15 @@ def test_object_store_is_sized_from_the_data_within_bounds():
     assert object_store_bytes(cfg, 1536 * 2**20) == int(2.5 * 1536 * 2**20)  # 1M x 384 float32: sized from it
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert object_store_bytes(cfg, 10**13) == int(0.4 * total)  # never past 40% of the machine
+
+
+def test_admission_limit_follows_the_generators_capacity_unless_set():
+    cfg = load_config(None, ["serve.generator.max_replicas=3", "serve.generator.max_ongoing_requests=4"])
+    assert cfg.serve.admitted() == 12  # 3 replicas x 4 at once, one ingress replica
+    two = load_config(None, ["serve.generator.max_replicas=3", "serve.generator.max_ongoing_requests=4",
+                             "serve.ingress.min_replicas=2"])
+    assert two.serve.admitted() == 6  # shared by the ingress replicas
+    assert load_config(None, ["serve.admission_limit=5"]).serve.admitted() == 5
+    assert load_config(None, ["serve.admission_limit=-1"]).serve.admitted() is None
+    with pytest.raises(Exception, match="admission_limit"):
+        load_config(None, ["serve.admission_limit=-2"])

@@ -59,3 +59,27 @@ def test_greedy_generation_is_deterministic(model_cache):
     a = gen.generate(conv)
     b = gen.generate(conv[:1])
     assert a[0] == b[0] and a[0].strip() and a[0] != a[1]
+
+
+def test_kept_prompt_prefill_and_early_stop_change_no_answer(model_cache):
+    """A retry of the same prompt reuses its prefill (the KV cache of the prompt), and decoding stops once the
+    answer is settled: the text a fresh generator writes for the same seed, and the same parse."""
+    import functools
+
+    from grlm_ray.core.config import LLMConfig
+    from grlm_ray.lib.generation import TransformersGenerator, resolve_llm_path
+    from grlm_ray.lib.termgen import ANSWER_PREFIX, answer_settled, parse_terms
+
+    cfg = LLMConfig(cache_dir=str(model_cache), max_new_tokens=32, batch_size=2)
+    gen = TransformersGenerator(resolve_llm_path(cfg), cfg, threads=2)
+    conv = [{"role": "user", "content": "Write 5 comma-separated words for: Argan Oil Repair Shampoo, 12 oz."}]
+    greedy = gen.generate([conv], prefix=ANSWER_PREFIX)[0]
+    assert gen._prompt is not None  # the prompt's prefill is kept
+    retry = gen.generate([conv], prefix=ANSWER_PREFIX, temperature=0.7, seed=3)[0]  # reuses it
+    fresh = TransformersGenerator(resolve_llm_path(cfg), cfg, threads=2)
+    assert fresh.generate([conv], prefix=ANSWER_PREFIX, temperature=0.7, seed=3)[0] == retry
+    stop = functools.partial(answer_settled, n=5)
+    early = gen.generate([conv], prefix=ANSWER_PREFIX, stop=stop)[0]
+    assert greedy.startswith(early) and answer_settled(early, 5) or early == greedy
+    full, cut = parse_terms(greedy, 5), parse_terms(early, 5)
+    assert cut.valid == full.valid and full.terms[:len(cut.terms)] == cut.terms

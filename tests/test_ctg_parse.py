@@ -1,7 +1,10 @@
 """CTG prompt, parsing, normalization and repair on hand-written LLM outputs (no model needed)."""
 
 from grlm_ray.core.config import CTGConfig
-from grlm_ray.lib.termgen import build_messages, normalize_term, parse_terms, repair, tid_stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grlm_ray.lib.termgen import answer_settled, build_messages, normalize_term, parse_terms, repair, tid_stats
 
 ITEM = {"item_id": "1", "title": "Tea Tree Special Shampoo", "description": "Invigorating cleanser. " * 100,
         "brand": "Paul Mitchell", "categories": ["Beauty", "Hair Care"], "category": "beauty"}
@@ -104,3 +107,44 @@ def test_a_tokenizer_without_a_chat_template_gets_a_plain_transcript():
     text = render(tok, msgs, "Terms:", enable_thinking=False)
     assert text.startswith("<bos>System: Be brief.\n\nUser: Product: soap\n\nAssistant: Terms: soap")
     assert text.endswith("User: Product: gel\n\nAssistant: Terms:")
+
+
+# answers as the small CTG LLMs write them (from SmolLM2 / Gemma runs): one line, lists, rambling, echoes
+ANSWERS = [" shampoo, cleanse, tea-tree, adult, invigorating", " Terms: Shampoo; Cleansing; Tea Tree; Adults\nMore: x",
+           " liquid, fake, bake, face, body, bronzing, 6-Ounce, fair, 6-Ounce, bronzing,",
+           " \n- One N' Only Argan Oil Treatment \n- One N' Only Argan Oil Treatment \n- Argan",
+           " 1. Philosophy Microdelivery Exfoliating Wash, 16-Ounce\nFunction: Exfoliant\nDistinctive Feature: Ex",
+           " Now Foods Egyptian, 1-Ounce\nFunction: Essential oil\nSelling point: 1-",
+           " shampoo hair gentle tea tree", " a, b, c, d, e, f, g", " \n\nterms: mask, hair, repair, argan, oil\n",
+           " - shampoo\n- cleanse\n- tea tree\n- adult\n- invigorate\n- extra\n- more\n- most"]
+
+
+def _assert_stopping_never_changes_the_parse(text: str, n: int) -> None:
+    """Where decoding stops, the verdict is final: a valid answer is the whole answer; an answer with too many
+    terms is already invalid and keeps its leading terms (the ones a repair reads first)."""
+    full = parse_terms(text, n)
+    for cut in range(len(text) + 1):
+        if answer_settled(text[:cut], n):
+            early = parse_terms(text[:cut], n)
+            assert early.valid == full.valid and full.terms[:len(early.terms)] == early.terms, (text, cut)
+            assert early == full or len(early.terms) > n, (text, cut)
+            return
+
+
+def test_decoding_stops_only_where_the_rest_of_the_answer_cannot_change_its_parse():
+    for text in ANSWERS:
+        for n in (3, 5):
+            _assert_stopping_never_changes_the_parse(text, n)
+    assert answer_settled(" shampoo, hair, care, soft, shine\n", 5)  # the line is complete
+    assert answer_settled(" a1, b1, c1, d1, e1, f1, g", 5) is False  # junk pieces are not terms
+    assert answer_settled(" shampoo, hair, care, soft, shine, extra, more", 5)  # 6 terms before the last comma
+    assert not answer_settled(" shampoo, hair, care, soft, shine", 5)  # the 5th term may still grow
+    assert not answer_settled(" Ter", 5) and not answer_settled(" \n- a\n- b\n", 5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["shampoo", "hair", "Tea Tree", "care", "the", "6-Ounce", "Terms:", "-", "1.",
+                                 ",", ", ", ";", "\n", " ", "- ", "oil", "mask", "x"]), max_size=30),
+       st.integers(2, 6))
+def test_stopping_never_changes_the_parse_of_generated_answers(parts, n):
+    _assert_stopping_never_changes_the_parse("".join(parts), n)

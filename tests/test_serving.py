@@ -31,8 +31,10 @@ def app(tiny_trained_run, monkeypatch_module):
     cfg = load_config(None, tiny_trained_run + [
         f"serve.port={free_port()}", f"serve.admin_token_env={TOKEN_ENV}", "serve.num_beams=8",
         "serve.max_body_bytes=4096", "serve.generator.max_replicas=1", "serve.generator.num_cpus=0.5",
-        # small queues so that the overload test can fill them: 2 running + 4 waiting, the rest refused
+        # small queues so that the overload test can fill them: 2 running + 4 waiting, the rest refused (at the
+        # door: 6 recommend calls in flight at the ingress)
         "serve.generator.max_ongoing_requests=2", "serve.generator.max_queued_requests=4",
+        "serve.admission_limit=6",
         "serve.grounder.min_replicas=2", "serve.grounder.max_replicas=2", "serve.grounder.num_cpus=0.1",
         "serve.term_writer.num_cpus=0.5"])
     url = start(cfg)
@@ -286,6 +288,7 @@ def test_overload_is_refused_fast_with_retry_after(app):
     for status, retry_after, body in got:
         if status == 503:
             assert retry_after == "1" and "overloaded" in body["error"], body
+    assert any("in flight" in g[2]["error"] for g in got if g[0] == 503)  # shed at the door, before any replica
 
 
 _FIELDS = ("history", "tids", "k", "constrained", "num_beams", "items", "items_path", "item_id", "title",
@@ -384,7 +387,7 @@ def test_service_metrics_on_rays_metrics_port(app):
     assert murl and murl.startswith("http://127.0.0.1:"), murl
     want = ['ray_grlm_requests_total{', 'route="recommend"', 'status="200"', 'status="422"', 'status="503"',
             "ray_grlm_request_latency_ms_bucket{", 'grounded_by="direct"', "ray_grlm_catalog_version{",
-            'ray_grlm_retries_total{', 'target="registry"', 'ray_grlm_shed_total{', 'target="generator"']
+            'ray_grlm_retries_total{', 'target="registry"', 'ray_grlm_shed_total{', 'target="ingress"']
     deadline, text = time.time() + 90, ""
     while time.time() < deadline:
         with urllib.request.urlopen(murl, timeout=30) as r:

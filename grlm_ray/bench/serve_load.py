@@ -6,8 +6,9 @@
         --tag beauty                                   # a model trained on Beauty (12k items)
 
 Starts the Serve app of --config on 127.0.0.1 with two generator and two grounding replicas; the generator
-takes ``--sustainable`` requests at once (half per replica) and queues as many more per caller, past which
-requests are refused with 503 + Retry-After. Then:
+takes ``--sustainable`` requests at once (half per replica), so does the ingress (``serve.admission_limit``
+by default), past which requests are refused with 503 + Retry-After at the door (the generator's own queue,
+as many more per caller, is the second bound). Then:
 1. load levels: for each concurrency, up to --requests POST /v1/recommend (histories of seeded test users)
    within --duration seconds: p50/p99 latency, throughput, errors;
 2. overload: --overload-factor x --sustainable clients for --fault-duration seconds: statuses, p99 of the
@@ -225,14 +226,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from grlm_ray.serving.app import start, stop
 
     half = max(1, math.ceil(args.sustainable / 2))
-    cfg = load_config(args.config, [f"run.root={args.root}", *args.set, "ray.progress_bars=false",
+    cfg = load_config(args.config, [f"run.root={args.root}", "ray.progress_bars=false",
                                     f"serve.port={free_port()}", f"serve.num_beams={args.beams}",
                                     "serve.generator.min_replicas=2", "serve.generator.max_replicas=2",
                                     "serve.generator.num_cpus=0.5", f"serve.generator.max_ongoing_requests={half}",
                                     f"serve.generator.max_queued_requests={half}",
                                     "serve.grounder.min_replicas=2", "serve.grounder.max_replicas=2",
                                     "serve.grounder.num_cpus=0.1", "serve.term_writer.min_replicas=0",
-                                    "serve.term_writer.num_cpus=0.25", f"serve.admin_token_env={TOKEN_ENV}"])
+                                    # an update is rare and bursty: its writer may use both cores while it runs
+                                    "serve.term_writer.num_cpus=0.25", "serve.term_writer_threads=2",
+                                    f"serve.admin_token_env={TOKEN_ENV}", *args.set])  # --set wins
     store = Store(cfg.run.root)
     seqs = store.read_table(f"{cfg.run.name}/prepare/sequences.parquet", SEQUENCES)
     targets = store.read_table(f"{cfg.run.name}/prepare/targets.parquet", TARGETS)

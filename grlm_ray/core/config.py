@@ -543,6 +543,20 @@ class ServeConfig(StrictModel):
     # cores with the generator while it runs
     term_writer_threads: int | None = Field(None, ge=1)
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
+    # overload shedding at the door: recommend calls in flight per ingress replica; past it a call is refused
+    # 503 + Retry-After before any replica works on it (None: the generators' capacity, max_replicas x
+    # max_ongoing_requests, over the ingress's min_replicas — more ingress replicas admit more, and the
+    # generator queue sheds the excess; -1: no limit at the door)
+    admission_limit: int | None = Field(None, ge=-1)
+
+    def admitted(self) -> int | None:
+        """Recommend calls one ingress replica lets in at once (None: no limit)."""
+        if self.admission_limit == -1:
+            return None
+        if self.admission_limit is not None:
+            return max(1, self.admission_limit)
+        g = self.generator
+        return max(1, -(-g.max_replicas * g.max_ongoing_requests // max(1, self.ingress.min_replicas)))
 
 
 class BaselineConfig(StrictModel):

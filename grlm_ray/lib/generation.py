@@ -14,7 +14,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from grlm_ray.core.config import LLMConfig
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 class TextGenerator(Protocol):
     """An LLM that continues chat conversations (transformers or vLLM); the serving deployment that
-    recommends is ``serving.Generator``."""
+    recommends is ``serving.Generator``. ``stop(text)``: True once a continuation is settled (more text would
+    not change how it is read): a backend may end that sequence there (transformers does; vLLM, fast on
+    GPUs, runs to ``max_new_tokens``)."""
 
     def generate(self, conversations: list[list[dict[str, str]]], *, prefix: str = "",
-                 temperature: float = 0.0, seed: int = 0, max_new_tokens: int | None = None) -> list[str]: ...
+                 temperature: float = 0.0, seed: int = 0, max_new_tokens: int | None = None,
+                 stop: Callable[[str], bool] | None = None) -> list[str]: ...
 
 
 def gguf_to_hf(gguf_path: str, cache_dir: str) -> str:
@@ -107,8 +110,24 @@ class TransformersGenerator:
             self.tok.pad_token = self.tok.eos_token
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device).eval()
+        self._prompt: tuple[str, Any] | None = None  # (text, KV cache of all its tokens but the last)
 
-    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None):
+    def _prompt_cache(self, text: str, input_ids: Any) -> Any:
+        """A copy of the KV cache of one prompt (every token but the last), computed once per prompt: a
+        retry of the same prompt (CTG's sampled retries) skips its prefill."""
+        import copy
+
+        import torch
+        from transformers import DynamicCache
+
+        if self._prompt is None or self._prompt[0] != text:
+            cache = DynamicCache()
+            with torch.inference_mode():
+                self.model(input_ids=input_ids[:, :-1], past_key_values=cache, use_cache=True)
+            self._prompt = (text, cache)
+        return copy.deepcopy(self._prompt[1])
+
+    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None, stop=None):
         import torch
 
         texts = [render(self.tok, c, prefix, self.cfg.enable_thinking) for c in conversations]
@@ -123,11 +142,43 @@ class TransformersGenerator:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if stop is not None:
+                kwargs["stopping_criteria"] = [_Settled(self.tok, enc["input_ids"].shape[1], stop)]
+            if len(chunk) == 1 and enc["input_ids"].shape[1] > 1:  # one prompt (serving): its prefill kept
+                kwargs["past_key_values"] = self._prompt_cache(chunk[0], enc["input_ids"])
             with torch.inference_mode():
                 gen = self.model.generate(**enc, **kwargs)  # [batch, prompt + new]
             new = gen[:, enc["input_ids"].shape[1]:]
             out.extend(self.tok.batch_decode(new, skip_special_tokens=True))
         return out
+
+
+def _settled_criteria():
+    from transformers import StoppingCriteria
+
+    class Settled(StoppingCriteria):
+        """Ends each sequence of a batch once ``stop`` says its continuation is settled (one decode of at most
+        ``max_new_tokens`` tokens per unfinished sequence and step)."""
+
+        def __init__(self, tok: Any, prompt_len: int, stop: Callable[[str], bool]) -> None:
+            self.tok, self.prompt_len, self.stop, self.done = tok, prompt_len, stop, None
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            if self.done is None:
+                self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            new = input_ids[:, self.prompt_len:]
+            for i in range(new.shape[0]):
+                if not self.done[i]:
+                    self.done[i] = self.stop(self.tok.decode(new[i], skip_special_tokens=True))
+            return self.done.clone()
+
+    return Settled
+
+
+def _Settled(tok: Any, prompt_len: int, stop: Callable[[str], bool]) -> Any:
+    return _settled_criteria()(tok, prompt_len, stop)
 
 
 class VllmGenerator:
@@ -145,7 +196,7 @@ class VllmGenerator:
         self.llm = LLM(**kwargs)
         self.tok = self.llm.get_tokenizer()
 
-    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None):
+    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None, stop=None):
         from vllm import SamplingParams
 
         texts = [render(self.tok, c, prefix, self.cfg.enable_thinking) for c in conversations]

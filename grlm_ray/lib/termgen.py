@@ -6,6 +6,7 @@ sampling, repair) for a batch of items.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -86,16 +87,21 @@ def normalize_term(raw: str) -> str:
     return "-".join(base_form(w) if i == len(words) - 1 else w for i, w in enumerate(words))
 
 
+_LABEL = re.compile(r"\s*terms?\s*:", re.I)  # a repeated 'Terms:' label, recognised at the answer's start only
+_BULLET = re.compile(r"^([-*\u2022]|\d+[.)])\s")
+
+
 def parse_terms(text: str, n: int) -> Parsed:
-    """Parse an LLM answer (the text after the 'Terms:' prefix) into exactly n distinct terms."""
+    """Parse an LLM answer (the text after the 'Terms:' prefix) into exactly n distinct terms: its first
+    non-empty line, or a bulleted / numbered list that starts there (a repeated ``Terms:`` label skipped)."""
     body = text.strip()
-    m = re.search(r"terms?\s*:", body, re.I)
+    m = _LABEL.match(body)
     if m:
         body = body[m.end():]
     lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
     if not lines:
         pieces: list[str] = []
-    elif re.match(r"^([-*\u2022]|\d+[.)])\s", lines[0]) and len(lines) > 1:
+    elif _BULLET.match(lines[0]) and len(lines) > 1:
         # a bulleted / numbered list, one term per line
         pieces = [re.sub(r"^([-*\u2022]|\d+[.)])\s*", "", ln) for ln in lines[: n + 2]]
     else:
@@ -116,6 +122,29 @@ def parse_terms(text: str, n: int) -> Parsed:
     if len(terms) > n:
         return Parsed(terms, False, f"{len(terms)} terms, expected {n}")
     return Parsed(terms, False, f"{len(terms)} usable terms, expected {n}" + (f" ({dropped} junk)" if dropped else ""))
+
+
+def answer_settled(text: str, n: int) -> bool:
+    """True once more generated text cannot change the verdict of ``parse_terms(text, n)``, so decoding can
+    stop: the answer's first line is complete (not a list) or a list has the n + 2 lines the parser reads
+    (the parse is final), or the first line already holds more than n distinct terms before its last
+    separator (invalid whatever follows; its leading terms, the ones a repair reads first, are final)."""
+    body = text.lstrip()
+    m = _LABEL.match(body)
+    if m:
+        body = body[m.end():]
+    elif re.fullmatch(r"t(e(r(ms?)?)?)?\s*", body, re.I):
+        return False  # the label may still be coming
+    lines = body.lstrip().split("\n")
+    first, complete = lines[0].strip(), len(lines) > 1
+    if not first:
+        return False
+    if _BULLET.match(first):
+        return sum(1 for ln in lines[:-1] if ln.strip()) >= n + 2
+    if complete:
+        return True
+    pieces = [p for p in _SPLIT.split(first)[:-1] if p and p.strip()]  # the last piece may still grow
+    return len({t for t in map(normalize_term, pieces) if t}) > n
 
 
 def repair(parsed: list[str], fallback_texts: list[str], category: str, n: int) -> list[str]:
@@ -149,7 +178,8 @@ class TermWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         cfg, n = self.cfg, self.cfg.num_terms
         convs = [json.loads(m) for m in batch["messages"]]
-        raws = self.gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0)
+        stop = functools.partial(answer_settled, n=n)  # decoding ends once the answer is settled
+        raws = self.gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0, stop=stop)
         parsed = [parse_terms(r, n) for r in raws]
         attempts = np.ones(len(convs), dtype=np.int32)
         for attempt in range(cfg.retries):
@@ -158,7 +188,7 @@ class TermWriter:
                 break
             seed = cfg.seed + 1000 * (attempt + 1) + int(batch["row"][todo[0]])
             again = self.gen.generate([convs[i] for i in todo], prefix=ANSWER_PREFIX,
-                                      temperature=cfg.retry_temperature, seed=seed)
+                                      temperature=cfg.retry_temperature, seed=seed, stop=stop)
             for i, r in zip(todo, again):
                 attempts[i] += 1
                 p = parse_terms(r, n)

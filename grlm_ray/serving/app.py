@@ -27,7 +27,8 @@ it answers — so an update is served by every replica from the next request on,
 
 Failures: idempotent calls (everything a recommend / item lookup does) are retried on a live replica when
 theirs died (``Retrier``, ``serve.retry``); a dead registry is re-attached or re-created from the saved
-updates at the same version (``RegistryClient``); a full queue (``max_queued_requests``) is answered 503 +
+updates at the same version (``RegistryClient``); past ``serve.admitted()`` recommend calls in flight at an
+ingress replica, or a full generator / grounder queue (``max_queued_requests``), a call is answered 503 +
 Retry-After at once. Metrics: ``ServiceMetrics`` (Prometheus, on Ray's metrics port).
 """
 
@@ -37,6 +38,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -211,10 +213,24 @@ class ServiceMetrics:
         self.shed = Counter("grlm_shed", description="requests refused with 503 because a queue was full",
                             tag_keys=("target",))
         self.catalog_version = Gauge("grlm_catalog_version", description="catalog version the ingress serves")
+        self.version: int | None = None
+        self._refresh: asyncio.Task | None = None
+
+    GAUGE_REFRESH_S = 2.0  # Ray's agent drops a gauge not set for two export intervals: it is set again
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
         self.latency.observe(1000 * seconds, tags={"route": route})
+        if self._refresh is None:  # started from the first request, inside the replica's event loop
+            self._refresh = asyncio.get_running_loop().create_task(self._keep_gauges())
+
+    async def _keep_gauges(self) -> None:
+        """The catalog version stays on the metrics port between requests (a gauge that is not set again is
+        evicted by Ray's metrics agent after ~2 export intervals)."""
+        while True:
+            if self.version is not None:
+                self.catalog_version.set(self.version)
+            await asyncio.sleep(self.GAUGE_REFRESH_S)
 
     def answer(self, res: dict[str, Any]) -> None:
         for item in res.get("items", []):
@@ -223,7 +239,8 @@ class ServiceMetrics:
             self.fallbacks.inc(tags={"reason": "empty_history"})
         elif any(i["grounded_by"] == "fill" for i in res.get("items", [])):
             self.fallbacks.inc(tags={"reason": "fill"})
-        self.catalog_version.set(res["catalog_version"])
+        self.version = res["catalog_version"]
+        self.catalog_version.set(self.version)
 
 
 # --------------------------------------------------------------------------- catalog registry
@@ -486,6 +503,7 @@ class Ingress:
         self.retry = Retrier(self.cfg, self.metrics)
         self.admin_sha = admin_token_sha256
         self.max_history = self.s.max_history or self.cfg.sft.max_history
+        self.admitted, self.in_flight = self.s.admitted(), 0  # recommend calls let in at once (None: any)
 
     async def _body(self, request: Request) -> Any:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -552,7 +570,20 @@ class Ingress:
 
     @api.post("/v1/recommend", openapi_extra=_body_doc(RecommendRequest, 400, 413, 415, 422, 503))
     async def recommend(self, request: Request) -> JSONResponse:
-        return await self._handle("recommend", self._recommend, request)
+        return await self._handle("recommend", self._admit, request)
+
+    async def _admit(self, request: Request) -> dict[str, Any]:
+        """Shed at the door: past ``serve.admitted()`` calls in flight here, 503 + Retry-After at once, before
+        the registry, a grounder or a generator spends anything on it."""
+        if self.admitted is not None and self.in_flight >= self.admitted:
+            self.metrics.shed.inc(tags={"target": "ingress"})
+            raise ApiError(503, f"overloaded: {self.in_flight} recommend calls in flight, retry later",
+                           headers={"Retry-After": str(max(1, math.ceil(self.s.generator.retry_after_s)))})
+        self.in_flight += 1
+        try:
+            return await self._recommend(request)
+        finally:
+            self.in_flight -= 1
 
     async def _recommend(self, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
