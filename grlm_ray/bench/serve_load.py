@@ -6,9 +6,9 @@
         --tag beauty                                   # a model trained on Beauty (12k items)
 
 Starts the Serve app of --config on 127.0.0.1 with two generator and two grounding replicas; the generator
-takes ``--sustainable`` requests at once (half per replica), so does the ingress (``serve.admission_limit``
-by default), past which requests are refused with 503 + Retry-After at the door (the generator's own queue,
-as many more per caller, is the second bound). Then:
+takes ``--sustainable`` requests at once (half per replica), so does the one ingress replica
+(``serve.admission_limit`` by default), past which requests are refused with 503 + Retry-After at the door
+(the generator's own queue, as many more, is the second bound). Then:
 1. load levels: for each concurrency, up to --requests POST /v1/recommend (histories of seeded test users)
    within --duration seconds: p50/p99 latency, throughput, errors;
 2. overload: --overload-factor x --sustainable clients for --fault-duration seconds: statuses, p99 of the
@@ -230,9 +230,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     f"serve.port={free_port()}", f"serve.num_beams={args.beams}",
                                     "serve.generator.min_replicas=2", "serve.generator.max_replicas=2",
                                     "serve.generator.num_cpus=0.5", f"serve.generator.max_ongoing_requests={half}",
-                                    f"serve.generator.max_queued_requests={half}",
+                                    # the door sheds past --sustainable; the generator queue, the second
+                                    # bound, holds them all while a killed replica is replaced
+                                    f"serve.generator.max_queued_requests={args.sustainable}",
                                     "serve.grounder.min_replicas=2", "serve.grounder.max_replicas=2",
                                     "serve.grounder.num_cpus=0.1", "serve.term_writer.min_replicas=0",
+                                    # one ingress replica: the door's admission bound is per replica
+                                    "serve.ingress.min_replicas=1", "serve.ingress.max_replicas=1",
                                     # an update is rare and bursty: its writer may use both cores while it runs
                                     "serve.term_writer.num_cpus=0.25", "serve.term_writer_threads=2",
                                     f"serve.admin_token_env={TOKEN_ENV}", *args.set])  # --set wins

@@ -340,6 +340,15 @@ class _CatalogFollower:
             self.version = cat.version
 
 
+def _with_threads(threads: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with torch on ``threads`` threads: under OpenMP the count is per OS thread, and a worker
+    thread (``asyncio.to_thread``) starts at the process default (Ray sets OMP_NUM_THREADS=1 for < 2 CPUs)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
 # --------------------------------------------------------------------------- deployments
 @serve.deployment
 class Generator(_CatalogFollower):
@@ -350,7 +359,7 @@ class Generator(_CatalogFollower):
         s = cfg.serve
         self.cfg = cfg
         self.max_history = s.max_history or cfg.sft.max_history
-        threads = max(1, int(s.generator.num_cpus))
+        threads = self.threads = max(1, int(s.generator.num_cpus))
         self._model_dir = model_dir
         self.decoder: TidDecoder | None = None
         self._make = lambda tids: TidDecoder(
@@ -386,7 +395,8 @@ class Generator(_CatalogFollower):
             for n in members:
                 msgs, prefix = history_prompt(list(requests[n][0]), self.max_history, self.cfg.sft.prompt)
                 prompts.append(render_prompt(self.decoder.tok, msgs, self.cfg.model.enable_thinking, prefix))
-            res = await asyncio.to_thread(self.decoder, prompts, len(prompts), beams, constrained, True)
+            res = await asyncio.to_thread(_with_threads, self.threads, self.decoder, prompts, len(prompts), beams,
+                                          constrained, True)
             for n, r in zip(members, res):
                 out[n] = [{"tid": tid, "log_prob": round(float(lp), 6)} for tid, lp in r]
         return out

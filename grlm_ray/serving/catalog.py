@@ -158,7 +158,8 @@ class CatalogTermWriter:
         emb_t = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
         self.base_ids = emb_t.column("item_id").to_pylist()
         self.base = embedding_matrix(emb_t)
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
+        torch.set_num_threads(self.threads)
         self.encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
         self.llm = None
         if cfg.ctg.method == "llm":
@@ -188,6 +189,12 @@ class CatalogTermWriter:
 
     def __call__(self, catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import json
+
+        import torch
+
+        # torch's thread count is per OS thread under OpenMP: a call from another thread (serving runs it
+        # in a worker thread) would otherwise run on the process default (Ray sets OMP_NUM_THREADS=1)
+        torch.set_num_threads(self.threads)
 
         c = self.cfg.ctg
         texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],
