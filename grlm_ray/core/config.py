@@ -542,6 +542,9 @@ class ServeConfig(StrictModel):
     # and bursty: more threads than the CPUs it reserves make one update faster at the cost of sharing the
     # cores with the generator while it runs
     term_writer_threads: int | None = Field(None, ge=1)
+    # sampled retries of an LLM answer that does not validate when serving adds an item (None: ctg.retries);
+    # each retry costs one more generation before the statistical repair: 0 trades legality for latency
+    term_writer_retries: int | None = Field(None, ge=0)
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
     # overload shedding at the door: recommend calls in flight per ingress replica; past it a call is refused
     # 503 + Retry-After before any replica works on it (None: the generators' capacity, max_replicas x

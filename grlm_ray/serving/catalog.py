@@ -163,7 +163,9 @@ class CatalogTermWriter:
         self.encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
         self.llm = None
         if cfg.ctg.method == "llm":
-            self.llm = TermWriter(resolve_llm_path(cfg.ctg.llm), cfg.ctg, threads)
+            retries = cfg.serve.term_writer_retries
+            ctg = cfg.ctg if retries is None else cfg.ctg.model_copy(update={"retries": retries})
+            self.llm = TermWriter(resolve_llm_path(cfg.ctg.llm), ctg, threads)
         self.lex = None  # statistical CTG's catalog statistics, built on first use
         self.lex_ids: set[str] = set()
 
