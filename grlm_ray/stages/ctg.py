@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 STAGE = "ctg"
 
 
+def llm_worker_memory(model_path: str | None) -> int:
+    """Host memory an LLM worker asks Ray for: 2.5x its weights on disk + 256 MiB (SmolLM2 in float32: 538 MB
+    of weights, 1.3 GiB per worker measured), so Ray places workers by memory and does not warn mid-stage."""
+    from pathlib import Path
+
+    p = Path(model_path or "")
+    weights = sum(f.stat().st_size for f in p.glob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".gguf")) \
+        if p.is_dir() else (p.stat().st_size if p.is_file() else 0)
+    return int(2.5 * weights) + (256 << 20)
+
+
 def ctg(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
     c = cfg.ctg
@@ -107,7 +118,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
                 TermWriter, batch_size=c.llm.batch_size,
                 fn_constructor_kwargs={"model_path": model_path, "cfg": c,
                                        "threads": max(1, cpus // c.num_workers)},
-                **actor_pool_kwargs(cfg.ray, c.num_workers),
+                **actor_pool_kwargs(cfg.ray, c.num_workers), memory=llm_worker_memory(model_path),
                 **({"num_gpus": c.llm.tensor_parallel_size} if c.llm.device.startswith("cuda") else {}))
             buffers: dict[int, list[dict]] = {k: [] for k in pending}
             from tqdm import tqdm
