@@ -143,7 +143,7 @@ class TransformersGenerator:
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if stop is not None:
-                kwargs["stopping_criteria"] = [_Settled(self.tok, enc["input_ids"].shape[1], stop)]
+                kwargs["stopping_criteria"] = [_settled(self.tok, enc["input_ids"].shape[1], stop)]
             if len(chunk) == 1 and enc["input_ids"].shape[1] > 1:  # one prompt (serving): its prefill kept
                 kwargs["past_key_values"] = self._prompt_cache(chunk[0], enc["input_ids"])
             with torch.inference_mode():
@@ -153,7 +153,8 @@ class TransformersGenerator:
         return out
 
 
-def _settled_criteria():
+def _settled(tok: Any, prompt_len: int, stop: Callable[[str], bool]) -> Any:
+    """A transformers stopping criterion for ``stop`` (transformers is imported here, lazily)."""
     from transformers import StoppingCriteria
 
     class Settled(StoppingCriteria):
@@ -174,11 +175,7 @@ def _settled_criteria():
                     self.done[i] = self.stop(self.tok.decode(new[i], skip_special_tokens=True))
             return self.done.clone()
 
-    return Settled
-
-
-def _Settled(tok: Any, prompt_len: int, stop: Callable[[str], bool]) -> Any:
-    return _settled_criteria()(tok, prompt_len, stop)
+    return Settled(tok, prompt_len, stop)
 
 
 class VllmGenerator:
