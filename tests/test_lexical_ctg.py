@@ -48,6 +48,26 @@ def test_type_first_then_shared_words_then_what_sets_the_item_apart():
     assert len({tuple(t) for t in tids.values()}) == len(tids)  # no collisions on this catalog
 
 
+def test_near_duplicates_are_told_apart_by_the_word_their_nearest_neighbour_lacks():
+    """Two variants of one mascara are each other's nearest neighbours; the other neighbours are mascaras of
+    either kind. The words fewest neighbours have are the line's own ("mega", "plush": only the sibling has
+    them), which both variants share; the distinguishing word must be the one the nearest neighbour lacks."""
+    titles = {
+        "wp": "Glamo Volume Mega Plush Waterproof Mascara, Black",
+        "wa": "Glamo Volume Mega Plush Washable Mascara, Black",
+        "o1": "Lashly Waterproof Curling Mascara, Black",
+        "o2": "Lashly Washable Lengthening Mascara, Black",
+        "o3": "Lashly Waterproof Volume Mascara, Brown",
+    }
+    items = [{"item_id": i, "title": t, "category": "Beauty", "categories": [], "brand": "", "description": ""}
+             for i, t in titles.items()]
+    nbrs = {"wp": ["wa", "o1", "o3", "o2"], "wa": ["wp", "o2", "o1", "o3"],
+            "o1": ["o3", "wp", "o2", "wa"], "o2": ["wa", "o1", "o3", "wp"], "o3": ["o1", "wp", "wa", "o2"]}
+    tids = LexicalTermWriter(items, nbrs, num_terms=4, num_neighbors=4, distinct_terms=1).tids()
+    assert "waterproof" in tids["wp"] and "washable" in tids["wa"], tids
+    assert tids["wp"] != tids["wa"]
+
+
 def test_items_added_and_removed_one_by_one_give_the_tids_of_a_writer_built_at_once():
     """The resident term writer of serving keeps its statistics up to date item by item: the same TIDs as a
     writer built from scratch over the same items, and removing items restores the counts exactly."""

@@ -172,7 +172,11 @@ class LexicalTermWriter:
             terms.append(c)
             roles.append("shared")
         # 3. distinguishing words: the fewest neighbours have them (none, ideally); rarest in the catalog first
-        own = sorted((c for c in rest if c not in terms), key=lambda c: (shared[c], -self.idf(c), cands.index(c)))
+        # the nearest neighbour decides first: a word it lacks tells the item from its closest sibling
+        # (a near-duplicate shares every word the other neighbours lack: "waterproof" vs "washable")
+        nearest = nbrs[0].all if nbrs else frozenset()
+        own = sorted((c for c in rest if c not in terms),
+                     key=lambda c: (c in nearest, shared[c], -self.idf(c), cands.index(c)))
         for c in own:
             if len(terms) >= self.n:
                 break
