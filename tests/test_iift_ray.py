@@ -135,7 +135,6 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_ru
     backend scoring the same way (log-probs renormalized over the allowed tokens)."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     import pyarrow.parquet as pq

@@ -147,6 +147,50 @@ def test_popularity_counts_training_interactions_only_with_ties_by_id():
     assert popularity_ranking({"x": ["c", "c", "b"], "y": ["a"]}) == ["c", "a", "b"]
 
 
+def test_arrow_popularity_matches_the_per_user_lists_on_random_tables():
+    """``training_popularity`` (Arrow columns) ranks as ``popularity_ranking(training_sequences(...))`` on
+    random tables: chunked columns, empty histories, held positions past a history's end, unknown users."""
+    import random
+
+    from grlm_ray.lib.protocol import popularity_ranking, training_popularity
+
+    rng = random.Random(0)
+    schema = pa.schema([("user_id", pa.string()), ("position", pa.int64())])
+    for _ in range(40):
+        users = [f"u{k}" for k in range(rng.randint(0, 25))]
+        lists = [[f"i{rng.randint(0, 9)}" for _ in range(rng.randint(0, 7))] for _ in users]
+        seqs = pa.table({"user_id": pa.array(users, pa.string()), "item_ids": pa.array(lists, pa.list_(pa.string()))})
+        seqs = pa.concat_tables([seqs.slice(0, len(users) // 2), seqs.slice(len(users) // 2)])  # two chunks
+        held = [{"user_id": u, "position": p} for u, items in zip(users, lists)
+                for p in rng.sample(range(len(items) + 2), 2)] + [{"user_id": "ghost", "position": 0}]
+        targets = pa.Table.from_pylist(held, schema=schema)
+        assert training_popularity(seqs, targets) == popularity_ranking(training_sequences(seqs, targets))
+
+
+def test_query_table_in_chunks_has_the_rows_of_the_per_target_loop(smol_tokenizer, model_cache):
+    """The evaluation's queries built chunk by chunk from Arrow columns: the same rows, histories and
+    prompts as rendering each target row on its own."""
+    from grlm_ray.core.config import load_config
+    from grlm_ray.lib.protocol import query_table
+    from grlm_ray.lib.textformat import line_writer
+    from grlm_ray.lib.tokens import render_prompt
+
+    items, seqs, targets = _tables()
+    for split in ("valid", "test"):
+        cfg = load_config(None, [f"model.cache_dir={model_cache}", f"eval.split={split}", "sft.max_history=2"])
+        got = query_table(cfg, items, seqs, targets, TERMS, smol_tokenizer, chunk=2).to_pylist()
+        by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
+        write = line_writer(cfg.sft)
+        want = []
+        for r in (r for r in targets.to_pylist() if r["split"] == split):
+            history = by_user[r["user_id"]][: r["position"]]
+            msgs, prefix = history_prompt([write(TERMS[i], f"Title {i.upper()}") for i in history], 2)
+            want.append({"row": len(want), "user_id": r["user_id"], "split": split, "domain": r["domain"],
+                         "target_item_id": r["target_item_id"], "history": history,
+                         "prompt": render_prompt(smol_tokenizer, msgs, cfg.model.enable_thinking, prefix)})
+        assert got == want and len(got) == 3
+
+
 def test_items_without_a_tid_are_named_from_their_words_and_stay_distinct():
     from grlm_ray.core.schemas import TERMS as TERMS_SCHEMA
     from grlm_ray.stages.sft import _fill_missing
@@ -194,6 +238,34 @@ def test_short_prompts_are_one_line_instructions_and_keep_the_history_format():
                             lambda i: "x")
     assert samples["seq"][0]["prompt"][1]["content"].startswith("Next:\n")
     assert samples["gti"][0]["prompt"][1]["content"].startswith("Item: ")
+
+
+def test_corpus_is_streamed_whole_and_pruning_reads_it_in_chunks(smol_tokenizer, model_cache):
+    """The tokenizer's corpus comes as a generator (one Arrow batch of Python strings at a time): it yields
+    every message, completion and catalog line, and pruning over it in tiny chunks keeps the same tokens as
+    over the whole list at once."""
+    import types
+
+    from grlm_ray.core.config import load_config
+    from grlm_ray.lib.vocab import prune_tokenizer
+    from grlm_ray.core.schemas import SFT
+    from grlm_ray.stages.train import corpus_texts
+
+    items, seqs, targets = _tables()
+    cfg = load_config(None, [f"model.cache_dir={model_cache}"])
+    out = build_samples(items, TERMS, training_sequences(seqs, targets), cfg.sft, lambda i: "x")
+    sft = pa.Table.from_pylist([{"task": k, "domain": "x", **r} for k, rows in out.items() for r in rows],
+                               schema=SFT.arrow)
+    terms = pa.table({"item_id": list(TERMS), "terms": list(TERMS.values())})
+    stream = corpus_texts(cfg, sft, items, terms, batch=2)
+    assert isinstance(stream, types.GeneratorType)
+    texts = list(stream)
+    expected = {m["content"] for r in sft.to_pylist() for m in r["prompt"]} | set(sft.column("completion").to_pylist())
+    expected |= {item_line(t, f"Title {i.upper()}") for i, t in TERMS.items()}
+    assert expected <= set(texts) and len(set(texts) - expected) == 2  # + the chat template's text and "\n"
+    whole, _ = prune_tokenizer(smol_tokenizer, texts)
+    chunked, _ = prune_tokenizer(smol_tokenizer, iter(texts), chunk_size=3)
+    assert whole.get_vocab() == chunked.get_vocab()
 
 
 def test_term_vocabulary_makes_every_term_one_token_and_round_trips(smol_tokenizer):

@@ -243,8 +243,7 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
     t1 = time.perf_counter()
     batches = tokenize_sft(tok, sft_t, cfg)
     out.update({"vocabulary_build_seconds": round(t1 - t0, 1), "tokenize_seconds": round(time.perf_counter() - t1, 1),
-                "terms": len(all_terms), "sft_samples": sft_t.num_rows, "tokens": int(batches.table.num_rows and sum(
-                    len(x) for x in batches.table.column(batches.table.column_names[0]).to_pylist()))})
+                "terms": len(all_terms), "sft_samples": sft_t.num_rows, "tokens": batches.stats["tokens"]})
 
 
 def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
@@ -255,8 +254,7 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     from grlm_ray.core.storage import Store
     from grlm_ray.lib.decoding import TidTrie, tid_token_seqs
     from grlm_ray.lib.eig import TidIndex, tid_text
-    from grlm_ray.lib.protocol import build_queries, popularity_ranking
-    from grlm_ray.lib.textformat import training_sequences
+    from grlm_ray.lib.protocol import query_table, training_popularity
 
     store = Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name
@@ -268,10 +266,10 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
     laps: dict[str, float] = {}
     t = time.perf_counter()
-    queries = build_queries(cfg, items, seqs, targets, terms, tok)
+    queries = query_table(cfg, items, seqs, targets, terms, tok)
     laps["prompts_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    popular = popularity_ranking(training_sequences(seqs, targets))
+    popular = training_popularity(seqs, targets)
     laps["popularity_seconds"] = time.perf_counter() - t
     ids = terms_t.column("item_id").to_pylist()
     t = time.perf_counter()
@@ -282,7 +280,7 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     TidIndex(ids, [terms[i] for i in ids], fallback_order=popular)
     laps["eig_index_seconds"] = time.perf_counter() - t
     out.update({k: round(v, 2) for k, v in laps.items()})
-    out["test_users"] = len(queries)
+    out["test_users"] = queries.num_rows
 
 
 def _step_eig(cfg: Any, out: dict[str, Any]) -> None:

@@ -19,8 +19,7 @@ from grlm_ray.core.config import GrlmConfig
 from grlm_ray.lib.decoding import TidDecoder
 from grlm_ray.lib.eig import TidIndex, tid_text
 from grlm_ray.lib.metrics import ndcg_at_k, recall_at_k
-from grlm_ray.lib.protocol import build_queries, popularity_ranking
-from grlm_ray.lib.textformat import training_sequences
+from grlm_ray.lib.protocol import build_queries, training_popularity
 
 KS = (5, 10)
 
@@ -37,7 +36,7 @@ def build_validation_set(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targe
     queries = build_queries(vcfg, items, seqs, targets, terms, tokenizer)
     qt = pa.table({k: pa.array([q[k] for q in queries], pa.string())
                    for k in ("user_id", "domain", "target_item_id", "prompt")})
-    popular = popularity_ranking(training_sequences(seqs, targets))
+    popular = training_popularity(seqs, targets)
     rank = {i: n for n, i in enumerate(popular)}
     ids = terms_t.column("item_id").to_pylist()
     catalog = pa.table({"item_id": pa.array(ids, pa.string()),

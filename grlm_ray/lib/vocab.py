@@ -12,6 +12,7 @@ tokenizer folder: transformers and vLLM load it with the exported model, no id m
 from __future__ import annotations
 
 import json
+from itertools import islice
 from typing import Any, Iterable
 
 from grlm_ray.core.errors import GrlmError
@@ -31,8 +32,9 @@ def _bytes_alphabet() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def prune_tokenizer(tokenizer: Any, texts: Iterable[str]) -> tuple[Any, dict[str, Any]]:
-    """Return (pruned fast tokenizer, report). ``tokenizer``: a HF fast byte-level BPE tokenizer."""
+def prune_tokenizer(tokenizer: Any, texts: Iterable[str], chunk_size: int = 16384) -> tuple[Any, dict[str, Any]]:
+    """Return (pruned fast tokenizer, report). ``tokenizer``: a HF fast byte-level BPE tokenizer; ``texts``:
+    any iterable (a generator is read once)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -48,13 +50,13 @@ def prune_tokenizer(tokenizer: Any, texts: Iterable[str]) -> tuple[Any, dict[str
         producer.setdefault(a + b, (a, b))
 
     used_ids: set[int] = set()
-    # each distinct text once (every SFT sample repeats the system prompt), encoded in batches (the fast
-    # tokenizer's batch call runs in Rust; one call per text took most of the 101 s of tokenization at 300k)
-    unique = list(dict.fromkeys(texts))
-    for s in range(0, len(unique), 4096):
-        for ids in tokenizer(unique[s:s + 4096], add_special_tokens=False)["input_ids"]:
+    # streamed in chunks, each distinct text of a chunk once (every SFT sample repeats the system prompt),
+    # encoded in batches (the fast tokenizer's batch call runs in Rust; one call per text took most of the
+    # 101 s of tokenization at 300k); only one chunk of texts is held at a time
+    it = iter(texts)
+    while chunk := list(dict.fromkeys(islice(it, chunk_size))):
+        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
             used_ids.update(ids)
-    del unique
     inv = {i: t for t, i in vocab.items()}
     keep: set[str] = {s for s in _bytes_alphabet() if s in vocab}
     stack = [inv[i] for i in used_ids if i in inv]

@@ -25,10 +25,10 @@ from grlm_ray.core.storage import Store
 from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
-from grlm_ray.lib.protocol import popularity_ranking
+from grlm_ray.lib.protocol import training_popularity
 from grlm_ray.lib.termgen import TermWriter, build_messages, repair
 from grlm_ray.lib.terms import resolve_collisions
-from grlm_ray.lib.textformat import item_text, training_sequences
+from grlm_ray.lib.textformat import item_text
 
 log = logging.getLogger(__name__)
 UPDATES = "serve/catalog_updates.parquet"
@@ -86,7 +86,7 @@ def read_catalog(store: Store, run: str) -> Catalog:
     tids = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
     seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
     targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
-    cat = Catalog(0, meta, tids, popularity_ranking(training_sequences(seqs, targets)))
+    cat = Catalog(0, meta, tids, training_popularity(seqs, targets))
     if store.exists(f"{run}/{UPDATES}"):
         saved = store.read_table(f"{run}/{UPDATES}").to_pylist()
         by_version: dict[int, list[dict[str, Any]]] = {}

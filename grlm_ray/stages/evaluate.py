@@ -28,8 +28,7 @@ from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_toke
 from grlm_ray.lib.eig import TidIndex, tid_text
 from grlm_ray.lib.metrics import score_rankings
 from grlm_ray.lib.models import quiet_loading
-from grlm_ray.lib.protocol import build_queries, popularity_ranking
-from grlm_ray.lib.textformat import training_sequences
+from grlm_ray.lib.protocol import query_table, training_popularity
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
@@ -78,8 +77,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
         model_dir = ctx.store.local_dir(f"{ctx.run}/train/model", os.path.expanduser("~/.cache/grlm-ray/eval"))
         tok = AutoTokenizer.from_pretrained(model_dir)
-        queries = build_queries(cfg, items, seqs, targets, terms, tok)
-        popular = popularity_ranking(training_sequences(seqs, targets))
+        queries = query_table(cfg, items, seqs, targets, terms, tok)  # Arrow: no row dicts for every user
+        popular = training_popularity(seqs, targets)
         ids = terms_t.column("item_id").to_pylist()
         ray = init_ray(cfg.ray)
         import ray.data
@@ -93,27 +92,33 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                    "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
                    "renormalize": renormalize,
                    "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers)}
-        n_blocks = max(1, -(-len(queries) // e.batch_size))
-        # users of similar prompt length share a batch: less left padding (rows keep their ids)
-        lengths = [len(x) for x in tok([q["prompt"] for q in queries], add_special_tokens=False)["input_ids"]]
-        by_len = sorted(queries, key=lambda q: (lengths[q["row"]], q["row"]))
-        ds = ray.data.from_items([{"row": q["row"], "prompt": q["prompt"]} for q in by_len],
-                                 override_num_blocks=n_blocks).map_batches(
+        n_users = queries.num_rows
+        n_blocks = max(1, -(-n_users // e.batch_size))
+        # users of similar prompt length share a batch: less left padding (rows keep their ids); token
+        # counts a chunk at a time, so only the lengths are kept
+        prompts = queries.column("prompt")
+        lengths = np.concatenate([np.zeros(0, np.int64)] + [
+            np.fromiter(map(len, tok(prompts.slice(s, 8192).to_pylist(), add_special_tokens=False)["input_ids"]),
+                        np.int64) for s in range(0, n_users, 8192)])
+        by_len = np.lexsort((np.arange(n_users), lengths))
+        ordered = queries.select(["row", "prompt"]).take(pa.array(by_len))
+        step = -(-n_users // n_blocks) if n_users else 1
+        ds = ray.data.from_arrow([ordered.slice(s, step) for s in range(0, max(n_users, 1), step)]).map_batches(
             Recommender, batch_size=e.batch_size,
             fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": [terms[i] for i in ids],
                                    "fallback": popular, "options": options},
             **actor_pool_kwargs(cfg.ray, e.num_workers, num_gpus=1 if e.use_gpu else 0))
         t0 = time.time()
         results: dict[int, dict[str, Any]] = {}
-        with tqdm(total=len(queries), desc="eval users", disable=not cfg.ray.progress_bars) as bar:
+        with tqdm(total=n_users, desc="eval users", disable=not cfg.ray.progress_bars) as bar:
             for b in ds.iter_batches(batch_format="numpy", batch_size=None):
                 for j in range(len(b["row"])):
                     results[int(b["row"][j])] = {k: str(b[k][j]) for k in ("ranked", "how", "candidates", "valid")}
                 bar.update(len(b["row"]))
         seconds = time.time() - t0
         rows, pop_rows = [], []
-        for q in queries:
-            r = results[q["row"]]
+        for q in queries.select(["row", "user_id", "split", "domain", "target_item_id"]).to_pylist():
+            r = results.pop(q["row"])
             rows.append({"user_id": q["user_id"], "split": q["split"], "domain": q["domain"],
                          "target_item_id": q["target_item_id"], "candidates": r["candidates"].split("\t"),
                          "ranked_item_ids": r["ranked"].split("\t"), "grounded_by": r["how"].split("\t"),
@@ -125,7 +130,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         metrics = score_rankings(rows, e.ks)
         baseline = score_rankings(pop_rows, e.ks)
         report = {"model": metrics, "popularity": baseline, "protocol": {
-            "split": e.split, "users": len(queries), "sample": e.limit_users, "seed": e.seed,
+            "split": e.split, "users": n_users, "sample": e.limit_users, "seed": e.seed,
             "history_masked": False, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
             "max_new_tokens_effective": max_new,
             "constrained": e.constrained, "grounding": {"match": e.match, "decay": e.decay},
@@ -137,7 +142,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({"metrics": metrics["overall"], "popularity": baseline["overall"],
                          "per_domain": metrics["per_domain"], "protocol": report["protocol"],
                          "seconds_generation": round(seconds, 2),
-                         "users_per_second": round(len(queries) / seconds, 3) if seconds > 0 else None})
+                         "users_per_second": round(n_users / seconds, 3) if seconds > 0 else None})
 
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
     return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE),
