@@ -82,3 +82,23 @@ def test_diversity_counts_distinct_recommendations():
 
     same = diversity([["a", "b"], ["a", "b"], ["a", "c"]], catalog=10, k=2)
     assert same == {"distinct_top1": 1, "coverage_at_2": 0.3}
+
+
+def test_scale_sampler_sees_a_childs_memory_and_splits_shared_pages(tmp_path):
+    """``grlm bench scale``'s sampler: a child's private pages show in its RSS and PSS; pages shared by
+    a parent and its forked child count fully in both RSS values but are split between their PSS."""
+    import sys
+
+    from grlm_ray.bench.scale import measure
+
+    code = ("import os, time, numpy as np\n"
+            "a = np.ones(200 * 2**20 // 8)\n"  # 200 MB touched before the fork: shared copy-on-write
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    b = np.ones(100 * 2**20 // 8); time.sleep(1.5); os._exit(0)\n"
+            "time.sleep(1.5); os.waitpid(pid, 0)\n")
+    m = measure([sys.executable, "-c", code], tmp_path / "log")
+    assert m["rc"] == 0
+    assert m["driver_peak_rss_mb"] >= 200 and m["other_peak_rss_mb"] >= 300  # the child: shared 200 + own 100
+    assert m["other_peak_pss_mb"] < m["other_peak_rss_mb"] - 50  # its share of the 200 MB only
+    assert m["tree_peak_pss_mb"] < m["tree_peak_rss_mb"] - 100  # the shared pages counted once in the PSS sum

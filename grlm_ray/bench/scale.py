@@ -76,7 +76,11 @@ def size_config(size: str, root: Path) -> Path:
 
 # --------------------------------------------------------------------------- measuring a process tree
 class TreeSampler:
-    """Peak RSS of a process and all its descendants (sampled every ``interval`` s), per process."""
+    """Peak RSS and PSS of a process and all its descendants (sampled every ``interval`` s), per process.
+
+    RSS counts every page a process maps, so the object store's shared pages (Ray's plasma) count once in
+    every process that touched them; PSS splits a shared page among its sharers, so the tree's PSS is what
+    the step really takes from the machine. The memory cap is on the tree's PSS."""
 
     def __init__(self, pid: int, interval: float = 0.1, cap_bytes: int | None = None) -> None:
         import psutil
@@ -85,8 +89,9 @@ class TreeSampler:
         self.interval = interval
         self.cap = cap_bytes
         self.capped = False
-        self.peak: dict[int, tuple[int, str]] = {}
+        self.peak: dict[int, tuple[int, int, str]] = {}  # pid -> (peak rss, peak pss, name)
         self.peak_total = 0
+        self.peak_total_pss = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -99,18 +104,21 @@ class TreeSampler:
                 procs = [self.root] + self.root.children(recursive=True)
             except psutil.Error:
                 procs = []
-            total = 0
+            total = total_pss = 0
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
+                    mi = p.memory_full_info()
                     name = p.name()
                 except psutil.Error:
                     continue
+                rss, pss = mi.rss, getattr(mi, "pss", mi.rss)
                 total += rss
-                if rss > self.peak.get(p.pid, (0, ""))[0]:
-                    self.peak[p.pid] = (rss, name)
+                total_pss += pss
+                old = self.peak.get(p.pid, (0, 0, name))
+                self.peak[p.pid] = (max(old[0], rss), max(old[1], pss), name)
             self.peak_total = max(self.peak_total, total)
-            if self.cap and total > self.cap and not self.capped:  # protect the machine: stop the step
+            self.peak_total_pss = max(self.peak_total_pss, total_pss)
+            if self.cap and total_pss > self.cap and not self.capped:  # protect the machine: stop the step
                 self.capped = True
                 for p in reversed(procs):
                     try:
@@ -122,12 +130,16 @@ class TreeSampler:
     def stop(self) -> dict[str, Any]:
         self._stop.set()
         self._t.join()
-        root = self.peak.get(self.root.pid, (0, ""))[0]
-        others = [(rss, name) for pid, (rss, name) in self.peak.items() if pid != self.root.pid]
-        top = max(others, default=(0, ""))
-        return {**({"killed_over_mb": round(self.cap / 2**20)} if self.capped and self.cap else {}),
-                "driver_peak_rss_mb": round(root / 2**20), "other_peak_rss_mb": round(top[0] / 2**20),
-                "other_peak_process": top[1] or None, "tree_peak_rss_mb": round(self.peak_total / 2**20)}
+        mb = 2**20
+        root = self.peak.get(self.root.pid, (0, 0, ""))
+        others = [v for pid, v in self.peak.items() if pid != self.root.pid]
+        top = max(others, default=(0, 0, ""))
+        top_pss = max(others, key=lambda v: v[1], default=(0, 0, ""))
+        return {**({"killed_over_mb": round(self.cap / mb)} if self.capped and self.cap else {}),
+                "driver_peak_rss_mb": round(root[0] / mb), "driver_peak_pss_mb": round(root[1] / mb),
+                "other_peak_rss_mb": round(top[0] / mb), "other_peak_process": top[2] or None,
+                "other_peak_pss_mb": round(top_pss[1] / mb), "other_peak_pss_process": top_pss[2] or None,
+                "tree_peak_rss_mb": round(self.peak_total / mb), "tree_peak_pss_mb": round(self.peak_total_pss / mb)}
 
 
 def measure(cmd: list[str], log_path: Path, cap_gb: float | None = None) -> dict[str, Any]:
@@ -373,7 +385,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--root", default=None, help="where the runs go (default: a folder under /tmp); reused: "
                                                  "finished stages are skipped")
     ap.add_argument("--max-rss-gb", type=float, default=15.0,
-                    help="a step whose processes pass this much RSS together is stopped (and reported)")
+                    help="a step whose processes pass this much memory together (PSS: shared pages split "
+                         "among their sharers) is stopped (and reported)")
     ap.add_argument("--flat-max-items", type=int, default=400_000,
                     help="exact (flat) neighbours only up to this many items: O(n^2)")
 
@@ -424,8 +437,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  failed: {row['error']}", flush=True)
                 break
             rows.append(row)
-            print(f"  {m['seconds']} s, driver {m['driver_peak_rss_mb']} MB, largest other "
-                  f"{m['other_peak_rss_mb']} MB ({m['other_peak_process']})", flush=True)
+            print(f"  {m['seconds']} s, driver RSS {m['driver_peak_rss_mb']} MB (PSS {m['driver_peak_pss_mb']}), "
+                  f"largest other {m['other_peak_rss_mb']} MB ({m['other_peak_process']}), tree PSS "
+                  f"{m['tree_peak_pss_mb']} MB", flush=True)
         cfg = load_config(str(cfg_path))
         shapes[size] = {"generated_items": sum(d.num_items for d in cfg.data.domains.values()),
                         **_prepared_shape(root / f"scale-{size}" / "prepare"),
@@ -436,7 +450,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "rows": rows, "slopes": slopes,
               "tables": [{"title": "time and peak RSS per stage and size",
                           "rows": [{k: r.get(k) for k in ("size", "step", "seconds", "driver_peak_rss_mb",
-                                                          "other_peak_rss_mb", "other_peak_process", "skipped", "error")}
+                                                          "driver_peak_pss_mb", "other_peak_rss_mb",
+                                                          "other_peak_pss_mb", "other_peak_process",
+                                                          "tree_peak_pss_mb", "skipped", "error")}
                                    for r in rows]},
                          {"title": "log-log slope of time and driver RSS vs catalog size (1.0 = linear)",
                           "rows": slopes}]}
