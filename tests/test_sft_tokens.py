@@ -66,6 +66,34 @@ def test_mixture_weights_scale_each_task():
     assert mix(samples, {"gti": 2.0, "seq": 0.5}, seed=1) == out  # seeded
 
 
+def test_co_interaction_neighbours_and_arrow_mixture_match_plain_python_on_random_data():
+    """The numpy co-interaction counts against a Counter per item, and the Arrow mixture against the list
+    mixture: same neighbours (most frequent first, ties by id), same rows in the same order."""
+    import random
+    from collections import Counter, defaultdict
+
+    from grlm_ray.core.schemas import SFT
+    from grlm_ray.stages.sft import mix_tables
+
+    rng = random.Random(3)
+    for _ in range(30):
+        seqs = {f"u{k}": [f"i{rng.randint(0, 15)}" for _ in range(rng.randint(0, 9))] for k in range(rng.randint(0, 20))}
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for items in seqs.values():
+            for a, b in zip(items, items[1:]):
+                if a != b:
+                    counts[a][b] += 1
+                    counts[b][a] += 1
+        top = rng.randint(1, 4)
+        want = {a: [b for b, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:top]] for a, c in counts.items()}
+        assert co_interaction_neighbors(seqs, top) == want
+        samples = {t: [{"task": t, "domain": "x", "prompt": [{"role": "user", "content": f"{t}{j}"}],
+                        "completion": str(j)} for j in range(rng.randint(0, 12))] for t in ("gti", "seq", "collab")}
+        weights = {t: rng.choice([0.0, 0.5, 1.0, 1.7, 2.0]) for t in samples}
+        tables = {t: pa.Table.from_pylist(v, schema=SFT.arrow) for t, v in samples.items()}
+        assert mix_tables(tables, weights, seed=7).to_pylist() == mix(samples, weights, seed=7)
+
+
 def test_packed_samples_do_not_attend_across_boundaries():
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -147,9 +175,10 @@ def test_popularity_counts_training_interactions_only_with_ties_by_id():
     assert popularity_ranking({"x": ["c", "c", "b"], "y": ["a"]}) == ["c", "a", "b"]
 
 
-def test_arrow_popularity_matches_the_per_user_lists_on_random_tables():
-    """``training_popularity`` (Arrow columns) ranks as ``popularity_ranking(training_sequences(...))`` on
-    random tables: chunked columns, empty histories, held positions past a history's end, unknown users."""
+def test_training_sequences_and_popularity_on_arrow_match_plain_lists_on_random_tables():
+    """``training_sequences`` / ``training_popularity`` (Arrow columns) against each user's list with its
+    held positions skipped in plain Python, on random tables: chunked columns, empty histories, held
+    positions past a history's end, unknown users."""
     import random
 
     from grlm_ray.lib.protocol import popularity_ranking, training_popularity
@@ -164,7 +193,11 @@ def test_arrow_popularity_matches_the_per_user_lists_on_random_tables():
         held = [{"user_id": u, "position": p} for u, items in zip(users, lists)
                 for p in rng.sample(range(len(items) + 2), 2)] + [{"user_id": "ghost", "position": 0}]
         targets = pa.Table.from_pylist(held, schema=schema)
-        assert training_popularity(seqs, targets) == popularity_ranking(training_sequences(seqs, targets))
+        # the reference: each user's list with its held positions skipped, in plain Python
+        want = {u: [it for p, it in enumerate(items) if {"user_id": u, "position": p} not in held]
+                for u, items in zip(users, lists)}
+        assert training_sequences(seqs, targets) == want
+        assert training_popularity(seqs, targets) == popularity_ranking(want)
 
 
 def test_query_table_in_chunks_has_the_rows_of_the_per_target_loop(smol_tokenizer, model_cache):

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
-from grlm_ray.lib.textformat import domain_lookup, history_prompt, line_writer
+from grlm_ray.lib.textformat import domain_lookup, history_prompt, line_writer, training_lists
 from grlm_ray.lib.tokens import render_prompt
 
 
@@ -27,19 +27,7 @@ def training_popularity(sequences: pa.Table, targets: pa.Table) -> list[str]:
     held-out target position removed) counted without a Python list per user."""
     import pyarrow.compute as pc
 
-    col = sequences.column("item_ids").combine_chunks()
-    flat = pc.list_flatten(col)
-    offs = col.offsets.to_numpy().astype(np.int64)
-    offs -= offs[0] if len(offs) else 0
-    keep = np.ones(len(flat), dtype=bool)
-    if targets.num_rows:
-        where = pc.index_in(targets.column("user_id"), value_set=sequences.column("user_id"))
-        known = pc.is_valid(where).to_numpy(zero_copy_only=False)
-        row = where.fill_null(0).to_numpy().astype(np.int64)[known]
-        pos = targets.column("position").to_numpy().astype(np.int64)[known]
-        inside = (pos >= 0) & (pos < np.diff(offs)[row])
-        keep[offs[row[inside]] + pos[inside]] = False
-    counts = pc.value_counts(flat.filter(pa.array(keep)))
+    counts = pc.value_counts(pc.list_flatten(training_lists(sequences, targets)))
     t = pa.table({"item": counts.field("values"), "n": counts.field("counts")})
     return t.take(pc.sort_indices(t, [("n", "descending"), ("item", "ascending")])).column("item").to_pylist()
 

@@ -14,7 +14,6 @@ tokenizer and the diagnostics.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -130,15 +129,40 @@ def describe(item: dict[str, Any], limit: int) -> str:
 
 
 # --------------------------------------------------------------------------- splits
-def training_sequences(sequences: pa.Table, targets: pa.Table) -> dict[str, list[str]]:
-    """Each user's items with every held-out (valid/test target) position removed, in order."""
-    held: dict[str, set[int]] = defaultdict(set)
-    for u, p in zip(targets.column("user_id").to_pylist(), targets.column("position").to_pylist()):
-        held[u].add(int(p))
+def training_lists(sequences: pa.Table, targets: pa.Table) -> pa.ListArray:
+    """Each user's items (one list per ``sequences`` row, in its order) with every held-out (valid/test
+    target) position removed: Arrow columns end to end, no Python object per interaction."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    col = sequences.column("item_ids").combine_chunks()
+    if not isinstance(col, pa.ListArray):  # an empty table: no chunks, no type information kept
+        col = pa.array([], pa.list_(pa.string()))
+    flat = pc.list_flatten(col)
+    offs = col.offsets.to_numpy().astype(np.int64)
+    offs -= offs[0] if len(offs) else 0
+    keep = np.ones(len(flat), dtype=bool)
+    if targets.num_rows and len(col):
+        where = pc.index_in(targets.column("user_id"), value_set=sequences.column("user_id"))
+        known = pc.is_valid(where).to_numpy(zero_copy_only=False)
+        row = where.fill_null(0).to_numpy().astype(np.int64)[known]
+        pos = targets.column("position").to_numpy().astype(np.int64)[known]
+        inside = (pos >= 0) & (pos < np.diff(offs)[row])
+        keep[offs[row[inside]] + pos[inside]] = False
+    kept_before = np.concatenate([[0], np.cumsum(keep)])
+    return pa.ListArray.from_arrays(pa.array(kept_before[offs].astype(np.int32)), flat.filter(pa.array(keep)))
+
+
+def training_sequences(sequences: pa.Table, targets: pa.Table, batch: int = 65536) -> dict[str, list[str]]:
+    """Each user's items with every held-out (valid/test target) position removed, in order. Read a batch
+    of users at a time; an item id is one string object however many histories hold it."""
+    lists = training_lists(sequences, targets)
+    users = sequences.column("user_id")
+    canon: dict[str, str] = {}
     out: dict[str, list[str]] = {}
-    for u, items in zip(sequences.column("user_id").to_pylist(), sequences.column("item_ids").to_pylist()):
-        h = held.get(u, set())
-        out[u] = [it for i, it in enumerate(items) if i not in h]
+    for s in range(0, len(lists), batch):
+        for u, items in zip(users.slice(s, batch).to_pylist(), lists.slice(s, batch).to_pylist()):
+            out[u] = [canon.setdefault(i, i) for i in items]
     return out
 
 
