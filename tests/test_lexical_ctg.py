@@ -108,8 +108,9 @@ def test_context_none_uses_no_neighbour_words():
     items, nbrs = catalog()
     with_ctx = LexicalTermWriter(items, nbrs, num_terms=5, num_neighbors=2)
     without = LexicalTermWriter(items, {}, num_terms=5)
+    row = {r["item_id"]: r for r in items}
     for i in ("sh-tea", "li-red"):
-        assert set(without.tid(i)) <= set(item_words(without.items[i]).all) | {"beauty", "item", "product"}
+        assert set(without.tid(i)) <= set(item_words(row[i]).all) | {"beauty", "item", "product"}
     assert with_ctx.tid("li-red")[0] == without.tid("li-red")[0] == "lipstick"
 
 

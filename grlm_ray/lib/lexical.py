@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -46,7 +47,11 @@ class ItemWords:
     lead: str | None  # the brand field's first word, else the title's first candidate word
     title: tuple[str, ...]  # title candidate words, in order
     other: tuple[str, ...]  # categories, brand, description words not in the title, in order
-    all: frozenset[str]
+
+    @property
+    def all(self) -> frozenset[str]:
+        """Every word of the item (built when asked: a stored set per item took ~1 KB, a GB at 1M items)."""
+        return frozenset(self.title) | frozenset(self.other)
 
 
 def words(text: str) -> list[str]:
@@ -68,7 +73,9 @@ def item_words(item: Mapping[str, Any], max_desc_chars: int = 300) -> ItemWords:
         for w in words(text):
             if w not in tw and w not in extra:
                 extra.append(w)
-    return ItemWords(head, lead, tuple(tw), tuple(extra), frozenset(tw) | frozenset(extra))
+    # one string object per distinct word across the catalog, not one per item that uses it
+    return ItemWords(head and sys.intern(head), lead and sys.intern(lead), tuple(map(sys.intern, tw)),
+                     tuple(map(sys.intern, extra)))
 
 
 class LexicalTermWriter:
@@ -101,13 +108,16 @@ class LexicalTermWriter:
         for it in items:
             i = str(it["item_id"])
             w = item_words(it)
-            self.items[i], self.words[i] = it, w
+            # what the rules read later; the rest of the row (its description) is not kept
+            self.items[i] = {"brand": it.get("brand") or "", "category": it.get("category") or ""}
+            self.words[i] = w
             self.df.update(set(w.title) | set(w.other))
             if w.head:
                 self.heads[w.head] += 1
             if w.lead:
                 self.leads[w.lead] += 1
-        self.neighbors.update({str(i): [str(j) for j in v] for i, v in (neighbors or {}).items()})
+        # the first k neighbours only (the caller's string objects are kept, not copied)
+        self.neighbors.update({str(i): [str(j) for j in v[: self.k]] for i, v in (neighbors or {}).items()})
         self.n_items = max(1, len(self.items))
 
     def remove_items(self, item_ids: Sequence[str]) -> None:
@@ -148,7 +158,8 @@ class LexicalTermWriter:
         w = self.words[item_id]
         cands = list(dict.fromkeys(w.title + w.other))
         nbrs = [self.words[j] for j in self.neighbors.get(item_id, [])[: self.k] if j in self.words]
-        shared = {c: sum(c in nb.all for nb in nbrs) for c in cands}
+        nb_all = [nb.all for nb in nbrs]
+        shared = {c: sum(c in a for a in nb_all) for c in cands}
         # 1. the type: most type-like title word (the item's own head first among equals), else categories
         brand = self.brand(item_id) if self.lead == "brand" else None
         pool = [c for c in w.title if c != brand] or [c for c in cands if c != brand]
@@ -174,7 +185,7 @@ class LexicalTermWriter:
         # 3. distinguishing words: the fewest neighbours have them (none, ideally); rarest in the catalog first
         # the nearest neighbour decides first: a word it lacks tells the item from its closest sibling
         # (a near-duplicate shares every word the other neighbours lack: "waterproof" vs "washable")
-        nearest = nbrs[0].all if nbrs else frozenset()
+        nearest = nb_all[0] if nb_all else frozenset()
         own = sorted((c for c in rest if c not in terms),
                      key=lambda c: (c in nearest, shared[c], -self.idf(c), cands.index(c)))
         for c in own:

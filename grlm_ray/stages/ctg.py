@@ -60,13 +60,23 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
     def body(ctx: StageContext) -> None:
         import time
 
+        import pyarrow.compute as pc
+
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
-        item_rows = items.to_pylist()  # one set of row dicts for the prompts, the rules and the fill
+        # row dicts for the prompts, the fill and the uncovered items; the lexical rules read the catalog
+        # a batch at a time and keep only what they use (a row dict per item took ~1 GB at 1M items)
+        need_rows = c.method != "lexical" or (c.uncovered == "words" and c.limit is not None)
+        item_rows = items.to_pylist() if need_rows else []
         by_id = {r["item_id"]: r for r in item_rows}
         nbrs: dict[str, list[str]] = {}
         if c.context == "neighbors" and c.num_neighbors > 0:
             nb = ctx.read("neighbors.parquet", NEIGHBORS, stage="neighbors")
-            nbrs = dict(zip(nb.column("item_id").to_pylist(), nb.column("neighbor_ids").to_pylist()))
+            canon = {i: i for i in items.column("item_id").to_pylist()}  # one string object per item id
+            for b in nb.select(["item_id", "neighbor_ids"]).to_batches(max_chunksize=65536):
+                near = pc.list_slice(b.column(1), 0, c.num_neighbors).to_pylist()
+                for i, v in zip(b.column(0).to_pylist(), near):
+                    nbrs[canon.get(i, i)] = [canon.get(j, j) for j in v]
+            del canon
         chosen = select_items(items, c)
         ids = chosen.column("item_id").to_pylist()
         parts = [ids[s:s + c.part_size] for s in range(0, len(ids), c.part_size)]
@@ -80,6 +90,9 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         if pending and (c.method == "lexical" or (c.method == "llm" and (c.repair == "lexical" or c.few_shot))):
             lexical = LexicalTermWriter(item_rows, nbrs, c.num_terms, c.num_neighbors, c.distinct_terms,
                                         lead=c.lead)
+            if not need_rows:
+                for b in items.to_batches(max_chunksize=8192):
+                    lexical.add_items(b.to_pylist())
         if pending and by_rules:
             from tqdm import tqdm
 
