@@ -332,6 +332,45 @@ def test_term_vocabulary_makes_every_term_one_token_and_round_trips(smol_tokeniz
     assert report["vocab_after"] < len(smol_tokenizer) / 20
 
 
+def test_lean_tokenizer_load_matches_autotokenizer_on_a_pruned_term_vocabulary(smol_tokenizer, tmp_path, monkeypatch):
+    """``load_tokenizer`` wraps a saved term-vocabulary tokenizer directly (transformers' loader copies every
+    added token into Python objects): same vocabulary, specials, chat template, encodings, padding, decoding."""
+    import copy
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from grlm_ray.lib.models import load_tokenizer
+    from grlm_ray.lib.vocab import add_term_tokens, prune_tokenizer
+
+    tok = copy.deepcopy(smol_tokenizer)
+    words = [f"term{k}x" for k in range(300)] + [w for t in TERMS.values() for w in t]
+    add_term_tokens(tok, words)
+    corpus = [item_line(t, f"Title {i}") for i, t in TERMS.items()] + [" " + " ".join(words)]
+    pruned, _ = prune_tokenizer(tok, corpus)
+    pruned.save_pretrained(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+
+    def no_auto(*a, **k):
+        raise AssertionError("the lean path must not call AutoTokenizer")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_auto)
+    lean = load_tokenizer(str(tmp_path), lean_above=100)
+    monkeypatch.undo()
+    assert lean.get_vocab() == auto.get_vocab() and len(lean) == len(auto)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "padding_side", "chat_template",
+                 "model_max_length", "all_special_ids"):
+        assert getattr(lean, attr) == getattr(auto, attr), attr
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": item_line(TERMS["a"], "Title A")}]
+    assert lean.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    texts = corpus + ["<|im_start|>user\n term7x term12x | x<|im_end|>", "unseen words, ünïcode"]
+    assert lean(texts, padding=True)["input_ids"] == auto(texts, padding=True)["input_ids"]
+    assert [lean.decode(x) for x in lean(texts)["input_ids"]] == [auto.decode(x) for x in auto(texts)["input_ids"]]
+    # few added tokens, or a config with keys the lean path does not know: transformers' own loader
+    assert type(load_tokenizer(str(tmp_path), lean_above=10**6)) is type(auto)
+
+
 def test_loss_by_kind_labels_tid_end_title_newline_and_end_of_turn(smol_tokenizer):
     from grlm_ray.lib.diagnose import token_kinds
 

@@ -34,7 +34,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from grlm_ray.core.config import load_config
     from grlm_ray.core.pipeline import run_pipeline, upstream
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from grlm_ray.core.storage import Store
     from grlm_ray.lib.decoding import END_MARKER, TidTrie, beam_search, tid_token_seqs
     from grlm_ray.lib.eig import tid_text
+    from grlm_ray.lib.models import load_tokenizer
     from grlm_ray.lib.protocol import build_queries
 
     cfg = load_config(args.config, [f"run.root={args.root}", "ray.progress_bars=false",
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
     model_dir = store.path(f"{cfg.run.name}/train/model")
     torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     queries = build_queries(cfg, rd("prepare", "items.parquet", ITEMS), rd("prepare", "sequences.parquet", SEQUENCES),
                             rd("prepare", "targets.parquet", TARGETS), terms, tok)

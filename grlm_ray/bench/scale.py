@@ -248,9 +248,9 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
     corpus = corpus_texts(cfg, sft_t, items, terms)
     with tempfile.TemporaryDirectory() as tmp:
         build_backbone(cfg.model, corpus, tmp, all_terms, embedder=cfg.embed.model)
-        from transformers import AutoTokenizer
+        from grlm_ray.lib.models import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(tmp)
+        tok = load_tokenizer(tmp)
         tok.save_pretrained(_tokenizer_dir(cfg))
     t1 = time.perf_counter()
     batches = tokenize_sft(tok, sft_t, cfg)
@@ -260,17 +260,16 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
 
 def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     """The evaluation's data path before the model: targets, prompts, the TID token trie, the EIG index."""
-    from transformers import AutoTokenizer
-
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
     from grlm_ray.core.storage import Store
     from grlm_ray.lib.decoding import TidTrie, tid_token_seqs
     from grlm_ray.lib.eig import TidIndex, tid_text
+    from grlm_ray.lib.models import load_tokenizer
     from grlm_ray.lib.protocol import query_table, training_popularity
 
     store = Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg))
+    tok = load_tokenizer(_tokenizer_dir(cfg))
     items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
     seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
     targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
@@ -300,8 +299,8 @@ def _step_eig(cfg: Any, out: dict[str, Any]) -> None:
     structural queries are TIDs with one or two terms replaced by other catalog terms."""
     import numpy as np
 
-    from grlm_ray.core.schemas import TERMS
     from grlm_ray.bench.eig import grounding_latency
+    from grlm_ray.core.schemas import TERMS
     from grlm_ray.core.storage import Store
     from grlm_ray.lib.eig import TidIndex
 
@@ -332,11 +331,10 @@ def _step_serving_catalog(cfg: Any, out: dict[str, Any]) -> None:
     store (its pickled size) and rebuilds its grounding index and token trie (the swap)."""
     import pickle
 
-    from transformers import AutoTokenizer
-
     from grlm_ray.core.storage import Store
     from grlm_ray.lib.decoding import TidTrie, tid_token_seqs
     from grlm_ray.lib.eig import TidIndex, tid_text
+    from grlm_ray.lib.models import load_tokenizer
     from grlm_ray.serving.catalog import read_catalog
 
     store = Store(cfg.run.root, cfg.run.s3)
@@ -353,7 +351,7 @@ def _step_serving_catalog(cfg: Any, out: dict[str, Any]) -> None:
     t = time.perf_counter()
     TidIndex(ids, [cat.tids[i] for i in ids], fallback_order=cat.popular)
     out["grounder_swap_seconds"] = round(time.perf_counter() - t, 2)
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg))
+    tok = load_tokenizer(_tokenizer_dir(cfg))
     t = time.perf_counter()
     TidTrie.build(tid_token_seqs(tok, [tid_text(cat.tids[i]) for i in ids]), tok.eos_token_id or 0)
     out["generator_swap_seconds"] = round(time.perf_counter() - t, 2)
@@ -456,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    for r in rows]},
                          {"title": "log-log slope of time and driver RSS vs catalog size (1.0 = linear)",
                           "rows": slopes}]}
-    _plot(rows, sizes, shapes, Path(args.out_dir) / "scale.png")
+    _plot(rows, sizes, shapes, Path(args.out_dir) / (f"scale_{args.tag}.png" if getattr(args, "tag", None) else "scale.png"))
     return result
 
 

@@ -314,12 +314,12 @@ class TidDecoder:
         """``model_dir``: an exported model folder; or ``model`` + ``tokenizer`` already in memory (the
         transformers backend; e.g. the model being trained, scored on validation users)."""
         quiet_loading()
-        from transformers import AutoTokenizer
+        from grlm_ray.lib.models import load_tokenizer
 
         if model_dir is None and (model is None or tokenizer is None):
             raise ValueError("TidDecoder needs model_dir, or model and tokenizer")
         self.backend, self.num_beams = backend, num_beams
-        self.tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir)
+        self.tok = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         end = self.tok(END_MARKER, add_special_tokens=False)["input_ids"]
         if len(end) != 1:
             raise ValueError(f"the TID end marker {END_MARKER!r} must be one token for the tokenizer in {model_dir}")

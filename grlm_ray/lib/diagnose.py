@@ -175,14 +175,16 @@ def term_accuracy(cfg: GrlmConfig, tokenizer: Any, model: Any, queries: list[dic
 def diagnose(cfg: GrlmConfig, users: int = 300, rows: int = 400) -> dict[str, Any]:
     quiet_loading()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from grlm_ray.lib.models import load_tokenizer
 
     store = Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name
     if not store.exists(f"{run}/train/model/config.json"):
         raise FileNotFoundError(f"no trained model under {store.uri(f'{run}/train/model')}: run grlm train first")
     model_dir = store.local_dir(f"{run}/train/model", os.path.expanduser("~/.cache/grlm-ray/diagnose"))
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
     seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)

@@ -27,7 +27,7 @@ from grlm_ray.core.storage import StageContext, Store, run_stage
 from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_seqs
 from grlm_ray.lib.eig import TidIndex, tid_text
 from grlm_ray.lib.metrics import score_rankings
-from grlm_ray.lib.models import quiet_loading
+from grlm_ray.lib.models import load_tokenizer, quiet_loading
 from grlm_ray.lib.protocol import query_table, training_popularity
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,6 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
     def body(ctx: StageContext) -> None:
         quiet_loading()
         from tqdm import tqdm
-        from transformers import AutoTokenizer
 
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
@@ -76,7 +75,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
         terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
         model_dir = ctx.store.local_dir(f"{ctx.run}/train/model", os.path.expanduser("~/.cache/grlm-ray/eval"))
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = load_tokenizer(model_dir)
         queries = query_table(cfg, items, seqs, targets, terms, tok)  # Arrow: no row dicts for every user
         popular = training_popularity(seqs, targets)
         ids = terms_t.column("item_id").to_pylist()

@@ -34,7 +34,7 @@ from grlm_ray.core.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
 from grlm_ray.core.storage import StageContext, Store, read_manifest, run_stage
 from grlm_ray.core.tracking import log_artifact, model_label, start_stage_run, tracking_uri
 from grlm_ray.lib.generation import gguf_to_hf
-from grlm_ray.lib.models import quiet_loading, resolve_model_path
+from grlm_ray.lib.models import load_tokenizer, quiet_loading, resolve_model_path
 from grlm_ray.lib.textformat import PROMPTS, line_writer
 from grlm_ray.lib.tokens import IGNORE, bucket, bucket_arrow, collate, encode_all, encode_arrow, pack, render_prompt
 from grlm_ray.lib.validation import Validator, build_validation_set, plot_curve, popularity_metrics, reduce_metrics
@@ -536,12 +536,10 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
 
     validator = None
     if config.get("validation"):
-        from transformers import AutoTokenizer
-
         vc = config["validation"]
         validator = Validator(pq.read_table(store.path(vc["queries_rel"]), filesystem=store.fs),
                               pq.read_table(store.path(vc["catalog_rel"]), filesystem=store.fs),
-                              AutoTokenizer.from_pretrained(base_dir), num_beams=vcfg.num_beams,
+                              load_tokenizer(base_dir), num_beams=vcfg.num_beams,
                               batch_size=vcfg.batch_size, max_new_tokens=vc["max_new_tokens"], decay=vc["decay"],
                               match=vc["match"], rank=rank, world=world, renormalize=bool(vc.get("renormalize")))
     every = set()
@@ -780,8 +778,6 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
 
     def body(ctx: StageContext) -> None:
         quiet_loading()
-        from transformers import AutoTokenizer
-
         sft_table = ctx.read("sft.parquet", SFT, stage="sft")
         terms = ctx.read("terms.parquet", TERMS, stage="sft")
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
@@ -796,7 +792,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             backbone = ctx.store.read_json(ctx.rel("base_info.json"))
         cache = tempfile.mkdtemp(prefix="grlm-train-driver-")
         base_local = ctx.store.local_dir(ctx.rel("base"), cache)
-        tokenizer = AutoTokenizer.from_pretrained(base_local)
+        tokenizer = load_tokenizer(base_local)
         batches = tokenize_sft(tokenizer, sft_table, cfg)
         ctx.write("tokens.parquet", batches.table)
         tok_seconds = time.time() - t0
