@@ -160,11 +160,11 @@ def bucket(ids: list[list[int]], labels: list[list[int]], max_length: int, micro
 
 
 def encode_arrow(tokenizer: Any, samples: pa.Table, enable_thinking: bool = False, batch: int = 4096,
-                 mask_titles: bool = False) -> tuple[pa.ListArray, pa.ListArray]:
+                 mask_titles: bool = False) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     """``encode_all`` over a table of samples (``prompt``, ``completion`` columns, the SFT contract) as
     Arrow ``list<int32>`` columns (input_ids, labels), ``batch`` rows at a time: Python objects exist for
     one batch only (a whole catalog's samples as Python ints took ~2 GB at 134k items, ``grlm bench
-    scale``)."""
+    scale``). The columns stay in their per-batch chunks (no concatenated copy)."""
     id_chunks, lab_chunks = [], []
     for s in range(0, samples.num_rows, batch):
         part = samples.slice(s, batch)
@@ -172,31 +172,39 @@ def encode_arrow(tokenizer: Any, samples: pa.Table, enable_thinking: bool = Fals
                                  enable_thinking, batch, mask_titles)
         id_chunks.append(pa.array(ids, pa.list_(pa.int32())))
         lab_chunks.append(pa.array(labels, pa.list_(pa.int32())))
-    if not id_chunks:
-        empty = pa.array([], pa.list_(pa.int32()))
-        return empty, empty
-    return pa.concat_arrays(id_chunks), pa.concat_arrays(lab_chunks)
+    t = pa.list_(pa.int32())
+    return pa.chunked_array(id_chunks, t), pa.chunked_array(lab_chunks, t)
 
 
-def bucket_arrow(ids: pa.ListArray, labels: pa.ListArray, max_length: int, micro_batch: int) -> Batches:
-    """``bucket`` on Arrow columns (the same rows, order and stats) without a Python object per token."""
+def bucket_arrow(ids: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray, max_length: int,
+                 micro_batch: int) -> Batches:
+    """``bucket`` on Arrow columns (the same rows, order and stats) without a Python object per token; the
+    sorted copy is the only one made (rows are cut only when one is longer than ``max_length``)."""
     import pyarrow.compute as pc
 
     full = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
     lengths = np.minimum(full, max_length)
     order = np.argsort(lengths, kind="stable")
-    cut_ids = pc.list_slice(ids, 0, max_length) if len(ids) else ids
-    cut_labels = pc.list_slice(labels, 0, max_length) if len(labels) else labels
+    cut = len(ids) and bool((full > max_length).any())
+    # one contiguous copy (the chunks are dropped here when the caller keeps no reference), then the sorted
+    # rows taken a slice at a time: Arrow's take on a chunked column concatenates it again for every call
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    labels = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else labels
+    cut_ids = pc.list_slice(ids, 0, max_length) if cut else ids
+    cut_labels = pc.list_slice(labels, 0, max_length) if cut else labels
+    del ids, labels
     sorted_len = lengths[order]
     n = len(order)
     starts = np.arange(0, n, micro_batch)
     slots = int((np.maximum.reduceat(sorted_len, starts) * np.diff(np.append(starts, n))).sum()) if n else 0
     real = int(lengths.sum())
     label_tokens = int(pc.sum(pc.not_equal(pc.list_flatten(cut_labels), IGNORE)).as_py() or 0) if n else 0
-    take = pa.array(order)
+    step = 1 << 16
+    pieces = [pa.array(order[s:s + step]) for s in range(0, n, step)]
+    lt = pa.list_(pa.int32())
     table = pa.table({
-        "input_ids": cut_ids.take(take),
-        "labels": cut_labels.take(take),
+        "input_ids": pa.chunked_array([cut_ids.take(p) for p in pieces], lt),
+        "labels": pa.chunked_array([cut_labels.take(p) for p in pieces], lt),
         "position_ids": pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.int32())),
         "samples": pa.array(np.ones(n, np.int32)),
         "length": pa.array(sorted_len.astype(np.int32)),

@@ -748,9 +748,10 @@ def _template_tokenizer(cfg: GrlmConfig) -> Any:
 def tokenize_sft(tokenizer: Any, sft_table: Any, cfg: GrlmConfig):
     t = cfg.train
     if not t.packing:  # Arrow columns end to end
-        ids_a, labels_a = encode_arrow(tokenizer, sft_table, cfg.model.enable_thinking,
-                                       mask_titles=cfg.sft.item_text == "tid_title_input")
-        return bucket_arrow(ids_a, labels_a, t.max_length, t.micro_batch)
+        # no names kept for the encoded columns: bucketing frees them once it has its contiguous copy
+        return bucket_arrow(*encode_arrow(tokenizer, sft_table, cfg.model.enable_thinking,
+                                          mask_titles=cfg.sft.item_text == "tid_title_input"),
+                            t.max_length, t.micro_batch)
     ids, labels = encode_all(tokenizer, sft_table.column("prompt").to_pylist(),
                              sft_table.column("completion").to_pylist(), cfg.model.enable_thinking,
                              mask_titles=cfg.sft.item_text == "tid_title_input")
