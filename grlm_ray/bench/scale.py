@@ -349,11 +349,11 @@ def _step_serving_catalog(cfg: Any, out: dict[str, Any]) -> None:
     del blob
     ids = cat.item_ids
     t = time.perf_counter()
-    TidIndex(ids, [cat.tids[i] for i in ids], fallback_order=cat.popular)
+    TidIndex(ids, cat.tids.values(), fallback_order=cat.popular)
     out["grounder_swap_seconds"] = round(time.perf_counter() - t, 2)
     tok = load_tokenizer(_tokenizer_dir(cfg))
     t = time.perf_counter()
-    TidTrie.build(tid_token_seqs(tok, [tid_text(cat.tids[i]) for i in ids]), tok.eos_token_id or 0)
+    TidTrie.build(tid_token_seqs(tok, [tid_text(t) for t in cat.tids.values()]), tok.eos_token_id or 0)
     out["generator_swap_seconds"] = round(time.perf_counter() - t, 2)
 
 

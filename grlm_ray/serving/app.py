@@ -413,7 +413,7 @@ class Grounder(_CatalogFollower):
     def _apply(self, cat: Any) -> None:
         e = self.cfg.eval
         ids = cat.item_ids
-        index = TidIndex(ids, [cat.tids[i] for i in ids], decay=e.decay, match=e.match, fallback_order=cat.popular)
+        index = TidIndex(ids, cat.tids.values(), decay=e.decay, match=e.match, fallback_order=cat.popular)
         self.state = (cat, index)  # one assignment: readers see the old or the new catalog, never a mix
 
     def _item(self, cat: Any, item_id: str) -> dict[str, Any]:

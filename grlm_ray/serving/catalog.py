@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,11 +39,69 @@ UPDATE_SCHEMA = pa.schema([("item_id", pa.string()), ("category", pa.string()), 
                            ("source", pa.string()), ("catalog_version", pa.int64())])
 
 
+ITEM_SCHEMA = pa.schema([f for f in UPDATE_SCHEMA if f.name in ITEM_FIELDS])
+TID_SCHEMA = pa.schema([("item_id", pa.string()), ("terms", pa.list_(pa.string()))])
+
+
+class ArrowMap(Mapping[str, Any]):
+    """A read-only ``item_id -> value`` mapping over an Arrow table (one row per item, in catalog order):
+    ``value`` names the column whose cell is the value, or None for the whole row as a dict. No Python
+    object per item until one is asked for (a dict per item made the catalog 123 MB pickled and ~1 GB
+    in memory at 300k items, in the registry and again in every replica: ``grlm bench scale``); it pickles
+    as its Arrow columns, and the id index is rebuilt where it is first used."""
+
+    def __init__(self, table: pa.Table, value: str | None, index: dict[str, int] | None = None) -> None:
+        self.table, self.value, self._index = table, value, index
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"table": self.table, "value": self.value}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.table, self.value, self._index = state["table"], state["value"], None
+
+    def _idx(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {i: n for n, i in enumerate(self.table.column("item_id").to_pylist())}
+        return self._index
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._idx())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._idx()
+
+    def __getitem__(self, key: str) -> Any:
+        n = self._idx()[key]
+        if self.value is not None:
+            return self.table.column(self.value)[n].as_py()
+        return self.table.slice(n, 1).to_pylist()[0]
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        """Every value in catalog order, read column-wise (not item by item)."""
+        if self.value is not None:
+            return self.table.column(self.value).to_pylist()
+        return self.table.to_pylist()
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(zip(self.table.column("item_id").to_pylist(), self.values()))
+
+    def appended(self, rows: pa.Table) -> "ArrowMap":
+        """A new mapping with ``rows`` (new ids) after these; this one is unchanged (versions share columns)."""
+        start = self.table.num_rows
+        index = dict(self._idx())
+        for n, i in enumerate(rows.column("item_id").to_pylist()):
+            index[i] = start + n
+        return ArrowMap(pa.concat_tables([self.table, rows.cast(self.table.schema)]), self.value, index)
+
+
 @dataclass(frozen=True)
 class Catalog:
     version: int
-    items: dict[str, dict[str, Any]]  # item_id -> metadata (ITEM_FIELDS)
-    tids: dict[str, list[str]]  # item_id -> terms
+    items: ArrowMap  # item_id -> metadata (ITEM_FIELDS)
+    tids: ArrowMap  # item_id -> terms
     popular: list[str]  # training interaction count, then item id
     added: list[str] = field(default_factory=list)  # items added after training, in order
     added_in: dict[str, int] = field(default_factory=dict)  # added item -> the catalog version that added it
@@ -53,17 +111,23 @@ class Catalog:
         return list(self.tids)
 
     def with_items(self, rows: Sequence[dict[str, Any]], version: int | None = None) -> "Catalog":
-        """A new version with ``rows`` (item fields + terms) added; ``version`` restores a saved one."""
+        """A new version with ``rows`` (item fields + terms; new item ids) added; ``version`` restores a
+        saved one."""
         v = self.version + 1 if version is None else version
         if v <= self.version:
             raise ValueError(f"catalog version {v} is not after {self.version}")
-        items, tids, added_in = dict(self.items), dict(self.tids), dict(self.added_in)
-        added = self.added + [r["item_id"] for r in rows if r["item_id"] not in self.tids]
-        for r in rows:
-            items[r["item_id"]] = {k: r.get(k) for k in ITEM_FIELDS}
-            tids[r["item_id"]] = list(r["terms"])
-            added_in.setdefault(r["item_id"], v)
-        return Catalog(v, items, tids, self.popular, added, added_in)
+        ids = [r["item_id"] for r in rows]
+        again = [i for i in ids if i in self.tids] or [i for i in set(ids) if ids.count(i) > 1]
+        if again:
+            raise ValueError(f"items already in the catalog (or twice in one update): {again[:3]}")
+        items = self.items.appended(pa.Table.from_pylist([{k: r.get(k) for k in ITEM_FIELDS} for r in rows],
+                                                         schema=ITEM_SCHEMA))
+        tids = self.tids.appended(pa.table({"item_id": pa.array(ids, pa.string()),
+                                            "terms": pa.array([list(r["terms"]) for r in rows], pa.list_(pa.string()))}))
+        added_in = dict(self.added_in)
+        for i in ids:
+            added_in.setdefault(i, v)
+        return Catalog(v, items, tids, self.popular, self.added + ids, added_in)
 
 
 def load_catalog(cfg: GrlmConfig, store: Store | None = None) -> Catalog:
@@ -82,8 +146,8 @@ def read_catalog(store: Store, run: str) -> Catalog:
     """The catalog of a run's prepared items and SFT terms (+ saved updates), the model not checked."""
     items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
     terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
-    meta = {r["item_id"]: {k: r[k] for k in ITEM_FIELDS} for r in items.select(list(ITEM_FIELDS)).to_pylist()}
-    tids = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+    meta = ArrowMap(items.select(list(ITEM_FIELDS)).cast(ITEM_SCHEMA).combine_chunks(), None)
+    tids = ArrowMap(terms_t.select(["item_id", "terms"]).cast(TID_SCHEMA).combine_chunks(), "terms")
     seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
     targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
     cat = Catalog(0, meta, tids, training_popularity(seqs, targets))
@@ -250,7 +314,7 @@ def distinct_from_catalog(catalog: Catalog, rows: list[dict[str, Any]]) -> list[
 
     live = list(catalog.tids)
     ids = live + [r["item_id"] for r in rows]
-    tids = [catalog.tids[i] for i in live] + [r["terms"] for r in rows]
+    tids = catalog.tids.values() + [r["terms"] for r in rows]
     texts = [""] * len(live) + [f"{r['title']} {r['description']}" for r in rows]
     # resolve_collisions keeps the first member of each group: live items come first, so they keep theirs
     new, changed, _ = resolve_collisions(ids, tids, texts)
