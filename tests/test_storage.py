@@ -133,3 +133,31 @@ def test_stage_graph_upstream_closure():
     assert upstream("train", provided) == ("prepare", "sft", "train") and reads("sft", provided) == ("prepare",)
     comp = load_config(None, ["sft.terms=compress", "sft.compress_k=64"])
     assert upstream("sft", comp) == ("prepare", "embed", "neighbors", "ctg", "compress", "sft")
+
+
+def test_embeddings_stream_into_the_matrix_read_table_gives_and_bad_rows_are_named(tmp_path):
+    import numpy as np
+
+    from grlm_ray.core.errors import DataError
+    from grlm_ray.core.schemas import EMBEDDINGS, embedding_matrix
+
+    store = Store(str(tmp_path))
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((23, 8)).astype(np.float32)
+    table = pa.table({"item_id": [f"i{k}" for k in range(23)],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 8)})
+    store.write_table("r/embed/embeddings.parquet", table, EMBEDDINGS)
+    ids, base = store.read_embeddings("r/embed/embeddings.parquet", batch_rows=5)  # several batches
+    want = store.read_table("r/embed/embeddings.parquet", EMBEDDINGS)
+    assert ids.to_pylist() == want.column("item_id").to_pylist()
+    assert base.dtype == np.float32 and np.array_equal(base, embedding_matrix(want))
+    short = pa.table({"item_id": ["a", "b", "c"], "embedding": pa.array([[1.0, 2.0], [1.0, 2.0], [1.0]],
+                                                                         pa.list_(pa.float32()))})
+    store.write_table("r/bad1.parquet", short)
+    with pytest.raises(DataError, match="not 2 long") as e:
+        store.read_embeddings("r/bad1.parquet", batch_rows=2)
+    assert e.value.row == 2 and e.value.field == "embedding"
+    store.write_table("r/bad2.parquet", pa.table({"item_id": ["a", "b", "a"], "embedding": short.column(1)}))
+    with pytest.raises(DataError, match="duplicate item id 'a'") as e:
+        store.read_embeddings("r/bad2.parquet")
+    assert e.value.row == 2

@@ -17,7 +17,7 @@ import pyarrow as pa
 from grlm_ray.core.config import GrlmConfig, NeighborsConfig
 from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
-from grlm_ray.core.schemas import EMBEDDINGS, NEIGHBORS, embedding_matrix
+from grlm_ray.core.schemas import NEIGHBORS
 from grlm_ray.core.storage import StageContext, Store, run_stage
 
 STAGE = "neighbors"
@@ -89,10 +89,8 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
 
     def body(ctx: StageContext) -> None:
-        table = ctx.read("embeddings.parquet", EMBEDDINGS, stage="embed")
-        base = np.ascontiguousarray(embedding_matrix(table))
-        item_ids = table.column("item_id").combine_chunks()
-        del table  # the matrix is all the search needs; the driver keeps no second copy
+        # streamed into the matrix: the table is never held next to it (the search needs only the matrix)
+        item_ids, base = ctx.store.read_embeddings(ctx.stage_rel("embed", "embeddings.parquet"))
         n = base.shape[0]
         kind = choose_index(cfg.neighbors, n)
         ray = init_ray(cfg.ray, data_bytes=base.nbytes)
