@@ -186,6 +186,8 @@ def _step_embed(cfg: Any, out: dict[str, Any]) -> None:
     rng = np.random.default_rng(0)
     sample = sorted(rng.choice(n, size=min(n, 1000), replace=False).tolist())
     rows = items.take(sample).to_pylist()
+    # only what the synthetic vectors are made from is kept (not every description next to the matrix)
+    items = items.select(["item_id", "categories", "brand"]).combine_chunks()
     texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"], cfg.embed.max_chars)
              for r in rows]
     quiet_loading()
