@@ -86,3 +86,12 @@ def load_tokenizer(path: str, lean_above: int = 1000):
     tok.chat_template = template.read_text() if template.is_file() else conf.get("chat_template")
     tok.name_or_path = str(path)
     return tok
+
+
+def set_torch_threads(threads: int) -> None:
+    """torch on ``threads`` threads in the calling OS thread. Under OpenMP the count is per OS thread: a worker
+    thread (``asyncio.to_thread``, a thread pool) starts at the process default (Ray sets OMP_NUM_THREADS=1
+    below 2 CPUs), so code that runs torch in such a thread sets it there, not only once at start-up."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))

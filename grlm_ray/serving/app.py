@@ -341,11 +341,10 @@ class _CatalogFollower:
 
 
 def _with_threads(threads: int, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` with torch on ``threads`` threads: under OpenMP the count is per OS thread, and a worker
-    thread (``asyncio.to_thread``) starts at the process default (Ray sets OMP_NUM_THREADS=1 for < 2 CPUs)."""
-    import torch
+    """``fn(*args)`` with torch on ``threads`` threads in this (worker) thread: ``models.set_torch_threads``."""
+    from grlm_ray.lib.models import set_torch_threads
 
-    torch.set_num_threads(threads)
+    set_torch_threads(threads)
     return fn(*args)
 
 

@@ -24,7 +24,7 @@ from grlm_ray.core.schemas import EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS, 
 from grlm_ray.core.storage import Store
 from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
-from grlm_ray.lib.models import quiet_loading, resolve_model_path
+from grlm_ray.lib.models import quiet_loading, resolve_model_path, set_torch_threads
 from grlm_ray.lib.protocol import training_popularity
 from grlm_ray.lib.termgen import TermWriter, build_messages, repair
 from grlm_ray.lib.terms import resolve_collisions
@@ -256,11 +256,8 @@ class CatalogTermWriter:
     def __call__(self, catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import json
 
-        import torch
-
-        # torch's thread count is per OS thread under OpenMP: a call from another thread (serving runs it
-        # in a worker thread) would otherwise run on the process default (Ray sets OMP_NUM_THREADS=1)
-        torch.set_num_threads(self.threads)
+        # serving calls this from a worker thread: its torch thread count is its own (models.set_torch_threads)
+        set_torch_threads(self.threads)
 
         c = self.cfg.ctg
         texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],
