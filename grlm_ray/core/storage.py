@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from grlm_ray import __version__
 from grlm_ray.core.config import S3Config
 from grlm_ray.core.errors import DataError, GrlmError
-from grlm_ray.core.schemas import ArtifactSchema, validate
+from grlm_ray.core.schemas import EMBEDDINGS, ArtifactSchema, validate
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,6 @@ class Store:
         The contract is checked as ``read_table`` would: ids present and unique, every vector the same
         length, no nulls (DataError with the row)."""
         import pyarrow.compute as pc
-
-        from grlm_ray.core.schemas import EMBEDDINGS, validate
 
         where = self.uri(rel)
         if not self.exists(rel):

@@ -33,7 +33,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from grlm_ray.lib.models import quiet_loading
+from grlm_ray.lib.models import load_tokenizer, quiet_loading
 
 
 @dataclass
@@ -314,7 +314,6 @@ class TidDecoder:
         """``model_dir``: an exported model folder; or ``model`` + ``tokenizer`` already in memory (the
         transformers backend; e.g. the model being trained, scored on validation users)."""
         quiet_loading()
-        from grlm_ray.lib.models import load_tokenizer
 
         if model_dir is None and (model is None or tokenizer is None):
             raise ValueError("TidDecoder needs model_dir, or model and tokenizer")

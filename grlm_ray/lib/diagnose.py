@@ -28,7 +28,7 @@ from grlm_ray.core.storage import Store
 from grlm_ray.core.tracking import log_diagnostics
 from grlm_ray.lib.decoding import END_MARKER, TransformersScorer, tid_token_seqs
 from grlm_ray.lib.eig import tid_text
-from grlm_ray.lib.models import quiet_loading
+from grlm_ray.lib.models import load_tokenizer, quiet_loading
 from grlm_ray.lib.protocol import build_queries
 from grlm_ray.lib.textformat import history_prompt, line_writer, seq_prompt, training_sequences
 from grlm_ray.lib.tokens import encode_all, end_of_turn, render_prompt
@@ -176,8 +176,6 @@ def diagnose(cfg: GrlmConfig, users: int = 300, rows: int = 400) -> dict[str, An
     quiet_loading()
     import torch
     from transformers import AutoModelForCausalLM
-
-    from grlm_ray.lib.models import load_tokenizer
 
     store = Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name

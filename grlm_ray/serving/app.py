@@ -57,6 +57,7 @@ from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.storage import Store
 from grlm_ray.lib.decoding import TidDecoder
 from grlm_ray.lib.eig import TidIndex, parse_generated, tid_text
+from grlm_ray.lib.models import set_torch_threads
 from grlm_ray.lib.textformat import history_prompt, line_writer
 from grlm_ray.lib.tokens import render_prompt
 from grlm_ray.serving.catalog import (
@@ -342,8 +343,6 @@ class _CatalogFollower:
 
 def _with_threads(threads: int, fn: Any, *args: Any) -> Any:
     """``fn(*args)`` with torch on ``threads`` threads in this (worker) thread: ``models.set_torch_threads``."""
-    from grlm_ray.lib.models import set_torch_threads
-
     set_torch_threads(threads)
     return fn(*args)
 
