@@ -8,6 +8,12 @@ import pytest
 from grlm_ray.lib.lexical import LexicalTermWriter, item_words, words
 
 
+def rows(titles: dict[str, str]) -> list[dict]:
+    """Beauty items with only a title (id -> title)."""
+    return [{"item_id": i, "title": t, "category": "Beauty", "categories": [], "brand": "", "description": ""}
+            for i, t in titles.items()]
+
+
 def catalog():
     """Three shampoos, two conditioners, two lipsticks, one mirror; ids say what each is."""
     titles = {
@@ -20,8 +26,7 @@ def catalog():
         "li-nude": "Matte Liquid Lipstick, Velvet Nude",
         "mi-travel": "Lighted Travel Mirror, 10x Magnifying",
     }
-    items = [{"item_id": i, "title": t, "category": "Beauty", "categories": [], "brand": "", "description": ""}
-             for i, t in titles.items()]
+    items = rows(titles)
     group = {k: [j for j in titles if j[:2] == k[:2] and j != k] for k in titles}
     neighbors = {k: group[k] + [j for j in titles if j not in group[k] and j != k] for k in titles}
     return items, neighbors
@@ -59,8 +64,7 @@ def test_near_duplicates_are_told_apart_by_the_word_their_nearest_neighbour_lack
         "o2": "Lashly Washable Lengthening Mascara, Black",
         "o3": "Lashly Waterproof Volume Mascara, Brown",
     }
-    items = [{"item_id": i, "title": t, "category": "Beauty", "categories": [], "brand": "", "description": ""}
-             for i, t in titles.items()]
+    items = rows(titles)
     nbrs = {"wp": ["wa", "o1", "o3", "o2"], "wa": ["wp", "o2", "o1", "o3"],
             "o1": ["o3", "wp", "o2", "wa"], "o2": ["wa", "o1", "o3", "wp"], "o3": ["o1", "wp", "wa", "o2"]}
     tids = LexicalTermWriter(items, nbrs, num_terms=4, num_neighbors=4, distinct_terms=1).tids()
