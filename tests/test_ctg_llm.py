@@ -83,3 +83,36 @@ def test_kept_prompt_prefill_and_early_stop_change_no_answer(model_cache):
     assert greedy.startswith(early) and answer_settled(early, 5) or early == greedy
     full, cut = parse_terms(greedy, 5), parse_terms(early, 5)
     assert cut.valid == full.valid and full.terms[:len(cut.terms)] == cut.terms
+
+
+def test_a_term_writer_past_its_deadline_stops_decoding_and_repairs(model_cache):
+    """Serving's term-writer budget: decoding stops at the deadline (the text so far is the start of the
+    unbounded answer), no retry starts after it, and the cut answer is repaired with the statistical TID."""
+    import json
+    import time
+
+    import numpy as np
+
+    from grlm_ray.core.config import CTGConfig, LLMConfig
+    from grlm_ray.lib.generation import resolve_llm_path
+    from grlm_ray.lib.termgen import ANSWER_PREFIX, TermWriter
+
+    cfg = CTGConfig(retries=2, llm=LLMConfig(cache_dir=str(model_cache), max_new_tokens=24, batch_size=1))
+    writer = TermWriter(resolve_llm_path(cfg.llm), cfg, threads=2)
+    conv = [{"role": "user", "content": "Write 5 comma-separated words for: Argan Oil Repair Shampoo, 12 oz."}]
+    full = writer.gen.generate([conv], prefix=ANSWER_PREFIX)[0]
+    cut = writer.gen.generate([conv], prefix=ANSWER_PREFIX, deadline=time.monotonic())[0]
+    n_full, n_cut = (len(writer.gen.tok(t, add_special_tokens=False)["input_ids"]) for t in (full, cut))
+    assert full.startswith(cut) and n_cut <= 1 < n_full
+
+    statistical = ["shampoo", "argan", "oil", "repair", "hair"]
+    batch = {"row": np.arange(1), "item_id": np.array(["sh-1"], dtype=object),
+             "category": np.array(["Beauty"], dtype=object), "messages": np.array([json.dumps(conv)], dtype=object),
+             "fallback": np.array([json.dumps(["Argan Oil Repair Shampoo", ""])], dtype=object),
+             "lexical": np.array([json.dumps(statistical)], dtype=object)}
+    late = writer(batch, deadline=time.monotonic())
+    assert late["terms"][0].split("\t") == statistical and late["source"][0] == "llm+repair"
+    assert late["attempts"][0] == 1 and late["reason"][0].startswith("out of time")
+    free = writer(batch)  # no budget: the answer is the model's own or repaired after its retries
+    assert free["attempts"][0] == 1 if free["valid"][0] else free["attempts"][0] == 3
+    assert not str(free["reason"][0]).startswith("out of time")

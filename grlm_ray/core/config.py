@@ -545,6 +545,10 @@ class ServeConfig(StrictModel):
     # sampled retries of an LLM answer that does not validate when serving adds an item (None: ctg.retries);
     # each retry costs one more generation before the statistical repair: 0 trades legality for latency
     term_writer_retries: int | None = Field(None, ge=0)
+    # the LLM's time to write one added item's TID, counted from the call's start (None: no limit): decoding
+    # stops there, no retry starts after it, and the answer is repaired (statistical CTG by default) when it
+    # does not validate in time; the admin call then answers in about this plus the catalog update
+    term_writer_budget_s: float | None = Field(1.5, gt=0)
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
     # overload shedding at the door: recommend calls in flight per ingress replica; past it a call is refused
     # 503 + Retry-After before any replica works on it (None: the generators' capacity, max_replicas x

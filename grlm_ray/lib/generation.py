@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -26,11 +27,12 @@ class TextGenerator(Protocol):
     """An LLM that continues chat conversations (transformers or vLLM); the serving deployment that
     recommends is ``serving.Generator``. ``stop(text)``: True once a continuation is settled (more text would
     not change how it is read): a backend may end that sequence there (transformers does; vLLM, fast on
-    GPUs, runs to ``max_new_tokens``)."""
+    GPUs, runs to ``max_new_tokens``). ``deadline`` (a ``time.monotonic()`` instant): decoding ends there and
+    the continuations so far are returned, cut (transformers; vLLM runs to the end)."""
 
     def generate(self, conversations: list[list[dict[str, str]]], *, prefix: str = "",
                  temperature: float = 0.0, seed: int = 0, max_new_tokens: int | None = None,
-                 stop: Callable[[str], bool] | None = None) -> list[str]: ...
+                 stop: Callable[[str], bool] | None = None, deadline: float | None = None) -> list[str]: ...
 
 
 def gguf_to_hf(gguf_path: str, cache_dir: str) -> str:
@@ -127,7 +129,8 @@ class TransformersGenerator:
             self._prompt = (text, cache)
         return copy.deepcopy(self._prompt[1])
 
-    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None, stop=None):
+    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None, stop=None,
+                 deadline=None):
         import torch
 
         texts = [render(self.tok, c, prefix, self.cfg.enable_thinking) for c in conversations]
@@ -142,8 +145,8 @@ class TransformersGenerator:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if stop is not None:
-                kwargs["stopping_criteria"] = [_settled(self.tok, enc["input_ids"].shape[1], stop)]
+            if stop is not None or deadline is not None:
+                kwargs["stopping_criteria"] = [_settled(self.tok, enc["input_ids"].shape[1], stop, deadline)]
             if len(chunk) == 1 and enc["input_ids"].shape[1] > 1:  # one prompt (serving): its prefill kept
                 kwargs["past_key_values"] = self._prompt_cache(chunk[0], enc["input_ids"])
             with torch.inference_mode():
@@ -153,29 +156,32 @@ class TransformersGenerator:
         return out
 
 
-def _settled(tok: Any, prompt_len: int, stop: Callable[[str], bool]) -> Any:
-    """A transformers stopping criterion for ``stop`` (transformers is imported here, lazily)."""
+def _settled(tok: Any, prompt_len: int, stop: Callable[[str], bool] | None, deadline: float | None) -> Any:
+    """A transformers stopping criterion for ``stop`` and ``deadline`` (transformers is imported here, lazily)."""
     from transformers import StoppingCriteria
 
     class Settled(StoppingCriteria):
         """Ends each sequence of a batch once ``stop`` says its continuation is settled (one decode of at most
-        ``max_new_tokens`` tokens per unfinished sequence and step)."""
+        ``max_new_tokens`` tokens per unfinished sequence and step), and every sequence at ``deadline``."""
 
-        def __init__(self, tok: Any, prompt_len: int, stop: Callable[[str], bool]) -> None:
-            self.tok, self.prompt_len, self.stop, self.done = tok, prompt_len, stop, None
+        def __init__(self, tok: Any, prompt_len: int, stop: Callable[[str], bool] | None,
+                     deadline: float | None) -> None:
+            self.tok, self.prompt_len, self.stop, self.deadline, self.done = tok, prompt_len, stop, deadline, None
 
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             import torch
 
             if self.done is None:
                 self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self.done[:] = True
             new = input_ids[:, self.prompt_len:]
             for i in range(new.shape[0]):
-                if not self.done[i]:
+                if not self.done[i] and self.stop is not None:
                     self.done[i] = self.stop(self.tok.decode(new[i], skip_special_tokens=True))
             return self.done.clone()
 
-    return Settled(tok, prompt_len, stop)
+    return Settled(tok, prompt_len, stop, deadline)
 
 
 class VllmGenerator:
@@ -193,7 +199,8 @@ class VllmGenerator:
         self.llm = LLM(**kwargs)
         self.tok = self.llm.get_tokenizer()
 
-    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None, stop=None):
+    def generate(self, conversations, *, prefix="", temperature=0.0, seed=0, max_new_tokens=None, stop=None,
+                 deadline=None):
         from vllm import SamplingParams
 
         texts = [render(self.tok, c, prefix, self.cfg.enable_thinking) for c in conversations]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -175,26 +176,29 @@ class TermWriter:
         self.cfg = cfg
         self.gen = make_generator(model_path, cfg.llm, threads)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray], deadline: float | None = None) -> dict[str, Any]:
+        """``deadline`` (a ``time.monotonic()`` instant; serving's term-writer budget): decoding stops there,
+        no retry starts after it, and an answer it cut is repaired like any answer that does not validate."""
         cfg, n = self.cfg, self.cfg.num_terms
         convs = [json.loads(m) for m in batch["messages"]]
         stop = functools.partial(answer_settled, n=n)  # decoding ends once the answer is settled
-        raws = self.gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0, stop=stop)
+        raws = self.gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0, stop=stop, deadline=deadline)
         parsed = [parse_terms(r, n) for r in raws]
         attempts = np.ones(len(convs), dtype=np.int32)
         for attempt in range(cfg.retries):
             todo = [i for i, p in enumerate(parsed) if not p.valid]
-            if not todo:
+            if not todo or (deadline is not None and time.monotonic() >= deadline):
                 break
             seed = cfg.seed + 1000 * (attempt + 1) + int(batch["row"][todo[0]])
             again = self.gen.generate([convs[i] for i in todo], prefix=ANSWER_PREFIX,
-                                      temperature=cfg.retry_temperature, seed=seed, stop=stop)
+                                      temperature=cfg.retry_temperature, seed=seed, stop=stop, deadline=deadline)
             for i, r in zip(todo, again):
                 attempts[i] += 1
                 p = parse_terms(r, n)
                 if p.valid or len(p.terms) >= len(parsed[i].terms):
                     parsed[i], raws[i] = p, r
         out_terms, valid, source, reasons = [], [], [], []
+        late = deadline is not None and time.monotonic() >= deadline  # the budget ended decoding or retries
         for i, p in enumerate(parsed):
             if p.valid:
                 out_terms.append(p.terms)
@@ -208,7 +212,7 @@ class TermWriter:
                     out_terms.append(repair(p.terms, fallback, str(batch["category"][i]), n))
                 source.append("llm+repair")
             valid.append(p.valid)
-            reasons.append(p.reason)
+            reasons.append(f"out of time: {p.reason}" if late and not p.valid else p.reason)
         # terms travel as one '\t'-joined string: a column of variable-length lists would be pickled by Ray Data
         return {"item_id": batch["item_id"], "terms": np.array(["\t".join(t) for t in out_terms], dtype=object),
                 "raw": np.array([ANSWER_PREFIX + r for r in raws], dtype=object),

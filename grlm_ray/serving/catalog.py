@@ -12,6 +12,7 @@ to ``<run>/serve/catalog_updates.parquet``, so a restarted app serves them too.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -258,6 +259,8 @@ class CatalogTermWriter:
 
         # serving calls this from a worker thread: its torch thread count is its own (models.set_torch_threads)
         set_torch_threads(self.threads)
+        budget = self.cfg.serve.term_writer_budget_s
+        deadline = time.monotonic() + budget if budget is not None else None
 
         c = self.cfg.ctg
         texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],
@@ -293,7 +296,7 @@ class CatalogTermWriter:
                             "messages": np.array([json.dumps(m) for m in convs], dtype=object),
                             "fallback": np.array([json.dumps([r["title"], r["description"]] + [x["title"] for x in ctx])
                                                   for r, ctx in zip(rows, contexts)], dtype=object),
-                            "lexical": np.array([json.dumps(t) for t in lexical], dtype=object)})
+                            "lexical": np.array([json.dumps(t) for t in lexical], dtype=object)}, deadline)
             out = [dict(r, terms=str(t).split("\t"), source=str(src))
                    for r, t, src in zip(rows, res["terms"], res["source"])]
         log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])
