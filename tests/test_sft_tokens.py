@@ -405,6 +405,10 @@ def test_arrow_bucketing_equals_the_list_bucketing():
     b = bucket_arrow(pa.array(ids, pa.list_(pa.int32())), pa.array(labels, pa.list_(pa.int32())), 20, 4)
     assert a.stats == b.stats and a.stats["truncated_samples"] > 0
     assert a.table.to_pylist() == b.table.to_pylist()
+    written: list[pa.Table] = []  # streamed to a writer instead (the train stage): the same rows, none kept
+    c = bucket_arrow(pa.array(ids, pa.list_(pa.int32())), pa.array(labels, pa.list_(pa.int32())), 20, 4,
+                     write=written.extend)
+    assert c.table is None and c.stats == b.stats and pa.concat_tables(written).equals(b.table)
     empty = bucket_arrow(pa.array([], pa.list_(pa.int32())), pa.array([], pa.list_(pa.int32())), 20, 4)
     assert empty.table.num_rows == 0 and empty.stats["rows"] == 0
 

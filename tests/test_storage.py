@@ -64,6 +64,7 @@ def test_s3_round_trip_resume_and_prepare(s3_server):
     s3 = S3Config(endpoint_url=s3_server["endpoint"])
     store = Store(f"s3://{s3_server['bucket']}/unit", s3)
     exercise_store(store)
+    exercise_batches(store)
     keys = s3_server["client"].list_objects_v2(Bucket=s3_server["bucket"], Prefix="unit/r/s/")
     names = {o["Key"] for o in keys.get("Contents", [])}
     assert "unit/r/s/_manifest.json" in names and "unit/r/s/all.parquet" in names
@@ -161,3 +162,54 @@ def test_embeddings_stream_into_the_matrix_read_table_gives_and_bad_rows_are_nam
     with pytest.raises(DataError, match="duplicate item id 'a'") as e:
         store.read_embeddings("r/bad2.parquet")
     assert e.value.row == 2
+
+
+def sft_rows(tasks):
+    from grlm_ray.core.schemas import SFT
+
+    return pa.Table.from_pylist([{"task": t, "domain": "d", "prompt": [{"role": "user", "content": f"q{k}"}],
+                                  "completion": f" a{k} |"} for k, t in enumerate(tasks)], schema=SFT.arrow)
+
+
+def exercise_batches(store: Store):
+    """Tables streamed into one artifact and out of it a batch at a time: the same rows as the whole-table
+    calls, atomic on failure, and a bad row named by its row in the file."""
+    from grlm_ray.core.errors import DataError
+    from grlm_ray.core.schemas import SFT
+
+    parts = [sft_rows(["seq"] * n) for n in (3, 0, 4)]
+    assert store.write_batches("b/sft.parquet", iter(parts), SFT) == 7
+    whole = store.read_table("b/sft.parquet", SFT)
+    assert whole.equals(pa.concat_tables(parts))
+    got = list(store.read_batches("b/sft.parquet", SFT, batch_rows=2))
+    assert [t.num_rows for t in got] == [2, 2, 2, 1] and pa.concat_tables(got).equals(whole)
+    only = pa.concat_tables(store.read_batches("b/sft.parquet", SFT, columns=["completion"], batch_rows=3))
+    assert only.column_names == ["completion"] and only.column(0).equals(whole.column("completion"))
+
+    def dies():
+        yield sft_rows(["gti"])
+        raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        store.write_batches("b/sft.parquet", dies(), SFT)  # the old file stays whole
+    assert store.read_table("b/sft.parquet", SFT).equals(whole)
+    with pytest.raises(DataError, match="empty value") as e:
+        store.write_batches("b/bad.parquet", iter([sft_rows(["seq"]), sft_rows(["seq", ""])]), SFT)
+    assert "(writing)" in str(e.value) and e.value.row == 2 and not store.exists("b/bad.parquet")
+    store.write_table("b/bad.parquet", sft_rows(["seq", "seq", "seq", ""]))  # unchecked on write
+    with pytest.raises(DataError, match="empty value") as e:
+        list(store.read_batches("b/bad.parquet", SFT, batch_rows=2))
+    assert e.value.row == 3 and e.value.field == "task"
+    with pytest.raises(DataError, match="missing column") as e:
+        next(store.read_batches("b/sft.parquet", SFT, columns=["task", "nope"]))
+    assert e.value.field == "nope"
+    store.write_table("b/bad.parquet", whole.drop(["completion"]))
+    with pytest.raises(DataError, match="missing column") as e:
+        next(store.read_batches("b/bad.parquet", SFT))
+    assert e.value.field == "completion"
+
+
+def test_local_batches_stream_in_and_out_atomically_and_name_the_files_row(tmp_path):
+    store = Store(str(tmp_path))
+    exercise_batches(store)
+    assert sorted(os.listdir(tmp_path / "b")) == ["bad.parquet", "sft.parquet"]  # no temporary files left

@@ -242,7 +242,10 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
 
     store = Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name
-    sft_t = store.read_table(f"{run}/sft/sft.parquet", SFT)
+
+    def sft_t(columns: list[str] | None) -> Any:  # as the train stage reads it: a batch at a time
+        return store.read_batches(f"{run}/sft/sft.parquet", SFT, columns, batch_rows=8192)
+
     terms = store.read_table(f"{run}/sft/terms.parquet", TERMS)
     items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
     t0 = time.perf_counter()
@@ -255,9 +258,11 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
         tok = load_tokenizer(tmp)
         tok.save_pretrained(_tokenizer_dir(cfg))
     t1 = time.perf_counter()
-    batches = tokenize_sft(tok, sft_t, cfg)
+    # as the train stage writes them: the sorted rows streamed into the artifact
+    batches = tokenize_sft(tok, sft_t, cfg, write=lambda rows: store.write_batches(
+        f"{run}/bench-scale-tokens.parquet", rows))
     out.update({"vocabulary_build_seconds": round(t1 - t0, 1), "tokenize_seconds": round(time.perf_counter() - t1, 1),
-                "terms": len(all_terms), "sft_samples": sft_t.num_rows, "tokens": batches.stats["tokens"]})
+                "terms": len(all_terms), "sft_samples": batches.stats["samples"], "tokens": batches.stats["tokens"]})
 
 
 def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:

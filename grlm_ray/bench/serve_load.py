@@ -199,7 +199,9 @@ def _catalog_updates(url: str, token: str, histories: list[list[str]], n: int, k
     for i in range(n):
         item = {"item_id": f"bench-new-{i}-{int(time.time())}", "category": "Beauty", "brand": "Glowra",
                 "title": ["Glowra Vegan Matte Lipstick, Ruby Red", "Argan Oil Repair Shampoo for Dry Hair, 12 oz",
-                          "Lighted Travel Makeup Mirror, 10x Magnifying"][i % 3],
+                          "Lighted Travel Makeup Mirror, 10x Magnifying", "Waterproof Volumizing Mascara, Black",
+                          "Unscented Aloe Body Lotion for Sensitive Skin, 16 oz",
+                          "Ceramic Flat Iron Hair Straightener, 1 inch"][i % 6],
                 "description": "A new product added while serving.", "categories": ["Beauty"]}
         t0 = time.perf_counter()
         status, _, res = post(url, {"items": [item]}, timeout=600, path="/v1/admin/items",
@@ -297,7 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "num_beams": args.beams, "k": args.k, "constrained": True,
                     "generator_max_ongoing_per_replica": half, "generator_max_queued": half,
                     "max_batch_size": cfg.serve.max_batch_size, "retry": cfg.serve.retry.model_dump(),
-                    "startup_seconds": round(startup, 1)},
+                    "ctg_method": cfg.ctg.method, "term_writer_budget_s": cfg.serve.term_writer_budget_s,
+                    "term_writer_retries": cfg.serve.term_writer_retries, "startup_seconds": round(startup, 1)},
             "bounds": {"requests_per_level": args.requests, "max_seconds_per_level": args.duration,
                        "overload_and_fault_seconds": args.fault_duration, "target": "127.0.0.1"},
             "levels": levels, "overload": overload, "faults": faults, "catalog_updates": updates_rows,
@@ -310,7 +313,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "columns": ["killed", "requests", "failed_requests", "retries", "retried_requests",
                                     "catalog_version_before", "catalog_versions_after", "replaced_s", "p99_ms"],
                         "rows": faults},
-                       {"title": f"catalog updates (ctg.method={cfg.ctg.method}; the first starts the term writer)",
+                       {"title": f"catalog updates (ctg.method={cfg.ctg.method}, serve.term_writer_budget_s="
+                                 f"{cfg.serve.term_writer_budget_s}; the first starts the term writer)",
                         "columns": ["item", "cold", "source", "admin_s", "term_writer_s", "writer_load_s",
                                     "recommendable_s", "recommend_status"], "rows": updates_rows}],
             "file_name": "serve_load"}

@@ -27,7 +27,7 @@ class DataError(GrlmError):
         line: int | None = None,
         field: str | None = None,
     ) -> None:
-        self.where, self.row, self.line, self.field = where, row, line, field
+        self.message, self.where, self.row, self.line, self.field = message, where, row, line, field
         parts = []
         if where:
             parts.append(str(where))

@@ -8,15 +8,18 @@ stopped half-way keeps its finished parts (``parts/<key>/``) and resumes from th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -135,6 +138,52 @@ class Store:
         self.write_bytes(rel, buf.getvalue())
         return table
 
+    def write_batches(self, rel: str, tables: Iterable[pa.Table], schema: ArtifactSchema | None = None) -> int:
+        """``tables`` (one schema) written one after another as one Parquet file, atomically as
+        ``write_table`` (local: a temporary file beside the target, renamed; S3: a local temporary file,
+        uploaded once complete); none is kept, so the whole table never sits in memory. Each is checked
+        against ``schema`` (no unique keys: they need the whole table). Returns the rows written."""
+        if schema is not None and schema.unique:
+            raise GrlmError(f"write_batches cannot check the unique keys of '{schema.name}': use write_table")
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        if self.is_s3:
+            local_dir = tempfile.mkdtemp(prefix="grlm-write-")
+            tmp = os.path.join(local_dir, target.rsplit("/", 1)[1])
+        else:
+            self.fs.create_dir(parent, recursive=True)
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
+        writer, rows = None, 0
+        try:
+            for t in tables:
+                if schema is not None:
+                    try:
+                        t = validate(t, schema, where=f"{self.uri(rel)} (writing)")
+                    except DataError as e:  # the row in the whole artifact
+                        row = None if e.row is None else e.row + rows
+                        raise DataError(e.message, where=e.where, row=row, field=e.field) from None
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, t.schema, compression="zstd")
+                writer.write_table(t)
+                rows += t.num_rows
+            if writer is None:
+                raise GrlmError(f"write_batches: nothing to write to {self.uri(rel)} (no table, not even an empty one)")
+            writer.close()
+            writer = None
+            if self.is_s3:
+                self.fs.create_dir(parent, recursive=True)
+                pafs.copy_files(tmp, target, destination_filesystem=self.fs)
+            else:
+                os.replace(tmp, target)
+        finally:
+            if writer is not None:
+                writer.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if self.is_s3:
+                shutil.rmtree(local_dir, ignore_errors=True)
+        return rows
+
     def read_table(self, rel: str, schema: ArtifactSchema | None = None) -> pa.Table:
         where = self.uri(rel)
         if not self.exists(rel):
@@ -145,6 +194,44 @@ class Store:
             raise DataError(f"cannot read Parquet: {e}", where=where) from e
         return validate(table, schema, where=where) if schema is not None else table
 
+
+    def read_batches(self, rel: str, schema: ArtifactSchema | None = None, columns: list[str] | None = None,
+                     batch_rows: int = 65536) -> Iterator[pa.Table]:
+        """``rel`` as tables of at most ``batch_rows`` rows (``columns`` only, when given), read from the file as
+        they are consumed: the whole table is never in memory at once. Each is checked against ``schema``'s
+        columns as ``read_table`` checks the whole (DataError with the file's own row); schemas with unique
+        keys need the whole table (``read_table``)."""
+        if schema is not None and schema.unique:
+            raise GrlmError(f"read_batches cannot check the unique keys of '{schema.name}': use read_table")
+        where = self.uri(rel)
+        if not self.exists(rel):
+            raise DataError("file not found", where=where)
+        try:
+            f = pq.ParquetFile(self.fs.open_input_file(self.path(rel)))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"cannot read Parquet: {e}", where=where) from e
+        if schema is not None and columns is not None:
+            schema = dataclasses.replace(schema, columns=tuple(c for c in schema.columns if c.name in columns))
+        empty = f.schema_arrow.empty_table()
+        if columns is not None:  # the columns and their types, before any row is read
+            absent = [c for c in columns if c not in empty.column_names]
+            if absent:
+                raise DataError(f"missing column (found columns: {', '.join(empty.column_names)})", where=where,
+                                field=absent[0])
+            empty = empty.select(columns)
+        if schema is not None:
+            validate(empty, schema, where=where)
+        start = 0
+        for b in f.iter_batches(batch_size=batch_rows, columns=columns):
+            t = pa.Table.from_batches([b])
+            if schema is not None:
+                try:
+                    t = validate(t, schema, where=where)
+                except DataError as e:
+                    row = None if e.row is None else e.row + start
+                    raise DataError(e.message, where=e.where, row=row, field=e.field) from None
+            start += t.num_rows
+            yield t
 
     def read_embeddings(self, rel: str, batch_rows: int = 65536) -> tuple[pa.Array, np.ndarray]:
         """(item ids, [n, dim] float32 matrix) of an embeddings artifact, streamed into the matrix a batch
@@ -211,6 +298,11 @@ class StageContext:
         table = self.store.write_table(self.rel(name), table, schema)
         self.outputs[name] = table.num_rows
         return table
+
+    def write_batches(self, name: str, tables: Iterable[pa.Table], schema: ArtifactSchema | None = None) -> int:
+        rows = self.store.write_batches(self.rel(name), tables, schema)
+        self.outputs[name] = rows
+        return rows
 
     def read(self, name: str, schema: ArtifactSchema | None = None, stage: str | None = None) -> pa.Table:
         return self.store.read_table(self.stage_rel(stage or self.stage, name), schema)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -75,7 +75,7 @@ def encode_all(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], completi
 class Batches:
     """Token rows ready for training, and what building them cost."""
 
-    table: pa.Table  # input_ids, labels, position_ids (list<int32>), samples, length (int32)
+    table: pa.Table | None  # input_ids, labels, position_ids (list<int32>), samples, length (int32); None: written
     packed: bool
     stats: dict[str, Any]
 
@@ -159,27 +159,32 @@ def bucket(ids: list[list[int]], labels: list[list[int]], max_length: int, micro
     })
 
 
-def encode_arrow(tokenizer: Any, samples: pa.Table, enable_thinking: bool = False, batch: int = 4096,
-                 mask_titles: bool = False) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """``encode_all`` over a table of samples (``prompt``, ``completion`` columns, the SFT contract) as
-    Arrow ``list<int32>`` columns (input_ids, labels), ``batch`` rows at a time: Python objects exist for
-    one batch only (a whole catalog's samples as Python ints took ~2 GB at 134k items, ``grlm bench
-    scale``). The columns stay in their per-batch chunks (no concatenated copy)."""
+def encode_arrow(tokenizer: Any, samples: pa.Table | Iterable[pa.Table], enable_thinking: bool = False,
+                 batch: int = 4096, mask_titles: bool = False) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """``encode_all`` over samples (``prompt``, ``completion`` columns, the SFT contract: one table, or
+    tables read one after another, e.g. ``Store.read_batches``) as Arrow ``list<int32>`` columns
+    (input_ids, labels), ``batch`` rows at a time: Python objects exist for one batch only (a whole
+    catalog's samples as Python ints took ~2 GB at 134k items, ``grlm bench scale``). The columns stay in
+    their per-batch chunks (no concatenated copy)."""
     id_chunks, lab_chunks = [], []
-    for s in range(0, samples.num_rows, batch):
-        part = samples.slice(s, batch)
-        ids, labels = encode_all(tokenizer, part.column("prompt").to_pylist(), part.column("completion").to_pylist(),
-                                 enable_thinking, batch, mask_titles)
-        id_chunks.append(pa.array(ids, pa.list_(pa.int32())))
-        lab_chunks.append(pa.array(labels, pa.list_(pa.int32())))
+    for table in [samples] if isinstance(samples, pa.Table) else samples:
+        for s in range(0, table.num_rows, batch):
+            part = table.slice(s, batch)
+            ids, labels = encode_all(tokenizer, part.column("prompt").to_pylist(),
+                                     part.column("completion").to_pylist(), enable_thinking, batch, mask_titles)
+            id_chunks.append(pa.array(ids, pa.list_(pa.int32())))
+            lab_chunks.append(pa.array(labels, pa.list_(pa.int32())))
     t = pa.list_(pa.int32())
     return pa.chunked_array(id_chunks, t), pa.chunked_array(lab_chunks, t)
 
 
 def bucket_arrow(ids: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray, max_length: int,
-                 micro_batch: int) -> Batches:
+                 micro_batch: int, write: Callable[[Iterator[pa.Table]], Any] | None = None) -> Batches:
     """``bucket`` on Arrow columns (the same rows, order and stats) without a Python object per token; the
-    sorted copy is the only one made (rows are cut only when one is longer than ``max_length``)."""
+    sorted copy is the only one made (rows are cut only when one is longer than ``max_length``). With
+    ``write`` the sorted rows go to it as they are taken, a slice of 65,536 rows at a time (e.g.
+    ``StageContext.write_batches``), and are not kept: the returned ``Batches`` has no table (at 300k
+    items the kept copy was ~270 MB of a 2.3 GB peak)."""
     import pyarrow.compute as pc
 
     full = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -200,15 +205,26 @@ def bucket_arrow(ids: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedA
     real = int(lengths.sum())
     label_tokens = int(pc.sum(pc.not_equal(pc.list_flatten(cut_labels), IGNORE)).as_py() or 0) if n else 0
     step = 1 << 16
-    pieces = [pa.array(order[s:s + step]) for s in range(0, n, step)]
-    lt = pa.list_(pa.int32())
-    table = pa.table({
-        "input_ids": pa.chunked_array([cut_ids.take(p) for p in pieces], lt),
-        "labels": pa.chunked_array([cut_labels.take(p) for p in pieces], lt),
-        "position_ids": pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.int32())),
-        "samples": pa.array(np.ones(n, np.int32)),
-        "length": pa.array(sorted_len.astype(np.int32)),
-    })
+
+    def rows() -> Iterator[pa.Table]:
+        if not n:
+            yield pa.table({"input_ids": cut_ids, "labels": cut_labels, "position_ids": cut_ids,
+                            "samples": pa.array([], pa.int32()), "length": pa.array([], pa.int32())})
+        for s in range(0, n, step):
+            p = pa.array(order[s:s + step])
+            yield pa.table({
+                "input_ids": cut_ids.take(p), "labels": cut_labels.take(p),
+                "position_ids": pa.ListArray.from_arrays(pa.array(np.zeros(len(p) + 1, np.int32)),
+                                                         pa.array([], pa.int32())),
+                "samples": pa.array(np.ones(len(p), np.int32)),
+                "length": pa.array(sorted_len[s:s + step].astype(np.int32)),
+            })
+
+    table: pa.Table | None = None
+    if write is not None:
+        write(rows())
+    else:
+        table = pa.concat_tables(list(rows()))
     return Batches(table, False, {
         "rows": n, "samples": n, "tokens": real, "slots": slots,
         "padding_waste": round(1 - real / slots, 4) if slots else 0.0,

@@ -23,7 +23,9 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import pyarrow as pa
 
 from grlm_ray.core import faults, runtime
 from grlm_ray.core.config import GrlmConfig, ModelConfig, S3Config, TrainConfig
@@ -36,7 +38,7 @@ from grlm_ray.core.tracking import log_artifact, model_label, start_stage_run, t
 from grlm_ray.lib.generation import gguf_to_hf
 from grlm_ray.lib.models import load_tokenizer, quiet_loading, resolve_model_path
 from grlm_ray.lib.textformat import PROMPTS, line_writer
-from grlm_ray.lib.tokens import IGNORE, bucket, bucket_arrow, collate, encode_all, encode_arrow, pack, render_prompt
+from grlm_ray.lib.tokens import IGNORE, Batches, bucket, bucket_arrow, collate, encode_all, encode_arrow, pack, render_prompt
 from grlm_ray.lib.validation import Validator, build_validation_set, plot_curve, popularity_metrics, reduce_metrics
 from grlm_ray.lib.vocab import add_term_tokens, prune_tokenizer
 
@@ -718,7 +720,18 @@ def export_model(ckpt_dir: str, base_dir: str, out_dir: str, manifest: dict[str,
 
 
 # --------------------------------------------------------------------------- driver
-def corpus_texts(cfg: GrlmConfig, sft_table: Any, items: Any, terms: Any, batch: int = 8192) -> Iterator[str]:
+SampleSource = Union[pa.Table, Callable[[Optional[list[str]]], Iterable[pa.Table]]]
+
+
+def sample_tables(sft: SampleSource, columns: list[str] | None, batch: int = 8192) -> Iterable[Any]:
+    """The SFT samples (``columns`` of them) a batch at a time: from a table, or from a source that reads them
+    one table after another (``Store.read_batches``: the whole table is never in memory)."""
+    if isinstance(sft, pa.Table):
+        return (sft if columns is None else sft.select(columns)).to_batches(max_chunksize=batch)
+    return sft(columns)
+
+
+def corpus_texts(cfg: GrlmConfig, sft: SampleSource, items: Any, terms: Any, batch: int = 8192) -> Iterator[str]:
     """Every text the model will see, streamed: rendered SFT samples plus every catalog line (so each TID,
     even one outside the training mixture, encodes with kept tokens). Python strings exist for one Arrow
     batch at a time (the whole corpus as a list took ~1.5 GB of the tokenization's 4 GB at 300k items)."""
@@ -729,9 +742,9 @@ def corpus_texts(cfg: GrlmConfig, sft_table: Any, items: Any, terms: Any, batch:
     yield render_prompt(_template_tokenizer(cfg), [{"role": "system", "content": PROMPTS[cfg.sft.prompt]["system"]},
                                                     {"role": "user", "content": "x"}])
     yield "\n"
-    for b in sft_table.select(["prompt", "completion"]).to_batches(max_chunksize=batch):
-        yield from pc.struct_field(pc.list_flatten(b.column(0)), "content").to_pylist()
-        yield from b.column(1).to_pylist()
+    for b in sample_tables(sft, ["prompt", "completion"], batch):
+        yield from pc.struct_field(pc.list_flatten(b.column("prompt")), "content").to_pylist()
+        yield from b.column("completion").to_pylist()
     titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
     for b in terms.select(["item_id", "terms"]).to_batches(max_chunksize=batch):
         for i, tids in zip(b.column(0).to_pylist(), b.column(1).to_pylist()):
@@ -745,16 +758,22 @@ def _template_tokenizer(cfg: GrlmConfig) -> Any:
     return AutoTokenizer.from_pretrained(tokenizer_source(cfg.model))
 
 
-def tokenize_sft(tokenizer: Any, sft_table: Any, cfg: GrlmConfig):
+def tokenize_sft(tokenizer: Any, sft: SampleSource, cfg: GrlmConfig,
+                 write: Callable[[Iterator[pa.Table]], Any] | None = None) -> Batches:
+    """The SFT samples as training rows: length-bucketed (Arrow end to end; with ``write`` the sorted rows
+    go to it a slice at a time and are not kept, ``bucket_arrow``) or packed (``train.packing``)."""
     t = cfg.train
+    mask_titles = cfg.sft.item_text == "tid_title_input"
     if not t.packing:  # Arrow columns end to end
         # no names kept for the encoded columns: bucketing frees them once it has its contiguous copy
-        return bucket_arrow(*encode_arrow(tokenizer, sft_table, cfg.model.enable_thinking,
-                                          mask_titles=cfg.sft.item_text == "tid_title_input"),
-                            t.max_length, t.micro_batch)
-    ids, labels = encode_all(tokenizer, sft_table.column("prompt").to_pylist(),
-                             sft_table.column("completion").to_pylist(), cfg.model.enable_thinking,
-                             mask_titles=cfg.sft.item_text == "tid_title_input")
+        return bucket_arrow(*encode_arrow(tokenizer, sample_tables(sft, ["prompt", "completion"]),
+                                          cfg.model.enable_thinking, mask_titles=mask_titles),
+                            t.max_length, t.micro_batch, write)
+    whole = pa.Table.from_batches(list(sample_tables(sft, ["prompt", "completion"]))) \
+        if isinstance(sft, pa.Table) else pa.concat_tables(list(sft(["prompt", "completion"])))
+    ids, labels = encode_all(tokenizer, whole.column("prompt").to_pylist(),
+                             whole.column("completion").to_pylist(), cfg.model.enable_thinking,
+                             mask_titles=mask_titles)
     ids = [x[: t.max_length] for x in ids]
     labels = [x[: t.max_length] for x in labels]
     if t.packing:
@@ -779,14 +798,18 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
 
     def body(ctx: StageContext) -> None:
         quiet_loading()
-        sft_table = ctx.read("sft.parquet", SFT, stage="sft")
+        sft_rel = ctx.stage_rel("sft", "sft.parquet")
+
+        def sft(columns: list[str] | None) -> Iterator[pa.Table]:  # read a batch at a time, never whole
+            return ctx.store.read_batches(sft_rel, SFT, columns, batch_rows=8192)
+
         terms = ctx.read("terms.parquet", TERMS, stage="sft")
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="grlm-base-") as tmp:
             if not ctx.store.exists(ctx.rel("base/config.json")):
                 all_terms = sorted({w for tid in terms.column("terms").to_pylist() for w in tid})
-                backbone = build_backbone(m, corpus_texts(cfg, sft_table, items, terms), tmp, all_terms,
+                backbone = build_backbone(m, corpus_texts(cfg, sft, items, terms), tmp, all_terms,
                                           embedder=cfg.embed.model)
                 ctx.store.write_json(ctx.rel("base_info.json"), backbone)
                 ctx.store.upload_dir(tmp, ctx.rel("base"))
@@ -794,8 +817,9 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         cache = tempfile.mkdtemp(prefix="grlm-train-driver-")
         base_local = ctx.store.local_dir(ctx.rel("base"), cache)
         tokenizer = load_tokenizer(base_local)
-        batches = tokenize_sft(tokenizer, sft_table, cfg)
-        ctx.write("tokens.parquet", batches.table)
+        batches = tokenize_sft(tokenizer, sft, cfg, write=lambda rows: ctx.write_batches("tokens.parquet", rows))
+        if batches.table is not None:  # packed rows: built whole
+            ctx.write("tokens.parquet", batches.table)
         tok_seconds = time.time() - t0
         validation = None
         if t.validation.enabled:
@@ -818,7 +842,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             if not t.use_gpu and t.num_workers * t.cpus_per_worker > cpus:
                 raise ConfigError(f"train.num_workers={t.num_workers} x cpus_per_worker={t.cpus_per_worker} > {cpus} "
                                   "CPUs in the Ray cluster")
-        plan = plan_steps(t, batches.table.num_rows, batches.stats["samples"], world)
+        plan = plan_steps(t, batches.stats["rows"], batches.stats["samples"], world)
         ds_cfg = deepspeed_config(t, plan["accum"], t.num_workers) if t.strategy == "deepspeed" else None
         if ds_cfg:
             ctx.store.write_json(ctx.rel("deepspeed.json"), ds_cfg)
