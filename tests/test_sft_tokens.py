@@ -413,6 +413,30 @@ def test_arrow_bucketing_equals_the_list_bucketing():
     assert empty.table.num_rows == 0 and empty.stats["rows"] == 0
 
 
+def test_arrow_bucketing_gathers_from_chunks_across_slices():
+    """Encoded columns arrive in chunks (one per encoded batch) and the sorted rows leave in slices of 65,536:
+    rows gathered across chunk and slice borders are the list path's rows, in its order."""
+    import numpy as np
+
+    from grlm_ray.lib.tokens import bucket, bucket_arrow
+
+    rng = np.random.default_rng(1)
+    n = 70_000
+    lens = rng.integers(0, 26, n)
+    flat = rng.integers(0, 500, int(lens.sum())).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    col = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    lab = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.where(flat % 3 == 0, IGNORE, flat).astype(np.int32)))
+    cuts = [0, 4096, 4097, 30_000, 65_536, 65_537, n]  # uneven chunks, one of a single row
+    chunked = [pa.chunked_array([c.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])]) for c in (col, lab)]
+    want = bucket(col.to_pylist(), lab.to_pylist(), max_length=20, micro_batch=8)
+    got = bucket_arrow(*chunked, 20, 8)
+    assert got.stats == want.stats and got.stats["truncated_samples"] > 0
+    assert got.table.column("input_ids").to_pylist() == want.table.column("input_ids").to_pylist()
+    assert got.table.column("labels").to_pylist() == want.table.column("labels").to_pylist()
+    assert got.table.column("length").to_pylist() == want.table.column("length").to_pylist()
+
+
 def test_arrow_encoding_equals_the_list_encoding(smol_tokenizer):
     from grlm_ray.lib.tokens import encode_all, encode_arrow
 
@@ -423,3 +447,12 @@ def test_arrow_encoding_equals_the_list_encoding(smol_tokenizer):
     table = pa.table({"prompt": msgs, "completion": comps})
     ids_a, labels_a = encode_arrow(smol_tokenizer, table, batch=3)  # several batches
     assert ids_a.to_pylist() == ids and labels_a.to_pylist() == labels
+
+
+def test_term_vocabulary_is_every_distinct_term_sorted():
+    from grlm_ray.stages.train import term_vocabulary
+
+    tids = [["shampoo", "argan", "oil"], ["shampoo", "tea", "tree"], ["mascara", "black", "oil"]]
+    terms = pa.Table.from_batches([pa.record_batch({"item_id": ["a", "b"], "terms": tids[:2]}),
+                                   pa.record_batch({"item_id": ["c"], "terms": tids[2:]})])  # two chunks
+    assert term_vocabulary(terms) == sorted({w for t in tids for w in t})

@@ -185,6 +185,11 @@ def exercise_batches(store: Store):
     assert [t.num_rows for t in got] == [2, 2, 2, 1] and pa.concat_tables(got).equals(whole)
     only = pa.concat_tables(store.read_batches("b/sft.parquet", SFT, columns=["completion"], batch_rows=3))
     assert only.column_names == ["completion"] and only.column(0).equals(whole.column("completion"))
+    assert store.read_table("b/sft.parquet", SFT, columns=["completion", "task"]).equals(
+        whole.select(["task", "completion"]))  # the columns asked for, in the contract's order
+    with pytest.raises(DataError, match="missing column") as e:
+        store.read_table("b/sft.parquet", SFT, columns=["task", "nope"])
+    assert e.value.field == "nope"
 
     def dies():
         yield sft_rows(["gti"])

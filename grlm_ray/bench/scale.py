@@ -238,7 +238,7 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
 
     from grlm_ray.core.schemas import ITEMS, SFT, TERMS
     from grlm_ray.core.storage import Store
-    from grlm_ray.stages.train import build_backbone, corpus_texts, tokenize_sft
+    from grlm_ray.stages.train import build_backbone, corpus_texts, term_vocabulary, tokenize_sft
 
     store = Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name
@@ -247,9 +247,9 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
         return store.read_batches(f"{run}/sft/sft.parquet", SFT, columns, batch_rows=8192)
 
     terms = store.read_table(f"{run}/sft/terms.parquet", TERMS)
-    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
+    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS, columns=["item_id", "title"])  # as the stage
     t0 = time.perf_counter()
-    all_terms = sorted({w for tid in terms.column("terms").to_pylist() for w in tid})
+    all_terms = term_vocabulary(terms)
     corpus = corpus_texts(cfg, sft_t, items, terms)
     with tempfile.TemporaryDirectory() as tmp:
         build_backbone(cfg.model, corpus, tmp, all_terms, embedder=cfg.embed.model)

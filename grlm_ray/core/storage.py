@@ -184,15 +184,23 @@ class Store:
                 shutil.rmtree(local_dir, ignore_errors=True)
         return rows
 
-    def read_table(self, rel: str, schema: ArtifactSchema | None = None) -> pa.Table:
+    def read_table(self, rel: str, schema: ArtifactSchema | None = None, columns: list[str] | None = None) -> pa.Table:
+        """``rel`` whole (``columns`` only, when given: the others are never read), checked against
+        ``schema``'s columns."""
         where = self.uri(rel)
         if not self.exists(rel):
             raise DataError("file not found", where=where)
         try:
-            table = pq.read_table(self.path(rel), filesystem=self.fs)
+            if columns is not None:
+                found = pq.read_schema(self.path(rel), filesystem=self.fs).names
+                absent = [c for c in columns if c not in found]
+                if absent:
+                    raise DataError(f"missing column (found columns: {', '.join(found)})", where=where,
+                                    field=absent[0])
+            table = pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read Parquet: {e}", where=where) from e
-        return validate(table, schema, where=where) if schema is not None else table
+        return validate(table, _subset(schema, columns), where=where) if schema is not None else table
 
 
     def read_batches(self, rel: str, schema: ArtifactSchema | None = None, columns: list[str] | None = None,
@@ -210,8 +218,7 @@ class Store:
             f = pq.ParquetFile(self.fs.open_input_file(self.path(rel)))
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read Parquet: {e}", where=where) from e
-        if schema is not None and columns is not None:
-            schema = dataclasses.replace(schema, columns=tuple(c for c in schema.columns if c.name in columns))
+        schema = _subset(schema, columns)
         empty = f.schema_arrow.empty_table()
         if columns is not None:  # the columns and their types, before any row is read
             absent = [c for c in columns if c not in empty.column_names]
@@ -278,6 +285,14 @@ class Store:
         return ids.combine_chunks(), base
 
 
+def _subset(schema: ArtifactSchema | None, columns: list[str] | None) -> ArtifactSchema | None:
+    """``schema`` restricted to ``columns`` (unique keys kept only when their column is read)."""
+    if schema is None or columns is None:
+        return schema
+    return dataclasses.replace(schema, columns=tuple(c for c in schema.columns if c.name in columns),
+                               unique=tuple(k for k in schema.unique if k in columns))
+
+
 @dataclass
 class StageContext:
     """What a stage function gets: where to read and write, and its resumable parts."""
@@ -304,8 +319,9 @@ class StageContext:
         self.outputs[name] = rows
         return rows
 
-    def read(self, name: str, schema: ArtifactSchema | None = None, stage: str | None = None) -> pa.Table:
-        return self.store.read_table(self.stage_rel(stage or self.stage, name), schema)
+    def read(self, name: str, schema: ArtifactSchema | None = None, stage: str | None = None,
+             columns: list[str] | None = None) -> pa.Table:
+        return self.store.read_table(self.stage_rel(stage or self.stage, name), schema, columns)
 
     # -- resumable parts: a part is done once its _done marker exists -----------------------
     def part_done(self, key: str) -> bool:

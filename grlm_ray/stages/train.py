@@ -720,6 +720,13 @@ def export_model(ckpt_dir: str, base_dir: str, out_dir: str, manifest: dict[str,
 
 
 # --------------------------------------------------------------------------- driver
+def term_vocabulary(terms: pa.Table) -> list[str]:
+    """Every distinct term of a TERMS table, sorted (on Arrow: no Python list of every item's terms)."""
+    import pyarrow.compute as pc
+
+    return sorted(pc.unique(pc.list_flatten(terms.column("terms"))).to_pylist())
+
+
 SampleSource = Union[pa.Table, Callable[[Optional[list[str]]], Iterable[pa.Table]]]
 
 
@@ -804,11 +811,11 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             return ctx.store.read_batches(sft_rel, SFT, columns, batch_rows=8192)
 
         terms = ctx.read("terms.parquet", TERMS, stage="sft")
-        items = ctx.read("items.parquet", ITEMS, stage="prepare")
+        items = ctx.read("items.parquet", ITEMS, stage="prepare", columns=["item_id", "title"])  # titles only
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="grlm-base-") as tmp:
             if not ctx.store.exists(ctx.rel("base/config.json")):
-                all_terms = sorted({w for tid in terms.column("terms").to_pylist() for w in tid})
+                all_terms = term_vocabulary(terms)
                 backbone = build_backbone(m, corpus_texts(cfg, sft, items, terms), tmp, all_terms,
                                           embedder=cfg.embed.model)
                 ctx.store.write_json(ctx.rel("base_info.json"), backbone)
