@@ -222,6 +222,14 @@ def test_query_table_in_chunks_has_the_rows_of_the_per_target_loop(smol_tokenize
                          "target_item_id": r["target_item_id"], "history": history,
                          "prompt": render_prompt(smol_tokenizer, msgs, cfg.model.enable_thinking, prefix)})
         assert got == want and len(got) == 3
+        table = pa.table({"item_id": list(TERMS), "terms": list(TERMS.values())})  # the TERMS artifact itself
+        assert query_table(cfg, items, seqs, targets, table, smol_tokenizer, chunk=2).to_pylist() == want
+    shown = {i for r in want for i in r["history"][-2:]}  # an item no history shows may lack a TID
+    fewer = {k: v for k, v in TERMS.items() if k in shown}
+    assert query_table(cfg, items, seqs, targets, fewer, smol_tokenizer).num_rows == 3
+    gone = sorted(shown)[0]
+    with pytest.raises(KeyError, match=f"item '{gone}' of a history has no TID"):
+        query_table(cfg, items, seqs, targets, {k: v for k, v in TERMS.items() if k != gone}, smol_tokenizer)
 
 
 def test_items_without_a_tid_are_named_from_their_words_and_stay_distinct():

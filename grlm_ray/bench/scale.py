@@ -277,25 +277,24 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     store = Store(cfg.run.root, cfg.run.s3)
     run = cfg.run.name
     tok = load_tokenizer(_tokenizer_dir(cfg))
-    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
+    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS, columns=["item_id", "title"])  # as the stage
     seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
     targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
     terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
-    terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
     laps: dict[str, float] = {}
     t = time.perf_counter()
-    queries = query_table(cfg, items, seqs, targets, terms, tok)
+    queries = query_table(cfg, items, seqs, targets, terms_t, tok)
     laps["prompts_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     popular = training_popularity(seqs, targets)
     laps["popularity_seconds"] = time.perf_counter() - t
-    ids = terms_t.column("item_id").to_pylist()
+    ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
     t = time.perf_counter()
-    seq_ids = tid_token_seqs(tok, [tid_text(terms[i]) for i in ids])
+    seq_ids = tid_token_seqs(tok, [tid_text(x) for x in tids])
     TidTrie.build(seq_ids, tok.eos_token_id if tok.eos_token_id is not None else 0)
     laps["trie_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    TidIndex(ids, [terms[i] for i in ids], fallback_order=popular)
+    TidIndex(ids, tids, fallback_order=popular)
     laps["eig_index_seconds"] = time.perf_counter() - t
     out.update({k: round(v, 2) for k, v in laps.items()})
     out["test_users"] = queries.num_rows

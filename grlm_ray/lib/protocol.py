@@ -53,15 +53,38 @@ QUERIES = pa.schema([("row", pa.int64()), ("user_id", pa.string()), ("split", pa
                      ("target_item_id", pa.string()), ("history", pa.list_(pa.string())), ("prompt", pa.string())])
 
 
+def item_lines(cfg: GrlmConfig, items: pa.Table, terms: pa.Table | dict[str, list[str]],
+               chunk: int = 65536) -> tuple[pa.Array, pa.Array]:
+    """(item ids, their history lines) for every item with a TID, as two Arrow string arrays: the text a
+    history shows for each item (``textformat.line_writer``: TID, or TID and title). Python objects exist
+    for ``chunk`` items at a time (a dict of every item's terms and title was ~0.4 GB at 300k items)."""
+    import pyarrow.compute as pc
+
+    if isinstance(terms, dict):
+        terms = pa.table({"item_id": pa.array(list(terms), pa.string()),
+                          "terms": pa.array(list(terms.values()), pa.list_(pa.string()))})
+    ids = terms.column("item_id").combine_chunks()
+    at = pc.index_in(ids, value_set=items.column("item_id"))
+    titles = pc.fill_null(items.column("title").take(at), "") if items.num_rows else pa.nulls(len(ids), pa.string())
+    write = line_writer(cfg.sft)
+    parts = []
+    for s in range(0, len(ids), chunk):
+        tids, ts = terms.column("terms").slice(s, chunk).to_pylist(), titles.slice(s, chunk).to_pylist()
+        parts.append(pa.array([write(t, title or "") for t, title in zip(tids, ts)], pa.string()))
+    return ids, (pa.concat_arrays(parts) if parts else pa.array([], pa.string()))
+
+
 def query_table(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Table,
-                terms: dict[str, list[str]], tokenizer: Any, chunk: int = 8192) -> pa.Table:
-    """One row per scored target (``QUERIES``): its user, domain, history and rendered prompt. Built
-    ``chunk`` targets at a time from Arrow columns; Python objects exist for one chunk only (all test users'
-    queries as row dicts took ~2.9 GB at 300k items, ``grlm bench scale``)."""
+                terms: pa.Table | dict[str, list[str]], tokenizer: Any, chunk: int = 8192) -> pa.Table:
+    """One row per scored target (``QUERIES``): its user, domain, history and rendered prompt. ``terms``:
+    the TERMS table (or an item -> TID dict). Built ``chunk`` targets at a time from Arrow columns, each
+    history's lines looked up by position in one array of lines (``item_lines``); Python objects exist for
+    one chunk only (all test users' queries as row dicts took ~2.9 GB at 300k items, and the per-item dicts
+    of terms and titles another ~0.4 GB: ``grlm bench scale``)."""
     import pyarrow.compute as pc
 
     e = cfg.eval
-    titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
+    ids, lines = item_lines(cfg, items, terms)
     t = target_rows(targets, e.split, e.limit_users, e.seed)
     where = pc.index_in(t.column("user_id"), value_set=seqs.column("user_id"))
     if where.null_count:
@@ -69,18 +92,35 @@ def query_table(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Ta
         raise KeyError(f"targets.parquet: user {missing!r} has a {e.split} target but no row in sequences.parquet")
     histories = seqs.column("item_ids").take(where)
     domain_of = domain_lookup(cfg)
-    write = line_writer(cfg.sft)
+    keep = cfg.sft.max_history
     parts = []
     for s in range(0, t.num_rows, chunk):
-        part, hs = t.slice(s, chunk).to_pylist(), histories.slice(s, chunk).to_pylist()
+        part = t.slice(s, chunk).to_pylist()
+        hs = histories.slice(s, chunk)
+        hs = hs.combine_chunks() if isinstance(hs, pa.ChunkedArray) else hs
+        flat = pc.list_flatten(hs)
+        code = pc.fill_null(pc.index_in(flat, value_set=ids), -1).to_numpy(zero_copy_only=False)
+        offsets = hs.offsets.to_numpy() - hs.offsets[0].as_py()
+        # the shown part of each history (its last max_history items before the target), one take for the chunk
+        spans = [(int(offsets[j]) + max(0, r["position"] - keep), int(offsets[j]) + r["position"])
+                 for j, r in enumerate(part)]
+        at = np.concatenate([np.arange(a, b) for a, b in spans] or [np.zeros(0, np.int64)]).astype(np.int64)
+        shown = code[at].astype(np.int64)
+        if (shown < 0).any():
+            missing = flat[int(at[np.flatnonzero(shown < 0)[0]])].as_py()
+            raise KeyError(f"item {missing!r} of a history has no TID (terms.parquet)")
+        shown_lines = lines.take(pa.array(shown)).to_pylist()
+        hs_py = hs.to_pylist()
         cols: dict[str, list[Any]] = {k: [] for k in QUERIES.names}
-        for j, (r, h) in enumerate(zip(part, hs)):
-            history = h[: r["position"]]
-            lines = [write(terms[i], titles.get(i, "")) for i in history[-cfg.sft.max_history:]]
-            msgs, prefix = history_prompt(lines, cfg.sft.max_history, cfg.sft.prompt)
+        n = 0
+        for j, (r, h) in enumerate(zip(part, hs_py)):
+            pos = r["position"]
+            a, b = spans[j]
+            msgs, prefix = history_prompt(shown_lines[n:n + b - a], keep, cfg.sft.prompt)
+            n += b - a
             for k, v in (("row", s + j), ("user_id", r["user_id"]), ("split", r["split"]),
                          ("domain", r["domain"] or domain_of(r["target_item_id"])),
-                         ("target_item_id", r["target_item_id"]), ("history", history),
+                         ("target_item_id", r["target_item_id"]), ("history", h[:pos]),
                          ("prompt", render_prompt(tokenizer, msgs, cfg.model.enable_thinking, prefix))):
                 cols[k].append(v)
         parts.append(pa.table(cols, schema=QUERIES))

@@ -1,7 +1,7 @@
 """Recommendation quality during IIFT: R@K / N@K on a fixed seeded sample of validation users.
 
 The driver writes the sample once (``train/validation.parquet``: the rendered prompts of the users' valid
-targets, built by the evaluation's own ``build_queries``, never a test target) and ``train/catalog.parquet``
+targets, built by the evaluation's own ``query_table``, never a test target) and ``train/catalog.parquet``
 (every item's TID, the popularity fallback order). Every Ray Train worker scores its share of the users
 with the model it is training (the same constrained beam search + EIG grounding + metric code as
 ``grlm eval``), and the sums are all-reduced, so every rank sees the same numbers and takes the same
@@ -19,7 +19,7 @@ from grlm_ray.core.config import GrlmConfig
 from grlm_ray.lib.decoding import TidDecoder
 from grlm_ray.lib.eig import TidIndex, tid_text
 from grlm_ray.lib.metrics import ndcg_at_k, recall_at_k
-from grlm_ray.lib.protocol import build_queries, training_popularity
+from grlm_ray.lib.protocol import query_table, training_popularity
 
 KS = (5, 10)
 
@@ -32,10 +32,8 @@ def build_validation_set(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targe
     v = cfg.train.validation
     vcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"split": "valid", "limit_users": v.users,
                                                                         "seed": v.seed})})
-    terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
-    queries = build_queries(vcfg, items, seqs, targets, terms, tokenizer)
-    qt = pa.table({k: pa.array([q[k] for q in queries], pa.string())
-                   for k in ("user_id", "domain", "target_item_id", "prompt")})
+    qt = query_table(vcfg, items, seqs, targets, terms_t, tokenizer).select(
+        ["user_id", "domain", "target_item_id", "prompt"])
     popular = training_popularity(seqs, targets)
     rank = {i: n for n, i in enumerate(popular)}
     ids = terms_t.column("item_id").to_pylist()

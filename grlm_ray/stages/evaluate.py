@@ -69,16 +69,16 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         quiet_loading()
         from tqdm import tqdm
 
-        items = ctx.read("items.parquet", ITEMS, stage="prepare")
+        items = ctx.read("items.parquet", ITEMS, stage="prepare", columns=["item_id", "title"])  # for the lines
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
         terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
-        terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
         model_dir = ctx.store.local_dir(f"{ctx.run}/train/model", os.path.expanduser("~/.cache/grlm-ray/eval"))
         tok = load_tokenizer(model_dir)
-        queries = query_table(cfg, items, seqs, targets, terms, tok)  # Arrow: no row dicts for every user
+        queries = query_table(cfg, items, seqs, targets, terms_t, tok)  # Arrow: no row dicts for every user
+        del items
         popular = training_popularity(seqs, targets)
-        ids = terms_t.column("item_id").to_pylist()
+        ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
         ray = init_ray(cfg.ray)
         import ray.data
 
@@ -86,7 +86,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         renormalize = e.renormalize if e.renormalize is not None else e.backend == "vllm"
         max_new = e.max_new_tokens
         if e.constrained:
-            max_new = effective_max_new_tokens(tid_token_seqs(tok, [tid_text(terms[i]) for i in ids]), max_new)
+            max_new = effective_max_new_tokens(tid_token_seqs(tok, [tid_text(t) for t in tids]), max_new)
         options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
                    "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
                    "renormalize": renormalize,
@@ -104,7 +104,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         step = -(-n_users // n_blocks) if n_users else 1
         ds = ray.data.from_arrow([ordered.slice(s, step) for s in range(0, max(n_users, 1), step)]).map_batches(
             Recommender, batch_size=e.batch_size,
-            fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": [terms[i] for i in ids],
+            fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": tids,
                                    "fallback": popular, "options": options},
             **actor_pool_kwargs(cfg.ray, e.num_workers, num_gpus=1 if e.use_gpu else 0))
         t0 = time.time()
