@@ -4,7 +4,8 @@ from grlm_ray.core.config import CTGConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grlm_ray.lib.termgen import answer_settled, build_messages, normalize_term, parse_terms, repair, tid_stats
+from grlm_ray.lib.termgen import (answer_settled, build_messages, example_tids, judge, normalize_term, parse_terms,
+                                  repair, tid_stats)
 
 ITEM = {"item_id": "1", "title": "Tea Tree Special Shampoo", "description": "Invigorating cleanser. " * 100,
         "brand": "Paul Mitchell", "categories": ["Beauty", "Hair Care"], "category": "beauty"}
@@ -148,3 +149,17 @@ def test_decoding_stops_only_where_the_rest_of_the_answer_cannot_change_its_pars
        st.integers(2, 6))
 def test_stopping_never_changes_the_parse_of_generated_answers(parts, n):
     _assert_stopping_never_changes_the_parse("".join(parts), n)
+
+
+def test_an_answer_that_repeats_a_worked_example_is_not_valid():
+    """The small CPU LLMs answer an item they cannot describe with a neighbour's TID from the few-shot turns
+    (a mascara's TID for a makeup mirror): valid in form, wrong for the item."""
+    examples = [(NB[0], ["conditioner", "hair", "tea-tree", "women", "mint"])]
+    msgs = build_messages(ITEM, NB, CTGConfig(few_shot=2), examples)
+    shown = example_tids(msgs, 5)
+    assert shown == [frozenset({"conditioner", "hair", "tea-tree", "woman", "mint"})]  # normalized as answers are
+    copy = judge(" Mint, hair, conditioner, tea-tree, women", 5, shown)  # the example's terms, reordered
+    assert not copy.valid and copy.reason == "repeats a worked example's TID"
+    own = judge(" shampoo, hair, tea-tree, invigorating, mint", 5, shown)  # shares words: fine
+    assert own.valid and own == parse_terms(" shampoo, hair, tea-tree, invigorating, mint", 5)
+    assert judge(" conditioner, hair, tea-tree, women, mint", 5, []).valid  # no examples shown: nothing to repeat

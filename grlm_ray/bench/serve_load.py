@@ -187,7 +187,9 @@ def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: 
               "replaced_s": result.get("replaced_s") if dep else None})
     print(f"fault run ({what}): killed {result['killed']} at +{args.kill_after}s; {r['requests']} requests, "
           f"{r['failed_requests']} failed, {r['retries']} retries; catalog version {version_before} -> "
-          f"{r['catalog_versions_after']}; replaced after {r['replaced_s']}s", flush=True)
+          f"{r['catalog_versions_after']}; " + (f"replaced after {r['replaced_s']}s" if r["replaced_s"] is not None
+                                                else "the registry is recreated by the next call that needs it"),
+          flush=True)
     return r
 
 

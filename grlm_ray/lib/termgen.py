@@ -169,6 +169,25 @@ def repair(parsed: list[str], fallback_texts: list[str], category: str, n: int) 
     return terms[:n]
 
 
+def example_tids(conversation: list[dict[str, str]], n: int) -> list[frozenset[str]]:
+    """The TIDs of the worked examples in a CTG conversation (its earlier assistant turns), as term sets."""
+    out = []
+    for m in conversation:
+        if m["role"] == "assistant":
+            body = m["content"][len(ANSWER_PREFIX):] if m["content"].startswith(ANSWER_PREFIX) else m["content"]
+            out.append(frozenset(parse_terms(body, n).terms))
+    return out
+
+
+def judge(text: str, n: int, examples: Sequence[frozenset[str]] = ()) -> Parsed:
+    """``parse_terms``, and an answer that repeats a worked example's TID (a neighbour's: the small LLMs copy
+    one for an item they cannot describe, e.g. a mascara's TID for a makeup mirror) is not valid."""
+    p = parse_terms(text, n)
+    if p.valid and frozenset(p.terms) in examples:
+        return Parsed(p.terms, False, "repeats a worked example's TID")
+    return p
+
+
 class TermWriter:
     """Ray Data callable class: generate, validate, retry, repair for a batch of prompts."""
 
@@ -183,7 +202,8 @@ class TermWriter:
         convs = [json.loads(m) for m in batch["messages"]]
         stop = functools.partial(answer_settled, n=n)  # decoding ends once the answer is settled
         raws = self.gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0, stop=stop, deadline=deadline)
-        parsed = [parse_terms(r, n) for r in raws]
+        shown = [example_tids(c, n) for c in convs]
+        parsed = [judge(r, n, ex) for r, ex in zip(raws, shown)]
         attempts = np.ones(len(convs), dtype=np.int32)
         for attempt in range(cfg.retries):
             todo = [i for i, p in enumerate(parsed) if not p.valid]
@@ -194,7 +214,7 @@ class TermWriter:
                                       temperature=cfg.retry_temperature, seed=seed, stop=stop, deadline=deadline)
             for i, r in zip(todo, again):
                 attempts[i] += 1
-                p = parse_terms(r, n)
+                p = judge(r, n, shown[i])
                 if p.valid or len(p.terms) >= len(parsed[i].terms):
                     parsed[i], raws[i] = p, r
         out_terms, valid, source, reasons = [], [], [], []
