@@ -4,8 +4,8 @@ from grlm_ray.core.config import CTGConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grlm_ray.lib.termgen import (answer_settled, build_messages, example_tids, judge, normalize_term, parse_terms,
-                                  repair, tid_stats)
+from grlm_ray.lib.termgen import (answer_settled, build_messages, example_tids, judge, normalize_term, own_words,
+                                  parse_terms, repair, tid_stats)
 
 ITEM = {"item_id": "1", "title": "Tea Tree Special Shampoo", "description": "Invigorating cleanser. " * 100,
         "brand": "Paul Mitchell", "categories": ["Beauty", "Hair Care"], "category": "beauty"}
@@ -163,3 +163,13 @@ def test_an_answer_that_repeats_a_worked_example_is_not_valid():
     own = judge(" shampoo, hair, tea-tree, invigorating, mint", 5, shown)  # shares words: fine
     assert own.valid and own == parse_terms(" shampoo, hair, tea-tree, invigorating, mint", 5)
     assert judge(" conditioner, hair, tea-tree, women, mint", 5, []).valid  # no examples shown: nothing to repeat
+
+
+def test_an_answer_with_no_word_of_the_item_is_not_valid():
+    """A TID for a makeup mirror made of a neighbouring mascara's terms shares no word with the mirror's text."""
+    own = own_words(["Lighted Travel Makeup Mirror, 10x Magnifying", "A new product added while serving."])
+    stray = judge(" zenra, volumize, mascara, woman, hydrate", 5, [], own)
+    assert not stray.valid and stray.reason == "no term is a word of the item's own text"
+    assert judge(" mirror, makeup, lighted, travel, magnify", 5, [], own).valid
+    assert judge(" beauty, vanity, light-up, compact, travel-size", 5, [], own).valid  # 'travel' of a compound
+    assert judge(" zenra, volumize, mascara, woman, hydrate", 5).valid  # unchecked without the item's words

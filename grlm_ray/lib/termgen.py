@@ -179,12 +179,22 @@ def example_tids(conversation: list[dict[str, str]], n: int) -> list[frozenset[s
     return out
 
 
-def judge(text: str, n: int, examples: Sequence[frozenset[str]] = ()) -> Parsed:
-    """``parse_terms``, and an answer that repeats a worked example's TID (a neighbour's: the small LLMs copy
-    one for an item they cannot describe, e.g. a mascara's TID for a makeup mirror) is not valid."""
+def own_words(texts: Sequence[str]) -> frozenset[str]:
+    """The item's own candidate words (base forms, as ``terms.text_words``) of its title and description."""
+    return frozenset(w for t in texts for w in text_words(t or ""))
+
+
+def judge(text: str, n: int, examples: Sequence[frozenset[str]] = (), own: frozenset[str] | None = None) -> Parsed:
+    """``parse_terms``, and two checks that the answer is about this item: it does not repeat a worked
+    example's TID, and at least one of its terms (or a part of a compound) is a word of the item's own text
+    (``own``). The small CPU LLMs answer an item they cannot describe with a neighbour's TID or most of one
+    (a mascara's ``zenra volumize mascara woman hydrate`` for a makeup mirror): valid in form, wrong."""
     p = parse_terms(text, n)
     if p.valid and frozenset(p.terms) in examples:
         return Parsed(p.terms, False, "repeats a worked example's TID")
+    if p.valid and own is not None and not any(
+            t in own or any(base_form(part) in own for part in t.split("-") if part) for t in p.terms):
+        return Parsed(p.terms, False, "no term is a word of the item's own text")
     return p
 
 
@@ -203,7 +213,9 @@ class TermWriter:
         stop = functools.partial(answer_settled, n=n)  # decoding ends once the answer is settled
         raws = self.gen.generate(convs, prefix=ANSWER_PREFIX, temperature=0.0, stop=stop, deadline=deadline)
         shown = [example_tids(c, n) for c in convs]
-        parsed = [judge(r, n, ex) for r, ex in zip(raws, shown)]
+        # the item's own title and description: the first two texts of its repair fallback
+        owns = [own_words(json.loads(f)[:2]) for f in batch["fallback"]]
+        parsed = [judge(r, n, ex, own) for r, ex, own in zip(raws, shown, owns)]
         attempts = np.ones(len(convs), dtype=np.int32)
         for attempt in range(cfg.retries):
             todo = [i for i, p in enumerate(parsed) if not p.valid]
@@ -214,7 +226,7 @@ class TermWriter:
                                       temperature=cfg.retry_temperature, seed=seed, stop=stop, deadline=deadline)
             for i, r in zip(todo, again):
                 attempts[i] += 1
-                p = judge(r, n, shown[i])
+                p = judge(r, n, shown[i], owns[i])
                 if p.valid or len(p.terms) >= len(parsed[i].terms):
                     parsed[i], raws[i] = p, r
         out_terms, valid, source, reasons = [], [], [], []
