@@ -160,8 +160,7 @@ class Store:
                     try:
                         t = validate(t, schema, where=f"{self.uri(rel)} (writing)")
                     except DataError as e:  # the row in the whole artifact
-                        row = None if e.row is None else e.row + rows
-                        raise DataError(e.message, where=e.where, row=row, field=e.field) from None
+                        raise _from_row(e, rows) from None
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, t.schema, compression="zstd")
                 writer.write_table(t)
@@ -192,16 +191,21 @@ class Store:
             raise DataError("file not found", where=where)
         try:
             if columns is not None:
-                found = pq.read_schema(self.path(rel), filesystem=self.fs).names
-                absent = [c for c in columns if c not in found]
-                if absent:
-                    raise DataError(f"missing column (found columns: {', '.join(found)})", where=where,
-                                    field=absent[0])
+                _require_columns(pq.read_schema(self.path(rel), filesystem=self.fs).names, columns, where)
             table = pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read Parquet: {e}", where=where) from e
         return validate(table, _subset(schema, columns), where=where) if schema is not None else table
 
+
+    def _parquet_file(self, rel: str) -> pq.ParquetFile:
+        """``rel`` opened for reading a part at a time (DataError when missing or not Parquet)."""
+        if not self.exists(rel):
+            raise DataError("file not found", where=self.uri(rel))
+        try:
+            return pq.ParquetFile(self.fs.open_input_file(self.path(rel)))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"cannot read Parquet: {e}", where=self.uri(rel)) from e
 
     def read_batches(self, rel: str, schema: ArtifactSchema | None = None, columns: list[str] | None = None,
                      batch_rows: int = 65536) -> Iterator[pa.Table]:
@@ -212,19 +216,11 @@ class Store:
         if schema is not None and schema.unique:
             raise GrlmError(f"read_batches cannot check the unique keys of '{schema.name}': use read_table")
         where = self.uri(rel)
-        if not self.exists(rel):
-            raise DataError("file not found", where=where)
-        try:
-            f = pq.ParquetFile(self.fs.open_input_file(self.path(rel)))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read Parquet: {e}", where=where) from e
+        f = self._parquet_file(rel)
         schema = _subset(schema, columns)
         empty = f.schema_arrow.empty_table()
         if columns is not None:  # the columns and their types, before any row is read
-            absent = [c for c in columns if c not in empty.column_names]
-            if absent:
-                raise DataError(f"missing column (found columns: {', '.join(empty.column_names)})", where=where,
-                                field=absent[0])
+            _require_columns(empty.column_names, columns, where)
             empty = empty.select(columns)
         if schema is not None:
             validate(empty, schema, where=where)
@@ -235,8 +231,7 @@ class Store:
                 try:
                     t = validate(t, schema, where=where)
                 except DataError as e:
-                    row = None if e.row is None else e.row + start
-                    raise DataError(e.message, where=e.where, row=row, field=e.field) from None
+                    raise _from_row(e, start) from None
             start += t.num_rows
             yield t
 
@@ -249,12 +244,7 @@ class Store:
         import pyarrow.compute as pc
 
         where = self.uri(rel)
-        if not self.exists(rel):
-            raise DataError("file not found", where=where)
-        try:
-            f = pq.ParquetFile(self.fs.open_input_file(self.path(rel)))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read Parquet: {e}", where=where) from e
+        f = self._parquet_file(rel)
         n = f.metadata.num_rows
         first = next(f.iter_batches(batch_size=1), None)
         # columns and types, on the first row
@@ -283,6 +273,17 @@ class Store:
             base[start:start + len(col)] = pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(-1, dim)
             start += len(col)
         return ids.combine_chunks(), base
+
+
+def _require_columns(found: list[str], columns: list[str], where: str) -> None:
+    absent = [c for c in columns if c not in found]
+    if absent:
+        raise DataError(f"missing column (found columns: {', '.join(found)})", where=where, field=absent[0])
+
+
+def _from_row(e: DataError, start: int) -> DataError:
+    """``e`` raised on a part of an artifact that starts at row ``start``, with the row in the whole."""
+    return DataError(e.message, where=e.where, row=None if e.row is None else e.row + start, field=e.field)
 
 
 def _subset(schema: ArtifactSchema | None, columns: list[str] | None) -> ArtifactSchema | None:
