@@ -37,7 +37,8 @@ from grlm_ray.core.storage import StageContext, Store, read_manifest, run_stage
 from grlm_ray.core.tracking import log_artifact, model_label, start_stage_run, tracking_uri
 from grlm_ray.lib.generation import gguf_to_hf
 from grlm_ray.lib.models import load_tokenizer, quiet_loading, resolve_model_path
-from grlm_ray.lib.textformat import PROMPTS, line_writer
+from grlm_ray.lib.protocol import item_lines
+from grlm_ray.lib.textformat import PROMPTS
 from grlm_ray.lib.tokens import IGNORE, Batches, bucket, bucket_arrow, collate, encode_all, encode_arrow, pack, render_prompt
 from grlm_ray.lib.validation import Validator, build_validation_set, plot_curve, popularity_metrics, reduce_metrics
 from grlm_ray.lib.vocab import add_term_tokens, prune_tokenizer
@@ -744,7 +745,6 @@ def corpus_texts(cfg: GrlmConfig, sft: SampleSource, items: Any, terms: Any, bat
     batch at a time (the whole corpus as a list took ~1.5 GB of the tokenization's 4 GB at 300k items)."""
     import pyarrow.compute as pc
 
-    write = line_writer(cfg.sft)
     # the chat template's own text around a turn (rendered by the tokenizer's template, nothing hard-coded)
     yield render_prompt(_template_tokenizer(cfg), [{"role": "system", "content": PROMPTS[cfg.sft.prompt]["system"]},
                                                     {"role": "user", "content": "x"}])
@@ -752,10 +752,9 @@ def corpus_texts(cfg: GrlmConfig, sft: SampleSource, items: Any, terms: Any, bat
     for b in sample_tables(sft, ["prompt", "completion"], batch):
         yield from pc.struct_field(pc.list_flatten(b.column("prompt")), "content").to_pylist()
         yield from b.column("completion").to_pylist()
-    titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
-    for b in terms.select(["item_id", "terms"]).to_batches(max_chunksize=batch):
-        for i, tids in zip(b.column(0).to_pylist(), b.column(1).to_pylist()):
-            yield write(tids, titles.get(i, ""))
+    _, lines = item_lines(cfg, items, terms)  # every catalog line, as the evaluation's histories show them
+    for s in range(0, len(lines), batch):
+        yield from lines.slice(s, batch).to_pylist()
 
 
 def _template_tokenizer(cfg: GrlmConfig) -> Any:
@@ -776,8 +775,8 @@ def tokenize_sft(tokenizer: Any, sft: SampleSource, cfg: GrlmConfig,
         return bucket_arrow(*encode_arrow(tokenizer, sample_tables(sft, ["prompt", "completion"]),
                                           cfg.model.enable_thinking, mask_titles=mask_titles),
                             t.max_length, t.micro_batch, write)
-    whole = pa.Table.from_batches(list(sample_tables(sft, ["prompt", "completion"]))) \
-        if isinstance(sft, pa.Table) else pa.concat_tables(list(sft(["prompt", "completion"])))
+    cols = ["prompt", "completion"]
+    whole = sft.select(cols) if isinstance(sft, pa.Table) else pa.concat_tables(list(sft(cols)))
     ids, labels = encode_all(tokenizer, whole.column("prompt").to_pylist(),
                              whole.column("completion").to_pylist(), cfg.model.enable_thinking,
                              mask_titles=mask_titles)
