@@ -1,15 +1,16 @@
 """Stage 2 for real: the offline MiniLM encoder on a Ray Data actor pool, then top-k neighbours."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from grlm_ray.core.config import NeighborsConfig, load_config
 from grlm_ray.stages.embed import embed
 from grlm_ray.core.schemas import embedding_matrix
 from grlm_ray.lib.textformat import item_text
-from grlm_ray.core.errors import ConfigError
+from grlm_ray.core.errors import ConfigError, DataError
 from grlm_ray.lib.models import resolve_model_path
-from grlm_ray.stages.neighbors import NeighborSearcher, neighbors, topk_exact
+from grlm_ray.stages.neighbors import NeighborSearcher, ivf_nlist, neighbors, topk_exact
 from grlm_ray.stages.prepare import prepare
 from grlm_ray.core.storage import Store
 
@@ -47,6 +48,34 @@ def test_faiss_flat_equals_exact_on_random_vectors():
     assert np.allclose(exact["score"], flat["score"], atol=1e-5)
     ivf = NeighborSearcher(base, NeighborsConfig(k=5, index="ivf", ivf_nlist=8, ivf_nprobe=8), "ivf")({"row": rows})
     assert np.array_equal(ivf["idx"], exact["idx"])  # nprobe = nlist: IVF searches every list
+
+
+def test_ivf_with_many_lists_finds_the_exact_neighbours_and_never_the_item():
+    """Past a few hundred lists the centroids come from two-level k-means and a query finds its lists through
+    an HNSW graph: on clustered vectors it still finds nearly all exact neighbours."""
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(400, 32)).astype(np.float32)
+    base = centers[rng.integers(0, 400, 20_000)] + 0.5 * rng.normal(size=(20_000, 32)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    rows = rng.choice(20_000, 500, replace=False)
+    cfg = NeighborsConfig(k=10, index="ivf", ivf_list_size=64, ivf_nprobe=16, threads=1)
+    assert ivf_nlist(cfg, 20_000) >= 256  # the two-level path
+    ivf = NeighborSearcher(base, cfg, "ivf")({"row": rows})
+    exact, _ = topk_exact(base[rows], rows, base, 10)
+    assert not (ivf["idx"] == rows[:, None]).any()
+    assert (np.diff(ivf["score"], axis=1) <= 1e-6).all()
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ivf["idx"].tolist(), exact.tolist())])
+    assert recall > 0.9, recall
+
+
+@pytest.mark.ray
+def test_neighbors_reports_a_bad_embedding_row(tmp_path, ray_local):
+    cfg = load_config(None, [f"run.root={tmp_path}", "ray.progress_bars=false"])
+    bad = pa.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0, 0.0]],
+                   pa.list_(pa.float32()))
+    Store(str(tmp_path)).write_table("demo/embed/embeddings.parquet", pa.table({"item_id": list("abcd"), "embedding": bad}))
+    with pytest.raises(DataError, match="row 2.*embedding"):
+        neighbors(cfg)
 
 
 @pytest.mark.ray

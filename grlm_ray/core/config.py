@@ -200,15 +200,20 @@ class EmbedConfig(StrictModel):
 
 class NeighborsConfig(StrictModel):
     """Top-k cosine neighbours (self excluded). 'exact' = blocked matrix products; faiss 'flat' is exact
-    too; 'ivf' is approximate and used by 'auto' above ``ivf_threshold`` items."""
+    too; 'ivf' is approximate and used by 'auto' above ``ivf_threshold`` items. IVF keeps its lists about
+    ``ivf_list_size`` items long (nlist = n / list size), so a query scans ``ivf_nprobe`` lists of the same
+    length at any catalog size: the search grows linearly with the catalog, not as n^1.5."""
 
     k: int = Field(10, ge=1)
     index: Literal["auto", "exact", "flat", "ivf"] = "auto"
     ivf_threshold: int = Field(200_000, ge=1)
-    ivf_nlist: int | None = Field(None, ge=1)  # default ~ 4 * sqrt(n)
+    ivf_nlist: int | None = Field(None, ge=1)  # default: n / ivf_list_size
+    ivf_list_size: int = Field(128, ge=8)
     ivf_nprobe: int = Field(16, ge=1)
     query_batch: int = Field(1024, ge=1)
     num_workers: int = Field(1, ge=1)
+    # faiss threads per searcher; default: this node's CPUs shared among the searchers
+    threads: int | None = Field(None, ge=1)
     use_gpu: bool = False
 
 

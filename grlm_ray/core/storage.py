@@ -235,6 +235,19 @@ class Store:
             start += t.num_rows
             yield t
 
+    def embeddings_shape(self, rel: str) -> tuple[int, int]:
+        """(rows, dim) of an embeddings artifact, from its metadata and first row (what its matrix will take)."""
+        return self._embeddings_shape(self._parquet_file(rel), self.uri(rel))
+
+    @staticmethod
+    def _embeddings_shape(f: pq.ParquetFile, where: str) -> tuple[int, int]:
+        n = f.metadata.num_rows
+        first = next(f.iter_batches(batch_size=1), None)
+        # columns and types, on the first row
+        probe = validate(pa.Table.from_batches([first]) if first is not None else f.schema_arrow.empty_table(),
+                         EMBEDDINGS, where=where)
+        return n, (len(probe.column("embedding")[0]) if n else 0)
+
     def read_embeddings(self, rel: str, batch_rows: int = 65536) -> tuple[pa.Array, np.ndarray]:
         """(item ids, [n, dim] float32 matrix) of an embeddings artifact, streamed into the matrix a batch
         at a time: the whole table and its concatenated copy never coexist with the matrix (at 1M x 384 the
@@ -245,11 +258,7 @@ class Store:
 
         where = self.uri(rel)
         f = self._parquet_file(rel)
-        n = f.metadata.num_rows
-        first = next(f.iter_batches(batch_size=1), None)
-        # columns and types, on the first row
-        probe = validate(pa.Table.from_batches([first]) if first is not None else f.schema_arrow.empty_table(),
-                         EMBEDDINGS, where=where)
+        n, dim = self._embeddings_shape(f, where)
         ids = f.read(columns=["item_id"]).column("item_id").cast(pa.string())
         bad_id = pc.or_kleene(pc.is_null(ids), pc.equal(pc.utf8_length(ids), 0))
         if pc.any(bad_id).as_py():
@@ -261,7 +270,6 @@ class Store:
                 if i in seen:
                     raise DataError(f"duplicate item id {i!r}", where=where, row=row, field="item_id")
                 seen.add(i)
-        dim = len(probe.column("embedding")[0]) if n else 0
         base = np.empty((n, dim), dtype=np.float32)
         start = 0
         for b in f.iter_batches(batch_size=batch_rows, columns=["embedding"]):

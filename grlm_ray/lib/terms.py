@@ -139,10 +139,16 @@ def resolve_terms_table(terms: pa.Table, items: pa.Table) -> tuple[pa.Table, Col
 
     Changed rows keep their ``raw`` text and get ``source`` suffixed with ``+dedup``.
     """
-    text_of = {r["item_id"]: f"{r['title']} {r['description']}" for r in
-               items.select(["item_id", "title", "description"]).to_pylist()}
+    import pyarrow.compute as pc
+
     ids = terms.column("item_id").to_pylist()
     tids = terms.column("terms").to_pylist()
+    # the texts of colliding items only: every title + description as Python strings was a GB at 1M items
+    uses = Counter(tuple(t) for t in tids)
+    shared = pa.array([i for i, t in zip(ids, tids) if uses[tuple(t)] > 1], pa.string())
+    del uses
+    text_of = {r["item_id"]: f"{r['title']} {r['description']}" for r in items.select(
+        ["item_id", "title", "description"]).filter(pc.is_in(items.column("item_id"), value_set=shared)).to_pylist()}
     new, changed, report = resolve_collisions(ids, tids, [text_of.get(i, "") for i in ids])
     source = [s + "+dedup" if c else s for s, c in zip(terms.column("source").to_pylist(), changed)]
     out = terms.set_column(terms.column_names.index("terms"), "terms", pa.array(new, pa.list_(pa.string())))

@@ -114,7 +114,7 @@ def sample_tables(items: pa.Table, terms: dict[str, list[str]], train_seqs: dict
                 parts.append(pa.Table.from_pylist(rows, schema=SFT.arrow))
                 rows = []
         parts.append(pa.Table.from_pylist(rows, schema=SFT.arrow))
-        out[task] = pa.concat_tables(parts).combine_chunks()
+        out[task] = pa.concat_tables(parts)  # left in its chunks: one copy of the samples, not two
     return out
 
 
@@ -153,16 +153,26 @@ def mix(samples: dict[str, list[dict[str, Any]]], weights: dict[str, float], see
     return [samples[t][r] for t, r in mix_order({k: len(v) for k, v in samples.items()}, weights, seed)]
 
 
-def mix_tables(tables: dict[str, pa.Table], weights: dict[str, float], seed: int) -> pa.Table:
-    """The mixture of Arrow tables (``mix_order``): the same rows in the same order as ``mix``."""
+def mix_batches(tables: dict[str, pa.Table], weights: dict[str, float], seed: int,
+                rows: int = 65536) -> Iterator[pa.Table]:
+    """The mixture of Arrow tables (``mix_order``: the same rows in the same order as ``mix``), ``rows`` at
+    a time: written as it is gathered, the mixed copy of every sample is never whole in memory."""
     names = sorted(tables)
     order = mix_order({k: tables[k].num_rows for k in names}, weights, seed)
-    if not order:
-        return SFT.arrow.empty_table()
     start = np.cumsum([0] + [tables[k].num_rows for k in names])
     pos = {k: start[j] for j, k in enumerate(names)}
     whole = pa.concat_tables([tables[k].cast(SFT.arrow) for k in names])
-    return whole.take(pa.array(np.fromiter((pos[t] + r for t, r in order), np.int64, len(order))))
+    at = np.fromiter((pos[t] + r for t, r in order), np.int64, len(order))
+    del order
+    if not len(at):
+        yield SFT.arrow.empty_table()
+    for s in range(0, len(at), rows):
+        yield whole.take(pa.array(at[s:s + rows]))
+
+
+def mix_tables(tables: dict[str, pa.Table], weights: dict[str, float], seed: int) -> pa.Table:
+    """``mix_batches`` as one table."""
+    return pa.concat_tables([SFT.arrow.empty_table(), *mix_batches(tables, weights, seed)])
 
 
 def _fill_missing(items: pa.Table, terms_t: pa.Table) -> tuple[pa.Table, int]:
@@ -214,25 +224,37 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         if c.resolve_collisions:
             terms_t, report = resolve_terms_table(terms_t, items)
             collisions = report.as_dict()
-        terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
-        train_seqs = training_sequences(seqs, targets)
-        samples = sample_tables(items, terms, train_seqs, c, domain_lookup(cfg))
-        table = mix_tables(samples, {"gti": c.gti_weight, "seq": c.seq_weight, "collab": c.collab_weight}, c.seed)
-        ctx.write("sft.parquet", table, SFT)
         import pyarrow.compute as pc
-
-        def counts(col: Any) -> dict[str, int]:
-            vc = pc.value_counts(col)
-            return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
 
         ctx.write("terms.parquet", terms_t.filter(pc.is_in(terms_t.column("item_id"), value_set=items.column("item_id").combine_chunks())),
                   TERMS)
+        terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
+        del terms_t
+        train_seqs = training_sequences(seqs, targets)
+        del seqs, targets
+        n_items = items.num_rows
+        if c.gti_weight <= 0:  # the descriptions are read by the GTI prompts only
+            items = items.select(["item_id", "title"])
+        samples = sample_tables(items, terms, train_seqs, c, domain_lookup(cfg))
+        del items, terms
+        tasks: Counter[str] = Counter()
+        domains: Counter[str] = Counter()
+
+        def counted(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+            for t in tables:
+                for col, into in (("task", tasks), ("domain", domains)):
+                    vc = pc.value_counts(t.column(col))
+                    into.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+                yield t
+
+        ctx.write_batches("sft.parquet", counted(mix_batches(
+            samples, {"gti": c.gti_weight, "seq": c.seq_weight, "collab": c.collab_weight}, c.seed)), SFT)
         ctx.info.update({
             "prompt_version": PROMPT_VERSION, "terms_source": f"{src_stage}/{src_file}",
             "items_named_from_words": filled, "collisions": collisions,
-            "samples": counts(table.column("task")), "natural_samples": {k: v.num_rows for k, v in samples.items()} | (
-                {"gti": items.num_rows} if c.gti_weight <= 0 else {}),
-            "per_domain": counts(table.column("domain")),
+            "samples": dict(tasks), "natural_samples": {k: v.num_rows for k, v in samples.items()} | (
+                {"gti": n_items} if c.gti_weight <= 0 else {}),
+            "per_domain": dict(domains),
             "users_without_seq_sample": sum(1 for v in train_seqs.values() if len(v[-c.max_history:]) < 2),
             "example": {t: samples[t].slice(0, 1).to_pylist()[0] for t in samples if samples[t].num_rows},
         })
