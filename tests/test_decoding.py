@@ -77,6 +77,36 @@ def test_trie_empty_allowed_set_forces_eos_and_is_counted():
     assert trie.allowed([9]) == [2] and trie.empty_hits == 1
 
 
+def test_trie_arrays_allow_exactly_the_continuations_of_the_catalog():
+    """The flat-array trie against the definition: after a prefix, the tokens that continue some catalog TID
+    (its end token after a whole TID); random catalogs with shared prefixes, duplicates, a TID that is a
+    prefix of another and an empty one; built from lists and from tokenized arrays alike."""
+    import random
+
+    import numpy as np
+
+    from grlm_ray.lib.decoding import TidTrie
+
+    rng = random.Random(5)
+    for _ in range(40):
+        eos = rng.randint(0, 3)
+        seqs = [[rng.randint(0, 6) for _ in range(rng.randint(0, 4))] for _ in range(rng.randint(1, 25))]
+        ended = [s + [eos] for s in seqs]
+        trie = TidTrie.build(seqs, eos)
+        prefixes = {tuple(e[:j]) for e in ended for j in range(len(e) + 1)}
+        for p in prefixes:
+            want = sorted({e[len(p)] for e in ended if len(e) > len(p) and tuple(e[:len(p)]) == p})
+            assert trie.allowed(list(p)) == (want or [eos]), (seqs, p)
+        assert trie.empty_hits == 0
+        assert trie.num_nodes == len({p for p in prefixes})
+        lengths = np.array([len(s) for s in seqs])
+        flat = np.array([t for s in seqs for t in s], np.int64)
+        same = TidTrie.from_arrays(flat, np.concatenate([[0], np.cumsum(lengths)]), eos)
+        assert all(np.array_equal(getattr(same, k), getattr(trie, k)) for k in ("offsets", "tokens", "nodes"))
+        outside = [7, 7]
+        assert trie.allowed(outside) == [eos] and trie.empty_hits == 1
+
+
 def _hf_generate(model, tok, prompts, num_beams, max_new_tokens, trie=None):
     """The reference: transformers' own ``generate`` beam search (prompt run once per beam)."""
     import torch

@@ -171,12 +171,14 @@ def step_command(step: str, cfg_path: Path) -> list[str]:
 def _step_embed(cfg: Any, out: dict[str, Any]) -> None:
     """Synthetic embeddings of MiniLM's shape through the embed stage's own key and contract (clustered by
     product type and brand, so neighbours and IVF see real structure); the real MiniLM timed on a sample."""
+    import dataclasses
+
     import numpy as np
     import pyarrow as pa
 
     from grlm_ray.core.registry import reads, stage_key
     from grlm_ray.core.schemas import EMBEDDINGS, ITEMS
-    from grlm_ray.core.storage import StageContext, Store, run_stage
+    from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
     from grlm_ray.lib.models import quiet_loading, resolve_model_path
     from grlm_ray.lib.textformat import item_text
 
@@ -201,6 +203,8 @@ def _step_embed(cfg: Any, out: dict[str, Any]) -> None:
     model.encode(texts, batch_size=cfg.embed.batch_size, normalize_embeddings=True)
     per_item = (time.perf_counter() - t0) / len(texts)
     dim = int(model.get_sentence_embedding_dimension() or dim)
+    del model
+    release_arrow_memory()  # the descriptions read for the sample
     out.update({"minilm_sample_items": len(texts), "minilm_ms_per_item": round(per_item * 1000, 2),
                 "minilm_extrapolated_seconds": round(per_item * n, 1)})
 
@@ -212,15 +216,20 @@ def _step_embed(cfg: Any, out: dict[str, Any]) -> None:
         g = np.random.default_rng(1)
         centers = g.standard_normal((len(uniq), dim), dtype=np.float32)
         brands = g.standard_normal((len(brand_codes), dim), dtype=np.float32)
-        mat = np.empty((n, dim), np.float32)
         t_idx = np.fromiter((uniq[k] for k in keys), np.int64, n)
         b_idx = np.fromiter((brand_codes[b] for b in items.column("brand").to_pylist()), np.int64, n)
-        for s in range(0, n, 65536):
-            e = min(n, s + 65536)
-            m = centers[t_idx[s:e]] + 0.4 * brands[b_idx[s:e]] + 0.8 * g.standard_normal((e - s, dim), dtype=np.float32)
-            mat[s:e] = m / np.linalg.norm(m, axis=1, keepdims=True)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1), pa.float32()), dim)
-        ctx.write("embeddings.parquet", pa.table({"item_id": items.column("item_id"), "embedding": emb}), EMBEDDINGS)
+        del keys, types
+
+        def parts() -> Any:  # written a part at a time, as the embed stage's actors write theirs
+            for s in range(0, n, 65536):
+                e = min(n, s + 65536)
+                m = centers[t_idx[s:e]] + 0.4 * brands[b_idx[s:e]] + 0.8 * g.standard_normal((e - s, dim), dtype=np.float32)
+                m /= np.linalg.norm(m, axis=1, keepdims=True)
+                yield pa.table({"item_id": items.column("item_id").slice(s, e - s),
+                                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1), pa.float32()), dim)})
+
+        # each part checked against the contract; the ids are the prepared catalog's, unique already
+        ctx.write_batches("embeddings.parquet", parts(), dataclasses.replace(EMBEDDINGS, unique=()))
         ctx.info.update({"model": "synthetic (grlm bench scale)", "dim": dim})
 
     run_stage(store, cfg.run.name, "embed", stage_key(cfg, "embed"), body, resume=cfg.run.resume,
@@ -268,8 +277,8 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
 def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     """The evaluation's data path before the model: targets, prompts, the TID token trie, the EIG index."""
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
-    from grlm_ray.core.storage import Store
-    from grlm_ray.lib.decoding import TidTrie, tid_token_seqs
+    from grlm_ray.core.storage import Store, release_arrow_memory
+    from grlm_ray.lib.decoding import TidTrie, tid_token_arrays
     from grlm_ray.lib.eig import TidIndex, tid_text
     from grlm_ray.lib.models import load_tokenizer
     from grlm_ray.lib.protocol import query_table, training_popularity
@@ -282,22 +291,45 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
     terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
     laps: dict[str, float] = {}
+    rss = _Rss()
     t = time.perf_counter()
-    queries = query_table(cfg, items, seqs, targets, terms_t, tok)
+    queries = query_table(cfg, items, seqs, targets, terms_t, tok, history=False)  # as the stage
     laps["prompts_seconds"] = time.perf_counter() - t
+    rss("prompts")
     t = time.perf_counter()
     popular = training_popularity(seqs, targets)
     laps["popularity_seconds"] = time.perf_counter() - t
+    del items, seqs, targets  # as the stage: the driver needs neither once the prompts are built
+    release_arrow_memory()
+    rss("popularity")
     ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
     t = time.perf_counter()
-    seq_ids = tid_token_seqs(tok, [tid_text(x) for x in tids])
-    TidTrie.build(seq_ids, tok.eos_token_id if tok.eos_token_id is not None else 0)
+    flat, offsets = tid_token_arrays(tok, map(tid_text, tids))
+    rss("tid_tokens")
+    trie = TidTrie.from_arrays(flat, offsets, tok.eos_token_id if tok.eos_token_id is not None else 0)
     laps["trie_seconds"] = time.perf_counter() - t
+    rss("trie")
+    del flat, offsets
     t = time.perf_counter()
-    TidIndex(ids, tids, fallback_order=popular)
+    index = TidIndex(ids, tids, fallback_order=popular)
     laps["eig_index_seconds"] = time.perf_counter() - t
+    rss("eig_index")
+    del trie, index
     out.update({k: round(v, 2) for k, v in laps.items()})
+    out["rss_after_mb"] = rss.marks
     out["test_users"] = queries.num_rows
+
+
+class _Rss:
+    """The process's RSS after each named lap (MB): where a step's memory goes."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.proc, self.marks = psutil.Process(), {}
+
+    def __call__(self, lap: str) -> None:
+        self.marks[lap] = round(self.proc.memory_info().rss / 2**20)
 
 
 def _step_eig(cfg: Any, out: dict[str, Any]) -> None:
@@ -338,7 +370,7 @@ def _step_serving_catalog(cfg: Any, out: dict[str, Any]) -> None:
     import pickle
 
     from grlm_ray.core.storage import Store
-    from grlm_ray.lib.decoding import TidTrie, tid_token_seqs
+    from grlm_ray.lib.decoding import TidTrie, tid_token_arrays
     from grlm_ray.lib.eig import TidIndex, tid_text
     from grlm_ray.lib.models import load_tokenizer
     from grlm_ray.serving.catalog import read_catalog
@@ -359,7 +391,7 @@ def _step_serving_catalog(cfg: Any, out: dict[str, Any]) -> None:
     out["grounder_swap_seconds"] = round(time.perf_counter() - t, 2)
     tok = load_tokenizer(_tokenizer_dir(cfg))
     t = time.perf_counter()
-    TidTrie.build(tid_token_seqs(tok, [tid_text(t) for t in cat.tids.values()]), tok.eos_token_id or 0)
+    TidTrie.from_arrays(*tid_token_arrays(tok, map(tid_text, cat.tids.values())), tok.eos_token_id or 0)
     out["generator_swap_seconds"] = round(time.perf_counter() - t, 2)
 
 

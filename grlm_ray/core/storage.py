@@ -283,6 +283,13 @@ class Store:
         return ids.combine_chunks(), base
 
 
+def release_arrow_memory() -> None:
+    """Hand the memory of freed Arrow buffers back to the OS. Arrow's allocator (mimalloc) keeps freed pages
+    for reuse: after the evaluation driver dropped its input tables, 0.9 GB of its 3.3 GB at 1M items was
+    such pages (``grlm bench scale``). Call it where a stage has dropped large tables."""
+    pa.default_memory_pool().release_unused()
+
+
 def _require_columns(found: list[str], columns: list[str], where: str) -> None:
     absent = [c for c in columns if c not in found]
     if absent:

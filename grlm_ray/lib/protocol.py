@@ -75,12 +75,14 @@ def item_lines(cfg: GrlmConfig, items: pa.Table, terms: pa.Table | dict[str, lis
 
 
 def query_table(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Table,
-                terms: pa.Table | dict[str, list[str]], tokenizer: Any, chunk: int = 8192) -> pa.Table:
+                terms: pa.Table | dict[str, list[str]], tokenizer: Any, chunk: int = 8192,
+                history: bool = True) -> pa.Table:
     """One row per scored target (``QUERIES``): its user, domain, history and rendered prompt. ``terms``:
     the TERMS table (or an item -> TID dict). Built ``chunk`` targets at a time from Arrow columns, each
     history's lines looked up by position in one array of lines (``item_lines``); Python objects exist for
     one chunk only (all test users' queries as row dicts took ~2.9 GB at 300k items, and the per-item dicts
-    of terms and titles another ~0.4 GB: ``grlm bench scale``)."""
+    of terms and titles another ~0.4 GB: ``grlm bench scale``). ``history=False``: without the ``history``
+    column (the item ids; the evaluation needs only the prompt: 0.2 GB at 1M items)."""
     import pyarrow.compute as pc
 
     e = cfg.eval
@@ -90,13 +92,14 @@ def query_table(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Ta
     if where.null_count:
         missing = t.column("user_id").filter(pc.is_null(where))[0].as_py()
         raise KeyError(f"targets.parquet: user {missing!r} has a {e.split} target but no row in sequences.parquet")
-    histories = seqs.column("item_ids").take(where)
+    all_histories = seqs.column("item_ids")
     domain_of = domain_lookup(cfg)
     keep = cfg.sft.max_history
+    schema = QUERIES if history else QUERIES.remove(QUERIES.get_field_index("history"))
     parts = []
     for s in range(0, t.num_rows, chunk):
         part = t.slice(s, chunk).to_pylist()
-        hs = histories.slice(s, chunk)
+        hs = all_histories.take(where.slice(s, chunk))  # this chunk's users only: not every history copied
         hs = hs.combine_chunks() if isinstance(hs, pa.ChunkedArray) else hs
         flat = pc.list_flatten(hs)
         code = pc.fill_null(pc.index_in(flat, value_set=ids), -1).to_numpy(zero_copy_only=False)
@@ -110,8 +113,8 @@ def query_table(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Ta
             missing = flat[int(at[np.flatnonzero(shown < 0)[0]])].as_py()
             raise KeyError(f"item {missing!r} of a history has no TID (terms.parquet)")
         shown_lines = lines.take(pa.array(shown)).to_pylist()
-        hs_py = hs.to_pylist()
-        cols: dict[str, list[Any]] = {k: [] for k in QUERIES.names}
+        hs_py = hs.to_pylist() if history else [None] * len(part)
+        cols: dict[str, list[Any]] = {k: [] for k in schema.names}
         n = 0
         for j, (r, h) in enumerate(zip(part, hs_py)):
             pos = r["position"]
@@ -120,11 +123,12 @@ def query_table(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Ta
             n += b - a
             for k, v in (("row", s + j), ("user_id", r["user_id"]), ("split", r["split"]),
                          ("domain", r["domain"] or domain_of(r["target_item_id"])),
-                         ("target_item_id", r["target_item_id"]), ("history", h[:pos]),
+                         ("target_item_id", r["target_item_id"]), ("history", h[:pos] if history else None),
                          ("prompt", render_prompt(tokenizer, msgs, cfg.model.enable_thinking, prefix))):
-                cols[k].append(v)
-        parts.append(pa.table(cols, schema=QUERIES))
-    return pa.concat_tables(parts) if parts else QUERIES.empty_table()
+                if k in cols:
+                    cols[k].append(v)
+        parts.append(pa.table(cols, schema=schema))
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def build_queries(cfg: GrlmConfig, items: pa.Table, seqs: pa.Table, targets: pa.Table,

@@ -23,8 +23,8 @@ from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
-from grlm_ray.core.storage import StageContext, Store, run_stage
-from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_seqs
+from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
+from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_arrays
 from grlm_ray.lib.eig import TidIndex, tid_text
 from grlm_ray.lib.metrics import score_rankings
 from grlm_ray.lib.models import load_tokenizer, quiet_loading
@@ -75,9 +75,10 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
         model_dir = ctx.store.local_dir(f"{ctx.run}/train/model", os.path.expanduser("~/.cache/grlm-ray/eval"))
         tok = load_tokenizer(model_dir)
-        queries = query_table(cfg, items, seqs, targets, terms_t, tok)  # Arrow: no row dicts for every user
-        del items
+        queries = query_table(cfg, items, seqs, targets, terms_t, tok, history=False)  # Arrow: no row dicts
         popular = training_popularity(seqs, targets)
+        del items, seqs, targets
+        release_arrow_memory()
         ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
         ray = init_ray(cfg.ray)
         import ray.data
@@ -86,7 +87,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         renormalize = e.renormalize if e.renormalize is not None else e.backend == "vllm"
         max_new = e.max_new_tokens
         if e.constrained:
-            max_new = effective_max_new_tokens(tid_token_seqs(tok, [tid_text(t) for t in tids]), max_new)
+            max_new = effective_max_new_tokens(tid_token_arrays(tok, map(tid_text, tids))[1], max_new)
         options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
                    "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
                    "renormalize": renormalize,

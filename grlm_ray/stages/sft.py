@@ -22,7 +22,7 @@ from grlm_ray.core.config import GrlmConfig, SFTConfig
 from grlm_ray.core.errors import DataError
 from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
-from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
 from grlm_ray.lib.termgen import repair
 from grlm_ray.lib.terms import resolve_terms_table
 from grlm_ray.lib.textformat import (
@@ -232,6 +232,7 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         del terms_t
         train_seqs = training_sequences(seqs, targets)
         del seqs, targets
+        release_arrow_memory()
         n_items = items.num_rows
         if c.gti_weight <= 0:  # the descriptions are read by the GTI prompts only
             items = items.select(["item_id", "title"])
