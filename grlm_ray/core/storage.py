@@ -235,10 +235,6 @@ class Store:
             start += t.num_rows
             yield t
 
-    def embeddings_shape(self, rel: str) -> tuple[int, int]:
-        """(rows, dim) of an embeddings artifact, from its metadata and first row (what its matrix will take)."""
-        return self._embeddings_shape(self._parquet_file(rel), self.uri(rel))
-
     @staticmethod
     def _embeddings_shape(f: pq.ParquetFile, where: str) -> tuple[int, int]:
         n = f.metadata.num_rows
@@ -248,12 +244,14 @@ class Store:
                          EMBEDDINGS, where=where)
         return n, (len(probe.column("embedding")[0]) if n else 0)
 
-    def read_embeddings(self, rel: str, batch_rows: int = 65536) -> tuple[pa.Array, np.ndarray]:
+    def read_embeddings(self, rel: str, batch_rows: int = 65536, matrix: bool = True
+                        ) -> tuple[pa.Array, np.ndarray | None]:
         """(item ids, [n, dim] float32 matrix) of an embeddings artifact, streamed into the matrix a batch
         at a time: the whole table and its concatenated copy never coexist with the matrix (at 1M x 384 the
         table, the copy and the matrix were 1.5 GB each in the neighbours driver: ``grlm bench scale``).
         The contract is checked as ``read_table`` would: ids present and unique, every vector the same
-        length, no nulls (DataError with the row)."""
+        length, no nulls (DataError with the row). ``matrix=False``: the check and the ids only (None for
+        the matrix; one batch in memory at a time)."""
         import pyarrow.compute as pc
 
         where = self.uri(rel)
@@ -270,7 +268,7 @@ class Store:
                 if i in seen:
                     raise DataError(f"duplicate item id {i!r}", where=where, row=row, field="item_id")
                 seen.add(i)
-        base = np.empty((n, dim), dtype=np.float32)
+        base = np.empty((n, dim), dtype=np.float32) if matrix else None
         start = 0
         for b in f.iter_batches(batch_size=batch_rows, columns=["embedding"]):
             col = b.column(0)
@@ -278,7 +276,8 @@ class Store:
             if pc.any(bad).as_py():
                 row = start + int(pc.index(bad, True).as_py())
                 raise DataError(f"embedding missing or not {dim} long", where=where, row=row, field="embedding")
-            base[start:start + len(col)] = pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(-1, dim)
+            if base is not None:
+                base[start:start + len(col)] = pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(-1, dim)
             start += len(col)
         return ids.combine_chunks(), base
 

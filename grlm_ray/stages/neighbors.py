@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig, NeighborsConfig
-from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import NEIGHBORS
@@ -91,34 +90,44 @@ def searcher_threads(cfg: NeighborsConfig) -> int:
 
 
 class NeighborSearcher:
-    """Ray Data callable class: holds the index, answers a batch of query rows."""
+    """Ray Data callable class: holds the index, answers a batch of query rows. ``source``: the matrix, or
+    (store, path) of the embeddings artifact, read by the actor itself. With a CPU faiss index the matrix is
+    dropped once the index holds the vectors (queries are read back from it): the actor keeps one copy, and
+    nothing goes through the object store (at 1M items the reader, its copy and the object store's took
+    4.4 GB in one worker)."""
 
-    def __init__(self, base: Any, cfg: NeighborsConfig, kind: str) -> None:
-        if not isinstance(base, np.ndarray):  # an ObjectRef: Ray Data passes constructor kwargs as is
-            import ray
-
-            base = ray.get(base)
-        self.base, self.cfg, self.kind = base, cfg, kind
+    def __init__(self, source: Any, cfg: NeighborsConfig, kind: str) -> None:
+        if isinstance(source, np.ndarray):
+            base: np.ndarray | None = source
+        else:
+            store, rel = source
+            base = store.read_embeddings(rel)[1]
+        self.cfg, self.kind = cfg, kind
         self.threads = searcher_threads(cfg)
         if kind in ("flat", "ivf"):
             import faiss
 
             faiss.omp_set_num_threads(self.threads)
             self.index = build_faiss_index(base, cfg, kind)
+            if not cfg.use_gpu:
+                if kind == "ivf":
+                    self.index.make_direct_map()  # row -> its place in the lists, for reconstruct
+                base = None
         else:
             self.index = None
+        self.base = base
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = batch["row"].astype(np.int64)
-        q = self.base[rows]
         k = self.cfg.k
         if self.index is None:
-            idx, sc = topk_exact(q, rows, self.base, k)
+            idx, sc = topk_exact(self.base[rows], rows, self.base, k)
         else:
             import faiss
 
             # per calling thread (OpenMP's setting is): Ray Data calls from another thread than __init__'s
             faiss.omp_set_num_threads(self.threads)
+            q = self.base[rows] if self.base is not None else self.index.reconstruct_batch(rows)
             sc, idx = self.index.search(q, k + 1)  # one extra: the item itself is usually first
             # the item itself (or, when the search missed it, the extra last hit) moves past the k kept
             # columns; the order of the rest is kept (a stable sort on a boolean key)
@@ -128,29 +137,19 @@ class NeighborSearcher:
         return {"row": rows, "idx": idx.astype(np.int64), "score": sc.astype(np.float32)}
 
 
-def load_embeddings(store: Store, rel: str) -> tuple[pa.Array, np.ndarray]:
-    """A Ray task: the embeddings artifact read (and checked) in a worker, whose return puts the matrix in
-    the object store — the driver never holds it (at 1M items the driver's copy and the one it put were
-    2.9 GB of a 4.3 GB peak)."""
-    return store.read_embeddings(rel)
-
-
 def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
 
     def body(ctx: StageContext) -> None:
         rel = ctx.stage_rel("embed", "embeddings.parquet")
-        n, dim = ctx.store.embeddings_shape(rel)
+        # the contract checked here, a batch at a time (DataError with file, row, field); the matrix is read
+        # by the searchers themselves
+        item_ids, _ = ctx.store.read_embeddings(rel, matrix=False)
+        n = len(item_ids)
         kind = choose_index(cfg.neighbors, n)
-        ray = init_ray(cfg.ray, data_bytes=n * dim * 4)
+        ray = init_ray(cfg.ray)
         import ray.data
 
-        # read in a worker straight into the object store; the actors map it from there
-        ids_ref, base_ref = ray.remote(load_embeddings).options(num_returns=2, num_cpus=0.5).remote(ctx.store, rel)
-        try:
-            item_ids = ray.get(ids_ref)
-        except ray.exceptions.RayTaskError as e:  # the contract error itself (file, row, field)
-            raise (e.cause if isinstance(e.cause, GrlmError) else e) from None
         # query blocks cut in the driver: no read or map tasks (each needs a whole CPU, which a 1-CPU cluster
         # never frees while the searcher actor holds part of it), only the actor pool
         step = max(1, cfg.neighbors.query_batch)
@@ -158,7 +157,7 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
         ds = ray.data.from_arrow([rows.slice(s, step) for s in range(0, max(1, n), step)])
         ds = ds.map_batches(
             NeighborSearcher, batch_size=cfg.neighbors.query_batch,
-            fn_constructor_kwargs={"base": base_ref, "cfg": cfg.neighbors, "kind": kind},
+            fn_constructor_kwargs={"source": (ctx.store, rel), "cfg": cfg.neighbors, "kind": kind},
             **actor_pool_kwargs(cfg.ray, cfg.neighbors.num_workers))
         idx = np.full((n, min(cfg.neighbors.k, n - 1)), -1, dtype=np.int64)
         sc = np.full(idx.shape, -np.inf, dtype=np.float32)
