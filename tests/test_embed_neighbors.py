@@ -68,6 +68,24 @@ def test_ivf_with_many_lists_finds_the_exact_neighbours_and_never_the_item():
     assert recall > 0.9, recall
 
 
+def test_searcher_reading_the_artifact_a_block_at_a_time_equals_the_in_memory_one(tmp_path):
+    """The stage's searchers stream the embeddings artifact (a training sample, then blocks added) and keep
+    no matrix: same neighbours and scores as the index built from the whole matrix."""
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(300, 16)).astype(np.float32)
+    base = centers[rng.integers(0, 300, 70_000)] + 0.5 * rng.normal(size=(70_000, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    store = Store(str(tmp_path))
+    store.write_table("e.parquet", pa.table({"item_id": [f"i{j}" for j in range(70_000)], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(base.reshape(-1)), 16)}))
+    rows = np.arange(0, 70_000, 23)  # several blocks of 65,536 rows
+    for cfg in (NeighborsConfig(k=5, index="ivf", ivf_list_size=64, threads=1), NeighborsConfig(k=5, index="flat")):
+        kind = cfg.index
+        streamed = NeighborSearcher((store, "e.parquet"), cfg, kind)
+        assert streamed.base is None
+        a, b = streamed({"row": rows}), NeighborSearcher(base, cfg, kind)({"row": rows})
+        assert np.array_equal(a["idx"], b["idx"]) and np.allclose(a["score"], b["score"])
+
+
 @pytest.mark.ray
 def test_neighbors_reports_a_bad_embedding_row(tmp_path, ray_local):
     cfg = load_config(None, [f"run.root={tmp_path}", "ray.progress_bars=false"])

@@ -235,6 +235,10 @@ class Store:
             start += t.num_rows
             yield t
 
+    def embeddings_shape(self, rel: str) -> tuple[int, int]:
+        """(rows, dim) of an embeddings artifact, from its metadata and first row."""
+        return self._embeddings_shape(self._parquet_file(rel), self.uri(rel))
+
     @staticmethod
     def _embeddings_shape(f: pq.ParquetFile, where: str) -> tuple[int, int]:
         n = f.metadata.num_rows
@@ -269,6 +273,20 @@ class Store:
                     raise DataError(f"duplicate item id {i!r}", where=where, row=row, field="item_id")
                 seen.add(i)
         base = np.empty((n, dim), dtype=np.float32) if matrix else None
+        for start, block in self.embedding_blocks(rel, batch_rows, as_arrays=matrix):
+            if base is not None:
+                base[start:start + len(block)] = block
+        return ids.combine_chunks(), base
+
+    def embedding_blocks(self, rel: str, batch_rows: int = 65536, as_arrays: bool = True) -> Iterator[tuple[int, Any]]:
+        """(first row, [rows, dim] float32 block) of an embeddings artifact, a batch at a time, each checked
+        (every vector present and as long as the first: DataError with the row). ``as_arrays=False``: the
+        check only (the block is then the Arrow column)."""
+        import pyarrow.compute as pc
+
+        where = self.uri(rel)
+        f = self._parquet_file(rel)
+        _, dim = self._embeddings_shape(f, where)
         start = 0
         for b in f.iter_batches(batch_size=batch_rows, columns=["embedding"]):
             col = b.column(0)
@@ -276,10 +294,8 @@ class Store:
             if pc.any(bad).as_py():
                 row = start + int(pc.index(bad, True).as_py())
                 raise DataError(f"embedding missing or not {dim} long", where=where, row=row, field="embedding")
-            if base is not None:
-                base[start:start + len(col)] = pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(-1, dim)
+            yield start, (pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(-1, dim) if as_arrays else col)
             start += len(col)
-        return ids.combine_chunks(), base
 
 
 def release_arrow_memory() -> None:

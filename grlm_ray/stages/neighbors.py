@@ -19,7 +19,7 @@ from grlm_ray.core.config import GrlmConfig, NeighborsConfig
 from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import NEIGHBORS
-from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
 
 STAGE = "neighbors"
 
@@ -39,38 +39,54 @@ def ivf_nlist(cfg: NeighborsConfig, n: int) -> int:
     return max(1, min(n, cfg.ivf_nlist or round(n / cfg.ivf_list_size)))
 
 
-def build_faiss_index(base: np.ndarray, cfg: NeighborsConfig, kind: str) -> Any:
-    """'flat': exact inner product. 'ivf': inverted lists of ~``ivf_list_size`` items. Above a few hundred
+def training_rows(cfg: NeighborsConfig, n: int, kind: str) -> np.ndarray:
+    """The seeded rows an IVF index is trained on: ``TRAIN_PER_LIST`` per list (all rows when fewer)."""
+    if kind != "ivf":
+        return np.zeros(0, np.int64)
+    size = min(n, TRAIN_PER_LIST * ivf_nlist(cfg, n))
+    return np.sort(np.random.default_rng(0).choice(n, size=size, replace=False)) if size < n else np.arange(n)
+
+
+def new_faiss_index(train: np.ndarray, n: int, cfg: NeighborsConfig, kind: str) -> Any:
+    """An empty faiss index for ``n`` vectors, trained on ``train`` (rows of ``training_rows``).
+    'flat': exact inner product. 'ivf': inverted lists of ~``ivf_list_size`` items. Above a few hundred
     lists the centroids come from two-level spherical k-means (sqrt(nlist) coarse clusters, each split in
     proportion to its size: O(n sqrt(nlist)) instead of O(n nlist)) and a query finds its lists through an
     HNSW graph over the centroids (O(log nlist) instead of a scan of every centroid), so training, adding
     and searching all stay linear in the catalog."""
     import faiss
 
-    d = base.shape[1]
+    d = train.shape[1]
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = ivf_nlist(cfg, base.shape[0])
+        nlist = ivf_nlist(cfg, n)
         if nlist < _TWO_LEVEL_FROM:
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(base)
+            index.train(train)
         else:
             from faiss.contrib.clustering import two_level_clustering
 
-            centroids, _ = two_level_clustering(base, int(math.sqrt(nlist)), nlist, spherical=True)
+            centroids, _ = two_level_clustering(train, int(math.sqrt(nlist)), nlist, spherical=True)
             quant = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
             quant.add(centroids)
             quant.hnsw.efSearch = max(64, 2 * cfg.ivf_nprobe)
             index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(base[:1])  # the quantizer is filled: nothing left to learn
+            index.train(train[:1])  # the quantizer is filled: nothing left to learn
         index.nprobe = cfg.ivf_nprobe
     if cfg.use_gpu and hasattr(faiss, "StandardGpuResources"):
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def build_faiss_index(base: np.ndarray, cfg: NeighborsConfig, kind: str) -> Any:
+    """``new_faiss_index`` trained on ``base``'s training rows, with every row of ``base`` added."""
+    index = new_faiss_index(base[training_rows(cfg, base.shape[0], kind)], base.shape[0], cfg, kind)
     index.add(base)
     return index
 
 
+TRAIN_PER_LIST = 64
 _TWO_LEVEL_FROM = 256  # lists
 
 
@@ -97,25 +113,46 @@ class NeighborSearcher:
     4.4 GB in one worker)."""
 
     def __init__(self, source: Any, cfg: NeighborsConfig, kind: str) -> None:
-        if isinstance(source, np.ndarray):
-            base: np.ndarray | None = source
-        else:
-            store, rel = source
-            base = store.read_embeddings(rel)[1]
         self.cfg, self.kind = cfg, kind
         self.threads = searcher_threads(cfg)
+        self.index: Any = None
+        base: np.ndarray | None = None
+        streamed = kind in ("flat", "ivf") and not cfg.use_gpu and not isinstance(source, np.ndarray)
+        if isinstance(source, np.ndarray):
+            base = source
+        elif not streamed:
+            store, rel = source
+            base = store.read_embeddings(rel)[1]
         if kind in ("flat", "ivf"):
             import faiss
 
             faiss.omp_set_num_threads(self.threads)
-            self.index = build_faiss_index(base, cfg, kind)
+            if streamed:  # the matrix is never whole here: a training sample, then the rows added a block at a time
+                store, rel = source
+                self.index = self._streamed_index(store, rel)
+            else:
+                self.index = build_faiss_index(base, cfg, kind)
             if not cfg.use_gpu:
                 if kind == "ivf":
                     self.index.make_direct_map()  # row -> its place in the lists, for reconstruct
                 base = None
-        else:
-            self.index = None
         self.base = base
+
+    def _streamed_index(self, store: Store, rel: str) -> Any:
+        n, _ = store.embeddings_shape(rel)
+        rows = training_rows(self.cfg, n, self.kind)
+        parts = []
+        for start, block in store.embedding_blocks(rel):
+            pick = rows[(rows >= start) & (rows < start + len(block))] - start
+            parts.append(block[pick].copy())
+        dim = parts[0].shape[1] if parts else 0
+        index = new_faiss_index(np.concatenate(parts) if parts else np.zeros((0, dim), np.float32), n, self.cfg,
+                                self.kind)
+        del parts
+        for _, block in store.embedding_blocks(rel):
+            index.add(block)
+        release_arrow_memory()
+        return index
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = batch["row"].astype(np.int64)
