@@ -464,3 +464,13 @@ def test_term_vocabulary_is_every_distinct_term_sorted():
     terms = pa.Table.from_batches([pa.record_batch({"item_id": ["a", "b"], "terms": tids[:2]}),
                                    pa.record_batch({"item_id": ["c"], "terms": tids[2:]})])  # two chunks
     assert term_vocabulary(terms) == sorted({w for t in tids for w in t})
+
+
+def test_a_training_item_missing_from_the_catalog_is_named_with_its_user():
+    from grlm_ray.core.errors import DataError
+
+    items, seqs, targets = _tables()
+    items = items.filter(pa.compute.not_equal(items.column("item_id"), "c"))
+    terms = {k: v for k, v in TERMS.items() if k != "c"}
+    with pytest.raises(DataError, match=r"user 'u1': training item 'c' is not in the catalog.*2 such"):
+        build_samples(items, terms, training_sequences(seqs, targets), SFTConfig(), lambda i: "x")

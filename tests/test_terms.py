@@ -53,3 +53,34 @@ def test_authors_beauty_tids_go_from_440_colliding_items_to_zero(shared_data, tm
     assert len({tuple(t) for t in out.column("terms").to_pylist()}) == out.num_rows
     assert all(len(t) == 5 for t in out.column("terms").to_pylist())
     assert sum(s.endswith("+dedup") for s in out.column("source").to_pylist()) == rep.changed_items
+
+
+def test_terms_table_resolution_matches_the_list_resolution_with_and_without_collisions():
+    """``resolve_terms_table`` finds colliding TIDs in Arrow and returns early when there are none: the same
+    TIDs, flags and report as ``resolve_collisions`` on plain lists, on random tables of both kinds."""
+    import random
+
+    import pyarrow as pa
+
+    from grlm_ray.core.schemas import ITEMS, TERMS
+    from grlm_ray.lib.terms import resolve_terms_table
+
+    rng = random.Random(5)
+    words = ["mug", "cup", "blue", "red", "tall", "steel", "glass", "big"]
+    for trial in range(40):
+        distinct = trial % 2 == 0
+        n = rng.randint(1, 30 if distinct else 12)  # 3 x 8 two-term TIDs: room to resolve 12 items
+        ids = [f"i{k}" for k in range(n)]
+        tids = ([[f"w{k}", rng.choice(words)] for k in range(n)] if distinct
+                else [[rng.choice(words[:3]), rng.choice(words)] for _ in range(n)])
+        texts = [" ".join(rng.sample(words, 3)) for _ in range(n)]
+        items = pa.Table.from_pylist([{"item_id": i, "category": "c", "title": t, "description": "", "brand": "",
+                                       "categories": []} for i, t in zip(ids, texts)], schema=ITEMS.arrow)
+        table = pa.Table.from_pylist([{"item_id": i, "terms": t, "raw": "", "valid": True, "source": "llm"}
+                                      for i, t in zip(ids, tids)], schema=TERMS.arrow)
+        out, rep = resolve_terms_table(table, items)
+        want, changed, want_rep = resolve_collisions(ids, tids, [t + " " for t in texts])
+        assert out.column("terms").to_pylist() == want
+        assert out.column("source").to_pylist() == ["llm+dedup" if c else "llm" for c in changed]
+        assert rep.as_dict() == want_rep.as_dict()
+        assert distinct <= (rep.colliding_items_before == 0)

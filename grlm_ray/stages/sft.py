@@ -17,108 +17,176 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from grlm_ray.core.config import GrlmConfig, SFTConfig
 from grlm_ray.core.errors import DataError
 from grlm_ray.core.registry import reads, stage_key
-from grlm_ray.core.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
+from grlm_ray.core.schemas import ITEMS, MESSAGE, SEQUENCES, SFT, TARGETS, TERMS
 from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
 from grlm_ray.lib.termgen import repair
 from grlm_ray.lib.terms import resolve_terms_table
 from grlm_ray.lib.textformat import (
     PROMPT_VERSION,
+    PROMPTS,
     domain_lookup,
     gti_prompt,
     line_writer,
-    messages,
-    seq_prompt,
     tid_completion,
-    training_sequences,
+    training_lists,
 )
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
 
 
+def co_interaction_pairs(codes: np.ndarray, owner: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items adjacent in training sequences (both directions) as code pairs (a, b): a ascending, then b most
+    frequent first, ties by code; at most ``top`` per a. ``codes`` is every training interaction, ``owner``
+    its sequence. Integer codes and numpy only (a Counter per item took ~1 KB each: a GB at 1M items)."""
+    codes, owner = np.asarray(codes, np.int64), np.asarray(owner, np.int64)
+    m = max(int(codes.max()) + 1, 1) if len(codes) else 1
+    nxt = (owner[1:] == owner[:-1]) & (codes[1:] != codes[:-1])
+    a, b = codes[:-1][nxt], codes[1:][nxt]
+    a, b = np.concatenate([a, b]), np.concatenate([b, a])
+    pairs, counts = np.unique(a * m + b, return_counts=True)
+    a, b = pairs // m, pairs % m
+    order = np.lexsort((b, -counts, a))  # by item, then most frequent, then neighbour code
+    a, b = a[order], b[order]
+    keep = np.arange(len(a)) - np.searchsorted(a, a, side="left") < top
+    return a[keep], b[keep]
+
+
 def co_interaction_neighbors(train_seqs: dict[str, list[str]], top: int) -> dict[str, list[str]]:
-    """Items adjacent in training sequences (both directions), most frequent first, ties by item id.
-    Counted on integer codes with numpy (a Counter per item took ~1 KB each: a GB at 1M items)."""
+    """``co_interaction_pairs`` by item id: {item: neighbours, most frequent first, ties by item id}."""
     vocab = sorted({i for items in train_seqs.values() for i in items})  # code order = item id order
     code = {i: k for k, i in enumerate(vocab)}
     flat = np.fromiter((code[i] for items in train_seqs.values() for i in items), np.int64)
     owner = np.repeat(np.arange(len(train_seqs)), [len(v) for v in train_seqs.values()])
-    nxt = (owner[1:] == owner[:-1]) & (flat[1:] != flat[:-1])
-    a, b = flat[:-1][nxt], flat[1:][nxt]
-    a, b = np.concatenate([a, b]), np.concatenate([b, a])
-    pairs, counts = np.unique(a * max(len(vocab), 1) + b, return_counts=True)
-    a, b = pairs // max(len(vocab), 1), pairs % max(len(vocab), 1)
-    order = np.lexsort((b, -counts, a))  # by item, then most frequent, then neighbour id
-    a, b = a[order], b[order]
-    first = np.searchsorted(a, a, side="left")
-    keep = np.arange(len(a)) - first < top
     out: dict[str, list[str]] = {}
-    for x, y in zip(a[keep].tolist(), b[keep].tolist()):
+    for x, y in zip(*(v.tolist() for v in co_interaction_pairs(flat, owner, top))):
         out.setdefault(vocab[x], []).append(vocab[y])
     return out
 
 
 # --------------------------------------------------------------------------- builders
-def _sample_rows(items: pa.Table, terms: dict[str, list[str]], train_seqs: dict[str, list[str]], c: SFTConfig,
-                 domain_of, task: str) -> Iterator[dict[str, Any]]:
-    write = line_writer(c)
-    if task == "gti":
-        for b in items.to_batches(max_chunksize=8192):
-            for r in b.to_pylist():
-                i = r["item_id"]
-                yield {"task": "gti", "domain": domain_of(i), "prompt": gti_prompt(r, c.max_item_chars, c.prompt),
-                       "completion": tid_completion(terms[i])}
-        return
-    titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
-    lines: dict[str, str] = {}
-
-    def line(i: str) -> str:
-        if i not in lines:
-            lines[i] = write(terms[i], titles[i])
-        return lines[i]
-
-    if task == "seq":
-        for u in sorted(train_seqs):
-            window = train_seqs[u][-c.max_history:]
-            if len(window) < 2:
-                continue  # nothing to predict from a single training item
-            yield {"task": "seq", "domain": domain_of(window[0]), "prompt": seq_prompt(line(window[0]), c.prompt),
-                   "completion": "\n".join(line(i) for i in window[1:])}
-    elif task == "collab":
-        for a, nbrs in sorted(co_interaction_neighbors(train_seqs, c.collab_top).items()):
-            yield {"task": "collab", "domain": domain_of(a), "prompt": messages(c.prompt, "collab", line=line(a)),
-                   "completion": "\n".join(line(b) for b in nbrs)}
+def _train_arrays(train: Any) -> tuple[pa.Array, pa.ListArray]:
+    """(user ids, each user's training items) from a {user: items} dict or from those two arrays."""
+    if isinstance(train, dict):
+        return pa.array(list(train), pa.string()), pa.array(list(train.values()), pa.list_(pa.string()))
+    users, lists = train
+    return users, lists
 
 
-def sample_tables(items: pa.Table, terms: dict[str, list[str]], train_seqs: dict[str, list[str]],
-                  c: SFTConfig, domain_of, chunk: int = 8192) -> dict[str, pa.Table]:
-    """Every task's samples (``SFT`` rows, weights applied later) as an Arrow table, built ``chunk`` rows at
-    a time: Python objects exist for one chunk only. A task of weight 0 is not built (the GTI prompts carry
-    every item's description)."""
-    ids = items.column("item_id").to_pylist()
-    missing = [i for i in ids if i not in terms]
+def _aligned_terms(items: pa.Table, terms: Any) -> pa.Array:
+    """Each catalog item's TID in ``items`` order, from a {item: terms} mapping or a terms table."""
+    ids = items.column("item_id")
+    if isinstance(terms, pa.Table):
+        at = pc.index_in(ids, value_set=terms.column("item_id"))
+        missing = ids.filter(pc.is_null(at)).to_pylist()
+        tids = terms.column("terms").take(at) if not missing else None
+    else:
+        missing = [i for i in ids.to_pylist() if i not in terms]
+        tids = pa.array([terms[i] for i in ids.to_pylist()], pa.list_(pa.string())) if not missing else None
     if missing:
         raise DataError(f"{len(missing)} items have no TID in the chosen terms table (e.g. {missing[:3]}); "
                         "run CTG on every item (ctg.limit unset, or ctg.uncovered=words) or pick sft.terms")
-    del ids
+    return tids.combine_chunks() if isinstance(tids, pa.ChunkedArray) else tids
+
+
+def _messages(style: str, task: str, lines: pa.Array) -> pa.ListArray:
+    """``messages(style, task, line=...)`` for a column of lines: [system, user] per row, built in Arrow."""
+    p = PROMPTS[style]
+    before, after = p[task].format(line="\0").split("\0")
+    user = pc.binary_join_element_wise(pa.scalar(before), lines, pa.scalar(after), "")
+    n = len(lines)
+    texts = pa.concat_arrays([pa.array([p["system"]], pa.string()), user.cast(pa.string())])
+    at = np.zeros(2 * n, np.int64)
+    at[1::2] = np.arange(1, n + 1)
+    roles = pa.array(["system", "user"], pa.string()).take(pa.array(np.tile([0, 1], n)))
+    msgs = pa.StructArray.from_arrays([roles, texts.take(pa.array(at))], fields=list(MESSAGE))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), msgs)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions starts[k] .. starts[k] + lengths[k] - 1 for every k, concatenated."""
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
+    return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))
+
+
+def _line_samples(task: str, style: str, head: np.ndarray, tail: np.ndarray, tail_offsets: np.ndarray,
+                  lines: pa.Array, domains: pa.Array, chunk: int) -> pa.Table:
+    """Samples whose prompt shows the item ``head[k]``'s line and whose completion writes the lines of
+    ``tail[tail_offsets[k]:tail_offsets[k + 1]]``, one per line; the domain is the head item's. A chunk of
+    rows at a time (a string column stays far below Arrow's 2 GB per array)."""
+    parts = [SFT.arrow.empty_table()]
+    for s in range(0, len(head), chunk):
+        e = min(len(head), s + chunk)
+        h, o = pa.array(head[s:e]), tail_offsets[s:e + 1]
+        rest = pa.ListArray.from_arrays(pa.array((o - o[0]).astype(np.int32)), lines.take(pa.array(tail[o[0]:o[-1]])))
+        parts.append(pa.table({"task": pa.array([task] * (e - s), pa.string()), "domain": domains.take(h),
+                               "prompt": _messages(style, task, lines.take(h)),
+                               "completion": pc.binary_join(rest, "\n")}, schema=SFT.arrow))
+    return pa.concat_tables(parts)
+
+
+def sample_tables(items: pa.Table, terms: Any, train: Any, c: SFTConfig, domain_of,
+                  chunk: int = 8192) -> dict[str, pa.Table]:
+    """Every task's samples (``SFT`` rows, weights applied later) as Arrow tables. ``terms`` is a
+    {item: terms} mapping or a terms table, ``train`` each user's training items ({user: items} or (users,
+    lists) arrays). Sequence and collaborative samples are built in Arrow (one line per catalog item, then
+    gathers and joins); GTI a chunk of rows at a time. A task of weight 0 is not built (the GTI prompts carry
+    every item's description). Sequence samples come in user id order, collaborative ones in item id order."""
+    tids = _aligned_terms(items, terms)
     out: dict[str, pa.Table] = {}
-    for task, w in (("gti", c.gti_weight), ("seq", 1.0), ("collab", c.collab_weight)):
-        parts, rows = [], []
-        for r in _sample_rows(items, terms, train_seqs, c, domain_of, task) if w > 0 else ():
-            rows.append(r)
-            if len(rows) >= chunk:
-                parts.append(pa.Table.from_pylist(rows, schema=SFT.arrow))
-                rows = []
-        parts.append(pa.Table.from_pylist(rows, schema=SFT.arrow))
-        out[task] = pa.concat_tables(parts)  # left in its chunks: one copy of the samples, not two
+    if c.gti_weight > 0:
+        parts, rows, k = [SFT.arrow.empty_table()], [], 0
+        for b in items.to_batches(max_chunksize=chunk):
+            for r, t in zip(b.to_pylist(), tids.slice(k, b.num_rows).to_pylist()):
+                i = r["item_id"]
+                rows.append({"task": "gti", "domain": domain_of(i), "prompt": gti_prompt(r, c.max_item_chars, c.prompt),
+                             "completion": tid_completion(t)})
+            k += b.num_rows
+            parts.append(pa.Table.from_pylist(rows, schema=SFT.arrow))
+            rows = []
+        out["gti"] = pa.concat_tables(parts)  # left in its chunks: one copy of the samples, not two
+    else:
+        out["gti"] = SFT.arrow.empty_table()
+    # every catalog item's line and domain, in item id order: an item's code is its rank by id
+    by_id = pc.sort_indices(items.column("item_id"))
+    ids = items.column("item_id").take(by_id)
+    write = line_writer(c)
+    lines = pa.array([write(t, title) for t, title in zip(tids.take(by_id).to_pylist(),
+                                                          items.column("title").take(by_id).to_pylist())], pa.string())
+    domains = pa.array([domain_of(i) for i in ids.to_pylist()], pa.string())
+    users, lists = _train_arrays(train)
+    flat = pc.list_flatten(lists)
+    where = pc.index_in(flat, value_set=ids)
+    offs = lists.offsets.to_numpy().astype(np.int64)
+    offs -= offs[0] if len(offs) else 0
+    if where.null_count:
+        k = int(np.flatnonzero(~pc.is_valid(where).to_numpy(zero_copy_only=False))[0])
+        u = int(np.searchsorted(offs, k, side="right") - 1)
+        raise DataError(f"user {users[u].as_py()!r}: training item {flat[k].as_py()!r} is not in the catalog "
+                        f"(prepare/items.parquet); {where.null_count} such interactions in all")
+    codes = where.to_numpy(zero_copy_only=False).astype(np.int64)
+    start = np.maximum(offs[:-1], offs[1:] - c.max_history)  # the last max_history items
+    size = offs[1:] - start
+    order = pc.sort_indices(users).to_numpy()
+    rows = order[size[order] >= 2]  # nothing to predict from a single training item
+    rest = size[rows] - 1
+    out["seq"] = _line_samples("seq", c.prompt, codes[start[rows]], codes[_ranges(start[rows] + 1, rest)],
+                               np.concatenate([[0], np.cumsum(rest)]), lines, domains, chunk)
+    if c.collab_weight > 0:
+        a, b = co_interaction_pairs(codes, np.repeat(np.arange(len(users)), np.diff(offs)), c.collab_top)
+        head, first = np.unique(a, return_index=True)
+        out["collab"] = _line_samples("collab", c.prompt, head, b, np.append(first, len(b)), lines, domains, chunk)
+    else:
+        out["collab"] = SFT.arrow.empty_table()
     return out
 
 
-def build_samples(items: pa.Table, terms: dict[str, list[str]], train_seqs: dict[str, list[str]],
+def build_samples(items: pa.Table, terms: Any, train_seqs: dict[str, list[str]],
                   c: SFTConfig, domain_of) -> dict[str, list[dict[str, Any]]]:
     """``sample_tables`` as row dicts, each {task, domain, prompt, completion}."""
     return {k: t.to_pylist() for k, t in sample_tables(items, terms, train_seqs, c, domain_of).items()}
@@ -161,13 +229,28 @@ def mix_batches(tables: dict[str, pa.Table], weights: dict[str, float], seed: in
     order = mix_order({k: tables[k].num_rows for k in names}, weights, seed)
     start = np.cumsum([0] + [tables[k].num_rows for k in names])
     pos = {k: start[j] for j, k in enumerate(names)}
-    whole = pa.concat_tables([tables[k].cast(SFT.arrow) for k in names])
+    parts = pa.concat_tables([tables[k].cast(SFT.arrow) for k in names]).to_batches()
     at = np.fromiter((pos[t] + r for t, r in order), np.int64, len(order))
     del order
     if not len(at):
         yield SFT.arrow.empty_table()
     for s in range(0, len(at), rows):
-        yield whole.take(pa.array(at[s:s + rows]))
+        yield _gather(parts, at[s:s + rows])
+
+
+def _gather(parts: list[pa.RecordBatch], at: np.ndarray) -> pa.Table:
+    """Rows ``at`` of the table made of ``parts``, in that order, taken a part at a time: a take on the
+    chunked table concatenated its string columns first (every call copied the whole mixture; 0.27 s per
+    64k rows of completions at 1M items, quadratic over the stage)."""
+    bounds = np.cumsum([0] + [b.num_rows for b in parts])
+    part = np.searchsorted(bounds, at, side="right") - 1
+    order = np.argsort(part, kind="stable")
+    cut = np.searchsorted(part[order], np.arange(len(parts) + 1))
+    got = [parts[k].take(pa.array(at[order[cut[k]:cut[k + 1]]] - bounds[k]))
+           for k in range(len(parts)) if cut[k] < cut[k + 1]]
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return pa.Table.from_batches(got, schema=SFT.arrow).combine_chunks().take(pa.array(back))
 
 
 def mix_tables(tables: dict[str, pa.Table], weights: dict[str, float], seed: int) -> pa.Table:
@@ -178,8 +261,7 @@ def mix_tables(tables: dict[str, pa.Table], weights: dict[str, float], seed: int
 def _fill_missing(items: pa.Table, terms_t: pa.Table) -> tuple[pa.Table, int]:
     """TIDs from their own words for items the terms table lacks; collisions re-resolved."""
 
-    have = set(terms_t.column("item_id").to_pylist())
-    rest = [r for r in items.to_pylist() if r["item_id"] not in have]
+    rest = items.filter(pc.invert(pc.is_in(items.column("item_id"), value_set=terms_t.column("item_id")))).to_pylist()
     if not rest:
         return terms_t, 0
     n = Counter(len(t) for t in terms_t.column("terms").to_pylist()).most_common(1)[0][0] if terms_t.num_rows else 5
@@ -224,20 +306,16 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         if c.resolve_collisions:
             terms_t, report = resolve_terms_table(terms_t, items)
             collisions = report.as_dict()
-        import pyarrow.compute as pc
-
-        ctx.write("terms.parquet", terms_t.filter(pc.is_in(terms_t.column("item_id"), value_set=items.column("item_id").combine_chunks())),
-                  TERMS)
-        terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
-        del terms_t
-        train_seqs = training_sequences(seqs, targets)
+        terms_t = terms_t.filter(pc.is_in(terms_t.column("item_id"), value_set=items.column("item_id")))
+        ctx.write("terms.parquet", terms_t, TERMS)
+        users, lists = seqs.column("user_id").combine_chunks(), training_lists(seqs, targets)
         del seqs, targets
         release_arrow_memory()
         n_items = items.num_rows
         if c.gti_weight <= 0:  # the descriptions are read by the GTI prompts only
             items = items.select(["item_id", "title"])
-        samples = sample_tables(items, terms, train_seqs, c, domain_lookup(cfg))
-        del items, terms
+        samples = sample_tables(items, terms_t.select(["item_id", "terms"]), (users, lists), c, domain_lookup(cfg))
+        del items, terms_t
         tasks: Counter[str] = Counter()
         domains: Counter[str] = Counter()
 
@@ -256,7 +334,7 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
             "samples": dict(tasks), "natural_samples": {k: v.num_rows for k, v in samples.items()} | (
                 {"gti": n_items} if c.gti_weight <= 0 else {}),
             "per_domain": dict(domains),
-            "users_without_seq_sample": sum(1 for v in train_seqs.values() if len(v[-c.max_history:]) < 2),
+            "users_without_seq_sample": int((np.minimum(np.diff(lists.offsets.to_numpy()), c.max_history) < 2).sum()),
             "example": {t: samples[t].slice(0, 1).to_pylist()[0] for t in samples if samples[t].num_rows},
         })
 
