@@ -122,3 +122,45 @@ def test_embed_and_neighbors_on_the_demo_catalog(tmp_path, ray_local):
     cfg2 = load_config(None, [f"run.root={tmp_path}", "data.domains.demo.num_items=200",
                               "data.domains.demo.num_users=500", "ray.progress_bars=false", "neighbors.k=3"])
     assert embed(cfg2)["skipped"] and not neighbors(cfg2)["skipped"]
+
+
+def test_sampled_recall_counts_the_exact_neighbours_found_over_streamed_blocks(tmp_path):
+    """``sampled_recall`` against brute force: exact neighbours score 1, a known share of them that share,
+    wrong ones 0 (the artifact read in blocks much smaller than the catalog)."""
+    from grlm_ray.stages.neighbors import sampled_recall
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(2_000, 8)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    store = Store(str(tmp_path))
+    store.write_table("e.parquet", pa.table({"item_id": [f"i{j}" for j in range(2_000)],
+                                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(base.reshape(-1)), 8)}))
+    exact = np.concatenate([topk_exact(base[s:s + 500], np.arange(s, s + 500), base, 4)[0] for s in range(0, 2_000, 500)])
+    assert sampled_recall(store, "e.parquet", exact, 300, block_rows=128) == {"recall_at_k": 1.0, "recall_sample": 300}
+    half = exact.copy()
+    half[:, 2:] = -1  # two of four found, the rest missing
+    assert sampled_recall(store, "e.parquet", half, 300, block_rows=128)["recall_at_k"] == 0.5
+    far = np.argsort(base @ base.T, axis=1)[:, :4]  # the least similar items
+    assert sampled_recall(store, "e.parquet", far, 300, block_rows=128)["recall_at_k"] == 0.0
+
+
+@pytest.mark.ray
+def test_ivf_neighbours_stage_records_its_recall_against_exact_search(tmp_path, ray_local):
+    from grlm_ray.stages.neighbors import sampled_recall
+
+    rng = np.random.default_rng(6)
+    centers = rng.normal(size=(40, 16)).astype(np.float32)
+    base = centers[rng.integers(0, 40, 4_000)] + 0.6 * rng.normal(size=(4_000, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    store = Store(str(tmp_path))
+    store.write_table("demo/embed/embeddings.parquet", pa.table({
+        "item_id": [f"i{j}" for j in range(4_000)], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(base.reshape(-1)), 16)}))
+    cfg = load_config(None, [f"run.root={tmp_path}", "ray.progress_bars=false", "neighbors.index=ivf",
+                             "neighbors.ivf_list_size=50", "neighbors.ivf_nprobe=2", "neighbors.recall_sample=400",
+                             "neighbors.k=5"])
+    info = neighbors(cfg)["info"]
+    nb = store.read_table("demo/neighbors/neighbors.parquet")
+    pos = {f"i{j}": j for j in range(4_000)}
+    found = np.array([[pos[x] for x in r] for r in nb.column("neighbor_ids").to_pylist()])
+    assert info["recall_sample"] == 400 and 0.0 < info["recall_at_k"] < 1.0  # two of 80 lists probed: approximate
+    assert info["recall_at_k"] == sampled_recall(store, "demo/embed/embeddings.parquet", found, 400)["recall_at_k"]

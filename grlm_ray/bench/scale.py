@@ -427,29 +427,6 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="exact (flat) neighbours only up to this many items: O(n^2)")
 
 
-def ivf_recall(run_dir: Path, sample: int = 1000, k: int = 10) -> dict[str, Any]:
-    """How many of the exact top-k neighbours the approximate (IVF) neighbours artifact found, on a seeded
-    sample of items (exact = inner products with every item; run after the step, outside its measurement)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from grlm_ray.core.storage import Store
-    from grlm_ray.stages.neighbors import topk_exact
-
-    store = Store(str(run_dir))
-    ids, base = store.read_embeddings("embed/embeddings.parquet")
-    nb = store.read_table("neighbors/neighbors.parquet", columns=["item_id", "neighbor_ids"])
-    rows = np.sort(np.random.default_rng(0).choice(len(ids), size=min(sample, len(ids)), replace=False))
-    exact = np.concatenate([topk_exact(base[rows[s:s + 100]], rows[s:s + 100], base, k)[0]
-                            for s in range(0, len(rows), 100)])  # 100 rows of scores at a time
-    at = pc.index_in(ids.take(pa.array(rows)), value_set=nb.column("item_id"))
-    found = nb.column("neighbor_ids").take(at).to_pylist()
-    id_list = ids.to_pylist()
-    hits = [len({id_list[j] for j in e} & set(f[:k])) / k for e, f in zip(exact.tolist(), found)]
-    return {"ivf_recall_at_10": round(float(np.mean(hits)), 4), "ivf_recall_sample": len(rows)}
-
-
 def _details(log_path: Path) -> dict[str, Any]:
     for line in reversed(log_path.read_text(errors="replace").splitlines()):
         if line.startswith("BENCH_SCALE_STEP "):
@@ -489,8 +466,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[{time.strftime('%H:%M:%S')}] {size}: {step} ...", flush=True)
             m = measure(step_command(step, cfg_path), log_path, args.max_rss_gb)
             row = {"size": size, "step": step, **m, **(_details(log_path) if step in IN_PROCESS else {})}
-            if step == "neighbors-ivf" and m["rc"] == 0:
-                row.update(ivf_recall(root / f"scale-{size}"))
+            if step == "neighbors-ivf" and m["rc"] == 0:  # the stage's own check against exact search
+                info = _stage_info(root, size, "neighbors").get("info", {})
+                row.update({"ivf_recall_at_10": info.get("recall_at_k"), "ivf_recall_sample": info.get("recall_sample")})
             if m["rc"] != 0:
                 row["error"] = (f"stopped: its processes passed {args.max_rss_gb} GB together" if m.get("killed_over_mb")
                                 else f"exit {m['rc']}: see {log_path}")

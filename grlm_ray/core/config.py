@@ -215,6 +215,10 @@ class NeighborsConfig(StrictModel):
     # faiss threads per searcher; default: this node's CPUs shared among the searchers
     threads: int | None = Field(None, ge=1)
     use_gpu: bool = False
+    # approximate (ivf) neighbours: recall@k against exact search on this many seeded items, in the stage's
+    # info (0: not measured), and a warning below ``min_recall`` (a report: the neighbours are kept)
+    recall_sample: int = neutral_default(1000, ge=0)
+    min_recall: float = neutral_default(0.9, ge=0.0, le=1.0)
 
 
 # --------------------------------------------------------------------------- stage 3

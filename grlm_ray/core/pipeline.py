@@ -81,6 +81,9 @@ def format_summary(results: dict[str, Any]) -> str:
         info = m.get("info", {})
         if info.get("rejects"):
             lines.append("          rejects: " + ", ".join(f"{k} x{v}" for k, v in info["rejects"].items()))
+        if stage == "neighbors" and info.get("recall_at_k") is not None:
+            lines.append(f"          {info['index']} (nlist {info['nlist']:,}, nprobe {info['nprobe']}): recall@{info['k']} "
+                         f"{info['recall_at_k']:.3f} against exact search on {info['recall_sample']:,} sampled items")
         if stage == "ctg" and "legality_rate" in info:
             b, a = info["before_resolution"], info["after_resolution"]
             lines.append(f"          legality {info['legality_rate']:.3f} (first try {info['legality_rate_first_try']:.3f}), "

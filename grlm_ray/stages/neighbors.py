@@ -1,13 +1,15 @@
 """Stage 2b — neighbours: top-k cosine neighbours of every item (self excluded), on Ray Data.
 
-Query blocks are sharded over actors that each hold the index (the normalized embedding matrix, shared
-through the object store). 'exact': blocked matrix products; 'flat': faiss exact inner product;
-'ivf': faiss IVF (approximate), which 'auto' picks above ``ivf_threshold`` items.
+Query blocks are sharded over actors that each hold the index, built from the embeddings artifact they read
+themselves. 'exact': blocked matrix products; 'flat': faiss exact inner product; 'ivf': faiss IVF
+(approximate), which 'auto' picks above ``ivf_threshold`` items: its recall@k against exact search is
+measured on a seeded sample and kept in the stage's info (``neighbors.recall_sample``).
 Contract: embed/embeddings -> neighbors/neighbors (item_id, neighbor_ids, scores desc).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -22,6 +24,7 @@ from grlm_ray.core.schemas import NEIGHBORS
 from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
 
 STAGE = "neighbors"
+log = logging.getLogger(__name__)
 
 
 def topk_exact(queries: np.ndarray, query_rows: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +36,33 @@ def topk_exact(queries: np.ndarray, query_rows: np.ndarray, base: np.ndarray, k:
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
+
+
+def sampled_recall(store: Store, rel: str, found: np.ndarray, sample: int, block_rows: int = 16384) -> dict[str, Any]:
+    """Recall@k of ``found`` ([n, k] row indices, -1 = none) against exact inner-product search, on a seeded
+    sample of rows: the sample's vectors, then its exact top-k over the embeddings artifact streamed a block
+    at a time (memory: the sample x one block of scores, never the matrix)."""
+    n, k = found.shape
+    rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, sample), replace=False))
+    if not len(rows) or not k:
+        return {"recall_at_k": None, "recall_sample": 0}
+    parts = []
+    for start, block in store.embedding_blocks(rel, block_rows):
+        pick = rows[(rows >= start) & (rows < start + len(block))] - start
+        parts.append(block[pick].copy())
+    q = np.concatenate(parts)
+    best_s = np.full((len(rows), k), -np.inf, np.float32)
+    best_i = np.full((len(rows), k), -1, np.int64)
+    for start, block in store.embedding_blocks(rel, block_rows):
+        s = q @ block.T
+        own = (rows >= start) & (rows < start + len(block))
+        s[np.flatnonzero(own), rows[own] - start] = -np.inf  # an item is not its own neighbour
+        s = np.concatenate([best_s, s], axis=1)
+        i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(block)), (len(rows), len(block)))], axis=1)
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
+    hits = [len(set(e[e >= 0].tolist()) & set(f[f >= 0].tolist())) / k for e, f in zip(best_i, found[rows])]
+    return {"recall_at_k": round(float(np.mean(hits)), 4), "recall_sample": len(rows)}
 
 
 def ivf_nlist(cfg: NeighborsConfig, n: int) -> int:
@@ -212,6 +242,14 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({"index": kind, "k": cfg.neighbors.k, "items": n,
                          **({"nlist": ivf_nlist(cfg.neighbors, n), "nprobe": cfg.neighbors.ivf_nprobe} if kind == "ivf" else {}),
                          "items_with_fewer_than_k": int((valid.sum(axis=1) < idx.shape[1]).sum())})
+        if kind == "ivf" and cfg.neighbors.recall_sample:  # approximate: how approximate, on a sample
+            rec = sampled_recall(ctx.store, rel, idx, cfg.neighbors.recall_sample)
+            ctx.info.update(rec)
+            if rec["recall_at_k"] is not None and rec["recall_at_k"] < cfg.neighbors.min_recall:
+                log.warning("neighbours: IVF recall@%d is %.3f against exact search on %d sampled items, below "
+                            "neighbors.min_recall=%.2f: raise neighbors.ivf_nprobe (now %d) or use index=flat",
+                            idx.shape[1], rec["recall_at_k"], rec["recall_sample"], cfg.neighbors.min_recall,
+                            cfg.neighbors.ivf_nprobe)
 
     return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
                      resume=cfg.run.resume, after=reads(STAGE, cfg),
