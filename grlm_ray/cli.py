@@ -39,6 +39,11 @@ def _stage_cmd(stage: str):
 
         path, overrides = _split_config(ns.args, required=True)
         cfg = load_config(path, overrides)
+        if ns.redo:
+            from grlm_ray.core.storage import Store, mark_redo
+
+            if not mark_redo(Store(cfg.run.root, cfg.run.s3), cfg.run.name, stage):
+                print(f"{stage}: not run yet in {cfg.run.root}/{cfg.run.name}: running it (nothing to redo)")
         # upstream stages run too: they are skipped when already complete for this config
         print(format_summary(run_pipeline(cfg, stages=upstream(stage, cfg))))
         return 0
@@ -158,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         verb, stage, text = spec.verb, spec.name, spec.help
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+        sp.add_argument("--redo", action="store_true",
+                        help="run this stage again although it is complete for this config (e.g. after a code "
+                             "change); the stages after it run again when next asked for, the ones before are "
+                             "reused (run.resume=false would redo every stage before it too)")
         sp.set_defaults(fn=_stage_cmd(stage))
 
     cc = sub.add_parser("compression-comparison",

@@ -62,6 +62,14 @@ def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local, model_c
     assert ran(["eval.num_beams=4", "ctg.num_terms=4", "neighbors.k=6"]) == ["neighbors", "ctg", "sft", "train", "eval"]
     assert ran(["eval.num_beams=4", "ctg.num_terms=4", "neighbors.k=6", "embed.batch_size=32"]) == list(stages[1:])
     assert eval_reads_current_model()
+    # `grlm sft CONFIG --redo`: that stage again with the stages before it reused; the ones after it run
+    # again when next asked for (the saved config.yaml is the last run's, overrides included)
+    assert main(["sft", str(tmp_path / "demo" / "config.yaml"), "--redo"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^sft\s+done in", out, re.M) and all(
+        re.search(rf"^{s}\s+skipped", out, re.M) for s in stages[:4]), out
+    assert ran(["eval.num_beams=4", "ctg.num_terms=4", "neighbors.k=6", "embed.batch_size=32"]) == ["train", "eval"]
+    assert eval_reads_current_model()
 
 
 def test_validate_reports_missing_inputs(tmp_path, capsys):

@@ -122,6 +122,18 @@ def test_chained_keys_rerun_downstream_only(tmp_path):
     chain("2", "1", "2")
     assert calls[4:] == ["a", "b", "c"]  # a change upstream reaches every stage downstream
     assert read_manifest(store, "r", "c")["upstream"] == {"b": read_manifest(store, "r", "b")["config_hash"]}
+    # a redo (grlm <stage> --redo): that stage and everything after it run again, nothing before it
+    from grlm_ray.core.storage import mark_redo
+
+    assert mark_redo(store, "r", "b") and not mark_redo(store, "r", "zz")
+    chain("2", "1", "2")
+    assert calls[7:] == ["b", "c"]
+    chain("2", "1", "2")
+    assert calls[9:] == []  # done again: skipped again
+    assert read_manifest(store, "r", "b")["generation"] == 1 and "generation" not in read_manifest(store, "r", "c")
+    mark_redo(store, "r", "c")  # the last stage: only itself
+    chain("2", "1", "2")
+    assert calls[9:] == ["c"] and read_manifest(store, "r", "c")["generation"] == 1
 
 
 def test_stage_graph_upstream_closure():

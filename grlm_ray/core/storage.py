@@ -376,6 +376,26 @@ def read_manifest(store: Store, run: str, stage: str) -> dict[str, Any] | None:
     return store.read_json(rel) if store.exists(rel) else None
 
 
+def _chain_key(manifest: dict[str, Any]) -> str:
+    """What a downstream stage's key takes from an upstream manifest: its key, and how many times it was
+    redone (absent until it is: the keys of runs that never redid a stage stay as they were)."""
+    key = str(manifest.get("config_hash", "none"))
+    return f"{key}#redo{manifest['generation']}" if manifest.get("generation") else key
+
+
+def mark_redo(store: Store, run: str, stage: str) -> bool:
+    """Have ``stage`` of ``run`` run again next time although it is complete for its config (after a code
+    change, or to time it): its folder is cleared then, and every stage downstream of it runs again too, as
+    its input changed (the redo count is part of the key they chain). Stages upstream are reused. Returns
+    False when the stage has not run yet (nothing to redo)."""
+    manifest = read_manifest(store, run, stage)
+    if manifest is None:
+        return False
+    store.write_json(f"{run}/{stage}/{MANIFEST}", {"stage": stage, "status": "redo", "config_hash": None,
+                                                   "generation": int(manifest.get("generation") or 0) + 1})
+    return True
+
+
 def copy_stages(store: Store, base: str, run: str, stages: tuple[str, ...] | list[str]) -> list[str]:
     """Copy finished stages of run ``base`` into run ``run`` (variants share upstream work: a copied stage
     is skipped when the variant's config gives it the same hash, recomputed otherwise). A stage the variant
@@ -422,11 +442,12 @@ def run_stage(
     - running manifest, same hash, resume=True   -> resumed: ``fn`` sees the finished parts;
     - otherwise                                  -> the stage folder is cleared and ``fn`` runs.
     """
-    upstream_keys = {s: str((read_manifest(store, run, s) or {}).get("config_hash", "none")) for s in after}
+    upstream_keys = {s: _chain_key(read_manifest(store, run, s) or {}) for s in after}
     if upstream_keys:
         chained = hashlib.sha256(json.dumps(upstream_keys, sort_keys=True).encode()).hexdigest()[:12]
         config_hash = f"{config_hash}-{chained}"
     manifest = read_manifest(store, run, stage)
+    generation = (manifest or {}).get("generation")  # how many times it was redone (``mark_redo``)
     if resume and manifest and manifest.get("config_hash") == config_hash:
         if manifest.get("status") == "complete":
             log.info("stage %s: complete for config %s, skipped", stage, config_hash)
@@ -442,6 +463,7 @@ def run_stage(
         "grlm_version": __version__,
         "inputs": inputs or {},
         "started_at": started,
+        **({"generation": generation} if generation else {}),
     }
     store.write_json(f"{run}/{stage}/{MANIFEST}", {**base, "status": "running"})
     ctx = StageContext(store, run, stage)
