@@ -125,3 +125,104 @@ def test_a_long_unconstrained_generation_ranks_exactly_without_enumerating_subse
     items, scores = idx.structural(q, 10)
     assert [int(i) for i in items] == [i for i, _ in brute]
     assert np.allclose(scores, [s for _, s in brute])
+
+
+def test_arrow_ranking_sums_match_score_rankings_on_random_rows():
+    """``RankingSums`` (Arrow columns, added a slice at a time) against ``score_rankings`` (row dicts): same
+    metrics per domain and overall, with and without valid flags; short, empty and duplicate-hit lists."""
+    import random
+
+    import pyarrow as pa
+
+    from grlm_ray.lib.metrics import RankingSums
+
+    rng = random.Random(11)
+    for trial in range(25):
+        rows = []
+        for _ in range(rng.randint(1, 60)):
+            ranked = rng.sample([f"i{j}" for j in range(12)], rng.randint(0, 8))
+            if ranked and rng.random() < 0.1:
+                ranked.append(ranked[0])  # a repeated item: the first place counts
+            rows.append({"domain": rng.choice(["a", "b", "c"]), "target_item_id": f"i{rng.randint(0, 12)}",
+                         "ranked_item_ids": ranked, "grounded_by": [rng.choice(["direct", "eig", "fill"]) for _ in ranked],
+                         "beam_valid": [rng.random() < 0.7 for _ in range(rng.randint(0, 8))]})
+        ks = (1, 3, 5)
+        for with_valid in (True, False):
+            want = score_rankings([r if with_valid else {k: v for k, v in r.items() if k != "beam_valid"} for r in rows], ks)
+            sums = RankingSums(ks, with_valid)
+            cut = rng.randint(0, len(rows))
+            for part in (rows[:cut], rows[cut:]):
+                col = lambda k, t: pa.array([r[k] for r in part], t)  # noqa: E731
+                sums.add(col("domain", pa.string()), col("target_item_id", pa.string()),
+                         col("ranked_item_ids", pa.list_(pa.string())), col("grounded_by", pa.list_(pa.string())),
+                         col("beam_valid", pa.list_(pa.bool_())) if with_valid else None)
+            got = sums.result()
+            assert got.keys() == want.keys() and got["per_domain"].keys() == want["per_domain"].keys()
+            for scope_got, scope_want in [(got["overall"], want["overall"])] + [
+                    (got["per_domain"][d], want["per_domain"][d]) for d in want["per_domain"]]:
+                assert scope_got.keys() == scope_want.keys()
+                assert all(abs(scope_got[m] - scope_want[m]) <= 2e-6 for m in scope_want), (scope_got, scope_want)
+
+
+def test_predictions_are_written_in_query_order_with_the_row_dict_metrics(tmp_path):
+    """The evaluation's answers arrive in any order as Arrow strings; ``write_predictions`` writes them in
+    query order a slice at a time and scores them: the same file and metrics as the row dicts it replaced."""
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+
+    from grlm_ray.core.storage import StageContext, Store
+    from grlm_ray.stages.evaluate import ANSWERS, write_predictions
+
+    rng = random.Random(2)
+    n = 230
+    queries = pa.table({"row": pa.array(np.arange(n)), "user_id": [f"u{j}" for j in range(n)],
+                        "split": ["test"] * n, "domain": [rng.choice(["a", "b"]) for _ in range(n)],
+                        "target_item_id": [f"i{rng.randint(0, 30)}" for _ in range(n)]})
+    answers = []
+    for j in range(n):
+        ranked = rng.sample([f"i{x}" for x in range(30)], rng.randint(1, 6))
+        beams = rng.randint(0, 5)
+        answers.append({"row": j, "ranked": "\t".join(ranked),
+                        "how": "\t".join(rng.choice(["direct", "eig", "fill"]) for _ in ranked),
+                        "candidates": "\t".join(f"w{rng.randint(0, 9)} v" for _ in range(beams)),
+                        "valid": "\t".join(rng.choice("01") for _ in range(beams))})
+    schema = pa.schema([("row", pa.int64())] + [(k, pa.string()) for k in ANSWERS])
+
+    def batches(order):
+        return [pa.RecordBatch.from_pylist([answers[j] for j in order[s:s + 17]], schema=schema) for s in range(0, n, 17)]
+
+    popular = [f"i{x}" for x in range(25)]
+    ctx = StageContext(Store(str(tmp_path)), "r", "eval")
+    by_window = [j for w in range(0, n, 40) for j in rng.sample(range(w, min(n, w + 40)), min(n, w + 40) - w)]
+    anywhere = rng.sample(range(n), n)
+    rows, pop_rows = [], []
+    for q, r in zip(queries.to_pylist(), answers):
+        rows.append({"user_id": q["user_id"], "split": q["split"], "domain": q["domain"],
+                     "target_item_id": q["target_item_id"], "candidates": r["candidates"].split("\t"),
+                     "ranked_item_ids": r["ranked"].split("\t"), "grounded_by": r["how"].split("\t"),
+                     "beam_valid": [x == "1" for x in r["valid"].split("\t")]})
+        pop_rows.append({"domain": q["domain"], "target_item_id": q["target_item_id"],
+                         "ranked_item_ids": popular[:10], "grounded_by": []})
+    for order in (by_window, anywhere):  # window-major (one window held) or any order (held until complete)
+        model, pop = write_predictions(ctx, queries, batches(order), popular, (1, 5, 10), window=40)
+        written = Store(str(tmp_path)).read_table("r/eval/predictions.parquet").to_pylist()
+        assert written == [{k: v for k, v in r.items() if k != "beam_valid"} for r in rows]
+        for got, want in ((model, score_rankings(rows, (1, 5, 10))), (pop, score_rankings(pop_rows, (1, 5, 10)))):
+            assert got["per_domain"].keys() == want["per_domain"].keys()
+            for g, w in [(got["overall"], want["overall"])] + [(got["per_domain"][d], want["per_domain"][d]) for d in want["per_domain"]]:
+                assert g.keys() == w.keys() and all(abs(g[m] - w[m]) <= 2e-6 for m in w)
+    parts = batches(by_window)
+    with pytest.raises(Exception, match=r"users from row 0: 229 answers for 230 users"):
+        write_predictions(ctx, queries, [parts[0].slice(1)] + parts[1:], popular, (1, 5, 10))
+    with pytest.raises(Exception, match=r"users 0\.\.39: 40 answers for 40 users"):  # one twice, one missing
+        twice = pa.RecordBatch.from_pylist([answers[by_window[1]]] + [answers[j] for j in by_window[1:17]], schema=schema)
+        write_predictions(ctx, queries, [twice] + parts[1:], popular, (1, 5, 10), window=40)
+    from grlm_ray.stages.evaluate import length_order
+
+    lengths = np.array([rng.randint(1, 9) for _ in range(n)])
+    order = length_order(lengths, window=40)
+    assert sorted(order.tolist()) == list(range(n))
+    for w in range(0, n, 40):  # each window's rows, by length then row, windows in order
+        assert order[w:w + 40].tolist() == sorted(range(w, min(n, w + 40)), key=lambda j: (lengths[j], j))

@@ -8,7 +8,8 @@ the search per query; the lists' imbalance factor (1 = equal lengths; a query's 
 Then recall@10 against exact search on 1,000 seeded items, with the stage's HNSW quantizer at two
 ``efSearch`` values and with an exact quantizer over the same centroids, at several ``nprobe``: what the
 quantizer loses vs what the lists themselves lose. And where the exact neighbours live: the rank of
-their list among the query's lists in exact centroid order.
+their list among the query's lists in exact centroid order. And the per-query cost with the queries in
+random order, grouped by list, or grouped by a coarse cluster (cache reuse of the lists scanned).
 
     python benchmarks/isolation/ivf_cost_parts.py <run config.yaml> [...] \
         --out benchmarks/results/ivf_cost_parts.json
@@ -58,6 +59,25 @@ def measure(cfg_path: str, queries: int, sample: int) -> dict:
     t = time.perf_counter()
     index.search(q, nc.k + 1)
     out["search_us_per_query"] = round((time.perf_counter() - t) / len(q) * 1e6, 1)
+
+    # query order: the same queries in random order, by their list, by a coarse cluster (sqrt(nlist) k-means
+    # on a sample): does reusing lists already in cache change the per-query cost, and does it change its growth?
+    import math
+
+    sub = rng.choice(n, min(n, 5 * queries), replace=False)
+    _, own_list = quant.search(base[sub], 1)
+    k1 = max(1, int(math.sqrt(index.nlist)))
+    km = faiss.Kmeans(d, k1, niter=10, seed=1, spherical=True)
+    km.train(base[rng.choice(n, min(n, 100 * k1), replace=False)])
+    _, coarse = km.index.search(base[sub], 1)
+    index.nprobe = nc.ivf_nprobe
+    out["query_order_us_per_query"] = {}
+    for name, order in (("random", sub), ("by_list", sub[np.argsort(own_list.ravel(), kind="stable")]),
+                        ("by_coarse_cluster", sub[np.argsort(coarse.ravel(), kind="stable")])):
+        t = time.perf_counter()
+        for s in range(0, len(order), nc.query_batch):
+            index.search(base[order[s:s + nc.query_batch]], nc.k + 1)
+        out["query_order_us_per_query"][name] = round((time.perf_counter() - t) / len(order) * 1e6, 1)
 
     rows = rng.choice(n, min(n, sample), replace=False)
     qs = base[rows]

@@ -275,7 +275,8 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
 
 
 def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
-    """The evaluation's data path before the model: targets, prompts, the TID token trie, the EIG index."""
+    """The evaluation's data path around the model: targets, prompts, the TID token trie, the EIG index, then
+    (on synthetic answers of the real shape) the predictions written and scored as the stage does."""
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
     from grlm_ray.core.storage import Store, release_arrow_memory
     from grlm_ray.lib.decoding import TidTrie, tid_token_arrays
@@ -315,6 +316,37 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     laps["eig_index_seconds"] = time.perf_counter() - t
     rss("eig_index")
     del trie, index
+    # the answers of every user as the recommender actors return them (synthetic: 20 grounded items, 20 beams'
+    # TIDs and flags per user, in the order the stage's blocks come back), through the stage's own collection:
+    # the predictions written in query order and scored a window at a time
+    import numpy as np
+    import pyarrow as pa
+
+    from grlm_ray.core.storage import StageContext
+    from grlm_ray.stages.evaluate import ANSWERS, write_predictions
+
+    from grlm_ray.stages.evaluate import length_order
+
+    g = np.random.default_rng(3)
+    n, beams = queries.num_rows, 20
+    texts = [tid_text(t) for t in tids]
+    order = length_order(g.integers(20, 400, n))  # as the stage cuts its blocks: by length inside windows
+
+    def answers() -> Any:  # generated as they would come back, a block at a time
+        for s in range(0, n, 512):
+            rows = order[s:s + 512]
+            pick = g.integers(0, len(ids), (len(rows), beams))
+            yield pa.record_batch({"row": pa.array(rows), **dict(zip(ANSWERS, (
+                pa.array(["\t".join(ids[j] for j in r) for r in pick], pa.string()),
+                pa.array(["\t".join(["direct"] * 3 + ["eig"] * (beams - 3))] * len(rows), pa.string()),
+                pa.array(["\t".join(texts[j] for j in r) for r in pick], pa.string()),
+                pa.array(["\t".join(["1"] * beams)] * len(rows), pa.string()))))})
+
+    t = time.perf_counter()
+    write_predictions(StageContext(store, run, "bench-eval"), queries.select(
+        ["row", "user_id", "split", "domain", "target_item_id"]), answers(), popular, cfg.eval.ks)
+    laps["answers_and_predictions_seconds"] = time.perf_counter() - t
+    rss("predictions")
     out.update({k: round(v, 2) for k, v in laps.items()})
     out["rss_after_mb"] = rss.marks
     out["test_users"] = queries.num_rows

@@ -371,6 +371,21 @@ class StageContext:
         return self.store.read_json(self.rel(f"parts/{key}/_done"))
 
 
+def take_rows(parts: list[pa.RecordBatch], at: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Rows ``at`` of the table made of ``parts``, in that order, taken a part at a time: a take on a chunked
+    table concatenates its string columns first (every call copied the whole table: 0.27 s per 64k rows of
+    SFT completions at 1M items, quadratic over a stage that gathers it a slice at a time)."""
+    bounds = np.cumsum([0] + [b.num_rows for b in parts])
+    part = np.searchsorted(bounds, at, side="right") - 1
+    order = np.argsort(part, kind="stable")
+    cut = np.searchsorted(part[order], np.arange(len(parts) + 1))
+    got = [parts[k].take(pa.array(at[order[cut[k]:cut[k + 1]]] - bounds[k]))
+           for k in range(len(parts)) if cut[k] < cut[k + 1]]
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return pa.Table.from_batches(got, schema=schema).combine_chunks().take(pa.array(back))
+
+
 def read_manifest(store: Store, run: str, stage: str) -> dict[str, Any] | None:
     rel = f"{run}/{stage}/{MANIFEST}"
     return store.read_json(rel) if store.exists(rel) else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,10 +23,11 @@ from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
-from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
+from grlm_ray.core.errors import GrlmError
+from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage, take_rows
 from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_arrays
 from grlm_ray.lib.eig import TidIndex, tid_text
-from grlm_ray.lib.metrics import score_rankings
+from grlm_ray.lib.metrics import RankingSums
 from grlm_ray.lib.models import load_tokenizer, quiet_loading
 from grlm_ray.lib.protocol import query_table, training_popularity
 
@@ -59,6 +60,86 @@ class Recommender:
             valid.append("\t".join("1" if self.index.is_valid(x) else "0" for x in texts))
         return {"row": batch["row"], "ranked": np.array(ranked, dtype=object), "how": np.array(how, dtype=object),
                 "candidates": np.array(cands, dtype=object), "valid": np.array(valid, dtype=object)}
+
+
+ANSWERS = ("ranked", "how", "candidates", "valid")  # what a Recommender returns per user (tab-joined)
+
+
+WINDOW = 65536  # users: prompts are ordered by length inside windows of this many, answers flushed a window at a time
+
+
+def length_order(lengths: np.ndarray, window: int = WINDOW) -> np.ndarray:
+    """Query rows by prompt length (then row) inside consecutive windows of ``window`` rows, windows in order:
+    a batch's users have similar lengths (less left padding), and a window's answers are all in before the
+    next window's start, so the driver holds one window's answers, not every user's."""
+    n = len(lengths)
+    return np.concatenate([np.zeros(0, np.int64)] + [
+        s + np.lexsort((np.arange(min(n, s + window) - s), lengths[s:s + window])) for s in range(0, n, window)])
+
+
+def write_predictions(ctx: StageContext, queries: pa.Table, answers: Iterable[pa.RecordBatch], popular: list[str],
+                      ks: Sequence[int], window: int = WINDOW) -> tuple[dict, dict]:
+    """predictions.parquet in query order and the model's and popularity's metrics (``RankingSums``),
+    written and scored a window of ``window`` query rows at a time as soon as all of its answers are in
+    (answers carry their ``row``; any order works, window-major order keeps one window in memory). The
+    answers stay Arrow strings: no Python object per user or per ranked item (the row dicts this replaced
+    were several GB at 1.87M users)."""
+    import pyarrow.compute as pc
+
+    n = queries.num_rows
+    n_windows = -(-n // window) if n else 0
+    need = [min(n, (w + 1) * window) - w * window for w in range(n_windows)]
+    have = [0] * n_windows
+    pending: dict[int, list[pa.RecordBatch]] = {w: [] for w in range(n_windows)}
+    schema = pa.schema([("row", pa.int64())] + [(k, pa.string()) for k in ANSWERS])
+    model, pop = RankingSums(ks, with_valid=True), RankingSums(ks, with_valid=False)
+    top = pa.array([popular[: max(ks)]], pa.list_(pa.string()))
+
+    def window_table(w: int) -> pa.Table:
+        q = queries.slice(w * window, need[w])
+        parts = pending.pop(w)
+        got = np.concatenate([b.column(0).to_numpy() for b in parts]) - w * window
+        at = np.full(need[w], -1, np.int64)
+        at[got] = np.arange(len(got))
+        if len(got) != need[w] or (at < 0).any():
+            raise GrlmError(f"evaluation users {w * window}..{w * window + need[w] - 1}: {len(got)} answers for "
+                            f"{need[w]} users (one each expected)")
+        a = take_rows(parts, at, schema)
+        split = {k: pc.split_pattern(a.column(k), "\t") for k in ANSWERS}
+        flags = split["valid"].combine_chunks()
+        offs = flags.offsets.to_numpy() - flags.offsets[0].as_py()
+        valid = pa.ListArray.from_arrays(pa.array(offs), pc.equal(pc.list_flatten(flags), "1"))
+        model.add(q.column("domain"), q.column("target_item_id"), split["ranked"], split["how"], valid)
+        none = pa.ListArray.from_arrays(pa.array(np.zeros(len(q) + 1, np.int32)), pa.array([], pa.string()))
+        pop.add(q.column("domain"), q.column("target_item_id"), top.take(pa.array(np.zeros(len(q), np.int64))), none)
+        return pa.table({"user_id": q.column("user_id"), "split": q.column("split"), "domain": q.column("domain"),
+                         "target_item_id": q.column("target_item_id"), "candidates": split["candidates"],
+                         "ranked_item_ids": split["ranked"], "grounded_by": split["how"]})
+
+    def windows() -> Iterator[pa.Table]:
+        done = 0  # windows written, in order
+        for b in answers:
+            rows = b.column(0).to_numpy()
+            if len(rows) and (rows.min() < 0 or rows.max() >= n):
+                raise GrlmError(f"an answer for evaluation row {int(rows.max())} of {n}")
+            win = rows // window
+            for w in np.unique(win).tolist():
+                if w < done:
+                    raise GrlmError(f"a second answer for an evaluation user of window {w} (already written)")
+                pick = np.flatnonzero(win == w)
+                pending[w].append(b if len(pick) == len(rows) else b.take(pa.array(pick)))
+                have[w] += len(pick)
+            while done < n_windows and have[done] >= need[done]:
+                yield window_table(done)
+                done += 1
+        if done < n_windows:
+            raise GrlmError(f"evaluation users from row {done * window}: {sum(have[done:])} answers for "
+                            f"{n - done * window} users (one each expected)")
+        if not n:
+            yield PREDICTIONS.arrow.empty_table()
+
+    ctx.write_batches("predictions.parquet", windows(), PREDICTIONS)
+    return model.result(), pop.result()
 
 
 def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
@@ -100,7 +181,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         lengths = np.concatenate([np.zeros(0, np.int64)] + [
             np.fromiter(map(len, tok(prompts.slice(s, 8192).to_pylist(), add_special_tokens=False)["input_ids"]),
                         np.int64) for s in range(0, n_users, 8192)])
-        by_len = np.lexsort((np.arange(n_users), lengths))
+        by_len = length_order(lengths)
         ordered = queries.select(["row", "prompt"]).take(pa.array(by_len))
         step = -(-n_users // n_blocks) if n_users else 1
         ds = ray.data.from_arrow([ordered.slice(s, step) for s in range(0, max(n_users, 1), step)]).map_batches(
@@ -108,27 +189,21 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": tids,
                                    "fallback": popular, "options": options},
             **actor_pool_kwargs(cfg.ray, e.num_workers, num_gpus=1 if e.use_gpu else 0))
+        # blocks come back in the order they were cut (window by window): the driver holds one window's answers
+        ds.context.execution_options.preserve_order = True
+        queries = queries.select(["row", "user_id", "split", "domain", "target_item_id"])
+        del ordered, prompts
         t0 = time.time()
-        results: dict[int, dict[str, Any]] = {}
-        with tqdm(total=n_users, desc="eval users", disable=not cfg.ray.progress_bars) as bar:
-            for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-                for j in range(len(b["row"])):
-                    results[int(b["row"][j])] = {k: str(b[k][j]) for k in ("ranked", "how", "candidates", "valid")}
-                bar.update(len(b["row"]))
+
+        def answers() -> Iterator[pa.RecordBatch]:  # as Arrow strings, as they come
+            with tqdm(total=n_users, desc="eval users", disable=not cfg.ray.progress_bars) as bar:
+                for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+                    bar.update(len(b["row"]))
+                    yield pa.record_batch({"row": pa.array(b["row"].astype(np.int64)), **{
+                        k: pa.array(b[k].tolist(), pa.string()) for k in ANSWERS}})
+
+        metrics, baseline = write_predictions(ctx, queries, answers(), popular, e.ks)
         seconds = time.time() - t0
-        rows, pop_rows = [], []
-        for q in queries.select(["row", "user_id", "split", "domain", "target_item_id"]).to_pylist():
-            r = results.pop(q["row"])
-            rows.append({"user_id": q["user_id"], "split": q["split"], "domain": q["domain"],
-                         "target_item_id": q["target_item_id"], "candidates": r["candidates"].split("\t"),
-                         "ranked_item_ids": r["ranked"].split("\t"), "grounded_by": r["how"].split("\t"),
-                         "beam_valid": [x == "1" for x in r["valid"].split("\t")]})
-            pop_rows.append({"domain": q["domain"], "target_item_id": q["target_item_id"],
-                             "ranked_item_ids": popular[: max(e.ks)], "grounded_by": []})
-        ctx.write("predictions.parquet", pa.Table.from_pylist(
-            [{k: v for k, v in r.items() if k != "beam_valid"} for r in rows], schema=PREDICTIONS.arrow), PREDICTIONS)
-        metrics = score_rankings(rows, e.ks)
-        baseline = score_rankings(pop_rows, e.ks)
         report = {"model": metrics, "popularity": baseline, "protocol": {
             "split": e.split, "users": n_users, "sample": e.limit_users, "seed": e.seed,
             "history_masked": False, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
