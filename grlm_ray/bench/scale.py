@@ -275,8 +275,9 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
 
 
 def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
-    """The evaluation's data path around the model: targets, prompts, the TID token trie, the EIG index, then
-    (on synthetic answers of the real shape) the predictions written and scored as the stage does."""
+    """The evaluation's data path around the model, in the driver's order: targets, prompts, popularity, the
+    TIDs' tokens, then (on synthetic answers of the real shape) the predictions written and scored as the
+    stage does; then the TID token trie and the EIG index each recommender actor builds."""
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
     from grlm_ray.core.storage import Store, release_arrow_memory
     from grlm_ray.lib.decoding import TidTrie, tid_token_arrays
@@ -305,27 +306,18 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     rss("popularity")
     ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
     t = time.perf_counter()
-    flat, offsets = tid_token_arrays(tok, map(tid_text, tids))
+    flat, offsets = tid_token_arrays(tok, map(tid_text, tids))  # the driver's too (the longest TID's tokens)
+    laps["tid_tokens_seconds"] = time.perf_counter() - t
     rss("tid_tokens")
-    trie = TidTrie.from_arrays(flat, offsets, tok.eos_token_id if tok.eos_token_id is not None else 0)
-    laps["trie_seconds"] = time.perf_counter() - t
-    rss("trie")
-    del flat, offsets
-    t = time.perf_counter()
-    index = TidIndex(ids, tids, fallback_order=popular)
-    laps["eig_index_seconds"] = time.perf_counter() - t
-    rss("eig_index")
-    del trie, index
     # the answers of every user as the recommender actors return them (synthetic: 20 grounded items, 20 beams'
     # TIDs and flags per user, in the order the stage's blocks come back), through the stage's own collection:
-    # the predictions written in query order and scored a window at a time
+    # the predictions written in query order and scored a window at a time. In this order, as in the stage's
+    # driver; the trie and the EIG index after it are what each recommender actor builds (timed here too).
     import numpy as np
     import pyarrow as pa
 
     from grlm_ray.core.storage import StageContext
-    from grlm_ray.stages.evaluate import ANSWERS, write_predictions
-
-    from grlm_ray.stages.evaluate import length_order
+    from grlm_ray.stages.evaluate import ANSWERS, length_order, write_predictions
 
     g = np.random.default_rng(3)
     n, beams = queries.num_rows, 20
@@ -347,6 +339,17 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
         ["row", "user_id", "split", "domain", "target_item_id"]), answers(), popular, cfg.eval.ks)
     laps["answers_and_predictions_seconds"] = time.perf_counter() - t
     rss("predictions")
+    texts = order = None  # the answers are written: their inputs go
+    t = time.perf_counter()
+    trie = TidTrie.from_arrays(flat, offsets, tok.eos_token_id if tok.eos_token_id is not None else 0)
+    laps["trie_seconds"] = time.perf_counter() - t
+    rss("trie")
+    del flat, offsets
+    t = time.perf_counter()
+    index = TidIndex(ids, tids, fallback_order=popular)
+    laps["eig_index_seconds"] = time.perf_counter() - t
+    rss("eig_index")
+    del trie, index
     out.update({k: round(v, 2) for k, v in laps.items()})
     out["rss_after_mb"] = rss.marks
     out["test_users"] = queries.num_rows
