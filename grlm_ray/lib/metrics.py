@@ -80,19 +80,18 @@ class RankingSums:
         self.counts: dict[str, int] = defaultdict(int)
 
     @staticmethod
-    def _firsts(lists: Any, k: int, hit: Any) -> tuple[Any, Any]:
-        """Per row: how many of its first k entries are ``hit`` (a boolean per flattened entry), and how many
-        entries it has among its first k."""
+    def _firsts(lists: Any, hit: Any) -> Any:
+        """``k -> (hits among each row's first k entries, the row's entries among its first k)`` for a list
+        column and a boolean per flattened entry."""
         import numpy as np
         import pyarrow.compute as pc
 
         offs = lists.offsets.to_numpy().astype(np.int64)
         offs -= offs[0] if len(offs) else 0
-        n = len(offs) - 1
+        n, sizes = len(offs) - 1, np.diff(offs)
         parent = pc.list_parent_indices(lists).to_numpy().astype(np.int64)
         pos = np.arange(len(parent)) - offs[parent]
-        first = pos < k
-        return (np.bincount(parent[first & hit], minlength=n)[:n], np.minimum(np.diff(offs), k))
+        return lambda k: (np.bincount(parent[(pos < k) & hit], minlength=n)[:n], np.minimum(sizes, k))
 
     def add(self, domain: Any, target: Any, ranked: Any, grounded: Any, valid: Any = None) -> None:
         """Arrow columns of one slice of users: domain, target item, ranked item ids (list), grounded_by
@@ -115,20 +114,20 @@ class RankingSums:
         eq = pc.fill_null(pc.equal(flat, target.take(pa.array(parent))), False).to_numpy(zero_copy_only=False)
         rank = np.full(n, np.iinfo(np.int64).max)
         np.minimum.at(rank, parent[eq], (np.arange(len(parent)) - offs[parent])[eq])  # first hit
-        direct = pc.fill_null(pc.equal(pc.list_flatten(grounded), "direct"), False).to_numpy(zero_copy_only=False)
+        shares = {"dhr": self._firsts(grounded, pc.fill_null(pc.equal(pc.list_flatten(grounded), "direct"), False)
+                                      .to_numpy(zero_copy_only=False))}
         if self.with_valid:
             valid = arr(valid)
-            flags = pc.fill_null(pc.list_flatten(valid), False).to_numpy(zero_copy_only=False).astype(bool)
+            shares["vr"] = self._firsts(valid, pc.fill_null(pc.list_flatten(valid), False)
+                                        .to_numpy(zero_copy_only=False).astype(bool))
         values: dict[str, Any] = {}
         for k in self.ks:
             hit = rank < k
             values[f"recall_at_{k}"] = hit.astype(np.float64)
             values[f"ndcg_at_{k}"] = np.where(hit, 1.0 / np.log2(np.minimum(rank, k) + 2.0), 0.0)
-            got, size = self._firsts(grounded, k, direct)
-            values[f"dhr_at_{k}"] = np.divide(got, size, out=np.zeros(n), where=size > 0)
-            if self.with_valid:
-                got, size = self._firsts(valid, k, flags)
-                values[f"vr_at_{k}"] = np.divide(got, size, out=np.zeros(n), where=size > 0)
+            for name, firsts in shares.items():
+                got, size = firsts(k)
+                values[f"{name}_at_{k}"] = np.divide(got, size, out=np.zeros(n), where=size > 0)
         codes = pc.dictionary_encode(pc.fill_null(domain, ""))
         idx = codes.indices.to_numpy()
         names = codes.dictionary.to_pylist()

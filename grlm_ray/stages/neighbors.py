@@ -38,6 +38,16 @@ def topk_exact(queries: np.ndarray, query_rows: np.ndarray, base: np.ndarray, k:
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
 
 
+def sample_vectors(store: Store, rel: str, rows: np.ndarray, block_rows: int = 65536) -> np.ndarray:
+    """The vectors of ``rows`` (sorted) of an embeddings artifact, read a block at a time."""
+    parts = []
+    for start, block in store.embedding_blocks(rel, block_rows):
+        pick = rows[(rows >= start) & (rows < start + len(block))] - start
+        parts.append(block[pick].copy())
+    dim = parts[0].shape[1] if parts else store.embeddings_shape(rel)[1]
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
 def sampled_recall(store: Store, rel: str, found: np.ndarray, sample: int, block_rows: int = 16384) -> dict[str, Any]:
     """Recall@k of ``found`` ([n, k] row indices, -1 = none) against exact inner-product search, on a seeded
     sample of rows: the sample's vectors, then its exact top-k over the embeddings artifact streamed a block
@@ -46,21 +56,17 @@ def sampled_recall(store: Store, rel: str, found: np.ndarray, sample: int, block
     rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, sample), replace=False))
     if not len(rows) or not k:
         return {"recall_at_k": None, "recall_sample": 0}
-    parts = []
-    for start, block in store.embedding_blocks(rel, block_rows):
-        pick = rows[(rows >= start) & (rows < start + len(block))] - start
-        parts.append(block[pick].copy())
-    q = np.concatenate(parts)
+    q = sample_vectors(store, rel, rows, block_rows)
     best_s = np.full((len(rows), k), -np.inf, np.float32)
     best_i = np.full((len(rows), k), -1, np.int64)
     for start, block in store.embedding_blocks(rel, block_rows):
         s = q @ block.T
         own = (rows >= start) & (rows < start + len(block))
         s[np.flatnonzero(own), rows[own] - start] = -np.inf  # an item is not its own neighbour
-        s = np.concatenate([best_s, s], axis=1)
-        i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(block)), (len(rows), len(block)))], axis=1)
+        s = np.concatenate([best_s, s], axis=1)  # the best so far, then this block's rows
         top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
+        best_i = np.where(top < k, np.take_along_axis(best_i, np.minimum(top, k - 1), axis=1), start + top - k)
+        best_s = np.take_along_axis(s, top, axis=1)
     hits = [len(set(e[e >= 0].tolist()) & set(f[f >= 0].tolist())) / k for e, f in zip(best_i, found[rows])]
     return {"recall_at_k": round(float(np.mean(hits)), 4), "recall_sample": len(rows)}
 
@@ -169,15 +175,8 @@ class NeighborSearcher:
 
     def _streamed_index(self, store: Store, rel: str) -> Any:
         n, _ = store.embeddings_shape(rel)
-        rows = training_rows(self.cfg, n, self.kind)
-        parts = []
-        for start, block in store.embedding_blocks(rel):
-            pick = rows[(rows >= start) & (rows < start + len(block))] - start
-            parts.append(block[pick].copy())
-        dim = parts[0].shape[1] if parts else 0
-        index = new_faiss_index(np.concatenate(parts) if parts else np.zeros((0, dim), np.float32), n, self.cfg,
+        index = new_faiss_index(sample_vectors(store, rel, training_rows(self.cfg, n, self.kind)), n, self.cfg,
                                 self.kind)
-        del parts
         for _, block in store.embedding_blocks(rel):
             index.add(block)
         release_arrow_memory()

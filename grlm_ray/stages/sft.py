@@ -79,18 +79,17 @@ def _train_arrays(train: Any) -> tuple[pa.Array, pa.ListArray]:
 
 
 def _aligned_terms(items: pa.Table, terms: Any) -> pa.Array:
-    """Each catalog item's TID in ``items`` order, from a {item: terms} mapping or a terms table."""
+    """Each catalog item's TID in ``items`` order, from a terms table or a {item: terms} mapping."""
+    if not isinstance(terms, pa.Table):
+        terms = pa.table({"item_id": pa.array(list(terms), pa.string()),
+                          "terms": pa.array(list(terms.values()), pa.list_(pa.string()))})
     ids = items.column("item_id")
-    if isinstance(terms, pa.Table):
-        at = pc.index_in(ids, value_set=terms.column("item_id"))
-        missing = ids.filter(pc.is_null(at)).to_pylist()
-        tids = terms.column("terms").take(at) if not missing else None
-    else:
-        missing = [i for i in ids.to_pylist() if i not in terms]
-        tids = pa.array([terms[i] for i in ids.to_pylist()], pa.list_(pa.string())) if not missing else None
+    at = pc.index_in(ids, value_set=terms.column("item_id"))
+    missing = ids.filter(pc.is_null(at)).to_pylist()
     if missing:
         raise DataError(f"{len(missing)} items have no TID in the chosen terms table (e.g. {missing[:3]}); "
                         "run CTG on every item (ctg.limit unset, or ctg.uncovered=words) or pick sft.terms")
+    tids = terms.column("terms").take(at)
     return tids.combine_chunks() if isinstance(tids, pa.ChunkedArray) else tids
 
 
