@@ -15,19 +15,66 @@ def _cyclic_sequences(n_items=30, n_users=300, length=8, seed=0):
     return out
 
 
-@pytest.mark.parametrize("loss", ["ce", "bce"])
+@pytest.mark.parametrize("loss", ["ce", "sampled", "bce"])
 def test_sasrec_learns_a_planted_next_item_rule(loss):
     from grlm_ray.stages.baselines import recommend, train_sasrec
     from grlm_ray.core.config import BaselineConfig
 
     n = 30
     c = BaselineConfig(loss=loss, hidden_size=32, num_layers=1, epochs=40 if loss == "ce" else 60, batch_size=64,
-                       learning_rate=5e-3, dropout=0.0, max_len=10, threads=1)
-    model, losses = train_sasrec(_cyclic_sequences(n), n, c, progress=False)
+                       learning_rate=5e-3, dropout=0.0, max_len=10, threads=1, negatives=8)
+    model, losses, curve, best_epoch, _ = train_sasrec(_cyclic_sequences(n), n, c, progress=False)
+    assert curve == [] and best_epoch is None  # no validation: the last epoch's weights
     assert losses[-1] < losses[0] * 0.5
     histories = [[5, 6, 7], [29, 30], [12]]
     top = recommend(model, histories, k=1, max_len=10)
     assert [int(t[0]) for t in top] == [8, 1, 13]
+
+
+def test_sasrec_keeps_the_best_validated_epoch_and_stops_on_patience():
+    """The weights kept are those validated best (not the last epoch's); patience ends training."""
+    import torch
+
+    from grlm_ray.core.config import BaselineConfig
+    from grlm_ray.stages.baselines import train_sasrec
+
+    scores = iter([0.1, 0.3, 0.2, 0.25, 0.9])  # epoch 5 would win, but patience 2 stops after epoch 4
+    seen = []
+
+    def validate(model):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert not model.training
+        return {"ndcg_at_10": next(scores), "recall_at_10": 0.0}
+
+    c = BaselineConfig(hidden_size=16, num_layers=1, epochs=5, batch_size=64, dropout=0.0, max_len=10, threads=1,
+                       validation={"users": 10, "patience": 2})
+    fit = train_sasrec(_cyclic_sequences(30), 30, c, progress=False, validate=validate)
+    assert len(fit.losses) == 4 and [p["epoch"] for p in fit.curve] == [1, 2, 3, 4] and fit.best_epoch == 2
+    assert [p["ndcg_at_10"] for p in fit.curve] == [0.1, 0.3, 0.2, 0.25]
+    kept = fit.model.state_dict()
+    assert all(torch.equal(kept[k], seen[1][k]) for k in kept)
+    assert not all(torch.equal(kept[k], seen[3][k]) for k in kept)
+    assert fit.seconds > 0
+
+
+def test_sasrec_sampled_softmax_masks_a_negative_equal_to_the_positive():
+    """Sampled softmax over [positive, shared negatives]: a sampled item equal to a position's positive is
+    not counted against it, so with every negative equal to the positive the loss is exactly 0."""
+    import numpy as np
+    import torch
+
+    from grlm_ray.core.config import BaselineConfig
+    from grlm_ray.stages.baselines import _batch_loss, build_sasrec
+
+    c = BaselineConfig(loss="sampled", negatives=5, hidden_size=16, num_layers=1, max_len=4)
+    torch.manual_seed(0)
+    model = build_sasrec(1, c)  # one item: every sampled negative is item 1
+    h = torch.randn(2, 4, 16)
+    y = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]])
+    assert _batch_loss(model, h, y, c, 1, np.random.default_rng(0)).item() == 0.0
+    model3 = build_sasrec(3, c)
+    loss = _batch_loss(model3, h, torch.tensor([[1, 2, 3, 1]] * 2), c, 3, np.random.default_rng(0))
+    assert loss.item() > 0
 
 
 def test_sasrec_untrained_does_not_know_the_rule():

@@ -9,6 +9,7 @@ Contract: a config (``bench`` section) -> runs that share upstream work -> one t
     <run>-nogti                 sft, train                 ablation no_gti: sft.gti_weight=0 (no term internalization)
     <run>-nogti-<mode>          eval
     <run>-gti / <run>-gti-<mode>  (same)                   ablation with_gti: sft.gti_weight=1 (for a config without GTI)
+    <run>-<mode>-sasrec-sampled baseline                   SASRec with sampled softmax (eSASRec's loss)
     <run>-<mode>-sasrec-bce     baseline                   SASRec with one sampled negative (the paper's)
 
 Variants get the stages they share copied (``storage.copy_stages``), so nothing is computed twice, and
@@ -61,8 +62,9 @@ def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
             raise GrlmError("bench.ablations has with_gti but the config already trains with GTI: use no_gti")
         out["train_gti"] = _variant(cfg, f"{run}-gti", sft={"gti_weight": 1.0})
         out["eval_gti"] = _variant(cfg, f"{run}-gti-{b.mode}", eval=limit, sft={"gti_weight": 1.0})
-    if "sasrec_bce" in b.baselines:
-        out["baseline_bce"] = _variant(cfg, f"{run}-{b.mode}-sasrec-bce", eval=limit, baseline={"loss": "bce"})
+    for loss in ("sampled", "bce"):
+        if f"sasrec_{loss}" in b.baselines:
+            out[f"baseline_{loss}"] = _variant(cfg, f"{run}-{b.mode}-sasrec-{loss}", eval=limit, baseline={"loss": loss})
     return out
 
 
@@ -123,7 +125,7 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
         en = go("eval_gti", "eval", seed_from="train_gti")["eval"]
         rows.append(_row(gti_name, en["info"]["metrics"], tn["seconds"], en["seconds"]))
         used[gti_name] = ("eval_gti", "eval")
-    for role, name in (("eval", "SASRec-CE"), ("baseline_bce", "SASRec-BCE")):
+    for role, name in (("eval", "SASRec-CE"), ("baseline_sampled", "SASRec-SS"), ("baseline_bce", "SASRec-BCE")):
         if role == "eval" and "sasrec_ce" not in cfg.bench.baselines or role not in runs:
             continue
         c = runs[role]
@@ -158,12 +160,15 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
             "training": {"grlm": {k: train["info"].get(k) for k in ("steps", "plan", "final_loss", "tokens_per_s",
                                                                    "samples_per_s", "train_seconds")},
                          "sasrec": {k: stages.get("eval_baseline", {}).get("baseline", {}).get("info", {}).get(k)
-                                    for k in ("losses", "train_seconds")}},
+                                    for k in ("losses", "train_seconds", "best_epoch", "epochs_run")}},
             "model": cfg.model.model_dump(mode="json"), "train_config": cfg.train.model_dump(mode="json"),
             "baseline_config": cfg.baseline.model_dump(mode="json"), "seconds": round(time.time() - t0, 1)}
     curves = {"GRLM": (train["info"].get("validation") or {}).get("points")}
     if "train_gti" in stages:
         curves[gti_name] = (stages["train_gti"]["train"]["info"].get("validation") or {}).get("points")
+    for name, (role, stage) in used.items():  # SASRec's own validation curves (baseline.validation.users)
+        if stage == "baseline":
+            curves[name] = stages[f"{role}_baseline"]["baseline"]["info"].get("validation_curve")
     out["validation_curves"] = {k: v for k, v in curves.items() if v}
     out["mlflow_run_id"] = _log(cfg, out)
     return out

@@ -575,12 +575,29 @@ class ServeConfig(StrictModel):
         return max(1, -(-g.max_replicas * g.max_ongoing_requests // max(1, self.ingress.min_replicas)))
 
 
+class BaselineValidationConfig(StrictModel):
+    """SASRec's early stopping: R@K / N@K on a seeded sample of validation users (their valid targets, the
+    same users as ``train.validation`` with the same ``users`` / ``seed``) every ``every_epochs`` epochs; the
+    best epoch's weights by ``metric`` are the model kept, training stops after ``patience`` validations
+    without improvement. ``users: 0`` turns it off (the last epoch is kept)."""
+
+    users: int = Field(0, ge=0)
+    seed: int = 0
+    every_epochs: int = Field(1, ge=1)
+    metric: Literal["ndcg_at_10", "recall_at_10", "ndcg_at_5", "recall_at_5"] = "ndcg_at_10"
+    patience: int | None = Field(None, ge=1)
+
+
 class BaselineConfig(StrictModel):
     """SASRec on GRLM's splits and users (``eval.split``, ``eval.limit_users``, ``eval.seed``, ``eval.ks``).
-    ``loss: ce`` = full-softmax cross-entropy over every item; ``bce`` = one sampled negative per position
-    (the original SASRec, the reference paper's baseline)."""
+    ``loss: ce`` = full-softmax cross-entropy over every item; ``sampled`` = softmax over the positive and
+    ``negatives`` uniformly sampled items shared by a batch (eSASRec's sampled softmax: most of CE's quality
+    at a fraction of the output layer); ``bce`` = one sampled negative per position (the original SASRec,
+    the reference paper's baseline)."""
 
-    loss: Literal["ce", "bce"] = "ce"
+    loss: Literal["ce", "sampled", "bce"] = "ce"
+    negatives: int = Field(256, ge=1)  # loss=sampled: negatives per batch (a sampled one equal to a position's
+                                       # positive is masked out of that position's softmax)
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(1, ge=1)
@@ -592,6 +609,7 @@ class BaselineConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     threads: int | None = Field(None, ge=1)  # torch threads (None: all cores)
+    validation: BaselineValidationConfig = BaselineValidationConfig()
 
 
 class BenchConfig(StrictModel):
@@ -604,7 +622,7 @@ class BenchConfig(StrictModel):
     # no_gti: the config again without GTI; with_gti: for a config without GTI, again with it (weight 1)
     ablations: list[Literal["no_gti", "with_gti", "unconstrained"]] = Field(
         default_factory=lambda: ["no_gti", "unconstrained"])
-    baselines: list[Literal["sasrec_ce", "sasrec_bce"]] = Field(default_factory=lambda: ["sasrec_ce"])
+    baselines: list[Literal["sasrec_ce", "sasrec_sampled", "sasrec_bce"]] = Field(default_factory=lambda: ["sasrec_ce"])
     # the table as JSON (+ machine description) lands here; None: the checkout's benchmarks/results (wherever
     # the command runs from); a relative path is taken from the working directory
     out_dir: str | None = None

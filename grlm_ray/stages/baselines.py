@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -84,11 +84,43 @@ def _pad_left(seqs: list[list[int]], length: int) -> np.ndarray:
     return out
 
 
-def train_sasrec(train_seqs: list[list[int]], n_items: int, c: BaselineConfig, progress: bool = True
-                 ) -> tuple[Any, list[float]]:
-    """Train on index sequences (items 1..n_items); returns (model, mean loss per epoch)."""
+class SASRecFit(NamedTuple):
+    model: Any
+    losses: list[float]  # mean training loss per epoch run
+    curve: list[dict[str, Any]]  # validation points: epoch, seconds (training only), loss, metrics
+    best_epoch: int | None  # the epoch whose weights were kept (None: no validation, the last one)
+    seconds: float  # training seconds, validation excluded
+
+
+def _batch_loss(model: Any, h: Any, y: Any, c: BaselineConfig, n_items: int, rng: np.random.Generator) -> Any:
+    """The training loss of one batch: hidden states ``h`` [B, L, d], next items ``y`` [B, L] (0 = none)."""
     import torch
     import torch.nn.functional as F
+
+    keep = y > 0
+    hk, pos = h[keep], y[keep]
+    if c.loss == "ce":
+        return F.cross_entropy(model.scores(hk), pos)
+    if c.loss == "sampled":
+        neg = torch.from_numpy(rng.integers(1, n_items + 1, size=c.negatives))
+        pos_s = (hk * model.item(pos)).sum(-1, keepdim=True)
+        neg_s = (hk @ model.item(neg).T).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), float("-inf"))
+        return F.cross_entropy(torch.cat([pos_s, neg_s], 1), torch.zeros(len(pos), dtype=torch.long))
+    neg = torch.from_numpy(rng.integers(1, n_items + 1, size=tuple(y.shape)))[keep]
+    pos_s = (hk * model.item(pos)).sum(-1)
+    neg_s = (hk * model.item(neg)).sum(-1)
+    return F.binary_cross_entropy_with_logits(torch.cat([pos_s, neg_s]),
+                                              torch.cat([torch.ones_like(pos_s), torch.zeros_like(neg_s)]))
+
+
+def train_sasrec(train_seqs: list[list[int]], n_items: int, c: BaselineConfig, progress: bool = True,
+                 validate: Callable[[Any], dict[str, float]] | None = None) -> SASRecFit:
+    """Train on index sequences (items 1..n_items), a next-item target at every position. ``validate``
+    (model in eval mode -> metrics) runs every ``c.validation.every_epochs`` epochs; the best epoch's weights
+    by ``c.validation.metric`` are kept and ``c.validation.patience`` stops training early."""
+    import copy
+
+    import torch
     from tqdm import tqdm
 
     if c.threads:
@@ -100,33 +132,49 @@ def train_sasrec(train_seqs: list[list[int]], n_items: int, c: BaselineConfig, p
     usable = [s for s in train_seqs if len(s) >= 2]
     inputs = _pad_left([s[:-1] for s in usable], c.max_len)
     labels = _pad_left([s[1:] for s in usable], c.max_len)
-    losses = []
-    for epoch in tqdm(range(c.epochs), desc=f"sasrec-{c.loss}", disable=not progress):
+    v = c.validation
+    losses: list[float] = []
+    curve: list[dict[str, Any]] = []
+    best, best_state, best_epoch, since = -1.0, None, None, 0
+    train_s = 0.0
+    bar = tqdm(range(c.epochs), desc=f"sasrec-{c.loss}", disable=not progress)
+    for epoch in bar:
+        t0 = time.time()
         model.train()
         order = rng.permutation(len(usable))
         total, count = 0.0, 0
         for s in range(0, len(order), c.batch_size):
             idx = order[s:s + c.batch_size]
             x, y = torch.from_numpy(inputs[idx]), torch.from_numpy(labels[idx])
-            h = model(x)
-            keep = y > 0
-            if c.loss == "ce":
-                loss = F.cross_entropy(model.scores(h[keep]), y[keep])
-            else:
-                neg = torch.from_numpy(rng.integers(1, n_items + 1, size=tuple(y.shape)))
-                hk = h[keep]
-                pos_s = (hk * model.item(y[keep])).sum(-1)
-                neg_s = (hk * model.item(neg[keep])).sum(-1)
-                loss = F.binary_cross_entropy_with_logits(torch.cat([pos_s, neg_s]),
-                                                          torch.cat([torch.ones_like(pos_s), torch.zeros_like(neg_s)]))
+            loss = _batch_loss(model, model(x), y, c, n_items, rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / max(1, count))
+        train_s += time.time() - t0
         log.debug("sasrec epoch %d loss %.4f", epoch, losses[-1])
-    return model.eval(), losses
+        if validate is None or (epoch + 1) % v.every_epochs and epoch + 1 < c.epochs:
+            continue
+        model.eval()
+        metrics = validate(model)
+        curve.append({"epoch": epoch + 1, "seconds": round(train_s, 2), "train_minutes": round(train_s / 60, 3),
+                      "loss": round(losses[-1], 4),
+                      **{k: round(float(x), 6) for k, x in metrics.items() if isinstance(x, (int, float))}})
+        bar.set_postfix({v.metric: f"{metrics[v.metric]:.4f}"})
+        if metrics[v.metric] > best:
+            best, best_epoch, since = metrics[v.metric], epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since += 1
+            if v.patience is not None and since >= v.patience:
+                log.info("sasrec: %d validations without a better %s: stopped after epoch %d (best %d)",
+                         since, v.metric, epoch + 1, best_epoch)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return SASRecFit(model.eval(), losses, curve, best_epoch, train_s)
 
 
 def recommend(model: Any, histories: list[list[int]], k: int, max_len: int, batch_size: int = 256) -> np.ndarray:
@@ -142,12 +190,11 @@ def recommend(model: Any, histories: list[list[int]], k: int, max_len: int, batc
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
-def _trained_sasrec(store: Store, cfg: GrlmConfig, seqs: list[list[int]], n_items: int
-                    ) -> tuple[Any, list[float], float, str | None]:
+def _trained_sasrec(store: Store, cfg: GrlmConfig, seqs: list[list[int]], n_items: int,
+                    validate: Callable[[Any], dict[str, float]] | None) -> tuple[SASRecFit, str | None]:
     """Train SASRec, or load the model an earlier run trained on the same data with the same settings
     (``<root>/_cache/sasrec-<hash of data + baseline sections + sequences>/``): scoring another set of
-    test users (sample vs full mode) does not retrain. Returns (model, losses, training seconds, cache
-    path if loaded)."""
+    test users (sample vs full mode) does not retrain. Returns (the fit, the cache path if loaded)."""
     import hashlib
     import io
     import json
@@ -161,15 +208,16 @@ def _trained_sasrec(store: Store, cfg: GrlmConfig, seqs: list[list[int]], n_item
         model = build_sasrec(n_items, cfg.baseline)
         model.load_state_dict(torch.load(io.BytesIO(store.read_bytes(f"{rel}/model.pt")), weights_only=True))
         log.info("baseline: SASRec loaded from %s (trained in %.0f s)", store.uri(rel), info["train_seconds"])
-        return model.eval(), info["losses"], info["train_seconds"], store.uri(rel)
-    t0 = time.time()
-    model, losses = train_sasrec(seqs, n_items, cfg.baseline, progress=cfg.ray.progress_bars)
-    train_s = time.time() - t0
+        fit = SASRecFit(model.eval(), info["losses"], info.get("curve", []), info.get("best_epoch"),
+                        info["train_seconds"])
+        return fit, store.uri(rel)
+    fit = train_sasrec(seqs, n_items, cfg.baseline, progress=cfg.ray.progress_bars, validate=validate)
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    torch.save(fit.model.state_dict(), buf)
     store.write_bytes(f"{rel}/model.pt", buf.getvalue())
-    store.write_json(f"{rel}/info.json", {"losses": losses, "train_seconds": train_s, "items": n_items})
-    return model, losses, train_s, None
+    store.write_json(f"{rel}/info.json", {"losses": fit.losses, "train_seconds": fit.seconds, "items": n_items,
+                                          "curve": fit.curve, "best_epoch": fit.best_epoch})
+    return fit, None
 
 
 def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
@@ -182,24 +230,32 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
         train = training_sequences(seqs, targets)
         items = sorted({i for s in seqs.column("item_ids").to_pylist() for i in s})
         index = {it: n + 1 for n, it in enumerate(items)}
-        model, losses, train_s, cached = _trained_sasrec(store, cfg, [[index[i] for i in s] for s in train.values()],
-                                                         len(items))
         by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
-        rows_t = select_targets(targets, e.split, e.limit_users, e.seed)
         domain_of = domain_lookup(cfg)
-        histories = [[index[i] for i in by_user[r["user_id"]][: r["position"]]] for r in rows_t]
+
+        def scored(rows_t: list[dict[str, Any]], model: Any) -> list[dict[str, Any]]:
+            """Each target row with the model's top max(ks) items (its history: every item before it)."""
+            histories = [[index[i] for i in by_user[r["user_id"]][: r["position"]]] for r in rows_t]
+            top = recommend(model, histories, max(e.ks), c.max_len)
+            return [{"user_id": r["user_id"], "split": r["split"], "domain": r["domain"] or domain_of(r["target_item_id"]),
+                     "target_item_id": r["target_item_id"], "candidates": [],
+                     "ranked_item_ids": [items[j - 1] for j in ranked], "grounded_by": []} for r, ranked in zip(rows_t, top)]
+
+        validate = None
+        if c.validation.users:  # the valid targets of the users train.validation samples with these settings
+            valid_t = select_targets(targets, "valid", c.validation.users, c.validation.seed)
+
+            def validate(model: Any) -> dict[str, float]:
+                return score_rankings(scored(valid_t, model), e.ks)["overall"]
+
+        fit, cached = _trained_sasrec(store, cfg, [[index[i] for i in s] for s in train.values()], len(items), validate)
+        rows_t = select_targets(targets, e.split, e.limit_users, e.seed)
         t0 = time.time()
-        top = recommend(model, histories, max(e.ks), c.max_len)
+        rows = scored(rows_t, fit.model)
         eval_s = time.time() - t0
         popular = popularity_ranking(train)[: max(e.ks)]
-        rows, pop_rows = [], []
-        for r, ranked in zip(rows_t, top):
-            dom = r["domain"] or domain_of(r["target_item_id"])
-            rows.append({"user_id": r["user_id"], "split": r["split"], "domain": dom,
-                         "target_item_id": r["target_item_id"], "candidates": [],
-                         "ranked_item_ids": [items[j - 1] for j in ranked], "grounded_by": []})
-            pop_rows.append({"domain": dom, "target_item_id": r["target_item_id"], "ranked_item_ids": popular,
-                             "grounded_by": []})
+        pop_rows = [{"domain": r["domain"], "target_item_id": r["target_item_id"], "ranked_item_ids": popular,
+                     "grounded_by": []} for r in rows]
         ctx.write("predictions.parquet", pa.Table.from_pylist(rows, schema=PREDICTIONS.arrow), PREDICTIONS)
         metrics, baseline = score_rankings(rows, e.ks), score_rankings(pop_rows, e.ks)
         for m in (metrics["overall"], baseline["overall"]):  # direct hits are a GRLM notion
@@ -211,8 +267,9 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.store.write_json(ctx.rel("metrics.json"), report)
         ctx.info.update({"metrics": metrics["overall"], "popularity": baseline["overall"],
                          "per_domain": metrics["per_domain"], "protocol": report["protocol"],
-                         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-                         "losses": [round(x, 4) for x in losses], "train_seconds": round(train_s, 2),
+                         "loss_first": round(fit.losses[0], 4), "loss_last": round(fit.losses[-1], 4),
+                         "losses": [round(x, 4) for x in fit.losses], "train_seconds": round(fit.seconds, 2),
+                         "epochs_run": len(fit.losses), "best_epoch": fit.best_epoch, "validation_curve": fit.curve,
                          "model_cache": cached,
                          "eval_seconds": round(eval_s, 2), "items": len(items), "train_users": len(train)})
 
