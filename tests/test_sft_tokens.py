@@ -10,7 +10,7 @@ import pytest
 from grlm_ray.core.config import SFTConfig
 from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS
 from grlm_ray.stages.sft import build_samples, co_interaction_neighbors, mix
-from grlm_ray.lib.textformat import history_prompt, item_line, training_sequences
+from grlm_ray.lib.textformat import history_prompt, item_line, training_sequences, unlabeled_spans
 from grlm_ray.lib.tokens import IGNORE, encode_sample, pack
 
 TERMS = {"a": ["shampoo", "hair", "organic", "women", "mild"], "b": ["conditioner", "hair", "organic", "women", "soft"],
@@ -260,12 +260,51 @@ def test_item_text_modes_write_the_line_and_mask_titles_out_of_the_loss(smol_tok
     completion = full + "\n" + line_writer(SFTConfig())(TERMS["b"], "Soft Conditioner")
     assert [completion[a:b] for a, b in title_spans(completion)] == [" Mild Shampoo 8 oz", " Soft Conditioner"]
     messages, _ = history_prompt([lean], max_history=20)
-    (ids,), (labels,) = encode_all(tok, [messages], [completion], mask_titles=True)
+    masked = unlabeled_spans(SFTConfig(item_text="tid_title_input"))
+    (ids,), (labels,) = encode_all(tok, [messages], [completion], unlabeled=masked)
     (ids2,), (plain,) = encode_all(tok, [messages], [completion])
+    assert unlabeled_spans(SFTConfig(item_text="tid_title")) is None
     assert ids == ids2
     kept = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
     assert kept == (" shampoo hair organic women mild |\n conditioner hair organic women soft |" + tok.eos_token)
     assert sum(lab != IGNORE for lab in plain) > sum(lab != IGNORE for lab in labels)
+    # the one-target ablation with titles read: only the last line's TID (and the end of turn) is a label
+    (ids3,), (last,) = encode_all(tok, [messages], [completion], tasks=["seq"],
+                                  unlabeled=unlabeled_spans(SFTConfig(item_text="tid_title_input", seq_targets="last")))
+    assert ids3 == ids
+    assert tok.decode([i for i, lab in zip(ids, last) if lab != IGNORE]) == (
+        " conditioner hair organic women soft |" + tok.eos_token)
+
+
+def test_seq_targets_all_supervises_every_item_after_the_first_and_last_only_the_final_one(smol_tokenizer):
+    """sft.seq_targets: 'all' (the default) makes every training item after the first a label, in order, each
+    predicted from the items before it only (the completion is causal text after the prompt); 'last' keeps the
+    same tokens and labels the final line only. Other tasks are never cut."""
+    from grlm_ray.lib.textformat import line_writer
+    from grlm_ray.lib.tokens import encode_all
+    from grlm_ray.stages.sft import sample_tables
+
+    tok = smol_tokenizer
+    items = pa.table({"item_id": list("abcdef"), "title": ["t"] * 6})
+    terms = {i: [f"w{i}{k}" for k in range(5)] for i in "abcdef"}
+    train = {"u1": list("abcde"), "u2": list("fa")}
+    c = SFTConfig(item_text="tid", prompt="short", gti_weight=0.0, collab_weight=1.0)
+    seq = sample_tables(items, terms, train, c, lambda i: "d")["seq"].to_pylist()
+    write = line_writer(c)
+    by_first = {r["prompt"][1]["content"].split("\n")[1]: r for r in seq}
+    assert by_first[write(terms["a"], "t")]["completion"] == "\n".join(write(terms[i], "t") for i in "bcde")
+    assert by_first[write(terms["f"], "t")]["completion"] == write(terms["a"], "t")
+    r = by_first[write(terms["a"], "t")]
+    prompts, comps = [r["prompt"]] * 2, [r["completion"]] * 2
+    (ids_all, _), (lab_all, lab_collab) = encode_all(tok, prompts, comps, tasks=["seq", "collab"],
+                                                     unlabeled=unlabeled_spans(SFTConfig()))
+    (ids_last, ids_c), (lab_last, lab_collab_last) = encode_all(
+        tok, prompts, comps, tasks=["seq", "collab"], unlabeled=unlabeled_spans(SFTConfig(seq_targets="last")))
+    assert ids_all == ids_last
+    said = lambda ids, lab: tok.decode([i for i, x in zip(ids, lab) if x != IGNORE])  # noqa: E731
+    assert said(ids_all, lab_all) == r["completion"] + tok.eos_token  # 4 next-item targets: b, c, d, e
+    assert said(ids_last, lab_last) == write(terms["e"], "t") + tok.eos_token
+    assert lab_collab_last == lab_collab == lab_all  # only sequence samples are cut
 
 
 def test_short_prompts_are_one_line_instructions_and_keep_the_history_format():
@@ -474,3 +513,38 @@ def test_a_training_item_missing_from_the_catalog_is_named_with_its_user():
     terms = {k: v for k, v in TERMS.items() if k != "c"}
     with pytest.raises(DataError, match=r"user 'u1': training item 'c' is not in the catalog.*2 such"):
         build_samples(items, terms, training_sequences(seqs, targets), SFTConfig(), lambda i: "x")
+
+
+def test_every_position_labels_see_only_earlier_items(smol_tokenizer):
+    """No leak of later items into earlier targets: with ``seq_targets=all`` the labels of item j are
+    predicted from the tokens before them only. Two samples that differ only in their last item give the same
+    logits at every position up to where they differ (a model that attended ahead would not), and every
+    earlier item's labels lie inside that shared prefix."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from grlm_ray.lib.textformat import line_writer
+    from grlm_ray.lib.tokens import encode_all
+
+    tok = smol_tokenizer
+    write = line_writer(SFTConfig(item_text="tid"))
+    messages, _ = history_prompt([write(TERMS["a"], "")], max_history=20, style="short")
+    other = ["serum", "face", "night", "repair", "light"]
+    comps = ["\n".join(write(TERMS[i], "") for i in "bc") + "\n" + write(TERMS["a"], ""),
+             "\n".join(write(TERMS[i], "") for i in "bc") + "\n" + write(other, "")]
+    (ids1, ids2), (lab1, _) = encode_all(tok, [messages] * 2, comps)
+    shared = next(p for p, (x, y) in enumerate(zip(ids1, ids2)) if x != y)
+    last_line = len(ids1) - len(tok(write(TERMS["a"], "") + tok.eos_token, add_special_tokens=False)["input_ids"])
+    assert 0 < shared
+    earlier = [p for p, lab in enumerate(lab1) if lab != IGNORE and p < last_line]
+    assert earlier and max(earlier) < shared  # the b and c targets sit inside the shared prefix
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a = model(torch.tensor([ids1])).logits[0]
+        b = model(torch.tensor([ids2[:len(ids1)] if len(ids2) >= len(ids1) else ids2])).logits[0]
+    n = min(len(a), len(b))
+    assert torch.allclose(a[:shared], b[:shared], atol=1e-6)
+    assert not torch.allclose(a[shared:n], b[shared:n], atol=1e-4)  # what differs is after the shared prefix

@@ -307,6 +307,10 @@ class SFTConfig(StrictModel):
     # with the title tokens of completions left out of the loss (the model reads titles, writes TIDs)
     item_text: Literal["tid_title", "tid", "tid_title_input"] = "tid_title"
     prompt: Literal["full", "short"] = "full"  # instruction wording (textformat.PROMPTS): short = one word per task
+    # which lines of a sequence sample are supervised: 'all' = every item after the first (a next-item target at
+    # every position, as SASRec's; causal, so line j is predicted from lines < j only); 'last' = the last line
+    # only (the same tokens, the earlier lines read but left out of the loss: the one-target ablation)
+    seq_targets: Literal["all", "last"] = neutral_default("all")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -596,7 +600,7 @@ class BaselineConfig(StrictModel):
     the reference paper's baseline)."""
 
     loss: Literal["ce", "sampled", "bce"] = "ce"
-    negatives: int = Field(256, ge=1)  # loss=sampled: negatives per batch (a sampled one equal to a position's
+    negatives: int = neutral_default(256, ge=1)  # loss=sampled: negatives per batch (a sampled one equal to a position's
                                        # positive is masked out of that position's softmax)
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)
@@ -609,7 +613,7 @@ class BaselineConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     threads: int | None = Field(None, ge=1)  # torch threads (None: all cores)
-    validation: BaselineValidationConfig = BaselineValidationConfig()
+    validation: BaselineValidationConfig = neutral_default(BaselineValidationConfig())
 
 
 class BenchConfig(StrictModel):

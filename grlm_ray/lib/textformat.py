@@ -14,7 +14,7 @@ tokenizer and the diagnostics.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
@@ -74,6 +74,22 @@ def title_spans(completion: str) -> list[tuple[int, int]]:
         if cut >= 0 and cut + len(END_MARKER) < len(line):
             spans.append((start + cut + len(END_MARKER), start + len(line)))
         start += len(line) + 1
+    return spans
+
+
+def unlabeled_spans(c: SFTConfig) -> Callable[[str, str], list[tuple[int, int]]] | None:
+    """``(task, completion) -> character spans`` that training reads but leaves out of the loss (sorted,
+    disjoint), or None when every completion character is a label: titles for ``sft.item_text=tid_title_input``,
+    every line before the last of a sequence sample for ``sft.seq_targets=last``."""
+    titles, last = c.item_text == "tid_title_input", c.seq_targets == "last"
+    if not (titles or last):
+        return None
+
+    def spans(task: str, completion: str) -> list[tuple[int, int]]:
+        out = title_spans(completion) if titles else []
+        cut = completion.rfind("\n") + 1 if last and task == "seq" else 0
+        return ([(0, cut)] if cut else []) + [s for s in out if s[0] >= cut]
+
     return spans
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.lib.generation import render
-from grlm_ray.lib.textformat import title_spans
 
 IGNORE = -100
 
@@ -42,10 +41,12 @@ def encode_sample(tokenizer: Any, messages: list[dict[str, str]], completion: st
 
 
 def encode_all(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str],
-               enable_thinking: bool = False, batch: int = 2048, mask_titles: bool = False
-               ) -> tuple[list[list[int]], list[list[int]]]:
-    """Batched ``encode_sample`` (fast tokenizers encode a list at once). ``mask_titles``: completion tokens
-    that start inside an item's title (``sft.title_spans``) get label -100 too: read, never predicted."""
+               enable_thinking: bool = False, batch: int = 2048,
+               unlabeled: Callable[[str, str], list[tuple[int, int]]] | None = None,
+               tasks: Sequence[str] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Batched ``encode_sample`` (fast tokenizers encode a list at once). ``unlabeled`` (task, completion) ->
+    sorted disjoint character spans (``textformat.unlabeled_spans``): completion tokens that start inside one
+    get label -100 too: read, never predicted. ``tasks``: each sample's task (default ``seq``)."""
 
     ids_out: list[list[int]] = []
     labels_out: list[list[int]] = []
@@ -54,18 +55,17 @@ def encode_all(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], completi
         ptexts = [render_prompt(tokenizer, m, enable_thinking) for m in prompts[s:s + batch]]
         ctexts = [c + eot for c in completions[s:s + batch]]
         penc = tokenizer(ptexts, add_special_tokens=False)["input_ids"]
-        cenc = tokenizer(ctexts, add_special_tokens=False, return_offsets_mapping=mask_titles)
+        cenc = tokenizer(ctexts, add_special_tokens=False, return_offsets_mapping=unlabeled is not None)
         for j, (p, c) in enumerate(zip(penc, cenc["input_ids"])):
             lab = list(c)
-            if mask_titles:
-                spans = title_spans(completions[s + j])
-                if spans:
-                    starts = np.array([a for a, _ in spans])
-                    ends = np.array([b for _, b in spans])
-                    for n, (a, _) in enumerate(cenc["offset_mapping"][j]):
-                        k = np.searchsorted(starts, a, side="right") - 1
-                        if k >= 0 and a < ends[k]:
-                            lab[n] = IGNORE
+            spans = unlabeled(tasks[s + j] if tasks is not None else "seq", completions[s + j]) if unlabeled else None
+            if spans:
+                starts = np.array([a for a, _ in spans])
+                ends = np.array([b for _, b in spans])
+                for n, (a, _) in enumerate(cenc["offset_mapping"][j]):
+                    k = np.searchsorted(starts, a, side="right") - 1
+                    if k >= 0 and a < ends[k]:
+                        lab[n] = IGNORE
             ids_out.append(list(p) + list(c))
             labels_out.append([IGNORE] * len(p) + lab)
     return ids_out, labels_out
@@ -160,18 +160,20 @@ def bucket(ids: list[list[int]], labels: list[list[int]], max_length: int, micro
 
 
 def encode_arrow(tokenizer: Any, samples: pa.Table | Iterable[pa.Table], enable_thinking: bool = False,
-                 batch: int = 4096, mask_titles: bool = False) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """``encode_all`` over samples (``prompt``, ``completion`` columns, the SFT contract: one table, or
-    tables read one after another, e.g. ``Store.read_batches``) as Arrow ``list<int32>`` columns
-    (input_ids, labels), ``batch`` rows at a time: Python objects exist for one batch only (a whole
-    catalog's samples as Python ints took ~2 GB at 134k items, ``grlm bench scale``). The columns stay in
-    their per-batch chunks (no concatenated copy)."""
+                 batch: int = 4096, unlabeled: Callable[[str, str], list[tuple[int, int]]] | None = None
+                 ) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """``encode_all`` over samples (``prompt``, ``completion`` columns, the SFT contract, and ``task`` when
+    ``unlabeled`` is set: one table, or tables read one after another, e.g. ``Store.read_batches``) as Arrow
+    ``list<int32>`` columns (input_ids, labels), ``batch`` rows at a time: Python objects exist for one batch
+    only (a whole catalog's samples as Python ints took ~2 GB at 134k items, ``grlm bench scale``). The
+    columns stay in their per-batch chunks (no concatenated copy)."""
     id_chunks, lab_chunks = [], []
     for table in [samples] if isinstance(samples, pa.Table) else samples:
         for s in range(0, table.num_rows, batch):
             part = table.slice(s, batch)
+            tasks = part.column("task").to_pylist() if unlabeled is not None else None
             ids, labels = encode_all(tokenizer, part.column("prompt").to_pylist(),
-                                     part.column("completion").to_pylist(), enable_thinking, batch, mask_titles)
+                                     part.column("completion").to_pylist(), enable_thinking, batch, unlabeled, tasks)
             id_chunks.append(pa.array(ids, pa.list_(pa.int32())))
             lab_chunks.append(pa.array(labels, pa.list_(pa.int32())))
     t = pa.list_(pa.int32())

@@ -38,7 +38,7 @@ from grlm_ray.core.tracking import log_artifact, model_label, start_stage_run, t
 from grlm_ray.lib.generation import gguf_to_hf
 from grlm_ray.lib.models import load_tokenizer, quiet_loading, resolve_model_path
 from grlm_ray.lib.protocol import item_lines
-from grlm_ray.lib.textformat import PROMPTS
+from grlm_ray.lib.textformat import PROMPTS, unlabeled_spans
 from grlm_ray.lib.tokens import IGNORE, Batches, bucket, bucket_arrow, collate, encode_all, encode_arrow, pack, render_prompt
 from grlm_ray.lib.validation import Validator, build_validation_set, plot_curve, popularity_metrics, reduce_metrics
 from grlm_ray.lib.vocab import add_term_tokens, prune_tokenizer
@@ -769,17 +769,17 @@ def tokenize_sft(tokenizer: Any, sft: SampleSource, cfg: GrlmConfig,
     """The SFT samples as training rows: length-bucketed (Arrow end to end; with ``write`` the sorted rows
     go to it a slice at a time and are not kept, ``bucket_arrow``) or packed (``train.packing``)."""
     t = cfg.train
-    mask_titles = cfg.sft.item_text == "tid_title_input"
+    unlabeled = unlabeled_spans(cfg.sft)
+    cols = ["prompt", "completion"] + (["task"] if unlabeled else [])
     if not t.packing:  # Arrow columns end to end
         # no names kept for the encoded columns: bucketing frees them once it has its contiguous copy
-        return bucket_arrow(*encode_arrow(tokenizer, sample_tables(sft, ["prompt", "completion"]),
-                                          cfg.model.enable_thinking, mask_titles=mask_titles),
+        return bucket_arrow(*encode_arrow(tokenizer, sample_tables(sft, cols), cfg.model.enable_thinking,
+                                          unlabeled=unlabeled),
                             t.max_length, t.micro_batch, write)
-    cols = ["prompt", "completion"]
     whole = sft.select(cols) if isinstance(sft, pa.Table) else pa.concat_tables(list(sft(cols)))
     ids, labels = encode_all(tokenizer, whole.column("prompt").to_pylist(),
                              whole.column("completion").to_pylist(), cfg.model.enable_thinking,
-                             mask_titles=mask_titles)
+                             unlabeled=unlabeled, tasks=whole.column("task").to_pylist() if unlabeled else None)
     ids = [x[: t.max_length] for x in ids]
     labels = [x[: t.max_length] for x in labels]
     if t.packing:
