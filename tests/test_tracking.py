@@ -33,3 +33,20 @@ def test_a_stage_run_logs_its_registry_sections_and_numbers(tmp_path):
     assert run.data.metrics["metrics/recall_at_10"] == 0.25 and run.data.metrics["outputs/predictions.parquet"] == 10
     assert run.data.tags["grlm.config_hash"] == "abc" and run.data.tags["grlm.stage"] == "eval"
     assert log_stage(cfg, "eval", {**manifest, "skipped": True}) is None  # a skipped stage logs nothing
+
+
+def _open_store(root: str) -> str:
+    cfg = load_config(None, [f"run.root={root}"])
+    uri = tracking_uri(cfg)
+    MlflowClient(uri).search_experiments(max_results=1)
+    return uri
+
+
+def test_grlm_commands_started_at_once_on_a_fresh_root_share_one_sqlite_store(tmp_path):
+    """Two processes that open the default store of a new root together (two grlm commands run in parallel)
+    both get it; without the lock both ran MLflow's migrations and one failed ('duplicate column name')."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(3) as pool:
+        uris = pool.map(_open_store, [str(tmp_path)] * 3)
+    assert len(set(uris)) == 1 and (tmp_path / "mlflow.db").exists()

@@ -27,12 +27,34 @@ from grlm_ray.core.storage import Store, read_manifest
 log = logging.getLogger(__name__)
 
 
+_READY: set[str] = set()
+
+
 def tracking_uri(cfg: GrlmConfig) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
     base = Path("." if cfg.run.root.startswith("s3://") else cfg.run.root).expanduser().resolve()
     base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / 'mlflow.db'}"
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    if uri not in _READY:
+        _create_sqlite_store(uri, base / "mlflow.db.lock")
+        _READY.add(uri)
+    return uri
+
+
+def _create_sqlite_store(uri: str, lock: Path) -> None:
+    """Create (or migrate) the sqlite store under an exclusive file lock: two grlm commands started at
+    once on a fresh root both ran MLflow's schema migrations and one failed ('duplicate column name')."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def experiment_name(cfg: GrlmConfig) -> str:
