@@ -5,7 +5,8 @@ import pytest
 from grlm_ray.core.config import GrlmConfig, load_config, apply_overrides
 from grlm_ray.core.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -154,3 +155,13 @@ def test_admission_limit_follows_the_generators_capacity_unless_set():
     assert load_config(None, ["serve.admission_limit=-1"]).serve.admitted() is None
     with pytest.raises(Exception, match="admission_limit"):
         load_config(None, ["serve.admission_limit=-2"])
+
+
+def test_byo_recipe_is_the_benchmarked_recipe_on_your_own_data():
+    """configs/byo_recipe.yaml trains exactly what the Beauty quality benchmark trains (model, training, SFT,
+    TID writer, evaluation), on the byo source: the recipe cannot drift from the measured one."""
+    byo = load_config(REPO / "configs" / "byo_recipe.yaml")
+    bench = load_config(REPO / "configs" / "bench" / "beauty_quality.yaml")
+    assert next(iter(byo.data.domains.values())).kind == "byo"
+    for section in ("model", "train", "sft", "ctg", "eval", "baseline"):
+        assert getattr(byo, section) == getattr(bench, section), section

@@ -1,0 +1,132 @@
+"""Time to quality: validation R@10 / N@10 against training minutes for GRLM and SASRec arms on one plot, and
+the best R@10 / N@10 each arm had reached by 15 / 30 / 60 / 90 training minutes (issue #32, item 3).
+
+An arm is LABEL=SOURCE, where SOURCE is
+- a GRLM run folder (its ``train/validation_curve.json``, written with ``train.validation``),
+- a baseline run folder (its ``baseline/_manifest.json``: SASRec's ``validation_curve`` with
+  ``baseline.validation.users``), or
+- a quality-bench result file and a model name, ``results.json#GRLM`` (its ``validation_curves``).
+
+Arms compare point by point when they share the validation sample (``users`` and ``seed``: GRLM's
+``train.validation`` and SASRec's ``baseline.validation`` pick the same users with the same settings).
+Training minutes exclude validation; they are what each run measured on its own cores (say in --protocol
+when arms shared the machine).
+
+    python benchmarks/isolation/time_to_quality.py --name time_to_quality_beauty \
+        --arm "GRLM recipe (exp-nn)=benchmarks/results/quality_exp-nn_full.json#GRLM" \
+        --arm "SASRec-CE=/work/runs/sas-s2" --protocol "..."
+
+Writes benchmarks/results/<name>.json and <name>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+MARKS = (15, 30, 60, 90)
+
+
+def load_arm(spec: str) -> tuple[str, dict[str, Any]]:
+    label, _, source = spec.partition("=")
+    if not source:
+        raise SystemExit(f"--arm needs LABEL=SOURCE, got {spec!r}")
+    path, _, model = source.partition("#")
+    p = Path(path).expanduser()
+    if model:
+        curves = json.loads(p.read_text()).get("validation_curves") or {}
+        if model not in curves:
+            raise SystemExit(f"{p}: no validation curve for {model!r} (has {sorted(curves)})")
+        points = curves[model]
+    elif (p / "train" / "validation_curve.json").exists():
+        points = json.loads((p / "train" / "validation_curve.json").read_text())
+    elif (p / "baseline" / "_manifest.json").exists():
+        points = json.loads((p / "baseline" / "_manifest.json").read_text())["info"].get("validation_curve") or []
+    else:
+        raise SystemExit(f"{p}: neither a GRLM run with train/validation_curve.json nor a baseline run")
+    if not points:
+        raise SystemExit(f"{source}: the curve is empty (was validation enabled?)")
+    try:
+        shown = str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        shown = p.name  # a run folder outside the checkout: its name only (no machine paths in results)
+    return label, {"source": shown + (f"#{model}" if model else ""), "points": points}
+
+
+def reached(points: list[dict[str, Any]], minutes: float, metric: str) -> float | None:
+    """The best ``metric`` among the validations done within ``minutes`` of training (None: none yet)."""
+    done = [p[metric] for p in points if p["train_minutes"] <= minutes]
+    return max(done) if done else None
+
+
+def table(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for label, arm in arms.items():
+        pts = arm["points"]
+        best = max(pts, key=lambda p: p["ndcg_at_10"])
+        rows.append({"arm": label, **{f"r10_by_{m}min": reached(pts, m, "recall_at_10") for m in MARKS},
+                     **{f"n10_by_{m}min": reached(pts, m, "ndcg_at_10") for m in MARKS},
+                     "best_r10": best["recall_at_10"], "best_n10": best["ndcg_at_10"],
+                     "best_at_min": best["train_minutes"], "best_epoch": best.get("epoch"),
+                     "minutes_run": pts[-1]["train_minutes"]})
+    return rows
+
+
+def plot(arms: dict[str, dict[str, Any]], title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, arm in arms.items():
+        xs = [p["train_minutes"] for p in arm["points"]]
+        axes[0].plot(xs, [p["recall_at_10"] for p in arm["points"]], "o-", ms=3, label=label)
+        axes[1].plot(xs, [p["ndcg_at_10"] for p in arm["points"]], "o-", ms=3, label=label)
+    for ax, name in zip(axes, ("validation R@10", "validation N@10")):
+        for m in MARKS:
+            ax.axvline(m, color="grey", lw=0.5, ls=":")
+        ax.set_xlabel("training minutes (validation excluded)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--arm", action="append", required=True, help="LABEL=SOURCE (see the module docstring)")
+    ap.add_argument("--protocol", default="")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from grlm_ray.bench.common import describe
+
+    arms = dict(load_arm(a) for a in args.arm)
+    rows = table(arms)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"name": args.name, "protocol": args.protocol, "note": args.note, "marks_min": list(MARKS),
+           "rows": rows, "arms": arms, "machine": describe(),
+           "command": "python benchmarks/isolation/time_to_quality.py " + " ".join(
+               f"--arm {a!r}" for a in args.arm)}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    plot(arms, args.name, RESULTS / f"{args.name}.png")
+    fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    print(f"{'arm':40s} " + " ".join(f"R@10<={m}m" for m in MARKS) + "   best R@10 / N@10 (min)")
+    for r in rows:
+        print(f"{r['arm'][:40]:40s} " + " ".join(f"{fmt(r[f'r10_by_{m}min']):>9s}" for m in MARKS)
+              + f"   {r['best_r10']:.4f} / {r['best_n10']:.4f} ({r['best_at_min']:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
