@@ -58,6 +58,11 @@ def load_arm(spec: str) -> tuple[str, dict[str, Any]]:
     return label, {"source": shown + (f"#{model}" if model else ""), "points": points}
 
 
+def _shown(source: str) -> str:
+    """A source as the results file records it: repo files as they are, run folders as ``<root>/<name>``."""
+    return source if "#" in source or "/" in source else f"<root>/{source}"
+
+
 def reached(points: list[dict[str, Any]], minutes: float, metric: str) -> float | None:
     """The best ``metric`` among the validations done within ``minutes`` of training (None: none yet)."""
     done = [p[metric] for p in points if p["train_minutes"] <= minutes]
@@ -116,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"name": args.name, "protocol": args.protocol, "note": args.note, "marks_min": list(MARKS),
            "rows": rows, "arms": arms, "machine": describe(),
-           "command": "python benchmarks/isolation/time_to_quality.py " + " ".join(
-               f"--arm {a!r}" for a in args.arm)}
+           "command": "python benchmarks/isolation/time_to_quality.py --name " + args.name + " " + " ".join(
+               "--arm " + repr(f"{label}={_shown(arm['source'])}") for label, arm in arms.items())}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     plot(arms, args.name, RESULTS / f"{args.name}.png")
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
