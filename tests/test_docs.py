@@ -80,3 +80,24 @@ def test_every_grlm_command_in_the_readme_parses_and_its_config_loads():
         elif args.verb == "demo":
             load_config(root / "configs" / "demo.yaml", [a for a in argv if "=" in a])
     assert {"configs/byo_recipe.yaml", "configs/bench/beauty_quality.yaml", "configs/demo.yaml"} <= named
+
+
+def test_result_files_record_no_machine_paths(tmp_path):
+    """Benchmark results are committed: paths in the checkout become repo-relative, the shared data folder
+    ``../shared/...``, any other machine path ``<local>/<last part>``; routes and URLs stay as they are. Every
+    committed result file is already that way."""
+    import json
+
+    from grlm_ray.bench.common import portable, write_result
+
+    repo = DOC.parents[1]
+    out = write_result("x", {"plot": f"{repo}/benchmarks/results/x.png", "cmd": f"grlm eval c.yaml "
+                             f"data.base_dir={repo.parent}/shared/data run.root=/tmp/exp3/runs",
+                             "route": "POST /v1/admin/items", "url": "http://127.0.0.1:8000/v1/recommend"}, tmp_path)
+    got = json.loads(out.read_text())
+    assert got["plot"] == "benchmarks/results/x.png"
+    assert got["cmd"] == "grlm eval c.yaml data.base_dir=../shared/data run.root=<local>/runs"
+    assert got["route"] == "POST /v1/admin/items" and got["url"] == "http://127.0.0.1:8000/v1/recommend"
+    for f in sorted((repo / "benchmarks" / "results").glob("*.json")):
+        data = json.loads(f.read_text())
+        assert portable(data, repo) == data, f"{f.name} records a machine path"

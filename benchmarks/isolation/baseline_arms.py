@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from grlm_ray.bench.common import describe
+    from grlm_ray.bench.common import describe, portable
 
     tests = _pairs(args.test)
     rows = []
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python benchmarks/isolation/baseline_arms.py --name " + args.name + " " + " ".join(
                [f"--arm {_shown(a)!r}" for a in args.arm] + [f"--test {_shown(t)!r}" for t in args.test])}
     path = ROOT / "benchmarks" / "results" / f"{args.name}.json"
-    path.write_text(json.dumps(out, indent=1))
+    path.write_text(json.dumps(portable(out), indent=1))
     fmt = lambda d, k: "-" if not d else f"{d[k]:.4f}"  # noqa: E731
     print(f"{'arm':44s} {'best ep':>7s} {'train s':>8s}  valid R@10 / N@10   test R@10 / N@10")
     for r in rows:

@@ -72,7 +72,8 @@ def main() -> None:
            "arms": {label: {"run": a["run"], "points": a["points"], "best_ndcg_at_10": max(
                (p["ndcg_at_10"] for p in a["points"]), default=None), "config": a["config"]}
                for label, a in arms.items()}}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    from grlm_ray.bench.common import portable  # no machine paths in a committed result
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(portable(out), indent=1))
     plot(arms, args.title, RESULTS / f"{args.name}.png")
     for label, a in arms.items():
         print(f"{label:40s} " + "  ".join(f"ep{p['epoch']:g} {p['recall_at_10']:.3f}/{p['ndcg_at_10']:.4f}"

@@ -121,7 +121,8 @@ def main() -> None:
               f"after {res['after_resolution']['collision_rate']:.4f}, first term = authors' "
               f"{res['first_term_equals_authors_first']:.3f}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lexical_ctg_tids.json").write_text(json.dumps(out, indent=1))
+    from grlm_ray.bench.common import portable  # no machine paths in a committed result
+    (RESULTS / "lexical_ctg_tids.json").write_text(json.dumps(portable(out), indent=1))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def main() -> None:
            "metrics": res, "seconds": round(took, 1),
            "machine": {"platform": platform.platform(), "threads": args.threads}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out or f'test_{run}_best'}.json").write_text(json.dumps(out, indent=1))
+    from grlm_ray.bench.common import portable  # no machine paths in a committed result
+    (RESULTS / f"{args.out or f'test_{run}_best'}.json").write_text(json.dumps(portable(out), indent=1))
     print(json.dumps({k: out[k] for k in ("run", "users", "seconds")}), json.dumps(res))
 
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from grlm_ray.bench.common import describe
+    from grlm_ray.bench.common import describe, portable
 
     arms = dict(load_arm(a) for a in args.arm)
     rows = table(arms)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
            "rows": rows, "arms": arms, "machine": describe(),
            "command": "python benchmarks/isolation/time_to_quality.py --name " + args.name + " " + " ".join(
                "--arm " + repr(f"{label}={_shown(arm['source'])}") for label, arm in arms.items())}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(portable(out), indent=1))
     plot(arms, args.name, RESULTS / f"{args.name}.png")
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     print(f"{'arm':40s} " + " ".join(f"R@10<={m}m" for m in MARKS) + "   best R@10 / N@10 (min)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from importlib import metadata
@@ -87,11 +88,39 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     return "\n".join(lines)
 
 
+# an absolute path on a machine (not an API route such as /v1/recommend, not part of a URL)
+_ABS = re.compile(r"(?<![\w:/.~-])/(?:tmp|work|root|home|mnt|data|opt|var|srv|scratch|Users|private)/"
+                  r"(?:[\w.+-]+/)*([\w.+-]+)")
+
+
+def portable(obj: Any, repo: Path | None = None) -> Any:
+    """``obj`` with the machine's paths taken out of every string, for a result file that is committed:
+    paths inside the checkout become repo-relative, the shared data folder beside it ``../shared/...``,
+    and any other absolute path ``<local>/<its last part>`` (a run folder, a model cache)."""
+    repo = (repo or REPO).resolve()
+    inside = [(f"{repo}/../shared/", "../shared/"), (f"{repo.parent}/shared/", "../shared/"), (f"{repo}/", "")]
+
+    def fix(text: str) -> str:
+        for prefix, to in inside:
+            text = text.replace(prefix, to)
+        return _ABS.sub(lambda m: f"<local>/{m.group(1)}", text)
+
+    if isinstance(obj, str):
+        return fix(obj)
+    if isinstance(obj, dict):
+        return {portable(k, repo) if isinstance(k, str) else k: portable(v, repo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v, repo) for v in obj]
+    return obj
+
+
 def write_result(name: str, result: dict[str, Any], out_dir: str | Path, file_name: str | None = None) -> Path:
-    """``result`` + benchmark name, time and machine -> ``out_dir/<file_name or name>.json`` (atomic)."""
+    """``result`` + benchmark name, time and machine -> ``out_dir/<file_name or name>.json`` (atomic), with
+    the machine's paths taken out (``portable``)."""
     out = Path(out_dir) / f"{file_name or name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": describe(), **result}
+    payload = portable({"benchmark": name, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": describe(),
+                        **json.loads(json.dumps(result, default=str))})
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(out)
