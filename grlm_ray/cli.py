@@ -7,24 +7,17 @@ import json
 import sys
 from pathlib import Path
 
+from grlm_ray.core.config import split_args
 from grlm_ray.core.errors import GrlmError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def _split_config(args: list[str], required: bool) -> tuple[str | None, list[str]]:
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    if required:
-        raise GrlmError("a CONFIG path is required before the overrides")
-    return None, args
-
-
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import format_summary, run_pipeline
+    from grlm_ray.flows.pipeline import format_summary, run_pipeline
 
-    path, overrides = _split_config(ns.args, required=False)
+    path, overrides = split_args(ns.args, required=False)
     if path is None and DEMO_CONFIG.is_file():
         path = str(DEMO_CONFIG)
     cfg = load_config(path, overrides)
@@ -35,9 +28,9 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 def _stage_cmd(stage: str):
     def run(ns: argparse.Namespace) -> int:
         from grlm_ray.core.config import load_config
-        from grlm_ray.core.pipeline import format_summary, run_pipeline, upstream
+        from grlm_ray.flows.pipeline import format_summary, run_pipeline, upstream
 
-        path, overrides = _split_config(ns.args, required=True)
+        path, overrides = split_args(ns.args, required=True)
         cfg = load_config(path, overrides)
         if ns.redo:
             from grlm_ray.core.storage import Store, mark_redo
@@ -55,16 +48,16 @@ def _cmd_diagnose(ns: argparse.Namespace) -> int:
     from grlm_ray.core.config import load_config
     from grlm_ray.lib.diagnose import diagnose, format_report
 
-    path, overrides = _split_config(ns.args, required=True)
+    path, overrides = split_args(ns.args, required=True)
     print(format_report(diagnose(load_config(path, overrides), users=ns.users, rows=ns.rows)))
     return 0
 
 
 def _cmd_validate(ns: argparse.Namespace) -> int:
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import check_inputs
+    from grlm_ray.flows.pipeline import check_inputs
 
-    path, overrides = _split_config(ns.args, required=True)
+    path, overrides = split_args(ns.args, required=True)
     cfg = load_config(path, overrides)
     print(cfg.to_yaml(), end="")
     problems = check_inputs(cfg)
@@ -92,7 +85,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     from grlm_ray.core.config import load_config
     from grlm_ray.core.runtime import init_ray, metrics_url
 
-    path, overrides = _split_config(ns.args, required=True)
+    path, overrides = split_args(ns.args, required=True)
     cfg = load_config(path, overrides)
     init_ray(cfg.ray)  # before grlm_ray.serving.app imports ray: a local head's listeners stay on loopback
     from grlm_ray.serving.app import start, stop
@@ -111,9 +104,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 def _cmd_compression_comparison(ns: argparse.Namespace) -> int:
     from grlm_ray.core.config import load_config
-    from grlm_ray.lib.compare import compression_comparison, format_table
+    from grlm_ray.flows.compare import compression_comparison, format_table
 
-    path, overrides = _split_config(ns.args, required=True)
+    path, overrides = split_args(ns.args, required=True)
     out = compression_comparison(load_config(path, overrides))
     print(format_table(out["rows"]))
     print(f"table + plot: {out['run']}/compare/ and MLflow run {out['mlflow_run_id']}")
@@ -123,7 +116,7 @@ def _cmd_compression_comparison(ns: argparse.Namespace) -> int:
 def _cmd_compare(ns: argparse.Namespace) -> int:
     import os
 
-    from grlm_ray.lib.compare import format_table, table_from_mlflow
+    from grlm_ray.flows.compare import format_table, table_from_mlflow
 
     if ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         uri = ns.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]

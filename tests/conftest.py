@@ -127,7 +127,7 @@ def tiny_sft_run(tmp_path_factory, ray_local, model_cache):
     """A tiny synthetic run up to SFT (prepare -> embed -> neighbours -> CTG on 1 item, the rest named by
     their own words -> SFT): the overrides that select it."""
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import run_pipeline, upstream
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
 
     root = tmp_path_factory.mktemp("iift")
     base = [f"run.root={root}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",
@@ -144,7 +144,7 @@ def tiny_sft_run(tmp_path_factory, ray_local, model_cache):
 def tiny_trained_run(tiny_sft_run):
     """The tiny run with a model trained for 8 DDP steps (exported to train/model): its overrides."""
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
 
     overrides = tiny_sft_run + TINY + ["train.strategy=ddp", "train.max_steps=8"]
     run_pipeline(load_config(None, overrides), stages=("sft", "train"))

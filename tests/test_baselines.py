@@ -93,7 +93,7 @@ def test_sasrec_untrained_does_not_know_the_rule():
 def test_baseline_stage_scores_the_same_users_as_eval(tmp_path):
     from grlm_ray.core.config import load_config
     from grlm_ray.lib.protocol import select_targets
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
     from grlm_ray.core.storage import Store
 
     cfg = load_config(None, [f"run.root={tmp_path}", "data.domains.demo.num_items=120",

@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
     from grlm_ray.cli import main
-    from grlm_ray.lib.compare import compression_comparison
+    from grlm_ray.flows.compare import compression_comparison
     from grlm_ray.core.config import load_config
     from grlm_ray.core.tracking import tracking_uri
 

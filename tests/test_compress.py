@@ -22,7 +22,7 @@ def test_core_terms_merge_near_synonyms_and_keep_tids_distinct():
 @pytest.mark.slow
 def test_sweep_on_authors_beauty_tids_with_real_encoder(shared_data, tmp_path):
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
     from grlm_ray.core.storage import Store
 
     cfg = load_config(None, [f"run.root={tmp_path}", "run.name=b", f"data.base_dir={shared_data}",

@@ -11,7 +11,7 @@ CTG_STAGES = ("prepare", "embed", "neighbors", "ctg")
 
 
 def test_ctg_real_llm_writes_valid_tids_and_resumes(tmp_path, ray_local, model_cache):
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
     from grlm_ray.core.storage import Store
 
     ov = [f"run.root={tmp_path}", "data.domains.demo.num_items=120", "data.domains.demo.num_users=300",

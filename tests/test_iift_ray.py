@@ -21,7 +21,7 @@ def sft_run(tiny_sft_run):
 
 
 def _train(base, extra):
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
 
     cfg = load_config(None, base + TINY + extra)
     return cfg, run_pipeline(cfg, stages=("sft", "train"))["stages"]["train"]
@@ -108,7 +108,7 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sf
 
 
 def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(sft_run):
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
     from grlm_ray.core.storage import Store
 
     steps = ["train.strategy=ddp", "train.max_steps=8", "train.checkpoint_every=2"]

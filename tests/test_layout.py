@@ -1,4 +1,5 @@
-"""The package layout is the architecture: core (platform) / stages / lib (shared libraries) / serving.
+"""The package layout is the architecture, in floors: core (platform) < lib (shared libraries) < stages and
+serving < flows (what runs stages) < bench < cli; a module imports only its own floor and those below.
 Read from the source with ast; nothing is imported or run."""
 
 import ast
@@ -63,7 +64,7 @@ def _stage_of(module: str) -> str | None:
 
 def test_the_top_level_shows_the_architecture():
     top = sorted(p.name for p in PKG.iterdir() if not p.name.startswith("_") and p.name != "__pycache__")
-    assert top == ["bench", "cli.py", "core", "lib", "serving", "stages"]
+    assert top == ["bench", "cli.py", "core", "flows", "lib", "serving", "stages"]
     from grlm_ray.core.registry import REGISTRY
 
     # every stage module is a stage of the declared graph, and every record names a module in stages/
@@ -119,3 +120,16 @@ def test_function_local_imports_are_only_for_entry_points_and_dispatch():
     hidden = [(m, line, t) for m in MODULES if not m.startswith(LAZY_ENTRY_POINTS)
               for line, t in _imports(m)[1] if not t.startswith(m + ".")]
     assert not hidden, hidden
+
+
+FLOORS = {"core": 0, "lib": 1, "stages": 2, "serving": 2, "flows": 3, "bench": 4, "cli": 5}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) in FLOORS))
+def test_no_import_runs_back_up_a_floor(module):
+    """Nothing imports a floor above its own, at module level or inside a function (the CLI dispatches to
+    the benchmarks; the benchmarks never reach back into the CLI; core never needs lib)."""
+    top, local = _imports(module)
+    mine = FLOORS[_layer(module)]
+    up = sorted(t for t in top | {t for _, t in local} if _layer(t) in FLOORS and FLOORS[_layer(t)] > mine)
+    assert not up, f"{module} imports {up} from a floor above its own"

@@ -152,7 +152,7 @@ def test_lexical_stage_names_every_item_without_an_llm(tmp_path, ray_local):
     """ctg.method=lexical on the synthetic catalog (real MiniLM embeddings and neighbours): every item gets
     N legal terms, collisions are resolved, the manifest says how; the stage resumes (skips) on a rerun."""
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
     from grlm_ray.core.storage import Store
 
     ov = [f"run.root={tmp_path}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",

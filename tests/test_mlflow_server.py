@@ -36,7 +36,7 @@ def test_pipeline_runs_are_found_on_the_mlflow_server_with_s3_artifacts(mlflow_s
     from mlflow.tracking import MlflowClient
 
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
 
     uri, s3 = mlflow_server
     cfg = load_config(None, [f"run.root={tmp_path}", "data.domains.demo.num_items=120", "data.domains.demo.num_users=200",

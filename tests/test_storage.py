@@ -137,7 +137,7 @@ def test_chained_keys_rerun_downstream_only(tmp_path):
 
 
 def test_stage_graph_upstream_closure():
-    from grlm_ray.core.pipeline import reads, upstream
+    from grlm_ray.flows.pipeline import reads, upstream
 
     cfg = load_config(None, [])
     assert upstream("eval", cfg) == ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")

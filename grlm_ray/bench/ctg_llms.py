@@ -43,7 +43,7 @@ def _category_words(item: dict[str, Any]) -> set[str] | None:
 
 
 def _arm(base_cfg: Any, name: str, overrides: list[str]) -> dict[str, Any]:
-    from grlm_ray.core.pipeline import run_pipeline
+    from grlm_ray.flows.pipeline import run_pipeline
     from grlm_ray.core.schemas import ITEMS, TERMS
     from grlm_ray.core.storage import Store, copy_stages
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import run_pipeline, upstream
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
     from grlm_ray.core.storage import Store
     from grlm_ray.lib.decoding import END_MARKER, TidTrie, beam_search, tid_token_seqs

@@ -89,7 +89,7 @@ def diversity(ranked: list[list[str]], catalog: int, k: int = 10) -> dict[str, A
 
 
 def quality(cfg: GrlmConfig) -> dict[str, Any]:
-    from grlm_ray.core.pipeline import run_pipeline, upstream
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
 
     t0 = time.time()
     runs = plan(cfg)
@@ -252,10 +252,10 @@ def add_args(ap: Any) -> None:
 
 
 def run(args: Any) -> dict[str, Any]:
-    from grlm_ray.cli import _split_config
+    from grlm_ray.core.config import split_args
     from grlm_ray.core.config import load_config
 
-    path, overrides = _split_config(args.args, required=False)  # no CONFIG: the built-in defaults
+    path, overrides = split_args(args.args, required=False)  # no CONFIG: the built-in defaults
     cfg = load_config(path, overrides)
     result = quality(cfg)
     result["config"] = path

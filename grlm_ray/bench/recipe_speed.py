@@ -29,7 +29,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import run_pipeline, upstream
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
 
     rows = []
     with tempfile.TemporaryDirectory() as root:

@@ -24,7 +24,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from grlm_ray.core.config import load_config
-    from grlm_ray.core.pipeline import run_pipeline, upstream
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
 
     settings = [("packed", 1, True), ("padded", 1, False), ("packed", 2, True), ("padded", 2, False)]
     rows = []

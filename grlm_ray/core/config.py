@@ -671,6 +671,15 @@ class GrlmConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------- loading
+def split_args(args: list[str], required: bool) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [key=value ...]`` as typed after a verb -> (the config path or None, the overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    if required:
+        raise ConfigError("a CONFIG path is required before the overrides")
+    return None, args
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")

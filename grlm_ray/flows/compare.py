@@ -17,7 +17,7 @@ from typing import Any
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import ConfigError
-from grlm_ray.core.pipeline import run_pipeline, upstream
+from grlm_ray.flows.pipeline import run_pipeline, upstream
 from grlm_ray.core.storage import Store, copy_stages
 from grlm_ray.core.tracking import log_bytes, metric_key, open_run, run_name
 
