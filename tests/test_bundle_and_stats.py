@@ -50,6 +50,15 @@ def test_prepare_bundle_keeps_sequences_and_provided_terms(shared_data, tmp_path
     assert n == len(cleaned) == store.read_table("b/prepare/raw_text.parquet").num_rows > 0
 
 
+def test_prepare_bundle_without_its_terms_writes_no_provided_terms(shared_data, tmp_path):
+    """``with_terms: false``: the bundle's TIDs are left out (the catalog and sequences are the same)."""
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=b", f"data.base_dir={shared_data}",
+                             "data.domains={toys: {kind: bundle, dir: toys, with_terms: false}}"])
+    m = prepare(cfg)
+    assert m["outputs"]["sequences.parquet"] > 0 and not m["outputs"].get("terms.parquet")
+    assert not Store(str(tmp_path)).exists("b/prepare/terms.parquet")
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_joint_bundles_namespace_three_domains(shared_data, tmp_path, ray_local):

@@ -105,6 +105,8 @@ def load_domain(name: str, src: Any, data: DataConfig) -> DomainData:
         from grlm_ray.stages.prepare.bundle import read_bundle
 
         items, inter, terms = read_bundle(resolve_path(data.base_dir, src.dir), name, rejects)
+        if not src.with_terms:  # the bundle's own TIDs are not wanted: no provided terms table
+            terms = None
         refilter, keep_all_items = src.refilter, True
     elif isinstance(src, ByoSource):
         from grlm_ray.stages.prepare import byo
