@@ -56,6 +56,31 @@ def build_messages(item: dict[str, Any], neighbors: list[dict[str, Any]], cfg: C
     return [{"role": "system", "content": CTG_SYSTEM}, *turns, {"role": "user", "content": last}]
 
 
+def words_tid(item: dict[str, Any], context: Sequence[dict[str, Any]], n: int) -> list[str]:
+    """The title-word TID (``ctg.method=words``, ``ctg.uncovered=words``): the item's own title words first,
+    then its description, its neighbours' titles, its category."""
+    return repair([], [item["title"], item["description"]] + [x["title"] for x in context], item["category"], n)
+
+
+def statistics_needed(cfg: CTGConfig, examples_are_statistical: bool) -> bool:
+    """Whether term writing needs statistical CTG's writer: the lexical method, an LLM repaired by it, or
+    few-shot examples whose TIDs it writes (the CTG stage's; serving shows the catalog's own TIDs instead)."""
+    return cfg.method == "lexical" or (cfg.method == "llm" and (
+        cfg.repair == "lexical" or (examples_are_statistical and cfg.few_shot > 0)))
+
+
+def writer_request(item: dict[str, Any], context: Sequence[dict[str, Any]], cfg: CTGConfig,
+                   examples: Sequence[tuple[dict[str, Any], Sequence[str]]] = (),
+                   lexical: Sequence[str] = ()) -> dict[str, Any]:
+    """What ``TermWriter`` reads for one item (one row of its batch): the prompt (the item, its neighbours
+    ``context``, worked ``examples``), the texts the words repair falls back on, and the statistical TID
+    the lexical repair uses. The one place both the CTG stage and serving's catalog updates build it."""
+    return {"item_id": item["item_id"], "category": item["category"],
+            "messages": json.dumps(build_messages(item, list(context), cfg, examples)),
+            "fallback": json.dumps([item["title"], item["description"]] + [x["title"] for x in context]),
+            "lexical": json.dumps(list(lexical))}
+
+
 @dataclass
 class Parsed:
     terms: list[str]  # cleaned, distinct, in order

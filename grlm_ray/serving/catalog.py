@@ -27,7 +27,7 @@ from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
 from grlm_ray.lib.models import quiet_loading, resolve_model_path, set_torch_threads
 from grlm_ray.lib.protocol import training_popularity
-from grlm_ray.lib.termgen import TermWriter, build_messages, repair
+from grlm_ray.lib.termgen import TermWriter, statistics_needed, words_tid, writer_request
 from grlm_ray.lib.terms import resolve_collisions
 from grlm_ray.lib.textformat import item_text
 
@@ -268,35 +268,28 @@ class CatalogTermWriter:
         q = self.encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
         k = min(c.num_neighbors, len(self.base_ids))
         nbr_rows = np.argsort(-(q @ self.base.T), axis=1, kind="stable")[:, :k] if k else np.zeros((len(rows), 0), int)
-        convs, contexts = [], []
+        contexts, examples = [], []
         for r, nb in zip(rows, nbr_rows):
-            ctx_items = [catalog.items[self.base_ids[j]] for j in nb if self.base_ids[j] in catalog.items]
-            contexts.append(ctx_items)
-            examples = [(x, catalog.tids[self.base_ids[j]]) for j, x in
-                        zip([j for j in nb if self.base_ids[j] in catalog.items], ctx_items)][: c.few_shot] \
-                if c.context == "neighbors" else []  # as in the stage: examples are neighbours
-            convs.append(build_messages(r, ctx_items if c.context == "neighbors" else [], c, examples))
+            near = [self.base_ids[j] for j in nb if self.base_ids[j] in catalog.items]
+            # as in the stage: no neighbours for context: none; the worked examples are neighbours, here with
+            # their live TIDs (the stage shows their statistical ones)
+            contexts.append([catalog.items[i] for i in near] if c.context == "neighbors" else [])
+            examples.append([(catalog.items[i], catalog.tids[i]) for i in near][: c.few_shot]
+                            if c.context == "neighbors" else [])
         lexical: list[list[str]] = [[] for _ in rows]
-        if c.method == "lexical" or (c.method == "llm" and c.repair == "lexical"):
-            # each new item's embedding neighbours (none for context: none)
-            nbrs = {r["item_id"]: [x["item_id"] for x in ctx] for r, ctx in zip(rows, contexts)} \
-                if c.context == "neighbors" else {}
+        if statistics_needed(c, examples_are_statistical=False):
+            nbrs = {r["item_id"]: [x["item_id"] for x in ctx] for r, ctx in zip(rows, contexts)}
             lexical = self._lexical(catalog, rows, nbrs)
         if c.method == "words":  # the baseline: the item's own title words first, as the stage writes them
-            out = [dict(r, terms=repair([], [r["title"], r["description"]] + [x["title"] for x in ctx],
-                                        r["category"], c.num_terms), source="words")
-                   for r, ctx in zip(rows, contexts)]
+            out = [dict(r, terms=words_tid(r, ctx, c.num_terms), source="words") for r, ctx in zip(rows, contexts)]
         elif self.llm is None:  # statistical CTG: CTG's rules without the LLM
             out = [dict(r, terms=t, source="lexical") for r, t in zip(rows, lexical)]
         else:
             # the CTG stage's own writer: generate, validate, seeded retries, repair (lexical or the item's words)
-            res = self.llm({"row": np.arange(len(rows)),
-                            "item_id": np.array([r["item_id"] for r in rows], dtype=object),
-                            "category": np.array([r["category"] for r in rows], dtype=object),
-                            "messages": np.array([json.dumps(m) for m in convs], dtype=object),
-                            "fallback": np.array([json.dumps([r["title"], r["description"]] + [x["title"] for x in ctx])
-                                                  for r, ctx in zip(rows, contexts)], dtype=object),
-                            "lexical": np.array([json.dumps(t) for t in lexical], dtype=object)}, deadline)
+            requests = [writer_request(r, ctx, c, ex, lex)
+                        for r, ctx, ex, lex in zip(rows, contexts, examples, lexical)]
+            batch = {key: np.array([q[key] for q in requests], dtype=object) for key in requests[0]}
+            res = self.llm({"row": np.arange(len(rows)), **batch}, deadline)
             out = [dict(r, terms=str(t).split("\t"), source=str(src))
                    for r, t, src in zip(rows, res["terms"], res["source"])]
         log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])

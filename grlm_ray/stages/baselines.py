@@ -241,12 +241,10 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
                      "target_item_id": r["target_item_id"], "candidates": [],
                      "ranked_item_ids": [items[j - 1] for j in ranked], "grounded_by": []} for r, ranked in zip(rows_t, top)]
 
-        validate = None
+        validate: Callable[[Any], dict[str, float]] | None = None
         if c.validation.users:  # the valid targets of the users train.validation samples with these settings
             valid_t = select_targets(targets, "valid", c.validation.users, c.validation.seed)
-
-            def validate(model: Any) -> dict[str, float]:
-                return score_rankings(scored(valid_t, model), e.ks)["overall"]
+            validate = lambda model: score_rankings(scored(valid_t, model), e.ks)["overall"]  # noqa: E731
 
         fit, cached = _trained_sasrec(store, cfg, [[index[i] for i in s] for s in train.values()], len(items), validate)
         rows_t = select_targets(targets, e.split, e.limit_users, e.seed)

@@ -16,7 +16,6 @@ against: the item's first N distinct title words (then description, neighbours' 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -31,7 +30,8 @@ from grlm_ray.core.schemas import ITEMS, NEIGHBORS, TERMS
 from grlm_ray.core.storage import StageContext, Store, run_stage
 from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
-from grlm_ray.lib.termgen import PROMPT_VERSION, TermWriter, build_messages, repair, select_items, tid_stats
+from grlm_ray.lib.termgen import (PROMPT_VERSION, TermWriter, build_messages, select_items, statistics_needed, tid_stats,
+                                   words_tid, writer_request)
 from grlm_ray.lib.terms import resolve_terms_table
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         t0 = time.time()
         done_items = 0
         lexical = None
-        if pending and (c.method == "lexical" or (c.method == "llm" and (c.repair == "lexical" or c.few_shot))):
+        if pending and statistics_needed(c, examples_are_statistical=True):
             lexical = LexicalTermWriter(item_rows, nbrs, c.num_terms, c.num_neighbors, c.distinct_terms,
                                         lead=c.lead)
             if not need_rows:
@@ -99,9 +99,8 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             def rule_tid(i: str) -> list[str]:
                 if lexical is not None:
                     return lexical.tid(i)
-                r = by_id[i]  # method=words
-                return repair([], [r["title"], r["description"]] + [
-                    by_id[j]["title"] for j in nbrs.get(i, [])[: c.num_neighbors] if j in by_id], r["category"], c.num_terms)
+                return words_tid(by_id[i], [by_id[j] for j in nbrs.get(i, [])[: c.num_neighbors] if j in by_id],
+                                 c.num_terms)  # method=words
 
             for k in tqdm(pending, desc=f"ctg parts ({c.method})", disable=not cfg.ray.progress_bars):
                 recs = [{"item_id": i, "terms": "\t".join(rule_tid(i)), "raw": "", "valid": True,
@@ -114,13 +113,9 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
                 for i in parts[k]:
                     item = by_id[i]
                     ctx_items = [by_id[j] for j in nbrs.get(i, [])[: c.num_neighbors] if j in by_id]
-                    rows.append({
-                        "row": len(rows), "part": k, "item_id": i, "category": item["category"],
-                        "messages": json.dumps(build_messages(item, ctx_items, c, [
-                            (x, lexical.tid(x["item_id"])) for x in ctx_items[: c.few_shot]] if lexical else ())),
-                        "fallback": json.dumps([item["title"], item["description"]] + [x["title"] for x in ctx_items]),
-                        "lexical": json.dumps(lexical.tid(i) if lexical is not None else []),
-                    })
+                    examples = [(x, lexical.tid(x["item_id"])) for x in ctx_items[: c.few_shot]] if lexical else ()
+                    rows.append({"row": len(rows), "part": k, **writer_request(
+                        item, ctx_items, c, examples, lexical.tid(i) if lexical is not None else ())})
             ray = init_ray(cfg.ray)
             import ray.data
 
@@ -162,8 +157,8 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             uncovered = len(rest)
             words = []
             for r in rest:
-                ctx_titles = [by_id[j]["title"] for j in nbrs.get(r["item_id"], [])[: c.num_neighbors] if j in by_id]
-                words.append(repair([], [r["title"], r["description"]] + ctx_titles, r["category"], c.num_terms))
+                words.append(words_tid(r, [by_id[j] for j in nbrs.get(r["item_id"], [])[: c.num_neighbors]
+                                           if j in by_id], c.num_terms))
             terms_llm = pa.concat_tables([terms_llm, pa.table({
                 "item_id": pa.array([r["item_id"] for r in rest], pa.string()),
                 "terms": pa.array(words, pa.list_(pa.string())),
