@@ -30,14 +30,14 @@ def _info(run: str) -> dict[str, Any]:
 
 def _shown(spec: str) -> str:
     """LABEL=RUN with the run as ``<root>/<run name>``: no machine paths in a results file."""
-    label, _, run = spec.partition("=")
+    label, _, run = spec.rpartition("=")
     return f"{label}=<root>/{Path(run).name}"
 
 
 def _pairs(specs: list[str]) -> dict[str, str]:
     out = {}
     for s in specs:
-        label, _, run = s.partition("=")
+        label, _, run = s.rpartition("=")
         if not run:
             raise SystemExit(f"expected LABEL=RUN_DIR, got {s!r}")
         out[label] = run

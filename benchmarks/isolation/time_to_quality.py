@@ -33,7 +33,7 @@ MARKS = (15, 30, 60, 90)
 
 
 def load_arm(spec: str) -> tuple[str, dict[str, Any]]:
-    label, _, source = spec.partition("=")
+    label, _, source = spec.rpartition("=")  # a label may hold "=", a path does not
     if not source:
         raise SystemExit(f"--arm needs LABEL=SOURCE, got {spec!r}")
     path, _, model = source.partition("#")
