@@ -83,27 +83,10 @@ def table(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(arms: dict[str, dict[str, Any]], title: str, out: Path) -> None:
-    import matplotlib
+    """The quality bench's learning-curve plot (R@10 and N@10 against training minutes), one line an arm."""
+    from grlm_ray.bench.quality import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, arm in arms.items():
-        xs = [p["train_minutes"] for p in arm["points"]]
-        axes[0].plot(xs, [p["recall_at_10"] for p in arm["points"]], "o-", ms=3, label=label)
-        axes[1].plot(xs, [p["ndcg_at_10"] for p in arm["points"]], "o-", ms=3, label=label)
-    for ax, name in zip(axes, ("validation R@10", "validation N@10")):
-        for m in MARKS:
-            ax.axvline(m, color="grey", lw=0.5, ls=":")
-        ax.set_xlabel("training minutes (validation excluded)")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    out.write_bytes(plot_curves({label: arm["points"] for label, arm in arms.items()}, title))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import io
 import json
 import textwrap
 import tokenize
+import types
 import typing
 from typing import Any
 
@@ -61,7 +62,7 @@ def _type_name(t: Any) -> str:
     origin = typing.get_origin(t)
     if origin is typing.Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(t))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " \\| ".join(_type_name(a) for a in typing.get_args(t))
     if origin is typing.Annotated:
         return _type_name(typing.get_args(t)[0])
