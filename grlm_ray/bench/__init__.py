@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "quality": ("quality", "GRLM vs SASRec-CE vs popularity on the same test users (+ w/o GTI, unconstrained); "
                            "CONFIG [key=value ...], bench.mode=sample|full"),
+    "cold-start": ("cold_start", "items held out of training join the catalog as serving adds them: R/N@10 on new- "
+                                 "and seen-item targets, GRLM vs content, SASRec, popularity; CONFIG with data.holdout"),
     "eig": ("eig", "EIG vs the reference algorithm (Beauty, authors' TIDs) and EIG latency at 1M items"),
     "decoding": ("decoding", "beam search: constrained vs unconstrained, batched vs one user at a time, "
                              "ours vs transformers generate (a trained run: grlm demo)"),

@@ -141,6 +141,25 @@ class ByoSource(StrictModel):
 Source = Annotated[Union[SyntheticSource, AmazonRawSource, BundleSource, ByoSource], Field(discriminator="kind")]
 
 
+class HoldoutConfig(StrictModel):
+    """The cold-start protocol (``grlm bench cold-start``): a seeded ``share`` of the catalog, drawn among the
+    latest-arriving ``candidates`` share of it (first timestamp; without timestamps the mean relative position
+    in users' sequences), is taken out of everything training sees: the catalog (``prepare/items``; the held-out
+    items go to ``prepare/holdout_items``), every history and training sequence. A user's test target stays as
+    it is (a seen or a new item). 0 (the default) holds nothing out."""
+
+    share: float = Field(0.0, ge=0.0, lt=0.5)
+    candidates: float = Field(0.2, gt=0.0, le=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fits(self) -> "HoldoutConfig":
+        if self.share > self.candidates:
+            raise ValueError(f"data.holdout.share={self.share} is more than the candidates it is drawn from "
+                             f"(data.holdout.candidates={self.candidates})")
+        return self
+
+
 class DataConfig(StrictModel):
     """Stage 1: catalog + sequences. ``domains`` maps a domain name (the id namespace) to a source."""
 
@@ -162,6 +181,7 @@ class DataConfig(StrictModel):
     # repaired value is counted (manifest, rejects) and its source text kept in prepare/raw_text.parquet
     clean_text: bool = True
     namespace_ids: bool | None = None  # default: True for joint / cross_domain, False for single
+    holdout: HoldoutConfig = neutral_default(HoldoutConfig())  # cold-start: items training never sees
 
     @model_validator(mode="after")
     def _check_domains(self) -> "DataConfig":
@@ -179,6 +199,8 @@ class DataConfig(StrictModel):
                 raise ValueError(f"domain name {name!r} must be non-empty and contain no '/'")
         if self.namespace_ids is False and self.mode != "single":
             raise ValueError("joint and cross_domain catalogs need namespaced ids (namespace_ids)")
+        if self.holdout.share > 0 and self.mode == "cross_domain":
+            raise ValueError("data.holdout works on single and joint catalogs (cross_domain targets are per domain)")
         return self
 
     @property
@@ -464,6 +486,9 @@ class EvalConfig(StrictModel):
     renormalize: bool | None = None
     use_gpu: bool = False  # one GPU per actor
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # also score the items added after training (``<run>/serve/catalog_updates.parquet``: serving's admin
+    # updates, the cold-start benchmark's new items): their TIDs join the token trie and the grounding index
+    added_items: bool = neutral_default(False)
 
     @model_validator(mode="after")
     def _vllm_scores(self) -> "EvalConfig":

@@ -11,6 +11,8 @@ format as training (``grlm_ray/lib/textformat.py``); only the TID is generated, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -142,6 +144,17 @@ def write_predictions(ctx: StageContext, queries: pa.Table, answers: Iterable[pa
     return model.result(), pop.result()
 
 
+def added_items(store: Store, run: str) -> pa.Table:
+    """(item_id, terms) of the items added to ``run``'s catalog after training (``serve/catalog_updates.parquet``,
+    written by the serving app's admin updates and the cold-start benchmark), in the order they were added."""
+    from grlm_ray.serving.catalog import UPDATES
+
+    if not store.exists(f"{run}/{UPDATES}"):
+        raise GrlmError(f"eval.added_items=true but {store.uri(f'{run}/{UPDATES}')} does not exist: add items "
+                        "first (POST /v1/admin/items on the served run, or grlm bench cold-start)")
+    return store.read_table(f"{run}/{UPDATES}").select(["item_id", "terms"])
+
+
 def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
     e = cfg.eval
@@ -161,6 +174,10 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         del items, seqs, targets
         release_arrow_memory()
         ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
+        if added is not None:  # items added after training: their TIDs join the trie and the index
+            ids += added.column("item_id").to_pylist()
+            tids += added.column("terms").to_pylist()
+            ctx.info["added_items"] = added.num_rows
         ray = init_ray(cfg.ray)
         import ray.data
 
@@ -219,6 +236,11 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                          "seconds_generation": round(seconds, 2),
                          "users_per_second": round(n_users / seconds, 3) if seconds > 0 else None})
 
+    key, added = stage_key(cfg, STAGE), None
+    if e.added_items:
+        added = added_items(store, cfg.run.name)
+        key += "-added-" + hashlib.sha256(json.dumps([added.column("item_id").to_pylist(),
+                                                      added.column("terms").to_pylist()]).encode()).hexdigest()[:12]
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE),
+    return run_stage(store, cfg.run.name, STAGE, key,
                      body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"model": store.uri(f"{cfg.run.name}/train/model")})

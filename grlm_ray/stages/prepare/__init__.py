@@ -1,8 +1,9 @@
 """Stage 1 — prepare: sources -> catalog (items), chronological sequences, leave-one-out targets.
 
 Contract out (``<root>/<run>/prepare/``): ``items``, ``sequences``, ``targets``, ``rejects``, ``raw_text``
-(the source text of every item field cleaned under ``data.clean_text``) and, when a source provides Term
-IDs, ``terms`` (source='provided'). Each domain is loaded and filtered as its own
+(the source text of every item field cleaned under ``data.clean_text``), when a source provides Term
+IDs, ``terms`` (source='provided'), and under ``data.holdout`` (the cold-start protocol) ``holdout_items``:
+the items taken out of the catalog and of every history (``core.hold_out``). Each domain is loaded and filtered as its own
 resumable part (in parallel as Ray tasks when there are several), then the parts are merged by mode:
 
 - single: one domain, ids as in the source (unless ``namespace_ids``);
@@ -300,12 +301,29 @@ def prepare(cfg: GrlmConfig) -> dict[str, Any]:
         items, seqs, targets, merge_info = _merge(data, parts)
         where = ctx.store.uri(ctx.rel("sequences.parquet"))
         check_references(seqs, items, where=where)
+        seen: set[str] | None = None
+        if data.holdout.share > 0:  # cold start: the held-out items leave everything training reads
+            h = data.holdout
+            ho = core.hold_out(items, seqs, targets, h.share, h.candidates, h.seed, data.min_user_interactions)
+            items, seqs, targets = ho.items, ho.sequences, ho.targets
+            seen = set(items.column("item_id").to_pylist())
+            ctx.write("holdout_items.parquet", ho.held, ITEMS)
+            ctx.info["holdout"] = ho.info
+            log.info("prepare: cold start: %d of %d items held out (%s), %d test targets new, %d users dropped",
+                     ho.info["held_out_items"], ho.info["items"], ho.info["arrival"], ho.info["test_targets_new"],
+                     ho.info["users_dropped_below_min"])
         ctx.write("items.parquet", items, ITEMS)
         ctx.write("sequences.parquet", seqs, SEQUENCES)
         ctx.write("targets.parquet", targets, TARGETS)
         terms = [d.terms for d in parts if d.terms is not None]
         if terms:
-            ctx.write("terms.parquet", pa.concat_tables(terms), TERMS)
+            provided = pa.concat_tables(terms)
+            if seen is not None:  # a held-out item's provided TID is not known before it arrives
+                import pyarrow.compute as pc
+
+                provided = provided.filter(pc.is_in(provided.column("item_id"),
+                                                    value_set=pa.array(sorted(seen), pa.string())))
+            ctx.write("terms.parquet", provided, TERMS)
         raw = [d.raw_text for d in parts if d.raw_text is not None]
         ctx.write("raw_text.parquet", pa.concat_tables(raw) if raw else RAW_TEXT.arrow.empty_table(), RAW_TEXT)
         rejects = [r for d in parts for r in d.rejects]

@@ -227,3 +227,100 @@ def per_domain_targets(sequences: pa.Table, domains: list[str]) -> pa.Table:
             yield d, idx[-2], idx[-1]
 
     return _targets(sequences, positions)
+
+
+# ------------------------------------------------------------------ cold start: items training never sees
+@dataclass
+class Holdout:
+    """What ``hold_out`` gives: the seen catalog, the held-out items, the sequences and targets without them
+    (test targets kept), and what it did (counts, the arrival rule)."""
+
+    items: pa.Table
+    held: pa.Table
+    sequences: pa.Table
+    targets: pa.Table
+    info: dict
+
+
+def arrival_scores(sequences: pa.Table) -> tuple[dict[str, float], str]:
+    """How late each item arrived, higher = later: its first timestamp when every user has timestamps,
+    otherwise its mean relative position in the users' sequences (0 = a user's first item, 1 = the last):
+    an item that appears only late in people's histories is the closest thing to an arrival there is."""
+    ts = sequences.column("timestamps").to_pylist()
+    seqs = sequences.column("item_ids").to_pylist()
+    if ts and all(t is not None for t in ts):
+        first: dict[str, float] = {}
+        for items, stamps in zip(seqs, ts):
+            for i, t in zip(items, stamps):
+                first[i] = min(first.get(i, float(t)), float(t))
+        return first, "first timestamp"
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for items in seqs:
+        last = max(1, len(items) - 1)
+        for j, i in enumerate(items):
+            total[i] = total.get(i, 0.0) + j / last
+            count[i] = count.get(i, 0) + 1
+    return {i: total[i] / count[i] for i in total}, "mean relative position in users' sequences (no timestamps)"
+
+
+def hold_out(items: pa.Table, sequences: pa.Table, targets: pa.Table, share: float, candidates: float, seed: int,
+             min_len: int = 3) -> Holdout:
+    """The cold-start split. ``round(share * items)`` items, drawn (seeded) among the ``candidates`` share of
+    the catalog that arrived last (``arrival_scores``; ties by item id), leave the catalog; every user's
+    history loses them, except the test target (the last item), which stays what it was — a seen item or a
+    new one. Validation targets are then the last seen item before it. Users left with fewer than
+    ``min_len`` items are dropped (counted). Refused, with the numbers, when the catalog cannot give the
+    share asked for."""
+    ids = items.column("item_id").to_pylist()
+    n = len(ids)
+    want = int(round(share * n))
+    scores, rule = arrival_scores(sequences)
+    pool_n = int(round(candidates * n))
+    if want < 1:
+        raise DataError(f"data.holdout.share={share} of {n} items holds out no item (at least 1 / {n} is needed)")
+    if want > pool_n:
+        raise DataError(f"data.holdout: {want} items asked for (share {share} of {n}) but only {pool_n} candidates "
+                        f"(data.holdout.candidates={candidates}); raise candidates or lower share")
+    # items no sequence holds (possible in bring-your-own catalogs) arrived last of all: never bought
+    order = sorted(ids, key=lambda i: (-scores.get(i, float("inf")), i))
+    pool = order[:pool_n]
+    rng = np.random.default_rng(seed)
+    held = set(np.asarray(pool, dtype=object)[np.sort(rng.choice(pool_n, size=want, replace=False))].tolist())
+    mask = pa.array([i in held for i in ids])
+    import pyarrow.compute as pc
+
+    domain_of = {}
+    for r in targets.select(["user_id", "domain"]).to_pylist():
+        domain_of.setdefault(r["user_id"], r["domain"])
+    users, seqs_out, ts_out, dropped, removed = [], [], [], 0, 0
+    for u, its, ts in zip(sequences.column("user_id").to_pylist(), sequences.column("item_ids").to_pylist(),
+                          sequences.column("timestamps").to_pylist()):
+        keep = [j for j, i in enumerate(its[:-1]) if i not in held] + [len(its) - 1]
+        removed += len(its) - len(keep)
+        if len(keep) < min_len:
+            dropped += 1
+            continue
+        users.append(u)
+        seqs_out.append([its[j] for j in keep])
+        ts_out.append(None if ts is None else [ts[j] for j in keep])
+    seqs = pa.table({"user_id": pa.array(users, pa.string()),
+                     "item_ids": pa.array(seqs_out, pa.list_(pa.string())),
+                     "timestamps": pa.array(ts_out, pa.list_(pa.int64()))})
+    rows: dict[str, list] = {"user_id": [], "split": [], "domain": [], "position": [], "target_item_id": []}
+    for u, its in zip(users, seqs_out):
+        for split, pos in (("valid", len(its) - 2), ("test", len(its) - 1)):
+            rows["user_id"].append(u)
+            rows["split"].append(split)
+            rows["domain"].append(domain_of.get(u))
+            rows["position"].append(pos)
+            rows["target_item_id"].append(its[pos])
+    new_targets = sum(1 for its in seqs_out if its[-1] in held)
+    held_t = items.filter(mask)
+    no_text = [i for i, t, d in zip(held_t.column("item_id").to_pylist(), held_t.column("title").to_pylist(),
+                                    held_t.column("description").to_pylist()) if not (t or "").strip() and not (d or "").strip()]
+    info = {"share": share, "candidates": candidates, "seed": seed, "arrival": rule, "items": n,
+            "candidate_items": pool_n, "held_out_items": want, "held_out_items_without_text": len(no_text),
+            "interactions_removed": removed, "users_dropped_below_min": dropped, "users": len(users),
+            "test_targets_new": new_targets, "test_targets_seen": len(users) - new_targets}
+    return Holdout(items.filter(pc.invert(mask)), held_t, seqs, pa.table(rows, schema=TARGETS.arrow), info)

@@ -1,0 +1,350 @@
+"""Cold-start benchmark: are items that did not exist at training time recommended to the users who buy them?
+
+Contract: a config with ``data.holdout.share > 0`` -> runs that share upstream work -> one table (printed) and
+``<bench.out_dir>/cold_start_<dataset>.json`` (+ a plot and the machine description).
+
+    <run>                prepare (held-out items out of the catalog and every history), embed ... train
+    <run>-<mode>         eval with the trained catalog only (new items absent); SASRec-CE (baseline)
+    <run>-<mode>-new     the held-out items join the catalog the way serving adds them (their TIDs written by
+                         serving's term writer from their text and their nearest catalog items, made distinct
+                         from every live TID: ``grlm_ray/serving/catalog.py``), then eval with
+                         ``eval.added_items=true`` (their TIDs in the token trie and the grounding index)
+
+Every model is scored on the same test users, the targets split into *new* (a held-out item) and *seen*:
+GRLM with the new items, the same model without them, SASRec-CE (it has no trained embedding for an item it
+never saw: its new-item rows are measured, not assumed), popularity (training interactions: never a new item)
+and the content baseline a user would try first: the user's last item's nearest items by text embedding (the
+run's embedding model; every item, seen and new; the item itself excluded). ``new_share_at_10`` is the share
+of new items among every top-10 slot (against ``new_target_share``, the share of users whose next item is new).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from grlm_ray.core.config import GrlmConfig
+from grlm_ray.core.errors import ConfigError, GrlmError
+from grlm_ray.core.storage import Store, copy_stages
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("model", "recall_at_10_new", "ndcg_at_10_new", "recall_at_10_seen", "ndcg_at_10_seen",
+           "recall_at_10", "ndcg_at_10", "new_share_at_10", "users_new", "users_seen")
+
+
+def _variant(cfg: GrlmConfig, name: str, **sections: dict[str, Any]) -> GrlmConfig:
+    data = cfg.model_dump(mode="json")
+    data["run"]["name"] = name
+    for section, values in sections.items():
+        data[section].update(values)
+    return GrlmConfig.model_validate(data)
+
+
+def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
+    """Every run of the benchmark, by role, with its config."""
+    if cfg.data.holdout.share <= 0:
+        raise ConfigError("grlm bench cold-start needs items held out of training: set data.holdout.share "
+                          "(e.g. data.holdout.share=0.05; configs/bench/beauty_cold_start.yaml)")
+    b, run = cfg.bench, cfg.run.name
+    limit = {"limit_users": b.sample_users if b.mode == "sample" else None}
+    return {"train": cfg,
+            "absent": _variant(cfg, f"{run}-{b.mode}", eval={**limit, "added_items": False}, baseline={"loss": "ce"}),
+            "new": _variant(cfg, f"{run}-{b.mode}-new", eval={**limit, "added_items": True})}
+
+
+def held_out_rows(store: Store, run: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The held-out items as serving's update rows, and the ids of those without any text (no TID can be
+    written for them: counted and reported, their targets stay new and unreachable)."""
+    from grlm_ray.core.schemas import ITEMS
+    from grlm_ray.serving.catalog import ITEM_FIELDS
+
+    held = store.read_table(f"{run}/prepare/holdout_items.parquet", ITEMS).to_pylist()
+    rows, no_text = [], []
+    for r in held:
+        row = {k: (r.get(k) or ([] if k == "categories" else "")) for k in ITEM_FIELDS}
+        if not (row["title"].strip() or row["description"].strip()):
+            no_text.append(row["item_id"])
+            continue
+        rows.append(row)
+    return rows, no_text
+
+
+def add_new_items(cfg: GrlmConfig, store: Store, threads: int) -> dict[str, Any]:
+    """Write the held-out items' TIDs as serving does and save them as the run's catalog update (skipped
+    when the saved update already holds exactly these items)."""
+    from grlm_ray.serving.catalog import (UPDATES, CatalogTermWriter, distinct_from_catalog, read_catalog,
+                                          save_updates, validate_new_items)
+
+    run = cfg.run.name
+    rows, no_text = held_out_rows(store, run)
+    want = sorted(r["item_id"] for r in rows)
+    if store.exists(f"{run}/{UPDATES}"):
+        saved = store.read_table(f"{run}/{UPDATES}")
+        if sorted(saved.column("item_id").to_pylist()) == want:
+            log.info("cold start: the %d new items' TIDs are already written (%s)", len(want), store.uri(f"{run}/{UPDATES}"))
+            return {"written": 0, "items": len(want), "without_text": no_text, "seconds": 0.0}
+        store.fs.delete_file(store.path(f"{run}/{UPDATES}"))  # another held-out set: written again
+    t0 = time.time()
+    catalog = read_catalog(store, run)
+    clean = validate_new_items(rows, catalog, need_terms=False)
+    written = distinct_from_catalog(catalog, CatalogTermWriter(cfg, store, threads)(catalog, clean))
+    save_updates(cfg, catalog.with_items(written), store)
+    return {"written": len(written), "items": len(written), "without_text": no_text,
+            "seconds": round(time.time() - t0, 2), "sources": _count([r["source"] for r in written])}
+
+
+def _count(values: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def reachability(seen_tids: list[list[str]], new_tids: list[list[str]]) -> dict[str, Any]:
+    """Can the model write a new item's TID at all? The share of new items whose first term some seen item's
+    TID starts with, whose first two terms some seen TID starts with, and whose every term the model has
+    written somewhere (any position of any seen TID)."""
+    firsts = {t[0] for t in seen_tids if t}
+    pairs = {tuple(t[:2]) for t in seen_tids if len(t) >= 2}
+    vocab = {w for t in seen_tids for w in t}
+    n = max(1, len(new_tids))
+    return {"new_items": len(new_tids),
+            "first_term_written_first": round(sum(1 for t in new_tids if t and t[0] in firsts) / n, 4),
+            "first_two_terms_written_first": round(sum(1 for t in new_tids if tuple(t[:2]) in pairs) / n, 4),
+            "every_term_known": round(sum(1 for t in new_tids if all(w in vocab for w in t)) / n, 4),
+            "tid_equal_to_a_seen_tid": round(len({tuple(t) for t in new_tids} & {tuple(t) for t in seen_tids}) / n, 4)}
+
+
+def split_metrics(rows: list[tuple[str, list[str]]], new: set[str], k: int = 10) -> dict[str, Any]:
+    """Recall / NDCG@k over new-item targets, seen-item targets and all, and the share of new items among
+    every top-k slot; ``rows`` are (target item, ranked items) per user."""
+    from grlm_ray.lib.metrics import ndcg_at_k, recall_at_k
+
+    out: dict[str, Any] = {}
+    for name, pick in (("new", lambda t: t in new), ("seen", lambda t: t not in new), ("", lambda t: True)):
+        part = [(t, r) for t, r in rows if pick(t)]
+        sfx = f"_{name}" if name else ""
+        n = len(part)
+        out[f"recall_at_{k}{sfx}"] = round(sum(recall_at_k(r, t, k) for t, r in part) / n, 6) if n else None
+        out[f"ndcg_at_{k}{sfx}"] = round(sum(ndcg_at_k(r, t, k) for t, r in part) / n, 6) if n else None
+        if name:
+            out[f"users_{name}"] = n
+    slots = sum(len(r[:k]) for _, r in rows)
+    out[f"new_share_at_{k}"] = round(sum(1 for _, r in rows for i in r[:k] if i in new) / slots, 6) if slots else None
+    return out
+
+
+def content_rankings(cfg: GrlmConfig, store: Store, encoder: Any, new_rows: list[dict[str, Any]],
+                     users: list[str], k: int) -> list[list[str]]:
+    """The content baseline: for each scored test user, the ``k`` items (seen and new) nearest to their last
+    history item by text embedding (cosine; the item itself excluded)."""
+    import pyarrow.compute as pc
+
+    from grlm_ray.core.schemas import EMBEDDINGS, SEQUENCES, TARGETS, embedding_matrix
+    from grlm_ray.lib.protocol import target_rows
+    from grlm_ray.lib.textformat import item_text
+
+    run = cfg.run.name
+    emb = store.read_table(f"{run}/embed/embeddings.parquet", EMBEDDINGS)
+    ids = emb.column("item_id").to_pylist()
+    base = embedding_matrix(emb)
+    if new_rows:
+        texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],
+                           cfg.embed.max_chars) for r in new_rows]
+        q = encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        base = np.vstack([base, q.astype(base.dtype)])
+        ids += [r["item_id"] for r in new_rows]
+    at = {i: n for n, i in enumerate(ids)}
+    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
+    t = target_rows(store.read_table(f"{run}/prepare/targets.parquet", TARGETS), cfg.eval.split,
+                    cfg.eval.limit_users, cfg.eval.seed)
+    if t.column("user_id").to_pylist() != users:
+        raise GrlmError("cold start: the content baseline's users differ from GRLM's")
+    hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id"))).to_pylist()
+    last = np.array([at[h[p - 1]] for h, p in zip(hist, t.column("position").to_pylist())])
+    out: list[list[str]] = []
+    for s in range(0, len(last), 2048):
+        sc = base[last[s:s + 2048]] @ base.T
+        sc[np.arange(len(sc)), last[s:s + 2048]] = -np.inf
+        top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        out += [[ids[j] for j in row] for row in top]
+    return out
+
+
+def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
+    from grlm_ray.core.schemas import SEQUENCES, TARGETS, TERMS
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
+    from grlm_ray.lib.protocol import training_popularity
+    from grlm_ray.serving.catalog import UPDATES
+
+    t0 = time.time()
+    runs = plan(cfg)
+    store = Store(cfg.run.root, cfg.run.s3)
+    base = run_pipeline(cfg, stages=upstream("train", cfg))["stages"]
+    holdout = base["prepare"]["info"]["holdout"]
+    train = base["train"]
+
+    absent = runs["absent"]
+    copy_stages(store, cfg.run.name, absent.run.name, upstream("train", absent))
+    ev_absent = run_pipeline(absent, stages=upstream("eval", absent))["stages"]["eval"]
+    bl = run_pipeline(absent, stages=("prepare", "baseline"))["stages"]["baseline"] \
+        if "sasrec_ce" in cfg.bench.baselines else None
+
+    new_cfg = runs["new"]
+    copy_stages(store, cfg.run.name, new_cfg.run.name, upstream("train", new_cfg))
+    added = add_new_items(new_cfg, store, threads)
+    ev_new = run_pipeline(new_cfg, stages=upstream("eval", new_cfg))["stages"]["eval"]
+
+    def predictions(run: str, stage: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+        from grlm_ray.core.schemas import PREDICTIONS
+
+        p = store.read_table(f"{run}/{stage}/predictions.parquet", PREDICTIONS)
+        return p.column("user_id").to_pylist(), list(zip(p.column("target_item_id").to_pylist(),
+                                                         p.column("ranked_item_ids").to_pylist()))
+
+    held = set(store.read_table(f"{cfg.run.name}/prepare/holdout_items.parquet").column("item_id").to_pylist())
+    users, grlm_new = predictions(new_cfg.run.name, "eval")
+    k = 10
+    ranked: dict[str, list[tuple[str, list[str]]]] = {"GRLM + new items": grlm_new}
+    for name, (run, stage) in {"GRLM, new items absent": (absent.run.name, "eval"),
+                               **({"SASRec-CE": (absent.run.name, "baseline")} if bl else {})}.items():
+        u, r = predictions(run, stage)
+        if u != users:
+            raise GrlmError(f"cold start: {name} ({run}/{stage}) was scored on other users than GRLM + new items")
+        ranked[name] = r
+    seqs = store.read_table(f"{cfg.run.name}/prepare/sequences.parquet", SEQUENCES)
+    targets = store.read_table(f"{cfg.run.name}/prepare/targets.parquet", TARGETS)
+    popular = training_popularity(seqs, targets)[:k]
+    ranked["popularity"] = [(t, popular) for t, _ in grlm_new]
+    rows_new, no_text = held_out_rows(store, new_cfg.run.name)
+    from sentence_transformers import SentenceTransformer
+
+    from grlm_ray.lib.models import resolve_model_path
+
+    encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
+    t1 = time.time()
+    content = content_rankings(new_cfg, store, encoder, rows_new, users, k)
+    content_s = time.time() - t1
+    ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]
+
+    train_s, seconds = train["seconds"], {"GRLM + new items": ev_new["seconds"],
+                                          "GRLM, new items absent": ev_absent["seconds"],
+                                          "content (last item's text neighbours)": round(content_s, 2)}
+    rows = []
+    for name, r in ranked.items():
+        row = {"model": name, **split_metrics(r, held, k)}
+        row["train_s"] = train_s if name.startswith("GRLM") else (bl["info"]["train_seconds"] if name == "SASRec-CE" else None)
+        row["eval_s"] = seconds.get(name, bl["info"]["eval_seconds"] if name == "SASRec-CE" and bl else None)
+        rows.append(row)
+    by = {r["model"]: r for r in rows}
+    seen_tids = store.read_table(f"{cfg.run.name}/sft/terms.parquet", TERMS).column("terms").to_pylist()
+    new_tids = store.read_table(f"{new_cfg.run.name}/{UPDATES}").column("terms").to_pylist()
+    g, a, c = by["GRLM + new items"], by["GRLM, new items absent"], by["content (last item's text neighbours)"]
+
+    def rel(x: float | None, y: float | None) -> float | None:
+        return round(x / y, 4) if x is not None and y else None
+
+    n_users = len(users)
+    out = {"run": cfg.run.name, "mode": cfg.bench.mode, "rows": rows, "columns": [*COLUMNS, "train_s", "eval_s"],
+           "protocol": {**holdout, "split": cfg.eval.split, "users": n_users, "limit": cfg.eval.limit_users,
+                        "seed": cfg.eval.seed, "new_target_share": round(g["users_new"] / n_users, 6) if n_users else None,
+                        "user_ids_sha1": hashlib.sha1("\n".join(sorted(users)).encode()).hexdigest(),
+                        "new_item_tids": "serving's term writer (ctg.method=" + cfg.ctg.method + "), neighbours "
+                                         "among the catalog's items, made distinct from every live TID",
+                        "content_baseline": "cosine of the run's text embeddings (" + cfg.embed.model + "), the "
+                                            "user's last history item, the item itself excluded",
+                        "history_masked": False},
+           "new_items": {**added, "without_text": len(added["without_text"]),
+                         "in_trie_and_index": ev_new["info"].get("added_items"),
+                         "without_text_ids": added["without_text"][:20], **reachability(seen_tids, new_tids)},
+           "ratios": {"grlm_vs_content_recall_at_10_new": rel(g["recall_at_10_new"], c["recall_at_10_new"]),
+                      "seen_recall_at_10_with_vs_without_new": rel(g["recall_at_10_seen"], a["recall_at_10_seen"]),
+                      "seen_ndcg_at_10_with_vs_without_new": rel(g["ndcg_at_10_seen"], a["ndcg_at_10_seen"]),
+                      "new_share_at_10_vs_new_target_share": rel(g["new_share_at_10"], g["users_new"] / n_users if n_users else None)},
+           "runs": {role: c_.run.name for role, c_ in runs.items()},
+           "model": cfg.model.model_dump(mode="json"), "train_config": cfg.train.model_dump(mode="json"),
+           "training": {k_: train["info"].get(k_) for k_ in ("steps", "final_loss", "train_seconds")},
+           "validation_curve": (train["info"].get("validation") or {}).get("points"),
+           "seconds": round(time.time() - t0, 1)}
+    out["mlflow_run_id"] = _log(cfg, out)
+    return out
+
+
+def plot(rows: list[dict[str, Any]], title: str) -> bytes:
+    """Recall@10 and NDCG@10 on new-item and on seen-item targets, one group of bars per model."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("recall_at_10_new", "ndcg_at_10_new", "recall_at_10_seen", "ndcg_at_10_seen")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        ax.bar([i + j * width for i in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=key)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["model"] for r in rows], fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _log(cfg: GrlmConfig, out: dict[str, Any]) -> str | None:
+    """One MLflow run (grlm.stage=bench-cold-start): every model's metrics, the table and the plot."""
+    if not cfg.tracking.enabled:
+        return None
+    import mlflow
+
+    from grlm_ray.core.tracking import log_bytes, metric_key, open_run, run_name
+
+    with open_run(cfg, "bench-cold-start", run_name(cfg, f"bench-cold-start-{cfg.bench.mode}")) as r:
+        mlflow.log_params({"bench/mode": cfg.bench.mode, "holdout/share": cfg.data.holdout.share,
+                           "holdout/candidates": cfg.data.holdout.candidates, "holdout/seed": cfg.data.holdout.seed,
+                           "bench/users": out["protocol"]["users"]})
+        for row in out["rows"]:
+            for key, v in row.items():
+                if key != "model" and isinstance(v, (int, float)):
+                    mlflow.log_metric(metric_key(f"{row['model']}/{key}".replace(" ", "_")), float(v))
+        mlflow.log_dict(out, "cold_start.json")
+        log_bytes(plot(out["rows"], f"{cfg.run.name}: cold start ({cfg.bench.mode})"), "cold_start.png")
+        return r.info.run_id
+
+
+def add_args(ap: Any) -> None:
+    ap.add_argument("args", nargs="*", metavar="CONFIG [key=value]",
+                    help="e.g. configs/bench/beauty_cold_start.yaml bench.mode=full")
+    ap.add_argument("--out-dir", default=None, help="default: the config's bench.out_dir")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the term writer")
+
+
+def run(args: Any) -> dict[str, Any]:
+    from grlm_ray.bench.common import DEFAULT_OUT
+    from grlm_ray.core.config import load_config, split_args
+
+    path, overrides = split_args(args.args, required=False)
+    cfg = load_config(path, overrides)
+    result = cold_start(cfg, args.threads)
+    result["config"] = path
+    result["overrides"] = overrides
+    result["command"] = " ".join(["grlm bench cold-start", *args.args])
+    result["out_dir"] = args.out_dir or cfg.bench.out_dir or DEFAULT_OUT
+    dataset = "_".join(cfg.data.domains)
+    result["file_name"] = f"cold_start_{dataset}" + ("" if cfg.bench.mode == "full" else f"_{cfg.bench.mode}")
+    png = Path(result["out_dir"]) / f"{result['file_name']}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(plot(result["rows"], f"{cfg.run.name}: cold start, {result['protocol']['users']} test users "
+                                         f"({result['protocol']['new_target_share']:.1%} with a new next item)"))
+    result["plot"] = str(png)
+    return result

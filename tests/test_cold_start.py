@@ -1,0 +1,124 @@
+"""The cold-start protocol: held-out items leave everything training reads, test targets stay, the numbers of
+a refused request are named; and the benchmark end to end on the tiny synthetic run (a real training, real
+term writing, real evaluation with the new items in the trie)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from grlm_ray.core.config import load_config
+from grlm_ray.core.errors import ConfigError, DataError
+from grlm_ray.core.schemas import ITEMS
+from grlm_ray.stages.prepare import core
+
+
+def _catalog(n_items: int, seqs: dict[str, list[str]], stamps: dict[str, list[int]] | None = None):
+    ids = [f"i{k}" for k in range(n_items)]
+    items = pa.table({"item_id": ids, "category": ["c"] * n_items, "title": [f"title {k}" for k in range(n_items)],
+                      "description": [""] * n_items, "brand": [""] * n_items,
+                      "categories": pa.array([[]] * n_items, pa.list_(pa.string())), "source_id": ids},
+                     schema=ITEMS.arrow)
+    users = sorted(seqs)
+    sequences = pa.table({"user_id": users, "item_ids": pa.array([seqs[u] for u in users], pa.list_(pa.string())),
+                          "timestamps": pa.array([(stamps or {}).get(u) for u in users], pa.list_(pa.int64()))})
+    return items, sequences, core.leave_one_out_targets(sequences, "d")
+
+
+def _seqs() -> dict[str, list[str]]:
+    # mean relative positions: i9 1.0, i8 0.72, then i7 0.58: i8 and i9 arrived last
+    return {"u0": ["i0", "i1", "i2", "i9"], "u1": ["i1", "i3", "i4", "i5", "i8"], "u2": ["i2", "i6", "i8", "i9"],
+            "u3": ["i0", "i5", "i7", "i3", "i4"], "u4": ["i3", "i8", "i9"], "u5": ["i4", "i6", "i7", "i1"]}
+
+
+def test_held_out_items_leave_every_history_but_test_targets_stay():
+    items, seqs, targets = _catalog(10, _seqs())
+    h = core.hold_out(items, seqs, targets, share=0.2, candidates=0.2, seed=0)
+    held = set(h.held.column("item_id").to_pylist())
+    assert held == {"i8", "i9"}  # the two latest arrivals
+    assert set(h.items.column("item_id").to_pylist()) == {f"i{k}" for k in range(8)}
+    by_user = dict(zip(h.sequences.column("user_id").to_pylist(), h.sequences.column("item_ids").to_pylist()))
+    # the test target (last item) stays what it was; held-out items leave every earlier position
+    assert by_user["u0"] == ["i0", "i1", "i2", "i9"] and by_user["u1"] == ["i1", "i3", "i4", "i5", "i8"]
+    assert by_user["u2"] == ["i2", "i6", "i9"]
+    assert "u4" not in by_user  # ["i3", "i9"]: fewer than 3 items, dropped and counted
+    t = h.targets.to_pylist()
+    for r in t:
+        history = by_user[r["user_id"]][: r["position"]]
+        assert not held & set(history)
+        if r["split"] == "valid":
+            assert r["target_item_id"] not in held
+    assert h.info["users_dropped_below_min"] == 1 and h.info["held_out_items"] == 2
+    assert h.info["test_targets_new"] == 3 and h.info["test_targets_seen"] == 2
+    assert h.info["interactions_removed"] == 2  # u2's i8 and u4's i8 (u4 then dropped)
+    assert h.info["arrival"].startswith("mean relative position")
+
+
+def test_timestamps_decide_arrival_when_every_user_has_them():
+    seqs = {"a": ["i0", "i1", "i2"], "b": ["i1", "i2", "i3"]}
+    stamps = {"a": [1, 2, 9], "b": [3, 4, 5]}
+    items, s, targets = _catalog(4, seqs, stamps)
+    scores, rule = core.arrival_scores(s)
+    assert rule == "first timestamp" and scores["i3"] == 5 and scores["i2"] == 4
+    h = core.hold_out(items, s, targets, share=0.25, candidates=0.25, seed=0)
+    assert h.held.column("item_id").to_pylist() == ["i3"]  # first seen at 5: the latest arrival
+
+
+def test_a_share_the_catalog_cannot_give_is_refused_with_the_numbers():
+    items, seqs, targets = _catalog(10, _seqs())
+    with pytest.raises(DataError, match=r"3 items asked for \(share 0.3 of 10\) but only 2 candidates"):
+        core.hold_out(items, seqs, targets, share=0.3, candidates=0.2, seed=0)
+    with pytest.raises(DataError, match="holds out no item"):
+        core.hold_out(items, seqs, targets, share=0.01, candidates=0.2, seed=0)
+    with pytest.raises(ConfigError, match="more than the candidates"):
+        load_config(None, ["data.holdout.share=0.3", "data.holdout.candidates=0.2"])
+
+
+def test_the_seed_picks_which_candidates_are_held_out():
+    items, seqs, targets = _catalog(10, _seqs())
+    picks = {tuple(core.hold_out(items, seqs, targets, 0.1, 0.5, seed).held.column("item_id").to_pylist())
+             for seed in range(12)}
+    assert len(picks) > 1 and all(len(p) == 1 for p in picks)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_sft_run, tmp_path):
+    from conftest import TINY
+
+    from grlm_ray.cli import main as cli_main
+
+    overrides = tiny_sft_run + TINY + [
+        "run.name=cold", "data.holdout.share=0.1", "data.holdout.candidates=0.3", "ctg.method=lexical",
+        "ctg.limit=null", "ctg.lead=brand",
+        "train.strategy=ddp", "train.max_steps=30", "bench.sample_users=80", "bench.baselines=[sasrec_ce]",
+        "baseline.epochs=2", "baseline.hidden_size=16", "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8"]
+    assert cli_main(["bench", "cold-start", "--out-dir", str(tmp_path), *overrides]) == 0
+    [path] = tmp_path.glob("cold_start_demo_sample.json")
+    res = json.loads(path.read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    assert list(rows) == ["GRLM + new items", "GRLM, new items absent", "SASRec-CE", "popularity",
+                          "content (last item's text neighbours)"]
+    p = res["protocol"]
+    assert p["held_out_items"] == 12 and p["users"] == 80 and p["test_targets_new"] > 0
+    g, a = rows["GRLM + new items"], rows["GRLM, new items absent"]
+    assert g["users_new"] + g["users_seen"] == 80 and g["users_new"] > 0
+    assert all(r["users_new"] == g["users_new"] for r in rows.values())  # the same users for every model
+    # without the new items in the catalog nothing can recommend them; with them, the trie reaches them
+    assert a["new_share_at_10"] == 0 and a["recall_at_10_new"] == 0
+    assert rows["popularity"]["new_share_at_10"] == 0
+    assert g["new_share_at_10"] > 0  # the new TIDs (brand first, as the seen ones) are in the trie and reached
+    assert res["new_items"]["first_term_written_first"] == 1.0
+    assert rows["content (last item's text neighbours)"]["new_share_at_10"] > 0
+    assert res["new_items"]["items"] == res["new_items"]["in_trie_and_index"] == 12
+    assert res["new_items"]["without_text"] == 0
+    assert 0 <= res["new_items"]["first_term_written_first"] <= 1
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and res["mlflow_run_id"]
+    # a second call reuses every stage and the written TIDs: the same table
+    assert cli_main(["bench", "cold-start", "--out-dir", str(tmp_path), *overrides]) == 0
+    again = json.loads(path.read_text())
+    assert [{k: v for k, v in r.items() if k != "eval_s"} for r in again["rows"]] == \
+           [{k: v for k, v in r.items() if k != "eval_s"} for r in res["rows"]]
+    assert again["new_items"]["written"] == 0
