@@ -122,3 +122,12 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     assert [{k: v for k, v in r.items() if k != "eval_s"} for r in again["rows"]] == \
            [{k: v for k, v in r.items() if k != "eval_s"} for r in res["rows"]]
     assert again["new_items"]["written"] == 0
+
+
+def test_scoring_added_items_without_any_added_is_refused_with_the_path(tmp_path):
+    from grlm_ray.core.errors import GrlmError
+    from grlm_ray.core.storage import Store
+    from grlm_ray.stages.evaluate import added_items
+
+    with pytest.raises(GrlmError, match=r"eval.added_items=true but .*r1/serve/catalog_updates.parquet does not exist"):
+        added_items(Store(str(tmp_path)), "r1")

@@ -296,6 +296,11 @@ def _check_timestamps(table: pa.Table, where: str) -> None:
                         row=_first_true(bad), field="timestamps")
 
 
+# items added to a run's catalog after training (serving's admin updates, the cold-start benchmark), relative
+# to the run: written by ``serving/catalog.py``, read there and by the evaluation (``eval.added_items``)
+CATALOG_UPDATES = "serve/catalog_updates.parquet"
+
+
 def check_references(sequences: pa.Table, items: pa.Table, where: str) -> None:
     """Every item a sequence names must exist in the catalog."""
     flat = pc.list_flatten(sequences.column("item_ids"))

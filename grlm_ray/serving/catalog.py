@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import DataError
-from grlm_ray.core.schemas import EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS, embedding_matrix
+from grlm_ray.core.schemas import CATALOG_UPDATES, EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS, embedding_matrix
 from grlm_ray.core.storage import Store
 from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
@@ -32,7 +32,7 @@ from grlm_ray.lib.terms import resolve_collisions
 from grlm_ray.lib.textformat import item_text
 
 log = logging.getLogger(__name__)
-UPDATES = "serve/catalog_updates.parquet"
+UPDATES = CATALOG_UPDATES
 ITEM_FIELDS = ("item_id", "category", "title", "description", "brand", "categories")
 UPDATE_SCHEMA = pa.schema([("item_id", pa.string()), ("category", pa.string()), ("title", pa.string()),
                            ("description", pa.string()), ("brand", pa.string()),

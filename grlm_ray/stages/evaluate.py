@@ -24,7 +24,7 @@ import pyarrow as pa
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
-from grlm_ray.core.schemas import ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
+from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
 from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage, take_rows
 from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_arrays
@@ -147,12 +147,11 @@ def write_predictions(ctx: StageContext, queries: pa.Table, answers: Iterable[pa
 def added_items(store: Store, run: str) -> pa.Table:
     """(item_id, terms) of the items added to ``run``'s catalog after training (``serve/catalog_updates.parquet``,
     written by the serving app's admin updates and the cold-start benchmark), in the order they were added."""
-    from grlm_ray.serving.catalog import UPDATES
-
-    if not store.exists(f"{run}/{UPDATES}"):
-        raise GrlmError(f"eval.added_items=true but {store.uri(f'{run}/{UPDATES}')} does not exist: add items "
-                        "first (POST /v1/admin/items on the served run, or grlm bench cold-start)")
-    return store.read_table(f"{run}/{UPDATES}").select(["item_id", "terms"])
+    rel = f"{run}/{CATALOG_UPDATES}"
+    if not store.exists(rel):
+        raise GrlmError(f"eval.added_items=true but {store.uri(rel)} does not exist: add items first "
+                        "(POST /v1/admin/items on the served run, or grlm bench cold-start)")
+    return store.read_table(rel).select(["item_id", "terms"])
 
 
 def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
