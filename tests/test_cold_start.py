@@ -94,13 +94,16 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
         "run.name=cold", "data.holdout.share=0.1", "data.holdout.candidates=0.3", "ctg.method=lexical",
         "ctg.limit=null", "ctg.lead=brand",
         "train.strategy=ddp", "train.max_steps=30", "bench.sample_users=80", "bench.baselines=[sasrec_ce]",
-        "baseline.epochs=2", "baseline.hidden_size=16", "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8"]
+        "baseline.epochs=2", "baseline.hidden_size=16", "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8",
+        "bench.new_item_levers=[known_terms]"]
     assert cli_main(["bench", "cold-start", "--out-dir", str(tmp_path), *overrides]) == 0
     [path] = tmp_path.glob("cold_start_demo_sample.json")
     res = json.loads(path.read_text())
     rows = {r["model"]: r for r in res["rows"]}
-    assert list(rows) == ["GRLM + new items", "GRLM, new items absent", "SASRec-CE", "popularity",
-                          "content (last item's text neighbours)"]
+    assert list(rows) == ["GRLM + new items", "GRLM + new items, known terms", "GRLM, new items absent", "SASRec-CE",
+                          "popularity", "content (last item's text neighbours)"]
+    lever = res["levers"]["GRLM + new items, known terms"]
+    assert lever["in_trie_and_index"] == 12 and lever["every_term_known"] >= res["new_items"]["every_term_known"]
     p = res["protocol"]
     assert p["held_out_items"] == 12 and p["users"] == 80 and p["test_targets_new"] > 0
     g, a = rows["GRLM + new items"], rows["GRLM, new items absent"]
@@ -131,3 +134,20 @@ def test_scoring_added_items_without_any_added_is_refused_with_the_path(tmp_path
 
     with pytest.raises(GrlmError, match=r"eval.added_items=true but .*r1/serve/catalog_updates.parquet does not exist"):
         added_items(Store(str(tmp_path)), "r1")
+
+
+def test_a_vocabulary_keeps_a_new_items_tid_to_known_words_while_they_make_n_terms():
+    from grlm_ray.lib.lexical import LexicalTermWriter
+
+    def item(i, title):
+        return {"item_id": i, "title": title, "description": "", "brand": "", "category": "Beauty", "categories": []}
+
+    catalog = [item("a", "Gentle Shampoo for Dry Hair"), item("b", "Gentle Conditioner for Dry Hair"),
+               item("c", "Zorbix Volumizing Shampoo with Argan")]
+    w = LexicalTermWriter(catalog, {"c": ["a", "b"]}, num_terms=4, lead="type")
+    assert w.tid("c") == ["shampoo", "zorbix", "volumize", "argan"]  # open: its own rare words distinguish it
+    w.vocabulary = frozenset({"shampoo", "gentle", "dry", "hair", "argan"})
+    # known words only: its own known words, then the words its neighbours share
+    assert w.tid("c") == ["shampoo", "dry", "gentle", "argan"]
+    w.vocabulary = frozenset()  # nothing known: the item's own words after all
+    assert w.tid("c") == ["shampoo", "zorbix", "volumize", "argan"]

@@ -54,9 +54,16 @@ def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
                           "(e.g. data.holdout.share=0.05; configs/bench/beauty_cold_start.yaml)")
     b, run = cfg.bench, cfg.run.name
     limit = {"limit_users": b.sample_users if b.mode == "sample" else None}
-    return {"train": cfg,
-            "absent": _variant(cfg, f"{run}-{b.mode}", eval={**limit, "added_items": False}, baseline={"loss": "ce"}),
-            "new": _variant(cfg, f"{run}-{b.mode}-new", eval={**limit, "added_items": True})}
+    out = {"train": cfg,
+           "absent": _variant(cfg, f"{run}-{b.mode}", eval={**limit, "added_items": False}, baseline={"loss": "ce"}),
+           "new": _variant(cfg, f"{run}-{b.mode}-new", eval={**limit, "added_items": True})}
+    if "known_terms" in b.new_item_levers:
+        out["new_known"] = _variant(cfg, f"{run}-{b.mode}-new-known", eval={**limit, "added_items": True},
+                                    serve={"new_item_terms": "known"})
+    return out
+
+
+LEVER_ROWS = {"new_known": "GRLM + new items, known terms"}
 
 
 def held_out_rows(store: Store, run: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -198,9 +205,14 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         if "sasrec_ce" in cfg.bench.baselines else None
 
     new_cfg = runs["new"]
-    copy_stages(store, cfg.run.name, new_cfg.run.name, upstream("train", new_cfg))
-    added = add_new_items(new_cfg, store, threads)
-    ev_new = run_pipeline(new_cfg, stages=upstream("eval", new_cfg))["stages"]["eval"]
+    evals, adds = {}, {}
+    for role in ("new", *LEVER_ROWS):
+        if role in runs:
+            c_ = runs[role]
+            copy_stages(store, cfg.run.name, c_.run.name, upstream("train", c_))
+            adds[role] = add_new_items(c_, store, threads)
+            evals[role] = run_pipeline(c_, stages=upstream("eval", c_))["stages"]["eval"]
+    added, ev_new = adds["new"], evals["new"]
 
     def predictions(run: str, stage: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
         from grlm_ray.core.schemas import PREDICTIONS
@@ -213,7 +225,8 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     users, grlm_new = predictions(new_cfg.run.name, "eval")
     k = 10
     ranked: dict[str, list[tuple[str, list[str]]]] = {"GRLM + new items": grlm_new}
-    for name, (run, stage) in {"GRLM, new items absent": (absent.run.name, "eval"),
+    for name, (run, stage) in {**{LEVER_ROWS[r]: (runs[r].run.name, "eval") for r in LEVER_ROWS if r in runs},
+                               "GRLM, new items absent": (absent.run.name, "eval"),
                                **({"SASRec-CE": (absent.run.name, "baseline")} if bl else {})}.items():
         u, r = predictions(run, stage)
         if u != users:
@@ -235,6 +248,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]
 
     train_s, seconds = train["seconds"], {"GRLM + new items": ev_new["seconds"],
+                                          **{LEVER_ROWS[r]: evals[r]["seconds"] for r in LEVER_ROWS if r in evals},
                                           "GRLM, new items absent": ev_absent["seconds"],
                                           "content (last item's text neighbours)": round(content_s, 2)}
     rows = []
@@ -264,6 +278,9 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
            "new_items": {**added, "without_text": len(added["without_text"]),
                          "in_trie_and_index": ev_new["info"].get("added_items"),
                          "without_text_ids": added["without_text"][:20], **reachability(seen_tids, new_tids)},
+           "levers": {LEVER_ROWS[r]: {"in_trie_and_index": evals[r]["info"].get("added_items"), **reachability(
+               seen_tids, store.read_table(f"{runs[r].run.name}/{UPDATES}").column("terms").to_pylist())}
+               for r in LEVER_ROWS if r in evals},
            "ratios": {"grlm_vs_content_recall_at_10_new": rel(g["recall_at_10_new"], c["recall_at_10_new"]),
                       "seen_recall_at_10_with_vs_without_new": rel(g["recall_at_10_seen"], a["recall_at_10_seen"]),
                       "seen_ndcg_at_10_with_vs_without_new": rel(g["ndcg_at_10_seen"], a["ndcg_at_10_seen"]),

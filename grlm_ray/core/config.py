@@ -587,6 +587,10 @@ class ServeConfig(StrictModel):
     # stops there, no retry starts after it, and the answer is repaired (statistical CTG by default) when it
     # does not validate in time; the admin call then answers in about this plus the catalog update
     term_writer_budget_s: float | None = Field(1.5, gt=0)
+    # the words an added item's TID may use (statistical CTG): 'open' any word of its text (as the CTG stage);
+    # 'known' words the live catalog's TIDs already use first (terms the model was trained to write), its own
+    # other words only where those do not make N terms (cold start: ``grlm bench cold-start``)
+    new_item_terms: Literal["open", "known"] = neutral_default("open")
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
     # overload shedding at the door: recommend calls in flight per ingress replica; past it a call is refused
     # 503 + Retry-After before any replica works on it (None: the generators' capacity, max_replicas x
@@ -655,6 +659,9 @@ class BenchConfig(StrictModel):
     # the table as JSON (+ machine description) lands here; None: the checkout's benchmarks/results (wherever
     # the command runs from); a relative path is taken from the working directory
     out_dir: str | None = None
+    # ``grlm bench cold-start``: more ways to add the new items, each a row on the same model and users
+    # (known_terms: serve.new_item_terms=known, the TID writer reuses the words the model was trained on)
+    new_item_levers: list[Literal["known_terms"]] = neutral_default([])
 
 
 class TrackingConfig(StrictModel):
@@ -682,6 +689,13 @@ class GrlmConfig(StrictModel):
     baseline: BaselineConfig = BaselineConfig()
     bench: BenchConfig = BenchConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _new_item_terms(self) -> "GrlmConfig":
+        if self.serve.new_item_terms == "known" and self.ctg.method != "lexical":
+            raise ValueError(f"serve.new_item_terms=known steers statistical CTG (ctg.method=lexical); ctg.method is "
+                             f"{self.ctg.method!r}")
+        return self
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections: a stage is redone when the sections it reads change. A field added

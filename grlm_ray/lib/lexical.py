@@ -99,6 +99,8 @@ class LexicalTermWriter:
         self.df: Counter = Counter()
         self.heads: Counter = Counter()
         self.leads: Counter = Counter()  # how many titles each word opens (or brands it is the first word of)
+        # when set, the only words a TID takes while it can be filled from them (then any word of the item)
+        self.vocabulary: frozenset[str] | None = None
         self.add_items(items, neighbors)
 
     def add_items(self, items: Sequence[Mapping[str, Any]],
@@ -156,13 +158,18 @@ class LexicalTermWriter:
     def explain(self, item_id: str) -> dict[str, Any]:
         """The TID with the role of each term: type, shared (with neighbour counts), distinct, fill."""
         w = self.words[item_id]
-        cands = list(dict.fromkeys(w.title + w.other))
+        vocab = self.vocabulary
+        allowed = (lambda c: True) if vocab is None else (lambda c: c in vocab)
+        everything = list(dict.fromkeys(w.title + w.other))
+        cands = [c for c in everything if allowed(c)]
+        title = tuple(c for c in w.title if allowed(c))
         nbrs = [self.words[j] for j in self.neighbors.get(item_id, [])[: self.k] if j in self.words]
         nb_all = [nb.all for nb in nbrs]
-        shared = {c: sum(c in a for a in nb_all) for c in cands}
+        shared = {c: sum(c in a for a in nb_all) for c in everything}
         # 1. the type: most type-like title word (the item's own head first among equals), else categories
         brand = self.brand(item_id) if self.lead == "brand" else None
-        pool = [c for c in w.title if c != brand] or [c for c in cands if c != brand]
+        brand = brand if brand is not None and allowed(brand) else None
+        pool = [c for c in title if c != brand] or [c for c in cands if c != brand]
         type_word = None
         if pool:
             type_word = max(pool, key=lambda c: (self.typeness(c) + (1e-6 if c == w.head else 0.0),
@@ -196,10 +203,11 @@ class LexicalTermWriter:
         # 4. fill: the item's remaining words, its neighbours' words, its category, fixed words
         fill = [c for c in common if c not in terms] + [c for c in cands if c not in terms]
         # neighbours' words most of them use (the shared vocabulary), not one neighbour's own brand or line
-        nb_count = Counter(c for nb in nbrs for c in set(nb.title) if c not in terms)
+        nb_count = Counter(c for nb in nbrs for c in set(nb.title) if c not in terms and allowed(c))
         fill += sorted(nb_count, key=lambda c: (-nb_count[c], self.idf(c), c))
-        fill += words(str(self.items[item_id].get("category") or "")) + ["item", "product", "goods", "article",
-                                                                          "thing", "ware"]
+        fill += [c for c in words(str(self.items[item_id].get("category") or "")) if allowed(c)]
+        # a vocabulary too small for N terms: the item's own other words after all
+        fill += [c for c in everything if c not in fill] + ["item", "product", "goods", "article", "thing", "ware"]
         for c in fill:
             if len(terms) >= self.n:
                 break

@@ -249,10 +249,13 @@ class CatalogTermWriter:
             self.lex.add_items(new)
             self.lex_ids.update(r["item_id"] for r in new)
         self.lex.add_items(rows, nbrs)
+        if self.cfg.serve.new_item_terms == "known":  # the words the model was trained to write, first
+            self.lex.vocabulary = frozenset(w for t in catalog.tids.values() for w in t)
         try:
             return [self.lex.tid(r["item_id"]) for r in rows]
         finally:
             self.lex.remove_items([r["item_id"] for r in rows])
+            self.lex.vocabulary = None
 
     def __call__(self, catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import json
