@@ -138,7 +138,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fault-duration", type=float, default=40.0)
     ap.add_argument("--kill-after", type=float, default=8.0)
     ap.add_argument("--faults", default="generator,grounder,registry")
-    ap.add_argument("--updates", type=int, default=4, help="items added one by one (the first cold)")
+    ap.add_argument("--updates", type=int, default=4, help="items added one by one (the first cold); a cold-start "
+                    "run (data.holdout) adds its real held-out items")
+    ap.add_argument("--buyers", type=int, default=20, help="a held-out item's buyers asked for a top k, at most")
 
 
 def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -193,18 +195,48 @@ def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: 
     return r
 
 
-def _catalog_updates(url: str, token: str, histories: list[list[str]], n: int, k: int) -> list[dict[str, Any]]:
+def held_out_updates(store: Any, run: str, n: int, max_buyers: int) -> list[tuple[dict[str, Any], list[list[str]]]]:
+    """For a cold-start run (``data.holdout``): its ``n`` held-out items with text that are the next purchase
+    of the most test users (ties by item id), each with those users' histories (at most ``max_buyers``); []
+    for any other run."""
+    from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS
+    from grlm_ray.serving.catalog import ITEM_FIELDS
+
+    if not store.exists(f"{run}/prepare/holdout_items.parquet"):
+        return []
+    held = {r["item_id"]: r for r in store.read_table(f"{run}/prepare/holdout_items.parquet", ITEMS).to_pylist()
+            if (r["title"] or "").strip() or (r["description"] or "").strip()}
+    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
+    by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
+    buyers: dict[str, list[list[str]]] = {}
+    for r in store.read_table(f"{run}/prepare/targets.parquet", TARGETS).to_pylist():
+        if r["split"] == "test" and r["target_item_id"] in held:
+            buyers.setdefault(r["target_item_id"], []).append(by_user[r["user_id"]][: r["position"]])
+    top = sorted(buyers, key=lambda i: (-len(buyers[i]), i))[:n]
+    return [({k: held[i].get(k) or ([] if k == "categories" else "") for k in ITEM_FIELDS}, buyers[i][:max_buyers])
+            for i in top]
+
+
+def _catalog_updates(url: str, token: str, histories: list[list[str]], n: int, k: int,
+                     held_out: list[tuple[dict[str, Any], list[list[str]]]] = ()) -> list[dict[str, Any]]:
     """Add ``n`` new items one at a time (the term writer starts with 0 replicas: the first is cold): for each,
     the admin call's time and the time until a recommend call with the item in its history is answered
-    (every replica then serves the new catalog version) = the time until the item is recommendable."""
+    (every replica then serves the new catalog version) = the time until the item is recommendable. With
+    ``held_out`` (a cold-start run's real held-out items and the histories of the test users whose next
+    purchase each is), those items are added and each of their buyers asks for a top ``k``: how often the new
+    item is in it (``buyers_hit``)."""
     rows = []
     for i in range(n):
-        item = {"item_id": f"bench-new-{i}-{int(time.time())}", "category": "Beauty", "brand": "Glowra",
-                "title": ["Glowra Vegan Matte Lipstick, Ruby Red", "Argan Oil Repair Shampoo for Dry Hair, 12 oz",
-                          "Lighted Travel Makeup Mirror, 10x Magnifying", "Waterproof Volumizing Mascara, Black",
-                          "Unscented Aloe Body Lotion for Sensitive Skin, 16 oz",
-                          "Ceramic Flat Iron Hair Straightener, 1 inch"][i % 6],
-                "description": "A new product added while serving.", "categories": ["Beauty"]}
+        buyers: list[list[str]] = []
+        if i < len(held_out):
+            item, buyers = held_out[i]
+        else:
+            item = {"item_id": f"bench-new-{i}-{int(time.time())}", "category": "Beauty", "brand": "Glowra",
+                    "title": ["Glowra Vegan Matte Lipstick, Ruby Red", "Argan Oil Repair Shampoo for Dry Hair, 12 oz",
+                              "Lighted Travel Makeup Mirror, 10x Magnifying", "Waterproof Volumizing Mascara, Black",
+                              "Unscented Aloe Body Lotion for Sensitive Skin, 16 oz",
+                              "Ceramic Flat Iron Hair Straightener, 1 inch"][i % 6],
+                    "description": "A new product added while serving.", "categories": ["Beauty"]}
         t0 = time.perf_counter()
         status, _, res = post(url, {"items": [item]}, timeout=600, path="/v1/admin/items",
                               headers={"Authorization": f"Bearer {token}"})
@@ -213,13 +245,30 @@ def _catalog_updates(url: str, token: str, histories: list[list[str]], n: int, k
             raise RuntimeError(f"admin items answered {status}: {res}")
         st, _, out = post(url, {"history": histories[i][-5:] + [item["item_id"]], "k": k})
         t_total = time.perf_counter() - t0
-        rows.append({"item": i + 1, "cold": i == 0, "tid": res["items"][0]["tid"], "source": res["items"][0]["source"],
+        hits = 0
+        for h in buyers:  # the users whose next purchase this item is, with their histories as of then
+            sb, _, rec = post(url, {"history": h, "k": k})
+            if sb != 200:
+                raise RuntimeError(f"recommend for a buyer of {item['item_id']} answered {sb}: {rec}")
+            hits += item["item_id"] in [x["item_id"] for x in rec["items"]]
+        rows.append({"item": i + 1, "cold": i == 0, "item_id": item["item_id"], "title": item["title"][:60],
+                     "tid": res["items"][0]["tid"], "source": res["items"][0]["source"],
                      "admin_s": round(t_admin, 3), "term_writer_s": res["term_writer"]["seconds"],
                      "writer_load_s": res["term_writer"]["load_seconds"], "recommendable_s": round(t_total, 3),
-                     "recommend_status": st, "catalog_version": (out or {}).get("catalog_version")})
+                     "recommend_status": st, "catalog_version": (out or {}).get("catalog_version"),
+                     "buyers": len(buyers), "buyers_hit": hits if buyers else None})
         print(f"catalog update {i + 1} ({'cold' if i == 0 else 'warm'}): {res['items'][0]['source']} TID "
               f"{res['items'][0]['tid']!r}; admin {t_admin:.2f}s, recommendable after {t_total:.2f}s", flush=True)
     return rows
+
+
+def _buyers_summary(rows: list[dict[str, Any]], k: int) -> dict[str, Any] | None:
+    """Of the held-out items' buyers asked, how many found the new item in their top k."""
+    asked = [r for r in rows if r.get("buyers")]
+    if not asked:
+        return None
+    users, hits = sum(r["buyers"] for r in asked), sum(r["buyers_hit"] for r in asked)
+    return {"items": len(asked), "buyers": users, "buyers_hit": hits, f"hit_rate_at_{k}": round(hits / users, 4)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,7 +338,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{over['shed_503']} shed (503, p99 {over['p99_503_ms']} ms), other {other}; p99 accepted "
               f"{over['p99_ms']} ms vs {ref['p99_ms']} ms at {args.sustainable} ({overload['p99_ratio']}x)", flush=True)
         faults = [_fault_run(cfg, url, histories, what, args) for what in args.faults.split(",") if what]
-        updates_rows = _catalog_updates(url, token, histories, args.updates, args.k) if args.updates else []
+        held_out = held_out_updates(store, cfg.run.name, args.updates, args.buyers)
+        if held_out:
+            print(f"catalog updates: {len(held_out)} of the run's held-out items (data.holdout), each asked for by "
+                  f"the test users who buy it next", flush=True)
+        updates_rows = _catalog_updates(url, token, histories, args.updates, args.k, held_out) if args.updates else []
     finally:
         stop(cfg)
         if saved is None:
@@ -318,5 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        {"title": f"catalog updates (ctg.method={cfg.ctg.method}, serve.term_writer_budget_s="
                                  f"{cfg.serve.term_writer_budget_s}; the first starts the term writer)",
                         "columns": ["item", "cold", "source", "admin_s", "term_writer_s", "writer_load_s",
-                                    "recommendable_s", "recommend_status"], "rows": updates_rows}],
+                                    "recommendable_s", "recommend_status", "buyers", "buyers_hit"],
+                        "rows": updates_rows}],
+            "added_items_recommended": _buyers_summary(updates_rows, args.k),
             "file_name": "serve_load"}
