@@ -88,3 +88,60 @@ def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path, model_cache):
         assert (run / rel).is_file(), rel
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["model"]["overall"]["users"] == 6 and metrics["protocol"]["constrained"]
+
+
+def test_a_stopped_training_job_resubmitted_resumes_from_its_checkpoint(ray_head, tmp_path, model_cache):
+    """As a cluster user would: submit without waiting, follow the job with Ray's own commands, stop it once a
+    checkpoint is written, submit it again: the training resumes from that checkpoint and ends at the planned
+    step count (the same as an uninterrupted run's)."""
+    address, env = ray_head
+    root = tmp_path / "runs"
+    steps = 60
+    overrides = [f"run.root={root}", "run.name=resume", "ray.address=auto", "ray.progress_bars=false",
+                 "data.domains.demo.num_items=150", "data.domains.demo.num_users=300", "ctg.method=lexical",
+                 f"model.cache_dir={model_cache}", *TINY, "train.epochs=20", f"train.max_steps={steps}",
+                 "train.checkpoint_every=10",
+                 "tracking.enabled=false"]
+    ray_cli = [str(BIN / "ray"), "job"]
+
+    def submit(sid: str, wait: bool) -> subprocess.CompletedProcess:
+        cmd = [*ray_cli, "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml",
+               "--submission-id", sid, *([] if wait else ["--no-wait"]), "--", sys.executable, "jobs/grlm.py",
+               "train", "configs/demo.yaml", *overrides]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+
+    def ray_job(*args: str) -> str:
+        r = subprocess.run([*ray_cli, *args, "--address", address], env=env, capture_output=True, text=True, timeout=120)
+        return r.stdout + r.stderr
+
+    first = submit("grlm-train-1", wait=False)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    ckpts = root / "resume" / "train" / "ray"
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        done = [p for p in ckpts.glob("*/checkpoint_*/meta.json")] if ckpts.is_dir() else []
+        if done:
+            break
+        assert "FAILED" not in ray_job("status", "grlm-train-1").upper(), ray_job("logs", "grlm-train-1")[-4000:]
+        time.sleep(3)
+    else:
+        raise AssertionError("no checkpoint within 15 minutes:\n" + ray_job("logs", "grlm-train-1")[-4000:])
+    stopped_at = max(json.loads(p.read_text())["step"] for p in ckpts.glob("*/checkpoint_*/meta.json"))
+    ray_job("stop", "grlm-train-1")
+    deadline = time.time() + 120
+    while "STOPPED" not in ray_job("status", "grlm-train-1").upper() and time.time() < deadline:
+        time.sleep(2)
+    assert "STOPPED" in ray_job("status", "grlm-train-1").upper()
+    manifest = json.loads((root / "resume" / "train" / "_manifest.json").read_text())
+    assert manifest["status"] == "running" and stopped_at < steps  # stopped half-way
+
+    second = submit("grlm-train-2", wait=True)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0 and "succeeded" in out.lower(), out[-6000:]
+    assert "resuming a run that stopped half-way" in ray_job("logs", "grlm-train-2")
+    manifest = json.loads((root / "resume" / "train" / "_manifest.json").read_text())
+    info = manifest["info"]
+    assert manifest["status"] == "complete" and info["steps"] == steps
+    assert info["resumed_from_step"] is not None and info["resumed_from_step"] >= stopped_at
+    assert info["optimizer_digest_saved"] == info["optimizer_digest_loaded"]  # the optimizer state came back whole
+    assert (root / "resume" / "train" / "model" / "model.safetensors").is_file()
