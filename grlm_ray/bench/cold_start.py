@@ -31,20 +31,13 @@ import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import ConfigError, GrlmError
+from grlm_ray.bench.quality import _variant
 from grlm_ray.core.storage import Store, copy_stages
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("model", "recall_at_10_new", "ndcg_at_10_new", "recall_at_10_seen", "ndcg_at_10_seen",
            "recall_at_10", "ndcg_at_10", "new_share_at_10", "users_new", "users_seen")
-
-
-def _variant(cfg: GrlmConfig, name: str, **sections: dict[str, Any]) -> GrlmConfig:
-    data = cfg.model_dump(mode="json")
-    data["run"]["name"] = name
-    for section, values in sections.items():
-        data[section].update(values)
-    return GrlmConfig.model_validate(data)
 
 
 def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
@@ -296,26 +289,9 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
 
 def plot(rows: list[dict[str, Any]], title: str) -> bytes:
     """Recall@10 and NDCG@10 on new-item and on seen-item targets, one group of bars per model."""
-    import io
+    from grlm_ray.bench.quality import plot as bars
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ("recall_at_10_new", "ndcg_at_10_new", "recall_at_10_seen", "ndcg_at_10_seen")
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(keys)
-    for j, key in enumerate(keys):
-        ax.bar([i + j * width for i in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=key)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["model"] for r in rows], fontsize=7)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return bars(rows, title, ("recall_at_10_new", "ndcg_at_10_new", "recall_at_10_seen", "ndcg_at_10_seen"))
 
 
 def _log(cfg: GrlmConfig, out: dict[str, Any]) -> str | None:

@@ -201,8 +201,9 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str) -> bytes:
     return buf.getvalue()
 
 
-def plot(rows: list[dict[str, Any]], title: str) -> bytes:
-    """Recall/NDCG at 5 and 10 per model, one group of bars each."""
+def plot(rows: list[dict[str, Any]], title: str,
+         keys: tuple[str, ...] = ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")) -> bytes:
+    """``keys`` (default Recall/NDCG at 5 and 10) per model, one group of bars each."""
     import io
 
     import matplotlib
@@ -210,7 +211,6 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
