@@ -226,3 +226,26 @@ def test_predictions_are_written_in_query_order_with_the_row_dict_metrics(tmp_pa
     assert sorted(order.tolist()) == list(range(n))
     for w in range(0, n, 40):  # each window's rows, by length then row, windows in order
         assert order[w:w + 40].tolist() == sorted(range(w, min(n, w + 40)), key=lambda j: (lengths[j], j))
+
+
+def test_merge_beams_places_added_tids_by_log_probability_plus_bonus_and_keeps_the_main_order():
+    from grlm_ray.lib.eig import merge_beams
+
+    main = [("a", -1.0), ("b", -3.0), ("c", -2.5), ("d", -6.0)]  # beam order (mean log-prob), not the sums
+    extra = [("x", -4.0), ("y", -9.0), ("b", -0.5)]  # "b" already a main beam: not repeated
+    assert merge_beams(main, extra, -float("inf")) == ["a", "b", "c", "d"]
+    assert merge_beams(main, extra, 0.0) == ["a", "b", "c", "x", "d", "y"]
+    assert merge_beams(main, extra, 2.0) == ["a", "x", "b", "c", "d", "y"]  # x at -2.0: before the first main below it
+    assert merge_beams(main, extra, 10.0) == ["x", "y", "a", "b", "c", "d"]
+    assert merge_beams([], extra, 0.0) == ["b", "x", "y"]
+
+
+def test_added_search_needs_added_items_and_a_constrained_search():
+    from grlm_ray.core.config import load_config
+
+    with pytest.raises(Exception, match="added_beams"):
+        load_config("configs/demo.yaml", ["eval.added_beams=5"])
+    cfg = load_config("configs/demo.yaml", ["eval.added_beams=5", "eval.added_items=true"])
+    assert cfg.eval.added_beams == 5
+    assert load_config("configs/demo.yaml").section_hash("eval") == \
+        load_config("configs/demo.yaml", ["eval.added_beams=0", "eval.added_bonus=0.0"]).section_hash("eval")

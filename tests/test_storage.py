@@ -230,3 +230,34 @@ def test_local_batches_stream_in_and_out_atomically_and_name_the_files_row(tmp_p
     store = Store(str(tmp_path))
     exercise_batches(store)
     assert sorted(os.listdir(tmp_path / "b")) == ["bad.parquet", "sft.parquet"]  # no temporary files left
+
+
+def test_stored_checkpoints_lists_only_folders_every_rank_finished(tmp_path):
+    """A job stopped mid-upload leaves partial checkpoint folders: only those whose every rank's file list is
+    there with each file at its size are resumed from (Ray Train's own record may lag the upload)."""
+    import json
+
+    from grlm_ray.stages.train import seal_checkpoint, stored_checkpoints
+
+    store, rel = Store(str(tmp_path)), "run/train/ray/job"
+
+    def checkpoint(name, step, world, ranks, truncate=None):
+        for r in ranks:
+            local = tmp_path / f"local-{name}-{r}"
+            local.mkdir()
+            (local / f"rng_rank{r}.pt").write_bytes(b"x" * (10 + r))
+            if r == 0:
+                (local / "model.pt").write_bytes(b"w" * 100)
+                (local / "meta.json").write_text(json.dumps({"step": step, "world": world}))
+            seal_checkpoint(str(local), r)
+            for f in local.iterdir():
+                data = f.read_bytes()
+                store.write_bytes(f"{rel}/{name}/{f.name}", data[:-1] if f.name == truncate else data)
+
+    checkpoint("checkpoint_a", 10, 2, [0, 1])
+    checkpoint("checkpoint_b", 20, 2, [0, 1])
+    checkpoint("checkpoint_c", 30, 2, [0])  # rank 1 never uploaded
+    checkpoint("checkpoint_d", 40, 2, [0, 1], truncate="model.pt")  # a file cut short
+    store.write_bytes(f"{rel}/checkpoint_e/meta.json", json.dumps({"step": 50}).encode())  # before the seal
+    assert stored_checkpoints(store, rel) == [(10, f"{rel}/checkpoint_a"), (20, f"{rel}/checkpoint_b")]
+    assert stored_checkpoints(store, "run/none") == []

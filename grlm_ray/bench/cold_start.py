@@ -53,10 +53,70 @@ def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
     if "known_terms" in b.new_item_levers:
         out["new_known"] = _variant(cfg, f"{run}-{b.mode}-new-known", eval={**limit, "added_items": True},
                                     serve={"new_item_terms": "known"})
+    if "added_search" in b.new_item_levers:  # eval.added_bonus set once chosen on validation (tune_added_bonus)
+        out["new_search"] = _variant(cfg, f"{run}-{b.mode}-new-search", eval={
+            **limit, "added_items": True, "added_beams": b.new_item_beams})
     return out
 
 
-LEVER_ROWS = {"new_known": "GRLM + new items, known terms"}
+LEVER_ROWS = {"new_known": "GRLM + new items, known terms", "new_search": "GRLM + new items, added-item search"}
+BONUSES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
+
+
+def tune_added_bonus(cfg: GrlmConfig, store: Store, held: set[str], users: int, threads: int) -> dict[str, Any]:
+    """``eval.added_bonus`` chosen on validation users (``users`` of them, seeded; every validation target is a
+    seen item: the new items were held out of every history): one decoding pass writes the main beams and the
+    added-item search's beams with their log-probabilities; each bonus in ``BONUSES`` merges them
+    (``merge_beams``), grounds and scores. Chosen: the largest bonus whose validation Recall@10 is at least
+    ``1 - bench.new_item_cost`` of the search off (the most new items shown for a bounded cost on seen ones)."""
+    from tqdm import tqdm
+
+    from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
+    from grlm_ray.lib.decoding import TidDecoder
+    from grlm_ray.lib.eig import TidIndex, merge_beams, tid_text
+    from grlm_ray.lib.models import load_tokenizer
+    from grlm_ray.lib.protocol import query_table, training_popularity
+    from grlm_ray.serving.catalog import UPDATES
+
+    run, e = cfg.run.name, cfg.eval
+    vcfg = _variant(cfg, run, eval={"split": "valid", "limit_users": users})
+    model_dir = store.local_dir(f"{run}/train/model", "/tmp/grlm-cold-start")
+    tok = load_tokenizer(model_dir)
+    terms = store.read_table(f"{run}/sft/terms.parquet", TERMS)
+    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
+    targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
+    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS, columns=["item_id", "title"])
+    queries = query_table(vcfg, items, seqs, targets, terms, tok, history=False)
+    added = store.read_table(f"{run}/{UPDATES}")
+    ids = terms.column("item_id").to_pylist() + added.column("item_id").to_pylist()
+    tids = terms.column("terms").to_pylist() + added.column("terms").to_pylist()
+    decoder = TidDecoder(model_dir, [tid_text(t) for t in tids], num_beams=e.num_beams,
+                         max_new_tokens=e.max_new_tokens, threads=threads, dtype=e.dtype,
+                         renormalize=bool(e.renormalize))
+    extra_decoder = decoder.restricted([tid_text(t) for t in added.column("terms").to_pylist()], cfg.bench.new_item_beams)
+    index = TidIndex(ids, tids, decay=e.decay, match=e.match, fallback_order=training_popularity(seqs, targets))
+    prompts, want = queries.column("prompt").to_pylist(), queries.column("target_item_id").to_pylist()
+    main, extra, t0 = [], [], time.time()
+    for s in tqdm(range(0, len(prompts), e.batch_size), desc="validation users (added-item search)",
+                  disable=not cfg.ray.progress_bars):
+        batch = prompts[s:s + e.batch_size]
+        main += decoder(batch, batch_size=len(batch), with_scores=True)
+        extra += extra_decoder(batch, batch_size=len(batch), with_scores=True)
+    seconds = time.time() - t0
+    k = 10
+    curve = []
+    for bonus in (-float("inf"), *BONUSES):
+        ranked = [index.rank(merge_beams(m, x, bonus), k).items for m, x in zip(main, extra)]
+        curve.append({"bonus": bonus, **split_metrics(list(zip(want, ranked)), held, k)})
+    floor = (1 - cfg.bench.new_item_cost) * curve[0]["recall_at_10"]
+    ok = [p for p in curve[1:] if p["recall_at_10"] >= floor]
+    chosen = max(ok, key=lambda p: p["bonus"]) if ok else None
+    log.info("cold start: added-item search bonus on %d validation users: %s (R@10 %.4f off, floor %.4f)", len(want),
+             "none within the cost" if chosen is None else f"{chosen['bonus']} (R@10 {chosen['recall_at_10']:.4f}, "
+             f"new share {chosen['new_share_at_10']:.4f})", curve[0]["recall_at_10"], floor)
+    return {"users": len(want), "split": "valid", "beams": cfg.bench.new_item_beams, "cost": cfg.bench.new_item_cost,
+            "curve": [{**p, "bonus": None if p["bonus"] == -float("inf") else p["bonus"]} for p in curve],
+            "chosen_bonus": chosen["bonus"] if chosen else None, "decode_seconds": round(seconds, 1)}
 
 
 def held_out_rows(store: Store, run: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -198,12 +258,20 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         if "sasrec_ce" in cfg.bench.baselines else None
 
     new_cfg = runs["new"]
-    evals, adds = {}, {}
+    held = set(store.read_table(f"{cfg.run.name}/prepare/holdout_items.parquet").column("item_id").to_pylist())
+    evals, adds, tuning = {}, {}, None
     for role in ("new", *LEVER_ROWS):
         if role in runs:
             c_ = runs[role]
             copy_stages(store, cfg.run.name, c_.run.name, upstream("train", c_))
             adds[role] = add_new_items(c_, store, threads)
+            if role == "new_search":
+                tuning = tune_added_bonus(c_, store, held, cfg.bench.sample_users, threads)
+                if tuning["chosen_bonus"] is None:
+                    log.warning("cold start: no added-item bonus keeps validation Recall@10 within %.0f%%: "
+                                "the search row is left out", 100 * cfg.bench.new_item_cost)
+                    continue
+                c_ = runs[role] = _variant(c_, c_.run.name, eval={"added_bonus": tuning["chosen_bonus"]})
             evals[role] = run_pipeline(c_, stages=upstream("eval", c_))["stages"]["eval"]
     added, ev_new = adds["new"], evals["new"]
 
@@ -214,11 +282,10 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         return p.column("user_id").to_pylist(), list(zip(p.column("target_item_id").to_pylist(),
                                                          p.column("ranked_item_ids").to_pylist()))
 
-    held = set(store.read_table(f"{cfg.run.name}/prepare/holdout_items.parquet").column("item_id").to_pylist())
     users, grlm_new = predictions(new_cfg.run.name, "eval")
     k = 10
     ranked: dict[str, list[tuple[str, list[str]]]] = {"GRLM + new items": grlm_new}
-    for name, (run, stage) in {**{LEVER_ROWS[r]: (runs[r].run.name, "eval") for r in LEVER_ROWS if r in runs},
+    for name, (run, stage) in {**{LEVER_ROWS[r]: (runs[r].run.name, "eval") for r in LEVER_ROWS if r in evals},
                                "GRLM, new items absent": (absent.run.name, "eval"),
                                **({"SASRec-CE": (absent.run.name, "baseline")} if bl else {})}.items():
         u, r = predictions(run, stage)
@@ -274,6 +341,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
            "levers": {LEVER_ROWS[r]: {"in_trie_and_index": evals[r]["info"].get("added_items"), **reachability(
                seen_tids, store.read_table(f"{runs[r].run.name}/{UPDATES}").column("terms").to_pylist())}
                for r in LEVER_ROWS if r in evals},
+           "added_search_tuning": tuning,
            "ratios": {"grlm_vs_content_recall_at_10_new": rel(g["recall_at_10_new"], c["recall_at_10_new"]),
                       "seen_recall_at_10_with_vs_without_new": rel(g["recall_at_10_seen"], a["recall_at_10_seen"]),
                       "seen_ndcg_at_10_with_vs_without_new": rel(g["ndcg_at_10_seen"], a["ndcg_at_10_seen"]),

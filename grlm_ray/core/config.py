@@ -489,6 +489,18 @@ class EvalConfig(StrictModel):
     # also score the items added after training (``<run>/serve/catalog_updates.parquet``: serving's admin
     # updates, the cold-start benchmark's new items): their TIDs join the token trie and the grounding index
     added_items: bool = neutral_default(False)
+    # a second constrained beam search over only the added items' TIDs, this many beams; its TIDs join the
+    # main beams by log-probability plus ``added_bonus`` (grlm_ray/lib/eig.py: merge_beams). The model never
+    # trained on an added TID, so its main beams rarely reach one; this asks it which added items fit best.
+    added_beams: int = neutral_default(0, ge=0)
+    added_bonus: float = neutral_default(0.0)
+
+    @model_validator(mode="after")
+    def _added_search(self) -> "EvalConfig":
+        if self.added_beams and not (self.added_items and self.constrained):
+            raise ValueError("eval.added_beams searches the added items' TIDs: it needs eval.added_items=true and "
+                             "eval.constrained=true")
+        return self
 
     @model_validator(mode="after")
     def _vllm_scores(self) -> "EvalConfig":
@@ -660,8 +672,12 @@ class BenchConfig(StrictModel):
     # the command runs from); a relative path is taken from the working directory
     out_dir: str | None = None
     # ``grlm bench cold-start``: more ways to add the new items, each a row on the same model and users
-    # (known_terms: serve.new_item_terms=known, the TID writer reuses the words the model was trained on)
-    new_item_levers: list[Literal["known_terms"]] = neutral_default([])
+    # (known_terms: serve.new_item_terms=known, the TID writer reuses the words the model was trained on;
+    # added_search: eval.added_beams beams over only the new items' TIDs, their bonus chosen on validation users
+    # as the largest whose validation Recall@10 stays within new_item_cost of the search off)
+    new_item_levers: list[Literal["known_terms", "added_search"]] = neutral_default([])
+    new_item_beams: int = neutral_default(10, ge=1)
+    new_item_cost: float = neutral_default(0.02, ge=0, lt=1)
 
 
 class TrackingConfig(StrictModel):

@@ -408,6 +408,17 @@ class TidDecoder:
         self._catalog = (TidTrie.from_arrays(flat, offsets, self.end_id),
                          effective_max_new_tokens(offsets, self.max_new_tokens))
 
+    def restricted(self, tid_texts: Sequence[str], num_beams: int | None = None) -> "TidDecoder":
+        """The same model and backend searching only ``tid_texts`` (e.g. the items added after training):
+        a shallow copy with its own trie, nothing loaded again."""
+        import copy
+
+        other = copy.copy(self)
+        other.set_catalog(tid_texts)
+        if num_beams:
+            other.num_beams = num_beams
+        return other
+
     @property
     def trie(self) -> TidTrie:
         return self._catalog[0]

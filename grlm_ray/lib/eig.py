@@ -16,6 +16,7 @@ a term containing the other 0.8, summed over the item's matching terms); exact e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Sequence
@@ -313,3 +314,18 @@ class TidIndex:
     def is_valid(self, generated: str | Sequence[str]) -> bool:
         terms = parse_generated(generated) if isinstance(generated, str) else list(generated)
         return tid_text(terms) in self.direct
+
+
+def merge_beams(main: Sequence[tuple[str, float]], extra: Sequence[tuple[str, float]], bonus: float) -> list[str]:
+    """Two beam lists as one, ``main``'s order kept: each of ``extra``'s TIDs (a search over other TIDs, e.g.
+    the items added after training; best first) goes before the first main beam whose log-probability is
+    below its own plus ``bonus``. TIDs already in ``main`` are not repeated. ``bonus=-inf``: ``main`` alone."""
+    have = {t for t, _ in main}
+    rest = sorted(((t, s + bonus) for t, s in extra if t not in have and s + bonus > -math.inf), key=lambda x: -x[1])
+    out, j = [], 0
+    for t, s in main:
+        while j < len(rest) and rest[j][1] > s:
+            out.append(rest[j][0])
+            j += 1
+        out.append(t)
+    return out + [t for t, _ in rest[j:]]

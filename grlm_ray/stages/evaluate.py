@@ -28,7 +28,7 @@ from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES
 from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage, take_rows
 from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_arrays
-from grlm_ray.lib.eig import TidIndex, tid_text
+from grlm_ray.lib.eig import TidIndex, merge_beams, tid_text
 from grlm_ray.lib.metrics import RankingSums
 from grlm_ray.lib.models import load_tokenizer, quiet_loading
 from grlm_ray.lib.protocol import query_table, training_popularity
@@ -41,7 +41,9 @@ class Recommender:
     """Ray Data callable class: prompts -> beams -> grounded ranked lists (one model copy per actor)."""
 
     def __init__(self, model_dir: str, item_ids: list[str], tids: list[list[str]], fallback: list[str],
-                 options: dict[str, Any]) -> None:
+                 options: dict[str, Any], added: int = 0) -> None:
+        """``added``: the last ``added`` of ``tids`` are items added after training; with
+        ``options["added_beams"]`` a second search over only them joins the main beams (``merge_beams``)."""
 
         self.o = options
         self.decoder = TidDecoder(model_dir, [tid_text(t) for t in tids], backend=options["backend"],
@@ -50,9 +52,18 @@ class Recommender:
                                   dtype=options.get("dtype", "float32"), device=options.get("device", "cpu"),
                                   renormalize=bool(options.get("renormalize", False)))
         self.index = TidIndex(item_ids, tids, decay=options["decay"], match=options["match"], fallback_order=fallback)
+        self.added = None
+        if added and options.get("added_beams"):
+            self.added = self.decoder.restricted([tid_text(t) for t in tids[-added:]], options["added_beams"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        beams = self.decoder([str(p) for p in batch["prompt"]], batch_size=len(batch["prompt"]))
+        prompts = [str(p) for p in batch["prompt"]]
+        if self.added is None:
+            beams = self.decoder(prompts, batch_size=len(prompts))
+        else:
+            main = self.decoder(prompts, batch_size=len(prompts), with_scores=True)
+            extra = self.added(prompts, batch_size=len(prompts), with_scores=True)
+            beams = [merge_beams(m, x, float(self.o["added_bonus"])) for m, x in zip(main, extra)]
         ranked, how, cands, valid = [], [], [], []
         for texts in beams:
             g = self.index.rank(texts, self.o["k"])
@@ -188,7 +199,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
                    "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
                    "renormalize": renormalize,
-                   "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers)}
+                   "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers),
+                   "added_beams": e.added_beams, "added_bonus": e.added_bonus}
         n_users = queries.num_rows
         n_blocks = max(1, -(-n_users // e.batch_size))
         # users of similar prompt length share a batch: less left padding (rows keep their ids); token
@@ -203,7 +215,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         ds = ray.data.from_arrow([ordered.slice(s, step) for s in range(0, max(n_users, 1), step)]).map_batches(
             Recommender, batch_size=e.batch_size,
             fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": tids,
-                                   "fallback": popular, "options": options},
+                                   "fallback": popular, "options": options,
+                                   "added": added.num_rows if added is not None else 0},
             **actor_pool_kwargs(cfg.ray, e.num_workers, num_gpus=1 if e.use_gpu else 0))
         # blocks come back in the order they were cut (window by window): the driver holds one window's answers
         ds.context.execution_options.preserve_order = True
@@ -225,6 +238,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             "history_masked": False, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
             "max_new_tokens_effective": max_new,
             "constrained": e.constrained, "grounding": {"match": e.match, "decay": e.decay},
+            "added_items": added.num_rows if added is not None else 0,
+            "added_search": {"beams": e.added_beams, "bonus": e.added_bonus} if e.added_beams else None,
             "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
             "padding": "left", "dtype": e.dtype, "backend": e.backend,
             "scores": "log-probs renormalized over allowed tokens" if renormalize and e.constrained

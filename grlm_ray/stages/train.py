@@ -306,10 +306,59 @@ def optimizer_digest(optimizer: Any, partitioned: bool) -> float:
     return float(total)
 
 
-class RaySession:
-    """The training loop's view of Ray Train: rank, checkpoints, reports, the DDP wrapper."""
+def seal_checkpoint(d: str, rank: int) -> None:
+    """Write this rank's list of the files it put in checkpoint folder ``d`` (relative path -> bytes), last.
+    A folder found in storage is complete when every rank's list is there and every listed file has its
+    size (``stored_checkpoints``): ranks upload their folders into one, in no fixed order."""
+    files = {}
+    for root, _, names in os.walk(d):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), d).replace(os.sep, "/")
+            if not rel.startswith("files_rank"):
+                files[rel] = os.path.getsize(os.path.join(root, name))
+    with open(os.path.join(d, f"files_rank{rank}.json"), "w") as f:
+        json.dump(files, f)
 
-    def __init__(self) -> None:
+
+def stored_checkpoints(store: Store, rel: str) -> list[tuple[int, str]]:
+    """The complete checkpoint folders directly under ``rel`` as (step, rel of the folder), oldest first.
+    Complete: ``meta.json`` names the world size, and every rank's ``seal_checkpoint`` list is there with
+    each file at its size. Folders from before the seal (no ``world`` in meta) are not listed."""
+    from pyarrow.fs import FileSelector, FileType
+
+    found = []
+    for info in store.fs.get_file_info(FileSelector(store.path(rel), allow_not_found=True)):
+        name = os.path.basename(info.path)
+        folder = f"{rel}/{name}"
+        if info.type != FileType.Directory or not name.startswith("checkpoint_") or not store.exists(f"{folder}/meta.json"):
+            continue
+        meta = store.read_json(f"{folder}/meta.json")
+        if not isinstance(meta.get("world"), int):
+            continue
+        complete = True
+        for r in range(meta["world"]):
+            if not store.exists(f"{folder}/files_rank{r}.json"):
+                complete = False
+                break
+            for sub, size in store.read_json(f"{folder}/files_rank{r}.json").items():
+                if store.fs.get_file_info(store.path(f"{folder}/{sub}")).size != size:
+                    complete = False
+                    break
+            if not complete:
+                break
+        if complete:
+            found.append((int(meta["step"]), folder))
+    return sorted(found)
+
+
+class RaySession:
+    """The training loop's view of Ray Train: rank, checkpoints, reports, the DDP wrapper.
+
+    ``checkpoints`` (a store and the Ray Train run's folder in it): a job stopped between a checkpoint's
+    upload and Ray Train recording it leaves a complete folder that Ray Train's restore does not know;
+    ``checkpoint()`` takes the newest complete one in storage when it is newer than Ray Train's."""
+
+    def __init__(self, checkpoints: tuple[Store, str] | None = None) -> None:
         import ray.train
 
         # Ray Train logs every report at INFO ("Reporting training result ..."); our own progress line is
@@ -324,6 +373,7 @@ class RaySession:
         for name in names:
             logging.getLogger(name).setLevel(logging.WARNING)
         self._train = ray.train
+        self._stored = checkpoints
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -337,7 +387,19 @@ class RaySession:
 
     def checkpoint(self) -> Any:
         """The checkpoint to resume from (an object with ``as_directory()``), or None."""
-        return self._train.get_checkpoint()
+        ckpt = self._train.get_checkpoint()
+        found = stored_checkpoints(*self._stored) if self._stored else []
+        if not found:
+            return ckpt
+        step, rel = found[-1]
+        if ckpt is not None:
+            with ckpt.filesystem.open_input_stream(f"{ckpt.path}/meta.json") as f:
+                if int(json.loads(f.read())["step"]) >= step:
+                    return ckpt
+        store = self._stored[0]
+        log.warning("resuming from %s (step %d): complete in storage, newer than Ray Train's record (%s)",
+                    store.uri(rel), step, "none" if ckpt is None else ckpt.path)
+        return LocalCheckpoint(store.uri(rel), store, rel)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -415,11 +477,12 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     from transformers import AutoModelForCausalLM
 
     t = TrainConfig.model_validate(config["train"])
-    session = session if session is not None else RaySession()
+    store = Store(config["root"], S3Config.model_validate(config["s3"]))
+    if session is None:
+        session = RaySession((store, config["ray_run_rel"]) if config.get("ray_run_rel") else None)
     rank, world = session.rank, session.world
     torch.set_num_threads(max(1, int(config["threads"])))
     torch.manual_seed(t.seed + rank)
-    store = Store(config["root"], S3Config.model_validate(config["s3"]))
     cache = tempfile.mkdtemp(prefix="grlm-train-")
     base_dir = store.local_dir(config["base_rel"], cache)
     table = pq.read_table(store.path(config["tokens_rel"]), filesystem=store.fs)
@@ -522,9 +585,11 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
             digest = optimizer_digest(optimizer, partitioned)
             if rank == 0:
                 with open(os.path.join(d, "meta.json"), "w") as f:
-                    json.dump({"step": step, "optimizer_digest": digest, "strategy": t.strategy, "first_loss": first_loss,
+                    json.dump({"step": step, "world": world, "optimizer_digest": digest, "strategy": t.strategy,
+                               "first_loss": first_loss,
                                "zero_stage": t.deepspeed.zero_stage if use_ds else None, "validation": val_state,
                                "train_seconds": train_clock()}, f)
+            seal_checkpoint(d, rank)
             # every rank reports its own folder: Ray Train merges them into one checkpoint
             session.report({**metrics, "optimizer_digest": digest}, checkpoint_dir=d)
 
@@ -863,6 +928,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "pad_id": int(tokenizer.pad_token_id), "plan": plan, "deepspeed": ds_cfg, "mlflow": mlflow_info,
             "threads": max(1, int(t.cpus_per_worker)), "validation": validation,
             "dropout": m.dropout if m.init == "scratch" else 0.0,
+            "ray_run_rel": f"{ctx.rel('ray')}/{train_name}",  # where a stopped job's checkpoints are found
             "faults": faults.spec(),  # tests only (GRLM_FAULTS), read here in the driver
             "verbose": runtime.console_verbose(),
         }
