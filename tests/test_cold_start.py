@@ -95,13 +95,24 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
         "ctg.limit=null", "ctg.lead=brand",
         "train.strategy=ddp", "train.max_steps=30", "bench.sample_users=80", "bench.baselines=[sasrec_ce]",
         "baseline.epochs=2", "baseline.hidden_size=16", "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8",
-        "bench.new_item_levers=[known_terms]"]
+        "bench.new_item_levers=[known_terms,added_search]", "bench.new_item_beams=5", "bench.new_item_cost=0.9"]
     assert cli_main(["bench", "cold-start", "--out-dir", str(tmp_path), *overrides]) == 0
     [path] = tmp_path.glob("cold_start_demo_sample.json")
     res = json.loads(path.read_text())
     rows = {r["model"]: r for r in res["rows"]}
-    assert list(rows) == ["GRLM + new items", "GRLM + new items, known terms", "GRLM, new items absent", "SASRec-CE",
-                          "popularity", "content (last item's text neighbours)"]
+    assert list(rows) == ["GRLM + new items", "GRLM + new items, known terms", "GRLM + new items, added-item search",
+                          "GRLM, new items absent", "SASRec-CE", "popularity", "content (last item's text neighbours)"]
+    # the added-item search: its bonus chosen on validation users (no new item is a validation target), the
+    # largest within the allowed cost; it shows new items at least as often as the search off
+    tune = res["added_search_tuning"]
+    assert tune["split"] == "valid" and tune["users"] == 80 and tune["curve"][0]["bonus"] is None
+    off = tune["curve"][0]["recall_at_10"]
+    chosen = [p for p in tune["curve"] if p["bonus"] == tune["chosen_bonus"]][0]
+    assert chosen["recall_at_10"] >= 0.1 * off - 1e-9
+    assert all(p["bonus"] <= chosen["bonus"] or p["recall_at_10"] < 0.1 * off for p in tune["curve"][1:])
+    assert tune["curve"][0]["new_share_at_10"] <= chosen["new_share_at_10"]
+    s_ = rows["GRLM + new items, added-item search"]
+    assert s_["new_share_at_10"] > 0 and s_["users_new"] == rows["GRLM + new items"]["users_new"]
     lever = res["levers"]["GRLM + new items, known terms"]
     assert lever["in_trie_and_index"] == 12 and lever["every_term_known"] >= res["new_items"]["every_term_known"]
     p = res["protocol"]

@@ -427,8 +427,11 @@ class TrainConfig(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     # bf16: DeepSpeed's bf16 mode, or (ddp / single) autocast with fp32 master weights and an fp32 loss;
     # on this project's CPU (avx512_bf16) 1.24x (DDP x2) / 1.31x (one process) fp32's samples/s
-    # (grlm bench recipe-speed: benchmarks/results/recipe_speed.json)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # (grlm bench recipe-speed: benchmarks/results/recipe_speed.json). A CPU without native bf16 (no
+    # avx512_bf16 / AMX, e.g. an AMD EPYC with AVX2 only) emulates it: a bf16 matmul ran 45x slower than fp32 and
+    # the recipe trained ~30x slower. auto: bf16 where the hardware has it (a bf16 GPU, or such a CPU), else fp32
+    # (resolved by the driver, recorded in the stage's info)
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # stop early (smoke runs, tests)
     learning_rate: float = Field(1e-3, gt=0)

@@ -165,6 +165,30 @@ def added_items(store: Store, run: str) -> pa.Table:
     return store.read_table(rel).select(["item_id", "terms"])
 
 
+def _options(e: Any, tok: Any, tids: list[list[str]], cpus: int) -> dict[str, Any]:
+    """What each ``Recommender`` actor decodes and grounds with (``eval.*``; the token budget of a
+    constrained search cut to the longest catalog TID)."""
+    max_new = e.max_new_tokens
+    if e.constrained:
+        max_new = effective_max_new_tokens(tid_token_arrays(tok, map(tid_text, tids))[1], max_new)
+    return {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
+            "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
+            "renormalize": e.renormalize if e.renormalize is not None else e.backend == "vllm",
+            "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers),
+            "added_beams": e.added_beams, "added_bonus": e.added_bonus}
+
+
+def _length_ordered(queries: pa.Table, tok: Any) -> pa.Table:
+    """(row, prompt) of every query, users of similar prompt length next to each other (``length_order``):
+    a batch has less left padding; rows keep their ids. Token counts a chunk at a time (only lengths kept)."""
+    n_users = queries.num_rows
+    prompts = queries.column("prompt")
+    lengths = np.concatenate([np.zeros(0, np.int64)] + [
+        np.fromiter(map(len, tok(prompts.slice(s, 8192).to_pylist(), add_special_tokens=False)["input_ids"]),
+                    np.int64) for s in range(0, n_users, 8192)])
+    return queries.select(["row", "prompt"]).take(pa.array(length_order(lengths)))
+
+
 def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
     e = cfg.eval
@@ -192,25 +216,11 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         import ray.data
 
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        renormalize = e.renormalize if e.renormalize is not None else e.backend == "vllm"
-        max_new = e.max_new_tokens
-        if e.constrained:
-            max_new = effective_max_new_tokens(tid_token_arrays(tok, map(tid_text, tids))[1], max_new)
-        options = {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
-                   "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
-                   "renormalize": renormalize,
-                   "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers),
-                   "added_beams": e.added_beams, "added_bonus": e.added_bonus}
+        options = _options(e, tok, tids, cpus)
+        renormalize, max_new = options["renormalize"], options["max_new_tokens"]
         n_users = queries.num_rows
+        ordered = _length_ordered(queries, tok)
         n_blocks = max(1, -(-n_users // e.batch_size))
-        # users of similar prompt length share a batch: less left padding (rows keep their ids); token
-        # counts a chunk at a time, so only the lengths are kept
-        prompts = queries.column("prompt")
-        lengths = np.concatenate([np.zeros(0, np.int64)] + [
-            np.fromiter(map(len, tok(prompts.slice(s, 8192).to_pylist(), add_special_tokens=False)["input_ids"]),
-                        np.int64) for s in range(0, n_users, 8192)])
-        by_len = length_order(lengths)
-        ordered = queries.select(["row", "prompt"]).take(pa.array(by_len))
         step = -(-n_users // n_blocks) if n_users else 1
         ds = ray.data.from_arrow([ordered.slice(s, step) for s in range(0, max(n_users, 1), step)]).map_batches(
             Recommender, batch_size=e.batch_size,
@@ -221,7 +231,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         # blocks come back in the order they were cut (window by window): the driver holds one window's answers
         ds.context.execution_options.preserve_order = True
         queries = queries.select(["row", "user_id", "split", "domain", "target_item_id"])
-        del ordered, prompts
+        del ordered
         t0 = time.time()
 
         def answers() -> Iterator[pa.RecordBatch]:  # as Arrow strings, as they come

@@ -1,0 +1,119 @@
+"""The training worker's parts, one by one (no Ray): the typed loop config, the seeded row order, checkpoint
+save / restore, validation bookkeeping and the training clock. The whole loop runs in test_iift_ray.py."""
+
+import pytest
+from pydantic import ValidationError
+
+from grlm_ray.core.config import S3Config, TrainConfig
+from grlm_ray.core.storage import Store
+from grlm_ray.stages.train.recipe import (CheckpointIO, LoopConfig, Recipe, TrainClock, ValidationLoop,
+                                          ValidationSpec, build_model)
+from grlm_ray.stages.train.sessions import LocalSession, stored_checkpoints
+
+PLAN = {"rows_per_step": 8, "accum": 2, "steps_per_epoch": 4, "total_steps": 8}
+
+
+def loop_config(tmp_path, **train) -> LoopConfig:
+    return LoopConfig(train=TrainConfig(strategy="single", micro_batch=4, **train), root=str(tmp_path), s3=S3Config(),
+                      base_rel="base", tokens_rel="tokens.parquet", packed=False, pad_id=0, plan=PLAN)
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=8, intermediate_size=32, max_position_embeddings=64)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    return str(tmp_path / "base")
+
+
+def test_loop_config_is_typed_and_refuses_unknown_keys(tmp_path):
+    lc = loop_config(tmp_path)
+    again = LoopConfig.model_validate(lc.model_dump(mode="json"))  # what a worker receives, as a plain dict
+    assert again == lc and again.train.strategy == "single"
+    with pytest.raises(ValidationError, match="extra"):
+        LoopConfig.model_validate({**lc.model_dump(mode="json"), "tokens": "x"})
+
+
+def test_epoch_order_is_seeded_and_keeps_micro_batches_whole(tmp_path):
+    recipe = Recipe(loop_config(tmp_path, seed=3), LocalSession(Store(str(tmp_path)), "single", 2))
+    recipe.data = [{}] * 22  # 6 micro batches of 4, the last of 2
+    first, again, other = recipe.order(0), recipe.order(0), recipe.order(1)
+    assert list(first) == list(again) and list(first) != list(other)
+    assert sorted(first) == list(range(22))
+    p, seen = 0, []
+    while p < 22:  # the order is the micro batches [0..3], [4..7], ..., [20, 21], each whole, shuffled
+        start = int(first[p])
+        n = min(4, 22 - start)
+        assert start % 4 == 0 and list(first[p:p + n]) == list(range(start, start + n))
+        seen.append(start)
+        p += n
+    assert sorted(seen) == list(range(0, 22, 4)) and seen != sorted(seen)
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_schedule_average_and_step(tmp_path, tiny_backbone):
+    import torch
+
+    store = Store(str(tmp_path))
+    lc = loop_config(tmp_path, ema_decay=0.9, learning_rate=0.01)
+    session = LocalSession(store, "single", keep=2)
+    m = build_model(lc, tiny_backbone, session)
+    ids = torch.randint(1, 40, (2, 12))
+    for _ in range(3):
+        m.module(input_ids=ids, labels=ids).loss.backward()
+        m.optimizer.step()
+        m.scheduler.step()
+        m.optimizer.zero_grad()
+        m.ema.update(m.hf)
+    io = CheckpointIO(lc, m, rank=0, world=1)
+    io.save(session, 3, {"step": 3, "loss": 1.0}, {"first_loss": 2.5, "validation": {"best": 0.1}, "train_seconds": 7.0})
+    assert [s for s, _ in stored_checkpoints(store, "single")] == [3]  # sealed: complete
+
+    fresh = build_model(lc, tiny_backbone, session)
+    r = CheckpointIO(lc, fresh, rank=0, world=1).restore(session.checkpoint())
+    assert (r.step, r.first_loss, r.validation, r.train_seconds) == (3, 2.5, {"best": 0.1}, 7.0)
+    assert r.digest_saved == pytest.approx(r.digest_loaded) and r.digest_loaded > 0  # optimizer state came back
+    for (n, a), b in zip(m.hf.state_dict().items(), fresh.hf.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert fresh.scheduler.last_epoch == m.scheduler.last_epoch == 3
+    assert fresh.ema.updates == 3 and all(torch.equal(fresh.ema.shadow[n], x) for n, x in m.ema.shadow.items())
+
+
+def test_validation_loop_keeps_the_best_point_and_counts_validations_since():
+    spec = ValidationSpec(queries_rel="q", catalog_rel="c", curve_rel="v.json", best_rel="best", max_new_tokens=8,
+                          decay="reciprocal", match="exact")
+    val = ValidationLoop(spec, validator=None, steps={10, 20, 30})
+    scores = [0.1, 0.3, 0.2, 0.25]
+    flags = [val.record(10 * (i + 1), i + 1.0, 1.5 * i, {"ndcg_at_10": s, "users": 5}, 2.0, "ndcg_at_10")[1]
+             for i, s in enumerate(scores)]
+    assert flags == [True, True, False, False]
+    assert val.state["best"] == 0.3 and val.state["best_step"] == 20 and val.state["since_best"] == 2
+    assert [p["step"] for p in val.state["points"]] == [10, 20, 30, 40]
+    assert val.state["points"][1]["train_minutes"] == 1.5
+
+
+def test_train_clock_leaves_out_excluded_time_and_carries_an_offset():
+    clock = TrainClock()
+    clock.offset = 100.0
+    clock.exclude(1e6)  # more than has passed: the clock would be negative without the offset's help
+    assert clock() < 0
+    clock2 = TrainClock()
+    clock2.offset = 50.0
+    assert 50.0 <= clock2() < 60.0
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, caplog):
+    from grlm_ray.stages.train import schedule
+
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(schedule, "native_bf16", lambda use_gpu, n=native: n)
+        assert schedule.resolve_precision(TrainConfig(precision="auto")) == want
+        assert schedule.resolve_precision(TrainConfig(precision="fp32")) == "fp32"
+    with caplog.at_level("WARNING"):
+        assert schedule.resolve_precision(TrainConfig(precision="bf16")) == "bf16"  # kept, and said to be slow
+    assert "without native bf16" in caplog.text
+    flags = open("/proc/cpuinfo").read()
+    assert schedule.native_bf16(False) == ("avx512_bf16" in flags or "amx_bf16" in flags)
