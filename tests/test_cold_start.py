@@ -95,13 +95,16 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
         "ctg.limit=null", "ctg.lead=brand",
         "train.strategy=ddp", "train.max_steps=30", "bench.sample_users=80", "bench.baselines=[sasrec_ce]",
         "baseline.epochs=2", "baseline.hidden_size=16", "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8",
-        "bench.new_item_levers=[known_terms,added_search]", "bench.new_item_beams=5", "bench.new_item_cost=0.9"]
+        "bench.new_item_levers=[known_terms,added_search,added_neighbours]", "bench.new_item_beams=5",
+        "bench.new_item_cost=0.9"]
     assert cli_main(["bench", "cold-start", "--out-dir", str(tmp_path), *overrides]) == 0
     [path] = tmp_path.glob("cold_start_demo_sample.json")
     res = json.loads(path.read_text())
     rows = {r["model"]: r for r in res["rows"]}
     assert list(rows) == ["GRLM + new items", "GRLM + new items, known terms", "GRLM + new items, added-item search",
-                          "GRLM, new items absent", "SASRec-CE", "popularity", "content (last item's text neighbours)"]
+                          "GRLM, new items absent", "SASRec-CE", "popularity", "content (last item's text neighbours)",
+                          "GRLM + new items, text neighbours of the last item",
+                          "GRLM + new items, text neighbours of its top item"]
     # the added-item search: its bonus chosen on validation users (no new item is a validation target), the
     # largest within the allowed cost; it shows new items at least as often as the search off
     tune = res["added_search_tuning"]
@@ -113,6 +116,19 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     assert tune["curve"][0]["new_share_at_10"] <= chosen["new_share_at_10"]
     s_ = rows["GRLM + new items, added-item search"]
     assert s_["new_share_at_10"] > 0 and s_["users_new"] == rows["GRLM + new items"]["users_new"]
+    # the text-neighbour placement: chosen on the same validation users, the whole test curve recorded
+    for anchor, name in (("last", "GRLM + new items, text neighbours of the last item"),
+                         ("predicted", "GRLM + new items, text neighbours of its top item")):
+        t_ = res["added_neighbours_tuning"][anchor]
+        assert res["added_neighbours_tuning"]["users"] == 80 and t_["curve"][0]["slots"] == 0
+        pick = [p for p in t_["curve"] if (p["slots"], p["min_cosine"]) == (t_["chosen"]["slots"], t_["chosen"]["min_cosine"])][0]
+        assert pick["recall_at_10"] >= 0.1 * t_["curve"][0]["recall_at_10"] - 1e-9
+        assert pick["new_share_at_10"] >= t_["curve"][0]["new_share_at_10"]
+        test_point = [p for p in res["added_neighbours_test_curves"][anchor]
+                      if (p["slots"], p["min_cosine"]) == (pick["slots"], pick["min_cosine"])][0]
+        assert {k: rows[name][k] for k in ("recall_at_10_new", "new_share_at_10")} == \
+               {k: test_point[k] for k in ("recall_at_10_new", "new_share_at_10")}
+        assert rows[name]["users_new"] == rows["GRLM + new items"]["users_new"]
     lever = res["levers"]["GRLM + new items, known terms"]
     assert lever["in_trie_and_index"] == 12 and lever["every_term_known"] >= res["new_items"]["every_term_known"]
     p = res["protocol"]
@@ -182,3 +198,31 @@ def test_serve_load_adds_a_cold_start_runs_held_out_items_with_the_histories_of_
         ("i9", "title 9", [["i0", "i1", "i2"], ["i2", "i6"]]), ("i8", "title 8", [["i1", "i3", "i4", "i5"]])]
     assert _buyers_summary([{"buyers": 2, "buyers_hit": 1}, {"buyers": 1, "buyers_hit": 0}, {"buyers": 0}], 10) == \
         {"items": 2, "buyers": 3, "buyers_hit": 1, "hit_rate_at_10": 0.3333}
+
+
+def test_added_neighbours_go_first_when_near_enough_and_are_never_repeated():
+    from grlm_ray.lib.eig import place_added
+
+    ranked = ["a", "n2", "b", "c"]
+    cands = [("n1", 0.7), ("n2", 0.95), ("n3", 0.9)]
+    assert place_added(ranked, cands, 0.8, 2) == ["n2", "n3", "a", "b", "c"]  # best first, n2 moved up
+    assert place_added(ranked, cands, 0.8, 1) == ["n2", "a", "b", "c"]
+    assert place_added(ranked, cands, 0.99, 3) == ranked  # none near enough: the list as it was
+    assert place_added(ranked, cands, 0.0, 0) == ranked
+
+
+def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():
+    import numpy as np
+
+    from grlm_ray.bench.cold_start import choose_neighbours, neighbour_candidates
+
+    ids = ["s1", "s2", "n1", "n2"]
+    emb = np.array([[1, 0], [0, 1], [0.8, 0.6], [0.6, 0.8]], dtype=np.float32)
+    got = neighbour_candidates(ids, emb, ["n1", "n2"], ["s1", "n1"], 2)
+    assert [i for i, _ in got[0]] == ["n1", "n2"] and abs(got[0][0][1] - 0.8) < 1e-6
+    assert [i for i, _ in got[1]] == ["n2"] and abs(got[1][0][1] - 0.96) < 1e-6  # n1 is the anchor: skipped
+    curve = [{"recall_at_10": 0.10, "new_share_at_10": 0.0}, {"recall_at_10": 0.099, "new_share_at_10": 0.02},
+             {"recall_at_10": 0.095, "new_share_at_10": 0.05}, {"recall_at_10": 0.05, "new_share_at_10": 0.3}]
+    assert choose_neighbours(curve, 0.02) is curve[1]
+    assert choose_neighbours(curve, 0.06) is curve[2]
+    assert choose_neighbours([curve[0], curve[3]], 0.02) is None

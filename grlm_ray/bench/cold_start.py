@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import ConfigError, GrlmError
@@ -56,10 +56,17 @@ def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
     if "added_search" in b.new_item_levers:  # eval.added_bonus set once chosen on validation (tune_added_bonus)
         out["new_search"] = _variant(cfg, f"{run}-{b.mode}-new-search", eval={
             **limit, "added_items": True, "added_beams": b.new_item_beams})
+    if "added_neighbours" in b.new_item_levers:  # the same model and new items on validation users (tuning)
+        out["new_valid"] = _variant(cfg, f"{run}-{b.mode}-new-valid", eval={
+            "split": "valid", "limit_users": b.sample_users, "added_items": True})
     return out
 
 
 LEVER_ROWS = {"new_known": "GRLM + new items, known terms", "new_search": "GRLM + new items, added-item search"}
+ANCHORS = {"last": "GRLM + new items, text neighbours of the last item",
+           "predicted": "GRLM + new items, text neighbours of its top item"}
+MIN_COSINES = (0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.7, 0.65, 0.6, 0.5)
+SLOTS = (1, 2, 3)
 BONUSES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
 
@@ -80,7 +87,7 @@ def tune_added_bonus(cfg: GrlmConfig, store: Store, held: set[str], users: int, 
 
     run, e = cfg.run.name, cfg.eval
     vcfg = _variant(cfg, run, eval={"split": "valid", "limit_users": users})
-    model_dir = store.local_dir(f"{run}/train/model", "/tmp/grlm-cold-start")
+    model_dir = store.local_dir(f"{run}/train/model", os.path.expanduser("~/.cache/grlm-ray/cold-start"))
     tok = load_tokenizer(model_dir)
     terms = store.read_table(f"{run}/sft/terms.parquet", TERMS)
     seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
@@ -201,18 +208,14 @@ def split_metrics(rows: list[tuple[str, list[str]]], new: set[str], k: int = 10)
     return out
 
 
-def content_rankings(cfg: GrlmConfig, store: Store, encoder: Any, new_rows: list[dict[str, Any]],
-                     users: list[str], k: int) -> list[list[str]]:
-    """The content baseline: for each scored test user, the ``k`` items (seen and new) nearest to their last
-    history item by text embedding (cosine; the item itself excluded)."""
-    import pyarrow.compute as pc
-
-    from grlm_ray.core.schemas import EMBEDDINGS, SEQUENCES, TARGETS, embedding_matrix
-    from grlm_ray.lib.protocol import target_rows
+def item_matrix(cfg: GrlmConfig, store: Store, encoder: Any,
+                new_rows: list[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
+    """(ids, unit-norm text embeddings) of every catalog item (the run's embed stage) and the new items
+    (their text embedded now with the same model, as serving embeds an added item)."""
+    from grlm_ray.core.schemas import EMBEDDINGS, embedding_matrix
     from grlm_ray.lib.textformat import item_text
 
-    run = cfg.run.name
-    emb = store.read_table(f"{run}/embed/embeddings.parquet", EMBEDDINGS)
+    emb = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
     ids = emb.column("item_id").to_pylist()
     base = embedding_matrix(emb)
     if new_rows:
@@ -221,21 +224,107 @@ def content_rankings(cfg: GrlmConfig, store: Store, encoder: Any, new_rows: list
         q = encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
         base = np.vstack([base, q.astype(base.dtype)])
         ids += [r["item_id"] for r in new_rows]
-    at = {i: n for n, i in enumerate(ids)}
+    return ids, base
+
+
+def last_items(cfg: GrlmConfig, store: Store, users: list[str]) -> list[str]:
+    """Each scored user's last history item (``cfg.eval``'s split and sample; ``users`` must be exactly
+    those users in that order)."""
+    import pyarrow.compute as pc
+
+    from grlm_ray.core.schemas import SEQUENCES, TARGETS
+    from grlm_ray.lib.protocol import target_rows
+
+    run = cfg.run.name
     seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
     t = target_rows(store.read_table(f"{run}/prepare/targets.parquet", TARGETS), cfg.eval.split,
                     cfg.eval.limit_users, cfg.eval.seed)
     if t.column("user_id").to_pylist() != users:
-        raise GrlmError("cold start: the content baseline's users differ from GRLM's")
+        raise GrlmError(f"cold start: {run}'s {cfg.eval.split} users differ from the scored ones")
     hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id"))).to_pylist()
-    last = np.array([at[h[p - 1]] for h, p in zip(hist, t.column("position").to_pylist())])
+    return [h[p - 1] for h, p in zip(hist, t.column("position").to_pylist())]
+
+
+def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) -> list[list[str]]:
+    """The content baseline: for each user, the ``k`` items (seen and new) nearest to their last history item
+    by text embedding (cosine; the item itself excluded)."""
+    at = {i: n for n, i in enumerate(ids)}
+    rows = np.array([at[i] for i in last])
     out: list[list[str]] = []
-    for s in range(0, len(last), 2048):
-        sc = base[last[s:s + 2048]] @ base.T
-        sc[np.arange(len(sc)), last[s:s + 2048]] = -np.inf
+    for s in range(0, len(rows), 2048):
+        sc = base[rows[s:s + 2048]] @ base.T
+        sc[np.arange(len(sc)), rows[s:s + 2048]] = -np.inf
         top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
         out += [[ids[j] for j in row] for row in top]
     return out
+
+
+def neighbour_candidates(ids: list[str], base: np.ndarray, new: list[str], anchors: list[str],
+                         top: int) -> list[list[tuple[str, float]]]:
+    """For each anchor item, the ``top`` new items nearest to it by text embedding, with their cosine (the
+    anchor itself excluded)."""
+    at = {i: n for n, i in enumerate(ids)}
+    cols = np.array([at[i] for i in new])
+    rows = np.array([at[a] for a in anchors])
+    out: list[list[tuple[str, float]]] = []
+    for s in range(0, len(rows), 4096):
+        sc = base[rows[s:s + 4096]] @ base[cols].T
+        sc[cols[None, :] == rows[s:s + 4096, None]] = -np.inf
+        best = np.argsort(-sc, axis=1, kind="stable")[:, :top]
+        out += [[(new[j], float(r[j])) for j in b if np.isfinite(r[j])] for r, b in zip(sc, best)]
+    return out
+
+
+def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[str, float]]], held: set[str],
+                    k: int = 10) -> list[dict[str, Any]]:
+    """``split_metrics`` of the ranked lists with the new items placed by ``place_added``, for every
+    (slots, similarity floor) in ``SLOTS`` x ``MIN_COSINES``; the first point is the lever off."""
+    from grlm_ray.lib.eig import place_added
+
+    curve = [{"slots": 0, "min_cosine": None, **split_metrics(rows, held, k)}]
+    for slots in SLOTS:
+        for m in MIN_COSINES:
+            placed = [(t, place_added(r, c, m, slots)) for (t, r), c in zip(rows, cands)]
+            curve.append({"slots": slots, "min_cosine": m, **split_metrics(placed, held, k)})
+    return curve
+
+
+def choose_neighbours(curve: list[dict[str, Any]], cost: float) -> dict[str, Any] | None:
+    """The validation point showing the most new items whose Recall@10 is at least ``1 - cost`` of the lever
+    off (validation targets are seen items only: new items were held out of every history)."""
+    floor = (1 - cost) * curve[0]["recall_at_10"]
+    ok = [p for p in curve[1:] if p["recall_at_10"] >= floor]
+    return max(ok, key=lambda p: (p["new_share_at_10"], p["recall_at_10"])) if ok else None
+
+
+def tune_neighbours(cfg: GrlmConfig, store: Store, valid: GrlmConfig, held: set[str], ids: list[str],
+                    base: np.ndarray, new: list[str]) -> dict[str, Any]:
+    """For each anchor (``ANCHORS``), the similarity floor and slots of ``added_neighbours`` chosen on
+    ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``), with the whole curve."""
+    from grlm_ray.core.schemas import PREDICTIONS
+
+    p = store.read_table(f"{valid.run.name}/eval/predictions.parquet", PREDICTIONS)
+    users = p.column("user_id").to_pylist()
+    rows = list(zip(p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist()))
+    out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost}
+    for anchor in ANCHORS:
+        cands = neighbour_candidates(ids, base, new, anchor_items(valid, store, users, rows, anchor), max(SLOTS))
+        curve = neighbour_curve(rows, cands, held)
+        chosen = choose_neighbours(curve, cfg.bench.new_item_cost)
+        log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
+                 "none within the cost" if chosen is None else f"{chosen['slots']} slots, cosine >= "
+                 f"{chosen['min_cosine']} (R@10 {chosen['recall_at_10']:.4f} vs {curve[0]['recall_at_10']:.4f} off, "
+                 f"new share {chosen['new_share_at_10']:.4f})")
+        out[anchor] = {"chosen": None if chosen is None else {"slots": chosen["slots"],
+                                                              "min_cosine": chosen["min_cosine"]}, "curve": curve}
+    return out
+
+
+def anchor_items(cfg: GrlmConfig, store: Store, users: list[str], rows: list[tuple[str, list[str]]],
+                 anchor: str) -> list[str]:
+    """The item each user's new-item neighbours are measured from: their last history item, or the model's
+    top-ranked item."""
+    return last_items(cfg, store, users) if anchor == "last" else [r[0] for _, r in rows]
 
 
 def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
@@ -260,7 +349,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     new_cfg = runs["new"]
     held = set(store.read_table(f"{cfg.run.name}/prepare/holdout_items.parquet").column("item_id").to_pylist())
     evals, adds, tuning = {}, {}, None
-    for role in ("new", *LEVER_ROWS):
+    for role in ("new", *LEVER_ROWS, "new_valid"):
         if role in runs:
             c_ = runs[role]
             copy_stages(store, cfg.run.name, c_.run.name, upstream("train", c_))
@@ -303,9 +392,25 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
 
     encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
     t1 = time.time()
-    content = content_rankings(new_cfg, store, encoder, rows_new, users, k)
+    ids, emb = item_matrix(new_cfg, store, encoder, rows_new)
+    content = content_rankings(ids, emb, last_items(new_cfg, store, users), k)
     content_s = time.time() - t1
     ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]
+    neighbours, test_curves = None, {}
+    if "new_valid" in runs:  # added_neighbours: chosen on validation users, applied once to the test lists
+        from grlm_ray.lib.eig import place_added
+
+        new_ids = [r["item_id"] for r in rows_new]
+        neighbours = tune_neighbours(cfg, store, runs["new_valid"], held, ids, emb, new_ids)
+        for anchor, name in ANCHORS.items():
+            cands = neighbour_candidates(ids, emb, new_ids, anchor_items(new_cfg, store, users, grlm_new, anchor),
+                                         max(SLOTS))
+            # the whole test curve is recorded for the plot; only the validation choice is a row
+            test_curves[anchor] = neighbour_curve(grlm_new, cands, held)
+            chosen = neighbours[anchor]["chosen"]
+            if chosen is not None:
+                ranked[name] = [(t, place_added(r, c, chosen["min_cosine"], chosen["slots"]))
+                                for (t, r), c in zip(grlm_new, cands)]
 
     train_s, seconds = train["seconds"], {"GRLM + new items": ev_new["seconds"],
                                           **{LEVER_ROWS[r]: evals[r]["seconds"] for r in LEVER_ROWS if r in evals},
@@ -342,6 +447,8 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
                seen_tids, store.read_table(f"{runs[r].run.name}/{UPDATES}").column("terms").to_pylist())}
                for r in LEVER_ROWS if r in evals},
            "added_search_tuning": tuning,
+           "added_neighbours_tuning": neighbours,
+           "added_neighbours_test_curves": test_curves or None,
            "ratios": {"grlm_vs_content_recall_at_10_new": rel(g["recall_at_10_new"], c["recall_at_10_new"]),
                       "seen_recall_at_10_with_vs_without_new": rel(g["recall_at_10_seen"], a["recall_at_10_seen"]),
                       "seen_ndcg_at_10_with_vs_without_new": rel(g["ndcg_at_10_seen"], a["ndcg_at_10_seen"]),

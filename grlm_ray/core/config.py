@@ -677,8 +677,10 @@ class BenchConfig(StrictModel):
     # ``grlm bench cold-start``: more ways to add the new items, each a row on the same model and users
     # (known_terms: serve.new_item_terms=known, the TID writer reuses the words the model was trained on;
     # added_search: eval.added_beams beams over only the new items' TIDs, their bonus chosen on validation users
-    # as the largest whose validation Recall@10 stays within new_item_cost of the search off)
-    new_item_levers: list[Literal["known_terms", "added_search"]] = neutral_default([])
+    # as the largest whose validation Recall@10 stays within new_item_cost of the search off;
+    # added_neighbours: new items whose text is nearest an anchor (the user's last item, or the model's top
+    # prediction) placed first, their similarity floor and slots chosen on validation users the same way)
+    new_item_levers: list[Literal["known_terms", "added_search", "added_neighbours"]] = neutral_default([])
     new_item_beams: int = neutral_default(10, ge=1)
     new_item_cost: float = neutral_default(0.02, ge=0, lt=1)
 

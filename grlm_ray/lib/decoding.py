@@ -410,7 +410,9 @@ class TidDecoder:
 
     def restricted(self, tid_texts: Sequence[str], num_beams: int | None = None) -> "TidDecoder":
         """The same model and backend searching only ``tid_texts`` (e.g. the items added after training):
-        a shallow copy with its own trie, nothing loaded again."""
+        a shallow copy with its own trie, nothing loaded again. Safe because ``set_catalog`` rebinds
+        ``_catalog`` (never mutates it) and ``num_beams`` is a plain int: the model, tokenizer and backend are
+        shared read-only; a later ``set_catalog`` on either copy leaves the other's trie as it was."""
         import copy
 
         other = copy.copy(self)

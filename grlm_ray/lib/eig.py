@@ -329,3 +329,17 @@ def merge_beams(main: Sequence[tuple[str, float]], extra: Sequence[tuple[str, fl
             j += 1
         out.append(t)
     return out + [t for t, _ in rest[j:]]
+
+
+def place_added(ranked: Sequence[str], candidates: Sequence[tuple[str, float]], min_score: float,
+                slots: int) -> list[str]:
+    """``ranked`` with items added after training placed first: of ``candidates`` (added items scored by their
+    text similarity to an anchor, e.g. the user's last item; any order), up to ``slots`` whose score is at
+    least ``min_score``, best first, then ``ranked``'s order. An added item already in ``ranked`` moves up and is
+    not repeated. The model never trained on an added item's TID, so its own beams rarely reach one; this puts
+    the new items that are near-twins of what the user is looking at where they are seen."""
+    picked = [i for i, s in sorted(candidates, key=lambda c: -c[1]) if s >= min_score][:max(0, slots)]
+    if not picked:
+        return list(ranked)
+    have = set(picked)
+    return picked + [i for i in ranked if i not in have]

@@ -217,8 +217,12 @@ class ValidationLoop:
     spec: ValidationSpec
     validator: Validator
     steps: set[int]
-    state: dict[str, Any] = field(default_factory=lambda: {"best": None, "best_step": None, "since_best": 0,
-                                                           "points": []})
+    state: dict[str, Any] = field(default_factory=lambda: ValidationLoop.fresh_state())
+
+    @staticmethod
+    def fresh_state() -> dict[str, Any]:
+        """What validation has seen before the first point (checkpointed with the weights)."""
+        return {"best": None, "best_step": None, "since_best": 0, "points": []}
 
     @classmethod
     def build(cls, lc: LoopConfig, store: Store, base_dir: str, rank: int, world: int) -> "ValidationLoop | None":
@@ -340,7 +344,7 @@ class Recipe:
         self.io = CheckpointIO(lc, self.m, self.rank, self.world)
         self.clock = TrainClock()
         self.start, self.first_loss, self.resumed = 0, None, None
-        self.val_state: dict[str, Any] = {"best": None, "best_step": None, "since_best": 0, "points": []}
+        self.val_state: dict[str, Any] = ValidationLoop.fresh_state()
 
     def resume(self) -> None:
         """From the session's newest checkpoint, if there is one."""
