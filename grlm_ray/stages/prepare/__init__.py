@@ -81,44 +81,51 @@ def check_sources(cfg: GrlmConfig) -> list[str]:
     return problems
 
 
-def load_domain(name: str, src: Any, data: DataConfig) -> DomainData:
-    """Read one source and apply the per-domain rules (dedupe, k-core, short users, ordering)."""
-    rejects = core.Rejects(policy=data.invalid_rows)
-    info: dict[str, Any] = {"kind": src.kind}
-    terms = None
-    refilter = True
-    keep_all_items = False
+@dataclass
+class _Read:
+    """What a source gave before the per-domain rules: items (None: read after filtering), interactions,
+    the provided TIDs, whether the k-core / duplicate rules apply, and whether every item stays."""
+
+    items: pa.Table | None
+    inter: Any
+    terms: pa.Table | None = None
+    refilter: bool = True
+    keep_all_items: bool = False
+    meta: Path | None = None  # AmazonRawSource: its meta file, read for the surviving items only
+
+
+def _read_source(name: str, src: Any, data: DataConfig, rejects: Any, info: dict[str, Any]) -> _Read:
+    """Dispatch to the source's reader."""
     if isinstance(src, SyntheticSource):
         from grlm_ray.stages.prepare.synthetic import generate
 
-        items, inter = generate(src)
-    elif isinstance(src, AmazonRawSource):
+        return _Read(*generate(src))
+    if isinstance(src, AmazonRawSource):
         from grlm_ray.stages.prepare import amazon_raw
 
         rf, mf = amazon_raw.default_files(src.category)
         d = resolve_path(data.base_dir, src.dir)
-        reviews = resolve_path(str(d), src.reviews_file or rf)
-        meta = resolve_path(str(d), src.meta_file or mf)
-        inter = amazon_raw.read_reviews(reviews, rejects)
+        inter = amazon_raw.read_reviews(resolve_path(str(d), src.reviews_file or rf), rejects)
         info["raw_interactions"] = len(inter)
-        items = None  # read after filtering: only the surviving asins are parsed
-    elif isinstance(src, BundleSource):
+        return _Read(None, inter, meta=resolve_path(str(d), src.meta_file or mf))
+    if isinstance(src, BundleSource):
         from grlm_ray.stages.prepare.bundle import read_bundle
 
         items, inter, terms = read_bundle(resolve_path(data.base_dir, src.dir), name, rejects)
-        if not src.with_terms:  # the bundle's own TIDs are not wanted: no provided terms table
-            terms = None
-        refilter, keep_all_items = src.refilter, True
-    elif isinstance(src, ByoSource):
+        # with_terms=false: the bundle's own TIDs are not wanted (no provided terms table)
+        return _Read(items, inter, terms if src.with_terms else None, src.refilter, True)
+    if isinstance(src, ByoSource):
         from grlm_ray.stages.prepare import byo
 
         items = byo.read_items(src, resolve_path(data.base_dir, src.items), rejects)
         inter = byo.read_interactions(src, resolve_path(data.base_dir, src.interactions),
                                       set(items.column("item_id").to_pylist()), rejects)
-        keep_all_items = True  # cold items stay in the catalog: they can get TIDs and be recommended
-    else:  # pragma: no cover - the config union is closed
-        raise TypeError(type(src))
+        return _Read(items, inter, keep_all_items=True)  # cold items stay: they can get TIDs and be recommended
+    raise TypeError(type(src))  # pragma: no cover - the config union is closed
 
+
+def _filter_interactions(name: str, inter: Any, data: DataConfig, refilter: bool, info: dict[str, Any]) -> Any:
+    """Order, dedupe, k-core and drop short users (counts in ``info``); no user left is an error."""
     info["interactions_read"] = len(inter)
     has_ts = bool(inter["timestamp"].notna().any())
     info["ordering"] = (f"timestamp, ties by {data.tie_break}" if has_ts
@@ -137,24 +144,36 @@ def load_domain(name: str, src: Any, data: DataConfig) -> DomainData:
     if inter.empty:
         raise DataError(f"domain '{name}': no user has {data.min_user_interactions}+ interactions after "
                         f"filtering (k_core={data.k_core}); nothing to train or evaluate on")
+    return inter
 
+
+def _raw_meta_items(src: AmazonRawSource, meta: Path, used: set[str], rejects: Any, info: dict[str, Any]) -> pa.Table:
+    """The surviving items' meta lines; a reviewed item without one stays, with empty text (counted)."""
+    from grlm_ray.stages.prepare import amazon_raw
+
+    items = amazon_raw.read_meta(meta, used, src.category, rejects)
+    missing = sorted(used - set(items.column("item_id").to_pylist()))
+    info["items_without_meta"] = len(missing)
+    if not missing:
+        return items
+    n = len(missing)
+    filler = pa.table({"item_id": missing, "category": [src.category] * n, "title": [""] * n,
+                       "description": [""] * n, "brand": [""] * n,
+                       "categories": pa.array([[]] * n, pa.list_(pa.string())),
+                       "source_id": missing}, schema=ITEMS.arrow)
+    return pa.concat_tables([items, filler])
+
+
+def load_domain(name: str, src: Any, data: DataConfig) -> DomainData:
+    """Read one source and apply the per-domain rules (dedupe, k-core, short users, ordering)."""
+    rejects = core.Rejects(policy=data.invalid_rows)
+    info: dict[str, Any] = {"kind": src.kind}
+    r = _read_source(name, src, data, rejects, info)
+    inter = _filter_interactions(name, r.inter, data, r.refilter, info)
     used = set(inter["item_id"].unique())
-    if isinstance(src, AmazonRawSource):
-        from grlm_ray.stages.prepare import amazon_raw
-
-        items = amazon_raw.read_meta(meta, used, src.category, rejects)
-        found = set(items.column("item_id").to_pylist())
-        missing = sorted(used - found)
-        info["items_without_meta"] = len(missing)
-        if missing:  # reviewed items without a meta line stay, with empty text (counted, not dropped)
-            n = len(missing)
-            filler = pa.table({"item_id": missing, "category": [src.category] * n, "title": [""] * n,
-                               "description": [""] * n, "brand": [""] * n,
-                               "categories": pa.array([[]] * n, pa.list_(pa.string())),
-                               "source_id": missing}, schema=ITEMS.arrow)
-            items = pa.concat_tables([items, filler])
+    items = _raw_meta_items(src, r.meta, used, rejects, info) if r.meta is not None else r.items
     assert items is not None
-    if not keep_all_items:
+    if not r.keep_all_items:
         import pyarrow.compute as pc
 
         items = items.filter(pc.is_in(items.column("item_id"), value_set=pa.array(sorted(used), pa.string())))
@@ -164,7 +183,7 @@ def load_domain(name: str, src: Any, data: DataConfig) -> DomainData:
         items, raw_text, cleaned = core.clean_items(items, f"{name} items", rejects)
         info["text_cleaned"] = cleaned  # repaired values per field (rows: rejects, action 'repaired')
     info["items_with_empty_title"] = int(sum(1 for t in items.column("title").to_pylist() if not t))
-    return DomainData(name, items, inter, terms, rejects.rows, info, raw_text)
+    return DomainData(name, items, inter, r.terms, rejects.rows, info, raw_text)
 
 
 def _namespace(d: DomainData, users: bool) -> DomainData:
