@@ -60,32 +60,19 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
     def body(ctx: StageContext) -> None:
         import time
 
-        import pyarrow.compute as pc
-
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         # row dicts for the prompts, the fill and the uncovered items; the lexical rules read the catalog
         # a batch at a time and keep only what they use (a row dict per item took ~1 GB at 1M items)
         need_rows = c.method != "lexical" or (c.uncovered == "words" and c.limit is not None)
         item_rows = items.to_pylist() if need_rows else []
         by_id = {r["item_id"]: r for r in item_rows}
-        nbrs: dict[str, list[str]] = {}
-        if c.context == "neighbors" and c.num_neighbors > 0:
-            nb = ctx.read("neighbors.parquet", NEIGHBORS, stage="neighbors")
-            canon = {i: i for i in items.column("item_id").to_pylist()}  # one string object per item id
-            for b in nb.select(["item_id", "neighbor_ids"]).to_batches(max_chunksize=65536):
-                near = pc.list_slice(b.column(1), 0, c.num_neighbors).to_pylist()
-                for i, v in zip(b.column(0).to_pylist(), near):
-                    nbrs[canon.get(i, i)] = [canon.get(j, j) for j in v]
-            del canon
-        chosen = select_items(items, c)
-        ids = chosen.column("item_id").to_pylist()
+        nbrs = _neighbours(ctx, items, c)
+        ids = select_items(items, c).column("item_id").to_pylist()
         parts = [ids[s:s + c.part_size] for s in range(0, len(ids), c.part_size)]
         pending = [k for k in range(len(parts)) if not ctx.part_done(f"{k:05d}")]
-        no_neighbors = sum(1 for i in ids if c.context == "neighbors" and not nbrs.get(i))
         log.info("ctg: %d items in %d parts, %d to do (%s)", len(ids), len(parts), len(pending),
                  c.method if by_rules else f"{c.llm.backend}, {c.llm.model}")
         t0 = time.time()
-        done_items = 0
         lexical = None
         if pending and statistics_needed(c, examples_are_statistical=True):
             lexical = LexicalTermWriter(item_rows, nbrs, c.num_terms, c.num_neighbors, c.distinct_terms,
@@ -93,103 +80,146 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             if not need_rows:
                 for b in items.to_batches(max_chunksize=8192):
                     lexical.add_items(b.to_pylist())
+        done_items = 0
         if pending and by_rules:
-            from tqdm import tqdm
-
-            def rule_tid(i: str) -> list[str]:
-                if lexical is not None:
-                    return lexical.tid(i)
-                return words_tid(by_id[i], [by_id[j] for j in nbrs.get(i, [])[: c.num_neighbors] if j in by_id],
-                                 c.num_terms)  # method=words
-
-            for k in tqdm(pending, desc=f"ctg parts ({c.method})", disable=not cfg.ray.progress_bars):
-                recs = [{"item_id": i, "terms": "\t".join(rule_tid(i)), "raw": "", "valid": True,
-                         "source": c.method, "attempts": 1, "reason": "ok"} for i in parts[k]]
-                _save_part(ctx, k, recs)
-                done_items += len(recs)
+            done_items = _write_by_rules(ctx, cfg, parts, pending, lexical, by_id, nbrs)
         elif pending:
-            rows = []
-            for k in pending:
-                for i in parts[k]:
-                    item = by_id[i]
-                    ctx_items = [by_id[j] for j in nbrs.get(i, [])[: c.num_neighbors] if j in by_id]
-                    examples = [(x, lexical.tid(x["item_id"])) for x in ctx_items[: c.few_shot]] if lexical else ()
-                    rows.append({"row": len(rows), "part": k, **writer_request(
-                        item, ctx_items, c, examples, lexical.tid(i) if lexical is not None else ())})
-            ray = init_ray(cfg.ray)
-            import ray.data
-
-            cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 1))
-            # one block per LLM batch: results stream back (and parts get saved) as batches finish, and
-            # several workers get work; a single block would hold every result until the very end
-            n_blocks = max(1, -(-len(rows) // c.llm.batch_size))
-            ds = ray.data.from_items(rows, override_num_blocks=n_blocks).map_batches(
-                TermWriter, batch_size=c.llm.batch_size,
-                fn_constructor_kwargs={"model_path": model_path, "cfg": c,
-                                       "threads": max(1, cpus // c.num_workers)},
-                **actor_pool_kwargs(cfg.ray, c.num_workers), memory=llm_worker_memory(model_path),
-                **({"num_gpus": c.llm.tensor_parallel_size} if c.llm.device.startswith("cuda") else {}))
-            buffers: dict[int, list[dict]] = {k: [] for k in pending}
-            from tqdm import tqdm
-
-            with tqdm(total=len(rows), desc="ctg items", disable=not cfg.ray.progress_bars) as bar:
-                part_of = {r["item_id"]: r["part"] for r in rows}
-                for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-                    for j in range(len(b["item_id"])):
-                        rec = {key: b[key][j] for key in ("item_id", "terms", "raw", "valid", "source", "attempts", "reason")}
-                        k = part_of[str(rec["item_id"])]
-                        buffers[k].append(rec)
-                        if len(buffers[k]) == len(parts[k]):  # a part is complete: save it now
-                            _save_part(ctx, k, buffers.pop(k))
-                    bar.update(len(b["item_id"]))
-                    done_items += len(b["item_id"])
+            done_items = _write_by_llm(ctx, cfg, model_path, parts, pending, lexical, by_id, nbrs)
         seconds = time.time() - t0
-        tables = [ctx.read_part(f"{k:05d}", "terms_llm.parquet") for k in range(len(parts))]
-        llm = pa.concat_tables(tables)
-        attempts = llm.column("attempts").to_pylist()
-        valid = llm.column("valid").to_pylist()
-        first_try = sum(1 for a, v in zip(attempts, valid) if v and a == 1)
-        terms_llm = llm.select(["item_id", "terms", "raw", "valid", "source"])
-        uncovered = 0
-        if c.uncovered == "words" and len(ids) < items.num_rows:
-            chosen_set = set(ids)
-            rest = [r for r in item_rows if r["item_id"] not in chosen_set]
-            uncovered = len(rest)
-            words = []
-            for r in rest:
-                words.append(words_tid(r, [by_id[j] for j in nbrs.get(r["item_id"], [])[: c.num_neighbors]
-                                           if j in by_id], c.num_terms))
-            terms_llm = pa.concat_tables([terms_llm, pa.table({
-                "item_id": pa.array([r["item_id"] for r in rest], pa.string()),
-                "terms": pa.array(words, pa.list_(pa.string())),
-                "raw": pa.array([""] * len(rest), pa.string()),
-                "valid": pa.array([False] * len(rest), pa.bool_()),
-                "source": pa.array(["words"] * len(rest), pa.string()),
-            })])
+        llm = pa.concat_tables([ctx.read_part(f"{k:05d}", "terms_llm.parquet") for k in range(len(parts))])
+        terms_llm, uncovered = _with_uncovered(llm.select(["item_id", "terms", "raw", "valid", "source"]), c, ids,
+                                               items.num_rows, item_rows, by_id, nbrs)
         ctx.write("terms_llm.parquet", terms_llm, TERMS)
-        before = tid_stats(terms_llm.column("terms").to_pylist())
         resolved, report = (resolve_terms_table(terms_llm, items) if c.resolve_collisions
                             else (terms_llm, None))
         ctx.write("terms.parquet", resolved, TERMS)
-        after = tid_stats(resolved.column("terms").to_pylist())
+        attempts, valid = llm.column("attempts").to_pylist(), llm.column("valid").to_pylist()
+        first_try = sum(1 for a, v in zip(attempts, valid) if v and a == 1)
         ctx.info.update({
             "method": c.method, "prompt_version": PROMPT_VERSION if c.method == "llm" else None,
             "backend": c.llm.backend if c.method == "llm" else None, "model": c.llm.model if c.method == "llm" else None,
             "context": c.context, "num_terms": c.num_terms, "items": len(ids),
             "legality_rate": round(sum(valid) / len(valid), 4) if valid else 0.0,
             "legality_rate_first_try": round(first_try / len(valid), 4) if valid else 0.0,
-            "repaired_items": len(valid) - sum(valid), "items_without_neighbors": no_neighbors,
+            "repaired_items": len(valid) - sum(valid),
+            "items_without_neighbors": sum(1 for i in ids if c.context == "neighbors" and not nbrs.get(i)),
             "uncovered_items_from_words": uncovered,
             "failure_reasons": dict(Counter(r for r in llm.column("reason").to_pylist() if r != "ok").most_common(8)),
-            "before_resolution": before, "after_resolution": after,
+            "before_resolution": tid_stats(terms_llm.column("terms").to_pylist()),
+            "after_resolution": tid_stats(resolved.column("terms").to_pylist()),
             "collisions": report.as_dict() if report else None,
             "generated_items_this_run": done_items, "generation_seconds": round(seconds, 2),
             "items_per_second": round(done_items / seconds, 3) if done_items and seconds > 0 else None,
-            "prompt_example": None if by_rules else build_messages(by_id[ids[0]], [by_id[j] for j in nbrs.get(ids[0], [])[: c.num_neighbors] if j in by_id], c) if ids else None,
+            "prompt_example": None if by_rules or not ids else build_messages(
+                by_id[ids[0]], _context(ids[0], by_id, nbrs, c.num_neighbors), c),
         })
 
     return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
                      resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
+
+
+def _neighbours(ctx: StageContext, items: pa.Table, c: Any) -> dict[str, list[str]]:
+    """Each item's first ``ctg.num_neighbors`` neighbours (none for ``context: none``); one string object
+    per item id."""
+    import pyarrow.compute as pc
+
+    nbrs: dict[str, list[str]] = {}
+    if c.context != "neighbors" or c.num_neighbors <= 0:
+        return nbrs
+    nb = ctx.read("neighbors.parquet", NEIGHBORS, stage="neighbors")
+    canon = {i: i for i in items.column("item_id").to_pylist()}
+    for b in nb.select(["item_id", "neighbor_ids"]).to_batches(max_chunksize=65536):
+        near = pc.list_slice(b.column(1), 0, c.num_neighbors).to_pylist()
+        for i, v in zip(b.column(0).to_pylist(), near):
+            nbrs[canon.get(i, i)] = [canon.get(j, j) for j in v]
+    return nbrs
+
+
+def _context(i: str, by_id: dict[str, dict], nbrs: dict[str, list[str]], n: int) -> list[dict]:
+    """The item rows an item's TID is written looking at: its first ``n`` neighbours that are in the catalog."""
+    return [by_id[j] for j in nbrs.get(i, [])[:n] if j in by_id]
+
+
+def _write_by_rules(ctx: StageContext, cfg: GrlmConfig, parts: list[list[str]], pending: list[int],
+                    lexical: LexicalTermWriter | None, by_id: dict[str, dict], nbrs: dict[str, list[str]]) -> int:
+    """``ctg.method`` lexical / words: every pending part written in this process; items written."""
+    from tqdm import tqdm
+
+    c = cfg.ctg
+
+    def rule_tid(i: str) -> list[str]:
+        if lexical is not None:
+            return lexical.tid(i)
+        return words_tid(by_id[i], _context(i, by_id, nbrs, c.num_neighbors), c.num_terms)  # method=words
+
+    done = 0
+    for k in tqdm(pending, desc=f"ctg parts ({c.method})", disable=not cfg.ray.progress_bars):
+        recs = [{"item_id": i, "terms": "\t".join(rule_tid(i)), "raw": "", "valid": True,
+                 "source": c.method, "attempts": 1, "reason": "ok"} for i in parts[k]]
+        _save_part(ctx, k, recs)
+        done += len(recs)
+    return done
+
+
+def _write_by_llm(ctx: StageContext, cfg: GrlmConfig, model_path: str | None, parts: list[list[str]],
+                  pending: list[int], lexical: LexicalTermWriter | None, by_id: dict[str, dict],
+                  nbrs: dict[str, list[str]]) -> int:
+    """``ctg.method=llm``: the pending parts' items through ``TermWriter`` actors (Ray Data); each part saved
+    as soon as all of its items are back; items written."""
+    from tqdm import tqdm
+
+    c = cfg.ctg
+    rows = []
+    for k in pending:
+        for i in parts[k]:
+            ctx_items = _context(i, by_id, nbrs, c.num_neighbors)
+            examples = [(x, lexical.tid(x["item_id"])) for x in ctx_items[: c.few_shot]] if lexical else ()
+            rows.append({"row": len(rows), "part": k, **writer_request(
+                by_id[i], ctx_items, c, examples, lexical.tid(i) if lexical is not None else ())})
+    ray = init_ray(cfg.ray)
+    import ray.data
+
+    cpus = int(ray.available_resources().get("CPU", os.cpu_count() or 1))
+    # one block per LLM batch: results stream back (and parts get saved) as batches finish, and
+    # several workers get work; a single block would hold every result until the very end
+    n_blocks = max(1, -(-len(rows) // c.llm.batch_size))
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks).map_batches(
+        TermWriter, batch_size=c.llm.batch_size,
+        fn_constructor_kwargs={"model_path": model_path, "cfg": c, "threads": max(1, cpus // c.num_workers)},
+        **actor_pool_kwargs(cfg.ray, c.num_workers), memory=llm_worker_memory(model_path),
+        **({"num_gpus": c.llm.tensor_parallel_size} if c.llm.device.startswith("cuda") else {}))
+    buffers: dict[int, list[dict]] = {k: [] for k in pending}
+    part_of = {r["item_id"]: r["part"] for r in rows}
+    done = 0
+    with tqdm(total=len(rows), desc="ctg items", disable=not cfg.ray.progress_bars) as bar:
+        for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for j in range(len(b["item_id"])):
+                rec = {key: b[key][j] for key in ("item_id", "terms", "raw", "valid", "source", "attempts", "reason")}
+                k = part_of[str(rec["item_id"])]
+                buffers[k].append(rec)
+                if len(buffers[k]) == len(parts[k]):  # a part is complete: save it now
+                    _save_part(ctx, k, buffers.pop(k))
+            bar.update(len(b["item_id"]))
+            done += len(b["item_id"])
+    return done
+
+
+def _with_uncovered(terms_llm: pa.Table, c: Any, ids: list[str], n_items: int, item_rows: list[dict],
+                    by_id: dict[str, dict], nbrs: dict[str, list[str]]) -> tuple[pa.Table, int]:
+    """``ctg.uncovered=words`` with ``ctg.limit``: the items CTG did not write get their words TID
+    (``valid=False``, ``source='words'``); the table and how many."""
+    if c.uncovered != "words" or len(ids) >= n_items:
+        return terms_llm, 0
+    chosen = set(ids)
+    rest = [r for r in item_rows if r["item_id"] not in chosen]
+    words = [words_tid(r, _context(r["item_id"], by_id, nbrs, c.num_neighbors), c.num_terms) for r in rest]
+    return pa.concat_tables([terms_llm, pa.table({
+        "item_id": pa.array([r["item_id"] for r in rest], pa.string()),
+        "terms": pa.array(words, pa.list_(pa.string())),
+        "raw": pa.array([""] * len(rest), pa.string()),
+        "valid": pa.array([False] * len(rest), pa.bool_()),
+        "source": pa.array(["words"] * len(rest), pa.string()),
+    })]), len(rest)
 
 
 def _save_part(ctx: StageContext, k: int, recs: list[dict]) -> None:
