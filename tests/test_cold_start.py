@@ -152,6 +152,19 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     assert [{k: v for k, v in r.items() if k != "eval_s"} for r in again["rows"]] == \
            [{k: v for k, v in r.items() if k != "eval_s"} for r in res["rows"]]
     assert again["new_items"]["written"] == 0
+    # the eval stage's switch gives the bench's row: the chosen placement scored by `grlm eval` itself
+    from grlm_ray.flows.pipeline import run_pipeline
+
+    pick = res["added_neighbours_tuning"]["last"]["chosen"]
+    ecfg = load_config(None, overrides + ["run.name=cold-sample-new", "eval.added_items=true", "eval.limit_users=80",
+                                          f"eval.added_neighbours={pick['slots']}",
+                                          f"eval.added_min_cosine={pick['min_cosine']}"])
+    ev = run_pipeline(ecfg, stages=("eval",))["stages"]["eval"]
+    row = rows["GRLM + new items, text neighbours of the last item"]
+    assert ev["info"]["metrics"]["recall_at_10"] == pytest.approx(row["recall_at_10"], abs=1e-6)
+    assert ev["info"]["metrics"]["ndcg_at_10"] == pytest.approx(row["ndcg_at_10"], abs=1e-6)
+    assert ev["info"]["protocol"]["added_neighbours"] == {"slots": pick["slots"], "min_cosine": pick["min_cosine"],
+                                                          "anchor": "last"}
 
 
 def test_scoring_added_items_without_any_added_is_refused_with_the_path(tmp_path):

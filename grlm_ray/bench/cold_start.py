@@ -208,25 +208,6 @@ def split_metrics(rows: list[tuple[str, list[str]]], new: set[str], k: int = 10)
     return out
 
 
-def item_matrix(cfg: GrlmConfig, store: Store, encoder: Any,
-                new_rows: list[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
-    """(ids, unit-norm text embeddings) of every catalog item (the run's embed stage) and the new items
-    (their text embedded now with the same model, as serving embeds an added item)."""
-    from grlm_ray.core.schemas import EMBEDDINGS, embedding_matrix
-    from grlm_ray.lib.textformat import item_text
-
-    emb = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
-    ids = emb.column("item_id").to_pylist()
-    base = embedding_matrix(emb)
-    if new_rows:
-        texts = [item_text(r["title"], r["description"], r["categories"], r["brand"], r["category"],
-                           cfg.embed.max_chars) for r in new_rows]
-        q = encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        base = np.vstack([base, q.astype(base.dtype)])
-        ids += [r["item_id"] for r in new_rows]
-    return ids, base
-
-
 def last_items(cfg: GrlmConfig, store: Store, users: list[str]) -> list[str]:
     """Each scored user's last history item (``cfg.eval``'s split and sample; ``users`` must be exactly
     those users in that order)."""
@@ -262,17 +243,10 @@ def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) 
 def neighbour_candidates(ids: list[str], base: np.ndarray, new: list[str], anchors: list[str],
                          top: int) -> list[list[tuple[str, float]]]:
     """For each anchor item, the ``top`` new items nearest to it by text embedding, with their cosine (the
-    anchor itself excluded)."""
-    at = {i: n for n, i in enumerate(ids)}
-    cols = np.array([at[i] for i in new])
-    rows = np.array([at[a] for a in anchors])
-    out: list[list[tuple[str, float]]] = []
-    for s in range(0, len(rows), 4096):
-        sc = base[rows[s:s + 4096]] @ base[cols].T
-        sc[cols[None, :] == rows[s:s + 4096, None]] = -np.inf
-        best = np.argsort(-sc, axis=1, kind="stable")[:, :top]
-        out += [[(new[j], float(r[j])) for j in b if np.isfinite(r[j])] for r, b in zip(sc, best)]
-    return out
+    anchor itself excluded): ``AddedNeighbours.candidates``."""
+    from grlm_ray.lib.eig import AddedNeighbours
+
+    return AddedNeighbours(ids, base, new).candidates(anchors, top)
 
 
 def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[str, float]]], held: set[str],
@@ -389,10 +363,11 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
     from grlm_ray.lib.models import resolve_model_path
+    from grlm_ray.stages.embed import catalog_embeddings
 
     encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
     t1 = time.time()
-    ids, emb = item_matrix(new_cfg, store, encoder, rows_new)
+    ids, emb = catalog_embeddings(new_cfg, store, rows_new, encoder)
     content = content_rankings(ids, emb, last_items(new_cfg, store, users), k)
     content_s = time.time() - t1
     ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]

@@ -497,12 +497,20 @@ class EvalConfig(StrictModel):
     # trained on an added TID, so its main beams rarely reach one; this asks it which added items fit best.
     added_beams: int = neutral_default(0, ge=0)
     added_bonus: float = neutral_default(0.0)
+    # up to this many added items placed first in each list: those whose text embedding is nearest an anchor
+    # (the user's last history item, or the model's top item) with cosine >= added_min_cosine
+    # (grlm_ray/lib/eig.py: place_added; ``grlm bench cold-start`` chooses both on validation users)
+    added_neighbours: int = neutral_default(0, ge=0)
+    added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
+    added_anchor: Literal["last", "predicted"] = neutral_default("last")
 
     @model_validator(mode="after")
     def _added_search(self) -> "EvalConfig":
         if self.added_beams and not (self.added_items and self.constrained):
             raise ValueError("eval.added_beams searches the added items' TIDs: it needs eval.added_items=true and "
                              "eval.constrained=true")
+        if self.added_neighbours and not self.added_items:
+            raise ValueError("eval.added_neighbours places the added items: it needs eval.added_items=true")
         return self
 
     @model_validator(mode="after")

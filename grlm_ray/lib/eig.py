@@ -343,3 +343,37 @@ def place_added(ranked: Sequence[str], candidates: Sequence[tuple[str, float]], 
         return list(ranked)
     have = set(picked)
     return picked + [i for i in ranked if i not in have]
+
+
+class AddedNeighbours:
+    """``place_added`` for many users: the items added after training, each user's candidates the added items
+    nearest an anchor item by text embedding (unit rows of ``embeddings``, one per ``item_ids``; cosine)."""
+
+    def __init__(self, item_ids: Sequence[str], embeddings: np.ndarray, added_ids: Sequence[str]) -> None:
+        self.at = {i: n for n, i in enumerate(item_ids)}
+        self.emb = embeddings
+        self.added = list(added_ids)
+        self.cols = np.array([self.at[i] for i in self.added], dtype=np.int64)
+
+    def candidates(self, anchors: Sequence[str | None], top: int) -> list[list[tuple[str, float]]]:
+        """For each anchor, the ``top`` added items nearest it with their cosine (the anchor itself, and an
+        anchor without an embedding, give none)."""
+        out: list[list[tuple[str, float]]] = [[] for _ in anchors]
+        known = [(n, self.at[a]) for n, a in enumerate(anchors) if a is not None and a in self.at]
+        if not known or not len(self.cols) or top <= 0:
+            return out
+        for s in range(0, len(known), 4096):
+            part = known[s:s + 4096]
+            rows = np.array([r for _, r in part])
+            sc = self.emb[rows] @ self.emb[self.cols].T
+            sc[self.cols[None, :] == rows[:, None]] = -np.inf
+            best = np.argsort(-sc, axis=1, kind="stable")[:, :top]
+            for (n, _), r, b in zip(part, sc, best):
+                out[n] = [(self.added[j], float(r[j])) for j in b if np.isfinite(r[j])]
+        return out
+
+    def place(self, ranked: Sequence[Sequence[str]], anchors: Sequence[str | None], min_cosine: float,
+              slots: int) -> list[list[str]]:
+        """Every ranked list with its added neighbours placed first (``place_added``), cut to its length."""
+        cands = self.candidates(anchors, slots)
+        return [place_added(r, c, min_cosine, slots)[:len(r)] for r, c in zip(ranked, cands)]

@@ -91,12 +91,13 @@ def length_order(lengths: np.ndarray, window: int = WINDOW) -> np.ndarray:
 
 
 def write_predictions(ctx: StageContext, queries: pa.Table, answers: Iterable[pa.RecordBatch], popular: list[str],
-                      ks: Sequence[int], window: int = WINDOW) -> tuple[dict, dict]:
+                      ks: Sequence[int], window: int = WINDOW, rerank: Any = None) -> tuple[dict, dict]:
     """predictions.parquet in query order and the model's and popularity's metrics (``RankingSums``),
     written and scored a window of ``window`` query rows at a time as soon as all of its answers are in
     (answers carry their ``row``; any order works, window-major order keeps one window in memory). The
     answers stay Arrow strings: no Python object per user or per ranked item (the row dicts this replaced
-    were several GB at 1.87M users)."""
+    were several GB at 1.87M users). ``rerank(first_row, ranked, grounded_by)``: a change to each window's lists
+    before they are scored and written (``eval.added_neighbours``)."""
     import pyarrow.compute as pc
 
     n = queries.num_rows
@@ -122,6 +123,8 @@ def write_predictions(ctx: StageContext, queries: pa.Table, answers: Iterable[pa
         flags = split["valid"].combine_chunks()
         offs = flags.offsets.to_numpy() - flags.offsets[0].as_py()
         valid = pa.ListArray.from_arrays(pa.array(offs), pc.equal(pc.list_flatten(flags), "1"))
+        if rerank is not None:
+            split["ranked"], split["how"] = rerank(w * window, split["ranked"], split["how"])
         model.add(q.column("domain"), q.column("target_item_id"), split["ranked"], split["how"], valid)
         none = pa.ListArray.from_arrays(pa.array(np.zeros(len(q) + 1, np.int32)), pa.array([], pa.string()))
         pop.add(q.column("domain"), q.column("target_item_id"), top.take(pa.array(np.zeros(len(q), np.int64))), none)
@@ -165,6 +168,37 @@ def added_items(store: Store, run: str) -> pa.Table:
     return store.read_table(rel).select(["item_id", "terms"])
 
 
+def _added_neighbours(cfg: GrlmConfig, store: Store, seqs: pa.Table, targets: pa.Table) -> Any:
+    """``eval.added_neighbours``: a ``rerank`` for ``write_predictions`` that places each user's added
+    neighbours first (``AddedNeighbours``: the run's text embeddings, the added items embedded now; the anchor
+    the user's last history item or the model's top item); a moved item keeps its ``grounded_by``, a placed one
+    is ``added_neighbour``."""
+    import pyarrow.compute as pc
+
+    from grlm_ray.lib.eig import AddedNeighbours
+    from grlm_ray.lib.protocol import target_rows
+    from grlm_ray.stages.embed import catalog_embeddings
+
+    e = cfg.eval
+    rows = store.read_table(f"{cfg.run.name}/{CATALOG_UPDATES}").to_pylist()
+    ids, emb = catalog_embeddings(cfg, store, rows)
+    placer = AddedNeighbours(ids, emb, [r["item_id"] for r in rows])
+    last: list[str | None] = []
+    if e.added_anchor == "last":  # in query order: the queries are these target rows, in this order
+        t = target_rows(targets, e.split, e.limit_users, e.seed)
+        hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id")))
+        last = [h[p - 1] if p > 0 else None for h, p in zip(hist.to_pylist(), t.column("position").to_pylist())]
+
+    def rerank(first: int, ranked: Any, how: Any) -> tuple[pa.Array, pa.Array]:
+        r, h = ranked.to_pylist(), how.to_pylist()
+        anchors = last[first:first + len(r)] if e.added_anchor == "last" else [x[0] if x else None for x in r]
+        placed = placer.place(r, anchors, e.added_min_cosine, e.added_neighbours)
+        grounded = [[dict(zip(old, oh)).get(i, "added_neighbour") for i in new] for old, oh, new in zip(r, h, placed)]
+        return pa.array(placed, pa.list_(pa.string())), pa.array(grounded, pa.list_(pa.string()))
+
+    return rerank
+
+
 def _options(e: Any, tok: Any, tids: list[list[str]], cpus: int) -> dict[str, Any]:
     """What each ``Recommender`` actor decodes and grounds with (``eval.*``; the token budget of a
     constrained search cut to the longest catalog TID)."""
@@ -205,6 +239,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         tok = load_tokenizer(model_dir)
         queries = query_table(cfg, items, seqs, targets, terms_t, tok, history=False)  # Arrow: no row dicts
         popular = training_popularity(seqs, targets)
+        rerank = _added_neighbours(cfg, ctx.store, seqs, targets) if e.added_neighbours and added is not None else None
         del items, seqs, targets
         release_arrow_memory()
         ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
@@ -241,7 +276,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                     yield pa.record_batch({"row": pa.array(b["row"].astype(np.int64)), **{
                         k: pa.array(b[k].tolist(), pa.string()) for k in ANSWERS}})
 
-        metrics, baseline = write_predictions(ctx, queries, answers(), popular, e.ks)
+        metrics, baseline = write_predictions(ctx, queries, answers(), popular, e.ks, rerank=rerank)
         seconds = time.time() - t0
         report = {"model": metrics, "popularity": baseline, "protocol": {
             "split": e.split, "users": n_users, "sample": e.limit_users, "seed": e.seed,
@@ -250,6 +285,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             "constrained": e.constrained, "grounding": {"match": e.match, "decay": e.decay},
             "added_items": added.num_rows if added is not None else 0,
             "added_search": {"beams": e.added_beams, "bonus": e.added_bonus} if e.added_beams else None,
+            "added_neighbours": {"slots": e.added_neighbours, "min_cosine": e.added_min_cosine,
+                                 "anchor": e.added_anchor} if e.added_neighbours else None,
             "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
             "padding": "left", "dtype": e.dtype, "backend": e.backend,
             "scores": "log-probs renormalized over allowed tokens" if renormalize and e.constrained
