@@ -146,6 +146,7 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     assert res["new_items"]["without_text"] == 0
     assert 0 <= res["new_items"]["first_term_written_first"] <= 1
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and res["mlflow_run_id"]
+    assert (tmp_path / "cold_start_demo_sample_neighbours.png").read_bytes()[:4] == b"\x89PNG"  # the frontier
     # a second call reuses every stage and the written TIDs: the same table
     assert cli_main(["bench", "cold-start", "--out-dir", str(tmp_path), *overrides]) == 0
     again = json.loads(path.read_text())

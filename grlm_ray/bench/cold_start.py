@@ -444,6 +444,48 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
     return bars(rows, title, ("recall_at_10_new", "ndcg_at_10_new", "recall_at_10_seen", "ndcg_at_10_seen"))
 
 
+def plot_frontier(out: dict[str, Any], title: str) -> bytes | None:
+    """``added_neighbours`` on the test users: new-item against seen-item Recall@10 for every (anchor, slots)
+    as the similarity floor falls, the validation choices marked, the content baseline's new-item recall and
+    95% of the model's own seen-item recall as lines. None without the lever."""
+    curves = out.get("added_neighbours_test_curves")
+    if not curves:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {r["model"]: r for r in out["rows"]}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for anchor, curve in curves.items():
+        for slots in sorted({p["slots"] for p in curve if p["slots"]}):
+            pts = [curve[0]] + [p for p in curve if p["slots"] == slots]
+            ax.plot([p["recall_at_10_seen"] for p in pts], [p["recall_at_10_new"] for p in pts], "o-", ms=3,
+                    label=f"{anchor} item, {slots} slot{'s' if slots > 1 else ''}")
+        chosen = (out.get("added_neighbours_tuning") or {}).get(anchor, {}).get("chosen")
+        if chosen:
+            p = next(q for q in curve if (q["slots"], q["min_cosine"]) == (chosen["slots"], chosen["min_cosine"]))
+            ax.plot([p["recall_at_10_seen"]], [p["recall_at_10_new"]], "k*", ms=12)
+    content = by.get("content (last item's text neighbours)")
+    if content:
+        ax.axhline(content["recall_at_10_new"], color="gray", ls="--", label="content baseline, new items")
+    ax.axvline(0.95 * by["GRLM + new items"]["recall_at_10_seen"], color="gray", ls=":",
+               label="95% of GRLM's seen-item R@10")
+    ax.set_xlabel("Recall@10, seen-item targets (test)")
+    ax.set_ylabel("Recall@10, new-item targets (test)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title + "\n(* chosen on validation users)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _log(cfg: GrlmConfig, out: dict[str, Any]) -> str | None:
     """One MLflow run (grlm.stage=bench-cold-start): every model's metrics, the table and the plot."""
     if not cfg.tracking.enabled:
@@ -490,4 +532,9 @@ def run(args: Any) -> dict[str, Any]:
     png.write_bytes(plot(result["rows"], f"{cfg.run.name}: cold start, {result['protocol']['users']} test users "
                                          f"({result['protocol']['new_target_share']:.1%} with a new next item)"))
     result["plot"] = str(png)
+    frontier = plot_frontier(result, f"{cfg.run.name}: new items placed by text neighbours")
+    if frontier is not None:
+        path = png.with_name(f"{result['file_name']}_neighbours.png")
+        path.write_bytes(frontier)
+        result["plot_neighbours"] = str(path)
     return result
