@@ -36,7 +36,9 @@ def app(tiny_trained_run, monkeypatch_module):
         "serve.generator.max_ongoing_requests=2", "serve.generator.max_queued_requests=4",
         "serve.admission_limit=6",
         "serve.grounder.min_replicas=2", "serve.grounder.max_replicas=2", "serve.grounder.num_cpus=0.1",
-        "serve.term_writer.num_cpus=0.5"])
+        "serve.term_writer.num_cpus=0.5",
+        # added items near the history's last item go first (test_catalog_updates_...): inert until one is added
+        "serve.added_neighbours=1", "serve.added_min_cosine=0.5"])
     url = start(cfg)
     yield cfg, url, token
     stop(cfg)
@@ -179,6 +181,14 @@ def test_catalog_updates_are_served_without_restarting_the_generator(app, tmp_pa
     assert status == 200 and res2["version"] == first + 1, res2
     assert res2["term_writer"]["calls"] == 2 and res2["term_writer"]["load_seconds"] == writer1["load_seconds"]
     version += 1
+    # serve.added_neighbours: after the lipstick, the new lip liner of the same brand goes first (text neighbour)
+    status, res = call(url, "POST", "/v1/recommend", {"history": hist + ["new-ctg-1"], "k": 5})
+    assert status == 200 and res["items"][0]["item_id"] == "new-ctg-2", res["items"]
+    assert [i["rank"] for i in res["items"]] == [1, 2, 3, 4, 5] and res["items"][0]["added_after_training"]
+    if res["items"][0]["grounded_by"] == "added_neighbour":  # (the model's own beams may have reached it)
+        assert 0.5 <= res["items"][0]["grounding_score"] <= 1.0 and res["items"][0]["beam_rank"] is None
+    status, res = call(url, "POST", "/v1/recommend", {"history": hist, "k": 5})  # last item not near: unchanged
+    assert status == 200 and all(i["grounded_by"] != "added_neighbour" for i in res["items"]), res["items"]
     # 2) a terms table: give a TID the model writes for this user but no item had, to a new item
     live = {" ".join(t) for t in pq.read_table(f"{cfg.run.root}/{cfg.run.name}/sft/terms.parquet")
             .column("terms").to_pylist()} | {tid}

@@ -363,7 +363,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
     from grlm_ray.lib.models import resolve_model_path
-    from grlm_ray.stages.embed import catalog_embeddings
+    from grlm_ray.lib.embeddings import catalog_embeddings
 
     encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
     t1 = time.time()

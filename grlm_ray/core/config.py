@@ -614,6 +614,11 @@ class ServeConfig(StrictModel):
     # 'known' words the live catalog's TIDs already use first (terms the model was trained to write), its own
     # other words only where those do not make N terms (cold start: ``grlm bench cold-start``)
     new_item_terms: Literal["open", "known"] = neutral_default("open")
+    # items added after training placed first in a recommendation (as ``eval.added_neighbours`` scores it):
+    # up to this many, those whose text embedding is nearest the request's last history item with cosine >=
+    # added_min_cosine (the grounding replicas embed each added item once; ``grounded_by: added_neighbour``)
+    added_neighbours: int = neutral_default(0, ge=0)
+    added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
     # overload shedding at the door: recommend calls in flight per ingress replica; past it a call is refused
     # 503 + Retry-After before any replica works on it (None: the generators' capacity, max_replicas x

@@ -56,7 +56,8 @@ from grlm_ray.core.errors import DataError
 from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.storage import Store
 from grlm_ray.lib.decoding import TidDecoder
-from grlm_ray.lib.eig import TidIndex, parse_generated, tid_text
+from grlm_ray.lib.eig import AddedNeighbours, TidIndex, parse_generated, tid_text
+from grlm_ray.lib.embeddings import catalog_embeddings, embed_rows, text_encoder
 from grlm_ray.lib.models import set_torch_threads
 from grlm_ray.lib.textformat import history_prompt, line_writer
 from grlm_ray.lib.tokens import render_prompt
@@ -406,13 +407,33 @@ class Grounder(_CatalogFollower):
 
     def __init__(self, cfg_json: str) -> None:
         self.cfg = GrlmConfig.model_validate_json(cfg_json)
+        self._embedded: dict[str, Any] = {}  # serve.added_neighbours: each added item's text embedding, once
         self._follow_init(self.cfg)
 
     def _apply(self, cat: Any) -> None:
         e = self.cfg.eval
         ids = cat.item_ids
         index = TidIndex(ids, cat.tids.values(), decay=e.decay, match=e.match, fallback_order=cat.popular)
-        self.state = (cat, index)  # one assignment: readers see the old or the new catalog, never a mix
+        placer = self._placer(cat) if self.cfg.serve.added_neighbours else None
+        self.state = (cat, index, placer)  # one assignment: readers see the old or the new catalog, never a mix
+
+    def _placer(self, cat: Any) -> Any:
+        """``AddedNeighbours`` over the run's item embeddings and the added items' (embedded here, each once,
+        with the run's embedding model); None until an item is added."""
+        import numpy as np
+
+        if not cat.added:
+            return None
+        if not hasattr(self, "_base"):
+            self._encoder = text_encoder(self.cfg)
+            self._base = catalog_embeddings(self.cfg, Store(self.cfg.run.root, self.cfg.run.s3), [])
+        new = [dict(cat.items[i], item_id=i) for i in cat.added if i not in self._embedded]
+        if new:
+            self._embedded.update(zip([r["item_id"] for r in new], embed_rows(self.cfg, new, self._encoder)))
+        base_ids, base = self._base
+        return AddedNeighbours(base_ids + cat.added,
+                               np.vstack([base] + [self._embedded[i][None, :].astype(base.dtype) for i in cat.added]),
+                               cat.added)
 
     def _item(self, cat: Any, item_id: str) -> dict[str, Any]:
         meta = cat.items.get(item_id, {})
@@ -424,7 +445,7 @@ class Grounder(_CatalogFollower):
         """Each history entry as the model's text line; unknown ids are reported, not dropped."""
 
         await self._sync(version)
-        cat, index = self.state
+        cat, index, _ = self.state
         write = line_writer(self.cfg.sft)
         if tids is not None:
             out = []
@@ -440,30 +461,41 @@ class Grounder(_CatalogFollower):
         return {"lines": [write(cat.tids[i], cat.items.get(i, {}).get("title", "")) for i in history],
                 "unknown": []}
 
-    async def rank(self, beams: list[dict[str, Any]], k: int, version: int) -> list[dict[str, Any]]:
+    async def rank(self, beams: list[dict[str, Any]], k: int, version: int,
+                   last: str | None = None) -> list[dict[str, Any]]:
         """Beams ({tid, log_prob}, best first) -> k items. Each item carries the beam it came from:
         ``beam_rank`` (1 = best) and ``log_prob`` (that beam's log-probability: the model's ranking signal,
         comparable across requests), and ``grounding_score`` (EIG's weighted term match of the item to that
-        beam; the full TID weight for a direct hit). Items filled in from popularity have no beam (null)."""
+        beam; the full TID weight for a direct hit). Items filled in from popularity have no beam (null).
+        With ``serve.added_neighbours`` and ``last`` (the history's last item), added items near it go first
+        (``grounded_by: added_neighbour``, ``grounding_score``: their cosine)."""
         await self._sync(version)
-        cat, index = self.state
+        cat, index, placer = self.state
         g = index.rank([b["tid"] for b in beams], k)
         out = []
         for n, (i, h, s, b) in enumerate(zip(g.items, g.grounded_by, g.scores, g.beams)):
             out.append(dict(self._item(cat, i), rank=n + 1, grounded_by=h, grounding_score=round(s, 6),
                             beam_rank=None if b is None else b + 1,
                             log_prob=None if b is None else beams[b]["log_prob"]))
-        return out
+        if placer is None or last is None:
+            return out
+        s_ = self.cfg.serve
+        [cands] = placer.candidates([last], s_.added_neighbours)
+        [order] = placer.place([[o["item_id"] for o in out]], [last], s_.added_min_cosine, s_.added_neighbours)
+        have, near = {o["item_id"]: o for o in out}, dict(cands)
+        return [dict(have.get(i) or dict(self._item(cat, i), grounded_by="added_neighbour",
+                                         grounding_score=round(near[i], 6), beam_rank=None, log_prob=None),
+                     rank=n + 1) for n, i in enumerate(order)]
 
     async def popular(self, k: int, version: int) -> list[dict[str, Any]]:
         await self._sync(version)
-        cat, _ = self.state
+        cat, _, _ = self.state
         return [dict(self._item(cat, i), rank=n + 1, grounded_by="popularity", grounding_score=0.0, beam_rank=None,
                      log_prob=None) for n, i in enumerate(cat.popular[:k])]
 
     async def item(self, item_id: str, version: int) -> dict[str, Any] | None:
         await self._sync(version)
-        cat, _ = self.state
+        cat, _, _ = self.state
         return self._item(cat, item_id) if item_id in cat.tids else None
 
 
@@ -624,7 +656,9 @@ class Ingress:
             raise ApiError(422, f"history: unknown item ids: {got['unknown'][:20]}", unknown=got["unknown"][:100])
         gen, n2 = await self.retry(lambda: self.gen.generate.remote(got["lines"], constrained, beams, version),
                                    "generator", deadline)
-        items, n3 = await self.retry(lambda: self.gnd.rank.remote(gen["beams"], k, version), "grounder", deadline)
+        last = entries[-1] if req.tids is None else None  # serve.added_neighbours places added items near it
+        items, n3 = await self.retry(lambda: self.gnd.rank.remote(gen["beams"], k, version, last), "grounder",
+                                     deadline)
         return dict(base, items=items, beams=gen["beams"], generator_replica=gen["replica"], retries=n1 + n2 + n3,
                     latency_ms=round(1000 * (time.perf_counter() - t0), 1))
 

@@ -42,28 +42,6 @@ class SentenceEncoder:
         return {"row": batch["row"], "embedding": emb.astype(np.float32)}
 
 
-def catalog_embeddings(cfg: GrlmConfig, store: Store, added: list[dict[str, Any]],
-                       encoder: Any = None) -> tuple[list[str], np.ndarray]:
-    """(ids, unit-norm text embeddings) of every item the embed stage embedded, then of ``added`` (item rows
-    added after training: embedded now with the run's model and text rules, as serving embeds an added item)."""
-    from grlm_ray.core.schemas import embedding_matrix
-
-    emb = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
-    ids = emb.column("item_id").to_pylist()
-    base = embedding_matrix(emb)
-    if added:
-        if encoder is None:
-            from sentence_transformers import SentenceTransformer
-
-            encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
-        texts = [item_text(r.get("title") or "", r.get("description") or "", r.get("categories") or [],
-                           r.get("brand") or "", r.get("category") or "", cfg.embed.max_chars) for r in added]
-        q = encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        base = np.vstack([base, q.astype(base.dtype)])
-        ids += [r["item_id"] for r in added]
-    return ids, base
-
-
 def embed(cfg: GrlmConfig) -> dict[str, Any]:
     store = Store(cfg.run.root, cfg.run.s3)
     model_path = resolve_model_path(cfg.embed.model)

@@ -28,10 +28,11 @@ from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES
 from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage, take_rows
 from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_arrays
-from grlm_ray.lib.eig import TidIndex, merge_beams, tid_text
+from grlm_ray.lib.eig import AddedNeighbours, TidIndex, merge_beams, tid_text
+from grlm_ray.lib.embeddings import catalog_embeddings
 from grlm_ray.lib.metrics import RankingSums
 from grlm_ray.lib.models import load_tokenizer, quiet_loading
-from grlm_ray.lib.protocol import query_table, training_popularity
+from grlm_ray.lib.protocol import query_table, target_rows, training_popularity
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
@@ -174,10 +175,6 @@ def _added_neighbours(cfg: GrlmConfig, store: Store, seqs: pa.Table, targets: pa
     the user's last history item or the model's top item); a moved item keeps its ``grounded_by``, a placed one
     is ``added_neighbour``."""
     import pyarrow.compute as pc
-
-    from grlm_ray.lib.eig import AddedNeighbours
-    from grlm_ray.lib.protocol import target_rows
-    from grlm_ray.stages.embed import catalog_embeddings
 
     e = cfg.eval
     rows = store.read_table(f"{cfg.run.name}/{CATALOG_UPDATES}").to_pylist()
