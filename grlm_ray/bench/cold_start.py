@@ -211,19 +211,15 @@ def split_metrics(rows: list[tuple[str, list[str]]], new: set[str], k: int = 10)
 def last_items(cfg: GrlmConfig, store: Store, users: list[str]) -> list[str]:
     """Each scored user's last history item (``cfg.eval``'s split and sample; ``users`` must be exactly
     those users in that order)."""
-    import pyarrow.compute as pc
-
     from grlm_ray.core.schemas import SEQUENCES, TARGETS
-    from grlm_ray.lib.protocol import target_rows
+    from grlm_ray.lib.protocol import last_history_items, target_rows
 
     run = cfg.run.name
-    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
     t = target_rows(store.read_table(f"{run}/prepare/targets.parquet", TARGETS), cfg.eval.split,
                     cfg.eval.limit_users, cfg.eval.seed)
     if t.column("user_id").to_pylist() != users:
         raise GrlmError(f"cold start: {run}'s {cfg.eval.split} users differ from the scored ones")
-    hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id"))).to_pylist()
-    return [h[p - 1] for h, p in zip(hist, t.column("position").to_pylist())]
+    return last_history_items(store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES), t)
 
 
 def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) -> list[list[str]]:
@@ -238,15 +234,6 @@ def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) 
         top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
         out += [[ids[j] for j in row] for row in top]
     return out
-
-
-def neighbour_candidates(ids: list[str], base: np.ndarray, new: list[str], anchors: list[str],
-                         top: int) -> list[list[tuple[str, float]]]:
-    """For each anchor item, the ``top`` new items nearest to it by text embedding, with their cosine (the
-    anchor itself excluded): ``AddedNeighbours.candidates``."""
-    from grlm_ray.lib.eig import AddedNeighbours
-
-    return AddedNeighbours(ids, base, new).candidates(anchors, top)
 
 
 def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[str, float]]], held: set[str],
@@ -271,8 +258,7 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float) -> dict[str, Any
     return max(ok, key=lambda p: (p["new_share_at_10"], p["recall_at_10"])) if ok else None
 
 
-def tune_neighbours(cfg: GrlmConfig, store: Store, valid: GrlmConfig, held: set[str], ids: list[str],
-                    base: np.ndarray, new: list[str]) -> dict[str, Any]:
+def tune_neighbours(cfg: GrlmConfig, store: Store, valid: GrlmConfig, held: set[str], placer: Any) -> dict[str, Any]:
     """For each anchor (``ANCHORS``), the similarity floor and slots of ``added_neighbours`` chosen on
     ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``), with the whole curve."""
     from grlm_ray.core.schemas import PREDICTIONS
@@ -281,8 +267,9 @@ def tune_neighbours(cfg: GrlmConfig, store: Store, valid: GrlmConfig, held: set[
     users = p.column("user_id").to_pylist()
     rows = list(zip(p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist()))
     out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost}
+    last = last_items(valid, store, users)
     for anchor in ANCHORS:
-        cands = neighbour_candidates(ids, base, new, anchor_items(valid, store, users, rows, anchor), max(SLOTS))
+        cands = placer.candidates(anchor_items(last, rows, anchor), max(SLOTS))
         curve = neighbour_curve(rows, cands, held)
         chosen = choose_neighbours(curve, cfg.bench.new_item_cost)
         log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
@@ -294,11 +281,10 @@ def tune_neighbours(cfg: GrlmConfig, store: Store, valid: GrlmConfig, held: set[
     return out
 
 
-def anchor_items(cfg: GrlmConfig, store: Store, users: list[str], rows: list[tuple[str, list[str]]],
-                 anchor: str) -> list[str]:
+def anchor_items(last: list[str], rows: list[tuple[str, list[str]]], anchor: str) -> list[str]:
     """The item each user's new-item neighbours are measured from: their last history item, or the model's
     top-ranked item."""
-    return last_items(cfg, store, users) if anchor == "last" else [r[0] for _, r in rows]
+    return last if anchor == "last" else [r[0] for _, r in rows]
 
 
 def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
@@ -368,18 +354,18 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
     t1 = time.time()
     ids, emb = catalog_embeddings(new_cfg, store, rows_new, encoder)
-    content = content_rankings(ids, emb, last_items(new_cfg, store, users), k)
+    last = last_items(new_cfg, store, users)
+    content = content_rankings(ids, emb, last, k)
     content_s = time.time() - t1
     ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]
     neighbours, test_curves = None, {}
     if "new_valid" in runs:  # added_neighbours: chosen on validation users, applied once to the test lists
-        from grlm_ray.lib.eig import place_added
+        from grlm_ray.lib.eig import AddedNeighbours, place_added
 
-        new_ids = [r["item_id"] for r in rows_new]
-        neighbours = tune_neighbours(cfg, store, runs["new_valid"], held, ids, emb, new_ids)
+        placer = AddedNeighbours(ids, emb, [r["item_id"] for r in rows_new])
+        neighbours = tune_neighbours(cfg, store, runs["new_valid"], held, placer)
         for anchor, name in ANCHORS.items():
-            cands = neighbour_candidates(ids, emb, new_ids, anchor_items(new_cfg, store, users, grlm_new, anchor),
-                                         max(SLOTS))
+            cands = placer.candidates(anchor_items(last, grlm_new, anchor), max(SLOTS))
             # the whole test curve is recorded for the plot; only the validation choice is a row
             test_curves[anchor] = neighbour_curve(grlm_new, cands, held)
             chosen = neighbours[anchor]["chosen"]

@@ -56,7 +56,7 @@ from grlm_ray.core.errors import DataError
 from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.storage import Store
 from grlm_ray.lib.decoding import TidDecoder
-from grlm_ray.lib.eig import AddedNeighbours, TidIndex, parse_generated, tid_text
+from grlm_ray.lib.eig import AddedNeighbours, TidIndex, parse_generated, place_added, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings, embed_rows, text_encoder
 from grlm_ray.lib.models import set_torch_threads
 from grlm_ray.lib.textformat import history_prompt, line_writer
@@ -481,7 +481,7 @@ class Grounder(_CatalogFollower):
             return out
         s_ = self.cfg.serve
         [cands] = placer.candidates([last], s_.added_neighbours)
-        [order] = placer.place([[o["item_id"] for o in out]], [last], s_.added_min_cosine, s_.added_neighbours)
+        order = place_added([o["item_id"] for o in out], cands, s_.added_min_cosine, s_.added_neighbours)[:len(out)]
         have, near = {o["item_id"]: o for o in out}, dict(cands)
         return [dict(have.get(i) or dict(self._item(cat, i), grounded_by="added_neighbour",
                                          grounding_score=round(near[i], 6), beam_rank=None, log_prob=None),

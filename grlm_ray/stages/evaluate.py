@@ -32,7 +32,7 @@ from grlm_ray.lib.eig import AddedNeighbours, TidIndex, merge_beams, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings
 from grlm_ray.lib.metrics import RankingSums
 from grlm_ray.lib.models import load_tokenizer, quiet_loading
-from grlm_ray.lib.protocol import query_table, target_rows, training_popularity
+from grlm_ray.lib.protocol import last_history_items, query_table, target_rows, training_popularity
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
@@ -174,17 +174,13 @@ def _added_neighbours(cfg: GrlmConfig, store: Store, seqs: pa.Table, targets: pa
     neighbours first (``AddedNeighbours``: the run's text embeddings, the added items embedded now; the anchor
     the user's last history item or the model's top item); a moved item keeps its ``grounded_by``, a placed one
     is ``added_neighbour``."""
-    import pyarrow.compute as pc
-
     e = cfg.eval
     rows = store.read_table(f"{cfg.run.name}/{CATALOG_UPDATES}").to_pylist()
     ids, emb = catalog_embeddings(cfg, store, rows)
     placer = AddedNeighbours(ids, emb, [r["item_id"] for r in rows])
-    last: list[str | None] = []
-    if e.added_anchor == "last":  # in query order: the queries are these target rows, in this order
-        t = target_rows(targets, e.split, e.limit_users, e.seed)
-        hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id")))
-        last = [h[p - 1] if p > 0 else None for h, p in zip(hist.to_pylist(), t.column("position").to_pylist())]
+    # in query order: the queries are these target rows, in this order
+    last = last_history_items(seqs, target_rows(targets, e.split, e.limit_users, e.seed)) \
+        if e.added_anchor == "last" else []
 
     def rerank(first: int, ranked: Any, how: Any) -> tuple[pa.Array, pa.Array]:
         r, h = ranked.to_pylist(), how.to_pylist()
