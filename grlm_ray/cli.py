@@ -33,9 +33,10 @@ def _stage_cmd(stage: str):
         path, overrides = split_args(ns.args, required=True)
         cfg = load_config(path, overrides)
         if ns.redo:
-            from grlm_ray.core.storage import Store, mark_redo
+            from grlm_ray.core.run import Run
+            from grlm_ray.core.storage import mark_redo
 
-            if not mark_redo(Store(cfg.run.root, cfg.run.s3), cfg.run.name, stage):
+            if not mark_redo(Run.of(cfg).store, cfg.run.name, stage):
                 print(f"{stage}: not run yet in {cfg.run.root}/{cfg.run.name}: running it (nothing to redo)")
         # upstream stages run too: they are skipped when already complete for this config
         print(format_summary(run_pipeline(cfg, stages=upstream(stage, cfg))))

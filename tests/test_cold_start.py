@@ -170,11 +170,11 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
 
 def test_scoring_added_items_without_any_added_is_refused_with_the_path(tmp_path):
     from grlm_ray.core.errors import GrlmError
-    from grlm_ray.core.storage import Store
+    from grlm_ray.core.run import Run
     from grlm_ray.stages.evaluate import added_items
 
     with pytest.raises(GrlmError, match=r"eval.added_items=true but .*r1/serve/catalog_updates.parquet does not exist"):
-        added_items(Store(str(tmp_path)), "r1")
+        added_items(Run(str(tmp_path), "r1"))
 
 
 def test_a_vocabulary_keeps_a_new_items_tid_to_known_words_while_they_make_n_terms():
@@ -196,17 +196,18 @@ def test_a_vocabulary_keeps_a_new_items_tid_to_known_words_while_they_make_n_ter
 
 def test_serve_load_adds_a_cold_start_runs_held_out_items_with_the_histories_of_their_buyers(tmp_path):
     from grlm_ray.bench.serve_load import _buyers_summary, held_out_updates
+    from grlm_ray.core.run import Run
     from grlm_ray.core.schemas import SEQUENCES, TARGETS
-    from grlm_ray.core.storage import Store
 
     items, seqs, targets = _catalog(10, _seqs())
     h = core.hold_out(items, seqs, targets, share=0.2, candidates=0.2, seed=0)
-    store = Store(str(tmp_path))
-    assert held_out_updates(store, "r", 4, 20) == []  # not a cold-start run: the bench's own items
+    run = Run(str(tmp_path), "r")
+    store = run.store
+    assert held_out_updates(run, 4, 20) == []  # not a cold-start run: the bench's own items
     store.write_table("r/prepare/holdout_items.parquet", h.held, ITEMS)
     store.write_table("r/prepare/sequences.parquet", h.sequences, SEQUENCES)
     store.write_table("r/prepare/targets.parquet", h.targets, TARGETS)
-    got = held_out_updates(store, "r", 4, 20)
+    got = held_out_updates(run, 4, 20)
     # i9 is the next purchase of u0 and u2, i8 of u1: most buyers first, each with the buyers' histories
     assert [(it["item_id"], it["title"], hs) for it, hs in got] == [
         ("i9", "title 9", [["i0", "i1", "i2"], ["i2", "i6"]]), ("i8", "title 8", [["i1", "i3", "i4", "i5"]])]

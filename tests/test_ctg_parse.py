@@ -173,3 +173,42 @@ def test_an_answer_with_no_word_of_the_item_is_not_valid():
     assert judge(" mirror, makeup, lighted, travel, magnify", 5, [], own).valid
     assert judge(" beauty, vanity, light-up, compact, travel-size", 5, [], own).valid  # 'travel' of a compound
     assert judge(" zenra, volumize, mascara, woman, hydrate", 5).valid  # unchecked without the item's words
+
+
+def test_one_dispatch_writes_new_items_tids_for_the_ctg_stage_and_serving():
+    """``write_tids``: the rule methods from the job alone, the LLM method through the writer with exactly the
+    request the CTG stage's actors get (``writer_request``); a stub writer here: the dispatch is tested, the
+    real writer is in test_ctg_llm.py."""
+    import json
+
+    import numpy as np
+    import pytest
+
+    from grlm_ray.lib.termgen import TidJob, by_rules, words_tid, write_tids, writer_request
+
+    ex = [(NB[0], ["conditioner", "hair", "tea-tree", "women", "mint"])]
+    job = TidJob(ITEM, NB, ex, ["shampoo", "tea-tree", "paul", "special", "hair"])
+    words = write_tids(CTGConfig(method="words"), [job])
+    assert words[0]["terms"] == words_tid(ITEM, NB, 5) and words[0]["source"] == "words" and words[0]["valid"]
+    lexical = write_tids(CTGConfig(method="lexical"), [job])
+    assert lexical[0]["terms"] == list(job.lexical) and lexical[0]["source"] == "lexical"
+    assert by_rules(CTGConfig(method="words")) and not by_rules(CTGConfig(method="llm"))
+
+    cfg = CTGConfig(method="llm", few_shot=1)
+    seen = {}
+
+    def stub(batch, deadline=None):
+        seen.update(batch=batch, deadline=deadline)
+        return {"item_id": batch["item_id"], "terms": np.array(["shampoo\ttea-tree\tspecial\tcleanser\thair"], object),
+                "raw": np.array(["Terms: ..."], object), "valid": np.array([True]), "source": np.array(["llm"], object),
+                "attempts": np.array([2]), "reason": np.array(["ok"], object)}
+
+    got = write_tids(cfg, [job], stub, deadline=12.5)
+    want = writer_request(ITEM, NB, cfg, ex, job.lexical)
+    assert {k: seen["batch"][k][0] for k in want} == want and seen["deadline"] == 12.5
+    assert "Tea Tree Conditioner" in json.loads(want["messages"])[1]["content"]  # the worked example is shown
+    assert got == [{"item_id": "1", "terms": ["shampoo", "tea-tree", "special", "cleanser", "hair"],
+                    "raw": "Terms: ...", "valid": True, "source": "llm", "attempts": 2, "reason": "ok"}]
+    with pytest.raises(ValueError, match="needs a TermWriter"):
+        write_tids(cfg, [job])
+    assert write_tids(cfg, []) == []

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
+from grlm_ray.core.run import Run
 from grlm_ray.core.storage import Store
 from grlm_ray.serving.catalog import read_catalog, save_updates
 
@@ -34,7 +35,7 @@ def _run(tmp_path, n: int = 6):
 
 def test_catalog_reads_as_mappings_in_catalog_order_and_versions_share_nothing_mutable(tmp_path):
     store, ids = _run(tmp_path)
-    cat = read_catalog(store, "r")
+    cat = read_catalog(Run(str(tmp_path), "r", store=store))
     assert cat.item_ids == list(reversed(ids))  # the terms table's order: grounding ties follow it
     assert cat.tids["i0"] == ["shampoo", "w5"] and cat.tids.values()[0] == ["shampoo", "w0"]
     assert cat.items["i2"] == {"item_id": "i2", "category": "Beauty", "title": "Title i2", "description": "about i2",
@@ -61,12 +62,13 @@ def test_saved_updates_restore_the_same_versions(tmp_path):
 
     store, _ = _run(tmp_path)
     cfg = load_config(None, [f"run.root={tmp_path}", "run.name=r"])
-    cat = read_catalog(store, "r")
+    run = Run.of(cfg)
+    cat = read_catalog(run)
     row = {"item_id": "n1", "category": "Beauty", "title": "New", "description": "d", "brand": "",
            "categories": ["Beauty"], "terms": ["serum", "face"]}
     v2 = cat.with_items([row]).with_items([dict(row, item_id="n2", terms=["serum", "eye"])])
-    save_updates(cfg, v2, store)
-    again = read_catalog(store, "r")
+    save_updates(run, v2)
+    again = read_catalog(run)
     assert again.version == 2 and again.added_in == {"n1": 1, "n2": 2}
     assert again.item_ids == v2.item_ids and again.tids.values() == v2.tids.values()
     assert again.items.values() == v2.items.values()

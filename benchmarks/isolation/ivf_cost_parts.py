@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from grlm_ray.core.config import load_config
-from grlm_ray.core.storage import Store
+from grlm_ray.core.run import Run
 from grlm_ray.stages.neighbors import ivf_nlist, new_faiss_index, training_rows
 
 
@@ -36,7 +36,7 @@ def measure(cfg_path: str, queries: int, sample: int) -> dict:
 
     faiss.omp_set_num_threads(2)
     cfg = load_config(cfg_path, [])
-    ids, base = Store(cfg.run.root, cfg.run.s3).read_embeddings(f"{cfg.run.name}/embed/embeddings.parquet")
+    ids, base = Run.of(cfg).store.read_embeddings(Run.of(cfg).rel("embed", "embeddings.parquet"))
     n, d = base.shape
     nc = cfg.neighbors
     out: dict = {"config": cfg_path, "items": n, "nlist": ivf_nlist(nc, n), "list_size": nc.ivf_list_size}

@@ -34,19 +34,18 @@ def main() -> None:
 
     from grlm_ray.core.config import load_config
     from grlm_ray.lib.protocol import build_queries
-    from grlm_ray.core.storage import Store
+    from grlm_ray.core.run import Run
     from grlm_ray.lib.validation import Validator, build_validation_set, reduce_metrics
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [])
-    run = cfg.run.name
-    store = Store(cfg.run.root, cfg.run.s3)
-    items = store.read_table(f"{run}/prepare/items.parquet")
-    seqs = store.read_table(f"{run}/prepare/sequences.parquet")
-    targets = store.read_table(f"{run}/prepare/targets.parquet")
-    terms_t = store.read_table(f"{run}/sft/terms.parquet")
-    base = store.path(f"{run}/train/base")
-    best = store.path(f"{run}/train/best")
+    run = Run.of(cfg)
+    items = run.read_table("prepare", "items.parquet")
+    seqs = run.read_table("prepare", "sequences.parquet")
+    targets = run.read_table("prepare", "targets.parquet")
+    terms_t = run.read_table("sft", "terms.parquet")
+    base = run.path("train", "base")
+    best = run.path("train", "best")
     meta = json.load(open(Path(best) / "meta.json"))
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -66,14 +65,14 @@ def main() -> None:
     t0 = time.time()
     res = reduce_metrics(v.sums(model), 1)
     took = time.time() - t0
-    out = {"benchmark": "validation-chosen checkpoint scored once on test targets", "run": run,
+    out = {"benchmark": "validation-chosen checkpoint scored once on test targets", "run": run.name,
            "config": args.config, "checkpoint": {"step": meta.get("step"), "validation": meta.get("validation")},
            "split": "test", "users": res["users"], "num_beams": args.beams or cfg.eval.num_beams,
            "metrics": res, "seconds": round(took, 1),
            "machine": {"platform": platform.platform(), "threads": args.threads}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     from grlm_ray.bench.common import portable  # no machine paths in a committed result
-    (RESULTS / f"{args.out or f'test_{run}_best'}.json").write_text(json.dumps(portable(out), indent=1))
+    (RESULTS / f"{args.out or f'test_{run.name}_best'}.json").write_text(json.dumps(portable(out), indent=1))
     print(json.dumps({k: out[k] for k in ("run", "users", "seconds")}), json.dumps(res))
 
 

@@ -32,7 +32,8 @@ import numpy as np
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import ConfigError, GrlmError
 from grlm_ray.bench.quality import _variant
-from grlm_ray.core.storage import Store, copy_stages
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import copy_stages
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ SLOTS = (1, 2, 3)
 BONUSES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
 
-def tune_added_bonus(cfg: GrlmConfig, store: Store, held: set[str], users: int, threads: int) -> dict[str, Any]:
+def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) -> dict[str, Any]:
     """``eval.added_bonus`` chosen on validation users (``users`` of them, seeded; every validation target is a
     seen item: the new items were held out of every history): one decoding pass writes the main beams and the
     added-item search's beams with their log-probabilities; each bonus in ``BONUSES`` merges them
@@ -85,16 +86,16 @@ def tune_added_bonus(cfg: GrlmConfig, store: Store, held: set[str], users: int, 
     from grlm_ray.lib.protocol import query_table, training_popularity
     from grlm_ray.serving.catalog import UPDATES
 
-    run, e = cfg.run.name, cfg.eval
-    vcfg = _variant(cfg, run, eval={"split": "valid", "limit_users": users})
-    model_dir = store.local_dir(f"{run}/train/model", os.path.expanduser("~/.cache/grlm-ray/cold-start"))
+    run, e = Run.of(cfg), cfg.eval
+    vcfg = _variant(cfg, run.name, eval={"split": "valid", "limit_users": users})
+    model_dir = run.local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/cold-start"))
     tok = load_tokenizer(model_dir)
-    terms = store.read_table(f"{run}/sft/terms.parquet", TERMS)
-    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
-    targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
-    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS, columns=["item_id", "title"])
+    terms = run.read_table("sft", "terms.parquet", TERMS)
+    seqs = run.read_table("prepare", "sequences.parquet", SEQUENCES)
+    targets = run.read_table("prepare", "targets.parquet", TARGETS)
+    items = run.read_table("prepare", "items.parquet", ITEMS, columns=["item_id", "title"])
     queries = query_table(vcfg, items, seqs, targets, terms, tok, history=False)
-    added = store.read_table(f"{run}/{UPDATES}")
+    added = run.store.read_table(run.file(UPDATES))
     ids = terms.column("item_id").to_pylist() + added.column("item_id").to_pylist()
     tids = terms.column("terms").to_pylist() + added.column("terms").to_pylist()
     decoder = TidDecoder(model_dir, [tid_text(t) for t in tids], num_beams=e.num_beams,
@@ -126,13 +127,13 @@ def tune_added_bonus(cfg: GrlmConfig, store: Store, held: set[str], users: int, 
             "chosen_bonus": chosen["bonus"] if chosen else None, "decode_seconds": round(seconds, 1)}
 
 
-def held_out_rows(store: Store, run: str) -> tuple[list[dict[str, Any]], list[str]]:
+def held_out_rows(run: Run) -> tuple[list[dict[str, Any]], list[str]]:
     """The held-out items as serving's update rows, and the ids of those without any text (no TID can be
     written for them: counted and reported, their targets stay new and unreachable)."""
     from grlm_ray.core.schemas import ITEMS
     from grlm_ray.serving.catalog import ITEM_FIELDS
 
-    held = store.read_table(f"{run}/prepare/holdout_items.parquet", ITEMS).to_pylist()
+    held = run.read_table("prepare", "holdout_items.parquet", ITEMS).to_pylist()
     rows, no_text = [], []
     for r in held:
         row = {k: (r.get(k) or ([] if k == "categories" else "")) for k in ITEM_FIELDS}
@@ -143,26 +144,27 @@ def held_out_rows(store: Store, run: str) -> tuple[list[dict[str, Any]], list[st
     return rows, no_text
 
 
-def add_new_items(cfg: GrlmConfig, store: Store, threads: int) -> dict[str, Any]:
+def add_new_items(cfg: GrlmConfig, threads: int) -> dict[str, Any]:
     """Write the held-out items' TIDs as serving does and save them as the run's catalog update (skipped
     when the saved update already holds exactly these items)."""
     from grlm_ray.serving.catalog import (UPDATES, CatalogTermWriter, distinct_from_catalog, read_catalog,
                                           save_updates, validate_new_items)
 
-    run = cfg.run.name
-    rows, no_text = held_out_rows(store, run)
+    run = Run.of(cfg)
+    rows, no_text = held_out_rows(run)
     want = sorted(r["item_id"] for r in rows)
-    if store.exists(f"{run}/{UPDATES}"):
-        saved = store.read_table(f"{run}/{UPDATES}")
+    updates, store = run.file(UPDATES), run.store
+    if store.exists(updates):
+        saved = store.read_table(updates)
         if sorted(saved.column("item_id").to_pylist()) == want:
-            log.info("cold start: the %d new items' TIDs are already written (%s)", len(want), store.uri(f"{run}/{UPDATES}"))
+            log.info("cold start: the %d new items' TIDs are already written (%s)", len(want), store.uri(updates))
             return {"written": 0, "items": len(want), "without_text": no_text, "seconds": 0.0}
-        store.fs.delete_file(store.path(f"{run}/{UPDATES}"))  # another held-out set: written again
+        store.fs.delete_file(store.path(updates))  # another held-out set: written again
     t0 = time.time()
-    catalog = read_catalog(store, run)
+    catalog = read_catalog(run)
     clean = validate_new_items(rows, catalog, need_terms=False)
-    written = distinct_from_catalog(catalog, CatalogTermWriter(cfg, store, threads)(catalog, clean))
-    save_updates(cfg, catalog.with_items(written), store)
+    written = distinct_from_catalog(catalog, CatalogTermWriter(cfg, threads)(catalog, clean))
+    save_updates(run, catalog.with_items(written))
     return {"written": len(written), "items": len(written), "without_text": no_text,
             "seconds": round(time.time() - t0, 2), "sources": _count([r["source"] for r in written])}
 
@@ -208,18 +210,18 @@ def split_metrics(rows: list[tuple[str, list[str]]], new: set[str], k: int = 10)
     return out
 
 
-def last_items(cfg: GrlmConfig, store: Store, users: list[str]) -> list[str]:
+def last_items(cfg: GrlmConfig, users: list[str]) -> list[str]:
     """Each scored user's last history item (``cfg.eval``'s split and sample; ``users`` must be exactly
     those users in that order)."""
     from grlm_ray.core.schemas import SEQUENCES, TARGETS
     from grlm_ray.lib.protocol import last_history_items, target_rows
 
-    run = cfg.run.name
-    t = target_rows(store.read_table(f"{run}/prepare/targets.parquet", TARGETS), cfg.eval.split,
+    run = Run.of(cfg)
+    t = target_rows(run.read_table("prepare", "targets.parquet", TARGETS), cfg.eval.split,
                     cfg.eval.limit_users, cfg.eval.seed)
     if t.column("user_id").to_pylist() != users:
-        raise GrlmError(f"cold start: {run}'s {cfg.eval.split} users differ from the scored ones")
-    return last_history_items(store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES), t)
+        raise GrlmError(f"cold start: {run.name}'s {cfg.eval.split} users differ from the scored ones")
+    return last_history_items(run.read_table("prepare", "sequences.parquet", SEQUENCES), t)
 
 
 def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) -> list[list[str]]:
@@ -258,16 +260,16 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float) -> dict[str, Any
     return max(ok, key=lambda p: (p["new_share_at_10"], p["recall_at_10"])) if ok else None
 
 
-def tune_neighbours(cfg: GrlmConfig, store: Store, valid: GrlmConfig, held: set[str], placer: Any) -> dict[str, Any]:
+def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any) -> dict[str, Any]:
     """For each anchor (``ANCHORS``), the similarity floor and slots of ``added_neighbours`` chosen on
     ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``), with the whole curve."""
     from grlm_ray.core.schemas import PREDICTIONS
 
-    p = store.read_table(f"{valid.run.name}/eval/predictions.parquet", PREDICTIONS)
+    p = Run.of(valid).read_table("eval", "predictions.parquet", PREDICTIONS)
     users = p.column("user_id").to_pylist()
     rows = list(zip(p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist()))
     out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost}
-    last = last_items(valid, store, users)
+    last = last_items(valid, users)
     for anchor in ANCHORS:
         cands = placer.candidates(anchor_items(last, rows, anchor), max(SLOTS))
         curve = neighbour_curve(rows, cands, held)
@@ -295,7 +297,8 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
 
     t0 = time.time()
     runs = plan(cfg)
-    store = Store(cfg.run.root, cfg.run.s3)
+    run_ = Run.of(cfg)
+    store = run_.store
     base = run_pipeline(cfg, stages=upstream("train", cfg))["stages"]
     holdout = base["prepare"]["info"]["holdout"]
     train = base["train"]
@@ -307,15 +310,15 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         if "sasrec_ce" in cfg.bench.baselines else None
 
     new_cfg = runs["new"]
-    held = set(store.read_table(f"{cfg.run.name}/prepare/holdout_items.parquet").column("item_id").to_pylist())
+    held = set(run_.read_table("prepare", "holdout_items.parquet").column("item_id").to_pylist())
     evals, adds, tuning = {}, {}, None
     for role in ("new", *LEVER_ROWS, "new_valid"):
         if role in runs:
             c_ = runs[role]
             copy_stages(store, cfg.run.name, c_.run.name, upstream("train", c_))
-            adds[role] = add_new_items(c_, store, threads)
+            adds[role] = add_new_items(c_, threads)
             if role == "new_search":
-                tuning = tune_added_bonus(c_, store, held, cfg.bench.sample_users, threads)
+                tuning = tune_added_bonus(c_, held, cfg.bench.sample_users, threads)
                 if tuning["chosen_bonus"] is None:
                     log.warning("cold start: no added-item bonus keeps validation Recall@10 within %.0f%%: "
                                 "the search row is left out", 100 * cfg.bench.new_item_cost)
@@ -327,7 +330,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     def predictions(run: str, stage: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
         from grlm_ray.core.schemas import PREDICTIONS
 
-        p = store.read_table(f"{run}/{stage}/predictions.parquet", PREDICTIONS)
+        p = run_.named(run).read_table(stage, "predictions.parquet", PREDICTIONS)
         return p.column("user_id").to_pylist(), list(zip(p.column("target_item_id").to_pylist(),
                                                          p.column("ranked_item_ids").to_pylist()))
 
@@ -341,11 +344,11 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         if u != users:
             raise GrlmError(f"cold start: {name} ({run}/{stage}) was scored on other users than GRLM + new items")
         ranked[name] = r
-    seqs = store.read_table(f"{cfg.run.name}/prepare/sequences.parquet", SEQUENCES)
-    targets = store.read_table(f"{cfg.run.name}/prepare/targets.parquet", TARGETS)
+    seqs = run_.read_table("prepare", "sequences.parquet", SEQUENCES)
+    targets = run_.read_table("prepare", "targets.parquet", TARGETS)
     popular = training_popularity(seqs, targets)[:k]
     ranked["popularity"] = [(t, popular) for t, _ in grlm_new]
-    rows_new, no_text = held_out_rows(store, new_cfg.run.name)
+    rows_new, no_text = held_out_rows(Run.of(new_cfg))
     from sentence_transformers import SentenceTransformer
 
     from grlm_ray.lib.models import resolve_model_path
@@ -353,8 +356,8 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
 
     encoder = SentenceTransformer(resolve_model_path(cfg.embed.model), device="cpu")
     t1 = time.time()
-    ids, emb = catalog_embeddings(new_cfg, store, rows_new, encoder)
-    last = last_items(new_cfg, store, users)
+    ids, emb = catalog_embeddings(new_cfg, rows_new, encoder)
+    last = last_items(new_cfg, users)
     content = content_rankings(ids, emb, last, k)
     content_s = time.time() - t1
     ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]
@@ -363,7 +366,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         from grlm_ray.lib.eig import AddedNeighbours, place_added
 
         placer = AddedNeighbours(ids, emb, [r["item_id"] for r in rows_new])
-        neighbours = tune_neighbours(cfg, store, runs["new_valid"], held, placer)
+        neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer)
         for anchor, name in ANCHORS.items():
             cands = placer.candidates(anchor_items(last, grlm_new, anchor), max(SLOTS))
             # the whole test curve is recorded for the plot; only the validation choice is a row
@@ -384,8 +387,8 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         row["eval_s"] = seconds.get(name, bl["info"]["eval_seconds"] if name == "SASRec-CE" and bl else None)
         rows.append(row)
     by = {r["model"]: r for r in rows}
-    seen_tids = store.read_table(f"{cfg.run.name}/sft/terms.parquet", TERMS).column("terms").to_pylist()
-    new_tids = store.read_table(f"{new_cfg.run.name}/{UPDATES}").column("terms").to_pylist()
+    seen_tids = run_.read_table("sft", "terms.parquet", TERMS).column("terms").to_pylist()
+    new_tids = store.read_table(run_.named(new_cfg.run.name).file(UPDATES)).column("terms").to_pylist()
     g, a, c = by["GRLM + new items"], by["GRLM, new items absent"], by["content (last item's text neighbours)"]
 
     def rel(x: float | None, y: float | None) -> float | None:
@@ -405,7 +408,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
                          "in_trie_and_index": ev_new["info"].get("added_items"),
                          "without_text_ids": added["without_text"][:20], **reachability(seen_tids, new_tids)},
            "levers": {LEVER_ROWS[r]: {"in_trie_and_index": evals[r]["info"].get("added_items"), **reachability(
-               seen_tids, store.read_table(f"{runs[r].run.name}/{UPDATES}").column("terms").to_pylist())}
+               seen_tids, store.read_table(run_.named(runs[r].run.name).file(UPDATES)).column("terms").to_pylist())}
                for r in LEVER_ROWS if r in evals},
            "added_search_tuning": tuning,
            "added_neighbours_tuning": neighbours,

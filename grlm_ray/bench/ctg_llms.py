@@ -45,16 +45,17 @@ def _category_words(item: dict[str, Any]) -> set[str] | None:
 def _arm(base_cfg: Any, name: str, overrides: list[str]) -> dict[str, Any]:
     from grlm_ray.flows.pipeline import run_pipeline
     from grlm_ray.core.schemas import ITEMS, TERMS
-    from grlm_ray.core.storage import Store, copy_stages
+    from grlm_ray.core.run import Run
+    from grlm_ray.core.storage import copy_stages
 
     cfg = _override(base_cfg, overrides + [f"run.name={name}"])
-    store = Store(cfg.run.root, cfg.run.s3)
-    copy_stages(store, base_cfg.run.name, cfg.run.name, ARM_STAGES)
+    run = Run.of(cfg)
+    copy_stages(run.store, base_cfg.run.name, cfg.run.name, ARM_STAGES)
     t0 = time.time()
     res = run_pipeline(cfg, stages=("prepare", "embed", "neighbors", "ctg"))
     info = res["stages"]["ctg"]["info"]
-    items = {r["item_id"]: r for r in store.read_table(f"{cfg.run.name}/prepare/items.parquet", ITEMS).to_pylist()}
-    raw = store.read_table(f"{cfg.run.name}/ctg/terms_llm.parquet", TERMS).to_pylist()
+    items = {r["item_id"]: r for r in run.read_table("prepare", "items.parquet", ITEMS).to_pylist()}
+    raw = run.read_table("ctg", "terms_llm.parquet", TERMS).to_pylist()
     typed = [r for r in raw if r["terms"]]
     cats = [(r, _category_words(items[r["item_id"]])) for r in typed]
     cats = [(r, w) for r, w in cats if w]

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from grlm_ray.core.config import load_config
     from grlm_ray.flows.pipeline import run_pipeline, upstream
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
-    from grlm_ray.core.storage import Store
+    from grlm_ray.core.run import Run
     from grlm_ray.lib.decoding import END_MARKER, TidTrie, beam_search, tid_token_seqs
     from grlm_ray.lib.eig import tid_text
     from grlm_ray.lib.models import load_tokenizer
@@ -49,11 +49,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     f"eval.limit_users={args.users}"])
     if not args.no_pipeline:
         run_pipeline(cfg, stages=upstream("train", cfg))
-    store = Store(cfg.run.root)
-    rd = lambda stage, name, schema: store.read_table(f"{cfg.run.name}/{stage}/{name}", schema)  # noqa: E731
+    run = Run.of(cfg)
+    rd = run.read_table
     terms_t = rd("sft", "terms.parquet", TERMS)
     terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
-    model_dir = store.path(f"{cfg.run.name}/train/model")
+    model_dir = run.path("train", "model")
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()

@@ -28,7 +28,8 @@ from typing import Any
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import GrlmError
-from grlm_ray.core.storage import Store, copy_stages
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import copy_stages
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,11 @@ def _row(model: str, metrics: dict[str, Any], train_s: float | None, eval_s: flo
             "users": metrics.get("users")}
 
 
-def _predictions(store: Store, run: str, stage: str) -> tuple[list[str], list[list[str]]]:
+def _predictions(run: Run, stage: str) -> tuple[list[str], list[list[str]]]:
     """(user ids, ranked item ids) of a stage's predictions, in row order."""
     from grlm_ray.core.schemas import PREDICTIONS
 
-    t = store.read_table(f"{run}/{stage}/predictions.parquet", PREDICTIONS)
+    t = run.read_table(stage, "predictions.parquet", PREDICTIONS)
     return t.column("user_id").to_pylist(), t.column("ranked_item_ids").to_pylist()
 
 
@@ -93,7 +94,8 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
 
     t0 = time.time()
     runs = plan(cfg)
-    store = Store(cfg.run.root, cfg.run.s3)
+    run = Run.of(cfg)
+    store = run.store
     stages: dict[str, dict[str, Any]] = {}
 
     def go(role: str, stage: str, seed_from: str | None = None, shared: tuple[str, ...] | None = None
@@ -137,14 +139,14 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
     rows.append(_row("popularity", ev["info"]["popularity"], None, None))
 
     # same users for every model, or no table
-    reference, _ = _predictions(store, runs["eval"].run.name, "eval")
+    reference, _ = _predictions(run.named(runs["eval"].run.name), "eval")
     catalog = base["sft"]["outputs"].get("terms.parquet") or len(reference)
     by_model = {r["model"]: r for r in rows}
     for name, (role, stage) in used.items():
-        users, ranked = _predictions(store, runs[role].run.name, stage)
+        users, ranked = _predictions(run.named(runs[role].run.name), stage)
         if users != reference:
-            raise GrlmError(f"quality benchmark: {name} ({runs[role].run.name}/{stage}) was scored on other "
-                            f"test users than GRLM ({runs['eval'].run.name}/eval)")
+            raise GrlmError(f"quality benchmark: {name} ({run.named(runs[role].run.name).uri(stage)}) was scored on "
+                            f"other test users than GRLM ({run.named(runs['eval'].run.name).uri('eval')})")
         by_model[name].update(diversity(ranked, catalog))
     by_model["popularity"].update({"distinct_top1": 1, "coverage_at_10": round(min(10, catalog) / catalog, 4)})
     sample = {"mode": cfg.bench.mode, "users": len(reference), "limit": runs["eval"].eval.limit_users,

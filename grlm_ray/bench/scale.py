@@ -176,14 +176,14 @@ def _step_embed(cfg: Any, out: dict[str, Any]) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from grlm_ray.core.registry import reads, stage_key
+    from grlm_ray.core.run import Run
     from grlm_ray.core.schemas import EMBEDDINGS, ITEMS
-    from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
+    from grlm_ray.core.storage import StageContext, release_arrow_memory
     from grlm_ray.lib.models import quiet_loading, resolve_model_path
     from grlm_ray.lib.textformat import item_text
 
-    store = Store(cfg.run.root, cfg.run.s3)
-    items = store.read_table(f"{cfg.run.name}/prepare/items.parquet", ITEMS)
+    run = Run.of(cfg)
+    items = run.read_table("prepare", "items.parquet", ITEMS)
     n, dim = items.num_rows, 384
     rng = np.random.default_rng(0)
     sample = sorted(rng.choice(n, size=min(n, 1000), replace=False).tolist())
@@ -232,12 +232,14 @@ def _step_embed(cfg: Any, out: dict[str, Any]) -> None:
         ctx.write_batches("embeddings.parquet", parts(), dataclasses.replace(EMBEDDINGS, unique=()))
         ctx.info.update({"model": "synthetic (grlm bench scale)", "dim": dim})
 
-    run_stage(store, cfg.run.name, "embed", stage_key(cfg, "embed"), body, resume=cfg.run.resume,
-              after=reads("embed", cfg))
+    run.run_stage("embed", body)
 
 
 def _tokenizer_dir(cfg: Any) -> str:
-    return str(Path(cfg.run.root) / cfg.run.name / "bench-scale-tokenizer")
+    from grlm_ray.core.run import Run
+
+    run = Run.of(cfg)
+    return run.store.path(run.file("bench-scale/tokenizer"))
 
 
 def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
@@ -246,17 +248,16 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
     import tempfile
 
     from grlm_ray.core.schemas import ITEMS, SFT, TERMS
-    from grlm_ray.core.storage import Store
+    from grlm_ray.core.run import Run
     from grlm_ray.stages.train import build_backbone, corpus_texts, term_vocabulary, tokenize_sft
 
-    store = Store(cfg.run.root, cfg.run.s3)
-    run = cfg.run.name
+    run = Run.of(cfg)
 
     def sft_t(columns: list[str] | None) -> Any:  # as the train stage reads it: a batch at a time
-        return store.read_batches(f"{run}/sft/sft.parquet", SFT, columns, batch_rows=8192)
+        return run.read_batches("sft", "sft.parquet", SFT, columns, batch_rows=8192)
 
-    terms = store.read_table(f"{run}/sft/terms.parquet", TERMS)
-    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS, columns=["item_id", "title"])  # as the stage
+    terms = run.read_table("sft", "terms.parquet", TERMS)
+    items = run.read_table("prepare", "items.parquet", ITEMS, columns=["item_id", "title"])  # as the stage
     t0 = time.perf_counter()
     all_terms = term_vocabulary(terms)
     corpus = corpus_texts(cfg, sft_t, items, terms)
@@ -268,8 +269,8 @@ def _step_tokenize(cfg: Any, out: dict[str, Any]) -> None:
         tok.save_pretrained(_tokenizer_dir(cfg))
     t1 = time.perf_counter()
     # as the train stage writes them: the sorted rows streamed into the artifact
-    batches = tokenize_sft(tok, sft_t, cfg, write=lambda rows: store.write_batches(
-        f"{run}/bench-scale-tokens.parquet", rows))
+    batches = tokenize_sft(tok, sft_t, cfg, write=lambda rows: run.store.write_batches(
+        run.file("bench-scale/tokens.parquet"), rows))
     out.update({"vocabulary_build_seconds": round(t1 - t0, 1), "tokenize_seconds": round(time.perf_counter() - t1, 1),
                 "terms": len(all_terms), "sft_samples": batches.stats["samples"], "tokens": batches.stats["tokens"]})
 
@@ -279,19 +280,19 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
     TIDs' tokens, then (on synthetic answers of the real shape) the predictions written and scored as the
     stage does; then the TID token trie and the EIG index each recommender actor builds."""
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
-    from grlm_ray.core.storage import Store, release_arrow_memory
+    from grlm_ray.core.run import Run
+    from grlm_ray.core.storage import release_arrow_memory
     from grlm_ray.lib.decoding import TidTrie, tid_token_arrays
     from grlm_ray.lib.eig import TidIndex, tid_text
     from grlm_ray.lib.models import load_tokenizer
     from grlm_ray.lib.protocol import query_table, training_popularity
 
-    store = Store(cfg.run.root, cfg.run.s3)
-    run = cfg.run.name
+    run = Run.of(cfg)
     tok = load_tokenizer(_tokenizer_dir(cfg))
-    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS, columns=["item_id", "title"])  # as the stage
-    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
-    targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
-    terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
+    items = run.read_table("prepare", "items.parquet", ITEMS, columns=["item_id", "title"])  # as the stage
+    seqs = run.read_table("prepare", "sequences.parquet", SEQUENCES)
+    targets = run.read_table("prepare", "targets.parquet", TARGETS)
+    terms_t = run.read_table("sft", "terms.parquet", TERMS)
     laps: dict[str, float] = {}
     rss = _Rss()
     t = time.perf_counter()
@@ -335,7 +336,7 @@ def _step_eval_data(cfg: Any, out: dict[str, Any]) -> None:
                 pa.array(["\t".join(["1"] * beams)] * len(rows), pa.string()))))})
 
     t = time.perf_counter()
-    write_predictions(StageContext(store, run, "bench-eval"), queries.select(
+    write_predictions(StageContext(run.store, run.name, "bench-scale/eval"), queries.select(
         ["row", "user_id", "split", "domain", "target_item_id"]), answers(), popular, cfg.eval.ks)
     laps["answers_and_predictions_seconds"] = time.perf_counter() - t
     rss("predictions")
@@ -374,11 +375,10 @@ def _step_eig(cfg: Any, out: dict[str, Any]) -> None:
 
     from grlm_ray.bench.eig import grounding_latency
     from grlm_ray.core.schemas import TERMS
-    from grlm_ray.core.storage import Store
+    from grlm_ray.core.run import Run
     from grlm_ray.lib.eig import TidIndex
 
-    store = Store(cfg.run.root, cfg.run.s3)
-    terms_t = store.read_table(f"{cfg.run.name}/sft/terms.parquet", TERMS)
+    terms_t = Run.of(cfg).read_table("sft", "terms.parquet", TERMS)
     ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
     t = time.perf_counter()
     index = TidIndex(ids, tids)
@@ -404,15 +404,14 @@ def _step_serving_catalog(cfg: Any, out: dict[str, Any]) -> None:
     store (its pickled size) and rebuilds its grounding index and token trie (the swap)."""
     import pickle
 
-    from grlm_ray.core.storage import Store
+    from grlm_ray.core.run import Run
     from grlm_ray.lib.decoding import TidTrie, tid_token_arrays
     from grlm_ray.lib.eig import TidIndex, tid_text
     from grlm_ray.lib.models import load_tokenizer
     from grlm_ray.serving.catalog import read_catalog
 
-    store = Store(cfg.run.root, cfg.run.s3)
     t = time.perf_counter()
-    cat = read_catalog(store, cfg.run.name)
+    cat = read_catalog(Run.of(cfg))
     out["registry_load_seconds"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     blob = pickle.dumps(cat, protocol=5)

@@ -195,21 +195,21 @@ def _fault_run(cfg: Any, url: str, histories: list[list[str]], what: str, args: 
     return r
 
 
-def held_out_updates(store: Any, run: str, n: int, max_buyers: int) -> list[tuple[dict[str, Any], list[list[str]]]]:
+def held_out_updates(run: Any, n: int, max_buyers: int) -> list[tuple[dict[str, Any], list[list[str]]]]:
     """For a cold-start run (``data.holdout``): its ``n`` held-out items with text that are the next purchase
     of the most test users (ties by item id), each with those users' histories (at most ``max_buyers``); []
     for any other run."""
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS
     from grlm_ray.serving.catalog import ITEM_FIELDS
 
-    if not store.exists(f"{run}/prepare/holdout_items.parquet"):
+    if not run.exists("prepare", "holdout_items.parquet"):
         return []
-    held = {r["item_id"]: r for r in store.read_table(f"{run}/prepare/holdout_items.parquet", ITEMS).to_pylist()
+    held = {r["item_id"]: r for r in run.read_table("prepare", "holdout_items.parquet", ITEMS).to_pylist()
             if (r["title"] or "").strip() or (r["description"] or "").strip()}
-    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
+    seqs = run.read_table("prepare", "sequences.parquet", SEQUENCES)
     by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
     buyers: dict[str, list[list[str]]] = {}
-    for r in store.read_table(f"{run}/prepare/targets.parquet", TARGETS).to_pylist():
+    for r in run.read_table("prepare", "targets.parquet", TARGETS).to_pylist():
         if r["split"] == "test" and r["target_item_id"] in held:
             buyers.setdefault(r["target_item_id"], []).append(by_user[r["user_id"]][: r["position"]])
     top = sorted(buyers, key=lambda i: (-len(buyers[i]), i))[:n]
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from grlm_ray.core.config import load_config
     from grlm_ray.core.runtime import free_port
     from grlm_ray.core.schemas import SEQUENCES, TARGETS
-    from grlm_ray.core.storage import Store
+    from grlm_ray.core.run import Run
     from grlm_ray.serving.app import start, stop
 
     half = max(1, math.ceil(args.sustainable / 2))
@@ -293,9 +293,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     # an update is rare and bursty: its writer may use both cores while it runs
                                     "serve.term_writer.num_cpus=0.25", "serve.term_writer_threads=2",
                                     f"serve.admin_token_env={TOKEN_ENV}", *args.set])  # --set wins
-    store = Store(cfg.run.root)
-    seqs = store.read_table(f"{cfg.run.name}/prepare/sequences.parquet", SEQUENCES)
-    targets = store.read_table(f"{cfg.run.name}/prepare/targets.parquet", TARGETS)
+    run = Run.of(cfg)
+    seqs = run.read_table("prepare", "sequences.parquet", SEQUENCES)
+    targets = run.read_table("prepare", "targets.parquet", TARGETS)
     by_user = dict(zip(seqs.column("user_id").to_pylist(), seqs.column("item_ids").to_pylist()))
     rng = np.random.default_rng(0)
     test = [r for r in targets.to_pylist() if r["split"] == "test"]
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{over['shed_503']} shed (503, p99 {over['p99_503_ms']} ms), other {other}; p99 accepted "
               f"{over['p99_ms']} ms vs {ref['p99_ms']} ms at {args.sustainable} ({overload['p99_ratio']}x)", flush=True)
         faults = [_fault_run(cfg, url, histories, what, args) for what in args.faults.split(",") if what]
-        held_out = held_out_updates(store, cfg.run.name, args.updates, args.buyers)
+        held_out = held_out_updates(run, args.updates, args.buyers)
         if held_out:
             print(f"catalog updates: {len(held_out)} of the run's held-out items (data.holdout), each asked for by "
                   f"the test users who buy it next", flush=True)

@@ -14,6 +14,7 @@ No stage module is imported until its stage runs (``Stage.function``).
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -72,7 +73,8 @@ REGISTRY: tuple[Stage, ...] = (
     Stage("prepare", "grlm_ray.stages.prepare:prepare", "prep", "stage 1: prepare catalog, sequences and targets",
           sections=("data",), reads=(), outputs=("items.parquet", "sequences.parquet", "targets.parquet",
                                                  "raw_text.parquet", "rejects.parquet"),
-          tracked=("data",), optional=("terms.parquet",), checks="grlm_ray.stages.prepare:check_sources"),  # terms: a source with its own TIDs
+          tracked=("data",), optional=("terms.parquet", "holdout_items.parquet"),  # a source's own TIDs; data.holdout
+          checks="grlm_ray.stages.prepare:check_sources"),
     Stage("embed", "grlm_ray.stages.embed:embed", "embed", "stage 2: sentence embeddings of item text (Ray Data)",
           sections=("data", "embed"), reads=("prepare",), outputs=("embeddings.parquet",), tracked=("data", "embed")),
     Stage("neighbors", "grlm_ray.stages.neighbors:neighbors", "neighbors", "stage 2: top-k cosine neighbours (Ray Data, faiss)",
@@ -89,17 +91,22 @@ REGISTRY: tuple[Stage, ...] = (
           outputs=("sft.parquet", "terms.parquet"), tracked=("sft",)),
     Stage("train", "grlm_ray.stages.train:train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)",
           sections=("data", "sft", "model", "train"), reads=("sft",), outputs=("model/", "tokens.parquet"),
-          tracked=("sft", "model", "train"),  # with train.validation.enabled:
-          optional=("best/", "validation.parquet", "catalog.parquet", "validation_curve.json", "learning_curve.png")),
+          tracked=("sft", "model", "train"),  # with train.validation.enabled; a pretrained base; ZeRO; grlm diagnose:
+          optional=("best/", "validation.parquet", "catalog.parquet", "validation_curve.json", "learning_curve.png",
+                    "base/", "base_info.json", "deepspeed.json", "diagnostics.json")),
     Stage("eval", "grlm_ray.stages.evaluate:evaluate_stage", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)",
           sections=("data", "sft", "model", "train", "eval"), reads=("prepare", "sft", "train"),
           outputs=("predictions.parquet",), tracked=("eval",)),
     Stage("baseline", "grlm_ray.stages.baselines:baseline_stage", "baseline",
           "SASRec (CE or BCE) and popularity on GRLM's splits and users",
-          sections=("data", "baseline", "eval"), reads=("prepare",), outputs=(),  # metrics in its manifest
+          sections=("data", "baseline", "eval"), reads=("prepare",), outputs=("predictions.parquet", "metrics.json"),
           tracked=("baseline", "eval"), in_demo=False),
 )
 _BY_NAME = {s.name: s for s in REGISTRY}
+# files of a run that belong to no stage (``core/run.py``: ``Run.file``): its resolved config, the items added
+# to its catalog after training (serving, the cold-start benchmark), a comparison's table and plot, the scale
+# benchmark's scratch files
+RUN_FILES: tuple[str, ...] = ("config.yaml", "serve/catalog_updates.parquet", "compare/", "bench-scale/")
 _EXTRA_SECTIONS: dict[str, Callable[["GrlmConfig"], tuple[str, ...]]] = {"train": _train_sections}
 
 STAGES: tuple[str, ...] = tuple(s.name for s in REGISTRY)          # in pipeline order
@@ -111,6 +118,27 @@ def stage(name: str) -> Stage:
         return _BY_NAME[name]
     except KeyError:
         raise ConfigError(f"unknown stage {name!r}; known: {', '.join(STAGES)}") from None
+
+
+def declared(output: str, names: tuple[str, ...]) -> bool:
+    """``output`` is one of ``names``, a file inside a declared folder (``model/``), or matches a declared
+    pattern (``k<K>/terms.parquet``: ``<...>`` stands for one path segment)."""
+    for name in names:
+        if output in (name, name.rstrip("/")) or (name.endswith("/") and output.startswith(name)):
+            return True
+        if "<" in name:
+            pattern = "[^/]+".join(re.escape(part) for part in re.split(r"<[^>]+>", name))
+            if re.fullmatch(pattern + ("(/.*)?" if name.endswith("/") else ""), output):
+                return True
+    return False
+
+
+def require_output(name: str, output: str) -> None:
+    """ConfigError unless stage ``name`` declares ``output`` (``outputs`` or ``optional``); "" is its folder."""
+    spec = stage(name)
+    if output and not declared(output, spec.outputs + spec.optional):
+        raise ConfigError(f"{output!r} is not an output of stage {name!r} (it declares "
+                          f"{', '.join(spec.outputs + spec.optional) or 'nothing'}: core/registry.py)")
 
 
 def reads(name: str, cfg: "GrlmConfig") -> tuple[str, ...]:

@@ -338,6 +338,11 @@ class StageContext:
         return f"{self.run}/{self.stage}/{name}"
 
     def stage_rel(self, stage: str, name: str) -> str:
+        """Another stage's declared output (``registry.require_output``: a name it does not write is refused)."""
+        if stage != self.stage:
+            from grlm_ray.core.registry import require_output
+
+            require_output(stage, name)
         return f"{self.run}/{stage}/{name}"
 
     def write(self, name: str, table: pa.Table, schema: ArtifactSchema | None = None) -> pa.Table:

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 from grlm_ray.core import registry
 from grlm_ray.core.config import GrlmConfig
-from grlm_ray.core.storage import Store, read_manifest
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def upstream_runs(cfg: GrlmConfig, stage: str) -> dict[str, str]:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    store = Store(cfg.run.root, cfg.run.s3)
+    store = Run.of(cfg).store
     out = {}
     for up in registry.upstream(stage, cfg)[:-1]:
         m = read_manifest(store, cfg.run.name, up)

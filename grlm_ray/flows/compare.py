@@ -18,7 +18,8 @@ from typing import Any
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import ConfigError
 from grlm_ray.flows.pipeline import run_pipeline, upstream
-from grlm_ray.core.storage import Store, copy_stages
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import copy_stages
 from grlm_ray.core.tracking import log_bytes, metric_key, open_run, run_name
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
     t0 = time.time()
     base = run_pipeline(cfg, stages=upstream("compress", cfg))
     sweep = {str(r["k"]): r for r in base["stages"]["compress"]["info"]["sweep"]}
-    store = Store(cfg.run.root, cfg.run.s3)
+    run = Run.of(cfg)
+    store = run.store
     rows = []
     for k in [None, *sorted(set(cfg.compress.ks))]:
         vcfg = variant_config(cfg, k)
@@ -57,10 +59,10 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
                      "train_seconds": res["train"].get("seconds"), "eval_seconds": res["eval"].get("seconds")})
     out = {"experiment": cfg.tracking.experiment, "run": cfg.run.name, "source": cfg.compress.source,
            "rows": rows, "protocol": res["eval"]["info"]["protocol"], "seconds": round(time.time() - t0, 1)}
-    store.write_json(f"{cfg.run.name}/compare/comparison.json", out)
-    store.write_bytes(f"{cfg.run.name}/compare/comparison.csv", to_csv(rows).encode())
+    store.write_json(run.file("compare/comparison.json"), out)
+    store.write_bytes(run.file("compare/comparison.csv"), to_csv(rows).encode())
     png = plot(rows)
-    store.write_bytes(f"{cfg.run.name}/compare/comparison.png", png)
+    store.write_bytes(run.file("compare/comparison.png"), png)
     out["mlflow_run_id"] = _log(cfg, out, png)
     return out
 

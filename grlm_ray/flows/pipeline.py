@@ -10,7 +10,7 @@ from grlm_ray.core import registry
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import ConfigError
 from grlm_ray.core.registry import DEMO_STAGES, STAGES, reads, upstream
-from grlm_ray.core.storage import Store
+from grlm_ray.core.run import Run
 from grlm_ray.core.tracking import log_stage
 from grlm_ray.lib.metrics import format_metrics
 from grlm_ray.lib.stats import dataset_stats, format_stats
@@ -33,10 +33,10 @@ def check_inputs(cfg: GrlmConfig, stages: tuple[str, ...] = STAGES) -> list[str]
 
 
 def save_resolved_config(cfg: GrlmConfig) -> str:
-    store = Store(cfg.run.root, cfg.run.s3)
-    rel = f"{cfg.run.name}/config.yaml"
-    store.write_bytes(rel, cfg.to_yaml().encode())
-    return store.uri(rel)
+    run = Run.of(cfg)
+    rel = run.file("config.yaml")
+    run.store.write_bytes(rel, cfg.to_yaml().encode())
+    return run.store.uri(rel)
 
 
 def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
         results["stages"][name] = manifest
         manifest["mlflow_run_id"] = log_stage(cfg, name, manifest, texts=_stage_texts(cfg, name, manifest))
     if "prepare" in stages:
-        results["stats"] = dataset_stats(Store(cfg.run.root, cfg.run.s3).uri(f"{cfg.run.name}/prepare"), cfg.run.s3)
+        results["stats"] = dataset_stats(Run.of(cfg).uri("prepare"), cfg.run.s3)
     results["seconds"] = round(time.time() - t0, 2)
     return results
 
@@ -63,12 +63,11 @@ def _stage_texts(cfg: GrlmConfig, stage: str, manifest: dict[str, Any]) -> dict[
         return {}
     import json
 
-    store = Store(cfg.run.root, cfg.run.s3)
+    run = Run.of(cfg)
     out = {}
-    for rel, name in ((f"{cfg.run.name}/train/deepspeed.json", "deepspeed.json"),
-                      (f"{cfg.run.name}/train/model/grlm_model.json", "grlm_model.json")):
-        if store.exists(rel):
-            out[name] = json.dumps(store.read_json(rel), indent=2)
+    for output, name in (("deepspeed.json", "deepspeed.json"), ("model/grlm_model.json", "grlm_model.json")):
+        if run.exists("train", output):
+            out[name] = json.dumps(run.read_json("train", output), indent=2)
     return out
 
 

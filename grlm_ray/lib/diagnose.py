@@ -24,7 +24,7 @@ import numpy as np
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
-from grlm_ray.core.storage import Store
+from grlm_ray.core.run import Run
 from grlm_ray.core.tracking import log_diagnostics
 from grlm_ray.lib.decoding import END_MARKER, TransformersScorer, tid_token_seqs
 from grlm_ray.lib.eig import tid_text
@@ -177,18 +177,17 @@ def diagnose(cfg: GrlmConfig, users: int = 300, rows: int = 400) -> dict[str, An
     import torch
     from transformers import AutoModelForCausalLM
 
-    store = Store(cfg.run.root, cfg.run.s3)
-    run = cfg.run.name
-    if not store.exists(f"{run}/train/model/config.json"):
-        raise FileNotFoundError(f"no trained model under {store.uri(f'{run}/train/model')}: run grlm train first")
-    model_dir = store.local_dir(f"{run}/train/model", os.path.expanduser("~/.cache/grlm-ray/diagnose"))
+    run = Run.of(cfg)
+    if not run.exists("train", "model/config.json"):
+        raise FileNotFoundError(f"no trained model under {run.uri('train', 'model')}: run grlm train first")
+    model_dir = run.local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/diagnose"))
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
-    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
-    targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
-    terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
-    sft_table = store.read_table(f"{run}/sft/sft.parquet", SFT)
+    items = run.read_table("prepare", "items.parquet", ITEMS)
+    seqs = run.read_table("prepare", "sequences.parquet", SEQUENCES)
+    targets = run.read_table("prepare", "targets.parquet", TARGETS)
+    terms_t = run.read_table("sft", "terms.parquet", TERMS)
+    sft_table = run.read_table("sft", "sft.parquet", SFT)
     terms = dict(zip(terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()))
     rng = np.random.default_rng(0)
     sample = sft_table.take(np.sort(rng.choice(sft_table.num_rows, size=min(rows, sft_table.num_rows),
@@ -196,7 +195,7 @@ def diagnose(cfg: GrlmConfig, users: int = 300, rows: int = 400) -> dict[str, An
     vcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"split": "valid", "limit_users": users})})
     queries = build_queries(vcfg, items, seqs, targets, terms, tok)
     report = {
-        "model_dir": store.uri(f"{run}/train/model"),
+        "model_dir": run.uri("train", "model"),
         "format": {"item_text": cfg.sft.item_text, "prompt": cfg.sft.prompt, "vocab": cfg.model.vocab,
                    "vocab_size": len(tok)},
         "tokens_per_tid": tokens_per_tid(tok, [tid_text(t) for t in terms.values()]),
@@ -204,7 +203,7 @@ def diagnose(cfg: GrlmConfig, users: int = 300, rows: int = 400) -> dict[str, An
         "loss_by_kind": loss_by_kind(model, tok, sample, cfg.model.enable_thinking),
         "term_accuracy": term_accuracy(cfg, tok, model, queries, terms),
     }
-    store.write_json(f"{run}/train/diagnostics.json", report)
+    run.write_json("train", "diagnostics.json", report)
     if cfg.tracking.enabled:
         log_diagnostics(cfg, report)
     return report

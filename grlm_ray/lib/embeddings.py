@@ -10,16 +10,15 @@ import numpy as np
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.schemas import EMBEDDINGS, embedding_matrix
-from grlm_ray.core.storage import Store
+from grlm_ray.core.run import Run
 from grlm_ray.lib.models import resolve_model_path
 from grlm_ray.lib.textformat import item_text
 
 
-def catalog_embeddings(cfg: GrlmConfig, store: Store, added: list[dict[str, Any]],
-                       encoder: Any = None) -> tuple[list[str], np.ndarray]:
+def catalog_embeddings(cfg: GrlmConfig, added: list[dict[str, Any]], encoder: Any = None) -> tuple[list[str], np.ndarray]:
     """(ids, unit-norm text embeddings) of every item the embed stage embedded, then of ``added`` (item rows
     added after training: embedded now with the run's model and text rules, as serving embeds an added item)."""
-    emb = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
+    emb = Run.of(cfg).read_table("embed", "embeddings.parquet", EMBEDDINGS)
     ids = emb.column("item_id").to_pylist()
     base = embedding_matrix(emb)
     if added:

@@ -81,6 +81,59 @@ def writer_request(item: dict[str, Any], context: Sequence[dict[str, Any]], cfg:
             "lexical": json.dumps(list(lexical))}
 
 
+@dataclass(frozen=True)
+class TidJob:
+    """One item whose TID is to be written, with what the writer looks at: its ``context`` (neighbour rows
+    in the catalog; none for ``ctg.context: none``), worked ``examples`` ((neighbour, its TID) pairs, the
+    CTG stage's statistical TIDs or serving's live ones) and its statistical TID (``lexical``, when
+    ``statistics_needed``)."""
+
+    item: dict[str, Any]
+    context: Sequence[dict[str, Any]] = ()
+    examples: Sequence[tuple[dict[str, Any], Sequence[str]]] = ()
+    lexical: Sequence[str] = ()
+
+    def request(self, cfg: CTGConfig) -> dict[str, Any]:
+        return writer_request(self.item, self.context, cfg, self.examples, self.lexical)
+
+
+def by_rules(cfg: CTGConfig) -> bool:
+    """``ctg.method`` words / lexical: written by rules in one process, no LLM."""
+    return cfg.method != "llm"
+
+
+def rule_tids(cfg: CTGConfig, jobs: Sequence[TidJob]) -> list[dict[str, Any]]:
+    """TIDs by rules: ``words`` the item's own title words first (``words_tid``), ``lexical`` its statistical
+    TID. Each a record as ``write_tids`` returns."""
+    if cfg.method == "words":
+        tids = [words_tid(j.item, j.context, cfg.num_terms) for j in jobs]
+    elif cfg.method == "lexical":
+        tids = [list(j.lexical) for j in jobs]
+    else:
+        raise ValueError(f"ctg.method={cfg.method!r} is not written by rules")
+    return [{"item_id": j.item["item_id"], "terms": t, "raw": "", "valid": True, "source": cfg.method,
+             "attempts": 1, "reason": "ok"} for j, t in zip(jobs, tids)]
+
+
+def write_tids(cfg: CTGConfig, jobs: Sequence[TidJob], llm: "TermWriter | None" = None,
+               deadline: float | None = None) -> list[dict[str, Any]]:
+    """Every TID written for new items in one process, the one dispatch both the CTG stage (its rule methods;
+    its LLM path sends the same ``TidJob.request`` rows to ``TermWriter`` actors) and serving's catalog
+    updates use: records (item_id, terms, raw, valid, source, attempts, reason)."""
+    if not jobs:
+        return []
+    if by_rules(cfg):
+        return rule_tids(cfg, jobs)
+    if llm is None:
+        raise ValueError("ctg.method=llm needs a TermWriter")
+    requests = [j.request(cfg) for j in jobs]
+    batch = {key: np.array([q[key] for q in requests], dtype=object) for key in requests[0]}
+    res = llm({"row": np.arange(len(jobs)), **batch}, deadline)
+    return [{"item_id": j.item["item_id"], "terms": str(res["terms"][n]).split("\t"), "raw": str(res["raw"][n]),
+             "valid": bool(res["valid"][n]), "source": str(res["source"][n]), "attempts": int(res["attempts"][n]),
+             "reason": str(res["reason"][n])} for n, j in enumerate(jobs)]
+
+
 @dataclass
 class Parsed:
     terms: list[str]  # cleaned, distinct, in order

@@ -54,7 +54,7 @@ from grlm_ray import __version__
 from grlm_ray.core.config import GrlmConfig, load_config
 from grlm_ray.core.errors import DataError
 from grlm_ray.core.runtime import init_ray
-from grlm_ray.core.storage import Store
+from grlm_ray.core.run import Run
 from grlm_ray.lib.decoding import TidDecoder
 from grlm_ray.lib.eig import AddedNeighbours, TidIndex, parse_generated, place_added, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings, embed_rows, text_encoder
@@ -267,7 +267,7 @@ class CatalogRegistry:
         rows = distinct_from_catalog(self.cat, [dict(c, source=str(r.get("source") or "terms table"))
                                                 for c, r in zip(clean, rows)])
         new = self.cat.with_items(rows)
-        save_updates(self.cfg, new)
+        save_updates(Run.of(self.cfg), new)
         self.cat = new
         return {"version": new.version, "items": [{"item_id": r["item_id"], "tid": " ".join(r["terms"]),
                                                    "source": r["source"]} for r in rows]}
@@ -426,7 +426,7 @@ class Grounder(_CatalogFollower):
             return None
         if not hasattr(self, "_base"):
             self._encoder = text_encoder(self.cfg)
-            self._base = catalog_embeddings(self.cfg, Store(self.cfg.run.root, self.cfg.run.s3), [])
+            self._base = catalog_embeddings(self.cfg, [])
         new = [dict(cat.items[i], item_id=i) for i in cat.added if i not in self._embedded]
         if new:
             self._embedded.update(zip([r["item_id"] for r in new], embed_rows(self.cfg, new, self._encoder)))
@@ -710,8 +710,7 @@ class Ingress:
 
 # --------------------------------------------------------------------------- building and running
 def model_dir_for(cfg: GrlmConfig) -> str:
-    store = Store(cfg.run.root, cfg.run.s3)
-    return store.local_dir(f"{cfg.run.name}/train/model", os.path.expanduser("~/.cache/grlm-ray/serve"))
+    return Run.of(cfg).local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/serve"))
 
 
 def build(cfg: GrlmConfig) -> Any:

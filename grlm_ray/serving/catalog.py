@@ -22,12 +22,12 @@ import pyarrow as pa
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import DataError
 from grlm_ray.core.schemas import CATALOG_UPDATES, EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS, embedding_matrix
-from grlm_ray.core.storage import Store
+from grlm_ray.core.run import Run
 from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
 from grlm_ray.lib.models import quiet_loading, resolve_model_path, set_torch_threads
 from grlm_ray.lib.protocol import training_popularity
-from grlm_ray.lib.termgen import TermWriter, statistics_needed, words_tid, writer_request
+from grlm_ray.lib.termgen import TermWriter, TidJob, statistics_needed, write_tids
 from grlm_ray.lib.terms import resolve_collisions
 from grlm_ray.lib.textformat import item_text
 
@@ -131,44 +131,42 @@ class Catalog:
         return Catalog(v, items, tids, self.popular, self.added + ids, added_in)
 
 
-def load_catalog(cfg: GrlmConfig, store: Store | None = None) -> Catalog:
+def load_catalog(cfg: GrlmConfig) -> Catalog:
     """The run's catalog: its items, the TIDs the model was trained with, and saved updates."""
-
-    store = store or Store(cfg.run.root, cfg.run.s3)
-    run = cfg.run.name
-    for rel in ("prepare/items.parquet", "sft/terms.parquet", "train/model/config.json"):
-        if not store.exists(f"{run}/{rel}"):
-            raise DataError(f"{store.uri(f'{run}/{rel}')} is missing: run `grlm train` (or `grlm demo`) for this "
+    run = Run.of(cfg)
+    for stage, output in (("prepare", "items.parquet"), ("sft", "terms.parquet"), ("train", "model/config.json")):
+        if not run.exists(stage, output):
+            raise DataError(f"{run.uri(stage, output)} is missing: run `grlm train` (or `grlm demo`) for this "
                             "config before serving it")
-    return read_catalog(store, run)
+    return read_catalog(run)
 
 
-def read_catalog(store: Store, run: str) -> Catalog:
+def read_catalog(run: Run) -> Catalog:
     """The catalog of a run's prepared items and SFT terms (+ saved updates), the model not checked."""
-    items = store.read_table(f"{run}/prepare/items.parquet", ITEMS)
-    terms_t = store.read_table(f"{run}/sft/terms.parquet", TERMS)
+    items = run.read_table("prepare", "items.parquet", ITEMS)
+    terms_t = run.read_table("sft", "terms.parquet", TERMS)
     meta = ArrowMap(items.select(list(ITEM_FIELDS)).cast(ITEM_SCHEMA).combine_chunks(), None)
     tids = ArrowMap(terms_t.select(["item_id", "terms"]).cast(TID_SCHEMA).combine_chunks(), "terms")
-    seqs = store.read_table(f"{run}/prepare/sequences.parquet", SEQUENCES)
-    targets = store.read_table(f"{run}/prepare/targets.parquet", TARGETS)
+    seqs = run.read_table("prepare", "sequences.parquet", SEQUENCES)
+    targets = run.read_table("prepare", "targets.parquet", TARGETS)
     cat = Catalog(0, meta, tids, training_popularity(seqs, targets))
-    if store.exists(f"{run}/{UPDATES}"):
-        saved = store.read_table(f"{run}/{UPDATES}").to_pylist()
+    updates = run.file(UPDATES)
+    if run.store.exists(updates):
+        saved = run.store.read_table(updates).to_pylist()
         by_version: dict[int, list[dict[str, Any]]] = {}
         for r in saved:  # files written before versions were saved: one update, version 1
             by_version.setdefault(int(r.get("catalog_version") or 1), []).append(r)
         for v in sorted(by_version):  # the same versions as before the restart
             cat = cat.with_items(by_version[v], version=v)
         log.info("catalog: %d items added after training, version %d (from %s)", len(saved), cat.version,
-                 store.uri(f"{run}/{UPDATES}"))
+                 run.store.uri(updates))
     return cat
 
 
-def save_updates(cfg: GrlmConfig, catalog: Catalog, store: Store | None = None) -> None:
-    store = store or Store(cfg.run.root, cfg.run.s3)
+def save_updates(run: Run, catalog: Catalog) -> None:
     rows = [dict(catalog.items[i], terms=catalog.tids[i], source="update", catalog_version=catalog.added_in.get(i, 1))
             for i in catalog.added]
-    store.write_table(f"{cfg.run.name}/{UPDATES}", pa.Table.from_pylist(rows, schema=UPDATE_SCHEMA))
+    run.store.write_table(run.file(UPDATES), pa.Table.from_pylist(rows, schema=UPDATE_SCHEMA))
 
 
 def validate_new_items(rows: Sequence[dict[str, Any]], catalog: Catalog, *, need_terms: bool) -> list[dict[str, Any]]:
@@ -213,14 +211,13 @@ class CatalogTermWriter:
     seeded retries, repair) or statistical CTG. Serving keeps one resident (``serving.TermWriterDeployment``);
     ``assign_terms`` is the one-shot form."""
 
-    def __init__(self, cfg: GrlmConfig, store: Store | None = None, threads: int = 1) -> None:
+    def __init__(self, cfg: GrlmConfig, threads: int = 1) -> None:
         quiet_loading()
         import torch
         from sentence_transformers import SentenceTransformer
 
         self.cfg = cfg
-        store = store or Store(cfg.run.root, cfg.run.s3)
-        emb_t = store.read_table(f"{cfg.run.name}/embed/embeddings.parquet", EMBEDDINGS)
+        emb_t = Run.of(cfg).read_table("embed", "embeddings.parquet", EMBEDDINGS)
         self.base_ids = emb_t.column("item_id").to_pylist()
         self.base = embedding_matrix(emb_t)
         self.threads = max(1, threads)
@@ -283,26 +280,17 @@ class CatalogTermWriter:
         if statistics_needed(c, examples_are_statistical=False):
             nbrs = {r["item_id"]: [x["item_id"] for x in ctx] for r, ctx in zip(rows, contexts)}
             lexical = self._lexical(catalog, rows, nbrs)
-        if c.method == "words":  # the baseline: the item's own title words first, as the stage writes them
-            out = [dict(r, terms=words_tid(r, ctx, c.num_terms), source="words") for r, ctx in zip(rows, contexts)]
-        elif self.llm is None:  # statistical CTG: CTG's rules without the LLM
-            out = [dict(r, terms=t, source="lexical") for r, t in zip(rows, lexical)]
-        else:
-            # the CTG stage's own writer: generate, validate, seeded retries, repair (lexical or the item's words)
-            requests = [writer_request(r, ctx, c, ex, lex)
-                        for r, ctx, ex, lex in zip(rows, contexts, examples, lexical)]
-            batch = {key: np.array([q[key] for q in requests], dtype=object) for key in requests[0]}
-            res = self.llm({"row": np.arange(len(rows)), **batch}, deadline)
-            out = [dict(r, terms=str(t).split("\t"), source=str(src))
-                   for r, t, src in zip(rows, res["terms"], res["source"])]
+        # the CTG stage's own dispatch: title words, statistical CTG, or the LLM writer (generate, validate,
+        # seeded retries, repair)
+        jobs = [TidJob(r, ctx, ex, lex) for r, ctx, ex, lex in zip(rows, contexts, examples, lexical)]
+        out = [dict(r, terms=w["terms"], source=w["source"]) for r, w in zip(rows, write_tids(c, jobs, self.llm, deadline))]
         log.info("catalog: CTG wrote TIDs for %d new items: %s", len(out), json.dumps([o["terms"] for o in out])[:300])
         return out
 
 
-def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], store: Store | None = None,
-                 threads: int = 1) -> list[dict[str, Any]]:
+def assign_terms(cfg: GrlmConfig, catalog: Catalog, rows: list[dict[str, Any]], threads: int = 1) -> list[dict[str, Any]]:
     """CTG for new items, one shot (loads the models for this call): see ``CatalogTermWriter``."""
-    return CatalogTermWriter(cfg, store, threads)(catalog, rows)
+    return CatalogTermWriter(cfg, threads)(catalog, rows)
 
 
 def distinct_from_catalog(catalog: Catalog, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

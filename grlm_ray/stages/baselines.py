@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import BaselineConfig, GrlmConfig
-from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.schemas import PREDICTIONS, SEQUENCES, TARGETS
-from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext, Store
 from grlm_ray.lib.metrics import score_rankings
 from grlm_ray.lib.protocol import popularity_ranking, select_targets
 from grlm_ray.lib.textformat import domain_lookup, training_sequences
@@ -221,7 +221,7 @@ def _trained_sasrec(store: Store, cfg: GrlmConfig, seqs: list[list[int]], n_item
 
 
 def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
-    store = Store(cfg.run.root, cfg.run.s3)
+    run = Run.of(cfg)
     c, e = cfg.baseline, cfg.eval
 
     def body(ctx: StageContext) -> None:
@@ -246,7 +246,7 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
             valid_t = select_targets(targets, "valid", c.validation.users, c.validation.seed)
             validate = lambda model: score_rankings(scored(valid_t, model), e.ks)["overall"]  # noqa: E731
 
-        fit, cached = _trained_sasrec(store, cfg, [[index[i] for i in s] for s in train.values()], len(items), validate)
+        fit, cached = _trained_sasrec(run.store, cfg, [[index[i] for i in s] for s in train.values()], len(items), validate)
         rows_t = select_targets(targets, e.split, e.limit_users, e.seed)
         t0 = time.time()
         rows = scored(rows_t, fit.model)
@@ -271,5 +271,4 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
                          "model_cache": cached,
                          "eval_seconds": round(eval_s, 2), "items": len(items), "train_users": len(train)})
 
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
-                     resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"sequences": store.uri(f"{cfg.run.name}/prepare/sequences.parquet")})
+    return run.run_stage(STAGE, body, inputs={"sequences": ("prepare", "sequences.parquet")})

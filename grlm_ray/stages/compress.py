@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
-from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.schemas import ITEMS, TERMS
-from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext
 from grlm_ray.core.tracking import open_run
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.terms import colliding_items, resolve_terms_table
@@ -110,7 +110,6 @@ def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def compress(cfg: GrlmConfig) -> dict[str, Any]:
-    store = Store(cfg.run.root, cfg.run.s3)
     c = cfg.compress
     src_stage = "ctg" if c.source == "ctg" else "prepare"
 
@@ -125,9 +124,7 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({"source": src_stage, "sweep": rows})
         _log_sweep(cfg, rows)
 
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
-                     resume=cfg.run.resume, after=reads(STAGE, cfg),
-                     inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/terms.parquet")})
+    return Run.of(cfg).run_stage(STAGE, body, inputs={"terms": (src_stage, "terms.parquet")})
 
 
 def _log_sweep(cfg: GrlmConfig, rows: list[dict[str, Any]]) -> None:

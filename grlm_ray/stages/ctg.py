@@ -24,14 +24,14 @@ from typing import Any
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
-from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import ITEMS, NEIGHBORS, TERMS
-from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext
 from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
-from grlm_ray.lib.termgen import (PROMPT_VERSION, TermWriter, build_messages, select_items, statistics_needed, tid_stats,
-                                   words_tid, writer_request)
+from grlm_ray.lib.termgen import (PROMPT_VERSION, TermWriter, TidJob, build_messages, by_rules, rule_tids, select_items,
+                                   statistics_needed, tid_stats, words_tid)
 from grlm_ray.lib.terms import resolve_terms_table
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,9 @@ def llm_worker_memory(model_path: str | None) -> int:
 
 
 def ctg(cfg: GrlmConfig) -> dict[str, Any]:
-    store = Store(cfg.run.root, cfg.run.s3)
     c = cfg.ctg
     # converts a GGUF once, before any actor starts; the lexical method needs no LLM
     model_path = resolve_llm_path(c.llm) if c.method == "llm" else None
-    by_rules = c.method != "llm"  # lexical / words: one process, no LLM
 
     def body(ctx: StageContext) -> None:
         import time
@@ -71,7 +69,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
         parts = [ids[s:s + c.part_size] for s in range(0, len(ids), c.part_size)]
         pending = [k for k in range(len(parts)) if not ctx.part_done(f"{k:05d}")]
         log.info("ctg: %d items in %d parts, %d to do (%s)", len(ids), len(parts), len(pending),
-                 c.method if by_rules else f"{c.llm.backend}, {c.llm.model}")
+                 c.method if by_rules(c) else f"{c.llm.backend}, {c.llm.model}")
         t0 = time.time()
         lexical = None
         if pending and statistics_needed(c, examples_are_statistical=True):
@@ -81,7 +79,7 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
                 for b in items.to_batches(max_chunksize=8192):
                     lexical.add_items(b.to_pylist())
         done_items = 0
-        if pending and by_rules:
+        if pending and by_rules(c):
             done_items = _write_by_rules(ctx, cfg, parts, pending, lexical, by_id, nbrs)
         elif pending:
             done_items = _write_by_llm(ctx, cfg, model_path, parts, pending, lexical, by_id, nbrs)
@@ -110,12 +108,11 @@ def ctg(cfg: GrlmConfig) -> dict[str, Any]:
             "collisions": report.as_dict() if report else None,
             "generated_items_this_run": done_items, "generation_seconds": round(seconds, 2),
             "items_per_second": round(done_items / seconds, 3) if done_items and seconds > 0 else None,
-            "prompt_example": None if by_rules or not ids else build_messages(
+            "prompt_example": None if by_rules(c) or not ids else build_messages(
                 by_id[ids[0]], _context(ids[0], by_id, nbrs, c.num_neighbors), c),
         })
 
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
-                     resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
+    return Run.of(cfg).run_stage(STAGE, body, inputs={"items": ("prepare", "items.parquet")})
 
 
 def _neighbours(ctx: StageContext, items: pa.Table, c: Any) -> dict[str, list[str]]:
@@ -140,6 +137,19 @@ def _context(i: str, by_id: dict[str, dict], nbrs: dict[str, list[str]], n: int)
     return [by_id[j] for j in nbrs.get(i, [])[:n] if j in by_id]
 
 
+def _jobs(ids: list[str], c: Any, lexical: LexicalTermWriter | None, by_id: dict[str, dict],
+          nbrs: dict[str, list[str]], examples: bool) -> list[TidJob]:
+    """What writing each item's TID looks at (``TidJob``): its neighbour rows, with ``examples`` the first
+    ``ctg.few_shot`` of them with their statistical TIDs, and its own statistical TID when the writer has
+    statistics (the lexical method, the lexical repair, few-shot examples)."""
+    out = []
+    for i in ids:
+        near = _context(i, by_id, nbrs, c.num_neighbors)
+        shown = [(x, lexical.tid(x["item_id"])) for x in near[: c.few_shot]] if examples and lexical is not None else ()
+        out.append(TidJob(by_id.get(i) or {"item_id": i}, near, shown, lexical.tid(i) if lexical is not None else ()))
+    return out
+
+
 def _write_by_rules(ctx: StageContext, cfg: GrlmConfig, parts: list[list[str]], pending: list[int],
                     lexical: LexicalTermWriter | None, by_id: dict[str, dict], nbrs: dict[str, list[str]]) -> int:
     """``ctg.method`` lexical / words: every pending part written in this process; items written."""
@@ -147,16 +157,10 @@ def _write_by_rules(ctx: StageContext, cfg: GrlmConfig, parts: list[list[str]], 
 
     c = cfg.ctg
 
-    def rule_tid(i: str) -> list[str]:
-        if lexical is not None:
-            return lexical.tid(i)
-        return words_tid(by_id[i], _context(i, by_id, nbrs, c.num_neighbors), c.num_terms)  # method=words
-
     done = 0
     for k in tqdm(pending, desc=f"ctg parts ({c.method})", disable=not cfg.ray.progress_bars):
-        recs = [{"item_id": i, "terms": "\t".join(rule_tid(i)), "raw": "", "valid": True,
-                 "source": c.method, "attempts": 1, "reason": "ok"} for i in parts[k]]
-        _save_part(ctx, k, recs)
+        recs = rule_tids(c, _jobs(parts[k], c, lexical, by_id, nbrs, examples=False))
+        _save_part(ctx, k, [dict(r, terms="\t".join(r["terms"])) for r in recs])
         done += len(recs)
     return done
 
@@ -171,11 +175,8 @@ def _write_by_llm(ctx: StageContext, cfg: GrlmConfig, model_path: str | None, pa
     c = cfg.ctg
     rows = []
     for k in pending:
-        for i in parts[k]:
-            ctx_items = _context(i, by_id, nbrs, c.num_neighbors)
-            examples = [(x, lexical.tid(x["item_id"])) for x in ctx_items[: c.few_shot]] if lexical else ()
-            rows.append({"row": len(rows), "part": k, **writer_request(
-                by_id[i], ctx_items, c, examples, lexical.tid(i) if lexical is not None else ())})
+        for job in _jobs(parts[k], c, lexical, by_id, nbrs, examples=True):
+            rows.append({"row": len(rows), "part": k, **job.request(c)})
     ray = init_ray(cfg.ray)
     import ray.data
 

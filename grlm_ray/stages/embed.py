@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
-from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import EMBEDDINGS, ITEMS
-from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.textformat import item_text
 
@@ -43,7 +43,6 @@ class SentenceEncoder:
 
 
 def embed(cfg: GrlmConfig) -> dict[str, Any]:
-    store = Store(cfg.run.root, cfg.run.s3)
     model_path = resolve_model_path(cfg.embed.model)
 
     def body(ctx: StageContext) -> None:
@@ -85,5 +84,4 @@ def embed(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({"model": cfg.embed.model, "dim": dim, "items_without_text": no_text,
                          "workers": cfg.embed.num_workers})
 
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
-                     resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"items": store.uri(f"{cfg.run.name}/prepare/items.parquet")})
+    return Run.of(cfg).run_stage(STAGE, body, inputs={"items": ("prepare", "items.parquet")})

@@ -22,11 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
-from grlm_ray.core.registry import reads, stage_key
+from grlm_ray.core.registry import stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
 from grlm_ray.core.errors import GrlmError
-from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage, take_rows
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext, release_arrow_memory, take_rows
 from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_arrays
 from grlm_ray.lib.eig import AddedNeighbours, TidIndex, merge_beams, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings
@@ -159,24 +160,24 @@ def write_predictions(ctx: StageContext, queries: pa.Table, answers: Iterable[pa
     return model.result(), pop.result()
 
 
-def added_items(store: Store, run: str) -> pa.Table:
+def added_items(run: Run) -> pa.Table:
     """(item_id, terms) of the items added to ``run``'s catalog after training (``serve/catalog_updates.parquet``,
     written by the serving app's admin updates and the cold-start benchmark), in the order they were added."""
-    rel = f"{run}/{CATALOG_UPDATES}"
-    if not store.exists(rel):
-        raise GrlmError(f"eval.added_items=true but {store.uri(rel)} does not exist: add items first "
+    rel = run.file(CATALOG_UPDATES)
+    if not run.store.exists(rel):
+        raise GrlmError(f"eval.added_items=true but {run.store.uri(rel)} does not exist: add items first "
                         "(POST /v1/admin/items on the served run, or grlm bench cold-start)")
-    return store.read_table(rel).select(["item_id", "terms"])
+    return run.store.read_table(rel).select(["item_id", "terms"])
 
 
-def _added_neighbours(cfg: GrlmConfig, store: Store, seqs: pa.Table, targets: pa.Table) -> Any:
+def _added_neighbours(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table) -> Any:
     """``eval.added_neighbours``: a ``rerank`` for ``write_predictions`` that places each user's added
     neighbours first (``AddedNeighbours``: the run's text embeddings, the added items embedded now; the anchor
     the user's last history item or the model's top item); a moved item keeps its ``grounded_by``, a placed one
     is ``added_neighbour``."""
     e = cfg.eval
-    rows = store.read_table(f"{cfg.run.name}/{CATALOG_UPDATES}").to_pylist()
-    ids, emb = catalog_embeddings(cfg, store, rows)
+    rows = run.store.read_table(run.file(CATALOG_UPDATES)).to_pylist()
+    ids, emb = catalog_embeddings(cfg, rows)
     placer = AddedNeighbours(ids, emb, [r["item_id"] for r in rows])
     # in query order: the queries are these target rows, in this order
     last = last_history_items(seqs, target_rows(targets, e.split, e.limit_users, e.seed)) \
@@ -217,7 +218,7 @@ def _length_ordered(queries: pa.Table, tok: Any) -> pa.Table:
 
 
 def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
-    store = Store(cfg.run.root, cfg.run.s3)
+    run = Run.of(cfg)
     e = cfg.eval
 
     def body(ctx: StageContext) -> None:
@@ -228,11 +229,11 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
         terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
-        model_dir = ctx.store.local_dir(f"{ctx.run}/train/model", os.path.expanduser("~/.cache/grlm-ray/eval"))
+        model_dir = run.local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/eval"))
         tok = load_tokenizer(model_dir)
         queries = query_table(cfg, items, seqs, targets, terms_t, tok, history=False)  # Arrow: no row dicts
         popular = training_popularity(seqs, targets)
-        rerank = _added_neighbours(cfg, ctx.store, seqs, targets) if e.added_neighbours and added is not None else None
+        rerank = _added_neighbours(cfg, run, seqs, targets) if e.added_neighbours and added is not None else None
         del items, seqs, targets
         release_arrow_memory()
         ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
@@ -292,9 +293,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
 
     key, added = stage_key(cfg, STAGE), None
     if e.added_items:
-        added = added_items(store, cfg.run.name)
+        added = added_items(run)
         key += "-added-" + hashlib.sha256(json.dumps([added.column("item_id").to_pylist(),
                                                       added.column("terms").to_pylist()]).encode()).hexdigest()[:12]
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
-    return run_stage(store, cfg.run.name, STAGE, key,
-                     body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"model": store.uri(f"{cfg.run.name}/train/model")})
+    return run.run_stage(STAGE, body, key=key, inputs={"model": ("train", "model")})

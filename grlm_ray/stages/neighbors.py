@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig, NeighborsConfig
-from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import NEIGHBORS
-from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext, Store, release_arrow_memory
 
 STAGE = "neighbors"
 log = logging.getLogger(__name__)
@@ -203,8 +203,6 @@ class NeighborSearcher:
 
 
 def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
-    store = Store(cfg.run.root, cfg.run.s3)
-
     def body(ctx: StageContext) -> None:
         rel = ctx.stage_rel("embed", "embeddings.parquet")
         # the contract checked here, a batch at a time (DataError with file, row, field); the matrix is read
@@ -250,6 +248,4 @@ def neighbors(cfg: GrlmConfig) -> dict[str, Any]:
                             idx.shape[1], rec["recall_at_k"], rec["recall_sample"], cfg.neighbors.min_recall,
                             cfg.neighbors.ivf_nprobe)
 
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body,
-                     resume=cfg.run.resume, after=reads(STAGE, cfg),
-                     inputs={"embeddings": store.uri(f"{cfg.run.name}/embed/embeddings.parquet")})
+    return Run.of(cfg).run_stage(STAGE, body, inputs={"embeddings": ("embed", "embeddings.parquet")})

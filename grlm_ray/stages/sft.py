@@ -21,9 +21,10 @@ import pyarrow.compute as pc
 
 from grlm_ray.core.config import GrlmConfig, SFTConfig
 from grlm_ray.core.errors import DataError
-from grlm_ray.core.registry import reads, stage_key
+from grlm_ray.core.registry import stage_key
 from grlm_ray.core.schemas import ITEMS, MESSAGE, SEQUENCES, SFT, TARGETS, TERMS
-from grlm_ray.core.storage import StageContext, Store, release_arrow_memory, run_stage, take_rows
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext, release_arrow_memory, take_rows
 from grlm_ray.lib.termgen import repair
 from grlm_ray.lib.terms import resolve_terms_table
 from grlm_ray.lib.textformat import (
@@ -274,7 +275,6 @@ def terms_location(cfg: GrlmConfig) -> tuple[str, str]:
 
 
 def sft(cfg: GrlmConfig) -> dict[str, Any]:
-    store = Store(cfg.run.root, cfg.run.s3)
     c = cfg.sft
     src_stage, src_file = terms_location(cfg)
 
@@ -322,7 +322,7 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
             "example": {t: samples[t].slice(0, 1).to_pylist()[0] for t in samples if samples[t].num_rows},
         })
 
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE, PROMPT_VERSION), body, resume=cfg.run.resume, after=reads(STAGE, cfg),
-                     inputs={"terms": store.uri(f"{cfg.run.name}/{src_stage}/{src_file}")})
+    return Run.of(cfg).run_stage(STAGE, body, key=stage_key(cfg, STAGE, PROMPT_VERSION),
+                                 inputs={"terms": (src_stage, src_file)})
 
 

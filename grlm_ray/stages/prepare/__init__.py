@@ -27,10 +27,10 @@ import pyarrow as pa
 
 from grlm_ray.core.config import AmazonRawSource, BundleSource, ByoSource, DataConfig, GrlmConfig, SyntheticSource
 from grlm_ray.core.errors import DataError
-from grlm_ray.core.registry import stage_key
 from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.schemas import ITEMS, RAW_TEXT, REJECTS, SEQUENCES, TARGETS, TERMS, check_references
-from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext
 from grlm_ray.stages.prepare import core
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,6 @@ def _merge(cfg: DataConfig, parts: list[DomainData]) -> tuple[pa.Table, pa.Table
 
 def prepare(cfg: GrlmConfig) -> dict[str, Any]:
     """Run (or skip / resume) stage 1 for ``cfg``; returns the stage manifest."""
-    store = Store(cfg.run.root, cfg.run.s3)
 
     def body(ctx: StageContext) -> None:
         data = cfg.data
@@ -355,5 +354,4 @@ def prepare(cfg: GrlmConfig) -> dict[str, Any]:
             "domains": {d.name: d.info for d in parts}, "merge": merge_info, "rejects": counts,
         })
 
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE), body, resume=cfg.run.resume,
-                     inputs={n: s.model_dump_json() for n, s in cfg.data.domains.items()})
+    return Run.of(cfg).run_stage(STAGE, body, inputs={n: s.model_dump_json() for n, s in cfg.data.domains.items()})

@@ -32,10 +32,10 @@ import pyarrow as pa
 from grlm_ray.core import faults, runtime
 from grlm_ray.core.config import GrlmConfig, TrainConfig
 from grlm_ray.core.errors import ConfigError
-from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.schemas import ITEMS, SEQUENCES, SFT, TARGETS, TERMS
-from grlm_ray.core.storage import StageContext, Store, read_manifest, run_stage
+from grlm_ray.core.run import Run
+from grlm_ray.core.storage import StageContext, read_manifest
 from grlm_ray.core.tracking import log_artifact, model_label, start_stage_run, tracking_uri
 from grlm_ray.lib.models import load_tokenizer, quiet_loading
 from grlm_ray.lib.protocol import item_lines
@@ -217,7 +217,6 @@ def _throughput(result: Any) -> dict[str, float | None]:
 
 
 def train(cfg: GrlmConfig) -> dict[str, Any]:
-    store = Store(cfg.run.root, cfg.run.s3)
     _refuse(cfg.train)
     # train.precision=auto resolved here, once: the workers and the DeepSpeed config get fp32 or bf16
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": resolve_precision(cfg.train)})})
@@ -284,8 +283,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "model_dir": ctx.store.uri(ctx.rel("model")), "checkpoint": result.checkpoint.path,
         })
 
-    return run_stage(store, cfg.run.name, STAGE, stage_key(cfg, STAGE),
-                     body, resume=cfg.run.resume, after=reads(STAGE, cfg), inputs={"sft": store.uri(f"{cfg.run.name}/sft/sft.parquet")})
+    return Run.of(cfg).run_stage(STAGE, body, inputs={"sft": ("sft", "sft.parquet")})
 
 
 def _fit_ray(ctx: StageContext, t: TrainConfig, loop_config: dict[str, Any], train_name: str) -> Any:

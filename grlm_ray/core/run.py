@@ -1,0 +1,102 @@
+"""The run handle: where one run's artifacts live, spelled in one place.
+
+A run is ``<root>/<name>/``; each stage writes under ``<name>/<stage>/`` what ``core/registry.py`` declares
+for it (``Stage.outputs`` and ``Stage.optional``), and a few files belong to the run itself (``RUN_FILES``:
+its config, the serving catalog's updates, a comparison). Code that reads another stage's output asks the
+handle (``run.read_table("prepare", "items.parquet", ITEMS)``, ``run.local_dir("train", "model", cache)``)
+instead of writing the path by hand: an output a stage does not declare is refused with the stage's list, so
+a renamed artifact breaks at the reader's first call, not as a missing file three stages later.
+
+    run = Run.of(cfg)                          # cfg.run.root, cfg.run.name, cfg.run.s3
+    other = run.named("bench-beauty-valid")    # same store, another run
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from grlm_ray.core.errors import ConfigError, GrlmError
+from grlm_ray.core.registry import RUN_FILES, declared, reads, require_output, stage_key
+from grlm_ray.core.storage import StageContext, Store, run_stage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from grlm_ray.core.config import GrlmConfig, S3Config
+    from grlm_ray.core.schemas import ArtifactSchema
+
+
+class Run:
+    """One run's artifacts: ``<root>/<name>/<stage>/<output>``, each output declared by its stage."""
+
+    def __init__(self, root: str, name: str, s3: "S3Config | None" = None, store: Store | None = None,
+                 cfg: "GrlmConfig | None" = None) -> None:
+        self.root, self.name, self.cfg = root, name, cfg
+        self.store = store if store is not None else Store(root, s3)
+        self._s3 = s3
+
+    @classmethod
+    def of(cls, cfg: "GrlmConfig") -> "Run":
+        """The run ``cfg`` names (``run.root``, ``run.name``, ``run.s3``); it can run ``cfg``'s stages."""
+        return cls(cfg.run.root, cfg.run.name, cfg.run.s3, cfg=cfg)
+
+    def named(self, name: str) -> "Run":
+        """Another run under the same root (and the same store)."""
+        return Run(self.root, name, self._s3, self.store)
+
+    def run_stage(self, stage: str, body: Callable[[StageContext], None], *, key: str | None = None,
+                  inputs: dict[str, tuple[str, str] | str] | None = None) -> dict[str, Any]:
+        """``storage.run_stage`` for one of this config's stages: its key (``registry.stage_key`` unless given)
+        chained with the stages it reads, ``run.resume``, and ``inputs`` recorded in its manifest (a
+        (stage, output) pair as its URI, a string as it is)."""
+        if self.cfg is None:
+            raise GrlmError(f"{self!r} was not made from a config (Run.of(cfg)): it cannot run a stage")
+        return run_stage(self.store, self.name, stage, key or stage_key(self.cfg, stage), body,
+                         resume=self.cfg.run.resume, after=reads(stage, self.cfg),
+                         inputs={k: v if isinstance(v, str) else self.uri(*v) for k, v in (inputs or {}).items()})
+
+    # -- paths -----------------------------------------------------------------------------------------
+    def rel(self, stage: str, output: str = "") -> str:
+        """``<name>/<stage>[/<output>]`` relative to the root; ``output`` must be declared by the stage."""
+        output = output.strip("/")
+        require_output(stage, output)
+        return f"{self.name}/{stage}/{output}" if output else f"{self.name}/{stage}"
+
+    def file(self, name: str) -> str:
+        """A file of the run itself (not of a stage), one of ``registry.RUN_FILES``."""
+        name = name.strip("/")
+        if not declared(name, RUN_FILES):
+            raise ConfigError(f"{name!r} is not a file of the run (declared: {', '.join(RUN_FILES)}: core/registry.py)")
+        return f"{self.name}/{name}"
+
+    def uri(self, stage: str, output: str = "") -> str:
+        return self.store.uri(self.rel(stage, output))
+
+    def path(self, stage: str, output: str = "") -> str:
+        return self.store.path(self.rel(stage, output))
+
+    def exists(self, stage: str, output: str = "") -> bool:
+        return self.store.exists(self.rel(stage, output))
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def read_table(self, stage: str, output: str, schema: "ArtifactSchema | None" = None,
+                   columns: list[str] | None = None) -> "pa.Table":
+        return self.store.read_table(self.rel(stage, output), schema, columns)
+
+    def read_batches(self, stage: str, output: str, schema: "ArtifactSchema | None" = None,
+                     columns: list[str] | None = None, batch_rows: int = 65536) -> Iterator["pa.Table"]:
+        return self.store.read_batches(self.rel(stage, output), schema, columns, batch_rows=batch_rows)
+
+    def read_json(self, stage: str, output: str) -> Any:
+        return self.store.read_json(self.rel(stage, output))
+
+    def write_json(self, stage: str, output: str, obj: Any) -> None:
+        """A declared output written after its stage ran (``grlm diagnose``'s report beside the model)."""
+        self.store.write_json(self.rel(stage, output), obj)
+
+    def local_dir(self, stage: str, output: str, cache: str) -> str:
+        """A local copy of a folder output (the folder itself for a local root)."""
+        return self.store.local_dir(self.rel(stage, output), cache)
+
+    def __repr__(self) -> str:
+        return f"Run({self.store.uri(self.name)!r})"
