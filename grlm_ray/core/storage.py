@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from grlm_ray import __version__
 from grlm_ray.core.config import S3Config
 from grlm_ray.core.errors import DataError, GrlmError
+from grlm_ray.core.registry import require_output
 from grlm_ray.core.schemas import EMBEDDINGS, ArtifactSchema, validate
 
 log = logging.getLogger(__name__)
@@ -340,8 +341,6 @@ class StageContext:
     def stage_rel(self, stage: str, name: str) -> str:
         """Another stage's declared output (``registry.require_output``: a name it does not write is refused)."""
         if stage != self.stage:
-            from grlm_ray.core.registry import require_output
-
             require_output(stage, name)
         return f"{self.run}/{stage}/{name}"
 
