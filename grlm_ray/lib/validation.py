@@ -75,21 +75,29 @@ class Validator:
             decoder = TidDecoder(None, self.tid_texts, model=model, tokenizer=self.tokenizer, constrained=True,
                                  num_beams=self.opts["num_beams"], max_new_tokens=self.opts["max_new_tokens"],
                                  renormalize=self.opts["renormalize"])
-            out = np.zeros(7)
             with torch.inference_mode():
-                for s in range(0, len(self.rows), self.opts["batch_size"]):
-                    batch = self.rows[s:s + self.opts["batch_size"]]
-                    beams = decoder([r["prompt"] for r in batch], batch_size=len(batch))
-                    for r, texts in zip(batch, beams):
-                        ranked = self.index.rank(texts, max(KS)).items
-                        t = r["target_item_id"]
-                        out += [1, recall_at_k(ranked, t, 5), ndcg_at_k(ranked, t, 5), recall_at_k(ranked, t, 10),
-                                ndcg_at_k(ranked, t, 10), sum(self.index.is_valid(x) for x in texts[:10]),
-                                len(texts[:10])]
-            return out
+                return decode_sums(decoder, self.index, self.rows, self.opts["batch_size"])
         finally:
             model.config.use_cache = cache
             model.train(was_training)
+
+
+def decode_sums(decoder: TidDecoder, index: TidIndex, rows: list[dict[str, Any]], batch_size: int,
+                progress: Any = None) -> np.ndarray:
+    """[users, R@5, N@5, R@10, N@10, valid beams, beams] summed over ``rows`` (prompt, target_item_id): each
+    prompt's beams (any ``TidDecoder`` backend) grounded by ``index`` and scored (``reduce_metrics``)."""
+    out = np.zeros(7)
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
+        beams = decoder([r["prompt"] for r in batch], batch_size=len(batch))
+        for r, texts in zip(batch, beams):
+            ranked = index.rank(texts, max(KS)).items
+            t = r["target_item_id"]
+            out += [1, recall_at_k(ranked, t, 5), ndcg_at_k(ranked, t, 5), recall_at_k(ranked, t, 10),
+                    ndcg_at_k(ranked, t, 10), sum(index.is_valid(x) for x in texts[:10]), len(texts[:10])]
+        if progress is not None:
+            progress(len(batch))
+    return out
 
 
 def reduce_metrics(sums: np.ndarray, world: int) -> dict[str, float]:
