@@ -14,7 +14,10 @@ def test_demo_runs_then_skips_when_complete(tmp_path, capsys, ray_local, model_c
     args = ["demo", f"run.root={tmp_path}", "data.domains.demo.num_items=150", "data.domains.demo.num_users=300",
             "ctg.limit=4", "ctg.retries=0", f"ctg.llm.cache_dir={model_cache}", f"model.cache_dir={model_cache}",
             "train.max_steps=6", "train.log_every=3", "eval.limit_users=10", "eval.num_beams=5",
-            "eval.max_new_tokens=16", "ray.progress_bars=false"]
+            "eval.max_new_tokens=16", "ray.progress_bars=false",
+            # the CLI's flow is tested here, not DDP (tiny_trained_run, the job tests): one training process
+            # saves a Ray Train start on each of the five trainings
+            "train.strategy=single", "train.num_workers=1", "train.cpus_per_worker=2"]
     assert main(args) == 0
     captured = capsys.readouterr()
     out = captured.out
