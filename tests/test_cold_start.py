@@ -93,7 +93,8 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     overrides = tiny_sft_run + TINY + [
         "run.name=cold", "data.holdout.share=0.1", "data.holdout.candidates=0.3", "ctg.method=lexical",
         "ctg.limit=null", "ctg.lead=brand",
-        "train.strategy=ddp", "train.max_steps=30", "bench.sample_users=80", "bench.baselines=[sasrec_ce]",
+        # the bench is tested here, not DDP: one training process (no Ray Train start)
+        "train.strategy=single", "train.num_workers=1", "train.max_steps=30", "bench.sample_users=80", "bench.baselines=[sasrec_ce]",
         "baseline.epochs=2", "baseline.hidden_size=16", "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8",
         "bench.new_item_levers=[known_terms,added_search,added_neighbours]", "bench.new_item_beams=5",
         "bench.new_item_cost=0.9"]

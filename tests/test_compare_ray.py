@@ -16,7 +16,9 @@ def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
 
     cfg = load_config(None, tiny_sft_run + TINY + [
         "compress.ks=[20,40]", "train.max_steps=3", "eval.limit_users=5", "eval.num_beams=3",
-        "eval.max_new_tokens=16", "tracking.experiment=grlm-compare-test"])
+        "eval.max_new_tokens=16", "tracking.experiment=grlm-compare-test",
+        # the comparison is tested here, not DDP: one training process per variant (no Ray Train start)
+        "train.strategy=single", "train.num_workers=1"])
     out = compression_comparison(cfg)
     rows = {r["variant"]: r for r in out["rows"]}
     assert list(rows) == ["raw", "k20", "k40"]
