@@ -36,7 +36,8 @@ def measure(cfg_path: str, queries: int, sample: int) -> dict:
 
     faiss.omp_set_num_threads(2)
     cfg = load_config(cfg_path, [])
-    ids, base = Run.of(cfg).store.read_embeddings(Run.of(cfg).rel("embed", "embeddings.parquet"))
+    run = Run.of(cfg)
+    ids, base = run.store.read_embeddings(run.rel("embed", "embeddings.parquet"))
     n, d = base.shape
     nc = cfg.neighbors
     out: dict = {"config": cfg_path, "items": n, "nlist": ivf_nlist(nc, n), "list_size": nc.ivf_list_size}

@@ -30,8 +30,8 @@ from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext
 from grlm_ray.lib.generation import resolve_llm_path
 from grlm_ray.lib.lexical import LexicalTermWriter
-from grlm_ray.lib.termgen import (PROMPT_VERSION, TermWriter, TidJob, build_messages, by_rules, rule_tids, select_items,
-                                   statistics_needed, tid_stats, words_tid)
+from grlm_ray.lib.termgen import (PROMPT_VERSION, TermWriter, TidJob, build_messages, by_rules, select_items,
+                                   statistics_needed, tid_stats, words_tid, write_tids)
 from grlm_ray.lib.terms import resolve_terms_table
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _write_by_rules(ctx: StageContext, cfg: GrlmConfig, parts: list[list[str]], 
 
     done = 0
     for k in tqdm(pending, desc=f"ctg parts ({c.method})", disable=not cfg.ray.progress_bars):
-        recs = rule_tids(c, _jobs(parts[k], c, lexical, by_id, nbrs, examples=False))
+        recs = write_tids(c, _jobs(parts[k], c, lexical, by_id, nbrs, examples=False))  # serving's dispatch too
         _save_part(ctx, k, [dict(r, terms="\t".join(r["terms"])) for r in recs])
         done += len(recs)
     return done
