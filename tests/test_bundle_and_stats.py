@@ -57,6 +57,12 @@ def test_prepare_bundle_without_its_terms_writes_no_provided_terms(shared_data, 
     m = prepare(cfg)
     assert m["outputs"]["sequences.parquet"] > 0 and not m["outputs"].get("terms.parquet")
     assert not Store(str(tmp_path)).exists("b/prepare/terms.parquet")
+    # Toys carries each item's category path: prepare keeps it (statistical CTG and the embeddings read it)
+    items = {r["item_id"]: r for r in Store(str(tmp_path)).read_table("b/prepare/items.parquet").to_pylist()}
+    raw = pq.read_table(shared_data / "toys" / "items.parquet", columns=["item_id", "categories"]).to_pylist()
+    assert sum(1 for r in raw if r["categories"]) > 0.99 * len(raw)
+    for r in raw[:300]:
+        assert items[str(r["item_id"])]["categories"] == list(dict.fromkeys(r["categories"] or []))
 
 
 @pytest.mark.ray

@@ -1,6 +1,7 @@
 """Reader for a prepared bundle such as ``../shared/data/amazon2014/<dataset>/``.
 
-items.parquet: item_id int, asin, title (nullable), tid list<str> (the authors' Term IDs), ...
+items.parquet: item_id int, asin, title (nullable), tid list<str> (the authors' Term IDs), categories
+list<str> (optional: the item's category path, e.g. Toys), ...
 sequences.parquet: user_id int, item_ids list<int> (chronological; no timestamps).
 The ids keep the bundle's numbering (as strings) so results compare with the reference code.
 """
@@ -49,13 +50,22 @@ def read_bundle(directory: Path, category: str, rejects: Rejects) -> tuple[pa.Ta
             return pa.array([""] * n, pa.string())
         return pc.fill_null(_as_str(raw.column(col)), "")
 
+    def categories() -> pa.Array:
+        if "categories" not in raw.column_names:
+            return pa.array([[]] * n, pa.list_(pa.string()))
+        col = raw.column("categories").combine_chunks()
+        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+            raise DataError(f"expected a list of strings, found {col.type}", where=str(items_path),
+                            field="categories")
+        return pc.fill_null(col.cast(pa.list_(pa.string())), pa.scalar([], pa.list_(pa.string())))
+
     items = pa.table({
         "item_id": ids,
         "category": pa.array([category] * n, pa.string()),
         "title": text("title"),
         "description": pa.array([""] * n, pa.string()),
         "brand": pa.array([""] * n, pa.string()),
-        "categories": pa.array([[]] * n, pa.list_(pa.string())),
+        "categories": categories(),
         "source_id": _as_str(raw.column("asin")) if "asin" in raw.column_names else pa.nulls(n, pa.string()),
     }, schema=ITEMS.arrow)
 
