@@ -142,6 +142,16 @@ def test_a_stopped_training_job_resubmitted_resumes_from_its_checkpoint(ray_head
     manifest = json.loads((root / "resume" / "train" / "_manifest.json").read_text())
     assert manifest["status"] == "running" and stopped_at < steps  # stopped half-way
 
+    # resubmitted with an edited config: refused before any work, naming the field; the checkpoint stays
+    edited = subprocess.run([*ray_cli, "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml",
+                             "--submission-id", "grlm-train-edited", "--", sys.executable, "jobs/grlm.py", "train",
+                             "configs/demo.yaml", *overrides, "train.learning_rate=0.0123"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    logs = ray_job("logs", "grlm-train-edited")
+    assert edited.returncode != 0 and "train.learning_rate: " in logs and "-> 0.0123" in logs, logs[-4000:]
+    assert "stage 'train' stopped half-way" in logs
+    assert stored_checkpoints(Store(str(root)), f"resume/train/ray/{run_dir.name}")[-1][0] == stopped_at
+
     second = submit("grlm-train-2", wait=True)
     out = second.stdout + second.stderr
     assert second.returncode == 0 and "succeeded" in out.lower(), out[-6000:]

@@ -165,3 +165,37 @@ def test_cross_domain_merges_chronologically_with_one_target_per_domain(tmp_path
     assert t[("x", "a", "test")] == ("a/i3", 4) and t[("x", "a", "valid")] == ("a/i2", 2)
     assert t[("x", "b", "test")] == ("b/i4", 6) and t[("x", "b", "valid")] == ("b/i3", 5)
     assert len(t) == 8 and m["info"]["merge"]["users_in_both_domains"] == 2
+
+
+def test_joint_domains_reading_the_same_files_or_without_text_are_refused_before_any_work(tmp_path):
+    """Two domains over the same files (every item twice under two namespaces), and a domain with no item text
+    while CTG is to write the TIDs: named by `grlm validate`'s checks and by every pipeline run before work."""
+    from grlm_ray.flows.pipeline import check_inputs, run_pipeline
+    from grlm_ray.core.errors import ConfigError
+    from grlm_ray.core.registry import upstream
+
+    for name, titles in (("a", [f"Toy {k}" for k in range(6)]), ("b", [""] * 6)):
+        d = tmp_path / name
+        d.mkdir()
+        pq.write_table(pa.table({"item_id": list(range(1, 7)), "title": titles,
+                                 "categories": pa.array([[]] * 6, pa.list_(pa.string()))}), d / "items.parquet")
+        pq.write_table(pa.table({"user_id": [1, 2, 3], "item_ids": [[1, 2, 3], [2, 4, 5], [1, 6, 3]]}),
+                       d / "sequences.parquet")
+
+    def joint(domains: str, *extra: str):
+        return load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=j", f"data.base_dir={tmp_path}",
+                                  "data.mode=joint", f"data.domains={{{domains}}}", *extra])
+
+    twice = joint("x: {kind: bundle, dir: a}, y: {kind: bundle, dir: ./a/}, z: {kind: bundle, dir: b}",
+                  "sft.terms=provided")
+    (problem,) = check_inputs(twice, upstream("train", twice))
+    assert problem.startswith("data.domains.y: reads the same files as data.domains.x") and "twice" in problem
+    textless = joint("x: {kind: bundle, dir: a}, z: {kind: bundle, dir: b}", "sft.terms=ctg")
+    (problem,) = check_inputs(textless, upstream("train", textless))
+    assert problem.startswith("data.domains.z: no item of") and "sft.terms=provided" in problem
+    with pytest.raises(ConfigError, match="data.domains.z: no item"):
+        run_pipeline(textless, stages=upstream("train", textless))
+    assert not (tmp_path / "runs" / "j" / "prepare").exists()  # refused before any work
+    # the bundle's own TIDs need no text: CTG is not in the pipeline, nothing to refuse
+    provided = joint("x: {kind: bundle, dir: a}, z: {kind: bundle, dir: b}", "sft.terms=provided")
+    assert check_inputs(provided, upstream("train", provided)) == []

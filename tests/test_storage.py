@@ -136,6 +136,34 @@ def test_chained_keys_rerun_downstream_only(tmp_path):
     assert calls[9:] == ["c"] and read_manifest(store, "r", "c")["generation"] == 1
 
 
+def test_a_half_done_stage_is_not_started_over_by_a_changed_config(tmp_path):
+    """A killed job resubmitted with an edited config would clear its half-done training: refused before any
+    work, naming the changed fields; the same config, a change only downstream, or run.resume=false go on."""
+    from grlm_ray.core.registry import stage_key, upstream
+    from grlm_ray.flows.pipeline import check_inputs, half_done_conflicts, save_resolved_config
+
+    base = [f"run.root={tmp_path}", "run.name=r", "sft.terms=provided"]
+    cfg = load_config(None, base)
+    store = Store(str(tmp_path))
+    save_resolved_config(cfg)
+    for s in upstream("train", cfg):
+        store.write_json(f"r/{s}/_manifest.json", {"config_hash": stage_key(cfg, s) + "-abc",
+                                                 "status": "running" if s == "train" else "complete"})
+    stages = upstream("eval", cfg)
+    assert half_done_conflicts(cfg, stages) == []
+    assert half_done_conflicts(load_config(None, [*base, "eval.num_beams=7"]), stages) == []  # downstream only
+    lr = load_config(None, [*base, "train.learning_rate=0.002"])
+    (msg,) = half_done_conflicts(lr, stages)
+    assert "stage 'train' stopped half-way" in msg and "train.learning_rate: 0.001 -> 0.002" in msg
+    assert "run.resume=false" in msg and msg in check_inputs(lr, stages)
+    up = load_config(None, [*base, "data.max_sequence_length=10"])  # upstream of train: it would be cleared too
+    (msg,) = half_done_conflicts(up, stages)
+    assert "for prepare" in msg and "data.max_sequence_length: None -> 10" in msg
+    assert half_done_conflicts(load_config(None, [*base, "train.learning_rate=0.002", "run.resume=false"]), stages) == []
+    store.write_json("r/train/_manifest.json", {"config_hash": stage_key(cfg, "train"), "status": "complete"})
+    assert half_done_conflicts(lr, stages) == []  # a finished stage re-runs under a new config, as always
+
+
 def test_stage_graph_upstream_closure():
     from grlm_ray.flows.pipeline import reads, upstream
 

@@ -82,7 +82,8 @@ REGISTRY: tuple[Stage, ...] = (
           tracked=("neighbors",)),
     Stage("ctg", "grlm_ray.stages.ctg:ctg", "ctg", "stage 3: Context-aware Term Generation with an LLM (Ray Data)",
           sections=("data", "embed", "neighbors", "ctg"), reads=("prepare", "neighbors"),
-          outputs=("terms.parquet", "terms_llm.parquet"), tracked=("ctg",)),
+          outputs=("terms.parquet", "terms_llm.parquet"), tracked=("ctg",),
+          checks="grlm_ray.stages.prepare:check_item_text"),
     Stage("compress", "grlm_ray.stages.compress:compress", "compress", "stage 3: semantic compression sweep over K (MLflow)",
           sections=("data", "ctg", "compress", "embed"), reads=_compress_reads, outputs=("k<K>/terms.parquet", "sweep.json"),
           tracked=("compress",), in_demo=False),
@@ -158,10 +159,13 @@ def upstream(name: str, cfg: "GrlmConfig") -> tuple[str, ...]:
     return tuple(s for s in STAGES if s in need)
 
 
+def key_sections(cfg: "GrlmConfig", name: str) -> tuple[str, ...]:
+    """The config sections stage ``name``'s own key hashes (its ``sections`` + the ones its settings add)."""
+    return (*stage(name).sections, *_EXTRA_SECTIONS.get(name, lambda _cfg: ())(cfg))
+
+
 def stage_key(cfg: "GrlmConfig", name: str, version: str = "") -> str:
     """The stage's own key: a hash of its config sections (+ a format version); ``run_stage`` chains the
     keys of the stages it reads onto it."""
-    spec = stage(name)
-    extra = _EXTRA_SECTIONS.get(name, lambda _cfg: ())(cfg)
-    h = cfg.section_hash(*spec.sections, *extra)
+    h = cfg.section_hash(*key_sections(cfg, name))
     return f"{h}-{version}" if version else h

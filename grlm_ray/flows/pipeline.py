@@ -11,6 +11,7 @@ from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import ConfigError
 from grlm_ray.core.registry import DEMO_STAGES, STAGES, reads, upstream
 from grlm_ray.core.run import Run
+from grlm_ray.core.storage import read_manifest
 from grlm_ray.core.tracking import log_stage
 from grlm_ray.lib.metrics import format_metrics
 from grlm_ray.lib.stats import dataset_stats, format_stats
@@ -29,7 +30,67 @@ def check_inputs(cfg: GrlmConfig, stages: tuple[str, ...] = STAGES) -> list[str]
             problems += check(cfg)
     if cfg.run.root.startswith("s3://") and not cfg.run.s3.endpoint_url:
         log.info("run.root is on S3 with the default AWS endpoint")
+    return problems + half_done_conflicts(cfg, stages)
+
+
+def half_done_conflicts(cfg: GrlmConfig, stages: tuple[str, ...]) -> list[str]:
+    """A stage that stopped half-way (a killed job, an interrupted training) would be cleared and started over
+    if the config it resumes under differs where that stage or one it reads looks: a resubmitted job with an
+    edited config loses its checkpoints without a word. Refused instead, naming the changed fields; the user
+    resubmits the config it ran with, or says to start over (``run.resume=false``) or picks a new ``run.name``.
+    Finished stages are not affected: a changed config re-runs them, as always."""
+    if not cfg.run.resume:
+        return []
+    run = Run.of(cfg)
+    problems: list[str] = []
+    for name in stages:
+        manifest = read_manifest(run.store, run.name, name)
+        if not manifest or manifest.get("status") != "running":  # complete, or marked for a redo (--redo)
+            continue
+        changed = []
+        for s in upstream(name, cfg):
+            m = manifest if s == name else read_manifest(run.store, run.name, s)
+            if m is not None and not str(m.get("config_hash", "")).startswith(registry.stage_key(cfg, s)):
+                changed.append(s)
+        if changed:
+            sections = sorted({sec for s in changed for sec in registry.key_sections(cfg, s)})
+            fields = _changed_fields(run, cfg, sections)
+            problems.append(
+                f"run {run.name!r}: stage {name!r} stopped half-way and would be started over, because the "
+                f"config differs from the one it ran with for {', '.join(changed)} "
+                f"({'; '.join(fields) if fields else 'sections ' + ', '.join(sections)}). Resubmit with the "
+                f"config it ran with to resume it, or set run.resume=false to start over, or use another run.name")
     return problems
+
+
+def _changed_fields(run: Run, cfg: GrlmConfig, sections: list[str]) -> list[str]:
+    """``a.b.c: old -> new`` for the fields of ``sections`` that differ from the run's saved config.yaml
+    (written by the last pipeline run; empty when it is missing or unreadable)."""
+    import yaml
+
+    rel = run.file("config.yaml")
+    try:
+        old = yaml.safe_load(run.store.read_bytes(rel)) if run.store.exists(rel) else None
+    except Exception as e:  # noqa: BLE001 - the fields are a courtesy: the refusal stands without them
+        log.info("could not read %s to name the changed fields: %s", rel, e)
+        old = None
+    if not isinstance(old, dict):
+        return []
+    new = cfg.model_dump(mode="json")
+
+    def flat(d: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: d}
+
+    a = {k: v for sec in sections for k, v in flat(old.get(sec), sec).items()}
+    b = {k: v for sec in sections for k, v in flat(new.get(sec), sec).items()}
+    missing = "(unset)"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
 
 
 def save_resolved_config(cfg: GrlmConfig) -> str:

@@ -54,6 +54,53 @@ def resolve_path(base_dir: str, p: str) -> Path:
     return path if path.is_absolute() else Path(base_dir).expanduser() / path
 
 
+def _source_files(cfg: GrlmConfig, src: Any) -> list[Path]:
+    """The files a source reads (none for a synthetic one)."""
+    from grlm_ray.stages.prepare.amazon_raw import default_files  # dispatch to the source readers
+
+    if isinstance(src, AmazonRawSource):
+        d = resolve_path(cfg.data.base_dir, src.dir)
+        rf, mf = default_files(src.category)
+        return [resolve_path(str(d), src.reviews_file or rf), resolve_path(str(d), src.meta_file or mf)]
+    if isinstance(src, BundleSource):
+        d = resolve_path(cfg.data.base_dir, src.dir)
+        return [d / "items.parquet", d / "sequences.parquet"]
+    if isinstance(src, ByoSource):
+        return [resolve_path(cfg.data.base_dir, src.items), resolve_path(cfg.data.base_dir, src.interactions)]
+    return []
+
+
+def check_item_text(cfg: GrlmConfig) -> list[str]:
+    """Every domain has item text for CTG to write TIDs from (the CTG stage's declared check): a bundle whose
+    items have no title and no category path, or a bring-your-own source with every text column set to null,
+    is refused before any work, naming the domain. Where the text is read only by prepare (raw Amazon meta
+    files, a BYO table's cells), prepare counts the items without text (``items_with_empty_title``)."""
+    import pyarrow.parquet as pq
+
+    problems = []
+    for name, src in cfg.data.domains.items():
+        if isinstance(src, BundleSource):
+            path = resolve_path(cfg.data.base_dir, src.dir) / "items.parquet"
+            if not path.is_file():
+                continue  # check_sources names the missing file
+            cols = [c for c in ("title", "categories") if c in pq.read_schema(path).names]
+            table = pq.read_table(path, columns=cols) if cols else None
+            has = 0
+            if table is not None:
+                for row in zip(*(table.column(c).to_pylist() for c in cols)):
+                    has += any(bool(v) and (not isinstance(v, str) or v.strip()) for v in row)
+            if not has:
+                problems.append(f"data.domains.{name}: no item of {path} has text (title or categories: found "
+                                f"{', '.join(cols) or 'neither column'}), and CTG writes TIDs from item text "
+                                f"(sft.terms=ctg): use the bundle's own TIDs (sft.terms=provided)")
+        elif isinstance(src, ByoSource):
+            c = src.item_columns
+            if not any((c.title, c.description, c.brand, c.category, c.categories)):
+                problems.append(f"data.domains.{name}.item_columns: every text column (title, description, "
+                                f"brand, category, categories) is null, and CTG writes TIDs from item text")
+    return problems
+
+
 def check_sources(cfg: GrlmConfig) -> list[str]:
     """Every source file a domain names exists, and the domains fit the data mode (the stage's declared
     check: `grlm validate`, and every pipeline run before it starts)."""
@@ -61,19 +108,19 @@ def check_sources(cfg: GrlmConfig) -> list[str]:
 
     problems = []
     for name, src in cfg.data.domains.items():
-        paths: list[Path] = []
-        if isinstance(src, AmazonRawSource):
-            d = resolve_path(cfg.data.base_dir, src.dir)
-            rf, mf = default_files(src.category)
-            paths = [resolve_path(str(d), src.reviews_file or rf), resolve_path(str(d), src.meta_file or mf)]
-        elif isinstance(src, BundleSource):
-            d = resolve_path(cfg.data.base_dir, src.dir)
-            paths = [d / "items.parquet", d / "sequences.parquet"]
-        elif isinstance(src, ByoSource):
-            paths = [resolve_path(cfg.data.base_dir, src.items), resolve_path(cfg.data.base_dir, src.interactions)]
-        for p in paths:
+        for p in _source_files(cfg, src):
             if not p.is_file():
                 problems.append(f"data.domains.{name}: file not found: {p}")
+    if len(cfg.data.domains) > 1:
+        # two domains reading the same files: every item and user twice, under two namespaces
+        seen: dict[tuple[str, ...], str] = {}
+        for name, src in cfg.data.domains.items():
+            files = tuple(str(p.resolve()) for p in _source_files(cfg, src))
+            if files and files in seen:
+                problems.append(f"data.domains.{name}: reads the same files as data.domains.{seen[files]} "
+                                f"({', '.join(files)}): its items and users would be in the catalog twice, "
+                                f"under two namespaces")
+            seen.setdefault(files, name)
     if cfg.data.mode == "cross_domain":
         for name, src in cfg.data.domains.items():
             if isinstance(src, BundleSource):
