@@ -104,8 +104,6 @@ def check_item_text(cfg: GrlmConfig) -> list[str]:
 def check_sources(cfg: GrlmConfig) -> list[str]:
     """Every source file a domain names exists, and the domains fit the data mode (the stage's declared
     check: `grlm validate`, and every pipeline run before it starts)."""
-    from grlm_ray.stages.prepare.amazon_raw import default_files  # dispatch to the source readers
-
     problems = []
     for name, src in cfg.data.domains.items():
         for p in _source_files(cfg, src):
