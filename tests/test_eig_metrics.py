@@ -249,3 +249,27 @@ def test_added_search_needs_added_items_and_a_constrained_search():
     assert cfg.eval.added_beams == 5
     assert load_config("configs/demo.yaml").section_hash("eval") == \
         load_config("configs/demo.yaml", ["eval.added_beams=0", "eval.added_bonus=0.0"]).section_hash("eval")
+
+
+def test_joint_rankings_count_each_users_share_of_items_from_another_domain():
+    """Namespaced ids (a joint catalog): a beam grounded to another domain's item is counted, per domain and
+    overall, over the first k ranked items; not reported for single-domain ids."""
+    import pyarrow as pa
+
+    from grlm_ray.lib.metrics import RankingSums
+
+    dom = pa.array(["beauty", "beauty", "toys"])
+    target = pa.array(["beauty/1", "beauty/9", "toys/3"])
+    ranked = pa.array([["beauty/1", "toys/2", "sports/5", "beauty/4"], ["beauty/2"], ["toys/3", "beauty/1"]],
+                      pa.list_(pa.string()))
+    how = pa.array([["direct"] * 4, ["direct"], ["direct"] * 2], pa.list_(pa.string()))
+    sums = RankingSums((2, 4), with_valid=False, namespaced=True)
+    sums.add(dom, target, ranked, how)
+    got = sums.result()
+    beauty, toys = got["per_domain"]["beauty"], got["per_domain"]["toys"]
+    assert beauty["cross_domain_at_2"] == (0.5 + 0.0) / 2 and beauty["cross_domain_at_4"] == (0.5 + 0.0) / 2
+    assert toys["cross_domain_at_2"] == 0.5 and abs(got["overall"]["cross_domain_at_2"] - 1 / 3) < 1e-6
+    assert beauty["recall_at_2"] == 0.5 and toys["recall_at_2"] == 1.0  # the metrics themselves are unchanged
+    plain = RankingSums((2,), with_valid=False)
+    plain.add(dom, target, ranked, how)
+    assert "cross_domain_at_2" not in plain.result()["overall"]

@@ -74,8 +74,10 @@ class RankingSums:
     ranked item (at 1.87M users the row dicts were several GB). ``add`` the slices, then ``result()`` gives
     what ``score_rankings`` gives for the same rows (``with_valid``: the rows carry beam_valid flags)."""
 
-    def __init__(self, ks: Sequence[int], with_valid: bool) -> None:
-        self.ks, self.with_valid = tuple(ks), with_valid
+    def __init__(self, ks: Sequence[int], with_valid: bool, namespaced: bool = False) -> None:
+        """``namespaced``: item ids are ``<domain>/<id>`` (joint, cross-domain catalogs): each user's share of
+        ranked items from another domain than the user's (``cross_domain_at_k``) is counted too."""
+        self.ks, self.with_valid, self.namespaced = tuple(ks), with_valid, namespaced
         self.sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.counts: dict[str, int] = defaultdict(int)
 
@@ -116,6 +118,10 @@ class RankingSums:
         np.minimum.at(rank, parent[eq], (np.arange(len(parent)) - offs[parent])[eq])  # first hit
         shares = {"dhr": self._firsts(grounded, pc.fill_null(pc.equal(pc.list_flatten(grounded), "direct"), False)
                                       .to_numpy(zero_copy_only=False))}
+        if self.namespaced:
+            home = pc.list_element(pc.split_pattern(flat, "/", max_splits=1), 0)
+            other = pc.invert(pc.fill_null(pc.equal(home, pc.fill_null(domain, "").take(pa.array(parent))), False))
+            shares["cross_domain"] = self._firsts(ranked, other.to_numpy(zero_copy_only=False).astype(bool))
         if self.with_valid:
             valid = arr(valid)
             shares["vr"] = self._firsts(valid, pc.fill_null(pc.list_flatten(valid), False)

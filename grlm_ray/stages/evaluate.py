@@ -93,7 +93,8 @@ def length_order(lengths: np.ndarray, window: int = WINDOW) -> np.ndarray:
 
 
 def write_predictions(ctx: StageContext, queries: pa.Table, answers: Iterable[pa.RecordBatch], popular: list[str],
-                      ks: Sequence[int], window: int = WINDOW, rerank: Any = None) -> tuple[dict, dict]:
+                      ks: Sequence[int], window: int = WINDOW, rerank: Any = None,
+                      namespaced: bool = False) -> tuple[dict, dict]:
     """predictions.parquet in query order and the model's and popularity's metrics (``RankingSums``),
     written and scored a window of ``window`` query rows at a time as soon as all of its answers are in
     (answers carry their ``row``; any order works, window-major order keeps one window in memory). The
@@ -108,7 +109,8 @@ def write_predictions(ctx: StageContext, queries: pa.Table, answers: Iterable[pa
     have = [0] * n_windows
     pending: dict[int, list[pa.RecordBatch]] = {w: [] for w in range(n_windows)}
     schema = pa.schema([("row", pa.int64())] + [(k, pa.string()) for k in ANSWERS])
-    model, pop = RankingSums(ks, with_valid=True), RankingSums(ks, with_valid=False)
+    model = RankingSums(ks, with_valid=True, namespaced=namespaced)
+    pop = RankingSums(ks, with_valid=False, namespaced=namespaced)
     top = pa.array([popular[: max(ks)]], pa.list_(pa.string()))
 
     def window_table(w: int) -> pa.Table:
@@ -270,7 +272,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                     yield pa.record_batch({"row": pa.array(b["row"].astype(np.int64)), **{
                         k: pa.array(b[k].tolist(), pa.string()) for k in ANSWERS}})
 
-        metrics, baseline = write_predictions(ctx, queries, answers(), popular, e.ks, rerank=rerank)
+        metrics, baseline = write_predictions(ctx, queries, answers(), popular, e.ks, rerank=rerank,
+                                              namespaced=cfg.data.namespaced and len(cfg.data.domains) > 1)
         seconds = time.time() - t0
         report = {"model": metrics, "popularity": baseline, "protocol": {
             "split": e.split, "users": n_users, "sample": e.limit_users, "seed": e.seed,
