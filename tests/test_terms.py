@@ -84,3 +84,44 @@ def test_terms_table_resolution_matches_the_list_resolution_with_and_without_col
         assert out.column("source").to_pylist() == ["llm+dedup" if c else "llm" for c in changed]
         assert rep.as_dict() == want_rep.as_dict()
         assert distinct <= (rep.colliding_items_before == 0)
+
+
+def test_provided_domains_keep_their_own_tids_in_a_joint_catalog(tmp_path):
+    """``sft.provided_domains``: a joint catalog where one domain keeps its source's TIDs (Sports: the authors',
+    few titles) and the others take CTG's; a listed domain without provided TIDs, an unknown domain, or the
+    option with sft.terms=provided are refused, naming the field."""
+    import pyarrow as pa
+
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.errors import ConfigError, DataError
+    from grlm_ray.core.schemas import TERMS
+    from grlm_ray.core.storage import StageContext, Store
+    from grlm_ray.stages.sft import _keep_provided
+
+    doms = "{a: {kind: synthetic}, b: {kind: synthetic}}"
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=j", "data.mode=joint", f"data.domains={doms}",
+                             "sft.provided_domains=[b]"])
+
+    def table(rows, source):
+        return pa.table({"item_id": [r[0] for r in rows], "terms": [r[1] for r in rows], "raw": [""] * len(rows),
+                         "valid": [True] * len(rows), "source": [source] * len(rows)}, schema=TERMS.arrow)
+
+    ctg = table([("a/1", ["x", "y"]), ("a/2", ["x", "z"]), ("b/1", ["p", "q"]), ("b/2", ["p", "r"])], "lexical")
+    store = Store(str(tmp_path))
+    ctx = StageContext(store, "j", "sft")
+    with pytest.raises(DataError, match="prepare wrote no provided TIDs"):
+        _keep_provided(ctx, cfg, ctg)
+    store.write_table("j/prepare/terms.parquet", table([("a/1", ["m", "n"]), ("b/1", ["u", "v"]), ("b/2", ["u", "w"])],
+                                                         "provided"))
+    got, kept = _keep_provided(ctx, cfg, ctg)
+    assert kept == {"b": 2}
+    assert {r["item_id"]: (r["terms"], r["source"]) for r in got.to_pylist()} == {
+        "a/1": (["x", "y"], "lexical"), "a/2": (["x", "z"], "lexical"),
+        "b/1": (["u", "v"], "provided"), "b/2": (["u", "w"], "provided")}
+    store.write_table("j/prepare/terms.parquet", table([("a/1", ["m", "n"])], "provided"))
+    with pytest.raises(DataError, match=r"no provided TIDs for domain\(s\) \['b'\]"):
+        _keep_provided(ctx, cfg, ctg)
+    with pytest.raises(ConfigError, match="sft.provided_domains: \\['c'\\] not in data.domains"):
+        load_config(None, ["data.mode=joint", f"data.domains={doms}", "sft.provided_domains=[c]"])
+    with pytest.raises(ConfigError, match="every domain already does"):
+        load_config(None, ["data.mode=joint", f"data.domains={doms}", "sft.provided_domains=[b]", "sft.terms=provided"])

@@ -333,6 +333,10 @@ class SFTConfig(StrictModel):
     # every position, as SASRec's; causal, so line j is predicted from lines < j only); 'last' = the last line
     # only (the same tokens, the earlier lines read but left out of the loss: the one-target ablation)
     seq_targets: Literal["all", "last"] = neutral_default("all")
+    # domains whose items keep their source's own TIDs (a bundle's, prepare/terms.parquet) while the others take
+    # sft.terms' table: one joint catalog with the best TIDs each domain's data allows (e.g. CTG where items have
+    # titles, the authors' TIDs for Sports, 26% titled); collisions across the two re-resolved
+    provided_domains: list[str] = neutral_default([])
     seed: int = 0
 
     @model_validator(mode="after")
@@ -729,6 +733,12 @@ class GrlmConfig(StrictModel):
         if self.serve.new_item_terms == "known" and self.ctg.method != "lexical":
             raise ValueError(f"serve.new_item_terms=known steers statistical CTG (ctg.method=lexical); ctg.method is "
                              f"{self.ctg.method!r}")
+        unknown = [d for d in self.sft.provided_domains if d not in self.data.domains]
+        if unknown:
+            raise ValueError(f"sft.provided_domains: {unknown} not in data.domains ({', '.join(self.data.domains)})")
+        if self.sft.provided_domains and self.sft.terms == "provided":
+            raise ValueError("sft.provided_domains picks domains that keep their own TIDs while the others take "
+                             "sft.terms' table; with sft.terms=provided every domain already does")
         return self
 
     def section_hash(self, *sections: str) -> str:

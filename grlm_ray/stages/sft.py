@@ -262,6 +262,26 @@ def _fill_missing(items: pa.Table, terms_t: pa.Table) -> tuple[pa.Table, int]:
     return pa.concat_tables([base, extra.cast(base.schema)]), len(rest)
 
 
+def _keep_provided(ctx: StageContext, cfg: GrlmConfig, terms_t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """``sft.provided_domains``: those domains' items take their source's own TIDs (prepare/terms.parquet) in
+    place of the chosen table's rows; returns the table and the items kept per domain. A listed domain whose
+    source has no TIDs is an error naming it."""
+    if not ctx.store.exists(ctx.stage_rel("prepare", "terms.parquet")):
+        raise DataError(f"sft.provided_domains={cfg.sft.provided_domains}: prepare wrote no provided TIDs "
+                        f"(a bundle with with_terms: true has them)")
+    provided = ctx.read("terms.parquet", TERMS, stage="prepare")
+    domain_of = domain_lookup(cfg)
+    doms = pa.array([domain_of(i) for i in provided.column("item_id").to_pylist()], pa.string())
+    provided = provided.filter(pc.is_in(doms, value_set=pa.array(cfg.sft.provided_domains, pa.string())))
+    kept = Counter(domain_of(i) for i in provided.column("item_id").to_pylist())
+    missing = [d for d in cfg.sft.provided_domains if not kept[d]]
+    if missing:
+        raise DataError(f"sft.provided_domains: no provided TIDs for domain(s) {missing} (their source has none: "
+                        f"a bundle with with_terms: true has them)", field="sft.provided_domains")
+    rest = terms_t.filter(pc.invert(pc.is_in(terms_t.column("item_id"), value_set=provided.column("item_id"))))
+    return pa.concat_tables([rest, provided.select(rest.column_names).cast(rest.schema)]), dict(kept)
+
+
 def terms_location(cfg: GrlmConfig) -> tuple[str, str]:
     """(stage, file) of the terms table named by ``sft.terms``."""
     c = cfg.sft
@@ -283,6 +303,9 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
         terms_t = ctx.read(src_file, TERMS, stage=src_stage)
+        kept = {}
+        if c.provided_domains:
+            terms_t, kept = _keep_provided(ctx, cfg, terms_t)
         filled = 0
         if c.missing_terms == "words":
             terms_t, filled = _fill_missing(items, terms_t)
@@ -315,6 +338,7 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({
             "prompt_version": PROMPT_VERSION, "terms_source": f"{src_stage}/{src_file}",
             "items_named_from_words": filled, "collisions": collisions,
+            **({"provided_tids_kept": kept} if c.provided_domains else {}),
             "samples": dict(tasks), "natural_samples": {k: v.num_rows for k, v in samples.items()} | (
                 {"gti": n_items} if c.gti_weight <= 0 else {}),
             "per_domain": dict(domains),
