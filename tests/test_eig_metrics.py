@@ -273,3 +273,20 @@ def test_joint_rankings_count_each_users_share_of_items_from_another_domain():
     plain = RankingSums((2,), with_valid=False)
     plain.add(dom, target, ranked, how)
     assert "cross_domain_at_2" not in plain.result()["overall"]
+
+
+def test_the_eval_summary_shows_each_domain_of_a_joint_catalog():
+    from grlm_ray.lib.metrics import format_metrics
+
+    row = {"recall_at_5": 0.1, "ndcg_at_5": 0.05, "recall_at_10": 0.2, "ndcg_at_10": 0.07, "vr_at_10": 1.0,
+           "dhr_at_10": 1.0, "users": 30}
+    info = {"metrics": row, "popularity": {"recall_at_10": 0.01, "users": 30}, "protocol": {"split": "test"},
+            "per_domain": {"beauty": {**row, "cross_domain_at_10": 0.125, "users": 20}, "toys": {**row, "users": 10}}}
+    lines = format_metrics(info)
+    assert any("other@10" in ln for ln in lines)
+    (beauty,) = [ln for ln in lines if ln.split()[0] == "beauty"]
+    assert beauty.split()[-2:] == ["0.125", "20"]
+    (toys,) = [ln for ln in lines if ln.split()[0] == "toys"]
+    assert toys.split()[-2:] == ["-", "10"]
+    single = format_metrics({**info, "per_domain": {"beauty": row}})
+    assert not any("other@10" in ln for ln in single)

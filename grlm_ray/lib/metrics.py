@@ -65,6 +65,14 @@ def format_metrics(info: dict[str, Any], ks: tuple[int, ...] = (5, 10)) -> list[
         vr = f"{d['vr_at_10']:8.3f}" if "vr_at_10" in d else f"{'-':>8s}"
         dh = f"{d['dhr_at_10']:8.3f}" if name == "GRLM" else f"{'-':>8s}"
         lines.append(f"          {name:11s}{cells}{vr}{dh}")
+    per_domain = info.get("per_domain") or {}
+    if len(per_domain) > 1:  # a joint catalog: GRLM per domain, and its top 10's share from other domains
+        lines.append(f"          {'per domain':11s}" + "".join(f"{f'R@{k}':>8s}{f'N@{k}':>8s}" for k in ks)
+                     + f"{'other@10':>9s}{'users':>8s}")
+        for dom, d in sorted(per_domain.items()):
+            cells = "".join(f"{d.get(f'recall_at_{k}', 0):8.4f}{d.get(f'ndcg_at_{k}', 0):8.4f}" for k in ks)
+            other = f"{d['cross_domain_at_10']:9.3f}" if "cross_domain_at_10" in d else f"{'-':>9s}"
+            lines.append(f"          {dom[:11]:11s}{cells}{other}{d.get('users', 0):8d}")
     lines.append(f"          users {m['users']}, protocol: {json.dumps(info['protocol'], sort_keys=True)[:160]}")
     return lines
 
