@@ -118,3 +118,27 @@ def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, capl
     monkeypatch.undo()  # the real check, on this machine's own flags
     flags = open("/proc/cpuinfo").read()
     assert schedule.native_bf16(False) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_zero3_module_hooks_find_the_loss_in_the_label_positions_output(tiny_backbone, monkeypatch):
+    """The cause of ZeRO-3's "unknown inputs or outputs type" warning: its hooks walk a module's output for
+    tensors; the wrapper's output must be a structure they walk (the loss reached, no warning)."""
+    import torch
+    from deepspeed.runtime.zero import utils as zero_utils
+    from deepspeed.runtime.zero.utils import apply_to_tensors_only
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(zero_utils.dist, "get_rank", lambda *a, **k: 0)  # rank 0 of one process, no group
+    monkeypatch.setattr(zero_utils, "warned", False)  # it warns once per process
+
+    from grlm_ray.stages.train.modules import label_positions_lm
+
+    lm = label_positions_lm(AutoModelForCausalLM.from_pretrained(tiny_backbone))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = lm(input_ids=ids, labels=torch.tensor([[-100, 2, 3, 4]]))
+    seen, warned = [], []
+    touched = apply_to_tensors_only(lambda t: seen.append(t) or t * 1.0, out, warning_msg_fn=warned.append)
+    assert not warned and len(seen) == 1 and seen[0] is out.loss
+    assert type(touched) is type(out) and torch.equal(touched.loss, out.loss)
+    touched.loss.backward()  # what the engine backpropagates is still the loss
+    assert lm.lm.model.embed_tokens.weight.grad is not None

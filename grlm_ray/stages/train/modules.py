@@ -4,7 +4,7 @@ weight average (``train.ema_decay``), the optimizer-state digest that proves a r
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from grlm_ray.core.errors import ConfigError
 from grlm_ray.lib.tokens import IGNORE
@@ -56,9 +56,12 @@ def label_positions_lm(lm: Any) -> Any:
     return LabelPositionsLM(lm)
 
 
-class _Output:
-    def __init__(self, loss: Any) -> None:
-        self.loss = loss
+class _Output(NamedTuple):
+    """The wrapper's output: a named tuple, so ZeRO-3's module hooks find the loss tensor in it (they walk
+    tuples, lists, dicts and tensors; a plain object made DeepSpeed warn that its backward hooks "may not get
+    triggered properly" for the outermost module)."""
+
+    loss: Any
 
 
 class WeightEMA:
