@@ -97,7 +97,8 @@ def test_repair_drops_ungrounded_fragments():
     assert out == ["conditioner", "dove", "damage", "therapy"]
 
 
-def test_a_tokenizer_without_a_chat_template_gets_a_plain_transcript():
+def test_a_tokenizer_without_a_chat_template_gets_a_plain_transcript(caplog):
+    import logging
     from types import SimpleNamespace
 
     from grlm_ray.lib.generation import render
@@ -108,6 +109,11 @@ def test_a_tokenizer_without_a_chat_template_gets_a_plain_transcript():
     text = render(tok, msgs, "Terms:", enable_thinking=False)
     assert text.startswith("<bos>System: Be brief.\n\nUser: Product: soap\n\nAssistant: Terms: soap")
     assert text.endswith("User: Product: gel\n\nAssistant: Terms:")
+    tok.name_or_path = "plain-base-model"
+    with caplog.at_level(logging.INFO, logger="grlm_ray.lib.generation"):
+        for _ in range(3):
+            render(tok, msgs, "Terms:", enable_thinking=False)
+    assert sum("plain-base-model has no chat template" in r.getMessage() for r in caplog.records) == 1  # once
 
 
 # answers as the small CTG LLMs write them (from SmolLM2 / Gemma runs): one line, lists, rambling, echoes

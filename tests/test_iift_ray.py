@@ -33,8 +33,15 @@ def _exported(cfg):
     return load_file(f"{cfg.run.root}/{cfg.run.name}/train/model/model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def ddp_first_step(sft_run):
+    """DDP's first step on the tiny run (fp32, 2 workers): the loss and global gradient norm ZeRO must equal."""
+    _, m = _train(sft_run, ["train.strategy=ddp", "train.max_steps=1", "run.name=ddp-first-step"])
+    return m["info"]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_trains_and_export_equals_consolidated_checkpoint(sft_run, stage):
+def test_deepspeed_zero_trains_and_export_equals_consolidated_checkpoint(sft_run, ddp_first_step, stage):
     import torch
 
     from grlm_ray.stages.train import consolidated_state_dict
@@ -43,6 +50,10 @@ def test_deepspeed_zero_trains_and_export_equals_consolidated_checkpoint(sft_run
                               "train.max_steps=10", "train.checkpoint_every=5"])
     info = m["info"]
     assert info["zero_stage"] == stage and info["steps"] == 10
+    # the same first batch, the same initial weights: ZeRO's first loss and gradient norm are DDP's (fp32;
+    # the tolerance covers the order of the sharded reductions)
+    assert info["first_loss"] == pytest.approx(ddp_first_step["first_loss"], rel=1e-5)
+    assert info["first_grad_norm"] == pytest.approx(ddp_first_step["first_grad_norm"], rel=1e-4)
     assert info["final_loss"] < info["first_loss"] - 0.3, (info["first_loss"], info["final_loss"])
     ds = json.loads(open(f"{cfg.run.root}/{cfg.run.name}/train/deepspeed.json").read())
     assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 4 * 2 * info["plan"]["accum"]
@@ -260,3 +271,34 @@ def test_bf16_autocast_trains_fp32_weights_close_to_the_fp32_run(sft_run):
     b = _exported(cfg_16)
     assert all(t.dtype == torch.float32 for t in b.values())
     assert any(not torch.equal(a[n], b[n]) for n in a)  # autocast really ran
+
+
+def test_a_pretrained_backbone_trains_under_zero3_as_under_ddp_and_its_export_recommends(sft_run):
+    """The paper's path, small: SmolLM2-135M-Instruct (the LLM the project ships for CTG) as the backbone with its
+    own tokenizer and chat template, the paper's format (``TID | title`` lines, GTI + sequence tasks), on 2 Ray
+    Train workers: ZeRO-3's first loss and gradient norm equal DDP's on the same batch (fp32), the export loads
+    in transformers and recommends real items (constrained beams: VR 1)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grlm_ray.core.storage import Store, copy_stages
+    from grlm_ray.flows.pipeline import run_pipeline
+
+    root = next(o.split("=", 1)[1] for o in sft_run if o.startswith("run.root="))
+    copy_stages(Store(root), "demo", "pretrained", ("prepare", "embed", "neighbors", "ctg"))
+    common = [*sft_run, *TINY, "run.name=pretrained", "model.init=pretrained", "sft.item_text=tid_title",
+              "sft.gti_weight=1.0", "sft.max_history=5", "train.micro_batch=1", "train.global_batch=2",
+              "train.learning_rate=0.00002", "train.max_length=384", "train.packing=false"]
+    ddp = run_pipeline(load_config(None, [*common, "train.strategy=ddp", "train.max_steps=1"]),
+                       stages=("sft", "train"))["stages"]["train"]["info"]
+    cfg = load_config(None, [*common, "train.strategy=deepspeed", "train.deepspeed.zero_stage=3", "train.max_steps=2",
+                             "eval.limit_users=4", "eval.num_beams=3", "eval.batch_size=2", "eval.num_workers=1"])
+    res = run_pipeline(cfg, stages=("sft", "train", "eval"))["stages"]
+    info = res["train"]["info"]
+    assert info["zero_stage"] == 3 and info["steps"] == 2 and info["backbone"]["init"] == "pretrained"
+    assert info["first_loss"] == pytest.approx(ddp["first_loss"], rel=1e-4)
+    assert info["first_grad_norm"] == pytest.approx(ddp["first_grad_norm"], rel=1e-3)
+    model_dir = f"{root}/pretrained/train/model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.chat_template and AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size >= len(tok)
+    metrics = res["eval"]["info"]["metrics"]
+    assert metrics["users"] == 4 and metrics["vr_at_10"] == 1.0

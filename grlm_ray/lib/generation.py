@@ -86,10 +86,19 @@ def resolve_llm_path(cfg: LLMConfig) -> str:
     return path
 
 
+_PLAIN_TRANSCRIPT_LOGGED: set[str] = set()  # tokenizers the fallback was logged for (once per process)
+
+
 def render(tokenizer: Any, conversation: list[dict[str, str]], prefix: str, enable_thinking: bool) -> str:
     """The conversation in the model's own chat template; a base model without one (e.g. Gemma-3-270M's
     GGUF) gets a plain transcript it can continue: one ``Role: text`` block per turn, then the answer."""
     if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        if name not in _PLAIN_TRANSCRIPT_LOGGED:
+            _PLAIN_TRANSCRIPT_LOGGED.add(name)
+            log.info(
+                "tokenizer %s has no chat template: prompts are plain transcripts ('Role: text' blocks, then "
+                "'Assistant: '), at training, evaluation and serving alike", name)
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in conversation) + "Assistant: "
         return (tokenizer.bos_token or "") + text + prefix.lstrip()
     text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,

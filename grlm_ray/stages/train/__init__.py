@@ -274,6 +274,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
             "mlflow_run_id": run_id, "run_name": model_label(cfg), "backbone": backbone, "plan": plan,
             "tokens": batches.stats, "tokenize_seconds": round(tok_seconds, 2), "train_seconds": round(train_seconds, 2),
             "first_loss": final.get("first_loss"), "final_loss": final.get("loss"), **_throughput(result),
+            "first_grad_norm": final.get("first_grad_norm"), "final_grad_norm": final.get("grad_norm"),
             "steps": final.get("step"), "resumed_from_step": final.get("resumed_from_step"),
             "optimizer_digest_saved": final.get("digest_saved"), "optimizer_digest_loaded": final.get("digest_loaded"),
             "export": ex["export"], "exported": ex["exported"], "strategy": t.strategy, "precision": t.precision,

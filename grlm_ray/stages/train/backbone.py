@@ -4,13 +4,84 @@ sentence embedder."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from grlm_ray.core.config import ModelConfig
 from grlm_ray.core.errors import ConfigError
 from grlm_ray.lib.generation import gguf_to_hf
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.vocab import add_term_tokens, prune_tokenizer
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from grlm_ray.core.config import GrlmConfig
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
+
+
+def check_backbone(cfg: "GrlmConfig") -> list[str]:
+    """``model.init=pretrained`` (the train stage's declared check, before any work): ``model.path`` is a causal
+    LM, and its training state fits the memory of the workers that will hold it — fp32 weights, gradients and
+    Adam's two moments, 16 bytes a parameter, each sharded over the workers as the strategy does (DDP: none,
+    ZeRO-2: gradients and moments, ZeRO-3: all). Memory is known for a local Ray head (this machine's, split
+    over ``train.num_workers``); on a cluster the check is left to the workers. A GGUF is checked when
+    converted."""
+    import json
+    from pathlib import Path
+
+    m, t = cfg.model, cfg.train
+    if m.init != "pretrained":
+        return []
+    try:
+        path = Path(resolve_model_path(m.path))
+    except ConfigError as e:
+        return [f"model.path: {e}"]
+    if path.suffix == ".gguf":
+        return []
+    conf_file = path / "config.json"
+    if not conf_file.is_file():
+        return [f"model.path: {path} is not a Hugging Face model folder (no config.json)"]
+    conf = json.loads(conf_file.read_text())
+    archs = conf.get("architectures") or []
+    if not any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return [f"model.path: {path} is not a causal LM (architectures: {archs or 'none'}, model_type: "
+                f"{conf.get('model_type')!r}); IIFT fine-tunes a decoder that writes text (e.g. Qwen3ForCausalLM)"]
+    params = _parameter_count(path, conf)
+    if params is None or cfg.ray.address is not None:
+        return []
+    import psutil
+
+    workers = 1 if t.strategy == "single" else t.num_workers
+    zero = t.deepspeed.zero_stage if t.strategy == "deepspeed" else 0
+    per_param = 4 + (4 + 8) / workers if zero == 2 else 16 / workers if zero == 3 else 16
+    if zero == 1:
+        per_param = 4 + 4 + 8 / workers
+    need = params * per_param
+    have = psutil.virtual_memory().total / workers
+    if need > have:
+        return [f"model.path: {path.name} has {params / 1e9:.2f}B parameters; training it needs ~{need / 2**30:.1f} "
+                f"GiB per worker (fp32 weights, gradients and Adam moments, {per_param:.1f} bytes a parameter with "
+                f"train.strategy={t.strategy}" + (f", zero_stage={zero}" if zero else "") + f", train.num_workers="
+                f"{workers}), more than the {have / 2**30:.1f} GiB each has here: a smaller backbone, more workers "
+                f"or ZeRO-3 (train.deepspeed.zero_stage=3)"]
+    return []
+
+
+def _parameter_count(path: "Path", conf: dict[str, Any]) -> int | None:
+    """Parameters of a model folder from its weight files' sizes (the safetensors index's total size when
+    sharded) and its dtype; None when there are no weight files."""
+    import json
+
+    per = _DTYPE_BYTES.get(str(conf.get("torch_dtype") or conf.get("dtype") or "float32"), 4)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        total = (json.loads(index.read_text()).get("metadata") or {}).get("total_size")
+        if total:
+            return int(total) // per
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) // per if files else None
 
 
 def tokenizer_source(m: ModelConfig) -> str:

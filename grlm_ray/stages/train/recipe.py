@@ -319,8 +319,9 @@ class Progress:
             sys.stdout.write(f"[iift] step {done}/{self.total} epoch {epoch} loss {metrics['loss']:.4f} "
                              f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:.0f}\n")
             sys.stdout.flush()
-        for k in ("loss", "lr", "tokens_per_s", "samples_per_s"):
-            self.log(f"train/{k}", metrics[k], done)
+        for k in ("loss", "lr", "tokens_per_s", "samples_per_s", "grad_norm"):
+            if metrics.get(k) is not None:
+                self.log(f"train/{k}", metrics[k], done)
 
 
 class Recipe:
@@ -344,6 +345,8 @@ class Recipe:
         self.io = CheckpointIO(lc, self.m, self.rank, self.world)
         self.clock = TrainClock()
         self.start, self.first_loss, self.resumed = 0, None, None
+        self.grad_norm: float | None = None  # the last step's global gradient norm, before clipping
+        self.first_grad_norm: float | None = None  # this process's first step's (strategies compare on it)
         self.val_state: dict[str, Any] = ValidationLoop.fresh_state()
 
     def resume(self) -> None:
@@ -402,11 +405,15 @@ class Recipe:
                     (out.loss / accum).backward()
             loss_sum += float(out.loss.detach())
         if m.engine is None:
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(m.module.parameters(), t.grad_clip)
+            # the global gradient norm (after DDP's all-reduce), clipped at grad_clip (0: not clipped)
+            norm = torch.nn.utils.clip_grad_norm_(m.module.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            self.grad_norm = float(norm)
             m.optimizer.step()
             m.scheduler.step()
             m.optimizer.zero_grad(set_to_none=True)
+        else:
+            norm = m.engine.get_global_grad_norm()  # ZeRO computes it at the accumulation boundary
+            self.grad_norm = None if norm is None else float(norm)
         if m.ema is not None:
             m.ema.update(m.hf)
         return loss_sum / accum, list(mine)
@@ -452,7 +459,10 @@ class Recipe:
                            sum(int(self.data[i]["samples"]) for i in mine))
             done, epoch = step + 1, step // spe
             self.first_loss = loss if self.first_loss is None else self.first_loss
+            if step == self.start:
+                self.first_grad_norm = self.grad_norm
             metrics = {"step": done, "epoch": epoch, "loss": loss, "first_loss": self.first_loss,
+                       "grad_norm": self.grad_norm, "first_grad_norm": self.first_grad_norm,
                        "lr": float(self.m.scheduler.get_last_lr()[0]) if hasattr(self.m.scheduler, "get_last_lr")
                        else t.learning_rate}
             if self.resumed:
