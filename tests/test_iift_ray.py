@@ -27,6 +27,15 @@ def _train(base, extra):
     return cfg, run_pipeline(cfg, stages=("sft", "train"))["stages"]["train"]
 
 
+def _variant(base, name):
+    """Run ``name`` starting from the tiny run's finished stages (copied, so they are skipped)."""
+    from grlm_ray.core.storage import Store, copy_stages
+
+    root = next(o.split("=", 1)[1] for o in base if o.startswith("run.root="))
+    copy_stages(Store(root), "demo", name, ("prepare", "embed", "neighbors", "ctg", "sft"))
+    return root
+
+
 def _exported(cfg):
     from safetensors.torch import load_file
 
@@ -36,6 +45,7 @@ def _exported(cfg):
 @pytest.fixture(scope="module")
 def ddp_first_step(sft_run):
     """DDP's first step on the tiny run (fp32, 2 workers): the loss and global gradient norm ZeRO must equal."""
+    _variant(sft_run, "ddp-first-step")
     _, m = _train(sft_run, ["train.strategy=ddp", "train.max_steps=1", "run.name=ddp-first-step"])
     return m["info"]
 
@@ -280,11 +290,9 @@ def test_a_pretrained_backbone_trains_under_zero3_as_under_ddp_and_its_export_re
     in transformers and recommends real items (constrained beams: VR 1)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grlm_ray.core.storage import Store, copy_stages
     from grlm_ray.flows.pipeline import run_pipeline
 
-    root = next(o.split("=", 1)[1] for o in sft_run if o.startswith("run.root="))
-    copy_stages(Store(root), "demo", "pretrained", ("prepare", "embed", "neighbors", "ctg"))
+    root = _variant(sft_run, "pretrained")
     common = [*sft_run, *TINY, "run.name=pretrained", "model.init=pretrained", "sft.item_text=tid_title",
               "sft.gti_weight=1.0", "sft.max_history=5", "train.micro_batch=1", "train.global_batch=2",
               "train.learning_rate=0.00002", "train.max_length=384", "train.packing=false"]
