@@ -25,7 +25,8 @@ def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
     assert rows["k20"]["vocab"] < rows["raw"]["vocab"]
     for r in rows.values():
         assert r["users"] == 5 and 0 <= r["recall_at_10"] <= 1 and r["vr_at_10"] == 1.0
-        assert r["train_loss_last"] is not None
+        assert r["train_loss_last"] is not None and r["train_minutes"] is not None
+        assert r["colliding_items_after"] == 0 and r["colliding_items_mapped"] >= 0  # re-resolved: no shared TID
     root = f"{cfg.run.root}/{cfg.run.name}"
     for name in ("comparison.json", "comparison.csv", "comparison.png"):
         assert (__import__("pathlib").Path(root) / "compare" / name).stat().st_size > 0
@@ -39,3 +40,19 @@ def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
     assert main(["compare", "grlm-compare-test", "--tracking-uri", tracking_uri(cfg)]) == 0
     printed = capsys.readouterr().out
     assert "k20" in printed and "k40" in printed and "raw" in printed and out["mlflow_run_id"] in printed
+    assert "collide" in printed and "train min" in printed
+
+
+def test_the_comparison_table_adds_per_domain_columns_for_a_joint_catalog():
+    from grlm_ray.flows.compare import format_table
+
+    row = {"variant": "raw", "k": None, "vocab": 900, "colliding_items_mapped": 30, "colliding_items_after": 0,
+           "recall_at_10": 0.07, "ndcg_at_10": 0.04, "train_minutes": 12.5,
+           "per_domain": {"beauty": {"recall_at_10": 0.08, "ndcg_at_10": 0.05}, "toys": {"recall_at_10": 0.06,
+                                                                                       "ndcg_at_10": 0.03}}}
+    lines = format_table([row, {**row, "variant": "k300", "k": 300, "vocab": 300, "per_domain": {}}]).splitlines()
+    assert lines[1].split()[:4] == ["raw", "900", "30", "0"] and lines[1].split()[-1] == "12.5"
+    assert lines[4].split() == ["variant", "beauty", "toys"]
+    assert lines[5].split() == ["raw", "0.0800/", "0.0500", "0.0600/", "0.0300"]
+    assert lines[6].split() == ["k300", "-", "-"]
+    assert "per domain" not in format_table([{**row, "per_domain": {}}])

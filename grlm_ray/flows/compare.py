@@ -23,8 +23,9 @@ from grlm_ray.core.storage import copy_stages
 from grlm_ray.core.tracking import log_bytes, metric_key, open_run, run_name
 
 log = logging.getLogger(__name__)
-COLUMNS = ("variant", "k", "vocab", "colliding_items_mapped", "train_loss_last", "recall_at_5", "ndcg_at_5",
-           "recall_at_10", "ndcg_at_10", "vr_at_10", "dhr_at_10", "users", "train_seconds", "eval_seconds")
+COLUMNS = ("variant", "k", "vocab", "colliding_items_mapped", "colliding_items_after", "train_loss_last",
+           "recall_at_5", "ndcg_at_5", "recall_at_10", "ndcg_at_10", "vr_at_10", "dhr_at_10", "users",
+           "train_seconds", "train_minutes", "eval_seconds")
 
 
 def variant_config(cfg: GrlmConfig, k: int | None) -> GrlmConfig:
@@ -52,11 +53,17 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
         res = run_pipeline(vcfg, stages=upstream("eval", vcfg))["stages"]
         m, tr = res["eval"]["info"]["metrics"], res["train"]["info"]
         s = sweep["raw" if k is None else str(k)]
+        per_domain = res["eval"]["info"].get("per_domain") or {}
         rows.append({"variant": "raw" if k is None else f"k{k}", "k": k, "vocab": s["vocab"],
                      "colliding_items_mapped": s["colliding_items_mapped"],
+                     "colliding_items_after": s.get("colliding_items_after"),
                      "train_loss_last": tr.get("final_loss"), "users": m["users"],
                      **{c: m.get(c) for c in COLUMNS if c.startswith(("recall", "ndcg", "vr", "dhr"))},
-                     "train_seconds": res["train"].get("seconds"), "eval_seconds": res["eval"].get("seconds")})
+                     "train_seconds": res["train"].get("seconds"), "eval_seconds": res["eval"].get("seconds"),
+                     # the training loop's own clock (validation excluded), what a budget compares
+                     "train_minutes": round(tr["train_seconds"] / 60, 1) if tr.get("train_seconds") else None,
+                     **({"per_domain": {d: {key: v.get(key) for key in ("recall_at_10", "ndcg_at_10", "users")}
+                                        for d, v in per_domain.items()}} if len(per_domain) > 1 else {})})
     out = {"experiment": cfg.tracking.experiment, "run": cfg.run.name, "source": cfg.compress.source,
            "rows": rows, "protocol": res["eval"]["info"]["protocol"], "seconds": round(time.time() - t0, 1)}
     store.write_json(run.file("compare/comparison.json"), out)
@@ -76,14 +83,31 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'variant':>8s} {'vocab':>6s} {'R@5':>7s} {'N@5':>7s} {'R@10':>7s} {'N@10':>7s} {'VR@10':>6s} {'loss':>6s}"
+    """The comparison as a console table: vocabulary, items colliding after compression (before / after
+    re-resolution), the metrics, training minutes; a joint catalog adds R@10 / N@10 per domain."""
+    def f(x: Any, w: int = 7, p: int = 4) -> str:
+        return f"{x:{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
+
+    def n(x: Any, w: int) -> str:
+        return f"{x:{w}d}" if isinstance(x, int) else f"{'-':>{w}s}"
+
+    head = (f"{'variant':>8s} {'vocab':>6s} {'collide':>8s} {'after':>6s} {'R@5':>7s} {'N@5':>7s} {'R@10':>7s} "
+            f"{'N@10':>7s} {'VR@10':>6s} {'loss':>6s} {'train min':>9s}")
     lines = [head]
     for r in rows:
-        def f(x: Any, w: int = 7, p: int = 4) -> str:
-            return f"{x:{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
-        lines.append(f"{r['variant']:>8s} {r['vocab']:6d} {f(r.get('recall_at_5'))} {f(r.get('ndcg_at_5'))} "
+        lines.append(f"{r['variant']:>8s} {r['vocab']:6d} {n(r.get('colliding_items_mapped'), 8)} "
+                     f"{n(r.get('colliding_items_after'), 6)} {f(r.get('recall_at_5'))} {f(r.get('ndcg_at_5'))} "
                      f"{f(r.get('recall_at_10'))} {f(r.get('ndcg_at_10'))} {f(r.get('vr_at_10'), 6, 3)} "
-                     f"{f(r.get('train_loss_last'), 6, 3)}")
+                     f"{f(r.get('train_loss_last'), 6, 3)} {f(r.get('train_minutes'), 9, 1)}")
+    domains = sorted({d for r in rows for d in (r.get("per_domain") or {})})
+    if domains:
+        lines.append("per domain, R@10 / N@10:")
+        lines.append(f"{'variant':>8s} " + " ".join(f"{d[:17]:>17s}" for d in domains))
+        for r in rows:
+            pd_ = r.get("per_domain") or {}
+            cells = [f"{f(pd_[d].get('recall_at_10'), 8)}/{f(pd_[d].get('ndcg_at_10'), 8)}" if d in pd_ else f"{'-':>17s}"
+                     for d in domains]
+            lines.append(f"{r['variant']:>8s} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -121,9 +145,14 @@ def _log(cfg: GrlmConfig, out: dict[str, Any], png: bytes) -> str | None:
     with open_run(cfg, "compare", run_name(cfg, f"compare-ks{'-'.join(map(str, sorted(set(cfg.compress.ks))))}")) as run:
         mlflow.log_params({"compress/ks": str(sorted(set(cfg.compress.ks))), "compress/source": cfg.compress.source})
         for r in out["rows"]:
-            for key in ("recall_at_10", "ndcg_at_10", "vocab"):
+            for key in ("recall_at_10", "ndcg_at_10", "vocab", "colliding_items_mapped", "colliding_items_after",
+                        "train_minutes"):
                 if isinstance(r.get(key), (int, float)):
                     mlflow.log_metric(metric_key(f"{r['variant']}/{key}"), float(r[key]))
+            for dom, v in (r.get("per_domain") or {}).items():
+                for key in ("recall_at_10", "ndcg_at_10"):
+                    if isinstance(v.get(key), (int, float)):
+                        mlflow.log_metric(metric_key(f"{r['variant']}/{dom}/{key}"), float(v[key]))
         mlflow.log_dict(out, "comparison.json")
         mlflow.log_text(to_csv(out["rows"]), "comparison.csv")
         log_bytes(png, "comparison.png")
