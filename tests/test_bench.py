@@ -4,6 +4,7 @@ same-users guarantee. No timings are asserted here: benchmarks measure, tests ch
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -102,3 +103,49 @@ def test_scale_sampler_sees_a_childs_memory_and_splits_shared_pages(tmp_path):
     assert m["driver_peak_rss_mb"] >= 200 and m["other_peak_rss_mb"] >= 300  # the child: shared 200 + own 100
     assert m["other_peak_pss_mb"] < m["other_peak_rss_mb"] - 50  # its share of the 200 MB only
     assert m["tree_peak_pss_mb"] < m["tree_peak_rss_mb"] - 100  # the shared pages counted once in the PSS sum
+
+
+def test_joint_vs_single_compares_each_domain_on_the_same_users_and_refuses_other_users(tmp_path, capsys):
+    """`grlm bench joint`: per domain the single model's and the joint model's R/N@10 (from their finished runs),
+    the other-domain share, training minutes; refused when a domain's test users differ or a run is missing."""
+    import pyarrow as pa
+
+    from grlm_ray.core.storage import Store
+
+    store = Store(str(tmp_path / "runs"))
+
+    def finished(run: str, stage: str, info: dict) -> None:
+        store.write_json(f"{run}/{stage}/_manifest.json", {"status": "complete", "config_hash": "x", "info": info})
+
+    def predictions(run: str, users: list[str]) -> None:
+        store.write_table(f"{run}/eval/predictions.parquet", pa.table({"user_id": users, "split": ["test"] * len(users)}))
+
+    m = lambda r, n, **kw: {"recall_at_10": r, "ndcg_at_10": n, **kw}  # noqa: E731
+    finished("joint", "eval", {"metrics": m(0.05, 0.03), "per_domain": {
+        "a": m(0.06, 0.04, cross_domain_at_10=0.1, users=3), "b": m(0.04, 0.02, cross_domain_at_10=0.0, users=2)}})
+    finished("joint", "train", {"train_seconds": 600})
+    predictions("joint", ["a/1", "a/2", "a/3", "b/7", "b/8"])
+    for dom, users, r, n, secs in (("a", ["1", "2", "3"], 0.05, 0.04, 300), ("b", ["7", "8"], 0.05, 0.025, 360)):
+        finished(f"s{dom}-full", "eval", {"metrics": m(r, n)})
+        finished(f"s{dom}", "train", {"train_seconds": secs})
+        predictions(f"s{dom}-full", users)
+        (tmp_path / f"{dom}.yaml").write_text(f"run: {{name: s{dom}, root: {tmp_path / 'runs'}}}\n")
+    (tmp_path / "joint.yaml").write_text(
+        f"run: {{name: joint, root: {tmp_path / 'runs'}}}\n"
+        "data: {mode: joint, domains: {a: {kind: synthetic}, b: {kind: synthetic}}}\n")
+    argv = ["bench", "joint", str(tmp_path / "joint.yaml"), "--single", f"a={tmp_path / 'a.yaml'}",
+            f"b={tmp_path / 'b.yaml'}", "--out-dir", str(tmp_path / "out")]
+    assert cli_main(argv) == 0
+    saved = json.loads((tmp_path / "out" / "joint_joint.json").read_text())
+    rows = {r["domain"]: r for r in saved["rows"]}
+    assert rows["a"]["recall_ratio"] == 1.2 and rows["b"]["ndcg_ratio"] == 0.8 and rows["a"]["users"] == 3
+    assert rows["a"]["joint_other_domain_at_10"] == 0.1
+    assert saved["training"] == {"joint_minutes": 10.0, "single_minutes_sum": 11.0, "joint_over_sum": 0.909}
+    assert (tmp_path / "out" / "joint_joint.png").stat().st_size > 0
+    predictions("sb-full", ["7", "9"])  # another user: not the same users
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    assert re.search(r"domain 'b'.*not the same users", capsys.readouterr().err)
+    store.delete_dir("sa-full/eval")
+    assert cli_main(argv) == 2
+    assert re.search(r"run 'sa-full' has no finished eval stage.*bench.mode=full", capsys.readouterr().err)

@@ -22,6 +22,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                            "CONFIG [key=value ...], bench.mode=sample|full"),
     "cold-start": ("cold_start", "items held out of training join the catalog as serving adds them: R/N@10 on new- "
                                  "and seen-item targets, GRLM vs content, SASRec, popularity; CONFIG with data.holdout"),
+    "joint": ("joint", "one joint model vs one model per domain, per domain on the same test users: R/N@10, "
+                       "the other-domain share of the top 10, training minutes (trained runs: JOINT_CONFIG --single)"),
     "eig": ("eig", "EIG vs the reference algorithm (Beauty, authors' TIDs) and EIG latency at 1M items"),
     "decoding": ("decoding", "beam search: constrained vs unconstrained, batched vs one user at a time, "
                              "ours vs transformers generate (a trained run: grlm demo)"),
