@@ -135,3 +135,16 @@ REPO = Path(__file__).resolve().parents[2]
 # results land in the checkout's benchmarks/results (an installed package: ./benchmarks/results)
 DEFAULT_OUT = str(REPO / "benchmarks" / "results") if (REPO / "pyproject.toml").is_file() else "benchmarks/results"
 DEFAULT_SHARED = str(REPO.parent / "shared" / "data" / "amazon2014")
+
+
+def figure_png(fig: Any, dpi: int = 120) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout), the figure closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()

@@ -15,6 +15,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from grlm_ray.bench.common import figure_png
 from grlm_ray.core.errors import GrlmError
 
 METRICS = ("recall_at_10", "ndcg_at_10")
@@ -90,8 +91,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def plot(rows: list[dict[str, Any]], title: str) -> bytes:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,11 +105,7 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
         ax.set_title(label, fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def add_args(ap: Any) -> None:

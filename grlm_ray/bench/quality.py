@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from grlm_ray.bench.common import figure_png
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.run import Run
@@ -178,8 +179,6 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
 
 def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str) -> bytes:
     """Validation R@10 and N@10 of each trained model against training wall-clock (the learning curves)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,18 +195,12 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 def plot(rows: list[dict[str, Any]], title: str,
          keys: tuple[str, ...] = ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")) -> bytes:
     """``keys`` (default Recall/NDCG at 5 and 10) per model, one group of bars each."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,11 +213,7 @@ def plot(rows: list[dict[str, Any]], title: str,
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["model"] for r in rows], fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _log(cfg: GrlmConfig, out: dict[str, Any]) -> str | None:
