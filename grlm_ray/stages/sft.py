@@ -272,8 +272,9 @@ def _keep_provided(ctx: StageContext, cfg: GrlmConfig, terms_t: pa.Table) -> tup
     provided = ctx.read("terms.parquet", TERMS, stage="prepare")
     domain_of = domain_lookup(cfg)
     doms = pa.array([domain_of(i) for i in provided.column("item_id").to_pylist()], pa.string())
-    provided = provided.filter(pc.is_in(doms, value_set=pa.array(cfg.sft.provided_domains, pa.string())))
-    kept = Counter(domain_of(i) for i in provided.column("item_id").to_pylist())
+    keep = pc.is_in(doms, value_set=pa.array(cfg.sft.provided_domains, pa.string()))
+    provided = provided.filter(keep)
+    kept = Counter(doms.filter(keep).to_pylist())
     missing = [d for d in cfg.sft.provided_domains if not kept[d]]
     if missing:
         raise DataError(f"sft.provided_domains: no provided TIDs for domain(s) {missing} (their source has none: "

@@ -55,9 +55,8 @@ def check_backbone(cfg: "GrlmConfig") -> list[str]:
 
     workers = 1 if t.strategy == "single" else t.num_workers
     zero = t.deepspeed.zero_stage if t.strategy == "deepspeed" else 0
-    per_param = 4 + (4 + 8) / workers if zero == 2 else 16 / workers if zero == 3 else 16
-    if zero == 1:
-        per_param = 4 + 4 + 8 / workers
+    # bytes a parameter per worker: weights 4, gradients 4, Adam moments 8, sharded as the ZeRO stage shards them
+    per_param = {0: 16, 1: 4 + 4 + 8 / workers, 2: 4 + (4 + 8) / workers, 3: 16 / workers}[zero]
     need = params * per_param
     have = psutil.virtual_memory().total / workers
     if need > have:
