@@ -40,6 +40,22 @@ def test_a_stage_key_moves_with_its_own_sections_only():
     assert upstream("eval", base)[-1] == "eval"
 
 
+def test_the_train_key_hashes_the_precision_it_runs_with_so_a_resubmitted_auto_run_resumes():
+    """The train stage resolves train.precision=auto (bf16 where native, else fp32) before it runs and writes
+    its key; the key a resubmission is checked against (half-done guard, skip-if-done) must be that same one."""
+    from grlm_ray.stages.train import resolved
+    from grlm_ray.stages.train.schedule import resolve_precision
+
+    auto = load_config(None, ["train.precision=auto"])
+    runs_as = resolve_precision(auto.train)
+    assert runs_as in ("bf16", "fp32") and resolved(auto).train.precision == runs_as
+    explicit = load_config(None, [f"train.precision={runs_as}"])
+    assert stage_key(auto, "train") == stage_key(explicit, "train") == stage_key(resolved(auto), "train")
+    other = "fp32" if runs_as == "bf16" else "bf16"
+    assert stage_key(auto, "train") != stage_key(load_config(None, [f"train.precision={other}"]), "train")
+    assert stage_key(auto, "eval") != stage_key(explicit, "eval")  # downstream keys unchanged: finished evals stay
+
+
 def test_an_unknown_stage_is_a_clear_error():
     from grlm_ray.core.errors import ConfigError
 

@@ -111,6 +111,17 @@ _BY_NAME = {s.name: s for s in REGISTRY}
 RUN_FILES: tuple[str, ...] = ("config.yaml", "serve/catalog_updates.parquet", "compare/", "bench-scale/")
 _EXTRA_SECTIONS: dict[str, Callable[["GrlmConfig"], tuple[str, ...]]] = {"train": _train_sections}
 
+
+def _train_keyed(cfg: "GrlmConfig") -> "GrlmConfig":
+    # train.precision=auto is resolved (bf16 / fp32 on this machine) before the stage runs and keys its result
+    from grlm_ray.stages.train.schedule import resolved
+
+    return resolved(cfg)
+
+
+# the config a stage's key hashes, where the stage resolves settings before it runs
+_KEYED: dict[str, Callable[["GrlmConfig"], "GrlmConfig"]] = {"train": _train_keyed}
+
 STAGES: tuple[str, ...] = tuple(s.name for s in REGISTRY)          # in pipeline order
 DEMO_STAGES: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.in_demo)
 
@@ -168,5 +179,6 @@ def key_sections(cfg: "GrlmConfig", name: str) -> tuple[str, ...]:
 def stage_key(cfg: "GrlmConfig", name: str, version: str = "") -> str:
     """The stage's own key: a hash of its config sections (+ a format version); ``run_stage`` chains the
     keys of the stages it reads onto it."""
+    cfg = _KEYED.get(name, lambda c: c)(cfg)
     h = cfg.section_hash(*key_sections(cfg, name))
     return f"{h}-{version}" if version else h

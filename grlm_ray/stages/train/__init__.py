@@ -48,7 +48,7 @@ from grlm_ray.stages.train.export import consolidated_state_dict, export_model  
 from grlm_ray.stages.train.modules import (WeightEMA, add_residual_dropout, label_positions_lm,  # noqa: F401
                                            optimizer_digest)
 from grlm_ray.stages.train.recipe import LoopConfig, ValidationSpec, train_loop
-from grlm_ray.stages.train.schedule import deepspeed_config, lr_factor, plan_steps, resolve_precision  # noqa: F401
+from grlm_ray.stages.train.schedule import deepspeed_config, lr_factor, plan_steps, resolve_precision, resolved  # noqa: F401
 from grlm_ray.stages.train.sessions import (CKPT_TAG, EMA_FILE, LocalSession, RaySession,  # noqa: F401
                                             seal_checkpoint, stored_checkpoints)
 
@@ -218,8 +218,9 @@ def _throughput(result: Any) -> dict[str, float | None]:
 
 def train(cfg: GrlmConfig) -> dict[str, Any]:
     _refuse(cfg.train)
-    # train.precision=auto resolved here, once: the workers and the DeepSpeed config get fp32 or bf16
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": resolve_precision(cfg.train)})})
+    # train.precision=auto resolved here, once: the workers and the DeepSpeed config get fp32 or bf16 (the
+    # stage's key hashes the same resolved config: registry.stage_key)
+    cfg = resolved(cfg, warn=True)
     t, m = cfg.train, cfg.model
     if not t.use_gpu:  # DeepSpeed's accelerator probe warns on every CPU import; say CPU up front
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grlm_ray.core.config import TrainConfig
 from grlm_ray.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from grlm_ray.core.config import GrlmConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +59,27 @@ def native_bf16(use_gpu: bool) -> bool:
     return any(x in flags for x in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_precision(t: TrainConfig) -> str:
+def resolve_precision(t: TrainConfig, *, warn: bool = True) -> str:
     """``train.precision`` as it will run: ``auto`` -> bf16 where native (``native_bf16``), else fp32. An explicit
     bf16 without native support is kept, with a warning (it is slow, not wrong)."""
+    if t.precision == "fp32":
+        return "fp32"
     native = native_bf16(t.use_gpu)
     if t.precision == "auto":
         return "bf16" if native else "fp32"
-    if t.precision == "bf16" and not native:
+    if warn and t.precision == "bf16" and not native:
         log.warning("train.precision=bf16 on a %s without native bf16: torch emulates it (measured 45x slower matmuls "
                     "than fp32 on an AVX2-only CPU); train.precision=auto picks fp32 here", "GPU" if t.use_gpu else "CPU")
     return t.precision
+
+
+def resolved(cfg: "GrlmConfig", *, warn: bool = False) -> "GrlmConfig":
+    """The config the train stage runs (and keys its result) with: ``train.precision=auto`` resolved on this
+    machine. ``registry.stage_key`` hashes the same, so a resubmitted job finds its half-done training."""
+    precision = resolve_precision(cfg.train, warn=warn)
+    if precision == cfg.train.precision:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
 
 
 def deepspeed_config(t: TrainConfig, accum: int, world: int) -> dict[str, Any]:
