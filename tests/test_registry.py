@@ -16,6 +16,8 @@ def test_every_record_names_a_stage_module_that_runs_under_its_name(spec):
     fields = set(GrlmConfig.model_fields)
     assert set(spec.sections) <= fields and set(spec.tracked) <= fields and spec.sections
     assert spec.help and spec.outputs is not None
+    cfg = load_config(None, [])
+    assert isinstance(spec.keyed_config(cfg), GrlmConfig)  # its key's config (the stage's own resolution)
 
 
 def test_the_graph_is_ordered_acyclic_and_its_verbs_unique():

@@ -43,3 +43,35 @@ def test_serve_config_is_consistent(path):
         for d in app.get("deployments", []):
             auto = d.get("autoscaling_config", {})
             assert auto.get("min_replicas", 0) <= auto.get("max_replicas", 1)
+
+
+def test_a_generator_in_its_own_python_gets_a_runtime_env_and_bad_settings_are_named(tmp_path, monkeypatch):
+    """serve.generator.python / env_vars become the replicas' Ray runtime_env (an absolute py_executable);
+    a Python that is not there, or the vLLM backend where the replicas' Python has no vllm, is refused
+    before anything is deployed, naming the field."""
+    import importlib.util
+
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.errors import ConfigError
+    from grlm_ray.serving.app import generator_checks
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["serve.generator.python=venv/bin/python", "serve.generator.env_vars.VLLM_CPU_KVCACHE_SPACE=1"])
+    opts = cfg.serve.generator.deployment_options()["ray_actor_options"]
+    assert opts["runtime_env"] == {"py_executable": str(tmp_path / "venv/bin/python"),
+                                   "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    assert "runtime_env" not in cfg.serve.grounder.deployment_options()["ray_actor_options"]
+    (msg,) = generator_checks(cfg)
+    assert "serve.generator.python 'venv/bin/python' is not an executable" in msg
+    exe = tmp_path / "venv/bin/python"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert generator_checks(cfg) == []
+    vllm_here = load_config(None, ["serve.backend=vllm"])
+    if importlib.util.find_spec("vllm") is None:  # the test environment: vllm lives in .venv-vllm
+        (msg,) = generator_checks(vllm_here)
+        assert "serve.backend=vllm" in msg and "serve.generator.python" in msg
+    assert vllm_here.serve.scores_renormalized() and not load_config(None, []).serve.scores_renormalized()
+    with pytest.raises(ConfigError, match="serve.renormalize=false needs the transformers backend"):
+        load_config(None, ["serve.backend=vllm", "serve.renormalize=false"])

