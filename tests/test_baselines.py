@@ -57,6 +57,50 @@ def test_sasrec_keeps_the_best_validated_epoch_and_stops_on_patience():
     assert fit.seconds > 0
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_sasrec_killed_mid_training_resumes_to_the_uninterrupted_result():
+    """A SASRec training stopped after epoch 3 (a killed job) and resumed from the state checkpointed after
+    every epoch ends exactly where the uninterrupted one does: the same losses, validation curve, best epoch
+    and weights (dropout and sampled negatives draw from both random generators, restored too)."""
+    import copy
+
+    import torch
+
+    from grlm_ray.core.config import BaselineConfig
+    from grlm_ray.stages.baselines import train_sasrec
+
+    c = BaselineConfig(loss="sampled", negatives=8, hidden_size=16, num_layers=1, epochs=6, batch_size=64,
+                       dropout=0.3, max_len=10, threads=1, validation={"users": 10, "patience": 3})
+    seqs = _cyclic_sequences(30)
+
+    def validate(model):  # a deterministic function of the weights
+        return {"ndcg_at_10": float(sum(p.double().abs().sum() for p in model.parameters()) % 1), "recall_at_10": 0.0}
+
+    whole = train_sasrec(seqs, 30, c, progress=False, validate=validate)
+    saved = {}
+
+    def killed_after_3(state):
+        saved.clear()
+        saved.update(copy.deepcopy(state))
+        if state["epoch"] == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_sasrec(seqs, 30, c, progress=False, validate=validate, checkpoint=killed_after_3)
+    assert saved["epoch"] == 3 and len(saved["losses"]) == 3
+    resumed = train_sasrec(seqs, 30, c, progress=False, validate=validate, resume=saved)
+    def timeless(curve):
+        return [{k: v for k, v in p.items() if k not in ("seconds", "train_minutes")} for p in curve]
+
+    assert resumed.losses == whole.losses and timeless(resumed.curve) == timeless(whole.curve)
+    assert resumed.best_epoch == whole.best_epoch
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sasrec_sampled_softmax_masks_a_negative_equal_to_the_positive():
     """Sampled softmax over [positive, shared negatives]: a sampled item equal to a position's positive is
     not counted against it, so with every negative equal to the positive the loss is exactly 0."""

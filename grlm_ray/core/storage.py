@@ -72,6 +72,10 @@ class Store:
         if self.exists(rel):
             self.fs.delete_dir(self.path(rel))
 
+    def delete_file(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_file(self.path(rel))
+
     def upload_dir(self, local_dir: str, rel: str) -> None:
         """Copy a local folder to ``rel`` (file by file, each write atomic), replacing what was there."""
         self.delete_dir(rel)

@@ -114,10 +114,14 @@ def _batch_loss(model: Any, h: Any, y: Any, c: BaselineConfig, n_items: int, rng
 
 
 def train_sasrec(train_seqs: list[list[int]], n_items: int, c: BaselineConfig, progress: bool = True,
-                 validate: Callable[[Any], dict[str, float]] | None = None) -> SASRecFit:
+                 validate: Callable[[Any], dict[str, float]] | None = None,
+                 checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                 resume: dict[str, Any] | None = None) -> SASRecFit:
     """Train on index sequences (items 1..n_items), a next-item target at every position. ``validate``
     (model in eval mode -> metrics) runs every ``c.validation.every_epochs`` epochs; the best epoch's weights
-    by ``c.validation.metric`` are kept and ``c.validation.patience`` stops training early."""
+    by ``c.validation.metric`` are kept and ``c.validation.patience`` stops training early. ``checkpoint``
+    gets the whole training state after every epoch; ``resume`` (such a state) continues from it exactly as
+    the uninterrupted run would have (weights, optimizer, both random generators, curve, best so far)."""
     import copy
 
     import torch
@@ -137,7 +141,19 @@ def train_sasrec(train_seqs: list[list[int]], n_items: int, c: BaselineConfig, p
     curve: list[dict[str, Any]] = []
     best, best_state, best_epoch, since = -1.0, None, None, 0
     train_s = 0.0
-    bar = tqdm(range(c.epochs), desc=f"sasrec-{c.loss}", disable=not progress)
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["torch_rng"])
+        rng.bit_generator.state = resume["numpy_rng"]
+        losses, curve, best_state = list(resume["losses"]), list(resume["curve"]), resume["best_state"]
+        best, best_epoch, since, train_s = resume["best"], resume["best_epoch"], resume["since"], resume["train_s"]
+        start = resume["epoch"]
+        log.info("sasrec: resuming after epoch %d of %d (best %s at epoch %s)", start, c.epochs, best, best_epoch)
+        if resume.get("stopped"):  # it had stopped early: nothing left to train
+            start = c.epochs
+    bar = tqdm(range(start, c.epochs), desc=f"sasrec-{c.loss}", disable=not progress, initial=start, total=c.epochs)
     for epoch in bar:
         t0 = time.time()
         model.train()
@@ -155,23 +171,29 @@ def train_sasrec(train_seqs: list[list[int]], n_items: int, c: BaselineConfig, p
         losses.append(total / max(1, count))
         train_s += time.time() - t0
         log.debug("sasrec epoch %d loss %.4f", epoch, losses[-1])
-        if validate is None or (epoch + 1) % v.every_epochs and epoch + 1 < c.epochs:
-            continue
-        model.eval()
-        metrics = validate(model)
-        curve.append({"epoch": epoch + 1, "seconds": round(train_s, 2), "train_minutes": round(train_s / 60, 3),
-                      "loss": round(losses[-1], 4),
-                      **{k: round(float(x), 6) for k, x in metrics.items() if isinstance(x, (int, float))}})
-        bar.set_postfix({v.metric: f"{metrics[v.metric]:.4f}"})
-        if metrics[v.metric] > best:
-            best, best_epoch, since = metrics[v.metric], epoch + 1, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            since += 1
-            if v.patience is not None and since >= v.patience:
-                log.info("sasrec: %d validations without a better %s: stopped after epoch %d (best %d)",
-                         since, v.metric, epoch + 1, best_epoch)
-                break
+        stop = False
+        if validate is not None and ((epoch + 1) % v.every_epochs == 0 or epoch + 1 == c.epochs):
+            model.eval()
+            metrics = validate(model)
+            curve.append({"epoch": epoch + 1, "seconds": round(train_s, 2), "train_minutes": round(train_s / 60, 3),
+                          "loss": round(losses[-1], 4),
+                          **{k: round(float(x), 6) for k, x in metrics.items() if isinstance(x, (int, float))}})
+            bar.set_postfix({v.metric: f"{metrics[v.metric]:.4f}"})
+            if metrics[v.metric] > best:
+                best, best_epoch, since = metrics[v.metric], epoch + 1, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since += 1
+                stop = v.patience is not None and since >= v.patience
+        if checkpoint is not None:
+            checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state,
+                        "losses": losses, "curve": curve, "best_state": best_state, "best": best,
+                        "best_epoch": best_epoch, "since": since, "train_s": train_s, "stopped": stop})
+        if stop:
+            log.info("sasrec: %d validations without a better %s: stopped after epoch %d (best %d)",
+                     since, v.metric, epoch + 1, best_epoch)
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     return SASRecFit(model.eval(), losses, curve, best_epoch, train_s)
@@ -211,12 +233,26 @@ def _trained_sasrec(store: Store, cfg: GrlmConfig, seqs: list[list[int]], n_item
         fit = SASRecFit(model.eval(), info["losses"], info.get("curve", []), info.get("best_epoch"),
                         info["train_seconds"])
         return fit, store.uri(rel)
-    fit = train_sasrec(seqs, n_items, cfg.baseline, progress=cfg.ray.progress_bars, validate=validate)
+    # an interrupted training (a killed job) continues from its last epoch: the state after every epoch
+    ckpt = f"{rel}/checkpoint.pt"
+    resume = None
+    if store.exists(ckpt):
+        resume = torch.load(io.BytesIO(store.read_bytes(ckpt)), weights_only=False)
+
+    def save(state: dict[str, Any]) -> None:
+        b = io.BytesIO()
+        torch.save(state, b)
+        store.write_bytes(ckpt, b.getvalue())  # atomic: a kill mid-write leaves the previous epoch's
+
+    fit = train_sasrec(seqs, n_items, cfg.baseline, progress=cfg.ray.progress_bars, validate=validate,
+                       checkpoint=save, resume=resume)
     buf = io.BytesIO()
     torch.save(fit.model.state_dict(), buf)
     store.write_bytes(f"{rel}/model.pt", buf.getvalue())
     store.write_json(f"{rel}/info.json", {"losses": fit.losses, "train_seconds": fit.seconds, "items": n_items,
-                                          "curve": fit.curve, "best_epoch": fit.best_epoch})
+                                          "curve": fit.curve, "best_epoch": fit.best_epoch,
+                                          "resumed_after_epoch": resume["epoch"] if resume else None})
+    store.delete_file(ckpt)
     return fit, None
 
 
