@@ -160,6 +160,10 @@ def test_a_half_done_stage_is_not_started_over_by_a_changed_config(tmp_path):
     (msg,) = half_done_conflicts(up, stages)
     assert "for prepare" in msg and "data.max_sequence_length: None -> 10" in msg
     assert half_done_conflicts(load_config(None, [*base, "train.learning_rate=0.002", "run.resume=false"]), stages) == []
+    # the same config, keyed otherwise (another machine's precision, another version): said so, not a bare refusal
+    store.write_json("r/train/_manifest.json", {"config_hash": "0123456789abcdef-abc", "status": "running"})
+    (msg,) = half_done_conflicts(cfg, stages)
+    assert "no field differs" in msg and "train.precision=auto" in msg
     store.write_json("r/train/_manifest.json", {"config_hash": stage_key(cfg, "train"), "status": "complete"})
     assert half_done_conflicts(lr, stages) == []  # a finished stage re-runs under a new config, as always
 

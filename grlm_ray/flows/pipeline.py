@@ -58,9 +58,15 @@ def half_done_conflicts(cfg: GrlmConfig, stages: tuple[str, ...]) -> list[str]:
             problems.append(
                 f"run {run.name!r}: stage {name!r} stopped half-way and would be started over, because the "
                 f"config differs from the one it ran with for {', '.join(changed)} "
-                f"({'; '.join(fields) if fields else 'sections ' + ', '.join(sections)}). Resubmit with the "
+                f"({'; '.join(fields) if fields else _no_field_differs(sections)}). Resubmit with the "
                 f"config it ran with to resume it, or set run.resume=false to start over, or use another run.name")
     return problems
+
+
+def _no_field_differs(sections: list[str]) -> str:
+    return (f"sections {', '.join(sections)}; no field differs from the run's saved config.yaml: a setting "
+            "resolved on the machine differs (train.precision=auto: bf16 where the CPU / GPU has it natively, fp32 "
+            "elsewhere), or another grlm-ray version keys the stage differently")
 
 
 def _changed_fields(run: Run, cfg: GrlmConfig, sections: list[str]) -> list[str]:
