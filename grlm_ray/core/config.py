@@ -520,10 +520,23 @@ class EvalConfig(StrictModel):
 
     @model_validator(mode="after")
     def _vllm_scores(self) -> "EvalConfig":
-        if self.backend == "vllm" and self.constrained and self.renormalize is False:
-            raise ValueError("eval.renormalize=false needs the transformers backend: vLLM's allowed_token_ids "
-                             "reports log-probs renormalized over the allowed tokens")
+        _check_renormalize("eval", self.backend, self.constrained, self.renormalize)
         return self
+
+    def scores_renormalized(self) -> bool:
+        return renormalized(self.backend, self.renormalize)
+
+
+def renormalized(backend: str, renormalize: bool | None) -> bool:
+    """Whether constrained beam scores are renormalized over the allowed tokens: as set, else as the backend
+    scores them (vLLM's allowed_token_ids renormalizes, transformers does not)."""
+    return renormalize if renormalize is not None else backend == "vllm"
+
+
+def _check_renormalize(section: str, backend: str, constrained: bool, renormalize: bool | None) -> None:
+    if backend == "vllm" and constrained and renormalize is False:
+        raise ValueError(f"{section}.renormalize=false needs the transformers backend: vLLM's allowed_token_ids "
+                         "reports log-probs renormalized over the allowed tokens")
 
 
 class ReplicaConfig(StrictModel):
@@ -575,7 +588,7 @@ class ReplicaConfig(StrictModel):
                 "max_queued_requests": self.max_queued_requests,
                 "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
                 "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                                      **({"runtime_env": self.runtime_env()} if self.runtime_env() else {})}}
+                                      **({"runtime_env": env} if (env := self.runtime_env()) else {})}}
 
     def runtime_env(self) -> dict[str, Any]:
         """Ray's runtime_env of the replicas: ``python`` (absolute) and ``env_vars``; {} when neither is set."""
@@ -665,13 +678,11 @@ class ServeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _vllm_scores(self) -> "ServeConfig":
-        if self.backend == "vllm" and self.constrained and self.renormalize is False:
-            raise ValueError("serve.renormalize=false needs the transformers backend: vLLM's allowed_token_ids "
-                             "reports log-probs renormalized over the allowed tokens")
+        _check_renormalize("serve", self.backend, self.constrained, self.renormalize)
         return self
 
     def scores_renormalized(self) -> bool:
-        return self.renormalize if self.renormalize is not None else self.backend == "vllm"
+        return renormalized(self.backend, self.renormalize)
 
     def admitted(self) -> int | None:
         """Recommend calls one ingress replica lets in at once (None: no limit)."""

@@ -26,6 +26,12 @@ if TYPE_CHECKING:  # the config module is light, but the registry only needs its
 Reads = Callable[["GrlmConfig"], tuple[str, ...]]
 
 
+def _load(spec: str) -> Any:
+    """The function a ``"module:function"`` string names (its module imported now)."""
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage: what runs it, what it reads, what it writes, what its result depends on."""
@@ -45,20 +51,13 @@ class Stage:
                                                 # stage resolves settings before it runs (train.precision=auto)
 
     def function(self) -> Callable[["GrlmConfig"], dict[str, Any]]:
-        module, attr = self.entry.split(":")
-        return getattr(importlib.import_module(module), attr)
+        return _load(self.entry)
 
     def check_function(self) -> Callable[["GrlmConfig"], list[str]] | None:
-        if self.checks is None:
-            return None
-        module, attr = self.checks.split(":")
-        return getattr(importlib.import_module(module), attr)
+        return None if self.checks is None else _load(self.checks)
 
     def keyed_config(self, cfg: "GrlmConfig") -> "GrlmConfig":
-        if self.keyed is None:
-            return cfg
-        module, attr = self.keyed.split(":")
-        return getattr(importlib.import_module(module), attr)(cfg)
+        return cfg if self.keyed is None else _load(self.keyed)(cfg)
 
     def read_stages(self, cfg: "GrlmConfig") -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.reads(cfg) if callable(self.reads) else self.reads))

@@ -203,7 +203,7 @@ def _options(e: Any, tok: Any, tids: list[list[str]], cpus: int) -> dict[str, An
         max_new = effective_max_new_tokens(tid_token_arrays(tok, map(tid_text, tids))[1], max_new)
     return {"constrained": e.constrained, "num_beams": e.num_beams, "max_new_tokens": max_new,
             "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
-            "renormalize": e.renormalize if e.renormalize is not None else e.backend == "vllm",
+            "renormalize": e.scores_renormalized(),
             "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers),
             "added_beams": e.added_beams, "added_bonus": e.added_bonus}
 
