@@ -144,6 +144,7 @@ class Resumed:
 
     step: int
     first_loss: float | None
+    first_grad_norm: float | None
     validation: dict[str, Any]
     train_seconds: float
     digest_saved: float
@@ -177,8 +178,8 @@ class CheckpointIO:
             rng_file = os.path.join(d, f"rng_rank{self.rank}.pt")
             if os.path.exists(rng_file):
                 torch.set_rng_state(torch.load(rng_file))
-        return Resumed(int(meta["step"]), meta.get("first_loss"), meta.get("validation") or {},
-                       float(meta.get("train_seconds") or 0.0), meta["optimizer_digest"],
+        return Resumed(int(meta["step"]), meta.get("first_loss"), meta.get("first_grad_norm"),
+                       meta.get("validation") or {}, float(meta.get("train_seconds") or 0.0), meta["optimizer_digest"],
                        optimizer_digest(m.optimizer, m.partitioned))
 
     def save(self, session: Any, step: int, metrics: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -200,7 +201,7 @@ class CheckpointIO:
             if rank == 0:
                 with open(os.path.join(d, "meta.json"), "w") as f:
                     json.dump({"step": step, "world": self.world, "optimizer_digest": digest, "strategy": t.strategy,
-                               "first_loss": meta["first_loss"],
+                               "first_loss": meta["first_loss"], "first_grad_norm": meta.get("first_grad_norm"),
                                "zero_stage": t.deepspeed.zero_stage if m.engine is not None else None,
                                "validation": meta["validation"], "train_seconds": meta["train_seconds"]}, f)
             seal_checkpoint(d, rank)
@@ -346,7 +347,7 @@ class Recipe:
         self.clock = TrainClock()
         self.start, self.first_loss, self.resumed = 0, None, None
         self.grad_norm: float | None = None  # the last step's global gradient norm, before clipping
-        self.first_grad_norm: float | None = None  # this process's first step's (strategies compare on it)
+        self.first_grad_norm: float | None = None  # the run's first step's (strategies compare on it; kept on resume)
         self.val_state: dict[str, Any] = ValidationLoop.fresh_state()
 
     def resume(self) -> None:
@@ -356,6 +357,7 @@ class Recipe:
             return
         r = self.resumed = self.io.restore(self.ckpt)
         self.start, self.first_loss, self.clock.offset = r.step, r.first_loss, r.train_seconds
+        self.first_grad_norm = r.first_grad_norm
         self.val_state.update(r.validation)
 
     def order(self, epoch: int) -> Any:
@@ -459,7 +461,7 @@ class Recipe:
                            sum(int(self.data[i]["samples"]) for i in mine))
             done, epoch = step + 1, step // spe
             self.first_loss = loss if self.first_loss is None else self.first_loss
-            if step == self.start:
+            if self.first_grad_norm is None:
                 self.first_grad_norm = self.grad_norm
             metrics = {"step": done, "epoch": epoch, "loss": loss, "first_loss": self.first_loss,
                        "grad_norm": self.grad_norm, "first_grad_norm": self.first_grad_norm,
@@ -474,7 +476,9 @@ class Recipe:
                 stop = self.validate(val, progress, done, metrics)
                 progress.pause(time.time() - t_v)  # throughput windows exclude validation
             if done % t.checkpoint_every == 0 or done == total or (val is not None and done in val.steps):
-                self.io.save(self.session, done, metrics, {"first_loss": self.first_loss, "validation": self.val_state,
+                self.io.save(self.session, done, metrics, {"first_loss": self.first_loss,
+                                                           "first_grad_norm": self.first_grad_norm,
+                                                           "validation": self.val_state,
                                                            "train_seconds": self.clock()})
             elif done % t.log_every == 0:
                 # not every step: Ray Train V2 hands a report to the controller through a one-slot queue that it
