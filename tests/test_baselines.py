@@ -15,14 +15,15 @@ def _cyclic_sequences(n_items=30, n_users=300, length=8, seed=0):
     return out
 
 
-@pytest.mark.parametrize("loss", ["ce", "sampled", "bce"])
-def test_sasrec_learns_a_planted_next_item_rule(loss):
+@pytest.mark.parametrize("loss,layers", [("ce", "sasrec"), ("sampled", "sasrec"), ("bce", "sasrec"),
+                                         ("sampled", "ligr")])
+def test_sasrec_learns_a_planted_next_item_rule(loss, layers):
     from grlm_ray.stages.baselines import recommend, train_sasrec
     from grlm_ray.core.config import BaselineConfig
 
     n = 30
-    c = BaselineConfig(loss=loss, hidden_size=32, num_layers=1, epochs=40 if loss == "ce" else 60, batch_size=64,
-                       learning_rate=5e-3, dropout=0.0, max_len=10, threads=1, negatives=8)
+    c = BaselineConfig(loss=loss, layers=layers, hidden_size=32, num_layers=1, epochs=40 if loss == "ce" else 60,
+                       batch_size=64, learning_rate=5e-3, dropout=0.0, max_len=10, threads=1, negatives=8)
     model, losses, curve, best_epoch, _ = train_sasrec(_cyclic_sequences(n), n, c, progress=False)
     assert curve == [] and best_epoch is None  # no validation: the last epoch's weights
     assert losses[-1] < losses[0] * 0.5
@@ -131,6 +132,26 @@ def test_sasrec_untrained_does_not_know_the_rule():
     model = build_sasrec(30, BaselineConfig(hidden_size=32, num_layers=1, max_len=10)).eval()
     top = recommend(model, [[5, 6, 7], [29, 30], [12], [1, 2], [20]], k=1, max_len=10)
     assert [int(t[0]) for t in top] != [8, 1, 13, 3, 21]
+
+
+@pytest.mark.parametrize("layers", ["sasrec", "ligr"])
+def test_sasrec_positions_see_only_earlier_items(layers):
+    """Position j's state depends on items 0..j only: a later item changed leaves it as it was, an earlier one
+    does not."""
+    import torch
+
+    from grlm_ray.core.config import BaselineConfig
+    from grlm_ray.stages.baselines import build_sasrec
+
+    torch.manual_seed(0)
+    model = build_sasrec(30, BaselineConfig(layers=layers, hidden_size=16, num_layers=2, num_heads=2,
+                                            max_len=6, dropout=0.0)).eval()
+    with torch.no_grad():
+        a = model(torch.tensor([[0, 0, 3, 4, 5, 6]]))
+        later = model(torch.tensor([[0, 0, 3, 4, 5, 9]]))
+        earlier = model(torch.tensor([[0, 0, 7, 4, 5, 6]]))
+    assert torch.allclose(a[0, 2:5], later[0, 2:5], atol=1e-6) and not torch.allclose(a[0, 5], later[0, 5])
+    assert not torch.allclose(a[0, 3:], earlier[0, 3:], atol=1e-4)
 
 
 @pytest.mark.ray

@@ -720,6 +720,9 @@ class BaselineConfig(StrictModel):
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(1, ge=1)
+    # ligr: LiGR blocks (gated residuals, SwiGLU); with loss=sampled it is eSASRec (SASRec's objective, LiGR
+    # layers, sampled softmax)
+    layers: Literal["sasrec", "ligr"] = neutral_default("sasrec")
     dropout: float = Field(0.2, ge=0, lt=1)
     max_len: int = Field(50, ge=2)
     epochs: int = Field(30, ge=1)

@@ -33,6 +33,35 @@ log = logging.getLogger(__name__)
 STAGE = "baseline"
 
 
+def _ligr_block(d: int, heads: int, dropout: float) -> Any:
+    """A LiGR transformer block (LinkedIn's ranking layer, eSASRec's choice): pre-norm attention and a SwiGLU
+    feed-forward (4d, no bias), each added to the residual stream through a sigmoid gate computed from the
+    stream itself rather than added whole."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class LiGRBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm_attn, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, heads, dropout, batch_first=True)
+            self.gate_attn, self.gate_ff = nn.Linear(d, d), nn.Linear(d, d)
+            self.ff_gate, self.ff_up = nn.Linear(d, 4 * d, bias=False), nn.Linear(d, 4 * d, bias=False)
+            self.ff_down = nn.Linear(4 * d, d, bias=False)
+            self.drop_attn, self.drop_ff = nn.Dropout(dropout), nn.Dropout(dropout)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            a = self.norm_attn(x)
+            a, _ = self.attn(a, a, a, attn_mask=mask, need_weights=False)
+            x = x + torch.sigmoid(self.gate_attn(x)) * self.drop_attn(a)
+            f = self.norm_ff(x)
+            f = self.ff_down(F.silu(self.ff_gate(f)) * self.ff_up(f))
+            return x + torch.sigmoid(self.gate_ff(x)) * self.drop_ff(f)
+
+    return LiGRBlock()
+
+
 def build_sasrec(n_items: int, c: BaselineConfig) -> Any:
     import torch
     from torch import nn
@@ -44,9 +73,12 @@ def build_sasrec(n_items: int, c: BaselineConfig) -> Any:
             self.item = nn.Embedding(n_items + 1, d, padding_idx=0)  # 0 = padding
             self.pos = nn.Embedding(c.max_len, d)
             self.drop = nn.Dropout(c.dropout)
-            layer = nn.TransformerEncoderLayer(d, c.num_heads, d * 4, c.dropout, activation="gelu",
-                                               batch_first=True, norm_first=True)
-            self.blocks = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
+            if c.layers == "ligr":
+                self.blocks = nn.ModuleList([_ligr_block(d, c.num_heads, c.dropout) for _ in range(c.num_layers)])
+            else:
+                layer = nn.TransformerEncoderLayer(d, c.num_heads, d * 4, c.dropout, activation="gelu",
+                                                   batch_first=True, norm_first=True)
+                self.blocks = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(d)
             # small initial embeddings: with N(0, 1) ones the tied output logits start with std ~sqrt(d)
             # and full-softmax CE starts far above log(#items) (seen: 30.6 on Beauty)
@@ -65,6 +97,10 @@ def build_sasrec(n_items: int, c: BaselineConfig) -> Any:
             blocked = blocked.unsqueeze(0) | (seq == 0).unsqueeze(1)
             blocked &= ~torch.eye(length, dtype=torch.bool, device=seq.device).unsqueeze(0)
             mask = blocked.repeat_interleave(c.num_heads, dim=0)
+            if c.layers == "ligr":
+                for block in self.blocks:
+                    x = block(x, mask)
+                return self.norm(x)
             return self.norm(self.blocks(x, mask=mask))
 
         def scores(self, h: torch.Tensor) -> torch.Tensor:
