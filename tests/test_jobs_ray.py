@@ -20,9 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture()
-def ray_head(tmp_path):
-    """`ray start --head --block` in its own process group on loopback; every port chosen free."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` in its own process group on loopback; every port chosen free. One head for the
+    module's jobs, as on a cluster (each job has its own run root)."""
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
                                      "dashboard-agent-listen-port", "metrics-export-port", "runtime-env-agent-port")}
     # token authentication (Ray's default for new clusters): the head and the CLI read ~/.ray/auth_token
