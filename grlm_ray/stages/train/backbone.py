@@ -22,7 +22,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8":
 
 
 def check_backbone(cfg: "GrlmConfig") -> list[str]:
-    """``model.init=pretrained`` (the train stage's declared check, before any work): ``model.path`` is a causal
+    """``model.init=pretrained`` / ``reinit`` (the train stage's declared check, before any work): ``model.path`` is a causal
     LM, and its training state fits the memory of the workers that will hold it — fp32 weights, gradients and
     Adam's two moments, 16 bytes a parameter, each sharded over the workers as the strategy does (DDP: none,
     ZeRO-2: gradients and moments, ZeRO-3: all). Memory is known for a local Ray head (this machine's, split
@@ -32,7 +32,7 @@ def check_backbone(cfg: "GrlmConfig") -> list[str]:
     from pathlib import Path
 
     m, t = cfg.model, cfg.train
-    if m.init != "pretrained":
+    if m.init == "scratch":
         return []
     try:
         path = Path(resolve_model_path(m.path))
@@ -139,6 +139,12 @@ def build_backbone(m: ModelConfig, corpus: Iterable[str], out_dir: str, terms: l
     info: dict[str, Any] = {"init": m.init, "source": m.path}
     if m.init == "pretrained":
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    elif m.init == "reinit":
+        from transformers import AutoConfig
+
+        torch.manual_seed(m.seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
+        info["seed"] = m.seed
     else:
         if m.vocab == "terms":
             info["term_vocab"] = add_term_tokens(tok, terms or [])
