@@ -17,6 +17,30 @@ import pytest
 
 from grlm_ray.core.runtime import _LOCAL_ENV, free_port  # noqa: F401  (free_port re-exported for the tests)
 
+
+def non_loopback_listeners(root_pid: int) -> list[str]:
+    """The TCP ports that ``root_pid`` or any process below it listens on outside loopback (``name pid ip:port``):
+    a local service must be reachable from this machine only."""
+    import ipaddress
+
+    import psutil
+
+    root = psutil.Process(root_pid)
+    found = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            conns, name = p.net_connections(kind="inet"), p.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            if c.status != psutil.CONN_LISTEN:
+                continue
+            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            if not ip.is_loopback:
+                found.append(f"{name} pid {p.pid} {c.laddr.ip}:{c.laddr.port}")
+    return found
+
 # Tests only start local heads: the loopback settings before any test module imports ray (Ray reads them
 # at import time), whatever order the tests run in
 for _k, _v in _LOCAL_ENV.items():

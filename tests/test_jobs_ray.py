@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, free_port
+from conftest import TINY, free_port, non_loopback_listeners
 from grlm_ray.core.storage import Store
 from grlm_ray.stages.train import stored_checkpoints
 
@@ -49,7 +49,11 @@ def ray_head(tmp_path_factory):
         else:
             raise RuntimeError("the Ray head's job API did not come up:\n"
                                + (tmp_path / "ray_head.log").read_text()[-3000:])
-        yield address, env
+        # `ray start` turns --node-ip-address=127.0.0.1 into the machine's reachable address (GCS, raylet and
+        # agents then listen on every interface) unless told the cluster is this one machine
+        # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, as in the README's command)
+        assert non_loopback_listeners(proc.pid) == []
+        yield address, env, proc.pid
     finally:  # also when the head never came up: leave no Ray processes behind
         _stop_head(proc, log, ports["port"])
 
@@ -70,7 +74,7 @@ def _stop_head(proc, log, gcs_port):
 
 
 def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path, model_cache):
-    address, env = ray_head
+    address, env, head_pid = ray_head
     root = tmp_path / "runs"
     overrides = [f"run.root={root}", "ray.address=auto", "ray.progress_bars=false",
                  "data.domains.demo.num_items=150", "data.domains.demo.num_users=300", "ctg.limit=1",
@@ -98,7 +102,7 @@ def test_a_stopped_training_job_resubmitted_resumes_from_its_checkpoint(ray_head
     """As a cluster user would: submit without waiting, follow the job with Ray's own commands, stop it once a
     checkpoint is written, submit it again: the training resumes from that checkpoint and ends at the planned
     step count (the same as an uninterrupted run's)."""
-    address, env = ray_head
+    address, env, head_pid = ray_head
     root = tmp_path / "runs"
     steps = 60
     overrides = [f"run.root={root}", "run.name=resume", "ray.address=auto", "ray.progress_bars=false",
@@ -130,6 +134,7 @@ def test_a_stopped_training_job_resubmitted_resumes_from_its_checkpoint(ray_head
         time.sleep(3)
     else:
         raise AssertionError("no checkpoint within 15 minutes:\n" + ray_job("logs", "grlm-train-1")[-4000:])
+    assert non_loopback_listeners(head_pid) == []  # with the job's driver and training workers running
     ray_job("stop", "grlm-train-1")
     deadline = time.time() + 120
     while "STOPPED" not in ray_job("status", "grlm-train-1").upper() and time.time() < deadline:

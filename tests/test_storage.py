@@ -155,7 +155,7 @@ def test_a_half_done_stage_is_not_started_over_by_a_changed_config(tmp_path):
     lr = load_config(None, [*base, "train.learning_rate=0.002"])
     (msg,) = half_done_conflicts(lr, stages)
     assert "stage 'train' stopped half-way" in msg and "train.learning_rate: 0.001 -> 0.002" in msg
-    assert "run.resume=false" in msg and msg in check_inputs(lr, stages)
+    assert "run.resume=false" in msg and "`grlm train CONFIG --redo`" in msg and msg in check_inputs(lr, stages)
     up = load_config(None, [*base, "data.max_sequence_length=10"])  # upstream of train: it would be cleared too
     (msg,) = half_done_conflicts(up, stages)
     assert "for prepare" in msg and "data.max_sequence_length: None -> 10" in msg

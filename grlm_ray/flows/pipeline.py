@@ -59,7 +59,9 @@ def half_done_conflicts(cfg: GrlmConfig, stages: tuple[str, ...]) -> list[str]:
                 f"run {run.name!r}: stage {name!r} stopped half-way and would be started over, because the "
                 f"config differs from the one it ran with for {', '.join(changed)} "
                 f"({'; '.join(fields) if fields else _no_field_differs(sections)}). Resubmit with the "
-                f"config it ran with to resume it, or set run.resume=false to start over, or use another run.name")
+                f"config it ran with to resume it, or start that stage over with `grlm "
+                f"{registry.stage(name).verb} CONFIG --redo` (the finished stages before it are kept), or set "
+                f"run.resume=false to start every stage over, or use another run.name")
     return problems
 
 
