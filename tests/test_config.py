@@ -165,3 +165,25 @@ def test_byo_recipe_is_the_benchmarked_recipe_on_your_own_data():
     assert next(iter(byo.data.domains.values())).kind == "byo"
     for section in ("model", "train", "sft", "ctg", "eval", "baseline"):
         assert getattr(byo, section) == getattr(bench, section), section
+
+
+def test_a_job_joining_a_cluster_hands_its_workers_that_clusters_address(monkeypatch):
+    """Workers resolve the cluster for Ray Train's placement-group cleaner from RAY_ADDRESS; without it they ask
+    the head `ray start` last recorded on the machine (not necessarily theirs)."""
+    import json
+
+    from grlm_ray.core.runtime import _with_cluster_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what `ray job submit` gives a job's driver
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    base = {"env_vars": {"HF_HUB_OFFLINE": "1"}}
+    assert _with_cluster_address(base, "auto") == {"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "127.0.0.1:6379"}}
+    assert base == {"env_vars": {"HF_HUB_OFFLINE": "1"}}  # the caller's dict is not changed
+    assert _with_cluster_address(None, "10.0.0.5:6379") == {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}
+    assert _with_cluster_address(base, "ray://head:10001") is base  # Ray Client: the server side resolves it
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"RAY_ADDRESS": "10.0.0.9:6379"}}}))
+    assert _with_cluster_address(base, "auto") is base  # the job's own runtime env sets it: Ray would refuse a clash
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert _with_cluster_address(base, "auto") is base  # nothing known before ray.init: unchanged

@@ -142,3 +142,29 @@ def test_embedder_init_gives_related_words_related_embeddings_and_keeps_special_
 
     assert cos("shampoo", "conditioner") > cos("shampoo", "drill")
     assert cos("hammer", "wrench") > cos("hammer", "lipstick")
+
+
+def test_a_long_training_prints_a_progress_line_at_least_every_few_minutes(monkeypatch, capsys):
+    """About 5 console lines per training, and one at least every Progress.CONSOLE_S seconds of a long one
+    (a 2-hour job otherwise went 25 minutes without a word)."""
+    from types import SimpleNamespace
+
+    from grlm_ray.stages.train import recipe
+
+    clock = [0.0]
+    monkeypatch.setattr(recipe.time, "time", lambda: clock[0])
+    lc = SimpleNamespace(train=SimpleNamespace(log_every=10), plan={"total_steps": 1000}, verbose=False, mlflow=None)
+
+    def lines(seconds_per_window: float) -> list[int]:
+        p = recipe.Progress(lc, rank=0, world=2)
+        capsys.readouterr()
+        for done in range(10, 1001, 10):
+            clock[0] += seconds_per_window
+            p.count(100, 4)
+            p.window(done, 1, {"loss": 1.0, "lr": 1e-3})
+        return [int(x.split()[2].split("/")[0]) for x in capsys.readouterr().out.splitlines()]
+
+    assert lines(1.0) == [200, 400, 600, 800, 1000]  # a short training: about 5 lines
+    slow = lines(100.0)  # 100 s a window: a line every 3 windows (300 s) as well
+    assert slow[:4] == [30, 60, 90, 120] and {200, 400, 1000} <= set(slow)
+    assert all(b - a <= 30 for a, b in zip(slow, slow[1:]))

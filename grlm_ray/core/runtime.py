@@ -11,6 +11,7 @@ go to Ray's log files (their folder is printed once) unless ``grlm -v``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -81,7 +82,7 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None, data_
     if not ray.is_initialized():
         if address:
             log.info("joining Ray cluster at %s", address)
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=_with_cluster_address(runtime_env, address), log_to_driver=True)
         else:
             extra = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
             # The head's GCS port is chosen here so that every worker of this job knows its cluster
@@ -112,6 +113,30 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None, data_
     if not _VERBOSE:
         _ray_logs_to_files(ray)
     return ray
+
+
+def _with_cluster_address(runtime_env: dict[str, Any] | None, address: str) -> dict[str, Any] | None:
+    """The runtime env of a job joining ``address``, with RAY_ADDRESS set to that cluster's GCS for its workers.
+    Ray Train's PlacementGroupCleaner finds its controller through the state API, which without RAY_ADDRESS
+    resolves ``auto`` itself (the head `ray start` last recorded on the machine, else any GCS it finds). Seen
+    once: a submitted joint training's cleaner declared its live controller dead and removed the workers a
+    minute after a second head was started on the machine (a test's); a test with a second head did not
+    reproduce it, so this closes the resolution path rather than a proven cause. ``auto`` resolves to what the
+    job's driver was given (`ray job submit` sets RAY_ADDRESS); a Ray Client address (``ray://``) or a key the
+    job's own runtime env sets is left alone."""
+    gcs = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    if not gcs or gcs == "auto" or "://" in gcs:
+        return runtime_env
+    job_env = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+    try:
+        job_vars = (json.loads(job_env).get("runtime_env") or {}).get("env_vars") or {} if job_env else {}
+    except (ValueError, AttributeError):
+        job_vars = {}
+    env = dict(runtime_env or {})
+    if "RAY_ADDRESS" in job_vars or "RAY_ADDRESS" in (env.get("env_vars") or {}):
+        return runtime_env
+    env["env_vars"] = {**(env.get("env_vars") or {}), "RAY_ADDRESS": gcs}
+    return env
 
 
 def console_verbose() -> bool:

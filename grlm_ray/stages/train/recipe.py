@@ -280,15 +280,17 @@ class ValidationLoop:
 
 
 class Progress:
-    """Throughput windows, the console line (about 5 per training; every window with ``grlm -v``) and the
-    MLflow metrics (rank 0)."""
+    """Throughput windows, the console line (about 5 per training, and at least every ``CONSOLE_S`` seconds
+    of a long one; every window with ``grlm -v``) and the MLflow metrics (rank 0)."""
+
+    CONSOLE_S = 300.0
 
     def __init__(self, lc: LoopConfig, rank: int, world: int) -> None:
         t, total = lc.train, lc.plan["total_steps"]
         self.rank, self.world, self.total, self.log_every = rank, world, total, t.log_every
         self.console_every = t.log_every * max(1, -(-total // (5 * t.log_every))) if not lc.verbose else t.log_every
         self.tokens = self.samples = 0
-        self.t0 = time.time()
+        self.t0 = self.last_line = time.time()
         self.client, self.run_id = None, None
         if rank == 0 and lc.mlflow:
             from mlflow.tracking import MlflowClient
@@ -316,7 +318,10 @@ class Progress:
         metrics["tokens_per_s"] = self.tokens * self.world / elapsed
         metrics["samples_per_s"] = self.samples * self.world / elapsed
         self.tokens, self.samples, self.t0 = 0, 0, time.time()
-        if self.rank == 0 and (done == self.total or done % self.console_every == 0):
+        now = self.t0
+        if self.rank == 0 and (done == self.total or done % self.console_every == 0
+                               or now - self.last_line >= self.CONSOLE_S):
+            self.last_line = now
             sys.stdout.write(f"[iift] step {done}/{self.total} epoch {epoch} loss {metrics['loss']:.4f} "
                              f"lr {metrics['lr']:.2e} tokens/s {metrics['tokens_per_s']:.0f}\n")
             sys.stdout.flush()
