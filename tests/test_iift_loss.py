@@ -168,3 +168,22 @@ def test_a_long_training_prints_a_progress_line_at_least_every_few_minutes(monke
     slow = lines(100.0)  # 100 s a window: a line every 3 windows (300 s) as well
     assert slow[:4] == [30, 60, 90, 120] and {200, 400, 1000} <= set(slow)
     assert all(b - a <= 30 for a, b in zip(slow, slow[1:]))
+
+
+def test_training_tokens_at_a_step_are_the_real_tokens_of_the_rows_trained_so_far():
+    """Validation points carry the training tokens so far (curves compare trainings at equal tokens): exact, every
+    rank's rows, across epochs (the seeded order drops the rows past the last whole step)."""
+    from types import SimpleNamespace
+
+    from grlm_ray.stages.train import recipe
+
+    r = object.__new__(recipe.Recipe)
+    r.data = [{"length": n, "samples": 1} for n in range(1, 12)]  # 11 rows: 8 a epoch (2 steps x 4 rows)
+    r.t = SimpleNamespace(seed=3, micro_batch=2)
+    r.lc = SimpleNamespace(packed=False, plan={"steps_per_epoch": 2, "rows_per_step": 4})
+    trained = []
+    for step in range(5):
+        epoch, pos = divmod(step, 2)
+        trained += [r.data[i]["length"] for i in r.order(epoch)[pos * 4:(pos + 1) * 4]]
+        assert r.tokens_through(step + 1) == sum(trained)
+    assert r.tokens_through(0) == 0 and r.tokens_through(2) < sum(range(1, 12))  # 3 rows left out of epoch 0

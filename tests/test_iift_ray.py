@@ -232,6 +232,8 @@ def test_validation_during_training_exports_the_best_checkpoint_and_stops_early(
     points = info["validation"]["points"]
     assert points and [p["step"] for p in points] == list(range(2, 2 * len(points) + 1, 2))
     assert all(p["users"] == 12 and 0 <= p["recall_at_10"] <= 1 and p["vr_at_10"] == 1.0 for p in points)
+    tokens = [p["train_tokens"] for p in points]  # every 2 steps the same number of rows: tokens grow each time
+    assert tokens[0] > 0 and all(b > a for a, b in zip(tokens, tokens[1:]))
     best = max(points, key=lambda p: p["ndcg_at_10"])  # the first of equal scores
     assert info["validation"]["best"]["step"] == best["step"] and info["exported"] == f"best (step {best['step']})"
     # early stopping: training ran until two validations in a row brought nothing better (or to the end)

@@ -255,9 +255,10 @@ class ValidationLoop:
         return res, time.time() - t0
 
     def record(self, done: int, epoch: float, minutes: float, res: dict[str, Any], took: float,
-               metric: str) -> tuple[dict[str, Any], bool]:
+               metric: str, tokens: int | None = None) -> tuple[dict[str, Any], bool]:
         """A validation point into the curve; whether it is the best so far."""
         point = {"step": done, "epoch": round(epoch, 4), "train_minutes": round(minutes, 3), "seconds": round(took, 2),
+                 **({} if tokens is None else {"train_tokens": tokens}),
                  **{k: round(x, 6) if isinstance(x, float) else x for k, x in res.items()}}
         self.state["points"].append(point)
         better = self.state["best"] is None or res[metric] > self.state["best"]
@@ -376,6 +377,21 @@ class Recipe:
         chunks = [np.arange(s, min(s + mb, n)) for s in range(0, n, mb)]
         return np.concatenate([chunks[j] for j in rng.permutation(len(chunks))])
 
+    def tokens_through(self, done: int) -> int:
+        """Real (non-padding) training tokens of the first ``done`` steps, every rank's: exact, from the seeded
+        order (the same on every rank and across resumes), so curves compare trainings at equal tokens."""
+        import numpy as np
+
+        if getattr(self, "_lengths", None) is None:
+            self._lengths = np.fromiter((int(r["length"]) for r in self.data), dtype=np.int64, count=len(self.data))
+            self._epoch_tokens: dict[int, int] = {}
+        spe, rps = self.lc.plan["steps_per_epoch"], self.lc.plan["rows_per_step"]
+        full, pos = divmod(done, spe)
+        for e in range(full):
+            if e not in self._epoch_tokens:
+                self._epoch_tokens[e] = int(self._lengths[self.order(e)[:spe * rps]].sum())
+        return sum(self._epoch_tokens[e] for e in range(full)) + int(self._lengths[self.order(full)[:pos * rps]].sum())
+
     def forward_precision(self) -> Any:
         """bf16 autocast for ddp / single (weights, optimizer state and loss stay fp32); DeepSpeed casts itself."""
         import torch
@@ -431,7 +447,7 @@ class Recipe:
         res, took = val.score(self.m, self.world)
         self.clock.exclude(took)
         point, better = val.record(done, done / self.lc.plan["steps_per_epoch"], self.clock() / 60, res, took,
-                                   vcfg.metric)
+                                   vcfg.metric, tokens=self.tokens_through(done))
         if better and self.rank == 0:
             val.save_best(self.m, self.store, done, point)
         s = val.state
