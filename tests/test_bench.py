@@ -149,3 +149,41 @@ def test_joint_vs_single_compares_each_domain_on_the_same_users_and_refuses_othe
     store.delete_dir("sa-full/eval")
     assert cli_main(argv) == 2
     assert re.search(r"run 'sa-full' has no finished eval stage.*bench.mode=full", capsys.readouterr().err)
+
+
+def test_time_to_quality_reads_curves_at_equal_tokens_and_names_an_arm_without_them(tmp_path, monkeypatch):
+    """benchmarks/isolation/time_to_quality.py --x tokens: the best validation score each arm had reached by each
+    mark of training tokens, a plot against tokens; a run whose points predate the token count is named."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "time_to_quality.py"
+    spec = importlib.util.spec_from_file_location("time_to_quality", path)
+    ttq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ttq)
+    monkeypatch.setattr(ttq, "RESULTS", tmp_path / "results")
+
+    def run(name, points):
+        (tmp_path / name / "train").mkdir(parents=True)
+        (tmp_path / name / "train" / "validation_curve.json").write_text(json.dumps(points))
+        return f"{name}={tmp_path / name}"
+
+    pt = lambda step, tok, r, n: {"step": step, "epoch": step / 10, "train_minutes": step / 2,  # noqa: E731
+                                  "train_tokens": tok, "recall_at_10": r, "ndcg_at_10": n}
+    a = run("a", [pt(10, 1_000_000, 0.02, 0.01), pt(20, 2_000_000, 0.05, 0.03), pt(30, 3_000_000, 0.04, 0.02)])
+    b = run("b", [pt(10, 2_500_000, 0.06, 0.02)])
+    assert ttq.main(["--name", "t", "--arm", a, "--arm", b, "--x", "tokens", "--marks", "1", "2.5"]) == 0
+    out = json.loads((tmp_path / "results" / "t.json").read_text())
+    rows = {r["arm"]: r for r in out["rows"]}
+    assert rows["a"]["r10_by_1M"] == 0.02 and rows["a"]["r10_by_2.5M"] == 0.05 and rows["a"]["best_at_tokens"] == 2_000_000
+    assert rows["b"]["r10_by_1M"] is None and rows["b"]["r10_by_2.5M"] == 0.06
+    assert out["x"] == "tokens" and "--x tokens --marks 1 2.5" in out["command"]
+    assert (tmp_path / "results" / "t.png").stat().st_size > 0
+    old = run("old", [{k: v for k, v in pt(10, 0, 0.01, 0.01).items() if k != "train_tokens"}])
+    assert ttq.main(["--name", "m", "--arm", a, "--arm", old]) == 0  # minutes (the default): every run has them
+    (ra, _) = json.loads((tmp_path / "results" / "m.json").read_text())["rows"]
+    assert ra["r10_by_15min"] == 0.05 and ra["r10_by_90min"] == 0.05 and "best_at_tokens" not in ra
+    with pytest.raises(SystemExit, match="'old'.*no 'train_tokens'"):
+        ttq.main(["--name", "t2", "--arm", old, "--x", "tokens", "--marks", "1"])
+    with pytest.raises(SystemExit):  # tokens without marks: argparse's usage error
+        ttq.main(["--name", "t3", "--arm", a, "--x", "tokens"])

@@ -1,5 +1,8 @@
 """Time to quality: validation R@10 / N@10 against training minutes for GRLM and SASRec arms on one plot, and
-the best R@10 / N@10 each arm had reached by 15 / 30 / 60 / 90 training minutes (issue #32, item 3).
+the best R@10 / N@10 each arm had reached by 15 / 30 / 60 / 90 training minutes (issue #32, item 3). With
+``--x tokens`` the same against training tokens (real tokens, every worker's; GRLM runs record them at each
+validation since 2026-12-03), marks in millions (``--marks``): arms of different backbones at equal tokens
+(issue #35, part 3).
 
 An arm is LABEL=SOURCE, where SOURCE is
 - a GRLM run folder (its ``train/validation_curve.json``, written with ``train.validation``),
@@ -63,30 +66,43 @@ def _shown(source: str) -> str:
     return source if "#" in source or "/" in source else f"<root>/{source}"
 
 
-def reached(points: list[dict[str, Any]], minutes: float, metric: str) -> float | None:
-    """The best ``metric`` among the validations done within ``minutes`` of training (None: none yet)."""
-    done = [p[metric] for p in points if p["train_minutes"] <= minutes]
+UNITS = {"minutes": ("train_minutes", 1.0, "min"), "tokens": ("train_tokens", 1e6, "M")}
+
+
+def reached(points: list[dict[str, Any]], mark: float, metric: str, x: str = "minutes") -> float | None:
+    """The best ``metric`` among the validations done within ``mark`` training minutes (or millions of training
+    tokens, ``x="tokens"``); None: none yet."""
+    key, scale, _ = UNITS[x]
+    done = [p[metric] for p in points if p[key] / scale <= mark]
     return max(done) if done else None
 
 
-def table(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def table(arms: dict[str, dict[str, Any]], marks: tuple[float, ...] = MARKS, x: str = "minutes") -> list[dict[str, Any]]:
+    key, scale, unit = UNITS[x]
+    for label, arm in arms.items():
+        if any(key not in p for p in arm["points"]):
+            raise SystemExit(f"arm {label!r}: its validation points have no {key!r} (a run from before it was "
+                             f"recorded: retrain it, or compare with --x minutes)")
     rows = []
     for label, arm in arms.items():
         pts = arm["points"]
         best = max(pts, key=lambda p: p["ndcg_at_10"])
-        rows.append({"arm": label, **{f"r10_by_{m}min": reached(pts, m, "recall_at_10") for m in MARKS},
-                     **{f"n10_by_{m}min": reached(pts, m, "ndcg_at_10") for m in MARKS},
+        rows.append({"arm": label, **{f"r10_by_{m:g}{unit}": reached(pts, m, "recall_at_10", x) for m in marks},
+                     **{f"n10_by_{m:g}{unit}": reached(pts, m, "ndcg_at_10", x) for m in marks},
                      "best_r10": best["recall_at_10"], "best_n10": best["ndcg_at_10"],
                      "best_at_min": best["train_minutes"], "best_epoch": best.get("epoch"),
+                     **({"best_at_tokens": best["train_tokens"], "tokens_run": pts[-1]["train_tokens"]}
+                        if x == "tokens" else {}),
                      "minutes_run": pts[-1]["train_minutes"]})
     return rows
 
 
-def plot(arms: dict[str, dict[str, Any]], title: str, out: Path) -> None:
-    """The quality bench's learning-curve plot (R@10 and N@10 against training minutes), one line an arm."""
+def plot(arms: dict[str, dict[str, Any]], title: str, out: Path, x: str = "minutes") -> None:
+    """The quality bench's learning-curve plot (R@10 and N@10 against training minutes or tokens), one line an
+    arm."""
     from grlm_ray.bench.quality import plot_curves
 
-    out.write_bytes(plot_curves({label: arm["points"] for label, arm in arms.items()}, title))
+    out.write_bytes(plot_curves({label: arm["points"] for label, arm in arms.items()}, title, x=x))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,23 +111,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arm", action="append", required=True, help="LABEL=SOURCE (see the module docstring)")
     ap.add_argument("--protocol", default="")
     ap.add_argument("--note", default="")
+    ap.add_argument("--x", choices=sorted(UNITS), default="minutes", help="the curves' x axis and the marks' unit")
+    ap.add_argument("--marks", type=float, nargs="+", default=None,
+                    help=f"where the table reads each curve (default: {' '.join(map(str, MARKS))} minutes; with "
+                         "--x tokens, millions of tokens: required)")
     args = ap.parse_args(argv)
+    if args.x == "tokens" and not args.marks:
+        ap.error("--x tokens needs --marks (millions of training tokens, e.g. --marks 2 5 10 20)")
+    marks = tuple(args.marks or MARKS)
     sys.path.insert(0, str(ROOT))
     from grlm_ray.bench.common import describe, portable
 
     arms = dict(load_arm(a) for a in args.arm)
-    rows = table(arms)
+    rows = table(arms, marks, args.x)
+    unit = UNITS[args.x][2]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"name": args.name, "protocol": args.protocol, "note": args.note, "marks_min": list(MARKS),
+    out = {"name": args.name, "protocol": args.protocol, "note": args.note, "x": args.x,
+           f"marks_{unit.lower()}" if args.x == "tokens" else "marks_min": list(marks),
            "rows": rows, "arms": arms, "machine": describe(),
            "command": "python benchmarks/isolation/time_to_quality.py --name " + args.name + " " + " ".join(
-               "--arm " + repr(f"{label}={_shown(arm['source'])}") for label, arm in arms.items())}
+               "--arm " + repr(f"{label}={_shown(arm['source'])}") for label, arm in arms.items())
+           + ("" if args.x == "minutes" and args.marks is None else
+              f" --x {args.x} --marks {' '.join(f'{m:g}' for m in marks)}")}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(portable(out), indent=1))
-    plot(arms, args.name, RESULTS / f"{args.name}.png")
-    fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
-    print(f"{'arm':40s} " + " ".join(f"R@10<={m}m" for m in MARKS) + "   best R@10 / N@10 (min)")
+    plot(arms, args.name, RESULTS / f"{args.name}.png", x=args.x)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"{'arm':40s} " + " ".join(f"R@10<={m:g}{unit}" for m in marks) + "   best R@10 / N@10 (min)")
     for r in rows:
-        print(f"{r['arm'][:40]:40s} " + " ".join(f"{fmt(r[f'r10_by_{m}min']):>9s}" for m in MARKS)
+        print(f"{r['arm'][:40]:40s} " + " ".join(f"{fmt(r[f'r10_by_{m:g}{unit}']):>9s}" for m in marks)
               + f"   {r['best_r10']:.4f} / {r['best_n10']:.4f} ({r['best_at_min']:.1f})")
     return 0
 

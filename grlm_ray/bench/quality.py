@@ -177,20 +177,26 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
     return out
 
 
-def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str) -> bytes:
-    """Validation R@10 and N@10 of each trained model against training wall-clock (the learning curves)."""
+CURVE_X = {"minutes": ("train_minutes", 1.0, "training wall-clock (min)"),
+           "tokens": ("train_tokens", 1e6, "training tokens (millions, real, every worker's)")}
+
+
+def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str, x: str = "minutes") -> bytes:
+    """Validation R@10 and N@10 of each trained model against training wall-clock or training tokens (``x``:
+    a key of ``CURVE_X``): the learning curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key, scale, xlabel = CURVE_X[x]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, points in curves.items():
-        xs = [p["train_minutes"] for p in points]
+        xs = [p[key] / scale for p in points]
         axes[0].plot(xs, [p["recall_at_10"] for p in points], "o-", label=name)
         axes[1].plot(xs, [p["ndcg_at_10"] for p in points], "o-", label=name)
     for ax, label in zip(axes, ("validation R@10", "validation N@10")):
-        ax.set_xlabel("training wall-clock (min)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
