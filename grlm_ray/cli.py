@@ -69,6 +69,19 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(ns: argparse.Namespace) -> int:
+    import json
+
+    from grlm_ray.core.config import load_config
+    from grlm_ray.flows.status import format_status, run_status
+
+    path, overrides = split_args(ns.args, required=True)
+    cfg = load_config(path, overrides)
+    rows = run_status(cfg)
+    print(json.dumps(rows, indent=1) if ns.json else format_status(cfg, rows))
+    return 0
+
+
 def _cmd_stats(ns: argparse.Namespace) -> int:
     from grlm_ray.core.config import S3Config
     from grlm_ray.lib.stats import dataset_stats, format_stats
@@ -199,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="load a config, apply overrides, check its inputs exist")
     v.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
     v.set_defaults(fn=_cmd_validate)
+
+    stat = sub.add_parser("status", help="where a run stands: each stage's state, a training's newest checkpoint "
+                                         "and validation (from the run's store: while a job runs, or after)")
+    stat.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+    stat.add_argument("--json", action="store_true", help="print JSON")
+    stat.set_defaults(fn=_cmd_status)
 
     data = sub.add_parser("data", help="inspect datasets")
     dsub = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")

@@ -293,3 +293,46 @@ def test_stored_checkpoints_lists_only_folders_every_rank_finished(tmp_path):
     store.write_bytes(f"{rel}/checkpoint_e/meta.json", json.dumps({"step": 50}).encode())  # before the seal
     assert stored_checkpoints(store, rel) == [(10, f"{rel}/checkpoint_a"), (20, f"{rel}/checkpoint_b")]
     assert stored_checkpoints(store, "run/none") == []
+
+
+def test_status_reports_each_stage_and_how_far_an_unfinished_training_got(tmp_path, capsys):
+    """`grlm status`: from the run's store alone, complete / stale / unfinished / not run per stage, and for an
+    unfinished training its newest *complete* checkpoint (a folder whose files are not all there is skipped)."""
+    import json
+
+    from grlm_ray.cli import main
+    from grlm_ray.core.registry import stage_key
+    from grlm_ray.flows.status import run_status
+
+    base = [f"run.root={tmp_path}", "run.name=r", "sft.terms=provided"]
+    cfg = load_config(None, base)
+    store = Store(str(tmp_path))
+    store.write_json("r/prepare/_manifest.json", {"status": "complete", "config_hash": stage_key(cfg, "prepare"),
+                                                  "seconds": 3.0, "finished_at": 0})
+    store.write_json("r/sft/_manifest.json", {"status": "complete", "config_hash": "0" * 16, "seconds": 1.0})
+    store.write_json("r/train/_manifest.json", {"status": "running", "config_hash": stage_key(cfg, "train")})
+
+    def checkpoint(step: int, sealed_size_off: int = 0) -> None:
+        d = tmp_path / "r" / "train" / "ray" / "r-train-1" / f"checkpoint_{step:06d}"
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(b"x" * 10)
+        meta = {"step": step, "world": 1, "total_steps": 100, "train_seconds": 6.0 * step,
+                "validation": {"points": [{"step": 40, "recall_at_10": 0.1, "ndcg_at_10": 0.05}], "best": 0.05,
+                               "best_step": 40}}
+        (d / "meta.json").write_text(json.dumps(meta))
+        (d / "files_rank0.json").write_text(json.dumps({"model.pt": 10 + sealed_size_off,
+                                                        "meta.json": (d / "meta.json").stat().st_size}))
+
+    rows = {r["stage"]: r for r in run_status(cfg)}
+    assert rows["train"]["state"] == "unfinished" and rows["train"]["checkpoint"] is None
+    checkpoint(40)
+    checkpoint(60, sealed_size_off=5)  # a rank's upload cut short: not complete
+    rows = {r["stage"]: r for r in run_status(cfg)}
+    assert rows["prepare"]["state"] == "complete" and rows["sft"]["state"] == "stale"
+    assert rows["eval"]["state"] == "not run"
+    t = rows["train"]
+    assert t["checkpoint_step"] == 40 and t["total_steps"] == 100 and t["train_minutes"] == 4.0
+    assert t["last_validation"]["recall_at_10"] == 0.1 and t["best_validation"] == {"step": 40, "value": 0.05}
+    assert main(["status", "configs/demo.yaml", *base]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint at step 40 of 100, 4.0 training minutes" in out and "the next run redoes it" in out

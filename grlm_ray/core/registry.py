@@ -49,6 +49,8 @@ class Stage:
     checks: str | None = None                   # "module:function": cfg -> problems, run before any stage
     keyed: str | None = None                    # "module:function": cfg -> the config its key hashes, where the
                                                 # stage resolves settings before it runs (train.precision=auto)
+    progress: str | None = None                 # "module:function": cfg -> how far a started, unfinished run of
+                                                # the stage got (`grlm status`)
 
     def function(self) -> Callable[["GrlmConfig"], dict[str, Any]]:
         return _load(self.entry)
@@ -58,6 +60,9 @@ class Stage:
 
     def keyed_config(self, cfg: "GrlmConfig") -> "GrlmConfig":
         return cfg if self.keyed is None else _load(self.keyed)(cfg)
+
+    def progress_function(self) -> Callable[["GrlmConfig"], dict[str, Any]] | None:
+        return None if self.progress is None else _load(self.progress)
 
     def read_stages(self, cfg: "GrlmConfig") -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.reads(cfg) if callable(self.reads) else self.reads))
@@ -101,6 +106,7 @@ REGISTRY: tuple[Stage, ...] = (
           sections=("data", "sft", "model", "train"), reads=("sft",), outputs=("model/", "tokens.parquet"),
           tracked=("sft", "model", "train"), checks="grlm_ray.stages.train.backbone:check_backbone",
           keyed="grlm_ray.stages.train.schedule:resolved",  # train.precision=auto -> bf16 / fp32 here
+          progress="grlm_ray.stages.train.sessions:progress",
           # with train.validation.enabled; a pretrained base; ZeRO; grlm diagnose:
           optional=("best/", "validation.parquet", "catalog.parquet", "validation_curve.json", "learning_curve.png",
                     "base/", "base_info.json", "deepspeed.json", "diagnostics.json")),

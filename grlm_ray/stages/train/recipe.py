@@ -157,6 +157,7 @@ class CheckpointIO:
 
     def __init__(self, lc: LoopConfig, m: Model, rank: int, world: int) -> None:
         self.t, self.m, self.rank, self.world = lc.train, m, rank, world
+        self.total_steps = lc.plan["total_steps"]
 
     def restore(self, ckpt: Any) -> Resumed:
         import torch
@@ -203,7 +204,8 @@ class CheckpointIO:
                     json.dump({"step": step, "world": self.world, "optimizer_digest": digest, "strategy": t.strategy,
                                "first_loss": meta["first_loss"], "first_grad_norm": meta.get("first_grad_norm"),
                                "zero_stage": t.deepspeed.zero_stage if m.engine is not None else None,
-                               "validation": meta["validation"], "train_seconds": meta["train_seconds"]}, f)
+                               "validation": meta["validation"], "train_seconds": meta["train_seconds"],
+                               "total_steps": self.total_steps}, f)
             seal_checkpoint(d, rank)
             # every rank reports its own folder: Ray Train merges them into one checkpoint
             session.report({**metrics, "optimizer_digest": digest}, checkpoint_dir=d)

@@ -10,6 +10,7 @@ import os
 import tempfile
 from typing import Any
 
+from grlm_ray.core.run import Run
 from grlm_ray.core.storage import Store
 
 log = logging.getLogger(__name__)
@@ -176,3 +177,32 @@ class LocalSession:
             self.latest = LocalCheckpoint(self.store.uri(rel), self.store, rel)
             for old in self._steps()[:-self.keep]:
                 self.store.delete_dir(f"{self.rel}/checkpoint_{old:08d}")
+
+
+def progress(cfg: Any) -> dict[str, Any]:
+    """How far a started, unfinished training got (``grlm status``): its newest complete checkpoint's step (of
+    the planned total), training minutes (validation excluded), the last and the best validation point. Reads
+    the run's store only: the same answer while the job runs, after it was stopped, or from another machine."""
+    from pyarrow.fs import FileSelector, FileType
+
+    run = Run.of(cfg)
+    store = run.store
+    base = f"{run.name}/train"
+    folders = [f"{base}/single"]
+    for info in store.fs.get_file_info(FileSelector(store.path(f"{base}/ray"), allow_not_found=True)):
+        if info.type == FileType.Directory:
+            folders.append(f"{base}/ray/{os.path.basename(info.path)}")
+    found = [c for rel in folders for c in stored_checkpoints(store, rel)]
+    if not found:
+        return {"checkpoint": None}
+    step, folder = max(found)
+    meta = store.read_json(f"{folder}/meta.json")
+    out: dict[str, Any] = {"checkpoint_step": step, "total_steps": meta.get("total_steps"),
+                           "train_minutes": round(float(meta.get("train_seconds") or 0.0) / 60, 1)}
+    val = meta.get("validation") or {}
+    points = val.get("points") or []
+    if points:
+        last = points[-1]
+        out["last_validation"] = {k: last.get(k) for k in ("step", "recall_at_10", "ndcg_at_10")}
+        out["best_validation"] = {"step": val.get("best_step"), "value": val.get("best")}
+    return out
