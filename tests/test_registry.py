@@ -18,6 +18,7 @@ def test_every_record_names_a_stage_module_that_runs_under_its_name(spec):
     assert spec.help and spec.outputs is not None
     cfg = load_config(None, [])
     assert isinstance(spec.keyed_config(cfg), GrlmConfig)  # its key's config (the stage's own resolution)
+    assert spec.progress is None or callable(spec.progress_function())  # `grlm status`'s hook loads
 
 
 def test_the_graph_is_ordered_acyclic_and_its_verbs_unique():
