@@ -107,9 +107,9 @@ REGISTRY: tuple[Stage, ...] = (
           tracked=("sft", "model", "train"), checks="grlm_ray.stages.train.backbone:check_backbone",
           keyed="grlm_ray.stages.train.schedule:resolved",  # train.precision=auto -> bf16 / fp32 here
           progress="grlm_ray.stages.train.sessions:progress",
-          # with train.validation.enabled; a pretrained base; ZeRO; grlm diagnose:
+          # with train.validation.enabled; a pretrained base; ZeRO; grlm diagnose; checkpoints (Ray Train / single):
           optional=("best/", "validation.parquet", "catalog.parquet", "validation_curve.json", "learning_curve.png",
-                    "base/", "base_info.json", "deepspeed.json", "diagnostics.json")),
+                    "base/", "base_info.json", "deepspeed.json", "diagnostics.json", "ray/", "single/")),
     Stage("eval", "grlm_ray.stages.evaluate:evaluate_stage", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)",
           sections=("data", "sft", "model", "train", "eval"), reads=("prepare", "sft", "train"),
           outputs=("predictions.parquet",), tracked=("eval",)),

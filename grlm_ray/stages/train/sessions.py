@@ -187,11 +187,10 @@ def progress(cfg: Any) -> dict[str, Any]:
 
     run = Run.of(cfg)
     store = run.store
-    base = f"{run.name}/train"
-    folders = [f"{base}/single"]
-    for info in store.fs.get_file_info(FileSelector(store.path(f"{base}/ray"), allow_not_found=True)):
+    folders = [run.rel("train", "single")]
+    for info in store.fs.get_file_info(FileSelector(run.path("train", "ray"), allow_not_found=True)):
         if info.type == FileType.Directory:
-            folders.append(f"{base}/ray/{os.path.basename(info.path)}")
+            folders.append(run.rel("train", f"ray/{os.path.basename(info.path)}"))
     found = [c for rel in folders for c in stored_checkpoints(store, rel)]
     if not found:
         return {"checkpoint": None}
