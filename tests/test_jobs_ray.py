@@ -1,7 +1,6 @@
 """`ray job submit` for real: a Ray head started with `ray start --head` on 127.0.0.1, the demo pipeline
 submitted with jobs/runtime_env.yaml (working dir uploaded), waited for, and its outputs checked."""
 
-import contextlib
 import json
 import os
 import signal
@@ -21,10 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@contextlib.contextmanager
-def _ray_head(tmp_path: Path):
-    """`ray start --head --block` in its own process group on loopback; every port chosen free. Yields the job
-    API's address, the CLI's environment and the head's pid; stopped on exit."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` in its own process group on loopback; every port chosen free. One head for the
+    module's jobs, as on a cluster (each job has its own run root): the job API's address, the CLI's environment
+    and the head's pid."""
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
                                      "dashboard-agent-listen-port", "metrics-export-port", "runtime-env-agent-port")}
     # token authentication (Ray's default for new clusters): the head and the CLI read ~/.ray/auth_token
@@ -34,7 +35,6 @@ def _ray_head(tmp_path: Path):
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
            "--object-store-memory=300000000", "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
     log = open(tmp_path / "ray_head.log", "wb")
-    before = _RECORD.read_text().strip() if _RECORD.is_file() else None
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
@@ -56,46 +56,22 @@ def _ray_head(tmp_path: Path):
         assert non_loopback_listeners(proc.pid) == []
         yield address, env, proc.pid
     finally:  # also when the head never came up: leave no Ray processes behind
-        _stop_head(proc, log, ports["port"], before)
+        _stop_head(proc, log, ports["port"])
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """One head for the module's jobs, as on a cluster (each job has its own run root)."""
-    with _ray_head(tmp_path_factory.mktemp("ray-head")) as head:
-        yield head
-
-
-# `ray start` records the head it starts as the machine's current cluster (what `auto` finds)
-_RECORD = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
-
-
-def _stop_head(proc, log, gcs_port, before: str | None):
+def _stop_head(proc, log, gcs_port):
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
-    # `ray stop` would remove this head's record but also every other Ray on the machine. A stale record makes
-    # `auto` (Ray's State API clients, a job's driver) try the dead head: when the record is ours, put back the
-    # one it replaced if that head still answers, else remove it.
-    if _RECORD.is_file() and _RECORD.read_text().strip() == f"127.0.0.1:{gcs_port}":
-        if before and _answers(before):
-            _RECORD.write_text(before)
-        else:
-            _RECORD.unlink()
-
-
-def _answers(address: str) -> bool:
-    import socket
-
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
+    # `ray start` recorded this head as the machine's current cluster; `ray stop` would remove the record
+    # but also every other Ray on the machine. A stale record makes Ray's State API clients (Ray Train's
+    # placement-group cleaner) try the dead head, so remove it when it is ours.
+    record = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+    if record.is_file() and record.read_text().strip() == f"127.0.0.1:{gcs_port}":
+        record.unlink()
 
 
 def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path, model_cache):
@@ -150,7 +126,15 @@ def test_a_stopped_training_job_resubmitted_resumes_from_its_checkpoint(ray_head
     first = submit("grlm-train-1", wait=False)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     ckpts = root / "resume" / "train" / "ray"
-    _wait_for_a_checkpoint(ckpts, lambda: ray_job("status", "grlm-train-1"), lambda: ray_job("logs", "grlm-train-1"))
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        done = [p for p in ckpts.glob("*/checkpoint_*/meta.json")] if ckpts.is_dir() else []
+        if done:
+            break
+        assert "FAILED" not in ray_job("status", "grlm-train-1").upper(), ray_job("logs", "grlm-train-1")[-4000:]
+        time.sleep(3)
+    else:
+        raise AssertionError("no checkpoint within 15 minutes:\n" + ray_job("logs", "grlm-train-1")[-4000:])
     # with the job's driver and training workers running: torch.distributed's rendezvous store (a TCPStore on
     # the rank-0 training worker) listens on every interface and torch has no bind address for it (docs/
     # reference.md, "Ray"): that one is allowed, nothing else
@@ -191,12 +175,3 @@ def test_a_stopped_training_job_resubmitted_resumes_from_its_checkpoint(ray_head
     assert info["optimizer_digest_saved"] == info["optimizer_digest_loaded"]  # the optimizer state came back whole
     assert (root / "resume" / "train" / "model" / "model.safetensors").is_file()
 
-
-def _wait_for_a_checkpoint(ckpts: Path, status, logs) -> None:
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if ckpts.is_dir() and any(ckpts.glob("*/checkpoint_*/meta.json")):
-            return
-        assert "FAILED" not in status().upper(), logs()[-4000:]
-        time.sleep(3)
-    raise AssertionError("no checkpoint within 15 minutes:\n" + logs()[-4000:])

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     unit = UNITS[args.x][2]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"name": args.name, "protocol": args.protocol, "note": args.note, "x": args.x,
-           f"marks_{unit.lower()}" if args.x == "tokens" else "marks_min": list(marks),
+           "marks_million_tokens" if args.x == "tokens" else "marks_min": list(marks),
            "rows": rows, "arms": arms, "machine": describe(),
            "command": "python benchmarks/isolation/time_to_quality.py --name " + args.name + " " + " ".join(
                "--arm " + repr(f"{label}={_shown(arm['source'])}") for label, arm in arms.items())
