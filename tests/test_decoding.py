@@ -166,3 +166,83 @@ def test_beam_scores_are_the_models_log_probability_of_the_tid(tiny):
             assert lp == pytest.approx(ref, abs=1e-3), (prompt, tid)
         means = [lp / (len(tid_token_seqs(tok, [t])[0]) + 1) for t, lp in r]
         assert means == sorted(means, reverse=True)  # ranked by the mean token log-probability
+
+
+def _twin(tiny, seed):
+    """A second tiny model of the fixture's shape and tokenizer, other weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny[1].config).eval()
+
+
+def test_an_ensemble_of_a_model_with_itself_decodes_as_the_model(tiny):
+    from grlm_ray.lib.decoding import LogProbEnsemble, TidTrie, beam_search, tid_token_seqs
+
+    tok, model, tids = tiny
+    trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id)
+    alone = beam_search(model, tok, PROMPTS, num_beams=5, max_new_tokens=10, trie=trie, batch_size=3,
+                        with_scores=True)
+    twice = beam_search(LogProbEnsemble([model, model]), tok, PROMPTS, num_beams=5, max_new_tokens=10, trie=trie,
+                        batch_size=3, with_scores=True)
+    assert [[t for t, _ in r] for r in twice] == [[t for t, _ in r] for r in alone]
+    for a, b in zip(alone, twice):
+        assert [s for _, s in b] == pytest.approx([s for _, s in a], abs=1e-4)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_ensemble_beam_scores_are_the_averaged_log_probs_of_the_members(tiny, renormalize):
+    """Two different models decoding as one: each returned TID's score is, token by token, the log-softmax of
+    the members' mean log-probs (renormalized over the trie's allowed tokens when asked), recomputed by
+    teacher-forced forwards of each member: the cached, beam-reordered search keeps each member's cache."""
+    import torch
+
+    from grlm_ray.lib.decoding import LogProbEnsemble, TidTrie, TransformersScorer, beam_search, tid_token_seqs
+
+    tok, model, tids = tiny
+    other = _twin(tiny, 1)
+    trie = TidTrie.build(tid_token_seqs(tok, tids), tok.sep_token_id)
+    ens = LogProbEnsemble([model, other])
+    got = beam_search(ens, tok, PROMPTS, num_beams=4, max_new_tokens=10, trie=trie, batch_size=3, with_scores=True,
+                      scorer=TransformersScorer(ens, tok, renormalize=renormalize))
+    one = beam_search(model, tok, PROMPTS, num_beams=4, max_new_tokens=10, trie=trie, batch_size=3)
+    assert [[t for t, _ in r] for r in got] != one  # the second model changes the beams
+    for prompt, r in zip(PROMPTS, got):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        for tid, lp in r:
+            target = tid_token_seqs(tok, [tid])[0] + [tok.sep_token_id]
+            with torch.no_grad():
+                logps = [torch.log_softmax(m(torch.tensor([ids + target])).logits[0].float(), -1)
+                         for m in (model, other)]
+            mean = torch.log_softmax(torch.stack(logps).mean(0), -1)
+            ref, prefix = 0.0, []
+            for j, t in enumerate(target):
+                row = mean[len(ids) - 1 + j]
+                if renormalize:
+                    allowed = trie.allowed(prefix)
+                    row = row[allowed] - torch.logsumexp(row[allowed], 0)
+                    ref += float(row[allowed.index(t)])
+                else:
+                    ref += float(row[t])
+                prefix.append(t)
+            assert lp == pytest.approx(ref, abs=1e-3), (prompt, tid)
+
+
+def test_ensemble_members_must_share_the_tokenizer(tiny, tmp_path):
+    from grlm_ray.lib.decoding import TidDecoder
+
+    tok, model, tids = tiny
+    for name, m in (("a", model), ("b", _twin(tiny, 2))):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    ok = TidDecoder(str(tmp_path / "a"), tids, ensemble=[str(tmp_path / "b")], num_beams=3, max_new_tokens=10)
+    assert len(ok.model.members) == 2 and ok([PROMPTS[0]])[0]
+    from transformers import AutoTokenizer
+
+    more = AutoTokenizer.from_pretrained(tmp_path / "a")
+    more.add_tokens(["brandnewterm"])  # one more term: another run's TIDs
+    more.save_pretrained(tmp_path / "c")
+    model.save_pretrained(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"eval.ensemble\[0\].*tokenizer differs"):
+        TidDecoder(str(tmp_path / "a"), tids, ensemble=[str(tmp_path / "c")])

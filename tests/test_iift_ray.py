@@ -11,6 +11,7 @@ import pytest
 from conftest import TINY
 
 from grlm_ray.core.config import load_config
+from grlm_ray.core.errors import GrlmError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -148,6 +149,14 @@ def test_trained_model_evaluates_with_constraint_vr_one_and_measures_vr_without(
     assert not info2["protocol"]["constrained"] and 0.0 <= info2["metrics"]["vr_at_10"] <= 1.0
     metrics = json.loads(open(f"{cfg.run.root}/{cfg.run.name}/eval/metrics.json").read())
     assert metrics["protocol"]["history_masked"] is False and metrics["popularity"]["overall"]["users"] == 12
+    # eval.ensemble: the model decoding with a copy of itself (mean of equal log-probs) ranks exactly as alone
+    model_dir = f"{cfg.run.root}/{cfg.run.name}/train/model"
+    twice = run_pipeline(load_config(None, sft_run + TINY + steps + ev + [f"eval.ensemble=[{model_dir}]"]),
+                         stages=("eval",))["stages"]["eval"]["info"]
+    assert twice["protocol"]["ensemble"]["models"] == 2 and twice["metrics"] == info["metrics"]
+    with pytest.raises(GrlmError, match=r"eval.ensemble\[0\].*not an exported model folder"):
+        run_pipeline(load_config(None, sft_run + TINY + steps + ev + [f"eval.ensemble=[{cfg.run.root}]"]),
+                     stages=("eval",))
 
 
 def _vllm_vs_transformers(cfg, tmp_path, beams=5, max_new_tokens=16):

@@ -13,8 +13,8 @@ renormalized scores) over every catalog TID, R@10 / N@10 on the same 1,000 seede
 
 Results (Beauty, 2 vCPU, one process per core): benchmarks/results/quality_isolation_beauty.json.
 """
-import sys, time, json, math, argparse
-import numpy as np, torch, pyarrow.parquet as pq, pyarrow as pa
+import time, json, math, argparse
+import numpy as np, torch, pyarrow.parquet as pq
 from grlm_ray.lib.textformat import training_sequences
 from grlm_ray.lib.protocol import select_targets
 ap = argparse.ArgumentParser()

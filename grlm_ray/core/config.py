@@ -510,6 +510,10 @@ class EvalConfig(StrictModel):
     added_neighbours: int = neutral_default(0, ge=0)
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
     added_anchor: Literal["last", "predicted"] = neutral_default("last")
+    # more exported models decoding with this run's as one: their next-token log-probs are averaged (e.g. the
+    # same recipe trained with other seeds: ``<run.root>/<name>/train/model`` folders; the same TIDs and
+    # vocabulary; transformers backend). benchmarks/RESULTS.md, "Quality on Beauty", measures what it buys
+    ensemble: list[str] = neutral_default([])
 
     @model_validator(mode="after")
     def _added_search(self) -> "EvalConfig":
@@ -518,6 +522,9 @@ class EvalConfig(StrictModel):
                              "eval.constrained=true")
         if self.added_neighbours and not self.added_items:
             raise ValueError("eval.added_neighbours places the added items: it needs eval.added_items=true")
+        if self.ensemble and self.backend != "transformers":
+            raise ValueError("eval.ensemble averages the models' log-probs in the transformers backend: it needs "
+                             "eval.backend=transformers")
         return self
 
     @model_validator(mode="after")

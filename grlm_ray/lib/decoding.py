@@ -277,6 +277,64 @@ class TransformersScorer:
         return self.tok.decode(token_ids, skip_special_tokens=True)
 
 
+class LogProbEnsemble:
+    """Several causal LMs over one tokenizer decoding as one (``eval.ensemble``: e.g. two seeds of a recipe): the
+    next-token log-probabilities of the members are averaged (a normalised product of their distributions), so
+    ``TransformersScorer`` and the validator use it as they use one HF model. Each member keeps its own KV cache;
+    the ensemble's cache is the list of them, reordered together."""
+
+    def __init__(self, members: Sequence[Any]) -> None:
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two models")
+        sizes = {int(m.get_output_embeddings().weight.shape[0]) for m in members}
+        if len(sizes) != 1:
+            raise ValueError(f"ensemble members have different vocabulary sizes {sorted(sizes)}: they must share "
+                             "one tokenizer (the same TIDs and vocabulary)")
+        self.members = list(members)
+        self.config = members[0].config  # what callers toggle (use_cache); members get use_cache per call
+
+    @property
+    def device(self) -> Any:
+        return self.members[0].device
+
+    @property
+    def training(self) -> bool:
+        return self.members[0].training
+
+    def eval(self) -> "LogProbEnsemble":
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "LogProbEnsemble":
+        for m in self.members:
+            m.train(mode)
+        return self
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
+                past_key_values: Any = None, use_cache: bool = True, logits_to_keep: int = 0) -> Any:
+        import torch
+        from types import SimpleNamespace
+
+        caches = past_key_values.members if past_key_values is not None else [None] * len(self.members)
+        logps, new = [], []
+        for m, c in zip(self.members, caches):
+            out = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=c,
+                    use_cache=use_cache, **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}))
+            logps.append(torch.log_softmax(out.logits.float(), dim=-1))
+            new.append(out.past_key_values)
+        return SimpleNamespace(logits=torch.stack(logps).mean(0), past_key_values=_EnsembleCache(new))
+
+    __call__ = forward
+
+
+@dataclass
+class _EnsembleCache:
+    members: list[Any]
+
+    def reorder_cache(self, idx: Any) -> None:
+        for c in self.members:
+            c.reorder_cache(idx)
+
+
 class VllmScorer:
     """vLLM engine: each running beam is a one-token request on (prompt + beam prefix), prefix-cached."""
 
@@ -365,13 +423,18 @@ class TidDecoder:
     def __init__(self, model_dir: str | None, tid_texts: Sequence[str], *, backend: str = "transformers",
                  constrained: bool = True, num_beams: int = 20, max_new_tokens: int = 30, threads: int = 1,
                  dtype: str = "float32", device: str = "cpu", gpu_memory_utilization: float = 0.85,
-                 renormalize: bool = False, model: Any = None, tokenizer: Any = None) -> None:
+                 renormalize: bool = False, model: Any = None, tokenizer: Any = None,
+                 ensemble: Sequence[str] = ()) -> None:
         """``model_dir``: an exported model folder; or ``model`` + ``tokenizer`` already in memory (the
-        transformers backend; e.g. the model being trained, scored on validation users)."""
+        transformers backend; e.g. the model being trained, scored on validation users). ``ensemble``: more
+        exported model folders with the same tokenizer, decoding with ``model_dir``'s as one
+        (``LogProbEnsemble``; transformers backend)."""
         quiet_loading()
 
         if model_dir is None and (model is None or tokenizer is None):
             raise ValueError("TidDecoder needs model_dir, or model and tokenizer")
+        if ensemble and (backend != "transformers" or model is not None):
+            raise ValueError("an ensemble decodes with the transformers backend from exported model folders")
         self.backend, self.num_beams = backend, num_beams
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         end = self.tok(END_MARKER, add_special_tokens=False)["input_ids"]
@@ -395,8 +458,19 @@ class TidDecoder:
             from transformers import AutoModelForCausalLM
 
             torch.set_num_threads(max(1, threads))
-            self.model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype) if dtype != "auto" else "auto").to(device).eval()
+
+            def load(path: str) -> Any:
+                return AutoModelForCausalLM.from_pretrained(
+                    path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto").to(device).eval()
+
+            self.model = load(model_dir)
+            if ensemble:
+                vocab = self.tok.get_vocab()
+                for n, other in enumerate(ensemble):
+                    if load_tokenizer(other).get_vocab() != vocab:
+                        raise ValueError(f"eval.ensemble[{n}] = {other}: its tokenizer differs from {model_dir}'s "
+                                         "(an ensemble's models must share one vocabulary: the same TIDs)")
+                self.model = LogProbEnsemble([self.model] + [load(other) for other in ensemble])
             self.scorer = TransformersScorer(self.model, self.tok, renormalize=renormalize)
         else:
             raise ValueError(f"unknown generation backend {backend!r} (transformers | vllm)")

@@ -52,7 +52,8 @@ class Recommender:
                                   constrained=options["constrained"], num_beams=options["num_beams"],
                                   max_new_tokens=options["max_new_tokens"], threads=int(options.get("threads", 1)),
                                   dtype=options.get("dtype", "float32"), device=options.get("device", "cpu"),
-                                  renormalize=bool(options.get("renormalize", False)))
+                                  renormalize=bool(options.get("renormalize", False)),
+                                  ensemble=options.get("ensemble", ()))
         self.index = TidIndex(item_ids, tids, decay=options["decay"], match=options["match"], fallback_order=fallback)
         self.added = None
         if added and options.get("added_beams"):
@@ -205,7 +206,7 @@ def _options(e: Any, tok: Any, tids: list[list[str]], cpus: int) -> dict[str, An
             "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
             "renormalize": e.scores_renormalized(),
             "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers),
-            "added_beams": e.added_beams, "added_bonus": e.added_bonus}
+            "added_beams": e.added_beams, "added_bonus": e.added_bonus, "ensemble": list(e.ensemble)}
 
 
 def _length_ordered(queries: pa.Table, tok: Any) -> pa.Table:
@@ -217,6 +218,30 @@ def _length_ordered(queries: pa.Table, tok: Any) -> pa.Table:
         np.fromiter(map(len, tok(prompts.slice(s, 8192).to_pylist(), add_special_tokens=False)["input_ids"]),
                     np.int64) for s in range(0, n_users, 8192)])
     return queries.select(["row", "prompt"]).take(pa.array(length_order(lengths)))
+
+
+def _check_ensemble(folders: Sequence[str], tok: Any) -> None:
+    """``eval.ensemble``: every folder an exported model whose tokenizer is this run's, before any decoding."""
+    vocab = tok.get_vocab() if folders else None
+    for n, folder in enumerate(folders):
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise GrlmError(f"eval.ensemble[{n}] = {folder!r}: not an exported model folder (no config.json; "
+                            "give another run's <run.root>/<name>/train/model)")
+        if load_tokenizer(folder).get_vocab() != vocab:
+            raise GrlmError(f"eval.ensemble[{n}] = {folder!r}: its tokenizer differs from this run's (an "
+                            "ensemble's models must share one vocabulary: the same TIDs)")
+
+
+def _weights_stamp(folders: Sequence[str]) -> list[list[Any]]:
+    """(file, size, mtime) of each folder's weight files: what tells a retrained member from the one scored."""
+    out = []
+    for folder in folders:
+        if os.path.isdir(folder):
+            for f in sorted(os.listdir(folder)):
+                if f.endswith((".safetensors", ".bin")):
+                    st = os.stat(os.path.join(folder, f))
+                    out.append([os.path.abspath(os.path.join(folder, f)), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
@@ -233,6 +258,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
         model_dir = run.local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/eval"))
         tok = load_tokenizer(model_dir)
+        _check_ensemble(e.ensemble, tok)
         queries = query_table(cfg, items, seqs, targets, terms_t, tok, history=False)  # Arrow: no row dicts
         popular = training_popularity(seqs, targets)
         rerank = _added_neighbours(cfg, run, seqs, targets) if e.added_neighbours and added is not None else None
@@ -286,6 +312,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                                  "anchor": e.added_anchor} if e.added_neighbours else None,
             "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
             "padding": "left", "dtype": e.dtype, "backend": e.backend,
+            "ensemble": ({"models": 1 + len(e.ensemble), "others": list(e.ensemble),
+                          "scores": "mean of the models' next-token log-probs"} if e.ensemble else None),
             "scores": "log-probs renormalized over allowed tokens" if renormalize and e.constrained
             else "model log-probs", "length_penalty": 1.0, "early_stopping": True}}
         ctx.store.write_json(ctx.rel("metrics.json"), report)
@@ -299,5 +327,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         added = added_items(run)
         key += "-added-" + hashlib.sha256(json.dumps([added.column("item_id").to_pylist(),
                                                       added.column("terms").to_pylist()]).encode()).hexdigest()[:12]
+    if e.ensemble:  # the other models' weights (a member retrained is a new ensemble)
+        key += "-ens-" + hashlib.sha256(json.dumps(_weights_stamp(e.ensemble)).encode()).hexdigest()[:12]
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
     return run.run_stage(STAGE, body, key=key, inputs={"model": ("train", "model")})
