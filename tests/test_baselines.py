@@ -180,3 +180,38 @@ def test_baseline_stage_scores_the_same_users_as_eval(tmp_path):
                          stages=("baseline",))["stages"]["baseline"]["info"]
     assert info["model_cache"] is None and again["model_cache"] and again["metrics"]["users"] == 30
     assert again["losses"] == info["losses"] and again["train_seconds"] == info["train_seconds"]
+    # baseline.ensemble=2: seed 0 is the model above (loaded from its cache), seed 1 is trained and cached as
+    # a run with baseline.seed=1 would be; the two rank by their mean log-softmax scores
+    ens_cfg = load_config(None, [f"run.root={tmp_path}", "data.domains.demo.num_items=120",
+                                 "data.domains.demo.num_users=300", "ray.progress_bars=false", "eval.limit_users=50",
+                                 "baseline.epochs=5", "baseline.hidden_size=32", "baseline.num_layers=1",
+                                 "tracking.enabled=false", "baseline.ensemble=2"])
+    ens = run_pipeline(ens_cfg, stages=("baseline",))["stages"]["baseline"]["info"]
+    assert [m["seed"] for m in ens["ensemble"]] == [0, 1] and ens["model_cache"] == again["model_cache"]
+    assert ens["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in ens["ensemble"]), abs=0.02)
+    assert "ensemble of 2 seeds" in ens["protocol"]["model"] and ens["metrics"]["users"] == 50
+    seed1 = run_pipeline(load_config(None, [f"run.root={tmp_path}", "data.domains.demo.num_items=120",
+                                            "data.domains.demo.num_users=300", "ray.progress_bars=false",
+                                            "eval.limit_users=50", "baseline.epochs=5", "baseline.hidden_size=32",
+                                            "baseline.num_layers=1", "tracking.enabled=false", "baseline.seed=1"]),
+                         stages=("baseline",))["stages"]["baseline"]["info"]
+    assert seed1["model_cache"] and seed1["losses"] != info["losses"]  # the ensemble's seed-1 member, reused
+
+
+def test_an_ensemble_of_sasrecs_ranks_by_their_mean_log_softmax():
+    import torch
+
+    from grlm_ray.core.config import BaselineConfig
+    from grlm_ray.stages.baselines import _pad_left, recommend, train_sasrec
+
+    n, hist = 30, [[5, 6, 7], [29, 30], [12], [3, 9, 27]]
+    models = [train_sasrec(_cyclic_sequences(n), n, BaselineConfig(hidden_size=16, num_layers=1, epochs=3, seed=s,
+                                                                   batch_size=64, dropout=0.0, max_len=10, threads=1),
+                           progress=False).model for s in (0, 1)]
+    one = recommend(models[0], hist, k=8, max_len=10)
+    assert (recommend([models[0], models[0]], hist, k=8, max_len=10) == one).all()
+    x = torch.from_numpy(_pad_left(hist, 10))
+    with torch.inference_mode():
+        mean = torch.stack([torch.log_softmax(m.scores(m(x)[:, -1]), -1) for m in models]).mean(0)
+    both = recommend(models, hist, k=8, max_len=10)
+    assert (both == torch.topk(mean, 8, -1).indices.numpy()).all() and not (both == one).all()

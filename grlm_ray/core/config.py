@@ -741,6 +741,9 @@ class BaselineConfig(StrictModel):
     seed: int = 0
     threads: int | None = Field(None, ge=1)  # torch threads (None: all cores)
     validation: BaselineValidationConfig = neutral_default(BaselineValidationConfig())
+    # this many SASRecs, seeds seed, seed+1, ... (each trained and cached as its own run would be), ranking by
+    # the mean of their log-softmax scores: the baseline's side of eval.ensemble (a fair bar for a GRLM ensemble)
+    ensemble: int = neutral_default(1, ge=1)
 
 
 class BenchConfig(StrictModel):

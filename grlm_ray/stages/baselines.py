@@ -236,14 +236,19 @@ def train_sasrec(train_seqs: list[list[int]], n_items: int, c: BaselineConfig, p
 
 
 def recommend(model: Any, histories: list[list[int]], k: int, max_len: int, batch_size: int = 256) -> np.ndarray:
-    """Top-k item indices (1-based) for each history, best first (history items are not masked)."""
+    """Top-k item indices (1-based) for each history, best first (history items are not masked). ``model``:
+    one SASRec, or a list of them ranking by the mean of their log-softmax scores (``baseline.ensemble``)."""
     import torch
 
+    models = model if isinstance(model, list) else [model]
     out = []
     with torch.inference_mode():
         for s in range(0, len(histories), batch_size):
             x = torch.from_numpy(_pad_left(histories[s:s + batch_size], max_len))
-            scores = model.scores(model(x)[:, -1])
+            if len(models) == 1:
+                scores = models[0].scores(models[0](x)[:, -1])
+            else:
+                scores = torch.stack([torch.log_softmax(m.scores(m(x)[:, -1]).float(), -1) for m in models]).mean(0)
             out.append(torch.topk(scores, k, dim=-1).indices.numpy())
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
@@ -318,10 +323,15 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
             valid_t = select_targets(targets, "valid", c.validation.users, c.validation.seed)
             validate = lambda model: score_rankings(scored(valid_t, model), e.ks)["overall"]  # noqa: E731
 
-        fit, cached = _trained_sasrec(run.store, cfg, [[index[i] for i in s] for s in train.values()], len(items), validate)
+        train_seqs = [[index[i] for i in s] for s in train.values()]
+        members = []  # baseline.ensemble: each member trained (or loaded) exactly as a run with its seed would be
+        for n in range(c.ensemble):
+            mc = cfg.model_copy(update={"baseline": c.model_copy(update={"seed": c.seed + n, "ensemble": 1})})
+            members.append(_trained_sasrec(run.store, mc, train_seqs, len(items), validate))
+        (fit, cached), models = members[0], [f.model for f, _ in members]
         rows_t = select_targets(targets, e.split, e.limit_users, e.seed)
         t0 = time.time()
-        rows = scored(rows_t, fit.model)
+        rows = scored(rows_t, models if len(models) > 1 else fit.model)
         eval_s = time.time() - t0
         popular = popularity_ranking(train)[: max(e.ks)]
         pop_rows = [{"domain": r["domain"], "target_item_id": r["target_item_id"], "ranked_item_ids": popular,
@@ -332,15 +342,20 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
             for key in [k for k in m if k.startswith("dhr_")]:
                 del m[key]
         report = {"model": metrics, "popularity": baseline, "protocol": {
-            "model": f"SASRec ({c.loss})", "split": e.split, "users": len(rows), "sample": e.limit_users,
+            "model": f"SASRec ({c.loss})" + (f", ensemble of {c.ensemble} seeds" if c.ensemble > 1 else ""),
+            "split": e.split, "users": len(rows), "sample": e.limit_users,
             "seed": e.seed, "history_masked": False, "ks": list(e.ks), "config": c.model_dump(mode="json")}}
         ctx.store.write_json(ctx.rel("metrics.json"), report)
         ctx.info.update({"metrics": metrics["overall"], "popularity": baseline["overall"],
                          "per_domain": metrics["per_domain"], "protocol": report["protocol"],
                          "loss_first": round(fit.losses[0], 4), "loss_last": round(fit.losses[-1], 4),
-                         "losses": [round(x, 4) for x in fit.losses], "train_seconds": round(fit.seconds, 2),
+                         "losses": [round(x, 4) for x in fit.losses], "train_seconds": round(sum(f.seconds for f, _ in members), 2),
                          "epochs_run": len(fit.losses), "best_epoch": fit.best_epoch, "validation_curve": fit.curve,
                          "model_cache": cached,
+                         **({"ensemble": [{"seed": c.seed + n, "train_seconds": round(f.seconds, 2),
+                                           "best_epoch": f.best_epoch, "epochs_run": len(f.losses),
+                                           "validation_curve": f.curve} for n, (f, _) in enumerate(members)]}
+                            if c.ensemble > 1 else {}),
                          "eval_seconds": round(eval_s, 2), "items": len(items), "train_users": len(train)})
 
     return run.run_stage(STAGE, body, inputs={"sequences": ("prepare", "sequences.parquet")})
