@@ -326,6 +326,21 @@ class LogProbEnsemble:
     __call__ = forward
 
 
+def check_ensemble(folders: Sequence[str], tok: Any) -> None:
+    """``eval.ensemble``: every folder an exported model whose tokenizer equals ``tok`` (the same TIDs and
+    vocabulary); a ``ValueError`` naming ``eval.ensemble[i]`` otherwise."""
+    import os
+
+    vocab = tok.get_vocab() if folders else None
+    for n, folder in enumerate(folders):
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(f"eval.ensemble[{n}] = {folder!r}: not an exported model folder (no config.json; "
+                             "give another run's <run.root>/<name>/train/model)")
+        if load_tokenizer(folder).get_vocab() != vocab:
+            raise ValueError(f"eval.ensemble[{n}] = {folder!r}: its tokenizer differs from this run's (an "
+                             "ensemble's models must share one vocabulary: the same TIDs)")
+
+
 @dataclass
 class _EnsembleCache:
     members: list[Any]
@@ -465,11 +480,7 @@ class TidDecoder:
 
             self.model = load(model_dir)
             if ensemble:
-                vocab = self.tok.get_vocab()
-                for n, other in enumerate(ensemble):
-                    if load_tokenizer(other).get_vocab() != vocab:
-                        raise ValueError(f"eval.ensemble[{n}] = {other}: its tokenizer differs from {model_dir}'s "
-                                         "(an ensemble's models must share one vocabulary: the same TIDs)")
+                check_ensemble(ensemble, self.tok)
                 self.model = LogProbEnsemble([self.model] + [load(other) for other in ensemble])
             self.scorer = TransformersScorer(self.model, self.tok, renormalize=renormalize)
         else:

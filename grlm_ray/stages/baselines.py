@@ -331,7 +331,7 @@ def baseline_stage(cfg: GrlmConfig) -> dict[str, Any]:
         (fit, cached), models = members[0], [f.model for f, _ in members]
         rows_t = select_targets(targets, e.split, e.limit_users, e.seed)
         t0 = time.time()
-        rows = scored(rows_t, models if len(models) > 1 else fit.model)
+        rows = scored(rows_t, models)
         eval_s = time.time() - t0
         popular = popularity_ranking(train)[: max(e.ks)]
         pop_rows = [{"domain": r["domain"], "target_item_id": r["target_item_id"], "ranked_item_ids": popular,

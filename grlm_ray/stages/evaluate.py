@@ -28,7 +28,7 @@ from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES
 from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext, release_arrow_memory, take_rows
-from grlm_ray.lib.decoding import TidDecoder, effective_max_new_tokens, tid_token_arrays
+from grlm_ray.lib.decoding import TidDecoder, check_ensemble, effective_max_new_tokens, tid_token_arrays
 from grlm_ray.lib.eig import AddedNeighbours, TidIndex, merge_beams, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings
 from grlm_ray.lib.metrics import RankingSums
@@ -220,18 +220,6 @@ def _length_ordered(queries: pa.Table, tok: Any) -> pa.Table:
     return queries.select(["row", "prompt"]).take(pa.array(length_order(lengths)))
 
 
-def _check_ensemble(folders: Sequence[str], tok: Any) -> None:
-    """``eval.ensemble``: every folder an exported model whose tokenizer is this run's, before any decoding."""
-    vocab = tok.get_vocab() if folders else None
-    for n, folder in enumerate(folders):
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise GrlmError(f"eval.ensemble[{n}] = {folder!r}: not an exported model folder (no config.json; "
-                            "give another run's <run.root>/<name>/train/model)")
-        if load_tokenizer(folder).get_vocab() != vocab:
-            raise GrlmError(f"eval.ensemble[{n}] = {folder!r}: its tokenizer differs from this run's (an "
-                            "ensemble's models must share one vocabulary: the same TIDs)")
-
-
 def _weights_stamp(folders: Sequence[str]) -> list[list[Any]]:
     """(file, size, mtime) of each folder's weight files: what tells a retrained member from the one scored."""
     out = []
@@ -258,7 +246,10 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
         model_dir = run.local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/eval"))
         tok = load_tokenizer(model_dir)
-        _check_ensemble(e.ensemble, tok)
+        try:  # before any decoding (each actor's TidDecoder checks again)
+            check_ensemble(e.ensemble, tok)
+        except ValueError as err:
+            raise GrlmError(str(err)) from None
         queries = query_table(cfg, items, seqs, targets, terms_t, tok, history=False)  # Arrow: no row dicts
         popular = training_popularity(seqs, targets)
         rerank = _added_neighbours(cfg, run, seqs, targets) if e.added_neighbours and added is not None else None
