@@ -29,6 +29,9 @@ def test_the_gpu_script_packs_trains_and_scores_without_ray(tmp_path, tiny_sft_r
     assert sorted(p.name for p in (run / "sft").iterdir()) == ["_manifest.json", "sft.parquet", "terms.parquet"]
     assert (run / "config.yaml").is_file()  # the resolved config the run step trains with
     assert not (run / "embed").exists()  # only what the GPU side reads travels
+    tok = run / recipe_on_gpu.TOKENIZER  # the scratch model's tokenizer travels, its LM's weights do not
+    assert (tok / "tokenizer.json").is_file()
+    assert not [f for f in tok.iterdir() if f.suffix in recipe_on_gpu.WEIGHTS]
 
     small = [o for o in TINY if not o.startswith(("train.num_workers", "train.micro_batch"))]
     cmd = [sys.executable, str(SCRIPT), "run", str(run / "config.yaml"), *small,
@@ -43,3 +46,4 @@ def test_the_gpu_script_packs_trains_and_scores_without_ray(tmp_path, tiny_sft_r
     m = result["metrics"]
     assert m["users"] == 20 and m["vr_at_10"] == 1.0 and 0 <= m["recall_at_10"] <= 1
     assert (run / "train" / "model" / "config.json").is_file()  # trained into the pack
+    assert Path(result["train"]["backbone_source"]) == tok  # the packed tokenizer, not the model package

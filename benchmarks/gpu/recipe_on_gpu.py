@@ -4,17 +4,20 @@ over the test users, grounded and scored with the project's own code; one result
 
 Two steps, because the GPU machine has no Ray and carries at most 64 MiB:
 
-  # 1. here, with the project's pipeline (Ray, CPU): prepare .. sft of the config, packed (~3 MB for Beauty)
+  # 1. here, with the project's pipeline (Ray, CPU): prepare .. sft of the config, packed (~6 MB for Beauty)
   python benchmarks/gpu/recipe_on_gpu.py pack configs/bench/beauty_quality.yaml data.base_dir=../shared/data/amazon2014
   # 2. on the GPU machine (python3 with torch + transformers; pydantic carried as wheels), the pack carried,
   #    with the resolved config the pack holds:
   python benchmarks/gpu/recipe_on_gpu.py run benchmarks/gpu/pack/bench-beauty/config.yaml --out $OUT
 
+``pack`` also carries a scratch model's tokenizer files (``<pack>/<run>/tokenizer``, no weights: the model package
+it comes from is not installed on the GPU machine); ``run`` uses them as ``model.path`` when present.
 ``run`` trains into the pack (``<pack>/<run>/train/``), decodes every test user (``--users N``: a seeded
 sample) and writes ``gpu_recipe_<run>.json`` to ``--out`` (default benchmarks/results): the device, the
 decoding backend and why, training steps / seconds / tokens per second / the validation curve, test R@5/10,
 N@5/10, VR@10, decoding seconds, and whether Ray was imported (it must not be). ``--epochs`` / ``--max-steps``
-bound the training (a CPU check of the script: ``--device cpu --max-steps 20 --users 50``). On the device
+bound the training (a CPU check of the script: ``--device cpu --max-steps 20 --users 50``; it trains into the
+pack: delete ``<pack>/<run>/train`` before carrying it). On the device
 tool: ``carry: [benchmarks/gpu/pack, .whl]`` and, first, ``pip install --target /tmp/site .whl/*.whl`` for
 pydantic (the wheels: ``pip download --no-deps pydantic pydantic-core annotated-types typing-inspection``).
 """
@@ -34,6 +37,8 @@ sys.path.insert(0, str(REPO))  # the GPU machine runs the checkout as it is, not
 PACK = REPO / "benchmarks" / "gpu" / "pack"
 # what the train stage and the test decoding read (each stage with its manifest: the train stage chains its key)
 PACKED = {"prepare": ("items.parquet", "sequences.parquet", "targets.parquet"), "sft": ("sft.parquet", "terms.parquet")}
+TOKENIZER = "tokenizer"  # <pack>/<run>/tokenizer: a scratch model's tokenizer files, its model.path on the GPU machine
+WEIGHTS = {".safetensors", ".bin", ".gguf", ".pt", ".pth"}
 
 
 def pack(config: str, overrides: list[str], dest: Path) -> Path:
@@ -54,6 +59,17 @@ def pack(config: str, overrides: list[str], dest: Path) -> Path:
             size += len(data)
     config_rel = src.file("config.yaml")  # the resolved config: what `run` trains with
     dst.store.write_bytes(dst.file("config.yaml"), src.store.read_bytes(config_rel))
+    if cfg.model.init == "scratch":  # the tokenizer a scratch model starts from, without the LM's weights (a
+        import shutil                # packaged model such as SmolLM2's GGUF is not installed on the GPU machine)
+        from grlm_ray.stages.train.backbone import tokenizer_source
+
+        folder = Path(tokenizer_source(cfg.model))
+        tok_dir = Path(dst.store.path(dst.name)) / TOKENIZER
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for f in folder.iterdir():
+            if f.is_file() and not f.name.startswith(".") and f.suffix not in WEIGHTS:
+                shutil.copy2(f, tok_dir / f.name)
+                size += f.stat().st_size
     print(f"packed {cfg.run.name} ({size / 2**20:.1f} MiB) into {dst.store.uri(dst.name)}")
     return Path(dst.store.path(dst.name))
 
@@ -94,6 +110,9 @@ def run(config: str, overrides: list[str], args: argparse.Namespace) -> dict:
           "tracking.enabled=false", "train.validation.enabled=true", f"ray.progress_bars={args.progress}"]
     if device == "cuda":  # one process holds the whole batch: no gradient accumulation
         ov += ["train.micro_batch=64"]
+    packed_tok = args.pack / load_config(config, overrides).run.name / TOKENIZER
+    if packed_tok.is_dir():  # the packed tokenizer (a scratch model's): no model package needed here
+        ov += [f"model.path={packed_tok}"]
     ov += [f"train.epochs={args.epochs}"] if args.epochs else []
     ov += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     cfg = load_config(config, ov + overrides)  # the user's overrides last: they win
@@ -136,7 +155,8 @@ def run(config: str, overrides: list[str], args: argparse.Namespace) -> dict:
                     "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads},
         "train": {"seconds": round(train_s, 1), "steps": info.get("steps"), "epochs": cfg.train.epochs,
                   "final_loss": info.get("final_loss"), "tokens_per_s": info.get("tokens_per_s"),
-                  "precision": info.get("precision"), "validation": info.get("validation")},
+                  "precision": info.get("precision"), "validation": info.get("validation"),
+                  "backbone_source": (info.get("backbone") or {}).get("source")},
         "decode": {"backend": backend, "why": why, "num_beams": e.num_beams, "batch_size": batch,
                    "users": len(rows), "load_seconds": round(load_s, 1), "seconds": round(decode_s, 1),
                    "users_per_second": round(len(rows) / decode_s, 1) if decode_s > 0 else None},

@@ -116,11 +116,14 @@ def optimizer_digest(optimizer: Any, partitioned: bool) -> float:
     import torch
 
     inner = getattr(optimizer, "optimizer", optimizer)
-    total = torch.zeros((), dtype=torch.float64)
+    total = 0.0  # summed on each state's own device (the optimizer's state lives on the GPU there)
     for state in inner.state.values():
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                total += state[key].detach().double().abs().sum()
+                total += float(state[key].detach().double().abs().sum())
     if partitioned and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return float(total)
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+        summed = torch.tensor(total, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(summed)
+        total = float(summed)
+    return total
