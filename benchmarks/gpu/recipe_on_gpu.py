@@ -59,8 +59,11 @@ def pack(config: str, overrides: list[str], dest: Path) -> Path:
             size += len(data)
     config_rel = src.file("config.yaml")  # the resolved config: what `run` trains with
     dst.store.write_bytes(dst.file("config.yaml"), src.store.read_bytes(config_rel))
-    if cfg.model.init == "scratch":  # the tokenizer a scratch model starts from, without the LM's weights (a
-        import shutil                # packaged model such as SmolLM2's GGUF is not installed on the GPU machine)
+    if cfg.model.init == "scratch":
+        # the tokenizer a scratch model starts from, without the LM's weights (a packaged model such as
+        # SmolLM2's GGUF is not installed on the GPU machine)
+        import shutil
+
         from grlm_ray.stages.train.backbone import tokenizer_source
 
         folder = Path(tokenizer_source(cfg.model))
