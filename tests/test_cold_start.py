@@ -122,11 +122,13 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
                          ("predicted", "GRLM + new items, text neighbours of its top item")):
         t_ = res["added_neighbours_tuning"][anchor]
         assert res["added_neighbours_tuning"]["users"] == 80 and t_["curve"][0]["slots"] == 0
-        pick = [p for p in t_["curve"] if (p["slots"], p["min_cosine"]) == (t_["chosen"]["slots"], t_["chosen"]["min_cosine"])][0]
+        key = lambda p: (p["position"], p["slots"], p["min_cosine"])  # noqa: E731
+        assert {p["position"] for p in t_["curve"][1:]} == {"top", "bottom"}  # both placements on the curve
+        pick = [p for p in t_["curve"] if key(p) == tuple(t_["chosen"][k] for k in ("position", "slots", "min_cosine"))][0]
         assert pick["recall_at_10"] >= 0.1 * t_["curve"][0]["recall_at_10"] - 1e-9
         assert pick["new_share_at_10"] >= t_["curve"][0]["new_share_at_10"]
         test_point = [p for p in res["added_neighbours_test_curves"][anchor]
-                      if (p["slots"], p["min_cosine"]) == (pick["slots"], pick["min_cosine"])][0]
+                      if key(p) == key(pick)][0]
         assert {k: rows[name][k] for k in ("recall_at_10_new", "new_share_at_10")} == \
                {k: test_point[k] for k in ("recall_at_10_new", "new_share_at_10")}
         assert rows[name]["users_new"] == rows["GRLM + new items"]["users_new"]
@@ -160,13 +162,14 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     pick = res["added_neighbours_tuning"]["last"]["chosen"]
     ecfg = load_config(None, overrides + ["run.name=cold-sample-new", "eval.added_items=true", "eval.limit_users=80",
                                           f"eval.added_neighbours={pick['slots']}",
-                                          f"eval.added_min_cosine={pick['min_cosine']}"])
+                                          f"eval.added_min_cosine={pick['min_cosine']}",
+                                          f"eval.added_position={pick['position']}"])
     ev = run_pipeline(ecfg, stages=("eval",))["stages"]["eval"]
     row = rows["GRLM + new items, text neighbours of the last item"]
     assert ev["info"]["metrics"]["recall_at_10"] == pytest.approx(row["recall_at_10"], abs=1e-6)
     assert ev["info"]["metrics"]["ndcg_at_10"] == pytest.approx(row["ndcg_at_10"], abs=1e-6)
     assert ev["info"]["protocol"]["added_neighbours"] == {"slots": pick["slots"], "min_cosine": pick["min_cosine"],
-                                                          "anchor": "last"}
+                                                          "position": pick["position"], "anchor": "last"}
 
 
 def test_scoring_added_items_without_any_added_is_refused_with_the_path(tmp_path):
@@ -225,6 +228,25 @@ def test_added_neighbours_go_first_when_near_enough_and_are_never_repeated():
     assert place_added(ranked, cands, 0.8, 1) == ["n2", "a", "b", "c"]
     assert place_added(ranked, cands, 0.99, 3) == ranked  # none near enough: the list as it was
     assert place_added(ranked, cands, 0.0, 0) == ranked
+
+
+def test_added_neighbours_at_the_bottom_push_out_the_models_least_likely_items_only():
+    from grlm_ray.lib.eig import place_added
+
+    ranked = ["a", "b", "c", "d", "e", "f"]
+    cands = [("n1", 0.7), ("n2", 0.95), ("n3", 0.9)]
+    # the first 4 are shown: n2 and n3 take its last two places, c and d move just below it, in order
+    assert place_added(ranked, cands, 0.8, 2, "bottom", 4) == ["a", "b", "n2", "n3", "c", "d", "e", "f"]
+    assert place_added(ranked, cands, 0.8, 1, "bottom", 4) == ["a", "b", "c", "n2", "d", "e", "f"]
+    # a candidate the model already shows keeps its place; only the other one pushes an item out
+    shown = ["a", "n3", "b", "c", "d"]
+    assert place_added(shown, cands, 0.8, 2, "bottom", 4) == ["a", "n3", "b", "n2", "c", "d"]
+    # a candidate below the shown part moves up into it, and is not repeated
+    assert place_added(["a", "b", "c", "n2"], cands, 0.9, 1, "bottom", 2) == ["a", "n2", "b", "c"]
+    assert place_added(ranked, cands, 0.8, 2, "bottom") == ["a", "b", "c", "d", "n2", "n3", "e", "f"]  # all shown
+    assert place_added(ranked, cands, 0.99, 3, "bottom", 4) == ranked
+    with pytest.raises(ValueError, match="position must be 'top' or 'bottom'"):
+        place_added(ranked, cands, 0.8, 1, "middle")
 
 
 def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():

@@ -68,6 +68,7 @@ ANCHORS = {"last": "GRLM + new items, text neighbours of the last item",
            "predicted": "GRLM + new items, text neighbours of its top item"}
 MIN_COSINES = (0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.7, 0.65, 0.6, 0.5)
 SLOTS = (1, 2, 3)
+POSITIONS = ("top", "bottom")
 BONUSES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
 
@@ -241,14 +242,17 @@ def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) 
 def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[str, float]]], held: set[str],
                     k: int = 10) -> list[dict[str, Any]]:
     """``split_metrics`` of the ranked lists with the new items placed by ``place_added``, for every
-    (slots, similarity floor) in ``SLOTS`` x ``MIN_COSINES``; the first point is the lever off."""
+    (position, slots, similarity floor) in ``POSITIONS`` x ``SLOTS`` x ``MIN_COSINES``; the first point is the
+    lever off."""
     from grlm_ray.lib.eig import place_added
 
-    curve = [{"slots": 0, "min_cosine": None, **split_metrics(rows, held, k)}]
-    for slots in SLOTS:
-        for m in MIN_COSINES:
-            placed = [(t, place_added(r, c, m, slots)) for (t, r), c in zip(rows, cands)]
-            curve.append({"slots": slots, "min_cosine": m, **split_metrics(placed, held, k)})
+    curve = [{"position": None, "slots": 0, "min_cosine": None, **split_metrics(rows, held, k)}]
+    for position in POSITIONS:
+        for slots in SLOTS:
+            for m in MIN_COSINES:
+                placed = [(t, place_added(r, c, m, slots, position, k)) for (t, r), c in zip(rows, cands)]
+                curve.append({"position": position, "slots": slots, "min_cosine": m,
+                              **split_metrics(placed, held, k)})
     return curve
 
 
@@ -275,11 +279,12 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
         curve = neighbour_curve(rows, cands, held)
         chosen = choose_neighbours(curve, cfg.bench.new_item_cost)
         log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
-                 "none within the cost" if chosen is None else f"{chosen['slots']} slots, cosine >= "
+                 "none within the cost" if chosen is None else f"{chosen['slots']} slots ({chosen['position']}), cosine >= "
                  f"{chosen['min_cosine']} (R@10 {chosen['recall_at_10']:.4f} vs {curve[0]['recall_at_10']:.4f} off, "
                  f"new share {chosen['new_share_at_10']:.4f})")
-        out[anchor] = {"chosen": None if chosen is None else {"slots": chosen["slots"],
-                                                              "min_cosine": chosen["min_cosine"]}, "curve": curve}
+        out[anchor] = {"chosen": None if chosen is None else {
+            "position": chosen["position"], "slots": chosen["slots"], "min_cosine": chosen["min_cosine"]},
+            "curve": curve}
     return out
 
 
@@ -373,8 +378,8 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
             test_curves[anchor] = neighbour_curve(grlm_new, cands, held)
             chosen = neighbours[anchor]["chosen"]
             if chosen is not None:
-                ranked[name] = [(t, place_added(r, c, chosen["min_cosine"], chosen["slots"]))
-                                for (t, r), c in zip(grlm_new, cands)]
+                ranked[name] = [(t, place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"],
+                                                k)) for (t, r), c in zip(grlm_new, cands)]
 
     train_s, seconds = train["seconds"], {"GRLM + new items": ev_new["seconds"],
                                           **{LEVER_ROWS[r]: evals[r]["seconds"] for r in LEVER_ROWS if r in evals},
@@ -450,13 +455,15 @@ def plot_frontier(out: dict[str, Any], title: str) -> bytes | None:
     by = {r["model"]: r for r in out["rows"]}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for anchor, curve in curves.items():
-        for slots in sorted({p["slots"] for p in curve if p["slots"]}):
-            pts = [curve[0]] + [p for p in curve if p["slots"] == slots]
-            ax.plot([p["recall_at_10_seen"] for p in pts], [p["recall_at_10_new"] for p in pts], "o-", ms=3,
-                    label=f"{anchor} item, {slots} slot{'s' if slots > 1 else ''}")
+        for position, slots in sorted({(p.get("position") or "top", p["slots"]) for p in curve if p["slots"]}):
+            pts = [curve[0]] + [p for p in curve if p["slots"] == slots and (p.get("position") or "top") == position]
+            ax.plot([p["recall_at_10_seen"] for p in pts], [p["recall_at_10_new"] for p in pts],
+                    "o-" if position == "top" else "s--", ms=3,
+                    label=f"{anchor} item, {slots} slot{'s' if slots > 1 else ''}, {position}")
         chosen = (out.get("added_neighbours_tuning") or {}).get(anchor, {}).get("chosen")
         if chosen:
-            p = next(q for q in curve if (q["slots"], q["min_cosine"]) == (chosen["slots"], chosen["min_cosine"]))
+            key = (chosen.get("position") or "top", chosen["slots"], chosen["min_cosine"])
+            p = next(q for q in curve if (q.get("position") or "top", q["slots"], q["min_cosine"]) == key)
             ax.plot([p["recall_at_10_seen"]], [p["recall_at_10_new"]], "k*", ms=12)
     content = by.get("content (last item's text neighbours)")
     if content:

@@ -504,11 +504,14 @@ class EvalConfig(StrictModel):
     # trained on an added TID, so its main beams rarely reach one; this asks it which added items fit best.
     added_beams: int = neutral_default(0, ge=0)
     added_bonus: float = neutral_default(0.0)
-    # up to this many added items placed first in each list: those whose text embedding is nearest an anchor
+    # up to this many added items placed in each list: those whose text embedding is nearest an anchor
     # (the user's last history item, or the model's top item) with cosine >= added_min_cosine
-    # (grlm_ray/lib/eig.py: place_added; ``grlm bench cold-start`` chooses both on validation users)
+    # (grlm_ray/lib/eig.py: place_added; ``grlm bench cold-start`` chooses all three on validation users);
+    # added_position 'top': those items go first; 'bottom': they take the list's last places (the model's
+    # best guesses keep theirs)
     added_neighbours: int = neutral_default(0, ge=0)
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
+    added_position: Literal["top", "bottom"] = neutral_default("top")
     added_anchor: Literal["last", "predicted"] = neutral_default("last")
     # more exported models decoding with this run's as one: their next-token log-probs are averaged (e.g. the
     # same recipe trained with other seeds: ``<run.root>/<name>/train/model`` folders; the same TIDs and
@@ -673,11 +676,13 @@ class ServeConfig(StrictModel):
     # 'known' words the live catalog's TIDs already use first (terms the model was trained to write), its own
     # other words only where those do not make N terms (cold start: ``grlm bench cold-start``)
     new_item_terms: Literal["open", "known"] = neutral_default("open")
-    # items added after training placed first in a recommendation (as ``eval.added_neighbours`` scores it):
+    # items added after training placed in a recommendation (as ``eval.added_neighbours`` scores it):
     # up to this many, those whose text embedding is nearest the request's last history item with cosine >=
     # added_min_cosine (the grounding replicas embed each added item once; ``grounded_by: added_neighbour``)
+    # (added_position 'bottom': in the last places of the list instead, as eval.added_position)
     added_neighbours: int = neutral_default(0, ge=0)
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
+    added_position: Literal["top", "bottom"] = neutral_default("top")
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
     # overload shedding at the door: recommend calls in flight per ingress replica; past it a call is refused
     # 503 + Retry-After before any replica works on it (None: the generators' capacity, max_replicas x

@@ -332,17 +332,35 @@ def merge_beams(main: Sequence[tuple[str, float]], extra: Sequence[tuple[str, fl
 
 
 def place_added(ranked: Sequence[str], candidates: Sequence[tuple[str, float]], min_score: float,
-                slots: int) -> list[str]:
-    """``ranked`` with items added after training placed first: of ``candidates`` (added items scored by their
-    text similarity to an anchor, e.g. the user's last item; any order), up to ``slots`` whose score is at
-    least ``min_score``, best first, then ``ranked``'s order. An added item already in ``ranked`` moves up and is
-    not repeated. The model never trained on an added item's TID, so its own beams rarely reach one; this puts
-    the new items that are near-twins of what the user is looking at where they are seen."""
+                slots: int, position: str = "top", depth: int | None = None) -> list[str]:
+    """``ranked`` with items added after training placed in its first ``depth`` (the list shown; default all of
+    it): of ``candidates`` (added items scored by their text similarity to an anchor, e.g. the user's last item;
+    any order), up to ``slots`` whose score is at least ``min_score``, best first. ``position`` 'top': they go
+    first, then ``ranked``'s order (an added item already in ``ranked`` moves up and is not repeated);
+    'bottom': they take the last places of the shown list, pushing out its lowest items that are not
+    candidates themselves (one already shown stays where the model put it) — the model's best guesses keep
+    their places and the new items cost only its least likely ones. The model never trained on an added
+    item's TID, so its own beams rarely reach one; this shows the new items that are near-twins of what the
+    user is looking at."""
     picked = [i for i, s in sorted(candidates, key=lambda c: -c[1]) if s >= min_score][:max(0, slots)]
     if not picked:
         return list(ranked)
     have = set(picked)
-    return picked + [i for i in ranked if i not in have]
+    if position == "top":
+        return picked + [i for i in ranked if i not in have]
+    if position != "bottom":
+        raise ValueError(f"position must be 'top' or 'bottom', got {position!r}")
+    d = len(ranked) if depth is None else depth
+    head = list(ranked[:d])
+    extra = [i for i in picked if i not in head]
+    drop: list[str] = []
+    for i in reversed(head):
+        if len(drop) == len(extra):
+            break
+        if i not in have:
+            drop.append(i)
+    gone = set(drop)
+    return [i for i in head if i not in gone] + extra + drop[::-1] + [i for i in ranked[d:] if i not in have]
 
 
 class AddedNeighbours:
@@ -373,7 +391,8 @@ class AddedNeighbours:
         return out
 
     def place(self, ranked: Sequence[Sequence[str]], anchors: Sequence[str | None], min_cosine: float,
-              slots: int) -> list[list[str]]:
-        """Every ranked list with its added neighbours placed first (``place_added``), cut to its length."""
+              slots: int, position: str = "top") -> list[list[str]]:
+        """Every ranked list with its added neighbours placed (``place_added``: first, or in the last places),
+        cut to its length."""
         cands = self.candidates(anchors, slots)
-        return [place_added(r, c, min_cosine, slots)[:len(r)] for r, c in zip(ranked, cands)]
+        return [place_added(r, c, min_cosine, slots, position)[:len(r)] for r, c in zip(ranked, cands)]

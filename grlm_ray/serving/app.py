@@ -473,6 +473,7 @@ class Grounder(_CatalogFollower):
         comparable across requests), and ``grounding_score`` (EIG's weighted term match of the item to that
         beam; the full TID weight for a direct hit). Items filled in from popularity have no beam (null).
         With ``serve.added_neighbours`` and ``last`` (the history's last item), added items near it go first
+        (or last: ``serve.added_position``)
         (``grounded_by: added_neighbour``, ``grounding_score``: their cosine)."""
         await self._sync(version)
         cat, index, placer = self.state
@@ -486,7 +487,8 @@ class Grounder(_CatalogFollower):
             return out
         s_ = self.cfg.serve
         [cands] = placer.candidates([last], s_.added_neighbours)
-        order = place_added([o["item_id"] for o in out], cands, s_.added_min_cosine, s_.added_neighbours)[:len(out)]
+        order = place_added([o["item_id"] for o in out], cands, s_.added_min_cosine, s_.added_neighbours,
+                            s_.added_position)[:len(out)]
         have, near = {o["item_id"]: o for o in out}, dict(cands)
         return [dict(have.get(i) or dict(self._item(cat, i), grounded_by="added_neighbour",
                                          grounding_score=round(near[i], 6), beam_rank=None, log_prob=None),

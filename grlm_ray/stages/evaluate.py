@@ -175,7 +175,8 @@ def added_items(run: Run) -> pa.Table:
 
 def _added_neighbours(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table) -> Any:
     """``eval.added_neighbours``: a ``rerank`` for ``write_predictions`` that places each user's added
-    neighbours first (``AddedNeighbours``: the run's text embeddings, the added items embedded now; the anchor
+    neighbours (first or last: ``eval.added_position``; ``AddedNeighbours``: the run's text embeddings, the
+    added items embedded now; the anchor
     the user's last history item or the model's top item); a moved item keeps its ``grounded_by``, a placed one
     is ``added_neighbour``."""
     e = cfg.eval
@@ -189,7 +190,7 @@ def _added_neighbours(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Tab
     def rerank(first: int, ranked: Any, how: Any) -> tuple[pa.Array, pa.Array]:
         r, h = ranked.to_pylist(), how.to_pylist()
         anchors = last[first:first + len(r)] if e.added_anchor == "last" else [x[0] if x else None for x in r]
-        placed = placer.place(r, anchors, e.added_min_cosine, e.added_neighbours)
+        placed = placer.place(r, anchors, e.added_min_cosine, e.added_neighbours, e.added_position)
         grounded = [[dict(zip(old, oh)).get(i, "added_neighbour") for i in new] for old, oh, new in zip(r, h, placed)]
         return pa.array(placed, pa.list_(pa.string())), pa.array(grounded, pa.list_(pa.string()))
 
@@ -300,6 +301,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             "added_items": added.num_rows if added is not None else 0,
             "added_search": {"beams": e.added_beams, "bonus": e.added_bonus} if e.added_beams else None,
             "added_neighbours": {"slots": e.added_neighbours, "min_cosine": e.added_min_cosine,
+                                 "position": e.added_position,
                                  "anchor": e.added_anchor} if e.added_neighbours else None,
             "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
             "padding": "left", "dtype": e.dtype, "backend": e.backend,
