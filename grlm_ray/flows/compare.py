@@ -29,11 +29,15 @@ COLUMNS = ("variant", "k", "vocab", "colliding_items_mapped", "colliding_items_a
 
 
 def variant_config(cfg: GrlmConfig, k: int | None) -> GrlmConfig:
-    """The config of one variant: its own run name, the compressed (or raw) terms for IIFT."""
+    """The config of one variant: its own run name, the compressed (or raw) terms for IIFT. A K variant
+    compresses for its own K only (``compress.ks=[K]``, seconds), so its key — and its training's — does not
+    change when the comparison's other settings do: adding a K later trains only the new one."""
     data = cfg.model_dump(mode="json")
     data["run"]["name"] = f"{cfg.run.name}-{'raw' if k is None else f'k{k}'}"
     data["sft"]["terms"] = cfg.compress.source if k is None else "compress"
     data["sft"]["compress_k"] = k
+    if k is not None:
+        data["compress"]["ks"] = [k]
     return GrlmConfig.model_validate(data)
 
 
