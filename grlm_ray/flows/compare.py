@@ -123,7 +123,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
 
     ks = [r for r in rows if r["k"] is not None]
     raw = next((r for r in rows if r["k"] is None), None)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
     for key, style, label in (("recall_at_10", "o-", "Recall@10"), ("ndcg_at_10", "s-", "NDCG@10")):
         line, = ax.plot([r["k"] for r in ks], [r.get(key) or 0 for r in ks], style, label=label)
         if raw is not None:
@@ -133,8 +133,8 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     ax2 = ax.twinx()
     ax2.plot([r["k"] for r in ks], [r["vocab"] for r in ks], "^:", c="gray", label="vocabulary")
     ax2.set_ylabel("distinct terms")
-    fig.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(loc="lower center", ncol=3, fontsize=7)  # below the axes: it hides no point
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
