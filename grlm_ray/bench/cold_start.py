@@ -439,9 +439,11 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
 
 
 def plot_frontier(out: dict[str, Any], title: str) -> bytes | None:
-    """``added_neighbours`` on the test users: new-item against seen-item Recall@10 for every (anchor, slots)
-    as the similarity floor falls, the validation choices marked, the content baseline's new-item recall and
-    95% of the model's own seen-item recall as lines. None without the lever."""
+    """``added_neighbours`` on the test users as the similarity floor falls, the validation choices marked. Left:
+    new-item against seen-item Recall@10 for every (anchor, slots), with the content baseline's new-item recall
+    and 95% of the model's own seen-item recall as lines (placing first or last puts the same items in the top
+    10, so one curve stands for both). Right: the same for NDCG@10, where the placement differs (the last-item
+    anchor, first vs last places). None without the lever."""
     curves = out.get("added_neighbours_test_curves")
     if not curves:
         return None
@@ -452,29 +454,44 @@ def plot_frontier(out: dict[str, Any], title: str) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def pos(p: dict[str, Any]) -> str:
+        return p.get("position") or "top"
+
     by = {r["model"]: r for r in out["rows"]}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
     for anchor, curve in curves.items():
-        for position, slots in sorted({(p.get("position") or "top", p["slots"]) for p in curve if p["slots"]}):
-            pts = [curve[0]] + [p for p in curve if p["slots"] == slots and (p.get("position") or "top") == position]
-            ax.plot([p["recall_at_10_seen"] for p in pts], [p["recall_at_10_new"] for p in pts],
-                    "o-" if position == "top" else "s--", ms=3,
-                    label=f"{anchor} item, {slots} slot{'s' if slots > 1 else ''}, {position}")
+        for slots in sorted({p["slots"] for p in curve if p["slots"]}):
+            pts = [curve[0]] + [p for p in curve if p["slots"] == slots and pos(p) == "top"]
+            ax.plot([p["recall_at_10_seen"] for p in pts], [p["recall_at_10_new"] for p in pts], "o-", ms=3,
+                    label=f"{anchor} item, {slots} slot{'s' if slots > 1 else ''}")
+            if anchor == "last":
+                for position, style in (("top", "o-"), ("bottom", "s--")):
+                    pts = [curve[0]] + [p for p in curve if p["slots"] == slots and pos(p) == position]
+                    bx.plot([p["ndcg_at_10_seen"] for p in pts], [p["ndcg_at_10_new"] for p in pts], style, ms=3,
+                            label=f"{slots} slot{'s' if slots > 1 else ''}, {'first' if position == 'top' else 'last'}"
+                                  " places")
         chosen = (out.get("added_neighbours_tuning") or {}).get(anchor, {}).get("chosen")
         if chosen:
             key = (chosen.get("position") or "top", chosen["slots"], chosen["min_cosine"])
-            p = next(q for q in curve if (q.get("position") or "top", q["slots"], q["min_cosine"]) == key)
+            p = next(q for q in curve if (pos(q), q["slots"], q["min_cosine"]) == key)
             ax.plot([p["recall_at_10_seen"]], [p["recall_at_10_new"]], "k*", ms=12)
+            if anchor == "last":
+                bx.plot([p["ndcg_at_10_seen"]], [p["ndcg_at_10_new"]], "k*", ms=12)
     content = by.get("content (last item's text neighbours)")
     if content:
         ax.axhline(content["recall_at_10_new"], color="gray", ls="--", label="content baseline, new items")
+        bx.axhline(content["ndcg_at_10_new"], color="gray", ls="--", label="content baseline, new items")
     ax.axvline(0.95 * by["GRLM + new items"]["recall_at_10_seen"], color="gray", ls=":",
                label="95% of GRLM's seen-item R@10")
     ax.set_xlabel("Recall@10, seen-item targets (test)")
     ax.set_ylabel("Recall@10, new-item targets (test)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title + "\n(* chosen on validation users)", fontsize=9)
+    ax.set_title(title + "\n(* chosen on validation users; first or last places: the same top 10)", fontsize=9)
+    bx.set_xlabel("NDCG@10, seen-item targets (test)")
+    bx.set_ylabel("NDCG@10, new-item targets (test)")
+    bx.set_title("NDCG@10, neighbours of the last item: first vs last places", fontsize=9)
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
