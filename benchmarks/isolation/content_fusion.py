@@ -1,0 +1,87 @@
+"""Does GRLM add anything to the content baseline? On a finished cold-start run (``grlm bench cold-start CONFIG``:
+its GRLM lists with the new items in the catalog, on 2,000 validation users and on every test user), each user's
+list = GRLM's first ``m`` items and the content baseline's (the last item's text neighbours, the bench's own
+``content_rankings``) filling the rest to 10, in either order (GRLM first, or content first). ``m`` and the order
+are chosen on the validation users (Recall@10, then NDCG@10), the test users scored once with the choice; every
+``m`` is recorded for both splits. Nothing is trained or decoded: the bench's stored predictions are read.
+
+    python benchmarks/isolation/content_fusion.py configs/bench/toys_cold_start.yaml --name content_fusion_toys \
+        --set run.root=runs data.base_dir=../shared/data/amazon2014 'bench.baselines=[]'
+
+Writes benchmarks/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fuse(grlm: list[str], content: list[str], m: int, order: str, k: int = 10) -> list[str]:
+    """GRLM's first ``m`` items and the content list's first items not among them, ``k`` in all; ``order``
+    'grlm' puts GRLM's part first, 'content' the content part first."""
+    head = list(grlm[:m])
+    fill = [i for i in content if i not in head][:k - len(head)]
+    return head + fill if order == "grlm" else fill + head
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--set", nargs="*", default=[])
+    args = ap.parse_args(argv)
+
+    from grlm_ray.bench.cold_start import content_rankings, held_out_rows, last_items, plan, split_metrics
+    from grlm_ray.bench.common import write_result
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.run import Run
+    from grlm_ray.core.schemas import PREDICTIONS
+    from grlm_ray.lib.embeddings import catalog_embeddings
+
+    t0 = time.time()
+    cfg = load_config(args.config, args.set)
+    runs = plan(cfg)
+    if "new_valid" not in runs:
+        raise SystemExit("the cold-start config has no validation run: add added_neighbours to bench.new_item_levers")
+    held = set(Run.of(cfg).read_table("prepare", "holdout_items.parquet").column("item_id").to_pylist())
+    rows_new, _ = held_out_rows(Run.of(runs["new"]))
+    ids, emb = catalog_embeddings(runs["new"], rows_new)
+    data = {}
+    for split, role in (("valid", "new_valid"), ("test", "new")):
+        p = Run.of(runs[role]).read_table("eval", "predictions.parquet", PREDICTIONS)
+        users = p.column("user_id").to_pylist()
+        grlm = list(zip(p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist()))
+        content = content_rankings(ids, emb, last_items(runs[role], users), 10)
+        data[split] = (grlm, content)
+    curves: dict[str, list[dict]] = {}
+    for split, (grlm, content) in data.items():
+        curves[split] = [{"order": order, "grlm_items": m,
+                          **split_metrics([(t, fuse(g, c, m, order)) for (t, g), c in zip(grlm, content)], held)}
+                         for order in ("grlm", "content") for m in range(11)]
+    chosen = max(curves["valid"], key=lambda p: (p["recall_at_10"], p["ndcg_at_10"]))
+    test = next(p for p in curves["test"] if (p["order"], p["grlm_items"]) == (chosen["order"], chosen["grlm_items"]))
+    ends = {name: next(p for p in curves["test"] if (p["order"], p["grlm_items"]) == key)
+            for name, key in (("GRLM alone", ("grlm", 10)), ("content alone", ("grlm", 0)))}
+    result = {"run": cfg.run.name, "config": args.config, "overrides": args.set,
+              "chosen_on_validation": {"order": chosen["order"], "grlm_items": chosen["grlm_items"],
+                                       "valid": chosen},
+              "test": test, "test_ends": ends, "curves": curves, "seconds": round(time.time() - t0, 1),
+              "command": "python benchmarks/isolation/content_fusion.py " + " ".join(
+                  [args.config, "--name", args.name, "--set", *args.set])}
+    path = write_result(args.name, result, REPO / "benchmarks" / "results")
+    print(f"chosen on validation: {chosen['grlm_items']} GRLM items, {chosen['order']} first "
+          f"(valid R@10 {chosen['recall_at_10']:.4f} N@10 {chosen['ndcg_at_10']:.4f})")
+    for name, p in [("fusion", test), *ends.items()]:
+        print(f"test {name:14s} R@10 {p['recall_at_10']:.4f} N@10 {p['ndcg_at_10']:.4f} | new {p['recall_at_10_new']:.4f}"
+              f" | seen {p['recall_at_10_seen']:.4f} / {p['ndcg_at_10_seen']:.4f}")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
