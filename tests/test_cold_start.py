@@ -265,3 +265,18 @@ def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():
     assert choose_neighbours(curve, 0.02) is curve[1]
     assert choose_neighbours(curve, 0.06) is curve[2]
     assert choose_neighbours([curve[0], curve[3]], 0.02) is None
+
+
+def test_content_fusion_keeps_grlms_first_items_and_fills_the_rest_from_content():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "content_fusion.py"
+    spec = importlib.util.spec_from_file_location("content_fusion", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    grlm, content = ["a", "b", "c", "d"], ["c", "x", "a", "y", "z"]
+    assert mod.fuse(grlm, content, 2, "grlm", 4) == ["a", "b", "c", "x"]  # content's a is already in: skipped
+    assert mod.fuse(grlm, content, 2, "content", 4) == ["c", "x", "a", "b"]
+    assert mod.fuse(grlm, content, 0, "grlm", 3) == ["c", "x", "a"]  # content alone
+    assert mod.fuse(grlm, content, 4, "grlm", 4) == grlm  # GRLM alone

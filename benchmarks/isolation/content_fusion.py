@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[])
     args = ap.parse_args(argv)
 
-    from grlm_ray.bench.cold_start import content_rankings, held_out_rows, last_items, plan, split_metrics
+    from grlm_ray.bench.cold_start import (
+        content_rankings,
+        held_out_rows,
+        last_items,
+        plan,
+        split_metrics,
+    )
     from grlm_ray.bench.common import write_result
     from grlm_ray.core.config import load_config
     from grlm_ray.core.run import Run
