@@ -8,6 +8,14 @@ are chosen on the validation users (Recall@10, then NDCG@10), the test users sco
     python benchmarks/isolation/content_fusion.py configs/bench/toys_cold_start.yaml --name content_fusion_toys \
         --set run.root=runs data.base_dir=../shared/data/amazon2014 'bench.baselines=[]'
 
+On the quality table's split instead (no held-out items): ``--valid-run`` and ``--test-run`` name two runs under the
+config's root whose eval stages scored the same model on validation users and on the test users
+(``grlm eval CONFIG eval.split=valid eval.limit_users=2000 run.name=...``); the config gives the embeddings and
+histories (its prepare and embed stages).
+
+    python benchmarks/isolation/content_fusion.py configs/bench/beauty_quality.yaml --name content_fusion_beauty_ens3 \
+        --valid-run ens-s0-valid3 --test-run ens-s0 --set run.root=runs train.epochs=10 ...
+
 Writes benchmarks/results/<name>.json.
 """
 
@@ -34,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config")
     ap.add_argument("--name", required=True)
     ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--valid-run", help="the quality split: the run whose eval scored validation users")
+    ap.add_argument("--test-run", help="the quality split: the run whose eval scored the test users")
     args = ap.parse_args(argv)
 
     from grlm_ray.bench.cold_start import (
@@ -51,18 +61,32 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     cfg = load_config(args.config, args.set)
-    runs = plan(cfg)
-    if "new_valid" not in runs:
-        raise SystemExit("the cold-start config has no validation run: add added_neighbours to bench.new_item_levers")
-    held = set(Run.of(cfg).read_table("prepare", "holdout_items.parquet").column("item_id").to_pylist())
-    rows_new, _ = held_out_rows(Run.of(runs["new"]))
-    ids, emb = catalog_embeddings(runs["new"], rows_new)
+    if bool(args.valid_run) != bool(args.test_run):
+        raise SystemExit("--valid-run and --test-run go together")
+    if args.valid_run:  # the quality split: two runs of one model, no held-out items
+        held: set[str] = set()
+        ids, emb = catalog_embeddings(cfg, [])
+        roles = {"valid": cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": args.valid_run})}),
+                 "test": cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": args.test_run})})}
+    else:
+        runs = plan(cfg)
+        if "new_valid" not in runs:
+            raise SystemExit("the cold-start config has no validation run: add added_neighbours to "
+                             "bench.new_item_levers")
+        held = set(Run.of(cfg).read_table("prepare", "holdout_items.parquet").column("item_id").to_pylist())
+        rows_new, _ = held_out_rows(Run.of(runs["new"]))
+        ids, emb = catalog_embeddings(runs["new"], rows_new)
+        roles = {"valid": runs["new_valid"], "test": runs["new"]}
     data = {}
-    for split, role in (("valid", "new_valid"), ("test", "new")):
-        p = Run.of(runs[role]).read_table("eval", "predictions.parquet", PREDICTIONS)
+    for split, rcfg in roles.items():
+        p = Run.of(rcfg).read_table("eval", "predictions.parquet", PREDICTIONS)
+        if set(p.column("split").to_pylist()) != {split}:
+            raise SystemExit(f"{rcfg.run.name}'s eval scored {set(p.column('split').to_pylist())}, not {split}")
         users = p.column("user_id").to_pylist()
         grlm = list(zip(p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist()))
-        content = content_rankings(ids, emb, last_items(runs[role], users), 10)
+        ev = rcfg.model_copy(update={"eval": rcfg.eval.model_copy(update={
+            "split": split, "limit_users": len(users) if split == "valid" else None})})
+        content = content_rankings(ids, emb, last_items(ev, users), 10)
         data[split] = (grlm, content)
     curves: dict[str, list[dict]] = {}
     for split, (grlm, content) in data.items():
@@ -74,16 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     ends = {name: next(p for p in curves["test"] if (p["order"], p["grlm_items"]) == key)
             for name, key in (("GRLM alone", ("grlm", 10)), ("content alone", ("grlm", 0)))}
     result = {"run": cfg.run.name, "config": args.config, "overrides": args.set,
+              "runs": {"valid": roles["valid"].run.name, "test": roles["test"].run.name},
+              "users": {"valid": len(data["valid"][0]), "test": len(data["test"][0])},
               "chosen_on_validation": {"order": chosen["order"], "grlm_items": chosen["grlm_items"],
                                        "valid": chosen},
               "test": test, "test_ends": ends, "curves": curves, "seconds": round(time.time() - t0, 1),
               "command": "python benchmarks/isolation/content_fusion.py " + " ".join(
-                  [args.config, "--name", args.name, "--set", *args.set])}
+                  [args.config, "--name", args.name,
+                   *(["--valid-run", args.valid_run, "--test-run", args.test_run] if args.valid_run else []),
+                   "--set", *args.set])}
     path = write_result(args.name, result, REPO / "benchmarks" / "results")
     print(f"chosen on validation: {chosen['grlm_items']} GRLM items, {chosen['order']} first "
           f"(valid R@10 {chosen['recall_at_10']:.4f} N@10 {chosen['ndcg_at_10']:.4f})")
     for name, p in [("fusion", test), *ends.items()]:
-        print(f"test {name:14s} R@10 {p['recall_at_10']:.4f} N@10 {p['ndcg_at_10']:.4f} | new {p['recall_at_10_new']:.4f}"
+        new = "-" if p["recall_at_10_new"] is None else f"{p['recall_at_10_new']:.4f}"
+        print(f"test {name:14s} R@10 {p['recall_at_10']:.4f} N@10 {p['ndcg_at_10']:.4f} | new {new}"
               f" | seen {p['recall_at_10_seen']:.4f} / {p['ndcg_at_10_seen']:.4f}")
     print(path)
     return 0
