@@ -11,7 +11,8 @@ are chosen on the validation users (Recall@10, then NDCG@10), the test users sco
 On the quality table's split instead (no held-out items): ``--valid-run`` and ``--test-run`` name two runs under the
 config's root whose eval stages scored the same model on validation users and on the test users
 (``grlm eval CONFIG eval.split=valid eval.limit_users=2000 run.name=...``); the config gives the embeddings and
-histories (its prepare and embed stages).
+histories (its prepare and embed stages). ``--stage baseline`` fuses SASRec's lists (the baseline stage's) instead
+of GRLM's: the same neighbours for the like-for-like comparison (``grlm_items`` then counts SASRec's items).
 
     python benchmarks/isolation/content_fusion.py configs/bench/beauty_quality.yaml --name content_fusion_beauty_ens3 \
         --valid-run ens-s0-valid3 --test-run ens-s0 --set run.root=runs train.epochs=10 ...
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[])
     ap.add_argument("--valid-run", help="the quality split: the run whose eval scored validation users")
     ap.add_argument("--test-run", help="the quality split: the run whose eval scored the test users")
+    ap.add_argument("--stage", default="eval", choices=("eval", "baseline"),
+                    help="the quality split: whose lists to fuse: GRLM's (eval) or SASRec's (baseline)")
     args = ap.parse_args(argv)
 
     from grlm_ray.bench.cold_start import (
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         roles = {"valid": runs["new_valid"], "test": runs["new"]}
     data = {}
     for split, rcfg in roles.items():
-        p = Run.of(rcfg).read_table("eval", "predictions.parquet", PREDICTIONS)
+        p = Run.of(rcfg).read_table(args.stage if args.valid_run else "eval", "predictions.parquet",
+                                    None if args.stage == "baseline" else PREDICTIONS)
         if set(p.column("split").to_pylist()) != {split}:
             raise SystemExit(f"{rcfg.run.name}'s eval scored {set(p.column('split').to_pylist())}, not {split}")
         users = p.column("user_id").to_pylist()
@@ -96,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = max(curves["valid"], key=lambda p: (p["recall_at_10"], p["ndcg_at_10"]))
     test = next(p for p in curves["test"] if (p["order"], p["grlm_items"]) == (chosen["order"], chosen["grlm_items"]))
     ends = {name: next(p for p in curves["test"] if (p["order"], p["grlm_items"]) == key)
-            for name, key in (("GRLM alone", ("grlm", 10)), ("content alone", ("grlm", 0)))}
-    result = {"run": cfg.run.name, "config": args.config, "overrides": args.set,
+            for name, key in ((f"{'SASRec' if args.stage == 'baseline' else 'GRLM'} alone", ("grlm", 10)),
+                              ("content alone", ("grlm", 0)))}
+    result = {"run": cfg.run.name, "config": args.config, "overrides": args.set, "lists": args.stage,
               "runs": {"valid": roles["valid"].run.name, "test": roles["test"].run.name},
               "users": {"valid": len(data["valid"][0]), "test": len(data["test"][0])},
               "chosen_on_validation": {"order": chosen["order"], "grlm_items": chosen["grlm_items"],
@@ -105,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
               "test": test, "test_ends": ends, "curves": curves, "seconds": round(time.time() - t0, 1),
               "command": "python benchmarks/isolation/content_fusion.py " + " ".join(
                   [args.config, "--name", args.name,
-                   *(["--valid-run", args.valid_run, "--test-run", args.test_run] if args.valid_run else []),
+                   *(["--valid-run", args.valid_run, "--test-run", args.test_run, "--stage", args.stage]
+                     if args.valid_run else []),
                    "--set", *args.set])}
     path = write_result(args.name, result, REPO / "benchmarks" / "results")
-    print(f"chosen on validation: {chosen['grlm_items']} GRLM items, {chosen['order']} first "
+    print(f"chosen on validation: {chosen['grlm_items']} of the model's items, {chosen['order']} first "
           f"(valid R@10 {chosen['recall_at_10']:.4f} N@10 {chosen['ndcg_at_10']:.4f})")
     for name, p in [("fusion", test), *ends.items()]:
         new = "-" if p["recall_at_10_new"] is None else f"{p['recall_at_10_new']:.4f}"
