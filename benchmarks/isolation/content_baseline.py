@@ -2,7 +2,7 @@
 text embedding is nearest their last history item (cosine over the run's embed stage: the same embeddings GRLM's
 CTG and the cold-start bench use; the last item itself excluded; no history masking, as for every other model).
 Runs the config's prepare and embed stages (reused when complete), then scores every user of the split with the
-project's metric code (``lib/metrics.py``) and the protocol's target rows and last items (``lib/protocol.py``).
+project's metric code (``lib/metrics.py`` through the cold-start bench's ``split_metrics``) and the protocol's target rows and last items (``lib/protocol.py``).
 
     python benchmarks/isolation/content_baseline.py configs/bench/toys_quality.yaml --name content_baseline_toys \
         --set run.root=runs data.base_dir=../shared/data/amazon2014
@@ -28,14 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], help="config overrides (key=value)")
     args = ap.parse_args(argv)
 
-    from grlm_ray.bench.cold_start import content_rankings
+    from grlm_ray.bench.cold_start import content_rankings, split_metrics
     from grlm_ray.bench.common import write_result
     from grlm_ray.core.config import load_config
     from grlm_ray.core.run import Run
     from grlm_ray.core.schemas import SEQUENCES, TARGETS
     from grlm_ray.flows.pipeline import run_pipeline, upstream
     from grlm_ray.lib.embeddings import catalog_embeddings
-    from grlm_ray.lib.metrics import ndcg_at_k, recall_at_k
     from grlm_ray.lib.protocol import last_history_items, target_rows
 
     cfg = load_config(args.config, args.set)
@@ -56,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         ranked[n] = r
     score_s = time.time() - t1
     users = len(targets)
-    metrics = {f"{m}_at_{k}": round(sum(f(r, y, k) for r, y in zip(ranked, targets)) / users, 6)
-               for k in (5, 10) for m, f in (("recall", recall_at_k), ("ndcg", ndcg_at_k))}
+    rows = list(zip(targets, ranked))
+    metrics = {f"{m}_at_{k}": split_metrics(rows, set(), k)[f"{m}_at_{k}"] for k in (5, 10) for m in ("recall", "ndcg")}
     coverage = len({i for r in ranked for i in r}) / len(ids)
     result = {"benchmark": "content baseline: the last history item's text neighbours (cosine), every user of the split",
               "config": args.config, "overrides": args.set, "run": cfg.run.name, "split": args.split,
