@@ -56,13 +56,18 @@ def test_bench_help_lists_every_benchmark(capsys):
 def test_quality_benchmark_scores_grlm_ablation_and_baselines_on_the_same_users(tiny_trained_run, tmp_path, capsys):
     overrides = tiny_trained_run + ["bench.sample_users=24", "bench.ablations=[unconstrained]",
                                     "bench.baselines=[sasrec_ce]", "baseline.epochs=2", "baseline.hidden_size=16",
-                                    "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8"]
+                                    "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8",
+                                    "bench.content_fills=[2,10]"]
     assert cli_main(["bench", "quality", "--out-dir", str(tmp_path), *overrides]) == 0
     out = capsys.readouterr().out
     [path] = tmp_path.glob("quality_*_sample.json")
     res = json.loads(path.read_text())
     rows = {r["model"]: r for r in res["rows"]}
-    assert list(rows) == ["GRLM", "GRLM unconstrained", "SASRec-CE", "popularity"]
+    fill = res["content_fill"]  # chosen on 24 validation users: every value tried is recorded
+    assert [p["content_fill"] for p in fill["points"]] == [0, 2, 10] and fill["users"] == 24
+    with_fill = [f"GRLM + {fill['chosen']} text neighbours"] if fill["chosen"] else []
+    assert list(rows) == ["GRLM", "GRLM unconstrained", *with_fill, "SASRec-CE", "popularity"]
+    _check_content_fill(tiny_trained_run, res, fill)
     assert all(r["users"] == 24 for r in rows.values())
     assert res["sample"]["users"] == 24 and res["sample"]["limit"] == 24 and len(res["sample"]["user_ids_sha1"]) == 40
     assert rows["GRLM"]["vr_at_10"] == 1.0  # constrained: every beam is a catalog item
@@ -76,6 +81,52 @@ def test_quality_benchmark_scores_grlm_ablation_and_baselines_on_the_same_users(
     assert cli_main(["bench", "quality", "--out-dir", str(tmp_path), *overrides]) == 0
     again = json.loads(path.read_text())
     assert again["rows"] == res["rows"]
+
+
+def _check_content_fill(overrides, res, fill):
+    """The bench's choice recomputed with the cold-start bench's content baseline (a full stable sort of every
+    item), and ``eval.content_fill`` through the eval stage itself: its lists are the plain evaluation's with the
+    last places refilled, the filled items marked ``content_neighbour``."""
+    from grlm_ray.bench.cold_start import content_rankings, last_items
+    from grlm_ray.bench.quality import plan
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.run import Run
+    from grlm_ray.core.storage import copy_stages
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
+    from grlm_ray.lib.embeddings import catalog_embeddings
+    from grlm_ray.lib.eig import fill_content
+    from grlm_ray.lib.metrics import recall_at_k
+
+    runs = plan(load_config(None, overrides + ["bench.sample_users=24", "bench.content_fills=[2,10]"]))
+    ids, emb = catalog_embeddings(runs["train"], [])
+
+    def lists(cfg):
+        p = Run.of(cfg).read_table("eval", "predictions.parquet")
+        users = p.column("user_id").to_pylist()
+        return users, p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist(), \
+            p.column("grounded_by").to_pylist(), content_rankings(ids, emb, last_items(cfg, users), 10)
+
+    _, targets, ranked, _, near = lists(runs["eval_valid"])
+    for point in fill["points"]:
+        got = [fill_content(r, c, point["content_fill"], 10) for r, c in zip(ranked, near)]
+        assert point["recall_at_10"] == round(sum(recall_at_k(g, t, 10) for g, t in zip(got, targets)) / 24, 6)
+    best = max(fill["points"], key=lambda q: (q["recall_at_10"], q["ndcg_at_10"], -q["content_fill"]))
+    assert fill["chosen"] == best["content_fill"]
+    # the switch itself, whatever was chosen: 3 places on the test users
+    c = load_config(None, overrides + [f"run.name={runs['eval'].run.name}-fill3", "eval.content_fill=3",
+                                       "eval.limit_users=24", "eval.num_beams=10", "eval.ks=[5,10]"])
+    copy_stages(Run.of(c).store, runs["train"].run.name, c.run.name, upstream("train", c))
+    run_pipeline(c, stages=("eval",))
+    users, _, plain, _, near = lists(runs["eval"])
+    users3, _, filled, how, _ = lists(c)
+    assert users3 == users and res["runs"]["eval"] == runs["eval"].run.name
+    assert filled == [fill_content(r, n, 3, 10) for r, n in zip(plain, near)]
+    assert any(f != r for f, r in zip(filled, plain))
+    for f, r, h in zip(filled, plain, how):
+        assert [x == "content_neighbour" for x in h] == [i not in r for i in f]
+    metrics = Run.of(c).store.read_json(f"{c.run.name}/eval/metrics.json")
+    assert metrics["protocol"]["content_fill"] == {"slots": 3, "depth": 10, "anchor": "last history item",
+                                                   "pool": "catalog"}
 
 
 def test_diversity_counts_distinct_recommendations():

@@ -253,11 +253,11 @@ def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():
     import numpy as np
 
     from grlm_ray.bench.cold_start import choose_neighbours
-    from grlm_ray.lib.eig import AddedNeighbours
+    from grlm_ray.lib.eig import TextNeighbours
 
     ids = ["s1", "s2", "n1", "n2"]
     emb = np.array([[1, 0], [0, 1], [0.8, 0.6], [0.6, 0.8]], dtype=np.float32)
-    got = AddedNeighbours(ids, emb, ["n1", "n2"]).candidates(["s1", "n1"], 2)
+    got = TextNeighbours(ids, emb, ["n1", "n2"]).candidates(["s1", "n1"], 2)
     assert [i for i, _ in got[0]] == ["n1", "n2"] and abs(got[0][0][1] - 0.8) < 1e-6
     assert [i for i, _ in got[1]] == ["n2"] and abs(got[1][0][1] - 0.96) < 1e-6  # n1 is the anchor: skipped
     curve = [{"recall_at_10": 0.10, "new_share_at_10": 0.0}, {"recall_at_10": 0.099, "new_share_at_10": 0.02},

@@ -290,3 +290,43 @@ def test_the_eval_summary_shows_each_domain_of_a_joint_catalog():
     assert toys.split()[-2:] == ["-", "10"]
     single = format_metrics({**info, "per_domain": {"beauty": row}})
     assert not any("other@10" in ln for ln in single)
+
+
+def test_content_fill_gives_the_shown_lists_last_places_to_other_items_and_loses_none():
+    from grlm_ray.lib.eig import fill_content
+
+    ranked = list("abcdefghij") + ["k", "l"]
+    # the model's first 8 keep their places; the fill skips what they hold; the pushed-out i, j follow
+    assert fill_content(ranked, ["x", "a", "y", "z"], 2) == list("abcdefgh") + ["x", "y", "i", "j"]
+    # a content item the model had below the head moves up and is not repeated
+    assert fill_content(ranked, ["j", "x"], 2) == list("abcdefgh") + ["j", "x", "i", "k"]
+    assert fill_content(ranked, ["x"], 0) == ranked
+    assert fill_content(list("abcdef"), list("uvwxyz"), 3, depth=5) == ["a", "b", "u", "v", "w", "c"]
+    assert fill_content(list("abc"), [], 2) == list("abc")  # nothing to fill with: as it was
+    with pytest.raises(ValueError, match="content_fill"):
+        from grlm_ray.core.config import EvalConfig
+
+        EvalConfig(content_fill=11, content_depth=10)
+
+
+def test_text_neighbours_rank_like_a_full_stable_sort_with_ties_in_catalog_order():
+    import numpy as np
+
+    from grlm_ray.lib.eig import TextNeighbours
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(400, 8)).astype(np.float32)
+    emb[[5, 9, 30]] = emb[7]  # identical texts: tied scores
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = [f"i{k}" for k in range(400)]
+    near = TextNeighbours(ids, emb, ids)
+    anchors = [ids[k] for k in rng.integers(0, 400, 300)] + [ids[7], None, "unknown"]
+    got = near.ranked(anchors, 10)
+    assert got[-2:] == [[], []]  # no anchor, or one without an embedding: nothing
+    rows = np.array([near.at[a] for a in anchors[:-2]])
+    sc = emb[rows] @ emb.T  # the same product, every item sorted
+    sc[np.arange(len(rows)), rows] = -np.inf
+    assert got[:-2] == [[ids[j] for j in np.argsort(-s, kind="stable")[:10]] for s in sc]
+    assert set(got[-3][:3]) == {"i5", "i9", "i30"}  # the anchor's twins first, itself excluded
+    sub = TextNeighbours(ids, emb, ids[:50])  # a pool: only its items
+    assert all(set(r) <= set(ids[:50]) for r in sub.ranked(anchors[:20], 5))

@@ -38,7 +38,9 @@ def app(tiny_trained_run, monkeypatch_module):
         "serve.grounder.min_replicas=2", "serve.grounder.max_replicas=2", "serve.grounder.num_cpus=0.1",
         "serve.term_writer.num_cpus=0.5",
         # added items near the history's last item go first (test_catalog_updates_...): inert until one is added
-        "serve.added_neighbours=1", "serve.added_min_cosine=0.5"])
+        "serve.added_neighbours=1", "serve.added_min_cosine=0.5",
+        # the last 2 places of each answer: the catalog's text neighbours of the history's last item
+        "serve.content_fill=2"])
     url = start(cfg)
     yield cfg, url, token
     stop(cfg)
@@ -82,10 +84,22 @@ def test_recommends_over_http_with_every_field(app):
     assert res["constrained"] and 1 <= len(res["beams"]) <= 8
     assert all(b["log_prob"] <= 0 and b["tid"] for b in res["beams"])
     assert len({b["tid"] for b in res["beams"]}) == len(res["beams"])  # distinct TIDs
+    # serve.content_fill=2: the model's first 5 stay; ranks 6-7 are the last item's 2 nearest text neighbours
+    # not among them (the run's embeddings, every catalog item; the model may have had them lower down)
+    from grlm_ray.bench.cold_start import content_rankings
+    from grlm_ray.lib.embeddings import catalog_embeddings
+
+    ids, emb = catalog_embeddings(cfg, [])
+    head = [i["item_id"] for i in res["items"][:5]]
+    [near] = content_rankings(ids, emb, [hist[-1]], 10)
+    assert [i["item_id"] for i in res["items"][5:]] == [i for i in near if i not in head][:2]
     for n, item in enumerate(res["items"]):
         assert {"item_id", "tid", "title", "grounded_by", "rank", "beam_rank", "log_prob",
                 "grounding_score"} <= set(item) and item["rank"] == n + 1
-        assert item["grounded_by"] in ("direct", "structural", "fill")
+        assert item["grounded_by"] in ("direct", "structural", "fill", "content_neighbour")
+        if item["grounded_by"] == "content_neighbour":
+            assert n >= 5 and item["beam_rank"] is None and 0 < item["grounding_score"] <= 1.0
+            continue
         if item["grounded_by"] == "fill":
             assert item["beam_rank"] is None and item["log_prob"] is None
             continue
@@ -95,10 +109,12 @@ def test_recommends_over_http_with_every_field(app):
             assert item["tid"] == beam["tid"]
     status, got = call(url, "GET", f"/v1/items/{res['items'][0]['item_id']}")
     assert status == 200 and got["tid"] == res["items"][0]["tid"]
-    # raw TIDs as the history give the same answer as the items they name
+    # raw TIDs as the history give the same answer as the items they name (the model's part: a TID history names
+    # no last item to take text neighbours of, so it gets no content fill)
     status, by_tid = call(url, "POST", "/v1/recommend",
                           {"tids": [call(url, "GET", f"/v1/items/{i}")[1]["tid"] for i in hist], "k": 7})
-    assert status == 200 and [i["item_id"] for i in by_tid["items"]] == [i["item_id"] for i in res["items"]]
+    assert status == 200 and [i["item_id"] for i in by_tid["items"]][:5] == head
+    assert all(i["grounded_by"] != "content_neighbour" for i in by_tid["items"])
     status, schema = call(url, "GET", "/openapi.json")
     assert status == 200 and "/v1/recommend" in schema["paths"]
 

@@ -368,9 +368,9 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]
     neighbours, test_curves = None, {}
     if "new_valid" in runs:  # added_neighbours: chosen on validation users, applied once to the test lists
-        from grlm_ray.lib.eig import AddedNeighbours, place_added
+        from grlm_ray.lib.eig import TextNeighbours, place_added
 
-        placer = AddedNeighbours(ids, emb, [r["item_id"] for r in rows_new])
+        placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
         neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer)
         for anchor, name in ANCHORS.items():
             cands = placer.candidates(anchor_items(last, grlm_new, anchor), max(SLOTS))

@@ -11,6 +11,8 @@ Contract: a config (``bench`` section) -> runs that share upstream work -> one t
     <run>-gti / <run>-gti-<mode>  (same)                   ablation with_gti: sft.gti_weight=1 (for a config without GTI)
     <run>-<mode>-sasrec-sampled baseline                   SASRec with sampled softmax (eSASRec's loss)
     <run>-<mode>-sasrec-bce     baseline                   SASRec with one sampled negative (the paper's)
+    <run>-valid                 eval                       bench.content_fills: validation users, to choose
+    <run>-<mode>-content        eval                       GRLM + the chosen eval.content_fill (text neighbours)
 
 Variants get the stages they share copied (``storage.copy_stages``), so nothing is computed twice, and
 every stage resumes. ``sample`` mode scores a seeded sample of ``bench.sample_users`` test users
@@ -64,6 +66,9 @@ def plan(cfg: GrlmConfig) -> dict[str, GrlmConfig]:
             raise GrlmError("bench.ablations has with_gti but the config already trains with GTI: use no_gti")
         out["train_gti"] = _variant(cfg, f"{run}-gti", sft={"gti_weight": 1.0})
         out["eval_gti"] = _variant(cfg, f"{run}-gti-{b.mode}", eval=limit, sft={"gti_weight": 1.0})
+    if b.content_fills:  # eval.content_fill: chosen on validation users, then one test evaluation with it
+        out["eval_valid"] = _variant(cfg, f"{run}-valid", eval={"split": "valid", "limit_users": b.sample_users})
+        out["eval_content"] = _variant(cfg, f"{run}-{b.mode}-content", eval=limit)  # content_fill set on choosing
     for loss in ("sampled", "bce"):
         if f"sasrec_{loss}" in b.baselines:
             out[f"baseline_{loss}"] = _variant(cfg, f"{run}-{b.mode}-sasrec-{loss}", eval=limit, baseline={"loss": loss})
@@ -81,6 +86,39 @@ def _predictions(run: Run, stage: str) -> tuple[list[str], list[list[str]]]:
 
     t = run.read_table(stage, "predictions.parquet", PREDICTIONS)
     return t.column("user_id").to_pylist(), t.column("ranked_item_ids").to_pylist()
+
+
+def choose_content_fill(cfg: GrlmConfig, fills: list[int]) -> dict[str, Any]:
+    """``eval.content_fill`` chosen on the validation users ``cfg``'s eval stage scored: its lists refilled
+    (``fill_content``, the catalog's text neighbours of each user's last item, ``eval.content_depth``) for each
+    of ``fills`` and 0, the best by Recall then NDCG at the depth (ties: the smaller fill). Nothing is decoded
+    again: the refill is what the eval stage does after decoding."""
+    from grlm_ray.core.schemas import PREDICTIONS, SEQUENCES, TARGETS
+    from grlm_ray.lib.eig import TextNeighbours, fill_content
+    from grlm_ray.lib.embeddings import catalog_embeddings
+    from grlm_ray.lib.metrics import ndcg_at_k, recall_at_k
+    from grlm_ray.lib.protocol import last_history_items, target_rows
+
+    e, r = cfg.eval, Run.of(cfg)
+    p = r.read_table("eval", "predictions.parquet", PREDICTIONS)
+    t = target_rows(r.read_table("prepare", "targets.parquet", TARGETS), e.split, e.limit_users, e.seed)
+    if t.column("user_id").to_pylist() != p.column("user_id").to_pylist():
+        raise GrlmError(f"content fill: {r.uri('eval')} scored other users than {e.split} "
+                        f"(limit {e.limit_users}, seed {e.seed})")
+    last = last_history_items(r.read_table("prepare", "sequences.parquet", SEQUENCES), t)
+    ids, emb = catalog_embeddings(cfg, [])
+    near = TextNeighbours(ids, emb, ids).ranked(last, e.content_depth)
+    rows = list(zip(p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist()))
+    k, points = e.content_depth, []
+    for fill in sorted({0, *fills}):
+        if fill > k:
+            raise GrlmError(f"bench.content_fills: {fill} is more than eval.content_depth ({k})")
+        lists = [(tg, fill_content(x, c, fill, k)) for (tg, x), c in zip(rows, near)]
+        points.append({"content_fill": fill,
+                       f"recall_at_{k}": round(sum(recall_at_k(x, tg, k) for tg, x in lists) / len(lists), 6),
+                       f"ndcg_at_{k}": round(sum(ndcg_at_k(x, tg, k) for tg, x in lists) / len(lists), 6)})
+    best = max(points, key=lambda q: (q[f"recall_at_{k}"], q[f"ndcg_at_{k}"], -q["content_fill"]))
+    return {"chosen": best["content_fill"], "users": len(rows), "depth": k, "points": points}
 
 
 def diversity(ranked: list[list[str]], catalog: int, k: int = 10) -> dict[str, Any]:
@@ -128,6 +166,22 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
         en = go("eval_gti", "eval", seed_from="train_gti")["eval"]
         rows.append(_row(gti_name, en["info"]["metrics"], tn["seconds"], en["seconds"]))
         used[gti_name] = ("eval_gti", "eval")
+    content = None
+    if "eval_valid" in runs:
+        go("eval_valid", "eval", seed_from="train")
+        content = choose_content_fill(runs["eval_valid"], cfg.bench.content_fills)
+        log.info("quality benchmark: eval.content_fill=%d chosen on %d validation users", content["chosen"],
+                 content["users"])
+        if content["chosen"]:
+            runs["eval_content"] = runs["eval_content"].model_copy(update={"eval": runs["eval_content"].eval.model_copy(
+                update={"content_fill": content["chosen"]})})
+            GrlmConfig.model_validate(runs["eval_content"].model_dump(mode="json"))  # the checks a config gets
+            ec = go("eval_content", "eval", seed_from="train")["eval"]
+            name = f"GRLM + {content['chosen']} text neighbours"
+            rows.append(_row(name, ec["info"]["metrics"], train["seconds"], ec["seconds"]))
+            used[name] = ("eval_content", "eval")
+        else:
+            del runs["eval_content"]
     for role, name in (("eval", "SASRec-CE"), ("baseline_sampled", "SASRec-SS"), ("baseline_bce", "SASRec-BCE")):
         if role == "eval" and "sasrec_ce" not in cfg.bench.baselines or role not in runs:
             continue
@@ -155,7 +209,7 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
               "user_ids_sha1": hashlib.sha1("\n".join(sorted(reference)).encode()).hexdigest()}
     out = {"run": cfg.run.name, "mode": cfg.bench.mode, "sample": sample, "rows": rows,
             "columns": list(COLUMNS), "runs": {role: c.run.name for role, c in runs.items()},
-            "protocol": ev["info"]["protocol"],
+            "protocol": ev["info"]["protocol"], "content_fill": content,
             "terms": {"source": cfg.sft.terms, "samples": sft_info.get("samples"),
                       "items_named_from_words": sft_info.get("items_named_from_words"),
                       "colliding_items_before": sft_info.get("collisions", {}).get("colliding_items_before"),

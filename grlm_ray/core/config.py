@@ -513,6 +513,13 @@ class EvalConfig(StrictModel):
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
     added_position: Literal["top", "bottom"] = neutral_default("top")
     added_anchor: Literal["last", "predicted"] = neutral_default("last")
+    # the last content_fill places of each user's first content_depth items given to the catalog items whose
+    # text embedding is nearest the user's last history item (the embed stage's; best first, none twice): the
+    # model's first content_depth - content_fill items keep their places (grlm_ray/lib/eig.py: fill_content;
+    # ``grounded_by: content_neighbour``). ``grlm bench quality`` chooses it on validation users
+    # (bench.content_fills); benchmarks/RESULTS.md, "GRLM + text neighbours", measures it
+    content_fill: int = neutral_default(0, ge=0)
+    content_depth: int = neutral_default(10, ge=1)
     # more exported models decoding with this run's as one: their next-token log-probs are averaged (e.g. the
     # same recipe trained with other seeds: ``<run.root>/<name>/train/model`` folders; the same TIDs and
     # vocabulary; transformers backend). benchmarks/RESULTS.md, "Quality on Beauty", measures what it buys
@@ -525,6 +532,9 @@ class EvalConfig(StrictModel):
                              "eval.constrained=true")
         if self.added_neighbours and not self.added_items:
             raise ValueError("eval.added_neighbours places the added items: it needs eval.added_items=true")
+        if self.content_fill > self.content_depth:
+            raise ValueError(f"eval.content_fill ({self.content_fill}) places items among the first "
+                             f"eval.content_depth ({self.content_depth}): it cannot be larger")
         if self.ensemble and self.backend != "transformers":
             raise ValueError("eval.ensemble averages the models' log-probs in the transformers backend: it needs "
                              "eval.backend=transformers")
@@ -683,6 +693,10 @@ class ServeConfig(StrictModel):
     added_neighbours: int = neutral_default(0, ge=0)
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
     added_position: Literal["top", "bottom"] = neutral_default("top")
+    # the last content_fill places of each answer's k items given to the catalog items (added ones too) whose
+    # text embedding is nearest the request's last history item, as eval.content_fill scores it
+    # (``grounded_by: content_neighbour``, ``grounding_score``: the cosine)
+    content_fill: int = neutral_default(0, ge=0)
     ingress: ReplicaConfig = ReplicaConfig(num_cpus=0.1, max_ongoing_requests=128)
     # overload shedding at the door: recommend calls in flight per ingress replica; past it a call is refused
     # 503 + Retry-After before any replica works on it (None: the generators' capacity, max_replicas x
@@ -774,6 +788,10 @@ class BenchConfig(StrictModel):
     new_item_levers: list[Literal["known_terms", "added_search", "added_neighbours"]] = neutral_default([])
     new_item_beams: int = neutral_default(10, ge=1)
     new_item_cost: float = neutral_default(0.02, ge=0, lt=1)
+    # ``grlm bench quality``: eval.content_fill values tried on bench.sample_users validation users (the same
+    # model's lists, refilled); the best by Recall@10 then NDCG@10 is scored on the test users as a row of its
+    # own ("+ text neighbours"). Empty: no such row
+    content_fills: list[int] = neutral_default([])
 
 
 class TrackingConfig(StrictModel):

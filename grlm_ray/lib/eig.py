@@ -363,32 +363,61 @@ def place_added(ranked: Sequence[str], candidates: Sequence[tuple[str, float]], 
     return [i for i in head if i not in gone] + extra + drop[::-1] + [i for i in ranked[d:] if i not in have]
 
 
-class AddedNeighbours:
-    """``place_added`` for many users: the items added after training, each user's candidates the added items
-    nearest an anchor item by text embedding (unit rows of ``embeddings``, one per ``item_ids``; cosine)."""
+def fill_content(ranked: Sequence[str], content: Sequence[str], slots: int, depth: int = 10) -> list[str]:
+    """``ranked`` with the last ``slots`` places of its shown list (its first ``depth``) given to ``content``
+    (another ranking, best first, e.g. the text neighbours of the user's last item): the model's first
+    ``depth - slots`` items keep their places, then ``content``'s first items not among them, then the rest of
+    ``ranked`` (the items pushed out, below the shown list; none repeated), cut to ``ranked``'s length.
+    ``slots=0``: ``ranked`` as it was."""
+    if slots <= 0:
+        return list(ranked)
+    head = list(ranked[:max(0, depth - slots)])
+    have = set(head)
+    fill = [i for i in content if i not in have][:depth - len(head)]
+    have.update(fill)
+    return (head + fill + [i for i in ranked[len(head):] if i not in have])[:len(ranked)]
 
-    def __init__(self, item_ids: Sequence[str], embeddings: np.ndarray, added_ids: Sequence[str]) -> None:
+
+class TextNeighbours:
+    """Items nearest an anchor item by text embedding (unit rows of ``embeddings``, one per ``item_ids``;
+    cosine), among ``pool`` (e.g. the items added after training, for ``place_added``; the whole catalog, for
+    ``fill_content``)."""
+
+    def __init__(self, item_ids: Sequence[str], embeddings: np.ndarray, pool: Sequence[str]) -> None:
         self.at = {i: n for n, i in enumerate(item_ids)}
         self.emb = embeddings
-        self.added = list(added_ids)
+        self.added = list(pool)
         self.cols = np.array([self.at[i] for i in self.added], dtype=np.int64)
 
     def candidates(self, anchors: Sequence[str | None], top: int) -> list[list[tuple[str, float]]]:
-        """For each anchor, the ``top`` added items nearest it with their cosine (the anchor itself, and an
+        """For each anchor, the ``top`` pool items nearest it with their cosine (the anchor itself, and an
         anchor without an embedding, give none)."""
         out: list[list[tuple[str, float]]] = [[] for _ in anchors]
         known = [(n, self.at[a]) for n, a in enumerate(anchors) if a is not None and a in self.at]
         if not known or not len(self.cols) or top <= 0:
             return out
-        for s in range(0, len(known), 4096):
-            part = known[s:s + 4096]
+        chunk = max(1, min(4096, (1 << 24) // len(self.cols)))  # a (chunk x pool) score block of <= 64 MB
+        for s in range(0, len(known), chunk):
+            part = known[s:s + chunk]
             rows = np.array([r for _, r in part])
             sc = self.emb[rows] @ self.emb[self.cols].T
             sc[self.cols[None, :] == rows[:, None]] = -np.inf
-            best = np.argsort(-sc, axis=1, kind="stable")[:, :top]
+            if top < sc.shape[1]:  # each row's items scoring at least its top-th score, then a stable sort of
+                # those: the same items, ties in pool order, as a full stable sort without sorting the pool
+                kth = np.partition(sc, sc.shape[1] - top, axis=1)[:, sc.shape[1] - top]
+                best = []
+                for r, t in zip(sc, kth):
+                    idx = np.flatnonzero(r >= t)
+                    best.append(idx[np.argsort(-r[idx], kind="stable")[:top]])
+            else:
+                best = np.argsort(-sc, axis=1, kind="stable")[:, :top]
             for (n, _), r, b in zip(part, sc, best):
                 out[n] = [(self.added[j], float(r[j])) for j in b if np.isfinite(r[j])]
         return out
+
+    def ranked(self, anchors: Sequence[str | None], top: int) -> list[list[str]]:
+        """``candidates``' item ids only, nearest first."""
+        return [[i for i, _ in c] for c in self.candidates(anchors, top)]
 
     def place(self, ranked: Sequence[Sequence[str]], anchors: Sequence[str | None], min_cosine: float,
               slots: int, position: str = "top") -> list[list[str]]:

@@ -57,7 +57,7 @@ from grlm_ray.core.errors import ConfigError, DataError
 from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.run import Run
 from grlm_ray.lib.decoding import TidDecoder
-from grlm_ray.lib.eig import AddedNeighbours, TidIndex, parse_generated, place_added, tid_text
+from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, parse_generated, place_added, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings, embed_rows, text_encoder
 from grlm_ray.lib.models import set_torch_threads
 from grlm_ray.lib.textformat import history_prompt, line_writer
@@ -419,16 +419,18 @@ class Grounder(_CatalogFollower):
         e = self.cfg.eval
         ids = cat.item_ids
         index = TidIndex(ids, cat.tids.values(), decay=e.decay, match=e.match, fallback_order=cat.popular)
-        placer = self._placer(cat) if self.cfg.serve.added_neighbours else None
-        self.state = (cat, index, placer)  # one assignment: readers see the old or the new catalog, never a mix
+        s_ = self.cfg.serve
+        placer = self._neighbours(cat, True) if s_.added_neighbours and cat.added else None
+        content = self._neighbours(cat, False) if s_.content_fill else None
+        # one assignment: readers see the old or the new catalog, never a mix
+        self.state = (cat, index, placer, content)
 
-    def _placer(self, cat: Any) -> Any:
-        """``AddedNeighbours`` over the run's item embeddings and the added items' (embedded here, each once,
-        with the run's embedding model); None until an item is added."""
+    def _neighbours(self, cat: Any, added_only: bool) -> Any:
+        """``TextNeighbours`` over the run's item embeddings and the added items' (embedded here, each once,
+        with the run's embedding model), among the added items (``serve.added_neighbours``) or all of them
+        (``serve.content_fill``)."""
         import numpy as np
 
-        if not cat.added:
-            return None
         if not hasattr(self, "_base"):
             self._encoder = text_encoder(self.cfg)
             self._base = catalog_embeddings(self.cfg, [])
@@ -436,9 +438,10 @@ class Grounder(_CatalogFollower):
         if new:
             self._embedded.update(zip([r["item_id"] for r in new], embed_rows(self.cfg, new, self._encoder)))
         base_ids, base = self._base
-        return AddedNeighbours(base_ids + cat.added,
-                               np.vstack([base] + [self._embedded[i][None, :].astype(base.dtype) for i in cat.added]),
-                               cat.added)
+        ids = base_ids + list(cat.added)
+        return TextNeighbours(ids,
+                              np.vstack([base] + [self._embedded[i][None, :].astype(base.dtype) for i in cat.added]),
+                              cat.added if added_only else ids)
 
     def _item(self, cat: Any, item_id: str) -> dict[str, Any]:
         meta = cat.items.get(item_id, {})
@@ -450,7 +453,7 @@ class Grounder(_CatalogFollower):
         """Each history entry as the model's text line; unknown ids are reported, not dropped."""
 
         await self._sync(version)
-        cat, index, _ = self.state
+        cat, index, *_ = self.state
         write = line_writer(self.cfg.sft)
         if tids is not None:
             out = []
@@ -474,35 +477,42 @@ class Grounder(_CatalogFollower):
         beam; the full TID weight for a direct hit). Items filled in from popularity have no beam (null).
         With ``serve.added_neighbours`` and ``last`` (the history's last item), added items near it go first
         (or last: ``serve.added_position``)
-        (``grounded_by: added_neighbour``, ``grounding_score``: their cosine)."""
+        (``grounded_by: added_neighbour``, ``grounding_score``: their cosine); with ``serve.content_fill`` the
+        last places of the k go to the catalog's items nearest it (``content_neighbour``, their cosine)."""
         await self._sync(version)
-        cat, index, placer = self.state
+        cat, index, placer, content = self.state
         g = index.rank([b["tid"] for b in beams], k)
         out = []
         for n, (i, h, s, b) in enumerate(zip(g.items, g.grounded_by, g.scores, g.beams)):
             out.append(dict(self._item(cat, i), rank=n + 1, grounded_by=h, grounding_score=round(s, 6),
                             beam_rank=None if b is None else b + 1,
                             log_prob=None if b is None else beams[b]["log_prob"]))
-        if placer is None or last is None:
+        if last is None or (placer is None and content is None):
             return out
         s_ = self.cfg.serve
-        [cands] = placer.candidates([last], s_.added_neighbours)
-        order = place_added([o["item_id"] for o in out], cands, s_.added_min_cosine, s_.added_neighbours,
-                            s_.added_position)[:len(out)]
-        have, near = {o["item_id"]: o for o in out}, dict(cands)
-        return [dict(have.get(i) or dict(self._item(cat, i), grounded_by="added_neighbour",
-                                         grounding_score=round(near[i], 6), beam_rank=None, log_prob=None),
+        order, near = [o["item_id"] for o in out], {}
+        if placer is not None:
+            [cands] = placer.candidates([last], s_.added_neighbours)
+            order = place_added(order, cands, s_.added_min_cosine, s_.added_neighbours, s_.added_position)[:len(out)]
+            near.update((i, (c, "added_neighbour")) for i, c in cands)
+        if content is not None:
+            [cands] = content.candidates([last], k)
+            order = fill_content(order, [i for i, _ in cands], s_.content_fill, k)
+            near.update((i, (c, "content_neighbour")) for i, c in cands if i not in near)
+        have = {o["item_id"]: o for o in out}
+        return [dict(have.get(i) or dict(self._item(cat, i), grounded_by=near[i][1],
+                                         grounding_score=round(near[i][0], 6), beam_rank=None, log_prob=None),
                      rank=n + 1) for n, i in enumerate(order)]
 
     async def popular(self, k: int, version: int) -> list[dict[str, Any]]:
         await self._sync(version)
-        cat, _, _ = self.state
+        cat, *_ = self.state
         return [dict(self._item(cat, i), rank=n + 1, grounded_by="popularity", grounding_score=0.0, beam_rank=None,
                      log_prob=None) for n, i in enumerate(cat.popular[:k])]
 
     async def item(self, item_id: str, version: int) -> dict[str, Any] | None:
         await self._sync(version)
-        cat, _, _ = self.state
+        cat, *_ = self.state
         return self._item(cat, item_id) if item_id in cat.tids else None
 
 

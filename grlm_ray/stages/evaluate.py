@@ -29,7 +29,7 @@ from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext, release_arrow_memory, take_rows
 from grlm_ray.lib.decoding import TidDecoder, check_ensemble, effective_max_new_tokens, tid_token_arrays
-from grlm_ray.lib.eig import AddedNeighbours, TidIndex, merge_beams, tid_text
+from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, merge_beams, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings
 from grlm_ray.lib.metrics import RankingSums
 from grlm_ray.lib.models import load_tokenizer, quiet_loading
@@ -173,26 +173,43 @@ def added_items(run: Run) -> pa.Table:
     return run.store.read_table(rel).select(["item_id", "terms"])
 
 
-def _added_neighbours(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table) -> Any:
-    """``eval.added_neighbours``: a ``rerank`` for ``write_predictions`` that places each user's added
-    neighbours (first or last: ``eval.added_position``; ``AddedNeighbours``: the run's text embeddings, the
-    added items embedded now; the anchor
-    the user's last history item or the model's top item); a moved item keeps its ``grounded_by``, a placed one
-    is ``added_neighbour``."""
+def _reranker(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table, added: bool) -> Any:
+    """A ``rerank`` for ``write_predictions`` (None when there is nothing to change): each user's added
+    neighbours placed (``eval.added_neighbours``: first or last, ``eval.added_position``; the anchor the user's
+    last history item or the model's top item), then the list's last places filled with the catalog's text
+    neighbours of the user's last item (``eval.content_fill``). ``TextNeighbours``: the run's text embeddings,
+    the added items embedded now. A moved item keeps its ``grounded_by``; a placed one is ``added_neighbour``,
+    a filled one ``content_neighbour``."""
     e = cfg.eval
-    rows = run.store.read_table(run.file(CATALOG_UPDATES)).to_pylist()
+    place, fill = bool(e.added_neighbours and added), e.content_fill > 0
+    if not (place or fill):
+        return None
+    rows = run.store.read_table(run.file(CATALOG_UPDATES)).to_pylist() if added else []
+    if not run.store.exists(run.rel("embed", "embeddings.parquet")):
+        raise GrlmError(f"eval.{'content_fill' if fill else 'added_neighbours'} places items by their text "
+                        f"embeddings, and {run.store.uri(run.rel('embed', 'embeddings.parquet'))} does not exist: "
+                        "run the embed stage first (`grlm embed CONFIG`)")
     ids, emb = catalog_embeddings(cfg, rows)
-    placer = AddedNeighbours(ids, emb, [r["item_id"] for r in rows])
+    placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows]) if place else None
+    content = TextNeighbours(ids, emb, ids) if fill else None
     # in query order: the queries are these target rows, in this order
     last = last_history_items(seqs, target_rows(targets, e.split, e.limit_users, e.seed)) \
-        if e.added_anchor == "last" else []
+        if fill or e.added_anchor == "last" else []
+
+    def step(r: list, h: list, new: list, tag: str) -> tuple[list, list]:
+        return new, [[dict(zip(old, oh)).get(i, tag) for i in lst] for old, oh, lst in zip(r, h, new)]
 
     def rerank(first: int, ranked: Any, how: Any) -> tuple[pa.Array, pa.Array]:
         r, h = ranked.to_pylist(), how.to_pylist()
-        anchors = last[first:first + len(r)] if e.added_anchor == "last" else [x[0] if x else None for x in r]
-        placed = placer.place(r, anchors, e.added_min_cosine, e.added_neighbours, e.added_position)
-        grounded = [[dict(zip(old, oh)).get(i, "added_neighbour") for i in new] for old, oh, new in zip(r, h, placed)]
-        return pa.array(placed, pa.list_(pa.string())), pa.array(grounded, pa.list_(pa.string()))
+        users = last[first:first + len(r)]
+        if placer is not None:
+            anchors = users if e.added_anchor == "last" else [x[0] if x else None for x in r]
+            r, h = step(r, h, placer.place(r, anchors, e.added_min_cosine, e.added_neighbours, e.added_position),
+                        "added_neighbour")
+        if content is not None:
+            r, h = step(r, h, [fill_content(x, c, e.content_fill, e.content_depth)
+                               for x, c in zip(r, content.ranked(users, e.content_depth))], "content_neighbour")
+        return pa.array(r, pa.list_(pa.string())), pa.array(h, pa.list_(pa.string()))
 
     return rerank
 
@@ -253,7 +270,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             raise GrlmError(str(err)) from None
         queries = query_table(cfg, items, seqs, targets, terms_t, tok, history=False)  # Arrow: no row dicts
         popular = training_popularity(seqs, targets)
-        rerank = _added_neighbours(cfg, run, seqs, targets) if e.added_neighbours and added is not None else None
+        rerank = _reranker(cfg, run, seqs, targets, added is not None)
         del items, seqs, targets
         release_arrow_memory()
         ids, tids = terms_t.column("item_id").to_pylist(), terms_t.column("terms").to_pylist()
@@ -303,6 +320,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             "added_neighbours": {"slots": e.added_neighbours, "min_cosine": e.added_min_cosine,
                                  "position": e.added_position,
                                  "anchor": e.added_anchor} if e.added_neighbours else None,
+            "content_fill": {"slots": e.content_fill, "depth": e.content_depth,
+                             "anchor": "last history item", "pool": "catalog"} if e.content_fill else None,
             "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
             "padding": "left", "dtype": e.dtype, "backend": e.backend,
             "ensemble": ({"models": 1 + len(e.ensemble), "others": list(e.ensemble),
