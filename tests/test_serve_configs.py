@@ -75,3 +75,18 @@ def test_a_generator_in_its_own_python_gets_a_runtime_env_and_bad_settings_are_n
     assert vllm_here.serve.scores_renormalized() and not load_config(None, []).serve.scores_renormalized()
     with pytest.raises(ConfigError, match="serve.renormalize=false needs the transformers backend"):
         load_config(None, ["serve.backend=vllm", "serve.renormalize=false"])
+
+
+def test_text_neighbour_placement_without_the_runs_embeddings_is_refused_before_deploying(tmp_path):
+    from grlm_ray.core.config import load_config
+    from grlm_ray.serving.app import grounder_checks
+
+    base = [f"run.root={tmp_path}", "run.name=r"]
+    assert grounder_checks(load_config(None, base)) == []  # nothing placed: nothing needed
+    (msg,) = grounder_checks(load_config(None, base + ["serve.content_fill=2"]))
+    assert "serve.content_fill" in msg and str(tmp_path / "r" / "embed" / "embeddings.parquet") in msg
+    (msg,) = grounder_checks(load_config(None, base + ["serve.added_neighbours=1"]))
+    assert "serve.added_neighbours" in msg
+    (tmp_path / "r" / "embed").mkdir(parents=True)
+    (tmp_path / "r" / "embed" / "embeddings.parquet").write_bytes(b"")
+    assert grounder_checks(load_config(None, base + ["serve.content_fill=2"])) == []

@@ -749,12 +749,26 @@ def generator_checks(cfg: GrlmConfig) -> list[str]:
     return problems
 
 
+def grounder_checks(cfg: GrlmConfig) -> list[str]:
+    """What would make every grounding replica fail as it starts: ``serve.content_fill`` or
+    ``serve.added_neighbours`` (items placed by their text embeddings) on a run without the embed stage's output."""
+    s = cfg.serve
+    if not (s.content_fill or s.added_neighbours):
+        return []
+    run = Run.of(cfg)
+    rel = run.rel("embed", "embeddings.parquet")
+    if run.store.exists(rel):
+        return []
+    return [f"serve.{'content_fill' if s.content_fill else 'added_neighbours'} places items by their text "
+            f"embeddings and {run.store.uri(rel)} does not exist: run the embed stage (`grlm embed CONFIG`)"]
+
+
 def build(cfg: GrlmConfig) -> Any:
     """The Serve application for a config (deployment options from ``serve.*``)."""
 
     load_catalog(cfg)  # fail here, with the missing file named, rather than in a replica
     s = cfg.serve
-    problems = generator_checks(cfg)
+    problems = generator_checks(cfg) + grounder_checks(cfg)
     if problems:
         raise ConfigError("serve: " + "; ".join(problems))
     cfg_json = cfg.model_dump_json()
