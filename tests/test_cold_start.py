@@ -97,15 +97,26 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
         "train.strategy=single", "train.num_workers=1", "train.max_steps=30", "bench.sample_users=80", "bench.baselines=[sasrec_ce]",
         "baseline.epochs=2", "baseline.hidden_size=16", "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8",
         "bench.new_item_levers=[known_terms,added_search,added_neighbours]", "bench.new_item_beams=5",
-        "bench.new_item_cost=0.9"]
+        "bench.new_item_cost=0.9", "bench.content_fills=[2,4]"]
     assert cli_main(["bench", "cold-start", "--out-dir", str(tmp_path), *overrides]) == 0
     [path] = tmp_path.glob("cold_start_demo_sample.json")
     res = json.loads(path.read_text())
     rows = {r["model"]: r for r in res["rows"]}
+    fill = res["content_fill_tuning"]  # eval.content_fill on the validation users, then the placement on top of it
+    assert [q["content_fill"] for q in fill["points"]] == [0, 2, 4] and fill["users"] == 80
+    assert fill["chosen"] == max(fill["points"], key=lambda q: (q["recall_at_10"], q["ndcg_at_10"],
+                                                                 -q["content_fill"]))["content_fill"]
+    f = fill["chosen"]
+    filled = [f"GRLM, new items absent + {f} text neighbours", f"GRLM + new items + {f} text neighbours",
+              *([f"GRLM + new items, text neighbours of the last item + {f} text neighbours"]
+                if f and fill["neighbours"]["chosen"] else [])] if f else []
     assert list(rows) == ["GRLM + new items", "GRLM + new items, known terms", "GRLM + new items, added-item search",
                           "GRLM, new items absent", "SASRec-CE", "popularity", "content (last item's text neighbours)",
                           "GRLM + new items, text neighbours of the last item",
-                          "GRLM + new items, text neighbours of its top item"]
+                          "GRLM + new items, text neighbours of its top item", *filled]
+    if f:  # the fill over a catalog without the new items never shows one
+        assert rows[filled[0]]["new_share_at_10"] == 0 and rows[filled[1]]["users_new"] == rows["GRLM + new items"]["users_new"]
+        assert set(res["ratios"]["content_fill_rows"]) == set(filled[1:])
     # the added-item search: its bonus chosen on validation users (no new item is a validation target), the
     # largest within the allowed cost; it shows new items at least as often as the search off
     tune = res["added_search_tuning"]
@@ -157,7 +168,10 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
            [{k: v for k, v in r.items() if k != "eval_s"} for r in res["rows"]]
     assert again["new_items"]["written"] == 0
     # the eval stage's switch gives the bench's row: the chosen placement scored by `grlm eval` itself
+    from grlm_ray.core.run import Run
     from grlm_ray.flows.pipeline import run_pipeline
+
+    plain = Run.of(load_config(None, overrides + ["run.name=cold-sample-new"])).read_table("eval", "predictions.parquet")
 
     pick = res["added_neighbours_tuning"]["last"]["chosen"]
     ecfg = load_config(None, overrides + ["run.name=cold-sample-new", "eval.added_items=true", "eval.limit_users=80",
@@ -170,6 +184,32 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     assert ev["info"]["metrics"]["ndcg_at_10"] == pytest.approx(row["ndcg_at_10"], abs=1e-6)
     assert ev["info"]["protocol"]["added_neighbours"] == {"slots": pick["slots"], "min_cosine": pick["min_cosine"],
                                                           "position": pick["position"], "anchor": "last"}
+    # placement then eval.content_fill=3 in the eval stage: the plain lists placed, then their last 3 places of 10
+    # given to the last item's text neighbours among every item, the new ones too (the bench's content baseline)
+    from grlm_ray.bench.cold_start import content_rankings, held_out_rows, last_items
+    from grlm_ray.lib.embeddings import catalog_embeddings
+    from grlm_ray.lib.eig import TextNeighbours, fill_content
+
+    both = load_config(None, [*ecfg_overrides(overrides, pick), "eval.content_fill=3"])
+    run_pipeline(both, stages=("eval",))
+    got = Run.of(both).read_table("eval", "predictions.parquet")
+    users = plain.column("user_id").to_pylist()
+    assert got.column("user_id").to_pylist() == users
+    rows_new, _ = held_out_rows(Run.of(both))
+    ids, emb = catalog_embeddings(both, rows_new)
+    last = last_items(both, users)
+    placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
+    placed = placer.place(plain.column("ranked_item_ids").to_pylist(), last, pick["min_cosine"], pick["slots"],
+                          pick["position"])
+    want = [fill_content(r, c, 3, 10) for r, c in zip(placed, content_rankings(ids, emb, last, 10))]
+    assert got.column("ranked_item_ids").to_pylist() == want
+    assert any("content_neighbour" in h for h in got.column("grounded_by").to_pylist())
+
+
+def ecfg_overrides(overrides, pick):
+    return overrides + ["run.name=cold-sample-new", "eval.added_items=true", "eval.limit_users=80",
+                        f"eval.added_neighbours={pick['slots']}", f"eval.added_min_cosine={pick['min_cosine']}",
+                        f"eval.added_position={pick['position']}"]
 
 
 def test_scoring_added_items_without_any_added_is_refused_with_the_path(tmp_path):

@@ -240,17 +240,21 @@ def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) 
 
 
 def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[str, float]]], held: set[str],
-                    k: int = 10) -> list[dict[str, Any]]:
+                    k: int = 10, fill: int = 0, content: list[list[str]] | None = None) -> list[dict[str, Any]]:
     """``split_metrics`` of the ranked lists with the new items placed by ``place_added``, for every
     (position, slots, similarity floor) in ``POSITIONS`` x ``SLOTS`` x ``MIN_COSINES``; the first point is the
-    lever off."""
-    from grlm_ray.lib.eig import place_added
+    lever off. ``fill``: each list then gets its last ``fill`` places of ``k`` from ``content`` (each user's text
+    neighbours, ``fill_content``), as the eval stage does after placing (``eval.content_fill``)."""
+    from grlm_ray.lib.eig import fill_content, place_added
 
-    curve = [{"position": None, "slots": 0, "min_cosine": None, **split_metrics(rows, held, k)}]
+    def refill(lists: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+        return [(t, fill_content(r, c, fill, k)) for (t, r), c in zip(lists, content)] if fill else lists
+
+    curve = [{"position": None, "slots": 0, "min_cosine": None, **split_metrics(refill(rows), held, k)}]
     for position in POSITIONS:
         for slots in SLOTS:
             for m in MIN_COSINES:
-                placed = [(t, place_added(r, c, m, slots, position, k)) for (t, r), c in zip(rows, cands)]
+                placed = refill([(t, place_added(r, c, m, slots, position, k)) for (t, r), c in zip(rows, cands)])
                 curve.append({"position": position, "slots": slots, "min_cosine": m,
                               **split_metrics(placed, held, k)})
     return curve
@@ -264,19 +268,42 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float) -> dict[str, Any
     return max(ok, key=lambda p: (p["new_share_at_10"], p["recall_at_10"])) if ok else None
 
 
-def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any) -> dict[str, Any]:
-    """For each anchor (``ANCHORS``), the similarity floor and slots of ``added_neighbours`` chosen on
-    ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``), with the whole curve."""
+def validation_lists(valid: GrlmConfig) -> tuple[list[str], list[tuple[str, list[str]]], list[str]]:
+    """(users, (target, ranked) rows, each user's last history item) of ``valid``'s evaluation."""
     from grlm_ray.core.schemas import PREDICTIONS
 
     p = Run.of(valid).read_table("eval", "predictions.parquet", PREDICTIONS)
     users = p.column("user_id").to_pylist()
     rows = list(zip(p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist()))
-    out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost}
-    last = last_items(valid, users)
+    return users, rows, last_items(valid, users)
+
+
+def tune_content_fill(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: Any, k: int = 10) -> dict[str, Any]:
+    """``eval.content_fill`` on ``valid``'s users (the new items in the catalog, so in the neighbours ``near``
+    ranks): each of ``bench.content_fills`` and 0, the best Recall@10 then NDCG@10 (every validation target is a
+    seen item; ties: the smaller fill)."""
+    from grlm_ray.lib.eig import fill_content
+
+    users, rows, last = validation_lists(valid)
+    content = near.ranked(last, k)
+    points = [{"content_fill": f, **split_metrics([(t, fill_content(r, c, f, k)) for (t, r), c in zip(rows, content)],
+                                                  held, k)} for f in sorted({0, *cfg.bench.content_fills})]
+    best = max(points, key=lambda q: (q["recall_at_10"], q["ndcg_at_10"], -q["content_fill"]))
+    return {"chosen": best["content_fill"], "users": len(users), "points": points}
+
+
+def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, fill: int = 0,
+                    near: Any = None) -> dict[str, Any]:
+    """For each anchor (``ANCHORS``), the similarity floor and slots of ``added_neighbours`` chosen on
+    ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``), with the whole curve; ``fill``: on
+    lists then refilled with ``fill`` text neighbours (``near``), the cost measured against the refilled lists."""
+    users, rows, last = validation_lists(valid)
+    out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost,
+                           "content_fill": fill}
+    content = near.ranked(last, 10) if fill else None
     for anchor in ANCHORS:
         cands = placer.candidates(anchor_items(last, rows, anchor), max(SLOTS))
-        curve = neighbour_curve(rows, cands, held)
+        curve = neighbour_curve(rows, cands, held, fill=fill, content=content)
         chosen = choose_neighbours(curve, cfg.bench.new_item_cost)
         log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
                  "none within the cost" if chosen is None else f"{chosen['slots']} slots ({chosen['position']}), cosine >= "
@@ -381,6 +408,30 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
                 ranked[name] = [(t, place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"],
                                                 k)) for (t, r), c in zip(grlm_new, cands)]
 
+    fill_tuning = None
+    if cfg.bench.content_fills and "new_valid" in runs:  # eval.content_fill, then the placement on top of it
+        from grlm_ray.lib.eig import TextNeighbours, fill_content, place_added
+
+        near_all = TextNeighbours(ids, emb, ids)  # the pool as serving has it: every item, the new ones too
+        fill_tuning = tune_content_fill(cfg, runs["new_valid"], held, near_all, k)
+        f = fill_tuning["chosen"]
+        if f:
+            new_ids = {r["item_id"] for r in rows_new}
+            seen_pool = TextNeighbours(ids, emb, [i for i in ids if i not in new_ids])
+            ranked[f"GRLM, new items absent + {f} text neighbours"] = [
+                (t, fill_content(r, c, f, k)) for (t, r), c in zip(ranked["GRLM, new items absent"],
+                                                                    seen_pool.ranked(last, k))]
+            content_all = near_all.ranked(last, k)
+            ranked[f"GRLM + new items + {f} text neighbours"] = [
+                (t, fill_content(r, c, f, k)) for (t, r), c in zip(grlm_new, content_all)]
+            fill_tuning["neighbours"] = tune_neighbours(cfg, runs["new_valid"], held, placer, f, near_all)["last"]
+            chosen = fill_tuning["neighbours"]["chosen"]
+            if chosen is not None:
+                cands = placer.candidates(last, max(SLOTS))
+                ranked[f"GRLM + new items, text neighbours of the last item + {f} text neighbours"] = [
+                    (t, fill_content(place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"], k),
+                                     cc, f, k)) for (t, r), c, cc in zip(grlm_new, cands, content_all)]
+
     train_s, seconds = train["seconds"], {"GRLM + new items": ev_new["seconds"],
                                           **{LEVER_ROWS[r]: evals[r]["seconds"] for r in LEVER_ROWS if r in evals},
                                           "GRLM, new items absent": ev_absent["seconds"],
@@ -400,6 +451,15 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         return round(x / y, 4) if x is not None and y else None
 
     n_users = len(users)
+    filled = {}  # each text-neighbour row: new items vs the content baseline; seen items vs the model without new
+    for name, r in by.items():  # items, plain and with the same fill (the cost the new items themselves add)
+        if name.startswith("GRLM + new items") and name.endswith("text neighbours"):
+            f = name.rsplit(" + ", 1)[1]
+            ref = by.get(f"GRLM, new items absent + {f}")
+            filled[name] = {"recall_at_10_new_vs_content": rel(r["recall_at_10_new"], c["recall_at_10_new"]),
+                            "seen_recall_at_10_vs_absent": rel(r["recall_at_10_seen"], a["recall_at_10_seen"]),
+                            "seen_recall_at_10_vs_absent_with_the_fill": rel(r["recall_at_10_seen"],
+                                                                             ref and ref["recall_at_10_seen"])}
     out = {"run": cfg.run.name, "mode": cfg.bench.mode, "rows": rows, "columns": [*COLUMNS, "train_s", "eval_s"],
            "protocol": {**holdout, "split": cfg.eval.split, "users": n_users, "limit": cfg.eval.limit_users,
                         "seed": cfg.eval.seed, "new_target_share": round(g["users_new"] / n_users, 6) if n_users else None,
@@ -418,10 +478,12 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
            "added_search_tuning": tuning,
            "added_neighbours_tuning": neighbours,
            "added_neighbours_test_curves": test_curves or None,
+           "content_fill_tuning": fill_tuning,
            "ratios": {"grlm_vs_content_recall_at_10_new": rel(g["recall_at_10_new"], c["recall_at_10_new"]),
                       "seen_recall_at_10_with_vs_without_new": rel(g["recall_at_10_seen"], a["recall_at_10_seen"]),
                       "seen_ndcg_at_10_with_vs_without_new": rel(g["ndcg_at_10_seen"], a["ndcg_at_10_seen"]),
-                      "new_share_at_10_vs_new_target_share": rel(g["new_share_at_10"], g["users_new"] / n_users if n_users else None)},
+                      "new_share_at_10_vs_new_target_share": rel(g["new_share_at_10"], g["users_new"] / n_users if n_users else None),
+                      "content_fill_rows": filled or None},
            "runs": {role: c_.run.name for role, c_ in runs.items()},
            "model": cfg.model.model_dump(mode="json"), "train_config": cfg.train.model_dump(mode="json"),
            "training": {k_: train["info"].get(k_) for k_ in ("steps", "final_loss", "train_seconds")},
