@@ -266,13 +266,18 @@ def plot(rows: list[dict[str, Any]], title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(rows)), 4.6))
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
         ax.bar([i + j * width for i in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=key)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["model"] for r in rows], fontsize=8)
+    # long model names wrapped (and tilted when there are many): every label stays readable
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))],
+                  [textwrap.fill(r["model"], 22) for r in rows], fontsize=7,
+                  rotation=25 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes: no bar hidden
     return figure_png(fig)
 
 
