@@ -187,19 +187,3 @@ def test_a_job_joining_a_cluster_hands_its_workers_that_clusters_address(monkeyp
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert _with_cluster_address(base, "auto") is base  # nothing known before ray.init: unchanged
-
-
-def test_one_data_folder_spelled_relative_or_absolute_keys_the_stages_alike(tmp_path, monkeypatch):
-    """A run resumed with its data folder written another way (``../data`` vs ``/abs/data``) reuses its stages
-    instead of silently redoing all of them; another folder is another key."""
-    from grlm_ray.core.run import stage_key
-
-    (tmp_path / "data").mkdir()
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
-    rel, absolute, other = (load_config(None, [f"data.base_dir={d}"])
-                            for d in ("../data", str(tmp_path / "data"), str(tmp_path / "work")))
-    assert stage_key(rel, "prepare") == stage_key(absolute, "prepare") != stage_key(other, "prepare")
-    assert stage_key(rel, "train") == stage_key(absolute, "train")
-    s3 = load_config(None, ["data.base_dir=s3://bucket/data"])  # a URI is keyed as written
-    assert stage_key(s3, "prepare") != stage_key(absolute, "prepare")

@@ -838,9 +838,6 @@ class GrlmConfig(StrictModel):
         with ``neutral_default`` counts only when set to something else: finished stages stay valid when a
         release adds an option whose default does what the stage did before."""
         payload = {s: _key_dump(getattr(self, s)) for s in sections}
-        base = payload.get("data", {}).get("base_dir")
-        if isinstance(base, str) and "://" not in base:  # one folder, one key: '../data' and '/abs/data' alike
-            payload["data"]["base_dir"] = os.path.abspath(os.path.expanduser(base))
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
