@@ -168,6 +168,30 @@ def test_a_half_done_stage_is_not_started_over_by_a_changed_config(tmp_path):
     assert half_done_conflicts(lr, stages) == []  # a finished stage re-runs under a new config, as always
 
 
+def test_a_finished_stage_a_config_will_redo_is_named_with_the_fields_before_it_runs(tmp_path):
+    """The same data folder written another way (``../x`` for ``/abs/x``) keys prepare anew, and every stage after
+    it is done again: said before anything runs, with the field; nothing said for the config the run finished."""
+    from grlm_ray.core.registry import stage_key, upstream
+    from grlm_ray.flows.pipeline import finished_redos, save_resolved_config
+
+    base = [f"run.root={tmp_path}", "run.name=r", "sft.terms=provided", f"data.base_dir={tmp_path}/data"]
+    cfg = load_config(None, base)
+    store = Store(str(tmp_path))
+    save_resolved_config(cfg)
+    for s in upstream("train", cfg):
+        store.write_json(f"r/{s}/_manifest.json", {"config_hash": stage_key(cfg, s) + "-abc", "status": "complete"})
+    stages = upstream("eval", cfg)
+    assert finished_redos(cfg, stages) == []
+    assert finished_redos(load_config(None, [*base, "eval.num_beams=7"]), stages) == []  # eval never finished
+    other = load_config(None, [*base[:-1], f"data.base_dir={tmp_path}/../{tmp_path.name}/data"])
+    (msg,) = finished_redos(other, stages)
+    assert "stage 'prepare' is complete for another config and will be done again" in msg
+    assert f"data.base_dir: '{tmp_path}/data' -> '{tmp_path}/../{tmp_path.name}/data'" in msg
+    (msg,) = finished_redos(load_config(None, [*base, "train.learning_rate=0.002"]), stages)
+    assert "stage 'train'" in msg and "train.learning_rate: 0.001 -> 0.002" in msg
+    assert finished_redos(load_config(None, [*base, "train.learning_rate=0.002", "run.resume=false"]), stages) == []
+
+
 def test_stage_graph_upstream_closure():
     from grlm_ray.flows.pipeline import reads, upstream
 

@@ -65,6 +65,27 @@ def half_done_conflicts(cfg: GrlmConfig, stages: tuple[str, ...]) -> list[str]:
     return problems
 
 
+def finished_redos(cfg: GrlmConfig, stages: tuple[str, ...]) -> list[str]:
+    """The finished stages of ``stages`` that this config will do again, each with the fields that differ from
+    the run's saved config.yaml: a redo is what a changed config means, but one nobody meant (the same data
+    folder written another way, ``../data`` for ``/abs/data``) should be seen before an hour of training
+    starts, not after. Only the first stage of a chain is named (the ones after it follow)."""
+    if not cfg.run.resume:
+        return []
+    run = Run.of(cfg)
+    for name in stages:
+        manifest = read_manifest(run.store, run.name, name)
+        if not manifest or manifest.get("status") != "complete":
+            continue
+        if str(manifest.get("config_hash", "")).startswith(registry.stage_key(cfg, name)):
+            continue
+        sections = list(registry.key_sections(cfg, name))
+        fields = _changed_fields(run, cfg, sections)
+        return [f"run {run.name!r}: stage {name!r} is complete for another config and will be done again, and "
+                f"every stage after it ({'; '.join(fields) if fields else _no_field_differs(sections)})"]
+    return []
+
+
 def _no_field_differs(sections: list[str]) -> str:
     return (f"sections {', '.join(sections)}; no field differs from the run's saved config.yaml: a setting "
             "resolved on the machine differs (train.precision=auto: bf16 where the CPU / GPU has it natively, fp32 "
@@ -113,6 +134,8 @@ def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> d
     problems = check_inputs(cfg, stages)
     if problems:
         raise ConfigError("config checks failed:\n  " + "\n  ".join(problems))
+    for line in finished_redos(cfg, stages):  # said before the saved config.yaml is replaced
+        log.warning(line)
     t0 = time.time()
     results: dict[str, Any] = {"config": save_resolved_config(cfg), "stages": {}}
     for name in stages:
