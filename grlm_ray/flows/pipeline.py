@@ -81,8 +81,8 @@ def finished_redos(cfg: GrlmConfig, stages: tuple[str, ...]) -> list[str]:
             continue
         sections = list(registry.key_sections(cfg, name))
         fields = _changed_fields(run, cfg, sections)
-        return [f"run {run.name!r}: stage {name!r} is complete for another config and will be done again, and "
-                f"every stage after it ({'; '.join(fields) if fields else _no_field_differs(sections)})"]
+        return [(f"run {run.name!r}: stage {name!r} is complete for another config and will be done again, and "
+                 f"every stage after it ({'; '.join(fields) if fields else _no_field_differs(sections)})")]
     return []
 
 
