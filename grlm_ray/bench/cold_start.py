@@ -280,16 +280,24 @@ def validation_lists(valid: GrlmConfig) -> tuple[list[str], list[tuple[str, list
 
 def tune_content_fill(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: Any, k: int = 10) -> dict[str, Any]:
     """``eval.content_fill`` on ``valid``'s users (the new items in the catalog, so in the neighbours ``near``
-    ranks): each of ``bench.content_fills`` and 0, the best Recall@10 then NDCG@10 (every validation target is a
-    seen item; ties: the smaller fill)."""
+    ranks): ``fill_points`` of its lists (every validation target is a seen item)."""
+    _, rows, last = validation_lists(valid)
+    return fill_points(rows, near.ranked(last, k), cfg.bench.content_fills, held, k)
+
+
+def fill_points(rows: list[tuple[str, list[str]]], content: list[list[str]], fills: list[int], held: set[str],
+                k: int = 10) -> dict[str, Any]:
+    """``split_metrics`` of (target, ranked) ``rows`` refilled (``fill_content``) from each user's ``content`` for
+    0 and each of ``fills``; chosen: the best Recall@k then NDCG@k (ties: the smaller fill)."""
     from grlm_ray.lib.eig import fill_content
 
-    users, rows, last = validation_lists(valid)
-    content = near.ranked(last, k)
+    for f in fills:
+        if f > k:
+            raise GrlmError(f"bench.content_fills: {f} is more than the {k} places it fills (eval.content_depth)")
     points = [{"content_fill": f, **split_metrics([(t, fill_content(r, c, f, k)) for (t, r), c in zip(rows, content)],
-                                                  held, k)} for f in sorted({0, *cfg.bench.content_fills})]
-    best = max(points, key=lambda q: (q["recall_at_10"], q["ndcg_at_10"], -q["content_fill"]))
-    return {"chosen": best["content_fill"], "users": len(users), "points": points}
+                                                  held, k)} for f in sorted({0, *fills})]
+    best = max(points, key=lambda q: (q[f"recall_at_{k}"], q[f"ndcg_at_{k}"], -q["content_fill"]))
+    return {"chosen": best["content_fill"], "users": len(rows), "points": points}
 
 
 def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, fill: int = 0,
@@ -399,8 +407,9 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
 
         placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
         neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer)
+        test_cands = {}
         for anchor, name in ANCHORS.items():
-            cands = placer.candidates(anchor_items(last, grlm_new, anchor), max(SLOTS))
+            cands = test_cands[anchor] = placer.candidates(anchor_items(last, grlm_new, anchor), max(SLOTS))
             # the whole test curve is recorded for the plot; only the validation choice is a row
             test_curves[anchor] = neighbour_curve(grlm_new, cands, held)
             chosen = neighbours[anchor]["chosen"]
@@ -427,7 +436,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
             fill_tuning["neighbours"] = tune_neighbours(cfg, runs["new_valid"], held, placer, f, near_all)["last"]
             chosen = fill_tuning["neighbours"]["chosen"]
             if chosen is not None:
-                cands = placer.candidates(last, max(SLOTS))
+                cands = test_cands["last"]  # the last item's new neighbours, as searched above
                 ranked[f"GRLM + new items, text neighbours of the last item + {f} text neighbours"] = [
                     (t, fill_content(place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"], k),
                                      cc, f, k)) for (t, r), c, cc in zip(grlm_new, cands, content_all)]

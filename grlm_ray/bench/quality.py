@@ -89,36 +89,18 @@ def _predictions(run: Run, stage: str) -> tuple[list[str], list[list[str]]]:
 
 
 def choose_content_fill(cfg: GrlmConfig, fills: list[int]) -> dict[str, Any]:
-    """``eval.content_fill`` chosen on the validation users ``cfg``'s eval stage scored: its lists refilled
-    (``fill_content``, the catalog's text neighbours of each user's last item, ``eval.content_depth``) for each
-    of ``fills`` and 0, the best by Recall then NDCG at the depth (ties: the smaller fill). Nothing is decoded
-    again: the refill is what the eval stage does after decoding."""
-    from grlm_ray.core.schemas import PREDICTIONS, SEQUENCES, TARGETS
-    from grlm_ray.lib.eig import TextNeighbours, fill_content
+    """``eval.content_fill`` chosen on the validation users ``cfg``'s eval stage scored: its lists refilled from
+    the catalog's text neighbours of each user's last item for each of ``fills`` and 0 (``cold_start.fill_points``
+    at ``eval.content_depth``). Nothing is decoded again: the refill is what the eval stage does after decoding."""
+    from grlm_ray.bench.cold_start import fill_points, validation_lists
+    from grlm_ray.lib.eig import TextNeighbours
     from grlm_ray.lib.embeddings import catalog_embeddings
-    from grlm_ray.lib.metrics import ndcg_at_k, recall_at_k
-    from grlm_ray.lib.protocol import last_history_items, target_rows
 
-    e, r = cfg.eval, Run.of(cfg)
-    p = r.read_table("eval", "predictions.parquet", PREDICTIONS)
-    t = target_rows(r.read_table("prepare", "targets.parquet", TARGETS), e.split, e.limit_users, e.seed)
-    if t.column("user_id").to_pylist() != p.column("user_id").to_pylist():
-        raise GrlmError(f"content fill: {r.uri('eval')} scored other users than {e.split} "
-                        f"(limit {e.limit_users}, seed {e.seed})")
-    last = last_history_items(r.read_table("prepare", "sequences.parquet", SEQUENCES), t)
+    _, rows, last = validation_lists(cfg)
     ids, emb = catalog_embeddings(cfg, [])
-    near = TextNeighbours(ids, emb, ids).ranked(last, e.content_depth)
-    rows = list(zip(p.column("target_item_id").to_pylist(), p.column("ranked_item_ids").to_pylist()))
-    k, points = e.content_depth, []
-    for fill in sorted({0, *fills}):
-        if fill > k:
-            raise GrlmError(f"bench.content_fills: {fill} is more than eval.content_depth ({k})")
-        lists = [(tg, fill_content(x, c, fill, k)) for (tg, x), c in zip(rows, near)]
-        points.append({"content_fill": fill,
-                       f"recall_at_{k}": round(sum(recall_at_k(x, tg, k) for tg, x in lists) / len(lists), 6),
-                       f"ndcg_at_{k}": round(sum(ndcg_at_k(x, tg, k) for tg, x in lists) / len(lists), 6)})
-    best = max(points, key=lambda q: (q[f"recall_at_{k}"], q[f"ndcg_at_{k}"], -q["content_fill"]))
-    return {"chosen": best["content_fill"], "users": len(rows), "depth": k, "points": points}
+    depth = cfg.eval.content_depth
+    return {**fill_points(rows, TextNeighbours(ids, emb, ids).ranked(last, depth), fills, set(), depth),
+            "depth": depth}
 
 
 def diversity(ranked: list[list[str]], catalog: int, k: int = 10) -> dict[str, Any]:
@@ -173,9 +155,8 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
         log.info("quality benchmark: eval.content_fill=%d chosen on %d validation users", content["chosen"],
                  content["users"])
         if content["chosen"]:
-            runs["eval_content"] = runs["eval_content"].model_copy(update={"eval": runs["eval_content"].eval.model_copy(
-                update={"content_fill": content["chosen"]})})
-            GrlmConfig.model_validate(runs["eval_content"].model_dump(mode="json"))  # the checks a config gets
+            runs["eval_content"] = _variant(runs["eval_content"], runs["eval_content"].run.name,
+                                            eval={"content_fill": content["chosen"]})
             ec = go("eval_content", "eval", seed_from="train")["eval"]
             name = f"GRLM + {content['chosen']} text neighbours"
             rows.append(_row(name, ec["info"]["metrics"], train["seconds"], ec["seconds"]))

@@ -197,7 +197,8 @@ def _reranker(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table, adde
         if fill or e.added_anchor == "last" else []
 
     def step(r: list, h: list, new: list, tag: str) -> tuple[list, list]:
-        return new, [[dict(zip(old, oh)).get(i, tag) for i in lst] for old, oh, lst in zip(r, h, new)]
+        was = [dict(zip(old, oh)) for old, oh in zip(r, h)]  # each list's grounded_by by item, once
+        return new, [[w.get(i, tag) for i in lst] for w, lst in zip(was, new)]
 
     def rerank(first: int, ranked: Any, how: Any) -> tuple[pa.Array, pa.Array]:
         r, h = ranked.to_pylist(), how.to_pylist()
