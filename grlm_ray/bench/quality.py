@@ -80,6 +80,12 @@ def _row(model: str, metrics: dict[str, Any], train_s: float | None, eval_s: flo
             "users": metrics.get("users")}
 
 
+def _train_seconds(stages: dict[str, Any]) -> float:
+    """Training seconds of a row's model: the train stage's, plus every other member's (``train.members``)."""
+    members = stages.get("members", {}).get("info", {}).get("members", [])
+    return round(stages["train"]["seconds"] + sum(m["stage_seconds"] or 0.0 for m in members), 2)
+
+
 def _predictions(run: Run, stage: str) -> tuple[list[str], list[list[str]]]:
     """(user ids, ranked item ids) of a stage's predictions, in row order."""
     from grlm_ray.core.schemas import PREDICTIONS
@@ -122,31 +128,36 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
     def go(role: str, stage: str, seed_from: str | None = None, shared: tuple[str, ...] | None = None
            ) -> dict[str, Any]:
         """Run ``role`` up to ``stage``, first copying the finished stages it shares with ``seed_from``
-        (default: everything up to training)."""
+        (default: everything the eval stage reads: the trained model and its train.members)."""
         c = runs[role]
         if seed_from is not None:
-            copy_stages(store, runs[seed_from].run.name, c.run.name, shared or upstream("train", c))
+            copy_stages(store, runs[seed_from].run.name, c.run.name, shared or upstream("eval", c)[:-1])
         log.info("quality benchmark: %s (run %s, stage %s)", role, c.run.name, stage)
         res = run_pipeline(c, stages=upstream(stage, c))["stages"]
         stages[role] = res
         return res
 
-    base = go("train", "train")
+    n_members = cfg.train.members  # > 1: the members are trained here, once, and copied into every variant
+    last = "members" if n_members > 1 else "train"
+    base = go("train", last)
     train = base["train"]
+    members = base["members"]["info"]["members"] if n_members > 1 else []
+    train_s = _train_seconds(base)
+    grlm = "GRLM" if n_members == 1 else f"GRLM, {n_members} seeds as one"
     sft_info = base["sft"]["info"]
     ev = go("eval", "eval", seed_from="train")["eval"]
-    rows = [_row("GRLM", ev["info"]["metrics"], train["seconds"], ev["seconds"])]
-    used = {"GRLM": ("eval", "eval")}
+    rows = [_row(grlm, ev["info"]["metrics"], train_s, ev["seconds"])]
+    used = {grlm: ("eval", "eval")}
     if "eval_unconstrained" in runs:
         un = go("eval_unconstrained", "eval", seed_from="train")["eval"]
-        rows.append(_row("GRLM unconstrained", un["info"]["metrics"], train["seconds"], un["seconds"]))
-        used["GRLM unconstrained"] = ("eval_unconstrained", "eval")
+        rows.append(_row(f"{grlm} unconstrained", un["info"]["metrics"], train_s, un["seconds"]))
+        used[f"{grlm} unconstrained"] = ("eval_unconstrained", "eval")
     gti_name = "GRLM w/o GTI" if cfg.sft.gti_weight > 0 else "GRLM with GTI"
     if "train_gti" in runs:
         # its own SFT data and training: only the stages before SFT are shared (copying the rest is waste)
-        tn = go("train_gti", "train", seed_from="train", shared=upstream("sft", runs["train_gti"])[:-1])["train"]
+        tn = go("train_gti", last, seed_from="train", shared=upstream("sft", runs["train_gti"])[:-1])
         en = go("eval_gti", "eval", seed_from="train_gti")["eval"]
-        rows.append(_row(gti_name, en["info"]["metrics"], tn["seconds"], en["seconds"]))
+        rows.append(_row(gti_name, en["info"]["metrics"], _train_seconds(tn), en["seconds"]))
         used[gti_name] = ("eval_gti", "eval")
     content = None
     if "eval_valid" in runs:
@@ -158,8 +169,8 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
             runs["eval_content"] = _variant(runs["eval_content"], runs["eval_content"].run.name,
                                             eval={"content_fill": content["chosen"]})
             ec = go("eval_content", "eval", seed_from="train")["eval"]
-            name = f"GRLM + {content['chosen']} text neighbours"
-            rows.append(_row(name, ec["info"]["metrics"], train["seconds"], ec["seconds"]))
+            name = f"{grlm} + {content['chosen']} text neighbours"
+            rows.append(_row(name, ec["info"]["metrics"], train_s, ec["seconds"]))
             used[name] = ("eval_content", "eval")
         else:
             del runs["eval_content"]
@@ -197,6 +208,7 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
                       "colliding_items_after": sft_info.get("collisions", {}).get("colliding_items_after")},
             "training": {"grlm": {k: train["info"].get(k) for k in ("steps", "plan", "final_loss", "tokens_per_s",
                                                                    "samples_per_s", "train_seconds")},
+                         "members": members,
                          "sasrec": {k: stages.get("eval_baseline", {}).get("baseline", {}).get("info", {}).get(k)
                                     for k in ("losses", "train_seconds", "best_epoch", "epochs_run")}},
             "model": cfg.model.model_dump(mode="json"), "train_config": cfg.train.model_dump(mode="json"),

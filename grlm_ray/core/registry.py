@@ -1,6 +1,6 @@
 """The stage graph, declared once: one record per stage.
 
-prepare -> embed -> neighbors -> ctg -> compress -> sft -> train -> eval (and baseline beside them).
+prepare -> embed -> neighbors -> ctg -> compress -> sft -> train -> members -> eval (and baseline beside them).
 Everything that walks the pipeline reads this table: the order and dispatch of ``pipeline.run_pipeline``,
 ``reads`` / ``upstream`` (which stages a stage needs), each stage's key (``stage_key`` below, chained with its
 upstream keys by ``storage.run_stage``), the CLI verbs and their help, the MLflow params of a stage run
@@ -76,6 +76,10 @@ def _compress_reads(cfg: "GrlmConfig") -> tuple[str, ...]:
     return ("prepare",) if cfg.compress.source == "provided" else ("prepare", "embed", "ctg")
 
 
+def _eval_reads(cfg: "GrlmConfig") -> tuple[str, ...]:
+    return ("prepare", "sft", "train") + (("members",) if cfg.train.members > 1 else ())
+
+
 def _train_sections(cfg: "GrlmConfig") -> tuple[str, ...]:
     # the sentence embedder shapes the initial weights under model.embed_init=embedder
     return ("embed",) if cfg.model.embed_init == "embedder" else ()
@@ -105,13 +109,17 @@ REGISTRY: tuple[Stage, ...] = (
     Stage("train", "grlm_ray.stages.train:train", "train", "stage 4: IIFT fine-tuning on Ray Train (DDP or DeepSpeed ZeRO)",
           sections=("data", "sft", "model", "train"), reads=("sft",), outputs=("model/", "tokens.parquet"),
           tracked=("sft", "model", "train"), checks="grlm_ray.stages.train.backbone:check_backbone",
-          keyed="grlm_ray.stages.train.schedule:resolved",  # train.precision=auto -> bf16 / fp32 here
+          keyed="grlm_ray.stages.train.schedule:keyed",  # train.precision=auto -> bf16 / fp32 here; not members
           progress="grlm_ray.stages.train.sessions:progress",
           # with train.validation.enabled; a pretrained base; ZeRO; grlm diagnose; checkpoints (Ray Train / single):
           optional=("best/", "validation.parquet", "catalog.parquet", "validation_curve.json", "learning_curve.png",
                     "base/", "base_info.json", "deepspeed.json", "diagnostics.json", "ray/", "single/")),
+    Stage("members", "grlm_ray.stages.members:members", "members",
+          "stage 4: the recipe's other seeds (train.members), decoded with the run's model as one",
+          sections=("data", "sft", "model", "train"), reads=("sft",), outputs=("members.json",),
+          tracked=("train",), keyed="grlm_ray.stages.train.schedule:resolved"),  # runs only with train.members > 1
     Stage("eval", "grlm_ray.stages.evaluate:evaluate_stage", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)",
-          sections=("data", "sft", "model", "train", "eval"), reads=("prepare", "sft", "train"),
+          sections=("data", "sft", "model", "train", "eval"), reads=_eval_reads,
           outputs=("predictions.parquet",), tracked=("eval",)),
     Stage("baseline", "grlm_ray.stages.baselines:baseline_stage", "baseline",
           "SASRec (CE or BCE) and popularity on GRLM's splits and users",

@@ -130,7 +130,9 @@ def save_resolved_config(cfg: GrlmConfig) -> str:
 
 
 def run_pipeline(cfg: GrlmConfig, *, stages: tuple[str, ...] = DEMO_STAGES) -> dict[str, Any]:
-    """Run the named stages in order; finished stages are skipped, half-done ones resume."""
+    """Run the named stages in order; finished stages are skipped, half-done ones resume. The members stage
+    runs only where ``train.members`` > 1 (one model has no other members to train)."""
+    stages = tuple(s for s in stages if s != "members" or cfg.train.members > 1)
     problems = check_inputs(cfg, stages)
     if problems:
         raise ConfigError("config checks failed:\n  " + "\n  ".join(problems))

