@@ -165,6 +165,11 @@ def test_byo_recipe_is_the_benchmarked_recipe_on_your_own_data():
     assert next(iter(byo.data.domains.values())).kind == "byo"
     for section in ("model", "train", "sft", "ctg", "eval", "baseline"):
         assert getattr(byo, section) == getattr(bench, section), section
+    # and the best recipe (three seeds as one) likewise
+    best, bench_best = (load_config(REPO / "configs" / p) for p in ("byo_recipe_best.yaml", "bench/beauty_quality_best.yaml"))
+    assert best.train.members == 3 and best.model.hidden_size == 192
+    for section in ("model", "train", "sft", "ctg", "eval", "baseline"):
+        assert getattr(best, section) == getattr(bench_best, section), section
 
 
 def test_a_job_joining_a_cluster_hands_its_workers_that_clusters_address(monkeypatch):

@@ -116,7 +116,7 @@ REGISTRY: tuple[Stage, ...] = (
                     "base/", "base_info.json", "deepspeed.json", "diagnostics.json", "ray/", "single/")),
     Stage("members", "grlm_ray.stages.members:members", "members",
           "stage 4: the recipe's other seeds (train.members), decoded with the run's model as one",
-          sections=("data", "sft", "model", "train"), reads=("sft",), outputs=("members.json",),
+          sections=("data", "sft", "model", "train"), reads=("sft", "train"), outputs=("members.json",),
           tracked=("train",), keyed="grlm_ray.stages.train.schedule:resolved"),  # runs only with train.members > 1
     Stage("eval", "grlm_ray.stages.evaluate:evaluate_stage", "eval", "stage 5: beam search + EIG + Recall/NDCG/VR/DHR (Ray Data)",
           sections=("data", "sft", "model", "train", "eval"), reads=_eval_reads,

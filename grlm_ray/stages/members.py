@@ -1,6 +1,6 @@
 """The recipe's other seeds (``train.members``): N models that decode as one.
 
-Contract: the run's sft stage -> runs ``<run>-member<n>`` (n = 1 .. members-1), each the run's config with
+Contract: the run's sft stage (after its train stage) -> runs ``<run>-member<n>`` (n = 1 .. members-1), each the run's config with
 ``model.seed`` and ``train.seed`` raised by n, its upstream stages copied from the run and its own train stage
 (resumable, keyed like any run's: a member a user trained by hand with those seeds is the same training) ->
 ``members/members.json`` (each member's run, seeds, exported model, training seconds, validation best).
