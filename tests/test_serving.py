@@ -26,9 +26,14 @@ def app(tiny_trained_run, monkeypatch_module):
     from grlm_ray.core.config import load_config
     from grlm_ray.serving.app import start, stop
 
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
+
     token = secrets.token_hex(16)
     monkeypatch_module.setenv(TOKEN_ENV, token)
-    cfg = load_config(None, tiny_trained_run + [
+    # train.members=2: a second seed of the tiny recipe (run <name>-member1) decodes with the run's model as one
+    members = tiny_trained_run + ["train.members=2"]
+    run_pipeline(load_config(None, members), stages=upstream("members", load_config(None, members)))
+    cfg = load_config(None, members + [
         f"serve.port={free_port()}", f"serve.admin_token_env={TOKEN_ENV}", "serve.num_beams=8",
         "serve.max_body_bytes=4096", "serve.generator.max_replicas=1", "serve.generator.num_cpus=0.5",
         # small queues so that the overload test can fill them: 2 running + 4 waiting, the rest refused (at the
@@ -107,6 +112,28 @@ def test_recommends_over_http_with_every_field(app):
         assert item["log_prob"] == beam["log_prob"] and item["grounding_score"] >= 0
         if item["grounded_by"] == "direct":
             assert item["tid"] == beam["tid"]
+    # the generator decodes with both members (train.members=2): its beams and scores are the two models' as
+    # one, on the prompt serving builds from these lines, and not the run's own model's alone
+    from grlm_ray.lib.decoding import TidDecoder
+    from grlm_ray.lib.eig import tid_text
+    from grlm_ray.lib.textformat import history_prompt, line_writer
+    from grlm_ray.lib.tokens import render_prompt
+    from grlm_ray.serving.catalog import load_catalog
+    from grlm_ray.stages.members import member_model_dirs
+
+    cat, write = load_catalog(cfg), line_writer(cfg.sft)
+    lines = [write(cat.tids[i], cat.items.get(i, {}).get("title", "")) for i in hist]
+    root = f"{cfg.run.root}/{cfg.run.name}/train/model"
+    [other] = member_model_dirs(cfg, "/nonexistent")  # a local root: the folders themselves
+    tids = [tid_text(t) for t in cat.tids.values()]
+    decoders = [TidDecoder(root, tids, num_beams=8, ensemble=e, renormalize=cfg.serve.scores_renormalized())
+                for e in ([other], [])]
+    msgs, prefix = history_prompt(lines, cfg.serve.max_history or cfg.sft.max_history, cfg.sft.prompt)
+    prompt = render_prompt(decoders[0].tok, msgs, cfg.model.enable_thinking, prefix)
+    both, alone = (d([prompt], batch_size=1, with_scores=True)[0] for d in decoders)
+    served = [(b["tid"], b["log_prob"]) for b in res["beams"]]
+    assert served == [(t, round(float(lp), 6)) for t, lp in both]
+    assert served != [(t, round(float(lp), 6)) for t, lp in alone]
     status, got = call(url, "GET", f"/v1/items/{res['items'][0]['item_id']}")
     assert status == 200 and got["tid"] == res["items"][0]["tid"]
     # raw TIDs as the history give the same answer as the items they name (the model's part: a TID history names
