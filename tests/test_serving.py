@@ -114,13 +114,13 @@ def test_recommends_over_http_with_every_field(app):
             assert item["tid"] == beam["tid"]
     # the generator decodes with both members (train.members=2): its beams and scores are the two models' as
     # one, on the prompt serving builds from these lines, and not the run's own model's alone
+    from grlm_ray.core.run import member_model_dirs
     from grlm_ray.lib.decoding import TidDecoder
     from grlm_ray.lib.eig import tid_text
     from grlm_ray.lib.textformat import history_prompt, line_writer
     from grlm_ray.lib.tokens import render_prompt
     from grlm_ray.serving.catalog import load_catalog
-    from grlm_ray.stages.members import member_model_dirs
-
+    
     cat, write = load_catalog(cfg), line_writer(cfg.sft)
     lines = [write(cat.tids[i], cat.items.get(i, {}).get("title", "")) for i in hist]
     root = f"{cfg.run.root}/{cfg.run.name}/train/model"

@@ -13,6 +13,7 @@ a renamed artifact breaks at the reader's first call, not as a missing file thre
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from grlm_ray.core.errors import ConfigError, GrlmError
@@ -100,3 +101,25 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.store.uri(self.name)!r})"
+
+
+# --------------------------------------------------------------------------- train.members
+def member_runs(cfg: "GrlmConfig") -> list[str]:
+    """The run names of the members beside the run's own model (``members/members.json``); [] for one model."""
+    if cfg.train.members == 1:
+        return []
+    run = Run.of(cfg)
+    if not run.exists("members", "members.json"):
+        raise GrlmError(f"train.members={cfg.train.members}: {run.uri('members', 'members.json')} does not exist: "
+                        "train the members first (`grlm members CONFIG`, or `grlm eval CONFIG`, which runs them)")
+    names = [r["run"] for r in run.read_json("members", "members.json")["members"]]
+    if len(names) != cfg.train.members - 1:
+        raise GrlmError(f"train.members={cfg.train.members} but {run.uri('members', 'members.json')} lists "
+                        f"{len(names)} other members: run `grlm members CONFIG` again")
+    return names
+
+
+def member_model_dirs(cfg: "GrlmConfig", cache: str) -> list[str]:
+    """Local folders of the members' exported models (downloaded into ``cache`` from an S3 root)."""
+    run = Run.of(cfg)
+    return [run.named(name).local_dir("train", "model", os.path.join(cache, name)) for name in member_runs(cfg)]

@@ -55,12 +55,11 @@ from grlm_ray import __version__
 from grlm_ray.core.config import GrlmConfig, load_config
 from grlm_ray.core.errors import ConfigError, DataError
 from grlm_ray.core.runtime import init_ray
-from grlm_ray.core.run import Run
+from grlm_ray.core.run import Run, member_model_dirs
 from grlm_ray.lib.decoding import TidDecoder
 from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, parse_generated, place_added, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings, embed_rows, text_encoder
 from grlm_ray.lib.models import set_torch_threads
-from grlm_ray.stages.members import member_model_dirs
 from grlm_ray.lib.textformat import history_prompt, line_writer
 from grlm_ray.lib.tokens import render_prompt
 from grlm_ray.serving.catalog import (

@@ -26,9 +26,8 @@ from grlm_ray.core.registry import stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
 from grlm_ray.core.errors import GrlmError
-from grlm_ray.core.run import Run
+from grlm_ray.core.run import Run, member_model_dirs
 from grlm_ray.core.storage import StageContext, release_arrow_memory, take_rows
-from grlm_ray.stages.members import member_model_dirs
 from grlm_ray.lib.decoding import TidDecoder, check_ensemble, effective_max_new_tokens, tid_token_arrays
 from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, merge_beams, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings

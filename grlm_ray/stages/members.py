@@ -4,18 +4,18 @@ Contract: the run's sft stage (after its train stage) -> runs ``<run>-member<n>`
 ``model.seed`` and ``train.seed`` raised by n, its upstream stages copied from the run and its own train stage
 (resumable, keyed like any run's: a member a user trained by hand with those seeds is the same training) ->
 ``members/members.json`` (each member's run, seeds, exported model, training seconds, validation best).
-The eval stage and the Serve generator decode with the run's model and these as one (the mean of their
-next-token log-probs: ``lib/decoding.py: LogProbEnsemble``). Member 0 is the run's own train stage.
+The eval stage and the Serve generator decode with the run's model and these as one (their folders:
+``core/run.py: member_model_dirs``; the mean of their next-token log-probs: ``lib/decoding.py:
+LogProbEnsemble``). Member 0 is the run's own train stage.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
+from grlm_ray.core import registry
 from grlm_ray.core.config import GrlmConfig
-from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext, copy_stages
 
@@ -37,19 +37,18 @@ def member_config(cfg: GrlmConfig, n: int) -> GrlmConfig:
 
 
 def members(cfg: GrlmConfig) -> dict[str, Any]:
-    from grlm_ray.flows.pipeline import run_pipeline, upstream
-
     run = Run.of(cfg)
+    train = registry.stage("train").function()
 
     def body(ctx: StageContext) -> None:
         rows = []
         for n in range(1, cfg.train.members):
             mc = member_config(cfg, n)
             # the data, TIDs and SFT samples are the run's: copied, not made again (a copy that exists is kept)
-            copy_stages(run.store, cfg.run.name, mc.run.name, upstream("sft", mc))
+            copy_stages(run.store, cfg.run.name, mc.run.name, registry.upstream("sft", mc))
             log.info("train.members: member %d of %d (run %s, seeds model %d / train %d)", n + 1,
                      cfg.train.members, mc.run.name, mc.model.seed, mc.train.seed)
-            m = run_pipeline(mc, stages=upstream("train", mc))["stages"]["train"]
+            m = train(mc)  # skipped when complete, resumed when half-done
             info = m.get("info", {})
             rows.append({"member": n, "run": mc.run.name, "model_seed": mc.model.seed, "train_seed": mc.train.seed,
                          "model": Run.of(mc).uri("train", "model"), "train_seconds": info.get("train_seconds"),
@@ -60,24 +59,3 @@ def members(cfg: GrlmConfig) -> dict[str, Any]:
                          "train_seconds": round(sum(r["train_seconds"] or 0.0 for r in rows), 2)})
 
     return run.run_stage(STAGE, body, inputs={"sft": ("sft", "sft.parquet")})
-
-
-def member_runs(cfg: GrlmConfig) -> list[str]:
-    """The run names of the members beside the run's own model (``members/members.json``); [] for one model."""
-    if cfg.train.members == 1:
-        return []
-    run = Run.of(cfg)
-    if not run.exists(STAGE, "members.json"):
-        raise GrlmError(f"train.members={cfg.train.members}: {run.uri(STAGE, 'members.json')} does not exist: "
-                        "train the members first (`grlm members CONFIG`, or `grlm eval CONFIG`, which runs them)")
-    names = [r["run"] for r in run.read_json(STAGE, "members.json")["members"]]
-    if len(names) != cfg.train.members - 1:
-        raise GrlmError(f"train.members={cfg.train.members} but {run.uri(STAGE, 'members.json')} lists "
-                        f"{len(names)} other members: run `grlm members CONFIG` again")
-    return names
-
-
-def member_model_dirs(cfg: GrlmConfig, cache: str) -> list[str]:
-    """Local folders of the members' exported models (downloaded into ``cache`` from an S3 root)."""
-    run = Run.of(cfg)
-    return [run.named(name).local_dir("train", "model", os.path.join(cache, name)) for name in member_runs(cfg)]
