@@ -195,6 +195,10 @@ def format_summary(results: dict[str, Any]) -> str:
                          f"{info['steps']} steps, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}, "
                          f"{info['tokens_per_s']} tokens/s, padding waste {tk['padding_waste']:.1%}, "
                          f"{info['backbone']['parameters']:,} parameters; model: {info['model_dir']}")
+        if stage == "members" and "members" in info:
+            for r in info["members"]:
+                lines.append(f"          member {r['member']}: run {r['run']} (seeds {r['model_seed']} / {r['train_seed']}), "
+                             f"{'reused' if r['reused'] else 'trained'}, {r['stage_seconds'] or 0:.0f} s; model: {r['model']}")
         if stage == "eval" and "metrics" in info:
             lines += format_metrics(info)
         if stage == "baseline" and "metrics" in info:
