@@ -133,9 +133,10 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
                          ("predicted", "GRLM + new items, text neighbours of its top item")):
         t_ = res["added_neighbours_tuning"][anchor]
         assert res["added_neighbours_tuning"]["users"] == 80 and t_["curve"][0]["slots"] == 0
-        key = lambda p: (p["position"], p["slots"], p["min_cosine"])  # noqa: E731
+        key = lambda p: (p["position"], p["slots"], p["min_cosine"], p["within"])  # noqa: E731
         assert {p["position"] for p in t_["curve"][1:]} == {"top", "bottom"}  # both placements on the curve
-        pick = [p for p in t_["curve"] if key(p) == tuple(t_["chosen"][k] for k in ("position", "slots", "min_cosine"))][0]
+        assert {p["within"] for p in t_["curve"]} == {0, 10, 20}  # and every rank gate (0: none)
+        pick = [p for p in t_["curve"] if key(p) == key(t_["chosen"])][0]
         assert pick["recall_at_10"] >= 0.1 * t_["curve"][0]["recall_at_10"] - 1e-9
         assert pick["new_share_at_10"] >= t_["curve"][0]["new_share_at_10"]
         test_point = [p for p in res["added_neighbours_test_curves"][anchor]
@@ -174,16 +175,23 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     plain = Run.of(load_config(None, overrides + ["run.name=cold-sample-new"])).read_table("eval", "predictions.parquet")
 
     pick = res["added_neighbours_tuning"]["last"]["chosen"]
-    ecfg = load_config(None, overrides + ["run.name=cold-sample-new", "eval.added_items=true", "eval.limit_users=80",
-                                          f"eval.added_neighbours={pick['slots']}",
-                                          f"eval.added_min_cosine={pick['min_cosine']}",
-                                          f"eval.added_position={pick['position']}"])
+    ecfg = load_config(None, ecfg_overrides(overrides, pick))
     ev = run_pipeline(ecfg, stages=("eval",))["stages"]["eval"]
     row = rows["GRLM + new items, text neighbours of the last item"]
     assert ev["info"]["metrics"]["recall_at_10"] == pytest.approx(row["recall_at_10"], abs=1e-6)
     assert ev["info"]["metrics"]["ndcg_at_10"] == pytest.approx(row["ndcg_at_10"], abs=1e-6)
     assert ev["info"]["protocol"]["added_neighbours"] == {"slots": pick["slots"], "min_cosine": pick["min_cosine"],
-                                                          "position": pick["position"], "anchor": "last"}
+                                                          "position": pick["position"], "anchor": "last",
+                                                          "within": pick["within"] or None}
+    # the rank gate through the eval stage (eval.added_within=10, a low floor: the gate decides) scores as the
+    # bench's test curve point with the same settings
+    gated = dict(pick, within=10, min_cosine=0.5, slots=3)
+    ev10 = run_pipeline(load_config(None, ecfg_overrides(overrides, gated)), stages=("eval",))["stages"]["eval"]
+    [point] = [p for p in res["added_neighbours_test_curves"]["last"] if key(p) == key(gated)]
+    assert ev10["info"]["metrics"]["recall_at_10"] == pytest.approx(point["recall_at_10"], abs=1e-6)
+    assert ev10["info"]["metrics"]["ndcg_at_10"] == pytest.approx(point["ndcg_at_10"], abs=1e-6)
+    ungated = [p for p in res["added_neighbours_test_curves"]["last"] if key(p) == key(dict(gated, within=0))][0]
+    assert point["new_share_at_10"] <= ungated["new_share_at_10"]  # the gate only ever removes new items
     # placement then eval.content_fill=3 in the eval stage: the plain lists placed, then their last 3 places of 10
     # given to the last item's text neighbours among every item, the new ones too (the bench's content baseline)
     from grlm_ray.bench.cold_start import content_rankings, held_out_rows, last_items
@@ -199,8 +207,9 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     ids, emb = catalog_embeddings(both, rows_new)
     last = last_items(both, users)
     placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
+    floors = TextNeighbours(ids, emb, ids).floors(last, pick["within"]) if pick["within"] else None
     placed = placer.place(plain.column("ranked_item_ids").to_pylist(), last, pick["min_cosine"], pick["slots"],
-                          pick["position"])
+                          pick["position"], floors)
     want = [fill_content(r, c, 3, 10) for r, c in zip(placed, content_rankings(ids, emb, last, 10))]
     assert got.column("ranked_item_ids").to_pylist() == want
     assert any("content_neighbour" in h for h in got.column("grounded_by").to_pylist())
@@ -209,7 +218,7 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
 def ecfg_overrides(overrides, pick):
     return overrides + ["run.name=cold-sample-new", "eval.added_items=true", "eval.limit_users=80",
                         f"eval.added_neighbours={pick['slots']}", f"eval.added_min_cosine={pick['min_cosine']}",
-                        f"eval.added_position={pick['position']}"]
+                        f"eval.added_position={pick['position']}", f"eval.added_within={pick['within']}"]
 
 
 def test_scoring_added_items_without_any_added_is_refused_with_the_path(tmp_path):
@@ -320,3 +329,27 @@ def test_content_fusion_keeps_grlms_first_items_and_fills_the_rest_from_content(
     assert mod.fuse(grlm, content, 2, "content", 4) == ["c", "x", "a", "b"]
     assert mod.fuse(grlm, content, 0, "grlm", 3) == ["c", "x", "a"]  # content alone
     assert mod.fuse(grlm, content, 4, "grlm", 4) == grlm  # GRLM alone
+
+
+def test_the_rank_gate_places_an_added_item_only_among_the_anchors_nearest_catalog_items():
+    """eval.added_within=D: of the added items near enough, only those among the D items of the whole catalog
+    nearest the anchor (seen ones count) are placed — what the content baseline's top D would show."""
+    import numpy as np
+
+    from grlm_ray.lib.eig import TextNeighbours, gate
+
+    ids = ["anchor", "s1", "s2", "n1", "n2"]
+    v = {"anchor": [1.0, 0.0], "s1": [0.99, 0.141], "s2": [0.97, 0.243], "n1": [0.98, 0.199], "n2": [0.6, 0.8]}
+    emb = np.array([np.array(v[i]) / np.linalg.norm(v[i]) for i in ids], dtype=np.float32)
+    every, added = TextNeighbours(ids, emb, ids), TextNeighbours(ids, emb, ["n1", "n2"])
+    # nearest the anchor: s1 0.99, n1 0.98, s2 0.97, n2 0.6
+    assert every.ranked(["anchor"], 4) == [["s1", "n1", "s2", "n2"]]
+    [f2], [f3] = every.floors(["anchor"], 2), every.floors(["anchor"], 3)
+    assert f2 == pytest.approx(0.98, abs=1e-3) and f3 == pytest.approx(0.97, abs=1e-3)
+    assert every.floors(["anchor"], 9) == [-np.inf] and every.floors([None], 2) == [-np.inf]
+    [cands] = added.candidates(["anchor"], 2)
+    assert [i for i, _ in gate([cands], [f2])[0]] == ["n1"]  # n2 is not among the 2 nearest: never placed
+    assert [i for i, _ in gate([cands], [-np.inf])[0]] == ["n1", "n2"]
+    ranked = [["a", "b", "c"]]
+    assert added.place(ranked, ["anchor"], 0.5, 2, floors=[f2]) == [["n1", "a", "b"]]
+    assert added.place(ranked, ["anchor"], 0.5, 2) == [["n1", "n2", "a"]]

@@ -68,6 +68,9 @@ ANCHORS = {"last": "GRLM + new items, text neighbours of the last item",
            "predicted": "GRLM + new items, text neighbours of its top item"}
 MIN_COSINES = (0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.7, 0.65, 0.6, 0.5)
 SLOTS = (1, 2, 3)
+# eval.added_within: 0 (the cosine floor alone), or an added item placed only when among the anchor's N nearest
+# items of the whole catalog (the content baseline's rule at N=10)
+WITHINS = (0, 10, 20)
 POSITIONS = ("top", "bottom")
 BONUSES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
@@ -240,23 +243,28 @@ def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) 
 
 
 def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[str, float]]], held: set[str],
-                    k: int = 10, fill: int = 0, content: list[list[str]] | None = None) -> list[dict[str, Any]]:
+                    k: int = 10, fill: int = 0, content: list[list[str]] | None = None,
+                    floors: dict[int, list[float]] | None = None) -> list[dict[str, Any]]:
     """``split_metrics`` of the ranked lists with the new items placed by ``place_added``, for every
-    (position, slots, similarity floor) in ``POSITIONS`` x ``SLOTS`` x ``MIN_COSINES``; the first point is the
-    lever off. ``fill``: each list then gets its last ``fill`` places of ``k`` from ``content`` (each user's text
-    neighbours, ``fill_content``), as the eval stage does after placing (``eval.content_fill``)."""
-    from grlm_ray.lib.eig import fill_content, place_added
+    (rank gate, position, slots, similarity floor) in ``floors`` x ``POSITIONS`` x ``SLOTS`` x ``MIN_COSINES``;
+    the first point is the lever off. ``floors``: within -> each user's floor (``TextNeighbours.floors`` over the
+    whole catalog; ``eval.added_within``); none: the cosine floor alone (within 0). ``fill``: each list then gets
+    its last ``fill`` places of ``k`` from ``content`` (each user's text neighbours, ``fill_content``), as the
+    eval stage does after placing (``eval.content_fill``)."""
+    from grlm_ray.lib.eig import fill_content, gate, place_added
 
     def refill(lists: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
         return [(t, fill_content(r, c, fill, k)) for (t, r), c in zip(lists, content)] if fill else lists
 
-    curve = [{"position": None, "slots": 0, "min_cosine": None, **split_metrics(refill(rows), held, k)}]
-    for position in POSITIONS:
-        for slots in SLOTS:
-            for m in MIN_COSINES:
-                placed = refill([(t, place_added(r, c, m, slots, position, k)) for (t, r), c in zip(rows, cands)])
-                curve.append({"position": position, "slots": slots, "min_cosine": m,
-                              **split_metrics(placed, held, k)})
+    curve = [{"position": None, "slots": 0, "min_cosine": None, "within": 0, **split_metrics(refill(rows), held, k)}]
+    for within in sorted(floors or {0: []}):
+        gated = gate(cands, floors[within]) if within else cands
+        for position in POSITIONS:
+            for slots in SLOTS:
+                for m in MIN_COSINES:
+                    placed = refill([(t, place_added(r, c, m, slots, position, k)) for (t, r), c in zip(rows, gated)])
+                    curve.append({"position": position, "slots": slots, "min_cosine": m, "within": within,
+                                  **split_metrics(placed, held, k)})
     return curve
 
 
@@ -300,25 +308,29 @@ def fill_points(rows: list[tuple[str, list[str]]], content: list[list[str]], fil
     return {"chosen": best["content_fill"], "users": len(rows), "points": points}
 
 
-def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, fill: int = 0,
-                    near: Any = None) -> dict[str, Any]:
-    """For each anchor (``ANCHORS``), the similarity floor and slots of ``added_neighbours`` chosen on
-    ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``), with the whole curve; ``fill``: on
-    lists then refilled with ``fill`` text neighbours (``near``), the cost measured against the refilled lists."""
+def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, near: Any, fill: int = 0
+                    ) -> dict[str, Any]:
+    """For each anchor (``ANCHORS``), the rank gate, similarity floor and slots of ``added_neighbours`` chosen on
+    ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``), with the whole curve; ``near``: the
+    whole catalog's text neighbours (the rank gate's floors); ``fill``: on lists then refilled with ``fill`` of
+    them, the cost measured against the refilled lists."""
     users, rows, last = validation_lists(valid)
     out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost,
                            "content_fill": fill}
     content = near.ranked(last, 10) if fill else None
     for anchor in ANCHORS:
-        cands = placer.candidates(anchor_items(last, rows, anchor), max(SLOTS))
-        curve = neighbour_curve(rows, cands, held, fill=fill, content=content)
+        anchors = anchor_items(last, rows, anchor)
+        cands = placer.candidates(anchors, max(SLOTS))
+        floors = {w: near.floors(anchors, w) for w in WITHINS if w}
+        curve = neighbour_curve(rows, cands, held, fill=fill, content=content, floors=floors)
         chosen = choose_neighbours(curve, cfg.bench.new_item_cost)
         log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
                  "none within the cost" if chosen is None else f"{chosen['slots']} slots ({chosen['position']}), cosine >= "
-                 f"{chosen['min_cosine']} (R@10 {chosen['recall_at_10']:.4f} vs {curve[0]['recall_at_10']:.4f} off, "
+                 f"{chosen['min_cosine']}, within {chosen['within'] or 'any'} (R@10 {chosen['recall_at_10']:.4f} vs {curve[0]['recall_at_10']:.4f} off, "
                  f"new share {chosen['new_share_at_10']:.4f})")
         out[anchor] = {"chosen": None if chosen is None else {
-            "position": chosen["position"], "slots": chosen["slots"], "min_cosine": chosen["min_cosine"]},
+            "position": chosen["position"], "slots": chosen["slots"], "min_cosine": chosen["min_cosine"],
+            "within": chosen["within"]},
             "curve": curve}
     return out
 
@@ -403,25 +415,28 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]
     neighbours, test_curves = None, {}
     if "new_valid" in runs:  # added_neighbours: chosen on validation users, applied once to the test lists
-        from grlm_ray.lib.eig import TextNeighbours, place_added
+        from grlm_ray.lib.eig import TextNeighbours, gate, place_added
 
         placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
-        neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer)
-        test_cands = {}
+        near_all = TextNeighbours(ids, emb, ids)  # the pool as serving has it: every item, the new ones too
+        neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all)
+        test_cands, test_floors = {}, {}
         for anchor, name in ANCHORS.items():
-            cands = test_cands[anchor] = placer.candidates(anchor_items(last, grlm_new, anchor), max(SLOTS))
+            anchors = anchor_items(last, grlm_new, anchor)
+            cands = test_cands[anchor] = placer.candidates(anchors, max(SLOTS))
+            floors = test_floors[anchor] = {w: near_all.floors(anchors, w) for w in WITHINS if w}
             # the whole test curve is recorded for the plot; only the validation choice is a row
-            test_curves[anchor] = neighbour_curve(grlm_new, cands, held)
+            test_curves[anchor] = neighbour_curve(grlm_new, cands, held, floors=floors)
             chosen = neighbours[anchor]["chosen"]
             if chosen is not None:
+                gated = gate(cands, floors[chosen["within"]]) if chosen["within"] else cands
                 ranked[name] = [(t, place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"],
-                                                k)) for (t, r), c in zip(grlm_new, cands)]
+                                                k)) for (t, r), c in zip(grlm_new, gated)]
 
     fill_tuning = None
     if cfg.bench.content_fills and "new_valid" in runs:  # eval.content_fill, then the placement on top of it
-        from grlm_ray.lib.eig import TextNeighbours, fill_content, place_added
+        from grlm_ray.lib.eig import fill_content
 
-        near_all = TextNeighbours(ids, emb, ids)  # the pool as serving has it: every item, the new ones too
         fill_tuning = tune_content_fill(cfg, runs["new_valid"], held, near_all, k)
         f = fill_tuning["chosen"]
         if f:
@@ -433,10 +448,12 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
             content_all = near_all.ranked(last, k)
             ranked[f"GRLM + new items + {f} text neighbours"] = [
                 (t, fill_content(r, c, f, k)) for (t, r), c in zip(grlm_new, content_all)]
-            fill_tuning["neighbours"] = tune_neighbours(cfg, runs["new_valid"], held, placer, f, near_all)["last"]
+            fill_tuning["neighbours"] = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, f)["last"]
             chosen = fill_tuning["neighbours"]["chosen"]
             if chosen is not None:
                 cands = test_cands["last"]  # the last item's new neighbours, as searched above
+                if chosen["within"]:
+                    cands = gate(cands, test_floors["last"][chosen["within"]])
                 ranked[f"GRLM + new items, text neighbours of the last item + {f} text neighbours"] = [
                     (t, fill_content(place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"], k),
                                      cc, f, k)) for (t, r), c, cc in zip(grlm_new, cands, content_all)]
@@ -530,7 +547,8 @@ def plot_frontier(out: dict[str, Any], title: str) -> bytes | None:
 
     by = {r["model"]: r for r in out["rows"]}
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for anchor, curve in curves.items():
+    for anchor, full in curves.items():
+        curve = [p for p in full if not p.get("within")]  # the lines: the cosine floor alone
         for slots in sorted({p["slots"] for p in curve if p["slots"]}):
             pts = [curve[0]] + [p for p in curve if p["slots"] == slots and pos(p) == "top"]
             ax.plot([p["recall_at_10_seen"] for p in pts], [p["recall_at_10_new"] for p in pts], "o-", ms=3,
@@ -543,8 +561,8 @@ def plot_frontier(out: dict[str, Any], title: str) -> bytes | None:
                                   " places")
         chosen = (out.get("added_neighbours_tuning") or {}).get(anchor, {}).get("chosen")
         if chosen:
-            key = (chosen.get("position") or "top", chosen["slots"], chosen["min_cosine"])
-            p = next(q for q in curve if (pos(q), q["slots"], q["min_cosine"]) == key)
+            key = (chosen.get("position") or "top", chosen["slots"], chosen["min_cosine"], chosen.get("within") or 0)
+            p = next(q for q in full if (pos(q), q["slots"], q["min_cosine"], q.get("within") or 0) == key)
             ax.plot([p["recall_at_10_seen"]], [p["recall_at_10_new"]], "k*", ms=12)
             if anchor == "last":
                 bx.plot([p["ndcg_at_10_seen"]], [p["ndcg_at_10_new"]], "k*", ms=12)

@@ -518,6 +518,10 @@ class EvalConfig(StrictModel):
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
     added_position: Literal["top", "bottom"] = neutral_default("top")
     added_anchor: Literal["last", "predicted"] = neutral_default("last")
+    # > 0: an added item is placed only if it is also among the added_within items of the whole catalog (seen
+    # and added) nearest the anchor — a rank gate beside the cosine floor: the content baseline's own rule
+    # (grlm_ray/lib/eig.py: gate); 0: the cosine floor alone
+    added_within: int = neutral_default(0, ge=0)
     # the last content_fill places of each user's first content_depth items given to the catalog items whose
     # text embedding is nearest the user's last history item (the embed stage's; best first, none twice): the
     # model's first content_depth - content_fill items keep their places (grlm_ray/lib/eig.py: fill_content;
@@ -698,6 +702,7 @@ class ServeConfig(StrictModel):
     added_neighbours: int = neutral_default(0, ge=0)
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
     added_position: Literal["top", "bottom"] = neutral_default("top")
+    added_within: int = neutral_default(0, ge=0)  # as eval.added_within: among the catalog's N nearest the last item
     # the last content_fill places of each answer's k items given to the catalog items (added ones too) whose
     # text embedding is nearest the request's last history item, as eval.content_fill scores it
     # (``grounded_by: content_neighbour``, ``grounding_score``: the cosine)

@@ -419,9 +419,23 @@ class TextNeighbours:
         """``candidates``' item ids only, nearest first."""
         return [[i for i, _ in c] for c in self.candidates(anchors, top)]
 
+    def floors(self, anchors: Sequence[str | None], within: int) -> list[float]:
+        """For each anchor, the cosine of its ``within``-th nearest pool item: an item scoring at least that is
+        among its ``within`` nearest (ties included); -inf where the pool has fewer, or the anchor no embedding."""
+        return [c[within - 1][1] if len(c) >= within else -np.inf for c in self.candidates(anchors, within)]
+
     def place(self, ranked: Sequence[Sequence[str]], anchors: Sequence[str | None], min_cosine: float,
-              slots: int, position: str = "top") -> list[list[str]]:
+              slots: int, position: str = "top", floors: Sequence[float] | None = None) -> list[list[str]]:
         """Every ranked list with its added neighbours placed (``place_added``: first, or in the last places),
-        cut to its length."""
+        cut to its length; ``floors``: each list's own similarity floor besides ``min_cosine`` (``gate``)."""
         cands = self.candidates(anchors, slots)
+        if floors is not None:
+            cands = gate(cands, floors)
         return [place_added(r, c, min_cosine, slots, position)[:len(r)] for r, c in zip(ranked, cands)]
+
+
+def gate(cands: Sequence[Sequence[tuple[str, float]]], floors: Sequence[float]) -> list[list[tuple[str, float]]]:
+    """Each user's scored candidates kept only where the score reaches that user's floor: with
+    ``TextNeighbours(every item).floors(anchors, D)``, an added item is placed only when it is among the D items
+    of the whole catalog nearest the anchor (``eval.added_within``) — what the content baseline would show."""
+    return [[(i, s) for i, s in c if s >= f] for c, f in zip(cands, floors)]

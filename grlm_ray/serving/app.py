@@ -57,7 +57,7 @@ from grlm_ray.core.errors import ConfigError, DataError
 from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.run import Run, member_model_dirs
 from grlm_ray.lib.decoding import TidDecoder
-from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, parse_generated, place_added, tid_text
+from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, gate, parse_generated, place_added, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings, embed_rows, text_encoder
 from grlm_ray.lib.models import set_torch_threads
 from grlm_ray.lib.textformat import history_prompt, line_writer
@@ -422,9 +422,10 @@ class Grounder(_CatalogFollower):
         index = TidIndex(ids, cat.tids.values(), decay=e.decay, match=e.match, fallback_order=cat.popular)
         s_ = self.cfg.serve
         placer = self._neighbours(cat, True) if s_.added_neighbours and cat.added else None
-        content = self._neighbours(cat, False) if s_.content_fill else None
+        every = self._neighbours(cat, False) if s_.content_fill or (placer and s_.added_within) else None
+        content = every if s_.content_fill else None
         # one assignment: readers see the old or the new catalog, never a mix
-        self.state = (cat, index, placer, content)
+        self.state = (cat, index, placer, content, every)
 
     def _neighbours(self, cat: Any, added_only: bool) -> Any:
         """``TextNeighbours`` over the run's item embeddings and the added items' (embedded here, each once,
@@ -481,7 +482,7 @@ class Grounder(_CatalogFollower):
         (``grounded_by: added_neighbour``, ``grounding_score``: their cosine); with ``serve.content_fill`` the
         last places of the k go to the catalog's items nearest it (``content_neighbour``, their cosine)."""
         await self._sync(version)
-        cat, index, placer, content = self.state
+        cat, index, placer, content, every = self.state
         g = index.rank([b["tid"] for b in beams], k)
         out = []
         for n, (i, h, s, b) in enumerate(zip(g.items, g.grounded_by, g.scores, g.beams)):
@@ -494,6 +495,8 @@ class Grounder(_CatalogFollower):
         order, near = [o["item_id"] for o in out], {}
         if placer is not None:
             [cands] = placer.candidates([last], s_.added_neighbours)
+            if s_.added_within and every is not None:  # only those among the catalog's added_within nearest
+                [cands] = gate([cands], every.floors([last], s_.added_within))
             order = place_added(order, cands, s_.added_min_cosine, s_.added_neighbours, s_.added_position)[:len(out)]
             near.update((i, (c, "added_neighbour")) for i, c in cands)
         if content is not None:

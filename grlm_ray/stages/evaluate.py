@@ -191,7 +191,8 @@ def _reranker(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table, adde
                         "run the embed stage first (`grlm embed CONFIG`)")
     ids, emb = catalog_embeddings(cfg, rows)
     placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows]) if place else None
-    content = TextNeighbours(ids, emb, ids) if fill else None
+    every = TextNeighbours(ids, emb, ids) if fill or (place and e.added_within) else None  # the whole catalog
+    content = every if fill else None
     # in query order: the queries are these target rows, in this order
     last = last_history_items(seqs, target_rows(targets, e.split, e.limit_users, e.seed)) \
         if fill or e.added_anchor == "last" else []
@@ -205,8 +206,9 @@ def _reranker(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table, adde
         users = last[first:first + len(r)]
         if placer is not None:
             anchors = users if e.added_anchor == "last" else [x[0] if x else None for x in r]
-            r, h = step(r, h, placer.place(r, anchors, e.added_min_cosine, e.added_neighbours, e.added_position),
-                        "added_neighbour")
+            floors = every.floors(anchors, e.added_within) if e.added_within and every is not None else None
+            r, h = step(r, h, placer.place(r, anchors, e.added_min_cosine, e.added_neighbours, e.added_position,
+                                           floors), "added_neighbour")
         if content is not None:
             r, h = step(r, h, [fill_content(x, c, e.content_fill, e.content_depth)
                                for x, c in zip(r, content.ranked(users, e.content_depth))], "content_neighbour")
@@ -319,7 +321,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             "added_items": added.num_rows if added is not None else 0,
             "added_search": {"beams": e.added_beams, "bonus": e.added_bonus} if e.added_beams else None,
             "added_neighbours": {"slots": e.added_neighbours, "min_cosine": e.added_min_cosine,
-                                 "position": e.added_position,
+                                 "position": e.added_position, "within": e.added_within or None,
                                  "anchor": e.added_anchor} if e.added_neighbours else None,
             "content_fill": {"slots": e.content_fill, "depth": e.content_depth,
                              "anchor": "last history item", "pool": "catalog"} if e.content_fill else None,
