@@ -257,7 +257,7 @@ def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[st
         return [(t, fill_content(r, c, fill, k)) for (t, r), c in zip(lists, content)] if fill else lists
 
     curve = [{"position": None, "slots": 0, "min_cosine": None, "within": 0, **split_metrics(refill(rows), held, k)}]
-    for within in sorted(floors or {0: []}):
+    for within in (0, *sorted(w for w in floors or {} if w)):
         gated = gate(cands, floors[within]) if within else cands
         for position in POSITIONS:
             for slots in SLOTS:
