@@ -44,6 +44,8 @@ def app(tiny_trained_run, monkeypatch_module):
         "serve.term_writer.num_cpus=0.5",
         # added items near the history's last item go first (test_catalog_updates_...): inert until one is added
         "serve.added_neighbours=1", "serve.added_min_cosine=0.5",
+        # ... and only when among the last item's 50 nearest catalog items (the rank gate: the content baseline's rule)
+        "serve.added_within=50",
         # the last 2 places of each answer: the catalog's text neighbours of the history's last item
         "serve.content_fill=2"])
     url = start(cfg)
