@@ -12,6 +12,13 @@ def test_local_ray_binds_loopback(ray_local):
     assert ray_local.cluster_resources()["CPU"] == 2
 
 
+def test_a_local_head_leaves_rays_default_dashboard_port_to_a_cluster(ray_local):
+    """A local run's head takes a free port for its dashboard: `ray start --head` on the same machine keeps 8265,
+    so `ray job submit --address http://127.0.0.1:8265` reaches the cluster, not a local run."""
+    url = ray_local._private.worker.get_dashboard_url()
+    assert url and url.startswith("127.0.0.1:") and not url.endswith(":8265")
+
+
 def test_actor_pool_with_fractional_cpus_completes(ray_local):
     import ray.data
 

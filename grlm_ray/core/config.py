@@ -67,6 +67,10 @@ class RayConfig(StrictModel):
     # cleaner can decide a live training controller is gone and remove its placement group mid-run
     # (seen here: workers "destroyed since the placement group was removed"). Also needed by `ray job`.
     include_dashboard: bool = True
+    # a local head's dashboard port; None: a free port, leaving Ray's default 8265 to a `ray start` cluster on the
+    # same machine (a local run holding 8265 made a later `ray start --head` run without a dashboard, and
+    # `ray job submit` to 127.0.0.1:8265 reached the local run's head instead)
+    dashboard_port: int | None = Field(None, ge=1, le=65535)
     actor_num_cpus: float = Field(0.5, gt=0)  # fractional so the read tasks still get a CPU
     no_progress_timeout_s: float = Field(600.0, gt=0)
     progress_bars: bool = True

@@ -101,6 +101,7 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None, data_
                     object_store_memory=object_store_bytes(cfg, data_bytes),
                     include_dashboard=cfg.include_dashboard,
                     dashboard_host="127.0.0.1",
+                    dashboard_port=cfg.dashboard_port or free_port(),
                     _node_ip_address="127.0.0.1",
                     runtime_env=env,
                     log_to_driver=True,
