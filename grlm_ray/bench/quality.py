@@ -174,7 +174,9 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
             used[name] = ("eval_content", "eval")
         else:
             del runs["eval_content"]
-    for role, name in (("eval", "SASRec-CE"), ("baseline_sampled", "SASRec-SS"), ("baseline_bce", "SASRec-BCE")):
+    blocks = " (LiGR blocks)" if cfg.baseline.layers == "ligr" else ""  # eSASRec's layers (baseline.layers)
+    for role, name in (("eval", f"SASRec-CE{blocks}"), ("baseline_sampled", f"SASRec-SS{blocks}"),
+                       ("baseline_bce", f"SASRec-BCE{blocks}")):
         if role == "eval" and "sasrec_ce" not in cfg.bench.baselines or role not in runs:
             continue
         c = runs[role]
