@@ -139,7 +139,7 @@ def test_chained_keys_rerun_downstream_only(tmp_path):
 def test_a_half_done_stage_is_not_started_over_by_a_changed_config(tmp_path):
     """A killed job resubmitted with an edited config would clear its half-done training: refused before any
     work, naming the changed fields; the same config, a change only downstream, or run.resume=false go on."""
-    from grlm_ray.core.registry import stage_key, upstream
+    from grlm_ray.core.registry import key_sections, stage_key, upstream
     from grlm_ray.flows.pipeline import check_inputs, half_done_conflicts, save_resolved_config
 
     base = [f"run.root={tmp_path}", "run.name=r", "sft.terms=provided"]
@@ -166,6 +166,19 @@ def test_a_half_done_stage_is_not_started_over_by_a_changed_config(tmp_path):
     assert "no field differs" in msg and "train.precision=auto" in msg
     store.write_json("r/train/_manifest.json", {"config_hash": stage_key(cfg, "train"), "status": "complete"})
     assert half_done_conflicts(lr, stages) == []  # a finished stage re-runs under a new config, as always
+    # the fields come from what the stage ran with (its manifest), not from a config.yaml a later call of the same
+    # run (another stage of a benchmark) has already overwritten with the new config
+    keyed = lambda c, s: {sec: c.model_dump(mode="json")[sec] for sec in key_sections(c, s)}  # noqa: E731
+    store.write_json("r/train/_manifest.json", {"config_hash": stage_key(cfg, "train") + "-abc", "status": "running",
+                                              "config": keyed(cfg, "train")})
+    save_resolved_config(lr)
+    (msg,) = half_done_conflicts(lr, stages)
+    assert "train.learning_rate: 0.001 -> 0.002" in msg and "no field differs" not in msg
+    # and the stages record it: a manifest written by Run.run_stage holds its key's sections
+    from grlm_ray.core.run import Run
+
+    Run.of(cfg).run_stage("prepare", lambda ctx: None)
+    assert store.read_json("r/prepare/_manifest.json")["config"] == keyed(cfg, "prepare")
 
 
 def test_a_finished_stage_a_config_will_redo_is_named_with_the_fields_before_it_runs(tmp_path):

@@ -17,7 +17,8 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from grlm_ray.core.errors import ConfigError, GrlmError
-from grlm_ray.core.registry import RUN_FILES, declared, reads, require_output, stage_key
+from grlm_ray.core.registry import RUN_FILES, declared, key_sections, reads, require_output, stage_key
+from grlm_ray.core.registry import stage as registry_stage
 from grlm_ray.core.storage import StageContext, Store, run_stage
 
 if TYPE_CHECKING:
@@ -52,9 +53,12 @@ class Run:
         (stage, output) pair as its URI, a string as it is)."""
         if self.cfg is None:
             raise GrlmError(f"{self!r} was not made from a config (Run.of(cfg)): it cannot run a stage")
+        keyed = registry_stage(stage).keyed_config(self.cfg)
+        dump = keyed.model_dump(mode="json")
         return run_stage(self.store, self.name, stage, key or stage_key(self.cfg, stage), body,
                          resume=self.cfg.run.resume, after=reads(stage, self.cfg),
-                         inputs={k: v if isinstance(v, str) else self.uri(*v) for k, v in (inputs or {}).items()})
+                         inputs={k: v if isinstance(v, str) else self.uri(*v) for k, v in (inputs or {}).items()},
+                         config={s: dump[s] for s in key_sections(keyed, stage)})
 
     # -- paths -----------------------------------------------------------------------------------------
     def rel(self, stage: str, output: str = "") -> str:

@@ -455,6 +455,7 @@ def run_stage(
     resume: bool = True,
     inputs: dict[str, str] | None = None,
     after: tuple[str, ...] | list[str] = (),
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``fn`` as stage ``stage`` of ``run`` unless an identical run of it is complete.
 
@@ -464,6 +465,8 @@ def run_stage(
     - complete manifest, same key, resume=True   -> skipped, manifest returned;
     - running manifest, same hash, resume=True   -> resumed: ``fn`` sees the finished parts;
     - otherwise                                  -> the stage folder is cleared and ``fn`` runs.
+    ``config``: the config sections the key hashes, recorded in the manifest (what a stage stopped half-way ran
+    with, for naming the fields a resubmission changed).
     """
     upstream_keys = {s: _chain_key(read_manifest(store, run, s) or {}) for s in after}
     if upstream_keys:
@@ -485,6 +488,7 @@ def run_stage(
         "upstream": upstream_keys,
         "grlm_version": __version__,
         "inputs": inputs or {},
+        **({"config": config} if config is not None else {}),
         "started_at": started,
         **({"generation": generation} if generation else {}),
     }

@@ -54,7 +54,11 @@ def half_done_conflicts(cfg: GrlmConfig, stages: tuple[str, ...]) -> list[str]:
                 changed.append(s)
         if changed:
             sections = sorted({sec for s in changed for sec in registry.key_sections(cfg, s)})
-            fields = _changed_fields(run, cfg, sections)
+            recorded: dict[str, Any] = {}  # what those stages ran with, as their manifests recorded it
+            for s in changed:
+                m = manifest if s == name else read_manifest(run.store, run.name, s)
+                recorded.update((m or {}).get("config") or {})
+            fields = _changed_fields(run, cfg, sections, recorded if set(sections) <= set(recorded) else None)
             problems.append(
                 f"run {run.name!r}: stage {name!r} stopped half-way and would be started over, because the "
                 f"config differs from the one it ran with for {', '.join(changed)} "
@@ -92,14 +96,18 @@ def _no_field_differs(sections: list[str]) -> str:
             "elsewhere), or another grlm-ray version keys the stage differently")
 
 
-def _changed_fields(run: Run, cfg: GrlmConfig, sections: list[str]) -> list[str]:
-    """``a.b.c: old -> new`` for the fields of ``sections`` that differ from the run's saved config.yaml
-    (written by the last pipeline run; empty when it is missing or unreadable)."""
+def _changed_fields(run: Run, cfg: GrlmConfig, sections: list[str],
+                    recorded: dict[str, Any] | None = None) -> list[str]:
+    """``a.b.c: old -> new`` for the fields of ``sections`` that differ from ``recorded`` (the sections the stages
+    ran with, from their manifests), else from the run's saved config.yaml (written by the last pipeline run, which
+    may be a later one; empty when it is missing or unreadable)."""
     import yaml
 
     rel = run.file("config.yaml")
+    old: Any = recorded
     try:
-        old = yaml.safe_load(run.store.read_bytes(rel)) if run.store.exists(rel) else None
+        if old is None:
+            old = yaml.safe_load(run.store.read_bytes(rel)) if run.store.exists(rel) else None
     except Exception as e:  # noqa: BLE001 - the fields are a courtesy: the refusal stands without them
         log.info("could not read %s to name the changed fields: %s", rel, e)
         old = None
