@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from grlm_ray.core.errors import ConfigError, GrlmError
 from grlm_ray.core.registry import RUN_FILES, declared, key_sections, reads, require_output, stage_key
-from grlm_ray.core.registry import stage as registry_stage
+from grlm_ray.core.registry import stage as registry_stage  # noqa: I001 - `stage` is a parameter name here
 from grlm_ray.core.storage import StageContext, Store, run_stage
 
 if TYPE_CHECKING:
