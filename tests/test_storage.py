@@ -366,7 +366,9 @@ def test_status_reports_each_stage_and_how_far_an_unfinished_training_got(tmp_pa
     checkpoint(60, sealed_size_off=5)  # a rank's upload cut short: not complete
     rows = {r["stage"]: r for r in run_status(cfg)}
     assert rows["prepare"]["state"] == "complete" and rows["sft"]["state"] == "stale"
-    assert rows["eval"]["state"] == "not run"
+    assert rows["eval"]["state"] == "not run" and "members" not in rows  # one model: no members stage to show
+    assert {r["stage"]: r for r in run_status(load_config(None, [*base, "train.members=2"]))}["members"]["state"] == \
+        "not run"
     t = rows["train"]
     assert t["checkpoint_step"] == 40 and t["total_steps"] == 100 and t["train_minutes"] == 4.0
     assert t["last_validation"]["recall_at_10"] == 0.1 and t["best_validation"] == {"step": 40, "value": 0.05}

@@ -21,6 +21,8 @@ def run_status(cfg: GrlmConfig) -> list[dict[str, Any]]:
     run = Run.of(cfg)
     rows = []
     for name in STAGES:
+        if name == "members" and cfg.train.members == 1:  # one model: nothing to train beside it
+            continue
         m = read_manifest(run.store, run.name, name)
         row: dict[str, Any] = {"stage": name}
         if m is None:
