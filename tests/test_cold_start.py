@@ -347,6 +347,7 @@ def test_the_rank_gate_places_an_added_item_only_among_the_anchors_nearest_catal
     [f2], [f3] = every.floors(["anchor"], 2), every.floors(["anchor"], 3)
     assert f2 == pytest.approx(0.98, abs=1e-3) and f3 == pytest.approx(0.97, abs=1e-3)
     assert every.floors(["anchor"], 9) == [-np.inf] and every.floors([None], 2) == [-np.inf]
+    assert every.floors_at(["anchor", None], [2, 3, 9]) == {2: [f2, -np.inf], 3: [f3, -np.inf], 9: [-np.inf, -np.inf]}
     [cands] = added.candidates(["anchor"], 2)
     assert [i for i, _ in gate([cands], [f2])[0]] == ["n1"]  # n2 is not among the 2 nearest: never placed
     assert [i for i, _ in gate([cands], [-np.inf])[0]] == ["n1", "n2"]

@@ -321,7 +321,7 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
     for anchor in ANCHORS:
         anchors = anchor_items(last, rows, anchor)
         cands = placer.candidates(anchors, max(SLOTS))
-        floors = {w: near.floors(anchors, w) for w in WITHINS if w}
+        floors = near.floors_at(anchors, [w for w in WITHINS if w])
         curve = neighbour_curve(rows, cands, held, fill=fill, content=content, floors=floors)
         chosen = choose_neighbours(curve, cfg.bench.new_item_cost)
         log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
@@ -424,7 +424,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         for anchor, name in ANCHORS.items():
             anchors = anchor_items(last, grlm_new, anchor)
             cands = test_cands[anchor] = placer.candidates(anchors, max(SLOTS))
-            floors = test_floors[anchor] = {w: near_all.floors(anchors, w) for w in WITHINS if w}
+            floors = test_floors[anchor] = near_all.floors_at(anchors, [w for w in WITHINS if w])
             # the whole test curve is recorded for the plot; only the validation choice is a row
             test_curves[anchor] = neighbour_curve(grlm_new, cands, held, floors=floors)
             chosen = neighbours[anchor]["chosen"]

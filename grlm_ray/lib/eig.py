@@ -422,7 +422,12 @@ class TextNeighbours:
     def floors(self, anchors: Sequence[str | None], within: int) -> list[float]:
         """For each anchor, the cosine of its ``within``-th nearest pool item: an item scoring at least that is
         among its ``within`` nearest (ties included); -inf where the pool has fewer, or the anchor no embedding."""
-        return [c[within - 1][1] if len(c) >= within else -np.inf for c in self.candidates(anchors, within)]
+        return self.floors_at(anchors, [within])[within]
+
+    def floors_at(self, anchors: Sequence[str | None], withins: Sequence[int]) -> dict[int, list[float]]:
+        """``floors`` for several ``withins`` from one search (the deepest): within -> each anchor's floor."""
+        cands = self.candidates(anchors, max(withins, default=0))
+        return {w: [c[w - 1][1] if len(c) >= w else -np.inf for c in cands] for w in withins}
 
     def place(self, ranked: Sequence[Sequence[str]], anchors: Sequence[str | None], min_cosine: float,
               slots: int, position: str = "top", floors: Sequence[float] | None = None) -> list[list[str]]:
