@@ -91,7 +91,7 @@ def _check_content_fill(overrides, res, fill):
     from grlm_ray.bench.quality import plan
     from grlm_ray.core.config import load_config
     from grlm_ray.core.run import Run
-    from grlm_ray.core.storage import copy_stages
+    from grlm_ray.core.storage import copy_stages, read_manifest
     from grlm_ray.flows.pipeline import run_pipeline, upstream
     from grlm_ray.lib.embeddings import catalog_embeddings
     from grlm_ray.lib.eig import fill_content
@@ -127,6 +127,19 @@ def _check_content_fill(overrides, res, fill):
     metrics = Run.of(c).store.read_json(f"{c.run.name}/eval/metrics.json")
     assert metrics["protocol"]["content_fill"] == {"slots": 3, "depth": 10, "anchor": "last history item",
                                                    "pool": "catalog"}
+    # the fill only re-ranks: the plain evaluation's beams were reused, not decoded again; a decoding setting
+    # changed (fewer beams) decodes
+    info = read_manifest(Run.of(c).store, c.run.name, "eval")["info"]
+    plain_info = read_manifest(Run.of(c).store, runs["eval"].run.name, "eval")["info"]
+    assert "decoded_reused" not in plain_info
+    assert round(info["decoded_reused"]["seconds"], 2) == plain_info["seconds_generation"] > 0
+    assert [r["candidates"] for r in Run.of(c).read_table("eval", "predictions.parquet").to_pylist()] == \
+        [r["candidates"] for r in Run.of(runs["eval"]).read_table("eval", "predictions.parquet").to_pylist()]
+    beams8 = load_config(None, overrides + [f"run.name={runs['eval'].run.name}-b8", "eval.num_beams=8",
+                                            "eval.limit_users=24", "eval.ks=[5,10]", "eval.content_fill=3"])
+    copy_stages(Run.of(c).store, runs["train"].run.name, beams8.run.name, upstream("train", beams8))
+    run_pipeline(beams8, stages=("eval",))
+    assert "decoded_reused" not in read_manifest(Run.of(c).store, beams8.run.name, "eval")["info"]
 
 
 def test_diversity_counts_distinct_recommendations():

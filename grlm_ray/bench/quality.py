@@ -170,7 +170,9 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
                                             eval={"content_fill": content["chosen"]})
             ec = go("eval_content", "eval", seed_from="train")["eval"]
             name = f"{grlm} + {content['chosen']} text neighbours"
-            rows.append(_row(name, ec["info"]["metrics"], train_s, ec["seconds"]))
+            # its beams are the GRLM row's (reused, not decoded again): its cost is theirs plus the refill
+            reused = ec["info"].get("decoded_reused", {}).get("seconds", 0.0)
+            rows.append(_row(name, ec["info"]["metrics"], train_s, round(ec["seconds"] + reused, 3)))
             used[name] = ("eval_content", "eval")
         else:
             del runs["eval_content"]

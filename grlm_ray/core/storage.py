@@ -399,6 +399,16 @@ def read_manifest(store: Store, run: str, stage: str) -> dict[str, Any] | None:
     return store.read_json(rel) if store.exists(rel) else None
 
 
+def chained_key(store: Store, run: str, key: str, after: Iterable[str]) -> tuple[str, dict[str, str]]:
+    """``key`` chained with the keys of ``run``'s stages ``after`` (their manifests; what ``run_stage`` keys a
+    stage by), and those upstream keys."""
+    upstream_keys = {s: _chain_key(read_manifest(store, run, s) or {}) for s in after}
+    if upstream_keys:
+        chained = hashlib.sha256(json.dumps(upstream_keys, sort_keys=True).encode()).hexdigest()[:12]
+        key = f"{key}-{chained}"
+    return key, upstream_keys
+
+
 def _chain_key(manifest: dict[str, Any]) -> str:
     """What a downstream stage's key takes from an upstream manifest: its key, and how many times it was
     redone (absent until it is: the keys of runs that never redid a stage stay as they were)."""
@@ -468,10 +478,7 @@ def run_stage(
     ``config``: the config sections the key hashes, recorded in the manifest (what a stage stopped half-way ran
     with, for naming the fields a resubmission changed).
     """
-    upstream_keys = {s: _chain_key(read_manifest(store, run, s) or {}) for s in after}
-    if upstream_keys:
-        chained = hashlib.sha256(json.dumps(upstream_keys, sort_keys=True).encode()).hexdigest()[:12]
-        config_hash = f"{config_hash}-{chained}"
+    config_hash, upstream_keys = chained_key(store, run, config_hash, after)
     manifest = read_manifest(store, run, stage)
     generation = (manifest or {}).get("generation")  # how many times it was redone (``mark_redo``)
     if resume and manifest and manifest.get("config_hash") == config_hash:

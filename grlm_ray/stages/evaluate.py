@@ -22,12 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
-from grlm_ray.core.registry import stage_key
+from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
 from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.run import Run, member_model_dirs
-from grlm_ray.core.storage import StageContext, release_arrow_memory, take_rows
+from grlm_ray.core.storage import StageContext, chained_key, release_arrow_memory, take_rows
 from grlm_ray.lib.decoding import TidDecoder, check_ensemble, effective_max_new_tokens, tid_token_arrays
 from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, merge_beams, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings
@@ -253,14 +253,68 @@ def _weights_stamp(folders: Sequence[str]) -> list[list[Any]]:
     return out
 
 
+def _decode(cfg: GrlmConfig, store: Any, rel: str, queries: pa.Table, tok: Any, model_dir: str, ids: list[str],
+            tids: list[list[str]], popular: list[str], others: Sequence[str], added: pa.Table | None) -> tuple[float, int]:
+    """Every query's beams, grounded (``Recommender`` actors over Ray Data), written as they come to ``rel``
+    (row + ``ANSWERS``, atomically). Returns (seconds, the effective new-token budget)."""
+    from tqdm import tqdm
+
+    e = cfg.eval
+    ray = init_ray(cfg.ray)
+    import ray.data
+
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    options = _options(e, tok, tids, cpus, others)
+    n_users = queries.num_rows
+    ordered = _length_ordered(queries, tok)
+    n_blocks = max(1, -(-n_users // e.batch_size))
+    step = -(-n_users // n_blocks) if n_users else 1
+    ds = ray.data.from_arrow([ordered.slice(s, step) for s in range(0, max(n_users, 1), step)]).map_batches(
+        Recommender, batch_size=e.batch_size,
+        fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": tids,
+                               "fallback": popular, "options": options,
+                               "added": added.num_rows if added is not None else 0},
+        **actor_pool_kwargs(cfg.ray, e.num_workers, num_gpus=1 if e.use_gpu else 0))
+    # blocks come back in the order they were cut (window by window): a window's answers are all in before the
+    # next window's start (what write_predictions reads them back by)
+    ds.context.execution_options.preserve_order = True
+    del ordered
+    schema = pa.schema([("row", pa.int64())] + [(k, pa.string()) for k in ANSWERS])
+    t0 = time.time()
+
+    def answers() -> Iterator[pa.Table]:  # as Arrow strings, as they come
+        with tqdm(total=n_users, desc="eval users", disable=not cfg.ray.progress_bars) as bar:
+            for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+                bar.update(len(b["row"]))
+                yield pa.table({"row": pa.array(b["row"].astype(np.int64)), **{
+                    k: pa.array(b[k].tolist(), pa.string()) for k in ANSWERS}}, schema=schema)
+        if not n_users:
+            yield schema.empty_table()
+
+    store.write_batches(rel, answers())
+    return time.time() - t0, options["max_new_tokens"]
+
+
+# eval.* fields that only re-rank the decoded lists: evaluations that differ only in them decode once
+RERANK_FIELDS = ("added_neighbours", "added_min_cosine", "added_position", "added_anchor", "added_within",
+                 "content_fill", "content_depth")
+
+
+def decode_key(cfg: GrlmConfig, run: Run, suffix: str) -> str:
+    """The key of an evaluation's decoded beams: its stage key without ``RERANK_FIELDS`` (+ ``suffix``: the added
+    items and ensemble members), chained with the stages it reads as the stage's own key is."""
+    data = cfg.model_dump(mode="json")
+    data["eval"].update({f: type(cfg.eval).model_fields[f].default for f in RERANK_FIELDS})
+    plain = GrlmConfig.model_validate(data)
+    return chained_key(run.store, run.name, stage_key(plain, STAGE) + suffix, reads(STAGE, cfg))[0]
+
+
 def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
     run = Run.of(cfg)
     e = cfg.eval
 
     def body(ctx: StageContext) -> None:
         quiet_loading()
-        from tqdm import tqdm
-
         items = ctx.read("items.parquet", ITEMS, stage="prepare", columns=["item_id", "title"])  # for the lines
         seqs = ctx.read("sequences.parquet", SEQUENCES, stage="prepare")
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
@@ -281,38 +335,28 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
             ids += added.column("item_id").to_pylist()
             tids += added.column("terms").to_pylist()
             ctx.info["added_items"] = added.num_rows
-        ray = init_ray(cfg.ray)
-        import ray.data
-
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        options = _options(e, tok, tids, cpus, others)
-        renormalize, max_new = options["renormalize"], options["max_new_tokens"]
+        renormalize = e.scores_renormalized()
         n_users = queries.num_rows
-        ordered = _length_ordered(queries, tok)
-        n_blocks = max(1, -(-n_users // e.batch_size))
-        step = -(-n_users // n_blocks) if n_users else 1
-        ds = ray.data.from_arrow([ordered.slice(s, step) for s in range(0, max(n_users, 1), step)]).map_batches(
-            Recommender, batch_size=e.batch_size,
-            fn_constructor_kwargs={"model_dir": model_dir, "item_ids": ids, "tids": tids,
-                                   "fallback": popular, "options": options,
-                                   "added": added.num_rows if added is not None else 0},
-            **actor_pool_kwargs(cfg.ray, e.num_workers, num_gpus=1 if e.use_gpu else 0))
-        # blocks come back in the order they were cut (window by window): the driver holds one window's answers
-        ds.context.execution_options.preserve_order = True
+        if run.store.exists(f"{decoded}/info.json"):  # an earlier evaluation decoded these users with this model
+            done = run.store.read_json(f"{decoded}/info.json")
+            if done["users"] != n_users:
+                raise GrlmError(f"{run.store.uri(decoded)} holds the beams of {done['users']} users, this "
+                                f"evaluation has {n_users}: delete that folder and evaluate again")
+            max_new, seconds = done["max_new_tokens_effective"], done["seconds"]
+            log.info("stage eval: the beams of these %d users were decoded by an earlier evaluation with the same "
+                     "model and settings (%s, %.0f s): only the re-ranking runs", n_users, run.store.uri(decoded),
+                     seconds)
+            ctx.info["decoded_reused"] = {"from": run.store.uri(decoded), "seconds": seconds}
+        else:
+            seconds, max_new = _decode(cfg, run.store, f"{decoded}/answers.parquet", queries, tok, model_dir,
+                                       ids, tids, popular, others, added)
+            run.store.write_json(f"{decoded}/info.json", {"users": n_users, "seconds": round(seconds, 3),
+                                                          "max_new_tokens_effective": max_new, "run": run.name})
         queries = queries.select(["row", "user_id", "split", "domain", "target_item_id"])
-        del ordered
-        t0 = time.time()
-
-        def answers() -> Iterator[pa.RecordBatch]:  # as Arrow strings, as they come
-            with tqdm(total=n_users, desc="eval users", disable=not cfg.ray.progress_bars) as bar:
-                for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-                    bar.update(len(b["row"]))
-                    yield pa.record_batch({"row": pa.array(b["row"].astype(np.int64)), **{
-                        k: pa.array(b[k].tolist(), pa.string()) for k in ANSWERS}})
-
-        metrics, baseline = write_predictions(ctx, queries, answers(), popular, e.ks, rerank=rerank,
+        answers = (b for t in run.store.read_batches(f"{decoded}/answers.parquet", batch_rows=WINDOW)
+                   for b in t.to_batches())
+        metrics, baseline = write_predictions(ctx, queries, answers, popular, e.ks, rerank=rerank,
                                               namespaced=cfg.data.namespaced and len(cfg.data.domains) > 1)
-        seconds = time.time() - t0
         report = {"model": metrics, "popularity": baseline, "protocol": {
             "split": e.split, "users": n_users, "sample": e.limit_users, "seed": e.seed,
             "history_masked": False, "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
@@ -346,5 +390,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
     others = member_model_dirs(cfg, os.path.expanduser("~/.cache/grlm-ray/eval-members")) + list(e.ensemble)
     if others:  # the other models' weights (a member retrained is a new ensemble)
         key += "-ens-" + hashlib.sha256(json.dumps(_weights_stamp(others)).encode()).hexdigest()[:12]
+    # the beams, in <root>/_cache/decoded-<key>/: an evaluation that only re-ranks differently reuses them
+    decoded = f"_cache/decoded-{decode_key(cfg, run, key[len(stage_key(cfg, STAGE)):])}"
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
     return run.run_stage(STAGE, body, key=key, inputs={"model": ("train", "model")})
