@@ -9,7 +9,7 @@ from grlm_ray.core.config import S3Config, load_config
 from grlm_ray.stages.prepare import prepare
 from grlm_ray.core.schemas import ITEMS
 from grlm_ray.lib.stats import dataset_stats
-from grlm_ray.core.storage import Store, copy_stages, read_manifest, run_stage
+from grlm_ray.core.storage import Store, copy_stages, mark_redo, read_manifest, run_stage
 
 
 def parts_stage(keys, fail_at=None, calls=None):
@@ -77,6 +77,30 @@ def test_s3_round_trip_resume_and_prepare(s3_server):
     stats = dataset_stats(f"s3://{s3_server['bucket']}/runs/demo/prepare", s3)
     assert stats["users"] == first["outputs"]["sequences.parquet"]
     assert stats["items"] == first["outputs"]["items.parquet"]
+
+
+@pytest.mark.services
+def test_a_model_on_s3_is_downloaded_again_when_its_stage_ran_again(s3_server, tmp_path):
+    """``Run.local_dir`` from an S3 root: the download is reused while the stage's manifest is the same and made
+    again once the stage has run again (a retrained model is never served from a stale copy)."""
+    from grlm_ray.core.run import Run
+
+    cfg = load_config(None, [f"run.root=s3://{s3_server['bucket']}/versioned",
+                             f"run.s3.endpoint_url={s3_server['endpoint']}", "run.name=v"])
+    run = Run.of(cfg)
+
+    def train(weights: bytes):
+        return lambda ctx: ctx.store.write_bytes(ctx.rel("model/w.bin"), weights)
+
+    run_stage(run.store, "v", "train", "k1", train(b"first"))
+    one = run.local_dir("train", "model", str(tmp_path))
+    assert open(f"{one}/w.bin", "rb").read() == b"first" and run.local_dir("train", "model", str(tmp_path)) == one
+    run_stage(run.store, "v", "train", "k2", train(b"second"))  # retrained (another key)
+    two = run.local_dir("train", "model", str(tmp_path))
+    assert two != one and open(f"{two}/w.bin", "rb").read() == b"second"
+    mark_redo(run.store, "v", "train")  # the same key, run again
+    run_stage(run.store, "v", "train", "k2", train(b"third"))
+    assert open(f"{run.local_dir('train', 'model', str(tmp_path))}/w.bin", "rb").read() == b"third"
 
 
 def test_copy_stages_shares_finished_stages_and_replaces_stale_copies(tmp_path):

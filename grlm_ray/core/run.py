@@ -13,13 +13,15 @@ a renamed artifact breaks at the reader's first call, not as a missing file thre
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from grlm_ray.core.errors import ConfigError, GrlmError
 from grlm_ray.core.registry import RUN_FILES, declared, key_sections, reads, require_output, stage_key
 from grlm_ray.core.registry import stage as registry_stage  # noqa: I001 - `stage` is a parameter name here
-from grlm_ray.core.storage import StageContext, Store, run_stage
+from grlm_ray.core.storage import StageContext, Store, read_manifest, run_stage
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -100,8 +102,12 @@ class Run:
         self.store.write_json(self.rel(stage, output), obj)
 
     def local_dir(self, stage: str, output: str, cache: str) -> str:
-        """A local copy of a folder output (the folder itself for a local root)."""
-        return self.store.local_dir(self.rel(stage, output), cache)
+        """A local copy of a folder output (the folder itself for a local root; from S3 a download, made again
+        when the stage has run again since: its manifest's key and finish time name the copy)."""
+        m = read_manifest(self.store, self.name, stage) or {}
+        version = hashlib.sha256(json.dumps([m.get("config_hash"), m.get("generation"), m.get("finished_at")])
+                                 .encode()).hexdigest()[:12] if m else ""
+        return self.store.local_dir(self.rel(stage, output), cache, version)
 
     def __repr__(self) -> str:
         return f"Run({self.store.uri(self.name)!r})"

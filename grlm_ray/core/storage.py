@@ -86,11 +86,12 @@ class Store:
                 with open(src, "rb") as f:
                     self.write_bytes(f"{rel}/{sub}", f.read())
 
-    def local_dir(self, rel: str, cache: str) -> str:
-        """A local folder holding ``rel``: the path itself on local storage, else a download into ``cache``."""
+    def local_dir(self, rel: str, cache: str, version: str = "") -> str:
+        """A local folder holding ``rel``: the path itself on local storage, else a download into ``cache``
+        (reused while ``version`` — what tells one write of ``rel`` from the next — is the same)."""
         if not self.is_s3:
             return self.path(rel)
-        dest = os.path.join(cache, rel.strip("/").replace("/", "__"))
+        dest = os.path.join(cache, rel.strip("/").replace("/", "__") + (f"@{version}" if version else ""))
         if os.path.isdir(dest):
             return dest
         tmp = f"{dest}.tmp-{uuid.uuid4().hex}"

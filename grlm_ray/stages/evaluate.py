@@ -26,8 +26,8 @@ from grlm_ray.core.registry import reads, stage_key
 from grlm_ray.core.runtime import actor_pool_kwargs, init_ray
 from grlm_ray.core.schemas import CATALOG_UPDATES, ITEMS, PREDICTIONS, SEQUENCES, TARGETS, TERMS
 from grlm_ray.core.errors import GrlmError
-from grlm_ray.core.run import Run, member_model_dirs
-from grlm_ray.core.storage import StageContext, chained_key, release_arrow_memory, take_rows
+from grlm_ray.core.run import Run, member_model_dirs, member_runs
+from grlm_ray.core.storage import StageContext, chained_key, read_manifest, release_arrow_memory, take_rows
 from grlm_ray.lib.decoding import TidDecoder, check_ensemble, effective_max_new_tokens, tid_token_arrays
 from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, merge_beams, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings
@@ -321,6 +321,7 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         terms_t = ctx.read("terms.parquet", TERMS, stage="sft")
         model_dir = run.local_dir("train", "model", os.path.expanduser("~/.cache/grlm-ray/eval"))
         tok = load_tokenizer(model_dir)
+        others = member_model_dirs(cfg, os.path.expanduser("~/.cache/grlm-ray/eval-members")) + list(e.ensemble)
         try:  # before any decoding (each actor's TidDecoder checks again)
             check_ensemble(others, tok)
         except ValueError as err:
@@ -386,10 +387,14 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         added = added_items(run)
         key += "-added-" + hashlib.sha256(json.dumps([added.column("item_id").to_pylist(),
                                                       added.column("terms").to_pylist()]).encode()).hexdigest()[:12]
-    # the other models: train.members' runs (members stage) and eval.ensemble's folders
-    others = member_model_dirs(cfg, os.path.expanduser("~/.cache/grlm-ray/eval-members")) + list(e.ensemble)
-    if others:  # the other models' weights (a member retrained is a new ensemble)
-        key += "-ens-" + hashlib.sha256(json.dumps(_weights_stamp(others)).encode()).hexdigest()[:12]
+    # the other models: train.members' runs (members stage; known by their train manifests, downloaded from an
+    # S3 root only when the stage runs) and eval.ensemble's folders (by their weight files)
+    members, others = member_runs(cfg), list(e.ensemble)
+    if members or others:  # a member retrained is a new ensemble
+        trained = {m: read_manifest(run.store, m, "train") or {} for m in members}
+        stamp = [[m, t.get("config_hash"), t.get("generation"), t.get("finished_at")] for m, t in trained.items()]
+        stamp += _weights_stamp(others)
+        key += "-ens-" + hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12]
     # the beams, in <root>/_cache/decoded-<key>/: an evaluation that only re-ranks differently reuses them
     decoded = f"_cache/decoded-{decode_key(cfg, run, key[len(stage_key(cfg, STAGE)):])}"
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
