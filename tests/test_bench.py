@@ -206,6 +206,25 @@ def test_joint_vs_single_compares_each_domain_on_the_same_users_and_refuses_othe
     assert rows["a"]["joint_other_domain_at_10"] == 0.1
     assert saved["training"] == {"joint_minutes": 10.0, "single_minutes_sum": 11.0, "joint_over_sum": 0.909}
     assert (tmp_path / "out" / "joint_joint.png").stat().st_size > 0
+    # a domain's single model from the result file its full-mode quality run recorded: the same row, users checked
+    # by the digest it saved
+    import hashlib
+
+    digest = hashlib.sha1("\n".join(["7", "8"]).encode()).hexdigest()
+    recorded = {"benchmark": "quality", "time": "t", "runs": {"train": "sb"}, "rows": [
+        {"model": "GRLM", "recall_at_10": 0.05, "ndcg_at_10": 0.025, "train_s": 360}, {"model": "popularity"}],
+        "sample": {"mode": "full", "split": "test", "users": 2, "user_ids_sha1": digest}}
+    (tmp_path / "b.json").write_text(json.dumps(recorded))
+    by_file = [*argv[:5], f"b={tmp_path / 'b.json'}", *argv[6:]]
+    assert cli_main(by_file) == 0
+    again = json.loads((tmp_path / "out" / "joint_joint.json").read_text())
+    assert again["rows"] == saved["rows"] and again["training"] == saved["training"]
+    assert again["runs"]["b"].startswith("b.json (t, run sb)")
+    (tmp_path / "b.json").write_text(json.dumps({**recorded, "sample": {**recorded["sample"], "user_ids_sha1": "0"}}))
+    capsys.readouterr()
+    assert cli_main(by_file) == 2 and re.search(r"domain 'b'.*not the same users", capsys.readouterr().err)
+    (tmp_path / "b.json").write_text(json.dumps({**recorded, "sample": {**recorded["sample"], "mode": "sample"}}))
+    assert cli_main(by_file) == 2 and "not a full-mode quality result" in capsys.readouterr().err
     predictions("sb-full", ["7", "9"])  # another user: not the same users
     capsys.readouterr()
     assert cli_main(argv) == 2

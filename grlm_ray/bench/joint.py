@@ -55,21 +55,25 @@ def joint_vs_single(joint_cfg: Any, singles: dict[str, Any]) -> dict[str, Any]:
     j_eval = _manifest(jrun, "eval", f"grlm eval <the joint config> run.root={joint_cfg.run.root}")
     j_train = _manifest(jrun, "train", "grlm train <the joint config>")
     per_domain = j_eval["info"].get("per_domain") or {}
-    rows, single_minutes = [], 0.0
+    rows, single_minutes, sources = [], 0.0, {}
     for dom, cfg in singles.items():
         if dom not in joint_cfg.data.domains:
             raise GrlmError(f"--single {dom}=...: {dom!r} is not a domain of the joint config")
-        srun = Run.of(cfg)
-        how = f"grlm bench quality <{dom}'s config> bench.mode=full run.root={cfg.run.root}"
-        s_eval = _manifest(srun.named(f"{cfg.run.name}-full"), "eval", how)
-        s_train = _manifest(srun, "train", how)
-        n_s, sha_s = _users(srun.named(f"{cfg.run.name}-full"))
+        if isinstance(cfg, (str, Path)):  # a recorded full-mode quality result (the runs themselves not at hand)
+            sm, seconds, n_s, sha_s, sources[dom] = _recorded(dom, Path(cfg))
+        else:
+            srun = Run.of(cfg)
+            how = f"grlm bench quality <{dom}'s config> bench.mode=full run.root={cfg.run.root}"
+            s_eval = _manifest(srun.named(f"{cfg.run.name}-full"), "eval", how)
+            s_train = _manifest(srun, "train", how)
+            n_s, sha_s = _users(srun.named(f"{cfg.run.name}-full"))
+            sm, seconds, sources[dom] = s_eval["info"]["metrics"], s_train["info"].get("train_seconds"), cfg.run.name
         n_j, sha_j = _users(jrun, strip=f"{dom}/")
         if (n_s, sha_s) != (n_j, sha_j):
             raise GrlmError(f"domain {dom!r}: the single-domain run scored {n_s} test users, the joint run {n_j} "
                             f"of this domain, and they are not the same users: the comparison needs the same users")
-        sm, jm = s_eval["info"]["metrics"], per_domain.get(dom, {})
-        minutes = (s_train["info"].get("train_seconds") or 0) / 60
+        jm = per_domain.get(dom, {})
+        minutes = (seconds or 0) / 60
         single_minutes += minutes
         rows.append({"domain": dom, "users": n_s,
                      "single_recall_at_10": sm.get("recall_at_10"), "single_ndcg_at_10": sm.get("ndcg_at_10"),
@@ -83,7 +87,29 @@ def joint_vs_single(joint_cfg: Any, singles: dict[str, Any]) -> dict[str, Any]:
             "training": {"joint_minutes": round(joint_minutes, 1), "single_minutes_sum": round(single_minutes, 1),
                          "joint_over_sum": _ratio(joint_minutes, single_minutes)},
             "ratios": {f"{r['domain']}_recall_joint_over_single": r["recall_ratio"] for r in rows},
-            "runs": {"joint": jrun.name, **{d: c.run.name for d, c in singles.items()}}}
+            "runs": {"joint": jrun.name, **sources}}
+
+
+def _recorded(dom: str, path: Path) -> tuple[dict[str, Any], float | None, int, str, str]:
+    """A domain's single model from a recorded ``grlm bench quality ... bench.mode=full`` result file (its GRLM
+    row and the digest of the test users it scored): (metrics, training seconds, users, users sha1, source)."""
+    import json
+
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise GrlmError(f"--single {dom}={path}: not a readable result file ({err})") from None
+    sample = res.get("sample") if isinstance(res, dict) else None
+    if not isinstance(sample, dict) or res.get("benchmark") != "quality" or sample.get("mode") != "full" \
+            or sample.get("split") != "test":
+        raise GrlmError(f"--single {dom}={path}: not a full-mode quality result on the test split (`grlm bench "
+                        "quality CONFIG bench.mode=full` writes one): the comparison needs every test user")
+    row = next((r for r in res.get("rows", []) if r.get("model") == "GRLM"), None)
+    if row is None:
+        raise GrlmError(f"--single {dom}={path}: no 'GRLM' row (rows: {[r.get('model') for r in res['rows']]})")
+    metrics = {m: row.get(m) for m in METRICS}
+    return metrics, row.get("train_s"), int(sample["users"]), sample["user_ids_sha1"], \
+        f"{path.name} ({res.get('time', 'time not recorded')}, run {res.get('runs', {}).get('train')})"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -111,7 +137,9 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
 def add_args(ap: Any) -> None:
     ap.add_argument("joint", metavar="JOINT_CONFIG", help="e.g. configs/bench/joint_quality.yaml")
     ap.add_argument("--single", nargs="+", required=True, metavar="DOMAIN=CONFIG",
-                    help="each domain's single-domain quality config, e.g. toys=configs/bench/toys_quality.yaml")
+                    help="each domain's single-domain quality config, e.g. toys=configs/bench/toys_quality.yaml "
+                         "(its full-mode runs), or the result file such a run recorded (DOMAIN=RESULT.json: "
+                         "its GRLM row, on the same test users)")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value",
                     help="overrides for every config (e.g. run.root=... data.base_dir=...)")
 
@@ -126,7 +154,7 @@ def run(args: Any) -> dict[str, Any]:
         dom, _, path = spec.partition("=")
         if not path:
             raise GrlmError(f"--single {spec!r}: expected DOMAIN=CONFIG")
-        singles[dom] = load_config(path, list(args.set))
+        singles[dom] = Path(path) if path.endswith(".json") else load_config(path, list(args.set))
     result = joint_vs_single(joint_cfg, singles)
     result["command"] = " ".join(["grlm bench joint", args.joint, "--single", *args.single,
                                   *(["--set", *args.set] if args.set else [])])
