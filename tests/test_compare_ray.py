@@ -19,9 +19,19 @@ def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
         "eval.max_new_tokens=16", "tracking.experiment=grlm-compare-test",
         # the comparison is tested here, not DDP: one training process per variant (no Ray Train start)
         "train.strategy=single", "train.num_workers=1"])
+    # the base run trained and evaluated by hand first: the comparison's raw row is that run, not a second training
+    from grlm_ray.core.storage import read_manifest
+    from grlm_ray.flows.pipeline import run_pipeline, upstream
+
+    base = run_pipeline(cfg, stages=upstream("eval", cfg))["stages"]
     out = compression_comparison(cfg)
     rows = {r["variant"]: r for r in out["rows"]}
     assert list(rows) == ["raw", "k20", "k40"]
+    from grlm_ray.core.run import Run
+
+    for stage in ("train", "eval"):
+        assert read_manifest(Run.of(cfg).store, "demo-raw", stage)["started_at"] == base[stage]["started_at"]
+    assert rows["raw"]["recall_at_10"] == base["eval"]["info"]["metrics"]["recall_at_10"]
     assert rows["k20"]["vocab"] < rows["raw"]["vocab"]
     for r in rows.values():
         assert r["users"] == 5 and 0 <= r["recall_at_10"] <= 1 and r["vr_at_10"] == 1.0

@@ -125,3 +125,44 @@ def test_provided_domains_keep_their_own_tids_in_a_joint_catalog(tmp_path):
         load_config(None, ["data.mode=joint", f"data.domains={doms}", "sft.provided_domains=[c]"])
     with pytest.raises(ConfigError, match="every domain already does"):
         load_config(None, ["data.mode=joint", f"data.domains={doms}", "sft.provided_domains=[b]", "sft.terms=provided"])
+
+
+def test_compression_of_a_joint_catalog_compresses_the_provided_domains_own_tids(tmp_path):
+    """``compress.source: ctg`` with ``sft.provided_domains``: the vocabulary compressed is the one the model trains
+    on (CTG's terms, the listed domains' own TIDs in their place), its key names them, and the SFT data made from a
+    compressed table keeps those compressed TIDs (it does not put the uncompressed ones back)."""
+    import pyarrow as pa
+
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.registry import stage_key
+    from grlm_ray.core.schemas import ITEMS, TERMS
+    from grlm_ray.core.storage import Store, read_manifest
+    from grlm_ray.stages.compress import compress
+
+    doms = "{a: {kind: synthetic}, b: {kind: synthetic}}"
+    over = [f"run.root={tmp_path}", "run.name=j", "data.mode=joint", f"data.domains={doms}", "compress.source=ctg",
+            "compress.ks=[3]", "tracking.enabled=false"]
+    cfg = load_config(None, over + ["sft.provided_domains=[b]"])
+
+    def table(rows, source):
+        return pa.table({"item_id": [r[0] for r in rows], "terms": [r[1] for r in rows], "raw": [""] * len(rows),
+                         "valid": [True] * len(rows), "source": [source] * len(rows)}, schema=TERMS.arrow)
+
+    store = Store(str(tmp_path))
+    ids = ["a/1", "a/2", "b/1", "b/2"]
+    store.write_table("j/prepare/items.parquet", pa.table(
+        {"item_id": ids, "category": ["c"] * 4, "title": [f"{i} title" for i in ids], "description": [""] * 4,
+         "brand": [""] * 4, "categories": pa.array([[]] * 4, pa.list_(pa.string()))}), ITEMS)
+    store.write_table("j/ctg/terms.parquet", table([("a/1", ["red", "shoe"]), ("a/2", ["red", "boot"]),
+                                                    ("b/1", ["ctg", "only"]), ("b/2", ["more", "word"])], "lexical"))
+    store.write_table("j/prepare/terms.parquet", table([("a/1", ["x", "y"]), ("b/1", ["bike", "wheel"]),
+                                                        ("b/2", ["bike", "helmet"])], "provided"))
+    res = compress(cfg)
+    assert res["info"]["provided_tids_kept"] == {"b": 2}
+    raw = res["info"]["sweep"][0]
+    assert raw["vocab"] == 6  # red shoe boot + bike wheel helmet: CTG's 4 b terms are not in the vocabulary
+    k3 = store.read_table("j/compress/k3/terms.parquet").to_pylist()
+    words = {t for r in k3 for t in r["terms"]}
+    assert not words & {"ctg", "only", "more", "word", "x", "y"}  # (re-resolution may add title words)
+    assert read_manifest(store, "j", "compress")["config_hash"].startswith(stage_key(cfg, "compress") + "-provided-b")
+    assert stage_key(load_config(None, over), "compress") == stage_key(cfg, "compress")  # the suffix tells them apart

@@ -340,7 +340,8 @@ class SFTConfig(StrictModel):
     seq_targets: Literal["all", "last"] = neutral_default("all")
     # domains whose items keep their source's own TIDs (a bundle's, prepare/terms.parquet) while the others take
     # sft.terms' table: one joint catalog with the best TIDs each domain's data allows (e.g. CTG where items have
-    # titles, the authors' TIDs for Sports, 26% titled); collisions across the two re-resolved
+    # titles, the authors' TIDs for Sports, 26% titled); collisions across the two re-resolved. With
+    # compress.source=ctg the compress stage compresses that mixed vocabulary (theirs too)
     provided_domains: list[str] = neutral_default([])
     seed: int = 0
 

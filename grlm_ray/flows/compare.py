@@ -52,7 +52,11 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
     rows = []
     for k in [None, *sorted(set(cfg.compress.ks))]:
         vcfg = variant_config(cfg, k)
-        copy_stages(store, cfg.run.name, vcfg.run.name, upstream("compress", cfg))
+        # the raw variant trains on the base run's own terms: whatever the base run finished (its training, its
+        # evaluation) is shared too, and reused where its key is the variant's (a joint run trained by hand is
+        # the comparison's raw row, not trained twice)
+        shared = upstream("compress", cfg) if k is not None else upstream("eval", vcfg)
+        copy_stages(store, cfg.run.name, vcfg.run.name, shared)
         log.info("comparison: variant %s (run %s)", "raw" if k is None else f"K={k}", vcfg.run.name)
         res = run_pipeline(vcfg, stages=upstream("eval", vcfg))["stages"]
         m, tr = res["eval"]["info"]["metrics"], res["train"]["info"]

@@ -14,6 +14,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import pyarrow as pa
 
@@ -162,3 +163,27 @@ def resolve_terms_table(terms: pa.Table, items: pa.Table) -> tuple[pa.Table, Col
     out = terms.set_column(terms.column_names.index("terms"), "terms", pa.array(new, pa.list_(pa.string())))
     out = out.set_column(out.column_names.index("source"), "source", pa.array(source, pa.string()))
     return out.cast(TERMS.arrow), report
+
+
+def keep_provided(terms: pa.Table, provided: pa.Table | None, domains: list[str], domain_of: Any,
+                  where: str = "sft.provided_domains") -> tuple[pa.Table, dict[str, int]]:
+    """``domains``' items take their source's own TIDs (``provided``: prepare/terms.parquet) in place of
+    ``terms``' rows (``sft.provided_domains``: the SFT data, and the vocabulary compression compresses);
+    returns the table and the items kept per domain. A listed domain without provided TIDs is an error naming it."""
+    import pyarrow.compute as pc
+
+    from grlm_ray.core.errors import DataError
+
+    if provided is None:
+        raise DataError(f"{where}={domains}: prepare wrote no provided TIDs (a bundle with with_terms: true has "
+                        "them)", field="sft.provided_domains")
+    doms = pa.array([domain_of(i) for i in provided.column("item_id").to_pylist()], pa.string())
+    keep = pc.is_in(doms, value_set=pa.array(domains, pa.string()))
+    provided = provided.filter(keep)
+    kept = Counter(doms.filter(keep).to_pylist())
+    missing = [d for d in domains if not kept[d]]
+    if missing:
+        raise DataError(f"{where}: no provided TIDs for domain(s) {missing} (their source has none: a bundle with "
+                        "with_terms: true has them)", field="sft.provided_domains")
+    rest = terms.filter(pc.invert(pc.is_in(terms.column("item_id"), value_set=provided.column("item_id"))))
+    return pa.concat_tables([rest, provided.select(rest.column_names).cast(rest.schema)]), dict(kept)

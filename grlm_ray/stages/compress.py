@@ -2,7 +2,8 @@
 map each term to its cluster's *core term* (the member nearest the centroid). A sweep over several K
 (plus raw) shows vocabulary size against collisions; each K is logged to MLflow and plotted.
 
-Contract: ctg/terms (or prepare/terms for the provided TIDs) -> compress/k<K>/terms + compress/sweep.json.
+Contract: ctg/terms (or prepare/terms for the provided TIDs; with ``sft.provided_domains``, CTG's terms with those
+domains' own in place) -> compress/k<K>/terms + compress/sweep.json.
 Within a TID, a term whose core term is already present keeps its own word, so TIDs keep N distinct
 terms; collisions the mapping creates are resolved again (``resolve_collisions``) and counted.
 """
@@ -17,12 +18,14 @@ import numpy as np
 import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
+from grlm_ray.core.registry import stage_key
 from grlm_ray.core.schemas import ITEMS, TERMS
 from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext
 from grlm_ray.core.tracking import open_run
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
-from grlm_ray.lib.terms import colliding_items, resolve_terms_table
+from grlm_ray.lib.terms import colliding_items, keep_provided, resolve_terms_table
+from grlm_ray.lib.textformat import domain_lookup
 
 log = logging.getLogger(__name__)
 STAGE = "compress"
@@ -112,9 +115,17 @@ def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
 def compress(cfg: GrlmConfig) -> dict[str, Any]:
     c = cfg.compress
     src_stage = "ctg" if c.source == "ctg" else "prepare"
+    # a joint catalog whose listed domains keep their own TIDs (sft.provided_domains) trains on CTG's terms with
+    # theirs in place: that is the vocabulary compressed (theirs too), as the paper compresses the joint one
+    provided = list(cfg.sft.provided_domains) if c.source == "ctg" else []
 
     def body(ctx: StageContext) -> None:
         terms = ctx.read("terms.parquet", TERMS, stage=src_stage)
+        if provided:
+            rel = ctx.stage_rel("prepare", "terms.parquet")
+            own = ctx.read("terms.parquet", TERMS, stage="prepare") if ctx.store.exists(rel) else None
+            terms, kept = keep_provided(terms, own, provided, domain_lookup(cfg))
+            ctx.info["provided_tids_kept"] = kept
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         rows, tables = sweep(terms, items, sorted(set(c.ks)), lambda v: encode_terms(cfg.embed.model, v),
                              c.seed, c.niter)
@@ -124,7 +135,8 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({"source": src_stage, "sweep": rows})
         _log_sweep(cfg, rows)
 
-    return Run.of(cfg).run_stage(STAGE, body, inputs={"terms": (src_stage, "terms.parquet")})
+    key = stage_key(cfg, STAGE) + (f"-provided-{'-'.join(sorted(provided))}" if provided else "")
+    return Run.of(cfg).run_stage(STAGE, body, key=key, inputs={"terms": (src_stage, "terms.parquet")})
 
 
 def _log_sweep(cfg: GrlmConfig, rows: list[dict[str, Any]]) -> None:

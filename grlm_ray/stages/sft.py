@@ -26,7 +26,7 @@ from grlm_ray.core.schemas import ITEMS, MESSAGE, SEQUENCES, SFT, TARGETS, TERMS
 from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext, release_arrow_memory, take_rows
 from grlm_ray.lib.termgen import repair
-from grlm_ray.lib.terms import resolve_terms_table
+from grlm_ray.lib.terms import keep_provided, resolve_terms_table
 from grlm_ray.lib.textformat import (
     PROMPT_VERSION,
     PROMPTS,
@@ -263,24 +263,10 @@ def _fill_missing(items: pa.Table, terms_t: pa.Table) -> tuple[pa.Table, int]:
 
 
 def _keep_provided(ctx: StageContext, cfg: GrlmConfig, terms_t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
-    """``sft.provided_domains``: those domains' items take their source's own TIDs (prepare/terms.parquet) in
-    place of the chosen table's rows; returns the table and the items kept per domain. A listed domain whose
-    source has no TIDs is an error naming it."""
-    if not ctx.store.exists(ctx.stage_rel("prepare", "terms.parquet")):
-        raise DataError(f"sft.provided_domains={cfg.sft.provided_domains}: prepare wrote no provided TIDs "
-                        f"(a bundle with with_terms: true has them)")
-    provided = ctx.read("terms.parquet", TERMS, stage="prepare")
-    domain_of = domain_lookup(cfg)
-    doms = pa.array([domain_of(i) for i in provided.column("item_id").to_pylist()], pa.string())
-    keep = pc.is_in(doms, value_set=pa.array(cfg.sft.provided_domains, pa.string()))
-    provided = provided.filter(keep)
-    kept = Counter(doms.filter(keep).to_pylist())
-    missing = [d for d in cfg.sft.provided_domains if not kept[d]]
-    if missing:
-        raise DataError(f"sft.provided_domains: no provided TIDs for domain(s) {missing} (their source has none: "
-                        f"a bundle with with_terms: true has them)", field="sft.provided_domains")
-    rest = terms_t.filter(pc.invert(pc.is_in(terms_t.column("item_id"), value_set=provided.column("item_id"))))
-    return pa.concat_tables([rest, provided.select(rest.column_names).cast(rest.schema)]), dict(kept)
+    """``sft.provided_domains`` (``lib/terms.py: keep_provided``) on the table the SFT data is made from."""
+    rel = ctx.stage_rel("prepare", "terms.parquet")
+    provided = ctx.read("terms.parquet", TERMS, stage="prepare") if ctx.store.exists(rel) else None
+    return keep_provided(terms_t, provided, cfg.sft.provided_domains, domain_lookup(cfg))
 
 
 def terms_location(cfg: GrlmConfig) -> tuple[str, str]:
@@ -305,7 +291,7 @@ def sft(cfg: GrlmConfig) -> dict[str, Any]:
         targets = ctx.read("targets.parquet", TARGETS, stage="prepare")
         terms_t = ctx.read(src_file, TERMS, stage=src_stage)
         kept = {}
-        if c.provided_domains:
+        if c.provided_domains and c.terms != "compress":  # compressed terms hold them already (compress stage)
             terms_t, kept = _keep_provided(ctx, cfg, terms_t)
         filled = 0
         if c.missing_terms == "words":
