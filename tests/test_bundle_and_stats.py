@@ -67,6 +67,26 @@ def test_prepare_bundle_without_its_terms_writes_no_provided_terms(shared_data, 
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_a_bundle_column_read_as_the_description_gives_untitled_items_text(shared_data, tmp_path):
+    """``description: idgenrec_lexid``: Sports' items without a title (74%) get IDGenRec's textual id as their
+    description; a column the bundle does not have is refused naming the file and the field."""
+    from grlm_ray.core.errors import DataError
+
+    over = [f"run.root={tmp_path}", "run.name=s", f"data.base_dir={shared_data}"]
+    cfg = load_config(None, over + ["data.domains={sports: {kind: bundle, dir: sports, description: idgenrec_lexid}}"])
+    prepare(cfg)
+    items = Store(str(tmp_path)).read_table("s/prepare/items.parquet").to_pylist()
+    raw = {str(r["item_id"]): r["idgenrec_lexid"] for r in pq.read_table(
+        shared_data / "sports" / "items.parquet", columns=["item_id", "idgenrec_lexid"]).to_pylist()}
+    assert len(items) == len(raw) == 18357
+    assert sum(not r["title"] for r in items) > 13000 and all(r["description"] for r in items)
+    assert all(r["description"] == raw[r["item_id"]] for r in items)
+    bad = load_config(None, [f"run.root={tmp_path}", "run.name=s2", f"data.base_dir={shared_data}",
+                             "data.domains={sports: {kind: bundle, dir: sports, description: summary}}"])
+    with pytest.raises(DataError, match=r"sports/items.parquet.*summary|summary.*sports/items.parquet"):
+        prepare(bad)
+
+
 def test_joint_bundles_namespace_three_domains(shared_data, tmp_path, ray_local):
     cfg = load_config(str(__import__("pathlib").Path(__file__).parents[1] / "configs" / "joint_bundles.yaml"),
                       [f"run.root={tmp_path}", f"data.base_dir={shared_data}"])

@@ -114,6 +114,9 @@ class BundleSource(StrictModel):
     kind: Literal["bundle"]
     dir: str
     with_terms: bool = True  # emit the bundle's TIDs as a terms table with source='provided'
+    # a column of the bundle's items.parquet read as the items' description (more text for CTG and the embedder),
+    # e.g. idgenrec_lexid: Sports has titles for 26% of its items, IDGenRec's textual ids for all
+    description: str | None = neutral_default(None)
     refilter: bool = False  # bundles are already k-core filtered upstream
 
 

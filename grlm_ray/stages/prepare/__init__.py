@@ -156,7 +156,7 @@ def _read_source(name: str, src: Any, data: DataConfig, rejects: Any, info: dict
     if isinstance(src, BundleSource):
         from grlm_ray.stages.prepare.bundle import read_bundle
 
-        items, inter, terms = read_bundle(resolve_path(data.base_dir, src.dir), name, rejects)
+        items, inter, terms = read_bundle(resolve_path(data.base_dir, src.dir), name, rejects, src.description)
         # with_terms=false: the bundle's own TIDs are not wanted (no provided terms table)
         return _Read(items, inter, terms if src.with_terms else None, src.refilter, True)
     if isinstance(src, ByoSource):

@@ -35,10 +35,12 @@ def _as_str(arr: pa.ChunkedArray) -> pa.Array:
     return pc.cast(arr, pa.string()).combine_chunks()
 
 
-def read_bundle(directory: Path, category: str, rejects: Rejects) -> tuple[pa.Table, pd.DataFrame, pa.Table | None]:
-    """(items, interactions in sequence order, provided terms or None)."""
+def read_bundle(directory: Path, category: str, rejects: Rejects,
+                description: str | None = None) -> tuple[pa.Table, pd.DataFrame, pa.Table | None]:
+    """(items, interactions in sequence order, provided terms or None); ``description``: a column of the items
+    file read as the items' description (none: empty)."""
     items_path, seq_path = directory / "items.parquet", directory / "sequences.parquet"
-    raw = _read(items_path, ["item_id"])
+    raw = _read(items_path, ["item_id"] + ([description] if description else []))
     n = raw.num_rows
     ids = _as_str(raw.column("item_id"))
     if ids.null_count:
@@ -63,7 +65,7 @@ def read_bundle(directory: Path, category: str, rejects: Rejects) -> tuple[pa.Ta
         "item_id": ids,
         "category": pa.array([category] * n, pa.string()),
         "title": text("title"),
-        "description": pa.array([""] * n, pa.string()),
+        "description": text(description) if description else pa.array([""] * n, pa.string()),
         "brand": pa.array([""] * n, pa.string()),
         "categories": categories(),
         "source_id": _as_str(raw.column("asin")) if "asin" in raw.column_names else pa.nulls(n, pa.string()),
