@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from grlm_ray.core.errors import DataError
 from grlm_ray.core.schemas import TERMS
 
 _WORD = re.compile(r"[a-z][a-z]+(?:-[a-z]+)*")
@@ -171,8 +172,6 @@ def keep_provided(terms: pa.Table, provided: pa.Table | None, domains: list[str]
     ``terms``' rows (``sft.provided_domains``: the SFT data, and the vocabulary compression compresses);
     returns the table and the items kept per domain. A listed domain without provided TIDs is an error naming it."""
     import pyarrow.compute as pc
-
-    from grlm_ray.core.errors import DataError
 
     if provided is None:
         raise DataError(f"{where}={domains}: prepare wrote no provided TIDs (a bundle with with_terms: true has "
