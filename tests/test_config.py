@@ -192,3 +192,18 @@ def test_a_job_joining_a_cluster_hands_its_workers_that_clusters_address(monkeyp
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert _with_cluster_address(base, "auto") is base  # nothing known before ray.init: unchanged
+
+
+def test_a_neutral_field_of_a_domain_leaves_the_data_key_as_it_was():
+    """``neutral_default`` fields inside ``data.domains`` (a dict of source models) are left out of stage keys at
+    their default, as everywhere else: adding ``description`` to bundles did not redo finished bundle runs; set, it
+    counts."""
+    from grlm_ray.core.config import _key_dump
+
+    doms = "data.domains={beauty: {kind: bundle, dir: beauty}}"
+    plain = load_config(None, [doms])
+    dumped = _key_dump(plain.data)["domains"]["beauty"]
+    assert dumped == {"kind": "bundle", "dir": "beauty", "with_terms": True, "refilter": False}
+    described = load_config(None, ["data.domains={beauty: {kind: bundle, dir: beauty, description: lexid}}"])
+    assert _key_dump(described.data)["domains"]["beauty"]["description"] == "lexid"
+    assert described.section_hash("data") != plain.section_hash("data")

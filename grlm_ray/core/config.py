@@ -31,14 +31,20 @@ def neutral_default(default: Any, **kw: Any) -> Any:
 
 
 def _key_dump(model: BaseModel) -> dict[str, Any]:
+    """What a stage key hashes of ``model``: every field, nested models (also as the values of a dict, e.g.
+    ``data.domains``) the same way, a ``neutral_default`` field left out while it is at its default."""
     out: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if extra.get("key_neutral") and value == field.default:
             continue
-        out[name] = _key_dump(value) if isinstance(value, BaseModel) else \
-            model.__pydantic_serializer__.to_python(model, mode="json", include={name})[name]
+        if isinstance(value, BaseModel):
+            out[name] = _key_dump(value)
+        elif isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+            out[name] = {k: _key_dump(v) for k, v in value.items()}
+        else:
+            out[name] = model.__pydantic_serializer__.to_python(model, mode="json", include={name})[name]
     return out
 
 
