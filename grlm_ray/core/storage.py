@@ -363,6 +363,12 @@ class StageContext:
              columns: list[str] | None = None) -> pa.Table:
         return self.store.read_table(self.stage_rel(stage or self.stage, name), schema, columns)
 
+    def read_if_exists(self, name: str, schema: ArtifactSchema | None = None, stage: str | None = None,
+                       columns: list[str] | None = None) -> pa.Table | None:
+        """``read``, or None when the stage did not write ``name`` (an optional output)."""
+        rel = self.stage_rel(stage or self.stage, name)
+        return self.store.read_table(rel, schema, columns) if self.store.exists(rel) else None
+
     # -- resumable parts: a part is done once its _done marker exists -----------------------
     def part_done(self, key: str) -> bool:
         return self.store.exists(self.rel(f"parts/{key}/_done"))

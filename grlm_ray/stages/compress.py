@@ -122,8 +122,7 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
     def body(ctx: StageContext) -> None:
         terms = ctx.read("terms.parquet", TERMS, stage=src_stage)
         if provided:
-            rel = ctx.stage_rel("prepare", "terms.parquet")
-            own = ctx.read("terms.parquet", TERMS, stage="prepare") if ctx.store.exists(rel) else None
+            own = ctx.read_if_exists("terms.parquet", TERMS, stage="prepare")
             terms, kept = keep_provided(terms, own, provided, domain_lookup(cfg))
             ctx.info["provided_tids_kept"] = kept
         items = ctx.read("items.parquet", ITEMS, stage="prepare")

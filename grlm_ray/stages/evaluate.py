@@ -382,11 +382,11 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
                          "seconds_generation": round(seconds, 2),
                          "users_per_second": round(n_users / seconds, 3) if seconds > 0 else None})
 
-    key, added = stage_key(cfg, STAGE), None
+    suffix, added = "", None  # the stage key's additions: the added items, the ensemble's members
     if e.added_items:
         added = added_items(run)
-        key += "-added-" + hashlib.sha256(json.dumps([added.column("item_id").to_pylist(),
-                                                      added.column("terms").to_pylist()]).encode()).hexdigest()[:12]
+        suffix += "-added-" + hashlib.sha256(json.dumps([added.column("item_id").to_pylist(),
+                                                         added.column("terms").to_pylist()]).encode()).hexdigest()[:12]
     # the other models: train.members' runs (members stage; known by their train manifests, downloaded from an
     # S3 root only when the stage runs) and eval.ensemble's folders (by their weight files)
     members, others = member_runs(cfg), list(e.ensemble)
@@ -394,8 +394,8 @@ def evaluate_stage(cfg: GrlmConfig) -> dict[str, Any]:
         trained = {m: read_manifest(run.store, m, "train") or {} for m in members}
         stamp = [[m, t.get("config_hash"), t.get("generation"), t.get("finished_at")] for m, t in trained.items()]
         stamp += _weights_stamp(others)
-        key += "-ens-" + hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12]
+        suffix += "-ens-" + hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12]
     # the beams, in <root>/_cache/decoded-<key>/: an evaluation that only re-ranks differently reuses them
-    decoded = f"_cache/decoded-{decode_key(cfg, run, key[len(stage_key(cfg, STAGE)):])}"
+    key, decoded = stage_key(cfg, STAGE) + suffix, f"_cache/decoded-{decode_key(cfg, run, suffix)}"
     # the key chains the trained model's (and so every upstream stage's): a new model is re-evaluated
     return run.run_stage(STAGE, body, key=key, inputs={"model": ("train", "model")})

@@ -264,8 +264,7 @@ def _fill_missing(items: pa.Table, terms_t: pa.Table) -> tuple[pa.Table, int]:
 
 def _keep_provided(ctx: StageContext, cfg: GrlmConfig, terms_t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     """``sft.provided_domains`` (``lib/terms.py: keep_provided``) on the table the SFT data is made from."""
-    rel = ctx.stage_rel("prepare", "terms.parquet")
-    provided = ctx.read("terms.parquet", TERMS, stage="prepare") if ctx.store.exists(rel) else None
+    provided = ctx.read_if_exists("terms.parquet", TERMS, stage="prepare")
     return keep_provided(terms_t, provided, cfg.sft.provided_domains, domain_lookup(cfg))
 
 
