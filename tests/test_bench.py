@@ -187,11 +187,16 @@ def test_joint_vs_single_compares_each_domain_on_the_same_users_and_refuses_othe
     m = lambda r, n, **kw: {"recall_at_10": r, "ndcg_at_10": n, **kw}  # noqa: E731
     finished("joint", "eval", {"metrics": m(0.05, 0.03), "per_domain": {
         "a": m(0.06, 0.04, cross_domain_at_10=0.1, users=3), "b": m(0.04, 0.02, cross_domain_at_10=0.0, users=2)}})
-    finished("joint", "train", {"train_seconds": 600})
+    # the joint run was stopped and resumed before the train stage recorded the loop's clock: its manifest holds
+    # the last attempt's wall time (600 s), its validation curve the clock at the last step (15 min)
+    finished("joint", "train", {"train_seconds": 600, "steps": 20, "plan": {"rows_per_step": 64}})
+    store.write_json("joint/train/validation_curve.json", [{"step": 10, "train_minutes": 7.0},
+                                                          {"step": 20, "train_minutes": 15.0}])
     predictions("joint", ["a/1", "a/2", "a/3", "b/7", "b/8"])
-    for dom, users, r, n, secs in (("a", ["1", "2", "3"], 0.05, 0.04, 300), ("b", ["7", "8"], 0.05, 0.025, 360)):
+    for dom, users, r, n, train in (("a", ["1", "2", "3"], 0.05, 0.04, {"train_seconds": 300, "attempt_seconds": 330}),
+                                    ("b", ["7", "8"], 0.05, 0.025, {"train_seconds": 360})):
         finished(f"s{dom}-full", "eval", {"metrics": m(r, n)})
-        finished(f"s{dom}", "train", {"train_seconds": secs})
+        finished(f"s{dom}", "train", {**train, "steps": 10 if dom == "a" else 12})
         predictions(f"s{dom}-full", users)
         (tmp_path / f"{dom}.yaml").write_text(f"run: {{name: s{dom}, root: {tmp_path / 'runs'}}}\n")
     (tmp_path / "joint.yaml").write_text(
@@ -204,7 +209,10 @@ def test_joint_vs_single_compares_each_domain_on_the_same_users_and_refuses_othe
     rows = {r["domain"]: r for r in saved["rows"]}
     assert rows["a"]["recall_ratio"] == 1.2 and rows["b"]["ndcg_ratio"] == 0.8 and rows["a"]["users"] == 3
     assert rows["a"]["joint_other_domain_at_10"] == 0.1
-    assert saved["training"] == {"joint_minutes": 10.0, "single_minutes_sum": 11.0, "joint_over_sum": 0.909}
+    training = {k: v for k, v in saved["training"].items() if k != "clock"}
+    assert training == {"joint_minutes": 15.0, "single_minutes_sum": 11.0, "joint_over_sum": 1.364, "joint_steps": 20,
+                        "single_steps_sum": 22, "joint_steps_over_sum": 0.909, "rows_per_step": 64}
+    assert rows["a"]["single_train_minutes"] == 5.0 and rows["b"]["single_steps"] == 12
     assert (tmp_path / "out" / "joint_joint.png").stat().st_size > 0
     # a domain's single model from the result file its full-mode quality run recorded: the same row, users checked
     # by the digest it saved
@@ -213,6 +221,7 @@ def test_joint_vs_single_compares_each_domain_on_the_same_users_and_refuses_othe
     digest = hashlib.sha1("\n".join(["7", "8"]).encode()).hexdigest()
     recorded = {"benchmark": "quality", "time": "t", "runs": {"train": "sb"}, "rows": [
         {"model": "GRLM", "recall_at_10": 0.05, "ndcg_at_10": 0.025, "train_s": 360}, {"model": "popularity"}],
+        "training": {"grlm": {"steps": 12, "train_seconds": 340}},  # recorded before the loop's clock: train_s
         "sample": {"mode": "full", "split": "test", "users": 2, "user_ids_sha1": digest}}
     (tmp_path / "b.json").write_text(json.dumps(recorded))
     by_file = [*argv[:5], f"b={tmp_path / 'b.json'}", *argv[6:]]

@@ -125,6 +125,10 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_optimizer_state(sf
     weights_killed = _exported(cfg_b)
     for name, tensor in weights_clean.items():
         assert torch.allclose(tensor, weights_killed[name], atol=1e-6), name
+    # the training time is the loop's clock carried across the restart (the final checkpoint's), not the wall
+    # time of the driver's call (which counts start-up, validation and the steps redone after the kill)
+    with open(os.path.join(killed["info"]["checkpoint"], "meta.json")) as f:
+        assert info["train_seconds"] == json.load(f)["train_seconds"] > 0 and info["attempt_seconds"] > 0
     raw = torch.load(os.path.join(killed["info"]["checkpoint"], "model.pt"))  # the last step, raw
     assert os.path.exists(os.path.join(killed["info"]["checkpoint"], "ema.pt"))
     assert any(not torch.allclose(raw[n], weights_clean[n], atol=1e-4) for n in weights_clean)

@@ -19,6 +19,8 @@ from grlm_ray.bench.common import figure_png
 from grlm_ray.core.errors import GrlmError
 
 METRICS = ("recall_at_10", "ndcg_at_10")
+CLOCK = ("the training loop's clock: training steps only (validation excluded), carried across the attempts of a "
+         "run that was stopped and resumed; cores possibly shared with other work (see each run's notes)")
 
 
 def _manifest(run: Any, stage: str, how: str) -> dict[str, Any]:
@@ -55,44 +57,64 @@ def joint_vs_single(joint_cfg: Any, singles: dict[str, Any]) -> dict[str, Any]:
     j_eval = _manifest(jrun, "eval", f"grlm eval <the joint config> run.root={joint_cfg.run.root}")
     j_train = _manifest(jrun, "train", "grlm train <the joint config>")
     per_domain = j_eval["info"].get("per_domain") or {}
-    rows, single_minutes, sources = [], 0.0, {}
+    rows, single_minutes, single_steps, sources = [], 0.0, 0, {}
     for dom, cfg in singles.items():
         if dom not in joint_cfg.data.domains:
             raise GrlmError(f"--single {dom}=...: {dom!r} is not a domain of the joint config")
         if isinstance(cfg, (str, Path)):  # a recorded full-mode quality result (the runs themselves not at hand)
-            sm, seconds, n_s, sha_s, sources[dom] = _recorded(dom, Path(cfg))
+            sm, cost, n_s, sha_s, sources[dom] = _recorded(dom, Path(cfg))
         else:
             srun = Run.of(cfg)
             how = f"grlm bench quality <{dom}'s config> bench.mode=full run.root={cfg.run.root}"
             s_eval = _manifest(srun.named(f"{cfg.run.name}-full"), "eval", how)
             s_train = _manifest(srun, "train", how)
             n_s, sha_s = _users(srun.named(f"{cfg.run.name}-full"))
-            sm, seconds, sources[dom] = s_eval["info"]["metrics"], s_train["info"].get("train_seconds"), cfg.run.name
+            sm, cost, sources[dom] = s_eval["info"]["metrics"], _cost(s_train["info"], _curve(srun)), cfg.run.name
         n_j, sha_j = _users(jrun, strip=f"{dom}/")
         if (n_s, sha_s) != (n_j, sha_j):
             raise GrlmError(f"domain {dom!r}: the single-domain run scored {n_s} test users, the joint run {n_j} "
                             f"of this domain, and they are not the same users: the comparison needs the same users")
         jm = per_domain.get(dom, {})
-        minutes = (seconds or 0) / 60
-        single_minutes += minutes
+        single_minutes += cost["minutes"] or 0
+        single_steps += cost["steps"] or 0
         rows.append({"domain": dom, "users": n_s,
                      "single_recall_at_10": sm.get("recall_at_10"), "single_ndcg_at_10": sm.get("ndcg_at_10"),
                      "joint_recall_at_10": jm.get("recall_at_10"), "joint_ndcg_at_10": jm.get("ndcg_at_10"),
                      "recall_ratio": _ratio(jm.get("recall_at_10"), sm.get("recall_at_10")),
                      "ndcg_ratio": _ratio(jm.get("ndcg_at_10"), sm.get("ndcg_at_10")),
                      "joint_other_domain_at_10": jm.get("cross_domain_at_10"),
-                     "single_train_minutes": round(minutes, 1), "users_sha1": sha_s[:12]})
-    joint_minutes = (j_train["info"].get("train_seconds") or 0) / 60
+                     "single_train_minutes": cost["minutes"], "single_steps": cost["steps"],
+                     "users_sha1": sha_s[:12]})
+    joint = _cost(j_train["info"], _curve(jrun))
     return {"rows": rows,
-            "training": {"joint_minutes": round(joint_minutes, 1), "single_minutes_sum": round(single_minutes, 1),
-                         "joint_over_sum": _ratio(joint_minutes, single_minutes)},
+            "training": {"joint_minutes": joint["minutes"], "single_minutes_sum": round(single_minutes, 1),
+                         "joint_over_sum": _ratio(joint["minutes"], single_minutes),
+                         "joint_steps": joint["steps"], "single_steps_sum": single_steps,
+                         "joint_steps_over_sum": _ratio(joint["steps"], single_steps),
+                         "rows_per_step": j_train["info"].get("plan", {}).get("rows_per_step"),
+                         "clock": CLOCK},
             "ratios": {f"{r['domain']}_recall_joint_over_single": r["recall_ratio"] for r in rows},
             "runs": {"joint": jrun.name, **sources}}
 
 
-def _recorded(dom: str, path: Path) -> tuple[dict[str, Any], float | None, int, str, str]:
+def _curve(run: Any) -> list[dict[str, Any]]:
+    rel = f"{run.name}/train/validation_curve.json"
+    return run.store.read_json(rel) if run.store.exists(rel) else []
+
+
+def _cost(info: dict[str, Any], curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """A training's steps and minutes on the loop's clock (``CLOCK``). Manifests written before the train stage
+    recorded that clock (no ``attempt_seconds``) hold the wall time of the run's last attempt only — short for a run
+    that was stopped and resumed: the clock is then read from the validation curve's point at the last step."""
+    steps, seconds = info.get("steps"), info.get("train_seconds")
+    if "attempt_seconds" not in info and curve and curve[-1].get("step") == steps:
+        seconds = float(curve[-1]["train_minutes"]) * 60
+    return {"steps": steps, "minutes": round(seconds / 60, 1) if seconds else None}
+
+
+def _recorded(dom: str, path: Path) -> tuple[dict[str, Any], dict[str, Any], int, str, str]:
     """A domain's single model from a recorded ``grlm bench quality ... bench.mode=full`` result file (its GRLM
-    row and the digest of the test users it scored): (metrics, training seconds, users, users sha1, source)."""
+    row and the digest of the test users it scored): (metrics, training cost, users, users sha1, source)."""
     import json
 
     try:
@@ -108,7 +130,12 @@ def _recorded(dom: str, path: Path) -> tuple[dict[str, Any], float | None, int, 
     if row is None:
         raise GrlmError(f"--single {dom}={path}: no 'GRLM' row (rows: {[r.get('model') for r in res['rows']]})")
     metrics = {m: row.get(m) for m in METRICS}
-    return metrics, row.get("train_s"), int(sample["users"]), sample["user_ids_sha1"], \
+    grlm = (res.get("training") or {}).get("grlm") or {}
+    info = {"steps": grlm.get("steps"), "train_seconds": row.get("train_s")}
+    if "attempt_seconds" in grlm:  # recorded with the loop's clock
+        info.update(train_seconds=grlm.get("train_seconds"), attempt_seconds=grlm["attempt_seconds"])
+    cost = _cost(info, (res.get("validation_curves") or {}).get("GRLM") or [])
+    return metrics, cost, int(sample["users"]), sample["user_ids_sha1"], \
         f"{path.name} ({res.get('time', 'time not recorded')}, run {res.get('runs', {}).get('train')})"
 
 

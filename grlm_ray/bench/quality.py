@@ -211,7 +211,8 @@ def quality(cfg: GrlmConfig) -> dict[str, Any]:
                       "colliding_items_before": sft_info.get("collisions", {}).get("colliding_items_before"),
                       "colliding_items_after": sft_info.get("collisions", {}).get("colliding_items_after")},
             "training": {"grlm": {k: train["info"].get(k) for k in ("steps", "plan", "final_loss", "tokens_per_s",
-                                                                   "samples_per_s", "train_seconds")},
+                                                                   "samples_per_s", "train_seconds",
+                                                                   "attempt_seconds", "resumed_from_step")},
                          "members": members,
                          "sasrec": {k: stages.get("eval_baseline", {}).get("baseline", {}).get("info", {}).get(k)
                                     for k in ("losses", "train_seconds", "best_epoch", "epochs_run")}},

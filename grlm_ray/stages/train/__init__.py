@@ -257,10 +257,13 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         ).model_dump(mode="json")  # a plain dict on the wire; each worker validates it again
         t1 = time.time()
         result = _fit_single(ctx, t, loop_config) if t.strategy == "single" else _fit_ray(ctx, t, loop_config, train_name)
-        train_seconds = time.time() - t1
+        attempt_seconds = time.time() - t1
         if result.checkpoint is None:
             raise ConfigError("training finished without a checkpoint")
         final = dict(result.metrics or {})
+        # training time: the loop's clock (steps only, validation excluded), carried across the attempts of a run
+        # that was stopped and resumed; this attempt's wall time (start-up and validation included) beside it
+        train_seconds = float(final.get("train_seconds") or attempt_seconds)
         manifest = {
             "base_model": m.path, "init": m.init, "backbone": backbone, "chat_template": tokenizer.chat_template,
             "enable_thinking": m.enable_thinking, "prompt_version": _sft_prompt_version(ctx),
@@ -274,6 +277,7 @@ def train(cfg: GrlmConfig) -> dict[str, Any]:
         ctx.info.update({
             "mlflow_run_id": run_id, "run_name": model_label(cfg), "backbone": backbone, "plan": plan,
             "tokens": batches.stats, "tokenize_seconds": round(tok_seconds, 2), "train_seconds": round(train_seconds, 2),
+            "attempt_seconds": round(attempt_seconds, 2),
             "first_loss": final.get("first_loss"), "final_loss": final.get("loss"), **_throughput(result),
             "first_grad_norm": final.get("first_grad_norm"), "final_grad_norm": final.get("grad_norm"),
             "steps": final.get("step"), "resumed_from_step": final.get("resumed_from_step"),

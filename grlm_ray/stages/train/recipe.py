@@ -499,10 +499,11 @@ class Recipe:
                 stop = self.validate(val, progress, done, metrics)
                 progress.pause(time.time() - t_v)  # throughput windows exclude validation
             if done % t.checkpoint_every == 0 or done == total or (val is not None and done in val.steps):
+                metrics["train_seconds"] = self.clock()  # the loop's clock, carried across resumes
                 self.io.save(self.session, done, metrics, {"first_loss": self.first_loss,
                                                            "first_grad_norm": self.first_grad_norm,
                                                            "validation": self.val_state,
-                                                           "train_seconds": self.clock()})
+                                                           "train_seconds": metrics["train_seconds"]})
             elif done % t.log_every == 0:
                 # not every step: Ray Train V2 hands a report to the controller through a one-slot queue that it
                 # drains on its own poll interval, so a report per step throttled training to that interval
