@@ -45,13 +45,16 @@ def test_field_notes_take_comments_beside_and_above_a_field():
 
 
 def _grlm_commands(path: Path) -> list[str]:
-    """Every `grlm ...` command line inside the code blocks of a Markdown file (a trailing `# comment` cut)."""
-    out, inside = [], False
-    for line in path.read_text().splitlines():
+    """Every `grlm ...` command inside the code blocks of a Markdown file (a trailing `# comment` cut; lines
+    continued with a backslash joined)."""
+    out, inside, lines = [], False, iter(path.read_text().splitlines())
+    for line in lines:
         if line.strip().startswith("```"):
             inside = not inside
             continue
         text = line.strip()
+        while text.endswith("\\"):
+            text = text[:-1] + " " + next(lines).strip()
         if inside and (text.startswith(".venv/bin/grlm ") or text.startswith("grlm ")):
             out.append(text.split(" #")[0].strip())
     return out
@@ -76,7 +79,13 @@ def test_every_grlm_command_in_the_readme_parses_and_its_config_loads():
         configs = [a for a in argv if a.startswith("configs/") and a.endswith(".yaml")]
         if configs:
             named.add(configs[0])
-            load_config(root / configs[0], [a for a in argv[argv.index(configs[0]) + 1:] if "=" in a])
+            overrides, take = [], True  # key=value after the config, or after --set (not another option's values)
+            for a in argv[argv.index(configs[0]) + 1:]:
+                if a.startswith("--"):
+                    take = a == "--set"
+                elif take and "=" in a:
+                    overrides.append(a)
+            load_config(root / configs[0], overrides)
         elif args.verb == "demo":
             load_config(root / "configs" / "demo.yaml", [a for a in argv if "=" in a])
     assert {"configs/byo_recipe.yaml", "configs/bench/beauty_quality.yaml", "configs/demo.yaml"} <= named
