@@ -69,7 +69,7 @@ def joint_vs_single(joint_cfg: Any, singles: dict[str, Any]) -> dict[str, Any]:
             s_eval = _manifest(srun.named(f"{cfg.run.name}-full"), "eval", how)
             s_train = _manifest(srun, "train", how)
             n_s, sha_s = _users(srun.named(f"{cfg.run.name}-full"))
-            sm, cost, sources[dom] = s_eval["info"]["metrics"], _cost(s_train["info"], _curve(srun)), cfg.run.name
+            sm, cost, sources[dom] = s_eval["info"]["metrics"], srun.training_cost(), cfg.run.name
         n_j, sha_j = _users(jrun, strip=f"{dom}/")
         if (n_s, sha_s) != (n_j, sha_j):
             raise GrlmError(f"domain {dom!r}: the single-domain run scored {n_s} test users, the joint run {n_j} "
@@ -85,7 +85,7 @@ def joint_vs_single(joint_cfg: Any, singles: dict[str, Any]) -> dict[str, Any]:
                      "joint_other_domain_at_10": jm.get("cross_domain_at_10"),
                      "single_train_minutes": cost["minutes"], "single_steps": cost["steps"],
                      "users_sha1": sha_s[:12]})
-    joint = _cost(j_train["info"], _curve(jrun))
+    joint = jrun.training_cost()
     return {"rows": rows,
             "training": {"joint_minutes": joint["minutes"], "single_minutes_sum": round(single_minutes, 1),
                          "joint_over_sum": _ratio(joint["minutes"], single_minutes),
@@ -97,25 +97,12 @@ def joint_vs_single(joint_cfg: Any, singles: dict[str, Any]) -> dict[str, Any]:
             "runs": {"joint": jrun.name, **sources}}
 
 
-def _curve(run: Any) -> list[dict[str, Any]]:
-    rel = f"{run.name}/train/validation_curve.json"
-    return run.store.read_json(rel) if run.store.exists(rel) else []
-
-
-def _cost(info: dict[str, Any], curve: list[dict[str, Any]]) -> dict[str, Any]:
-    """A training's steps and minutes on the loop's clock (``CLOCK``). Manifests written before the train stage
-    recorded that clock (no ``attempt_seconds``) hold the wall time of the run's last attempt only — short for a run
-    that was stopped and resumed: the clock is then read from the validation curve's point at the last step."""
-    steps, seconds = info.get("steps"), info.get("train_seconds")
-    if "attempt_seconds" not in info and curve and curve[-1].get("step") == steps:
-        seconds = float(curve[-1]["train_minutes"]) * 60
-    return {"steps": steps, "minutes": round(seconds / 60, 1) if seconds else None}
-
-
 def _recorded(dom: str, path: Path) -> tuple[dict[str, Any], dict[str, Any], int, str, str]:
     """A domain's single model from a recorded ``grlm bench quality ... bench.mode=full`` result file (its GRLM
     row and the digest of the test users it scored): (metrics, training cost, users, users sha1, source)."""
     import json
+
+    from grlm_ray.core.run import training_cost
 
     try:
         res = json.loads(path.read_text())
@@ -134,7 +121,7 @@ def _recorded(dom: str, path: Path) -> tuple[dict[str, Any], dict[str, Any], int
     info = {"steps": grlm.get("steps"), "train_seconds": row.get("train_s")}
     if "attempt_seconds" in grlm:  # recorded with the loop's clock
         info.update(train_seconds=grlm.get("train_seconds"), attempt_seconds=grlm["attempt_seconds"])
-    cost = _cost(info, (res.get("validation_curves") or {}).get("GRLM") or [])
+    cost = training_cost(info, (res.get("validation_curves") or {}).get("GRLM") or [])
     return metrics, cost, int(sample["users"]), sample["user_ids_sha1"], \
         f"{path.name} ({res.get('time', 'time not recorded')}, run {res.get('runs', {}).get('train')})"
 

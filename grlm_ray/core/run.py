@@ -109,11 +109,29 @@ class Run:
                                  .encode()).hexdigest()[:12] if m else ""
         return self.store.local_dir(self.rel(stage, output), cache, version)
 
+    def training_cost(self) -> dict[str, Any]:
+        """The finished train stage's steps and minutes on the loop's clock (``training_cost``)."""
+        m = read_manifest(self.store, self.name, "train") or {}
+        curve = self.read_json("train", "validation_curve.json") if self.exists("train", "validation_curve.json") else []
+        return training_cost(m.get("info") or {}, curve)
+
     def __repr__(self) -> str:
         return f"Run({self.store.uri(self.name)!r})"
 
 
 # --------------------------------------------------------------------------- train.members
+def training_cost(info: dict[str, Any], curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """A training's steps and minutes on the loop's clock (training steps only, validation excluded, carried across
+    the attempts of a run that was stopped and resumed) from its train manifest's info and validation curve.
+    Manifests written before the train stage recorded that clock (no ``attempt_seconds``) hold the wall time of
+    the run's last attempt only — short for a resumed run: the clock is then read from the curve's point at the
+    last step when there is one."""
+    steps, seconds = info.get("steps"), info.get("train_seconds")
+    if "attempt_seconds" not in info and curve and curve[-1].get("step") == steps:
+        seconds = float(curve[-1]["train_minutes"]) * 60
+    return {"steps": steps, "minutes": round(seconds / 60, 1) if seconds else None}
+
+
 def member_runs(cfg: "GrlmConfig") -> list[str]:
     """The run names of the members beside the run's own model (``members/members.json``); [] for one model."""
     if cfg.train.members == 1:

@@ -69,7 +69,7 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
                      **{c: m.get(c) for c in COLUMNS if c.startswith(("recall", "ndcg", "vr", "dhr"))},
                      "train_seconds": res["train"].get("seconds"), "eval_seconds": res["eval"].get("seconds"),
                      # the training loop's own clock (validation excluded), what a budget compares
-                     "train_minutes": round(tr["train_seconds"] / 60, 1) if tr.get("train_seconds") else None,
+                     "train_minutes": Run.of(vcfg).training_cost()["minutes"],
                      **({"per_domain": {d: {key: v.get(key) for key in ("recall_at_10", "ndcg_at_10", "users")}
                                         for d, v in per_domain.items()}} if len(per_domain) > 1 else {})})
     out = {"experiment": cfg.tracking.experiment, "run": cfg.run.name, "source": cfg.compress.source,
