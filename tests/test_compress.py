@@ -19,6 +19,40 @@ def test_core_terms_merge_near_synonyms_and_keep_tids_distinct():
     assert core_term_map(vocab, e, 10) == {t: t for t in vocab}
 
 
+def test_keep_lead_maps_only_the_terms_after_the_first():
+    """``compress.keep_lead``: the lead term (a brand) stays as written, only later terms are clustered and mapped;
+    the sweep reports the distinct lead terms, which compression without it merges."""
+    import pyarrow as pa
+
+    from grlm_ray.core.schemas import TERMS
+    from grlm_ray.stages.compress import sweep
+
+    m = {"acme": "core", "zenith": "core", "cream": "lotion", "lotion": "lotion"}
+    assert apply_map([["acme", "cream"]], m, keep_lead=True) == [["acme", "lotion"]]
+    assert apply_map([["acme", "cream"]], m) == [["core", "lotion"]]
+    tids = [["acme", "cream", "face"], ["zenith", "lotion", "face"], ["acme", "lotion", "hand"]]
+    ids = ["1", "2", "3"]
+    terms = pa.table({"item_id": ids, "terms": tids, "raw": [""] * 3, "valid": [True] * 3, "source": ["x"] * 3},
+                     schema=TERMS.arrow)
+    items = pa.table({"item_id": ids, "category": ["c"] * 3, "title": ["rich", "light", "dry"], "description": [""] * 3,
+                      "brand": [""] * 3, "categories": pa.array([[]] * 3, pa.list_(pa.string()))})
+    vecs = {"acme": [1, 0, 0], "zenith": [1, 0.01, 0], "cream": [0, 1, 0], "lotion": [0, 1, 0.01],
+            "face": [0, 0, 1], "hand": [0.01, 0, 1]}
+    seen = []
+
+    def encode(vocab):
+        seen.append(list(vocab))
+        e = np.array([vecs[v] for v in vocab], np.float32)
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+    rows, tables = sweep(terms, items, [2], encode, keep_lead=True)
+    assert seen == [["cream", "face", "hand", "lotion"]]  # the leads are not clustered
+    assert [t[0] for t in tables[2].column("terms").to_pylist()] == ["acme", "zenith", "acme"]
+    assert rows[0]["distinct_lead_terms"] == rows[1]["distinct_lead_terms"] == 2
+    rows, tables = sweep(terms, items, [3], encode)  # without it the two brands merge into one core
+    assert rows[0]["distinct_lead_terms"] == 2 and rows[1]["distinct_lead_terms"] == 1
+
+
 @pytest.mark.slow
 def test_sweep_on_authors_beauty_tids_with_real_encoder(shared_data, tmp_path):
     from grlm_ray.core.config import load_config

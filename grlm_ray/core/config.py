@@ -317,6 +317,10 @@ class CompressConfig(StrictModel):
     source: Literal["ctg", "provided"] = "ctg"
     seed: int = 0
     niter: int = Field(25, ge=1)
+    # true: every TID's first term (the lead: brand-first CTG's brand) stays as written and only the other terms
+    # are clustered and mapped to K core terms (the vocabulary is then the lead terms + K); the comparison's
+    # variants are named <run>-k<K>-lead
+    keep_lead: bool = neutral_default(False)
 
 
 # --------------------------------------------------------------------------- stage 4: IIFT

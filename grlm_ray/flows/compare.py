@@ -28,12 +28,17 @@ COLUMNS = ("variant", "k", "vocab", "colliding_items_mapped", "colliding_items_a
            "train_seconds", "train_minutes", "eval_seconds")
 
 
+def variant_name(cfg: GrlmConfig, k: int | None) -> str:
+    """``raw``, ``k<K>``, or ``k<K>-lead`` (``compress.keep_lead``): the variant's row and its run's suffix."""
+    return "raw" if k is None else f"k{k}{'-lead' if cfg.compress.keep_lead else ''}"
+
+
 def variant_config(cfg: GrlmConfig, k: int | None) -> GrlmConfig:
     """The config of one variant: its own run name, the compressed (or raw) terms for IIFT. A K variant
     compresses for its own K only (``compress.ks=[K]``, seconds), so its key — and its training's — does not
     change when the comparison's other settings do: adding a K later trains only the new one."""
     data = cfg.model_dump(mode="json")
-    data["run"]["name"] = f"{cfg.run.name}-{'raw' if k is None else f'k{k}'}"
+    data["run"]["name"] = f"{cfg.run.name}-{variant_name(cfg, k)}"
     data["sft"]["terms"] = cfg.compress.source if k is None else "compress"
     data["sft"]["compress_k"] = k
     if k is not None:
@@ -62,7 +67,7 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
         m, tr = res["eval"]["info"]["metrics"], res["train"]["info"]
         s = sweep["raw" if k is None else str(k)]
         per_domain = res["eval"]["info"].get("per_domain") or {}
-        rows.append({"variant": "raw" if k is None else f"k{k}", "k": k, "vocab": s["vocab"],
+        rows.append({"variant": variant_name(cfg, k), "k": k, "vocab": s["vocab"],
                      "colliding_items_mapped": s["colliding_items_mapped"],
                      "colliding_items_after": s.get("colliding_items_after"),
                      "train_loss_last": tr.get("final_loss"), "users": m["users"],

@@ -49,12 +49,14 @@ def core_term_map(vocab: list[str], emb: np.ndarray, k: int, seed: int = 0, nite
     return {t: vocab[core[int(assign[i])]] for i, t in enumerate(vocab)}
 
 
-def apply_map(tids: list[list[str]], mapping: dict[str, str]) -> list[list[str]]:
+def apply_map(tids: list[list[str]], mapping: dict[str, str], keep_lead: bool = False) -> list[list[str]]:
+    """Each term -> its core term (a core already in the TID: the term keeps its own word); ``keep_lead``: the
+    first term stays as written."""
     out = []
     for tid in tids:
         new: list[str] = []
-        for t in tid:
-            m = mapping.get(t, t)
+        for j, t in enumerate(tid):
+            m = t if keep_lead and j == 0 else mapping.get(t, t)
             new.append(m if m not in new else t)
         out.append(new)
     return out
@@ -71,23 +73,29 @@ def encode_terms(model_spec: str, terms: list[str]) -> np.ndarray:
 
 
 def sweep(terms: pa.Table, items: pa.Table, ks: list[int], encode: Callable[[list[str]], np.ndarray],
-          seed: int = 0, niter: int = 25) -> tuple[list[dict[str, Any]], dict[int, pa.Table]]:
+          seed: int = 0, niter: int = 25, keep_lead: bool = False) -> tuple[list[dict[str, Any]], dict[int, pa.Table]]:
+    """Raw and each K: vocabulary size, items colliding after the mapping and after re-resolution, the tables.
+    ``keep_lead``: only the terms after the first are clustered and mapped (``compress.keep_lead``)."""
     tids = terms.column("terms").to_pylist()
     vocab = sorted({t for tid in tids for t in tid})
-    emb = encode(vocab)
+    clustered = sorted({t for tid in tids for t in tid[1:]}) if keep_lead else vocab
+    emb = encode(clustered)
     rows = [{"k": "raw", "vocab": len(vocab), "colliding_items_mapped": colliding_items([tuple(t) for t in tids]),
-             "colliding_items_after": colliding_items([tuple(t) for t in tids]), "changed_items": 0}]
+             "colliding_items_after": colliding_items([tuple(t) for t in tids]), "changed_items": 0,
+             "distinct_lead_terms": len({tid[0] for tid in tids if tid})}]
     tables: dict[int, pa.Table] = {}
     for k in ks:
-        mapping = core_term_map(vocab, emb, k, seed, niter)
-        mapped = apply_map(tids, mapping)
+        mapping = core_term_map(clustered, emb, k, seed, niter)
+        mapped = apply_map(tids, mapping, keep_lead)
         t = terms.set_column(terms.column_names.index("terms"), "terms", pa.array(mapped, pa.list_(pa.string())))
         collide = colliding_items([tuple(x) for x in mapped])
         resolved, rep = resolve_terms_table(t, items)
         tables[k] = resolved
-        rows.append({"k": k, "vocab": len({x for tid in resolved.column("terms").to_pylist() for x in tid}),
+        final = resolved.column("terms").to_pylist()
+        rows.append({"k": k, "vocab": len({x for tid in final for x in tid}),
                      "core_terms": len(set(mapping.values())), "colliding_items_mapped": collide,
-                     "colliding_items_after": rep.colliding_items_after, "changed_items": rep.changed_items})
+                     "colliding_items_after": rep.colliding_items_after, "changed_items": rep.changed_items,
+                     "distinct_lead_terms": len({tid[0] for tid in final if tid})})
     return rows, tables
 
 
@@ -127,7 +135,7 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
             ctx.info["provided_tids_kept"] = kept
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         rows, tables = sweep(terms, items, sorted(set(c.ks)), lambda v: encode_terms(cfg.embed.model, v),
-                             c.seed, c.niter)
+                             c.seed, c.niter, c.keep_lead)
         for k, t in tables.items():
             ctx.write(f"k{k}/terms.parquet", t, TERMS)
         ctx.store.write_json(ctx.rel("sweep.json"), rows)
