@@ -50,3 +50,13 @@ def test_grlm_commands_started_at_once_on_a_fresh_root_share_one_sqlite_store(tm
     with mp.get_context("spawn").Pool(3) as pool:
         uris = pool.map(_open_store, [str(tmp_path)] * 3)
     assert len(set(uris)) == 1 and (tmp_path / "mlflow.db").exists()
+
+
+def test_a_catalog_of_several_domains_has_its_own_experiment():
+    """One MLflow experiment per dataset: a joint catalog's runs are not mixed into its first domain's."""
+    from grlm_ray.core.config import load_config
+
+    joint = load_config(None, ["data.mode=joint", "data.domains={a: {kind: synthetic}, b: {kind: synthetic}}"])
+    assert experiment_name(joint) == "grlm-a+b"
+    assert experiment_name(load_config(None, [])) == f"grlm-{next(iter(load_config(None, []).data.domains))}"
+    assert experiment_name(load_config(None, ["tracking.experiment=mine"])) == "mine"

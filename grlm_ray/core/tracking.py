@@ -59,7 +59,9 @@ def _create_sqlite_store(uri: str, lock: Path) -> None:
 
 
 def experiment_name(cfg: GrlmConfig) -> str:
-    return cfg.tracking.experiment or f"grlm-{next(iter(cfg.data.domains))}"
+    """``tracking.experiment``, else one per dataset: ``grlm-<domain>``, ``grlm-<d1>+<d2>+...`` for a catalog of
+    several domains (joint, cross-domain), kept apart from each domain's own runs."""
+    return cfg.tracking.experiment or f"grlm-{'+'.join(cfg.data.domains)}"
 
 
 def model_label(cfg: GrlmConfig) -> str:
