@@ -55,16 +55,19 @@ def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
     import json
     from pathlib import Path
 
-    def trained(run):
-        return json.loads((Path(cfg.run.root) / run / "train" / "_manifest.json").read_text())
+    def trained(run, stage="train"):
+        return json.loads((Path(cfg.run.root) / run / stage / "_manifest.json").read_text())
 
     before = {r: trained(f"demo-{r}") for r in ("raw", "k20", "k40")}
+    # nor compressed again: a K variant's own compress stage (its K only) is not overwritten by the base run's sweep
+    compressed = {r: trained(f"demo-{r}", "compress") for r in ("k20", "k40")}
     more = compression_comparison(load_config(None, tiny_sft_run + TINY + [
         "compress.ks=[20,40,60]", "train.max_steps=3", "eval.limit_users=5", "eval.num_beams=3",
         "eval.max_new_tokens=16", "tracking.experiment=grlm-compare-test", "train.strategy=single",
         "train.num_workers=1"]))
     assert [r["variant"] for r in more["rows"]] == ["raw", "k20", "k40", "k60"]
     assert {r: trained(f"demo-{r}") for r in ("raw", "k20", "k40")} == before  # not trained again
+    assert {r: trained(f"demo-{r}", "compress") for r in ("k20", "k40")} == compressed
     assert [{c: r[c] for c in ("recall_at_10", "ndcg_at_10", "vocab")} for r in more["rows"][:3]] == \
            [{c: r[c] for c in ("recall_at_10", "ndcg_at_10", "vocab")} for r in out["rows"]]
 

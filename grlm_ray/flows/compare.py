@@ -60,7 +60,11 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
         # the raw variant trains on the base run's own terms: whatever the base run finished (its training, its
         # evaluation) is shared too, and reused where its key is the variant's (a joint run trained by hand is
         # the comparison's raw row, not trained twice)
-        shared = upstream("compress", cfg) if k is not None else upstream("eval", vcfg)
+        # (a K variant: what its compress stage reads, not the base run's compress — its sweep is over every K,
+        # the variant's over its own: copying it over would redo the variant's compress on every comparison and
+        # refuse to resume a variant's half-done evaluation)
+        shared = tuple(s for s in upstream("compress", cfg) if s != "compress") if k is not None \
+            else upstream("eval", vcfg)
         copy_stages(store, cfg.run.name, vcfg.run.name, shared)
         log.info("comparison: variant %s (run %s)", "raw" if k is None else f"K={k}", vcfg.run.name)
         res = run_pipeline(vcfg, stages=upstream("eval", vcfg))["stages"]
