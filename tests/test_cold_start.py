@@ -316,6 +316,39 @@ def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():
     assert choose_neighbours([curve[0], curve[3]], 0.02) is None
 
 
+def test_simulated_arrivals_count_the_pool_targets_a_rule_would_show_and_drive_the_choice():
+    import numpy as np
+
+    from grlm_ray.bench.cold_start import choose_neighbours, simulate_arrivals
+
+    ids = ["a", "b", "p1", "p2", "p3"]
+    emb = np.array([[1, 0], [0, 1], [0.98, 0.2], [0.8, 0.6], [0.1, 0.99]], dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    anchors, targets = ["a", "a", "b", "a"], ["p1", "p2", "p3", "b"]  # the last user's target is in no pool
+    floors = {10: [0.9, 0.9, -np.inf, 0.9]}  # the rank gate: only items scoring >= 0.9 are within 10
+    sim = simulate_arrivals(anchors, targets, [["p1", "p2", "p3"]], ids, emb, floors)
+    assert sim[(0, 1, 0.5)] == {"recall": round(2 / 3, 6), "users": 3}  # p1 for a (p2 is second), p3 for b
+    assert sim[(0, 2, 0.5)]["recall"] == 1.0
+    assert sim[(10, 2, 0.5)]["recall"] == round(2 / 3, 6)  # p2 (0.8 from a) is outside a's 10 nearest
+    assert sim[(0, 3, 0.95)]["recall"] == round(2 / 3, 6)  # p1 0.98, p3 0.99 pass; p2 does not
+    # two pools: users pooled over both
+    two = simulate_arrivals(anchors, targets, [["p1"], ["p2", "b"]], ids, emb, floors)
+    assert two[(0, 1, 0.5)] == {"recall": round(2 / 3, 6), "users": 3}  # p1 hit; p2 hit; b's is the anchor a's 2nd
+    # the simulated choice takes the rule finding the most arrivals within the cost, not the one showing most
+    curve = [{"recall_at_10": 0.10, "ndcg_at_10": 0.05, "new_share_at_10": 0.0, "simulated_new_recall": 0.0},
+             {"recall_at_10": 0.099, "ndcg_at_10": 0.05, "new_share_at_10": 0.08, "simulated_new_recall": 0.03},
+             {"recall_at_10": 0.098, "ndcg_at_10": 0.05, "new_share_at_10": 0.05, "simulated_new_recall": 0.06},
+             {"recall_at_10": 0.05, "ndcg_at_10": 0.02, "new_share_at_10": 0.3, "simulated_new_recall": 0.2}]
+    assert choose_neighbours(curve, 0.03, "share") is curve[1]
+    assert choose_neighbours(curve, 0.03, "simulated") is curve[2]
+    # the same rule first or last: with the content fill the last places go to the fill, so fewer new items show
+    top = {**curve[2], "position": "top", "new_share_at_10": 0.05}
+    bottom = {**curve[2], "position": "bottom", "new_share_at_10": 0.01, "ndcg_at_10": 0.06}
+    assert choose_neighbours([curve[0], bottom, top], 0.03, "simulated") is top
+    assert choose_neighbours([curve[0], top, {**bottom, "new_share_at_10": 0.05}], 0.03, "simulated")["position"] \
+        == "bottom"  # the same share: the better seen NDCG
+
+
 def test_content_fusion_keeps_grlms_first_items_and_fills_the_rest_from_content():
     import importlib.util
     from pathlib import Path

@@ -72,6 +72,8 @@ SLOTS = (1, 2, 3)
 # items of the whole catalog (the content baseline's rule at N=10)
 WITHINS = (0, 10, 20)
 POSITIONS = ("top", "bottom")
+# bench.neighbour_choice=simulated: pools of seen items drawn like the held-out ones, each playing the arrivals
+ARRIVAL_POOLS = 5
 BONUSES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
 
@@ -268,12 +270,64 @@ def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[st
     return curve
 
 
-def choose_neighbours(curve: list[dict[str, Any]], cost: float) -> dict[str, Any] | None:
-    """The validation point showing the most new items whose Recall@10 is at least ``1 - cost`` of the lever
-    off (validation targets are seen items only: new items were held out of every history)."""
+def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share") -> dict[str, Any] | None:
+    """Among the validation points whose Recall@10 is at least ``1 - cost`` of the lever off (validation targets
+    are seen items only: new items were held out of every history), the one showing the most new items
+    (``by`` share), or the one whose placement rule found the most simulated arrivals (``by`` simulated: the
+    point's ``simulated_new_recall``, ``simulate_arrivals``; ties: the larger new share — with the content fill,
+    new items placed in the last places are pushed out by it, which the model-free simulation cannot see — then
+    the better seen Recall@10, then NDCG@10)."""
     floor = (1 - cost) * curve[0]["recall_at_10"]
     ok = [p for p in curve[1:] if p["recall_at_10"] >= floor]
-    return max(ok, key=lambda p: (p["new_share_at_10"], p["recall_at_10"])) if ok else None
+    if not ok:
+        return None
+    if by == "simulated":
+        return max(ok, key=lambda p: (p["simulated_new_recall"], p["new_share_at_10"], p["recall_at_10"],
+                                      p["ndcg_at_10"]))
+    return max(ok, key=lambda p: (p["new_share_at_10"], p["recall_at_10"]))
+
+
+def arrival_pools(run: Run, size: int, candidates: float, seed: int, pools: int) -> list[list[str]]:
+    """``pools`` seeded draws (seeds after ``seed``) of ``size`` items of the trained catalog by the holdout's own
+    rule (among its latest-arriving ``candidates`` share): stand-ins for arrivals that, unlike the held-out
+    items, are validation targets."""
+    from grlm_ray.core.schemas import ITEMS, SEQUENCES
+    from grlm_ray.stages.prepare.core import arrival_scores
+
+    items = run.read_table("prepare", "items.parquet", ITEMS, columns=["item_id"]).column("item_id").to_pylist()
+    scores, _ = arrival_scores(run.read_table("prepare", "sequences.parquet", SEQUENCES))
+    late = sorted(items, key=lambda i: (-scores.get(i, float("inf")), i))[:int(round(candidates * len(items)))]
+    if size > len(late):
+        raise GrlmError(f"cold start: {size} simulated arrivals asked for but only {len(late)} late items")
+    return [sorted(late[j] for j in np.random.default_rng(seed + 1 + p).choice(len(late), size, replace=False))
+            for p in range(pools)]
+
+
+def simulate_arrivals(anchors: list[str | None], targets: list[str], pools: list[list[str]], ids: list[str],
+                      emb: np.ndarray, floors: dict[int, list[float]]) -> dict[tuple[int, int, float], dict[str, Any]]:
+    """How often each placement rule (within, slots, cosine floor: ``neighbour_curve``'s grid) would have shown
+    the arrival a user went on to buy, measured where that can be seen: each pool of ``pools`` (seen items
+    drawn like the held-out ones, ``arrival_pools``) plays the new items — the rule places its members nearest
+    the user's ``anchors`` item — and the users whose target is in the pool are the new-item targets. The rule
+    needs no model, only text neighbours, so its recall on these arrivals is a validation estimate of its
+    recall on the real ones (which no validation user has). ``floors``: the rank gate's, over the whole catalog
+    (``TextNeighbours.floors_at``). Returns (within, slots, floor) -> recall and users, pooled over the pools."""
+    from grlm_ray.lib.eig import TextNeighbours, gate, place_added
+
+    hits: dict[tuple[int, int, float], int] = {}
+    users = 0
+    for pool in pools:
+        members = set(pool)
+        rows = [j for j, t in enumerate(targets) if t in members]
+        users += len(rows)
+        cands = TextNeighbours(ids, emb, pool).candidates([anchors[j] for j in rows], max(SLOTS))
+        for within in (0, *sorted(w for w in floors if w)):
+            gated = gate(cands, [floors[within][j] for j in rows]) if within else cands
+            for slots in SLOTS:
+                for m in MIN_COSINES:
+                    n = sum(targets[j] in place_added([], c, m, slots) for j, c in zip(rows, gated))
+                    hits[(within, slots, m)] = hits.get((within, slots, m), 0) + n
+    return {key: {"recall": round(n / users, 6) if users else 0.0, "users": users} for key, n in hits.items()}
 
 
 def validation_lists(valid: GrlmConfig) -> tuple[list[str], list[tuple[str, list[str]]], list[str]]:
@@ -308,31 +362,68 @@ def fill_points(rows: list[tuple[str, list[str]]], content: list[list[str]], fil
     return {"chosen": best["content_fill"], "users": len(rows), "points": points}
 
 
-def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, near: Any, fill: int = 0
-                    ) -> dict[str, Any]:
+def simulated_recalls(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: Any, ids: list[str],
+                      emb: np.ndarray) -> dict[str, Any]:
+    """``simulate_arrivals`` for each anchor (``ANCHORS``) on ``ARRIVAL_POOLS`` pools as large as the held-out
+    set: the last item's over every validation user (no model needed), the model's top item's over ``valid``'s
+    scored users."""
+    from grlm_ray.core.schemas import SEQUENCES, TARGETS
+    from grlm_ray.lib.protocol import last_history_items, target_rows
+
+    run, h = Run.of(cfg), cfg.data.holdout
+    pools = arrival_pools(run, len(held), h.candidates, h.seed, ARRIVAL_POOLS)
+    t = target_rows(run.read_table("prepare", "targets.parquet", TARGETS), "valid", None, cfg.eval.seed)
+    last_all = last_history_items(run.read_table("prepare", "sequences.parquet", SEQUENCES), t)
+    _, rows, _ = validation_lists(valid)
+    withins = [w for w in WITHINS if w]
+    out: dict[str, Any] = {"pools": ARRIVAL_POOLS, "pool_items": len(held)}
+    for anchor in ANCHORS:
+        anchors, want = ((last_all, t.column("target_item_id").to_pylist()) if anchor == "last"
+                         else ([r[0] if r else None for _, r in rows], [w for w, _ in rows]))
+        out[anchor] = simulate_arrivals(anchors, want, pools, ids, emb, near.floors_at(anchors, withins))
+        best = max(out[anchor].items(), key=lambda kv: kv[1]["recall"])
+        log.info("cold start: simulated arrivals (%s item, %d target users over %d pools): best rule %s recall %.4f",
+                 anchor, best[1]["users"], ARRIVAL_POOLS, best[0], best[1]["recall"])
+    return out
+
+
+def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, near: Any, fill: int = 0,
+                    simulated: dict[str, Any] | None = None) -> dict[str, Any]:
     """For each anchor (``ANCHORS``), the rank gate, similarity floor and slots of ``added_neighbours`` chosen on
-    ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``), with the whole curve; ``near``: the
-    whole catalog's text neighbours (the rank gate's floors); ``fill``: on lists then refilled with ``fill`` of
-    them, the cost measured against the refilled lists."""
+    ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``, by ``bench.neighbour_choice``), with
+    the whole curve; ``near``: the whole catalog's text neighbours (the rank gate's floors); ``fill``: on lists
+    then refilled with ``fill`` of them, the cost measured against the refilled lists; ``simulated``:
+    ``simulated_recalls`` (each point gets its rule's ``simulated_new_recall``; needed by the simulated
+    choice). Both choices are recorded (``chosen``, and ``chosen_by_share`` / ``chosen_by_simulated``)."""
     users, rows, last = validation_lists(valid)
+    by = cfg.bench.neighbour_choice
+    if by == "simulated" and simulated is None:
+        raise GrlmError("cold start: bench.neighbour_choice=simulated needs the simulated arrivals")
     out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost,
-                           "content_fill": fill}
+                           "content_fill": fill, "choice": by}
     content = near.ranked(last, 10) if fill else None
     for anchor in ANCHORS:
         anchors = anchor_items(last, rows, anchor)
         cands = placer.candidates(anchors, max(SLOTS))
         floors = near.floors_at(anchors, [w for w in WITHINS if w])
         curve = neighbour_curve(rows, cands, held, fill=fill, content=content, floors=floors)
-        chosen = choose_neighbours(curve, cfg.bench.new_item_cost)
+        if simulated is not None:
+            for p in curve:
+                rule = simulated[anchor].get((p["within"], p["slots"], p["min_cosine"]))
+                p["simulated_new_recall"] = rule["recall"] if rule else 0.0
+        chosen = choose_neighbours(curve, cfg.bench.new_item_cost, by)
+        other = "simulated" if by == "share" else "share"
+        alt = choose_neighbours(curve, cfg.bench.new_item_cost, other) if simulated is not None else None
         log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
                  "none within the cost" if chosen is None else f"{chosen['slots']} slots ({chosen['position']}), cosine >= "
                  f"{chosen['min_cosine']}, within {chosen['within'] or 'any'} (R@10 {chosen['recall_at_10']:.4f} vs {curve[0]['recall_at_10']:.4f} off, "
                  f"new share {chosen['new_share_at_10']:.4f})")
-        out[anchor] = {"chosen": None if chosen is None else {
-            "position": chosen["position"], "slots": chosen["slots"], "min_cosine": chosen["min_cosine"],
-            "within": chosen["within"]},
-            "curve": curve}
+        out[anchor] = {"chosen": _rule(chosen), f"chosen_by_{other}": _rule(alt), "curve": curve}
     return out
+
+
+def _rule(point: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if point is None else {k: point[k] for k in ("position", "slots", "min_cosine", "within")}
 
 
 def anchor_items(last: list[str], rows: list[tuple[str, list[str]]], anchor: str) -> list[str]:
@@ -413,13 +504,19 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
     content = content_rankings(ids, emb, last, k)
     content_s = time.time() - t1
     ranked["content (last item's text neighbours)"] = [(t, r) for (t, _), r in zip(grlm_new, content)]
-    neighbours, test_curves = None, {}
+    neighbours, test_curves, simulated = None, {}, None
     if "new_valid" in runs:  # added_neighbours: chosen on validation users, applied once to the test lists
         from grlm_ray.lib.eig import TextNeighbours, gate, place_added
 
         placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
         near_all = TextNeighbours(ids, emb, ids)  # the pool as serving has it: every item, the new ones too
-        neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all)
+        simulated = simulated_recalls(cfg, runs["new_valid"], held, near_all, ids, emb) \
+            if cfg.bench.neighbour_choice == "simulated" else None
+        neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, simulated=simulated)
+        if simulated is not None:
+            neighbours["simulated_arrivals"] = {"pools": simulated["pools"], "pool_items": simulated["pool_items"],
+                                                "target_users": {a: next(iter(simulated[a].values()))["users"]
+                                                                 for a in ANCHORS}}
         test_cands, test_floors = {}, {}
         for anchor, name in ANCHORS.items():
             anchors = anchor_items(last, grlm_new, anchor)
@@ -448,7 +545,8 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
             content_all = near_all.ranked(last, k)
             ranked[f"GRLM + new items + {f} text neighbours"] = [
                 (t, fill_content(r, c, f, k)) for (t, r), c in zip(grlm_new, content_all)]
-            fill_tuning["neighbours"] = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, f)["last"]
+            fill_tuning["neighbours"] = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, f,
+                                                        simulated)["last"]
             chosen = fill_tuning["neighbours"]["chosen"]
             if chosen is not None:
                 cands = test_cands["last"]  # the last item's new neighbours, as searched above

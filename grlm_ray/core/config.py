@@ -816,6 +816,11 @@ class BenchConfig(StrictModel):
     new_item_levers: list[Literal["known_terms", "added_search", "added_neighbours"]] = neutral_default([])
     new_item_beams: int = neutral_default(10, ge=1)
     new_item_cost: float = neutral_default(0.02, ge=0, lt=1)
+    # how added_neighbours' rule is chosen among those within new_item_cost: share, the one showing the most new
+    # items; simulated, the one that found the most arrivals in a simulation on validation (pools of seen items
+    # drawn like the held-out ones play the new items; the users whose validation target is in a pool are its
+    # new-item targets — the placement needs no model, so its recall there estimates its recall on real arrivals)
+    neighbour_choice: Literal["share", "simulated"] = neutral_default("share")
     # ``grlm bench quality``: eval.content_fill values tried on bench.sample_users validation users (the same
     # model's lists, refilled); the best by Recall@10 then NDCG@10 is scored on the test users as a row of its
     # own ("+ text neighbours"). Empty: no such row
