@@ -67,7 +67,7 @@ def joint_vs_single(joint_cfg: Any, singles: dict[str, Any]) -> dict[str, Any]:
             srun = Run.of(cfg)
             how = f"grlm bench quality <{dom}'s config> bench.mode=full run.root={cfg.run.root}"
             s_eval = _manifest(srun.named(f"{cfg.run.name}-full"), "eval", how)
-            s_train = _manifest(srun, "train", how)
+            _manifest(srun, "train", how)  # its training finished (else a clear error naming the command)
             n_s, sha_s = _users(srun.named(f"{cfg.run.name}-full"))
             sm, cost, sources[dom] = s_eval["info"]["metrics"], srun.training_cost(), cfg.run.name
         n_j, sha_j = _users(jrun, strip=f"{dom}/")
