@@ -32,6 +32,8 @@ def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
     for stage in ("train", "eval"):
         assert read_manifest(Run.of(cfg).store, "demo-raw", stage)["started_at"] == base[stage]["started_at"]
     assert rows["raw"]["recall_at_10"] == base["eval"]["info"]["metrics"]["recall_at_10"]
+    # the base run is left as it trained: no compress stage of its own (each K variant compresses for its K)
+    assert read_manifest(Run.of(cfg).store, cfg.run.name, "compress") is None
     assert rows["k20"]["vocab"] < rows["raw"]["vocab"]
     for r in rows.values():
         assert r["users"] == 5 and 0 <= r["recall_at_10"] <= 1 and r["vr_at_10"] == 1.0

@@ -50,12 +50,15 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
     if not cfg.compress.ks:
         raise ConfigError("compress.ks is empty: nothing to compare")
     t0 = time.time()
-    base = run_pipeline(cfg, stages=upstream("compress", cfg))
-    sweep = {str(r["k"]): r for r in base["stages"]["compress"]["info"]["sweep"]}
+    # the base run does what every variant's compress reads, not the compress itself: each K variant compresses
+    # for its own K (and reports the raw terms' row too), so comparisons with other compress settings (ks,
+    # keep_lead) never redo the base run's compress stage — the one its own training used
+    run_pipeline(cfg, stages=tuple(s for s in upstream("compress", cfg) if s != "compress"))
+    sweep: dict[str, dict[str, Any]] = {}
     run = Run.of(cfg)
     store = run.store
-    rows = []
-    for k in [None, *sorted(set(cfg.compress.ks))]:
+    done: dict[int | None, tuple[GrlmConfig, dict[str, Any]]] = {}
+    for k in [*sorted(set(cfg.compress.ks)), None]:  # the K variants first: their sweeps give the raw row too
         vcfg = variant_config(cfg, k)
         # the raw variant trains on the base run's own terms: whatever the base run finished (its training, its
         # evaluation) is shared too, and reused where its key is the variant's (a joint run trained by hand is
@@ -68,6 +71,12 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
         copy_stages(store, cfg.run.name, vcfg.run.name, shared)
         log.info("comparison: variant %s (run %s)", "raw" if k is None else f"K={k}", vcfg.run.name)
         res = run_pipeline(vcfg, stages=upstream("eval", vcfg))["stages"]
+        if k is not None:
+            sweep.update({str(r["k"]): r for r in res["compress"]["info"]["sweep"]})
+        done[k] = (vcfg, res)
+    rows = []
+    for k in [None, *sorted(set(cfg.compress.ks))]:
+        vcfg, res = done[k]
         m, tr = res["eval"]["info"]["metrics"], res["train"]["info"]
         s = sweep["raw" if k is None else str(k)]
         per_domain = res["eval"]["info"].get("per_domain") or {}
