@@ -287,15 +287,15 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share
     return max(ok, key=lambda p: (p["new_share_at_10"], p["recall_at_10"]))
 
 
-def arrival_pools(run: Run, size: int, candidates: float, seed: int, pools: int) -> list[list[str]]:
+def arrival_pools(run: Run, seqs: Any, size: int, candidates: float, seed: int, pools: int) -> list[list[str]]:
     """``pools`` seeded draws (seeds after ``seed``) of ``size`` items of the trained catalog by the holdout's own
-    rule (among its latest-arriving ``candidates`` share): stand-ins for arrivals that, unlike the held-out
-    items, are validation targets."""
-    from grlm_ray.core.schemas import ITEMS, SEQUENCES
+    rule (among its latest-arriving ``candidates`` share of ``seqs``, the run's training sequences): stand-ins for
+    arrivals that, unlike the held-out items, are validation targets."""
+    from grlm_ray.core.schemas import ITEMS
     from grlm_ray.stages.prepare.core import arrival_scores
 
     items = run.read_table("prepare", "items.parquet", ITEMS, columns=["item_id"]).column("item_id").to_pylist()
-    scores, _ = arrival_scores(run.read_table("prepare", "sequences.parquet", SEQUENCES))
+    scores, _ = arrival_scores(seqs)
     late = sorted(items, key=lambda i: (-scores.get(i, float("inf")), i))[:int(round(candidates * len(items)))]
     if size > len(late):
         raise GrlmError(f"cold start: {size} simulated arrivals asked for but only {len(late)} late items")
@@ -363,17 +363,16 @@ def fill_points(rows: list[tuple[str, list[str]]], content: list[list[str]], fil
 
 
 def simulated_recalls(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: Any, ids: list[str],
-                      emb: np.ndarray) -> dict[str, Any]:
+                      emb: np.ndarray, seqs: Any, targets: Any) -> dict[str, Any]:
     """``simulate_arrivals`` for each anchor (``ANCHORS``) on ``ARRIVAL_POOLS`` pools as large as the held-out
     set: the last item's over every validation user (no model needed), the model's top item's over ``valid``'s
-    scored users."""
-    from grlm_ray.core.schemas import SEQUENCES, TARGETS
+    scored users. ``seqs`` / ``targets``: the run's prepared sequences and targets."""
     from grlm_ray.lib.protocol import last_history_items, target_rows
 
     run, h = Run.of(cfg), cfg.data.holdout
-    pools = arrival_pools(run, len(held), h.candidates, h.seed, ARRIVAL_POOLS)
-    t = target_rows(run.read_table("prepare", "targets.parquet", TARGETS), "valid", None, cfg.eval.seed)
-    last_all = last_history_items(run.read_table("prepare", "sequences.parquet", SEQUENCES), t)
+    pools = arrival_pools(run, seqs, len(held), h.candidates, h.seed, ARRIVAL_POOLS)
+    t = target_rows(targets, "valid", None, cfg.eval.seed)
+    last_all = last_history_items(seqs, t)
     _, rows, _ = validation_lists(valid)
     withins = [w for w in WITHINS if w]
     out: dict[str, Any] = {"pools": ARRIVAL_POOLS, "pool_items": len(held)}
@@ -510,7 +509,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
 
         placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
         near_all = TextNeighbours(ids, emb, ids)  # the pool as serving has it: every item, the new ones too
-        simulated = simulated_recalls(cfg, runs["new_valid"], held, near_all, ids, emb) \
+        simulated = simulated_recalls(cfg, runs["new_valid"], held, near_all, ids, emb, seqs, targets) \
             if cfg.bench.neighbour_choice == "simulated" else None
         neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, simulated=simulated)
         if simulated is not None:
