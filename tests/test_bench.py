@@ -279,3 +279,11 @@ def test_time_to_quality_reads_curves_at_equal_tokens_and_names_an_arm_without_t
         ttq.main(["--name", "t2", "--arm", old, "--x", "tokens", "--marks", "1"])
     with pytest.raises(SystemExit):  # tokens without marks: argparse's usage error
         ttq.main(["--name", "t3", "--arm", a, "--x", "tokens"])
+    kept = tmp_path / "kept_curve.json"  # a curve kept on its own, its run folder gone
+    kept.write_text((tmp_path / "b" / "train" / "validation_curve.json").read_text())
+    assert ttq.main(["--name", "k", "--arm", a, "--arm", f"b kept={kept}", "--x", "tokens", "--marks", "2.5"]) == 0
+    rows = {r["arm"]: r for r in json.loads((tmp_path / "results" / "k.json").read_text())["rows"]}
+    assert rows["b kept"]["r10_by_2.5M"] == 0.06
+    kept.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="a JSON list of validation points"):
+        ttq.main(["--name", "k2", "--arm", f"b={kept}", "--x", "tokens", "--marks", "1"])

@@ -8,7 +8,9 @@ An arm is LABEL=SOURCE, where SOURCE is
 - a GRLM run folder (its ``train/validation_curve.json``, written with ``train.validation``),
 - a baseline run folder (its ``baseline/_manifest.json``: SASRec's ``validation_curve`` with
   ``baseline.validation.users``), or
-- a quality-bench result file and a model name, ``results.json#GRLM`` (its ``validation_curves``).
+- a quality-bench result file and a model name, ``results.json#GRLM`` (its ``validation_curves``), or
+- a curve file: a run's ``train/validation_curve.json`` kept on its own (e.g. under benchmarks/results), so arms
+  trained in different sessions or on different machines compare without their run folders.
 
 Arms compare point by point when they share the validation sample (``users`` and ``seed``: GRLM's
 ``train.validation`` and SASRec's ``baseline.validation`` pick the same users with the same settings).
@@ -46,6 +48,11 @@ def load_arm(spec: str) -> tuple[str, dict[str, Any]]:
         if model not in curves:
             raise SystemExit(f"{p}: no validation curve for {model!r} (has {sorted(curves)})")
         points = curves[model]
+    elif p.is_file():
+        points = json.loads(p.read_text())
+        if not isinstance(points, list):
+            raise SystemExit(f"{p}: a curve file holds a JSON list of validation points, got {type(points).__name__}"
+                             " (a quality-bench result needs '#MODEL')")
     elif (p / "train" / "validation_curve.json").exists():
         points = json.loads((p / "train" / "validation_curve.json").read_text())
     elif (p / "baseline" / "_manifest.json").exists():
