@@ -198,6 +198,16 @@ def test_a_half_done_stage_is_not_started_over_by_a_changed_config(tmp_path):
     save_resolved_config(lr)
     (msg,) = half_done_conflicts(lr, stages)
     assert "train.learning_rate: 0.001 -> 0.002" in msg and "no field differs" not in msg
+    # train.precision=auto: the manifest holds what it resolved to on this machine (the train stage records the
+    # resolved config), the resubmission says auto: not a difference, only the field the user changed is named
+    from grlm_ray.stages.train.schedule import resolved
+
+    auto = load_config(None, [*base, "train.precision=auto"])
+    store.write_json("r/train/_manifest.json", {"config_hash": "0123456789abcdef-abc", "status": "running",
+                                              "config": keyed(resolved(auto), "train")})
+    (msg,) = half_done_conflicts(load_config(None, [*base, "train.precision=auto", "train.learning_rate=0.002"]),
+                                 stages)
+    assert "train.learning_rate: 0.001 -> 0.002" in msg and "precision" not in msg.split("(")[1].split(")")[0]
     # and the stages record it: a manifest written by Run.run_stage holds its key's sections
     from grlm_ray.core.run import Run
 

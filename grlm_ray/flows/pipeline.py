@@ -113,7 +113,14 @@ def _changed_fields(run: Run, cfg: GrlmConfig, sections: list[str],
         old = None
     if not isinstance(old, dict):
         return []
-    new = cfg.model_dump(mode="json")
+    from grlm_ray.stages.train.schedule import resolved
+
+    # compared as the stages run: train.precision=auto resolved on both sides (a manifest records the resolved
+    # value, the saved config.yaml may hold "auto"), so only the fields a user changed are named
+    new = resolved(cfg).model_dump(mode="json")
+    old_train = old.get("train")
+    if isinstance(old_train, dict) and old_train.get("precision") == "auto":
+        old = {**old, "train": {**old_train, "precision": new["train"]["precision"]}}
 
     def flat(d: Any, prefix: str) -> dict[str, Any]:
         if isinstance(d, dict):
