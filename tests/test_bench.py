@@ -287,3 +287,44 @@ def test_time_to_quality_reads_curves_at_equal_tokens_and_names_an_arm_without_t
     kept.write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match="a JSON list of validation points"):
         ttq.main(["--name", "k2", "--arm", f"b={kept}", "--x", "tokens", "--marks", "1"])
+
+
+def test_time_to_quality_scores_popularity_on_the_validation_users_the_run_drew(tmp_path, monkeypatch):
+    """--popularity RUN: items ranked by training interactions (held-out positions removed) scored on the
+    targets in RUN's train/validation.parquet, recorded beside the arms; a run without them is named."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "time_to_quality.py"
+    spec = importlib.util.spec_from_file_location("time_to_quality", path)
+    ttq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ttq)
+    monkeypatch.setattr(ttq, "RESULTS", tmp_path / "results")
+    run = tmp_path / "r"
+    (run / "prepare").mkdir(parents=True)
+    (run / "train").mkdir()
+    # "z" is bought most, but only as held-out targets (positions 3 and 4): popularity must not count it
+    seqs = {"u1": ["a", "b", "a", "z", "z"], "u2": ["b", "a", "c", "z", "z"], "u3": ["c", "a", "b", "z", "z"]}
+    pq.write_table(pa.table({"user_id": list(seqs), "item_ids": list(seqs.values()),
+                             "timestamps": pa.nulls(3, pa.list_(pa.int64()))}), run / "prepare" / "sequences.parquet")
+    pq.write_table(pa.table({"user_id": [u for u in seqs for _ in (0, 1)], "split": ["valid", "test"] * 3,
+                             "domain": ["x"] * 6, "position": pa.array([3, 4] * 3, pa.int32()),
+                             "target_item_id": ["z"] * 6}), run / "prepare" / "targets.parquet")
+    (run / "train" / "validation_curve.json").write_text(json.dumps(
+        [{"step": 1, "epoch": 0.1, "train_minutes": 1.0, "train_tokens": 10, "recall_at_10": 0.5, "ndcg_at_10": 0.3}]))
+    # two validation users: one whose target is the top training item "a" (4 of 9 training interactions), one "c"
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "domain": ["x", "x"], "target_item_id": ["a", "c"],
+                             "prompt": ["p", "p"]}), run / "train" / "validation.parquet")
+    floor = ttq.popularity_floor(run, ks=(1, 10))
+    assert floor["users"] == 2 and floor["recall_at_1"] == 0.5 and floor["recall_at_10"] == 1.0
+    assert floor["ndcg_at_10"] == pytest.approx((1 + 1 / math.log2(4)) / 2)  # ranks 1 and 3 (a, b, c; z absent)
+    assert ttq.main(["--name", "p", "--arm", f"r={run}", "--popularity", str(run)]) == 0
+    out = json.loads((tmp_path / "results" / "p.json").read_text())
+    assert out["popularity"]["users"] == 2 and out["command"].endswith("--popularity <root>/r")
+    (run / "train" / "validation.parquet").unlink()
+    with pytest.raises(SystemExit, match="train/validation.parquet is missing"):
+        ttq.popularity_floor(run)

@@ -21,6 +21,9 @@ when arms shared the machine).
         --arm "GRLM recipe (exp-nn)=benchmarks/results/quality_exp-nn_full.json#GRLM" \
         --arm "SASRec-CE=/work/runs/sas-s2" --protocol "..."
 
+``--popularity RUN`` adds the floor: popularity (training interactions) scored on the validation users a GRLM run
+folder drew (its ``train/validation.parquet``; arms that share the sample share the floor).
+
 Writes benchmarks/results/<name>.json and <name>.png.
 """
 
@@ -104,6 +107,28 @@ def table(arms: dict[str, dict[str, Any]], marks: tuple[float, ...] = MARKS, x: 
     return rows
 
 
+def popularity_floor(run: Path, ks: tuple[int, ...] = (5, 10)) -> dict[str, Any]:
+    """Popularity (items by training interaction count) scored on the validation targets run ``run`` drew:
+    the same users, targets and metric code as its validation curve."""
+    import pyarrow.parquet as pq
+
+    from grlm_ray.lib.metrics import score_rankings
+    from grlm_ray.lib.protocol import popularity_ranking
+    from grlm_ray.lib.textformat import training_sequences
+
+    files = [run / "prepare" / "sequences.parquet", run / "prepare" / "targets.parquet",
+             run / "train" / "validation.parquet"]
+    for f in files:
+        if not f.exists():
+            raise SystemExit(f"--popularity {run}: {f.relative_to(run)} is missing (a GRLM run with train.validation)")
+    seqs, targets, valid = (pq.read_table(f) for f in files)
+    ranked = popularity_ranking(training_sequences(seqs, targets))[: max(ks)]
+    rows = [{"target_item_id": t, "ranked_item_ids": ranked, "grounded_by": []}
+            for t in valid.column("target_item_id").to_pylist()]
+    m = score_rankings(rows, ks)["overall"]
+    return {"users": len(rows), **{k: v for k, v in m.items() if k.startswith(("recall_", "ndcg_"))}}
+
+
 def plot(arms: dict[str, dict[str, Any]], title: str, out: Path, x: str = "minutes") -> None:
     """The quality bench's learning-curve plot (R@10 and N@10 against training minutes or tokens), one line an
     arm."""
@@ -118,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arm", action="append", required=True, help="LABEL=SOURCE (see the module docstring)")
     ap.add_argument("--protocol", default="")
     ap.add_argument("--note", default="")
+    ap.add_argument("--popularity", type=Path, default=None,
+                    help="a GRLM run folder: popularity scored on the validation users it drew (the arms' floor)")
     ap.add_argument("--x", choices=sorted(UNITS), default="minutes", help="the curves' x axis and the marks' unit")
     ap.add_argument("--marks", type=float, nargs="+", default=None,
                     help=f"where the table reads each curve (default: {' '.join(map(str, MARKS))} minutes; with "
@@ -131,15 +158,17 @@ def main(argv: list[str] | None = None) -> int:
 
     arms = dict(load_arm(a) for a in args.arm)
     rows = table(arms, marks, args.x)
+    floor = popularity_floor(args.popularity) if args.popularity else None
     unit = UNITS[args.x][2]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"name": args.name, "protocol": args.protocol, "note": args.note, "x": args.x,
            "marks_million_tokens" if args.x == "tokens" else "marks_min": list(marks),
-           "rows": rows, "arms": arms, "machine": describe(),
+           "rows": rows, "arms": arms, "machine": describe(), **({"popularity": floor} if floor else {}),
            "command": "python benchmarks/isolation/time_to_quality.py --name " + args.name + " " + " ".join(
                "--arm " + repr(f"{label}={_shown(arm['source'])}") for label, arm in arms.items())
            + ("" if args.x == "minutes" and args.marks is None else
-              f" --x {args.x} --marks {' '.join(f'{m:g}' for m in marks)}")}
+              f" --x {args.x} --marks {' '.join(f'{m:g}' for m in marks)}")
+           + (f" --popularity <root>/{args.popularity.name}" if args.popularity else "")}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(portable(out), indent=1))
     plot(arms, args.name, RESULTS / f"{args.name}.png", x=args.x)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
@@ -147,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['arm'][:40]:40s} " + " ".join(f"{fmt(r[f'r10_by_{m:g}{unit}']):>9s}" for m in marks)
               + f"   {r['best_r10']:.4f} / {r['best_n10']:.4f} ({r['best_at_min']:.1f})")
+    if floor:
+        print(f"{'popularity (the same validation users)':40s} "
+              f"R@10 / N@10 {floor['recall_at_10']:.4f} / {floor['ndcg_at_10']:.4f} ({floor['users']} users)")
     return 0
 
 
