@@ -129,12 +129,14 @@ def popularity_floor(run: Path, ks: tuple[int, ...] = (5, 10)) -> dict[str, Any]
     return {"users": len(rows), **{k: v for k, v in m.items() if k.startswith(("recall_", "ndcg_"))}}
 
 
-def plot(arms: dict[str, dict[str, Any]], title: str, out: Path, x: str = "minutes") -> None:
+def plot(arms: dict[str, dict[str, Any]], title: str, out: Path, x: str = "minutes",
+         floor: dict[str, Any] | None = None) -> None:
     """The quality bench's learning-curve plot (R@10 and N@10 against training minutes or tokens), one line an
-    arm."""
+    arm; the popularity floor dashed."""
     from grlm_ray.bench.quality import plot_curves
 
-    out.write_bytes(plot_curves({label: arm["points"] for label, arm in arms.items()}, title, x=x))
+    out.write_bytes(plot_curves({label: arm["points"] for label, arm in arms.items()}, title, x=x,
+                                floors={f"popularity ({floor['users']} users)": floor} if floor else None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
               f" --x {args.x} --marks {' '.join(f'{m:g}' for m in marks)}")
            + (f" --popularity <root>/{args.popularity.name}" if args.popularity else "")}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(portable(out), indent=1))
-    plot(arms, args.name, RESULTS / f"{args.name}.png", x=args.x)
+    plot(arms, args.name, RESULTS / f"{args.name}.png", x=args.x, floor=floor)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"{'arm':40s} " + " ".join(f"R@10<={m:g}{unit}" for m in marks) + "   best R@10 / N@10 (min)")
     for r in rows:

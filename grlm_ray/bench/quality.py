@@ -233,9 +233,11 @@ CURVE_X = {"minutes": ("train_minutes", 1.0, "training wall-clock (min)"),
            "tokens": ("train_tokens", 1e6, "training tokens (millions, real, every worker's)")}
 
 
-def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str, x: str = "minutes") -> bytes:
+def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str, x: str = "minutes",
+                floors: dict[str, dict[str, Any]] | None = None) -> bytes:
     """Validation R@10 and N@10 of each trained model against training wall-clock or training tokens (``x``:
-    a key of ``CURVE_X``): the learning curves."""
+    a key of ``CURVE_X``): the learning curves; ``floors``: untrained references (e.g. popularity on the same
+    users, its ``recall_at_10`` / ``ndcg_at_10``) as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,6 +249,9 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], title: str, x: str = "m
         xs = [p[key] / scale for p in points]
         axes[0].plot(xs, [p["recall_at_10"] for p in points], "o-", label=name)
         axes[1].plot(xs, [p["ndcg_at_10"] for p in points], "o-", label=name)
+    for name, floor in (floors or {}).items():
+        axes[0].axhline(floor["recall_at_10"], color="gray", ls="--", lw=1, label=name)
+        axes[1].axhline(floor["ndcg_at_10"], color="gray", ls="--", lw=1, label=name)
     for ax, label in zip(axes, ("validation R@10", "validation N@10")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
