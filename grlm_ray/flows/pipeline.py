@@ -113,14 +113,15 @@ def _changed_fields(run: Run, cfg: GrlmConfig, sections: list[str],
         old = None
     if not isinstance(old, dict):
         return []
-    from grlm_ray.stages.train.schedule import resolved
-
-    # compared as the stages run: train.precision=auto resolved on both sides (a manifest records the resolved
-    # value, the saved config.yaml may hold "auto"), so only the fields a user changed are named
-    new = resolved(cfg).model_dump(mode="json")
+    # compared as the stages run: train.precision=auto resolved on both sides (the train stage's keyed config: a
+    # manifest records the resolved value, the saved config.yaml may hold "auto"), so only the fields a user
+    # changed are named
+    new = cfg.model_dump(mode="json")
+    precision = registry.stage("train").keyed_config(cfg).train.precision
+    new["train"]["precision"] = precision
     old_train = old.get("train")
     if isinstance(old_train, dict) and old_train.get("precision") == "auto":
-        old = {**old, "train": {**old_train, "precision": new["train"]["precision"]}}
+        old = {**old, "train": {**old_train, "precision": precision}}
 
     def flat(d: Any, prefix: str) -> dict[str, Any]:
         if isinstance(d, dict):
