@@ -113,8 +113,7 @@ def popularity_floor(run: Path, ks: tuple[int, ...] = (5, 10)) -> dict[str, Any]
     import pyarrow.parquet as pq
 
     from grlm_ray.lib.metrics import score_rankings
-    from grlm_ray.lib.protocol import popularity_ranking
-    from grlm_ray.lib.textformat import training_sequences
+    from grlm_ray.lib.protocol import training_popularity
 
     files = [run / "prepare" / "sequences.parquet", run / "prepare" / "targets.parquet",
              run / "train" / "validation.parquet"]
@@ -122,7 +121,7 @@ def popularity_floor(run: Path, ks: tuple[int, ...] = (5, 10)) -> dict[str, Any]
         if not f.exists():
             raise SystemExit(f"--popularity {run}: {f.relative_to(run)} is missing (a GRLM run with train.validation)")
     seqs, targets, valid = (pq.read_table(f) for f in files)
-    ranked = popularity_ranking(training_sequences(seqs, targets))[: max(ks)]
+    ranked = training_popularity(seqs, targets)[: max(ks)]
     rows = [{"target_item_id": t, "ranked_item_ids": ranked, "grounded_by": []}
             for t in valid.column("target_item_id").to_pylist()]
     m = score_rankings(rows, ks)["overall"]
