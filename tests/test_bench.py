@@ -4,6 +4,7 @@ same-users guarantee. No timings are asserted here: benchmarks measure, tests ch
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -328,3 +329,51 @@ def test_time_to_quality_scores_popularity_on_the_validation_users_the_run_drew(
     (run / "train" / "validation.parquet").unlink()
     with pytest.raises(SystemExit, match="train/validation.parquet is missing"):
         ttq.popularity_floor(run)
+
+
+def test_paired_arms_counts_users_hit_by_one_arm_only_and_refuses_other_users(tmp_path, monkeypatch, capsys):
+    """Two arms on the same users: hits, the discordant counts with the exact sign test (hand-computed), distinct
+    lists (an arm giving everyone one list shows share 1.0); the stage's recorded R@10 is checked; arms evaluated on
+    other users are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "paired_arms.py"
+    spec = importlib.util.spec_from_file_location("paired_arms", path)
+    pa_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pa_mod)
+    monkeypatch.setattr(pa_mod, "RESULTS", tmp_path / "results")
+
+    def arm(name, ranked, users=("u1", "u2", "u3", "u4", "u5"), recall=None):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        pq.write_table(pa.table({"user_id": list(users), "target_item_id": ["a", "b", "c", "d", "e"][:len(users)],
+                                 "ranked_item_ids": ranked}), run / "eval" / "predictions.parquet")
+        if recall is not None:
+            (run / "eval" / "metrics.json").write_text(json.dumps({"model": {"overall": {"recall_at_2": recall}}}))
+        return run
+
+    # A hits u1 (rank 1), u2 (rank 2), u3 (rank 1); B gives everyone ["a", "x"]: hits u1 only
+    a = arm("A", [["a", "x"], ["y", "b"], ["c", "y"], ["x", "y"], ["x", "y"]], recall=0.6)
+    b = arm("B", [["a", "x"]] * 5, recall=0.2)
+    assert pa_mod.main(["--name", "t", "--k", "2", "--arm", f"A={a}", "--arm", f"B={b}"]) == 0
+    out = json.loads((tmp_path / "results" / "t.json").read_text())
+    assert out["arms"]["A"]["recall_at_2"] == 0.6 and out["arms"]["A"]["hits"] == 3
+    assert out["arms"]["A"]["ndcg_at_2"] == pytest.approx(round((2 + 1 / math.log2(3)) / 5, 6))
+    assert out["arms"]["B"]["distinct_top2_lists"] == 1 and out["arms"]["B"]["most_common_top2_share"] == 1.0
+    assert out["arms"]["A"]["distinct_top1"] == 4 and out["arms"]["A"]["most_common_top2_share"] == 0.4
+    [pair] = out["pairs"]
+    assert (pair["both"], pair["only_a"], pair["only_b"]) == (1, 2, 0)
+    assert pair["sign_test_p"] == 0.5  # 2 discordant users, both for A: 2 * (1/2)^2
+    assert pa_mod.sign_test_p(10, 4) == pytest.approx(2 * sum(math.comb(14, i) for i in range(5)) / 2 ** 14)
+    assert pa_mod.sign_test_p(0, 0) == 1.0 and pa_mod.sign_test_p(3, 3) == 1.0
+    assert "exact sign test p = 0.5000" in capsys.readouterr().out
+    other = arm("C", [["a", "x"]] * 4, users=("u1", "u2", "u3", "u9"))
+    with pytest.raises(SystemExit, match="other users or targets"):
+        pa_mod.main(["--name", "t2", "--arm", f"A={a}", "--arm", f"C={other}"])
+    wrong = arm("D", [["a", "x"]] * 5, recall=0.4)  # its metrics.json disagrees with its predictions
+    with pytest.raises(SystemExit, match="recall_at_2 0.4"):
+        pa_mod.main(["--name", "t3", "--k", "2", "--arm", f"A={a}", "--arm", f"D={wrong}"])
