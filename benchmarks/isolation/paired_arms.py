@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import math
-import platform
 import sys
 from collections import Counter
 from itertools import combinations
@@ -82,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if len(args.arm) < 2:
         raise SystemExit("--arm: give at least two arms to compare")
+    sys.path.insert(0, str(ROOT))
+    from grlm_ray.bench.common import describe, portable
 
     arms: dict[str, dict[str, Any]] = {}
     hits: dict[str, dict[str, bool]] = {}
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k, "users": len(users),
         "user_ids_sha1": hashlib.sha1("\n".join(users).encode()).hexdigest(),
         "arms": arms, "pairs": pairs, "protocol": args.protocol,
-        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "machine": describe(),
         "command": "python benchmarks/isolation/paired_arms.py " + " ".join(
             f"--arm '{s.rpartition('=')[0]}=<root>/{Path(s.rpartition('=')[2]).name}'" for s in args.arm)
         + f" --name {args.name}" + (f" --k {args.k}" if args.k != 10 else ""),
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{args.name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.write_text(json.dumps(portable(out), indent=2) + "\n")
     tmp.replace(path)
     k = args.k
     print(f"{'arm':<28} {'R@' + str(k):>8} {'N@' + str(k):>8} {'hits':>6} {'top1':>6} {'lists':>6} {'common':>7}")
