@@ -133,7 +133,10 @@ def _check_content_fill(overrides, res, fill):
     info = read_manifest(Run.of(c).store, c.run.name, "eval")["info"]
     plain_info = read_manifest(Run.of(c).store, runs["eval"].run.name, "eval")["info"]
     assert "decoded_reused" not in plain_info
-    assert round(info["decoded_reused"]["seconds"], 2) == plain_info["seconds_generation"] > 0
+    # the reused seconds are stored to 3 decimals, the plain stage's to 2: rounding the rounded value twice can
+    # differ by one in the last place (8.295 -> 8.29 vs 8.2951 -> 8.3), so compare within the two roundings
+    assert plain_info["seconds_generation"] > 0
+    assert abs(info["decoded_reused"]["seconds"] - plain_info["seconds_generation"]) <= 0.0055
     assert [r["candidates"] for r in Run.of(c).read_table("eval", "predictions.parquet").to_pylist()] == \
         [r["candidates"] for r in Run.of(runs["eval"]).read_table("eval", "predictions.parquet").to_pylist()]
     beams8 = load_config(None, overrides + [f"run.name={runs['eval'].run.name}-b8", "eval.num_beams=8",
