@@ -19,6 +19,27 @@ def test_core_terms_merge_near_synonyms_and_keep_tids_distinct():
     assert core_term_map(vocab, e, 10) == {t: t for t in vocab}
 
 
+def test_random_grouping_keeps_the_cluster_sizes_and_drops_the_meaning():
+    """``compress.grouping=random``: the control for the merged words' meaning — the semantic clusters' sizes, members
+    shuffled (seeded: the same map twice)."""
+    from collections import Counter
+
+    vocab = [f"w{i}" for i in range(40)]
+    rng = np.random.default_rng(1)
+    centres = np.eye(8)[:4]  # four orthogonal meanings, ten near-synonyms each
+    e = np.repeat(centres, 10, axis=0) + 0.01 * rng.normal(size=(40, 8))
+    e = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+    sem = core_term_map(vocab, e, 4, seed=0)
+    rnd = core_term_map(vocab, e, 4, seed=0, grouping="random")
+    assert sorted(Counter(sem.values()).values()) == sorted(Counter(rnd.values()).values()) == [10, 10, 10, 10]
+    # semantic: the ten terms around each centre share a core; random: no cluster is one centre's ten
+    assert all(len({sem[v] for v in vocab[i:i + 10]}) == 1 for i in range(0, 40, 10))
+    assert all(len({rnd[v] for v in vocab[i:i + 10]}) > 1 for i in range(0, 40, 10))
+    assert rnd == core_term_map(vocab, e, 4, seed=0, grouping="random")
+    with pytest.raises(ValueError, match="grouping"):
+        core_term_map(vocab, e, 4, grouping="alphabetic")
+
+
 def test_keep_lead_maps_only_the_terms_after_the_first():
     """``compress.keep_lead``: the lead term (a brand) stays as written, only later terms are clustered and mapped;
     the sweep reports the distinct lead terms, which compression without it merges."""
@@ -78,3 +99,21 @@ def test_sweep_on_authors_beauty_tids_with_real_encoder(shared_data, tmp_path):
     mlflow.set_tracking_uri(tracking_uri(cfg))
     runs = mlflow.search_runs(experiment_names=["grlm-beauty"], filter_string="tags.`grlm.stage` = 'compress'")
     assert {"1000", "3000", "raw"} <= set(runs["tags.grlm.compress_k"].dropna())
+
+
+def test_variant_names_say_what_was_compressed_and_how():
+    """A comparison's K variants are named by every compress switch that changes their terms, so a lead-keeping or a
+    random-grouping variant never reuses (or overwrites) the plain K variant's run; at the defaults the keys are the
+    ones recorded before the switches existed."""
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.registry import stage_key
+    from grlm_ray.flows.compare import variant_config, variant_name
+
+    base = load_config("configs/demo.yaml", ["compress.ks=[60]"])
+    assert variant_name(base, None) == "raw" and variant_name(base, 60) == "k60"
+    lead = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.keep_lead=true"])
+    rnd = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=random"])
+    assert variant_name(lead, 60) == "k60-lead" and variant_name(rnd, 60) == "k60-random"
+    assert variant_config(rnd, 60).run.name == f"{base.run.name}-k60-random"
+    explicit = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=semantic"])
+    assert stage_key(explicit, "compress") == stage_key(base, "compress") != stage_key(rnd, "compress")

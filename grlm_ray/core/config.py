@@ -321,6 +321,10 @@ class CompressConfig(StrictModel):
     # are clustered and mapped to K core terms (the vocabulary is then the lead terms + K); the comparison's
     # variants are named <run>-k<K>-lead
     keep_lead: bool = neutral_default(False)
+    # semantic: k-means over the terms' embeddings (the method); random: the control for what the merged words'
+    # meaning is worth — the same k-means cluster sizes, members a seeded shuffle of the vocabulary (variants are
+    # named <run>-k<K>-random)
+    grouping: Literal["semantic", "random"] = neutral_default("semantic")
 
 
 # --------------------------------------------------------------------------- stage 4: IIFT

@@ -29,8 +29,12 @@ COLUMNS = ("variant", "k", "vocab", "colliding_items_mapped", "colliding_items_a
 
 
 def variant_name(cfg: GrlmConfig, k: int | None) -> str:
-    """``raw``, ``k<K>``, or ``k<K>-lead`` (``compress.keep_lead``): the variant's row and its run's suffix."""
-    return "raw" if k is None else f"k{k}{'-lead' if cfg.compress.keep_lead else ''}"
+    """``raw``, ``k<K>``, ``k<K>-lead`` (``compress.keep_lead``), ``k<K>-random`` (``compress.grouping=random``):
+    the variant's row and its run's suffix."""
+    if k is None:
+        return "raw"
+    c = cfg.compress
+    return f"k{k}{'-lead' if c.keep_lead else ''}{'-random' if c.grouping == 'random' else ''}"
 
 
 def variant_config(cfg: GrlmConfig, k: int | None) -> GrlmConfig:

@@ -31,16 +31,23 @@ log = logging.getLogger(__name__)
 STAGE = "compress"
 
 
-def core_term_map(vocab: list[str], emb: np.ndarray, k: int, seed: int = 0, niter: int = 25) -> dict[str, str]:
-    """term -> core term. ``emb`` is [len(vocab), d], L2-normalized."""
+def core_term_map(vocab: list[str], emb: np.ndarray, k: int, seed: int = 0, niter: int = 25,
+                  grouping: str = "semantic") -> dict[str, str]:
+    """term -> core term. ``emb`` is [len(vocab), d], L2-normalized. ``grouping="random"``: the control for what
+    the meaning of the merged words is worth — k-means' clusters keep their sizes but their members are a seeded
+    shuffle of the vocabulary (each cluster's core: its member nearest its centroid, as for the semantic map)."""
     if k >= len(vocab):
         return {t: t for t in vocab}
+    if grouping not in ("semantic", "random"):
+        raise ValueError(f"compress.grouping={grouping!r}: expected 'semantic' or 'random'")
     import faiss
 
     km = faiss.Kmeans(emb.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False)
     km.train(emb.astype(np.float32))
     _, assign = km.index.search(emb.astype(np.float32), 1)  # [n_terms, 1]
     assign = assign[:, 0]
+    if grouping == "random":  # the same cluster sizes, members drawn without regard to meaning
+        assign = assign[np.random.default_rng(seed).permutation(len(assign))]
     sims = np.einsum("nd,nd->n", emb, km.centroids[assign])  # similarity to own centroid
     core: dict[int, int] = {}
     for i, c in enumerate(assign):
@@ -73,9 +80,11 @@ def encode_terms(model_spec: str, terms: list[str]) -> np.ndarray:
 
 
 def sweep(terms: pa.Table, items: pa.Table, ks: list[int], encode: Callable[[list[str]], np.ndarray],
-          seed: int = 0, niter: int = 25, keep_lead: bool = False) -> tuple[list[dict[str, Any]], dict[int, pa.Table]]:
+          seed: int = 0, niter: int = 25, keep_lead: bool = False,
+          grouping: str = "semantic") -> tuple[list[dict[str, Any]], dict[int, pa.Table]]:
     """Raw and each K: vocabulary size, items colliding after the mapping and after re-resolution, the tables.
-    ``keep_lead``: only the terms after the first are clustered and mapped (``compress.keep_lead``)."""
+    ``keep_lead``: only the terms after the first are clustered and mapped (``compress.keep_lead``);
+    ``grouping``: ``compress.grouping`` (semantic k-means, or its clusters with shuffled members)."""
     tids = terms.column("terms").to_pylist()
     vocab = sorted({t for tid in tids for t in tid})
     clustered = sorted({t for tid in tids for t in tid[1:]}) if keep_lead else vocab
@@ -85,7 +94,7 @@ def sweep(terms: pa.Table, items: pa.Table, ks: list[int], encode: Callable[[lis
              "distinct_lead_terms": len({tid[0] for tid in tids if tid})}]
     tables: dict[int, pa.Table] = {}
     for k in ks:
-        mapping = core_term_map(clustered, emb, k, seed, niter)
+        mapping = core_term_map(clustered, emb, k, seed, niter, grouping)
         mapped = apply_map(tids, mapping, keep_lead)
         t = terms.set_column(terms.column_names.index("terms"), "terms", pa.array(mapped, pa.list_(pa.string())))
         collide = colliding_items([tuple(x) for x in mapped])
@@ -135,7 +144,7 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
             ctx.info["provided_tids_kept"] = kept
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         rows, tables = sweep(terms, items, sorted(set(c.ks)), lambda v: encode_terms(cfg.embed.model, v),
-                             c.seed, c.niter, c.keep_lead)
+                             c.seed, c.niter, c.keep_lead, c.grouping)
         for k, t in tables.items():
             ctx.write(f"k{k}/terms.parquet", t, TERMS)
         ctx.store.write_json(ctx.rel("sweep.json"), rows)
