@@ -97,7 +97,7 @@ def s3_server(tmp_path_factory):
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_port(s3_port, 60, proc, log)
+        _wait_port(s3_port, 180, proc, log)  # a liveness bound (shared cores), not a speed target
         env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_EC2_METADATA_DISABLED": "true"}
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)

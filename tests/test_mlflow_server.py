@@ -26,7 +26,9 @@ def mlflow_server(s3_server, tmp_path_factory):
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_port(port, 120, proc, log)
+        # a liveness bound, not a speed target: on 2 shared cores (a training beside the suite) the server took
+        # > 120 s to bind after printing its start-up lines
+        _wait_port(port, 300, proc, log)
         yield f"http://127.0.0.1:{port}", s3_server
     finally:
         stop_process(proc)
