@@ -43,6 +43,8 @@ def test_format_table_aligns_columns_and_marks_missing_values():
 def test_machine_description_names_cpu_memory_and_commit():
     m = describe()
     assert m["memory_gib"] and m["python"] and "gpu" in m
+    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
+    assert m["cpu_native_bf16"] is ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_bench_help_lists_every_benchmark(capsys):

@@ -18,7 +18,8 @@ PACKAGES = ("torch", "ray", "transformers", "sentence-transformers", "faiss-cpu"
 
 
 def describe() -> dict[str, Any]:
-    """CPU model, logical cores, memory, GPUs (nvidia-smi), package versions and the git commit."""
+    """CPU model (and whether it has native bf16), logical cores, memory, GPUs (nvidia-smi), package versions and
+    the git commit."""
     cpu = ""
     try:
         for line in open("/proc/cpuinfo"):
@@ -40,9 +41,13 @@ def describe() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
+    from grlm_ray.stages.train.schedule import native_bf16
+
+    # two CPUs both named "AMD EPYC" train at ~2x different speeds when only one has native bf16
+    # (train.precision=auto then runs bf16 autocast there, fp32 elsewhere): timings compare only where this matches
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "logical_cpus": os.cpu_count(), "memory_gib": mem_gib, "gpu": _gpus(), "versions": versions,
-            "commit": _commit()}
+            "cpu_native_bf16": native_bf16(False), "logical_cpus": os.cpu_count(), "memory_gib": mem_gib,
+            "gpu": _gpus(), "versions": versions, "commit": _commit()}
 
 
 def _gpus() -> list[str] | None:
