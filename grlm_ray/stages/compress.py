@@ -36,10 +36,10 @@ def core_term_map(vocab: list[str], emb: np.ndarray, k: int, seed: int = 0, nite
     """term -> core term. ``emb`` is [len(vocab), d], L2-normalized. ``grouping="random"``: the control for what
     the meaning of the merged words is worth — k-means' clusters keep their sizes but their members are a seeded
     shuffle of the vocabulary (each cluster's core: its member nearest its centroid, as for the semantic map)."""
-    if k >= len(vocab):
-        return {t: t for t in vocab}
     if grouping not in ("semantic", "random"):
         raise ValueError(f"compress.grouping={grouping!r}: expected 'semantic' or 'random'")
+    if k >= len(vocab):
+        return {t: t for t in vocab}
     import faiss
 
     km = faiss.Kmeans(emb.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False)
