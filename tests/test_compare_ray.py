@@ -35,6 +35,8 @@ def test_compression_comparison_table_is_in_mlflow(tiny_sft_run, capsys):
     # the base run is left as it trained: no compress stage of its own (each K variant compresses for its K)
     assert read_manifest(Run.of(cfg).store, cfg.run.name, "compress") is None
     assert rows["k20"]["vocab"] < rows["raw"]["vocab"]
+    # fewer terms, fewer term embeddings: the compressed model is smaller (the table shows by how much)
+    assert 0 < rows["k20"]["params"] < rows["raw"]["params"]
     for r in rows.values():
         assert r["users"] == 5 and 0 <= r["recall_at_10"] <= 1 and r["vr_at_10"] == 1.0
         assert r["train_loss_last"] is not None and r["train_minutes"] is not None
@@ -78,12 +80,15 @@ def test_the_comparison_table_adds_per_domain_columns_for_a_joint_catalog():
     from grlm_ray.flows.compare import format_table
 
     row = {"variant": "raw", "k": None, "vocab": 900, "colliding_items_mapped": 30, "colliding_items_after": 0,
-           "recall_at_10": 0.07, "ndcg_at_10": 0.04, "train_minutes": 12.5,
+           "recall_at_10": 0.07, "ndcg_at_10": 0.04, "train_minutes": 12.5, "params": 1_783_424,
            "per_domain": {"beauty": {"recall_at_10": 0.08, "ndcg_at_10": 0.05}, "toys": {"recall_at_10": 0.06,
                                                                                        "ndcg_at_10": 0.03}}}
     lines = format_table([row, {**row, "variant": "k300", "k": 300, "vocab": 300, "per_domain": {}}]).splitlines()
-    assert lines[1].split()[:4] == ["raw", "900", "30", "0"] and lines[1].split()[-1] == "12.5"
+    assert lines[1].split()[:4] == ["raw", "900", "30", "0"] and lines[1].split()[-2:] == ["1.78", "12.5"]
+    assert lines[0].split()[-4:] == ["params", "M", "train", "min"]
     assert lines[4].split() == ["variant", "beauty", "toys"]
     assert lines[5].split() == ["raw", "0.0800/", "0.0500", "0.0600/", "0.0300"]
     assert lines[6].split() == ["k300", "-", "-"]
+    assert lines[2].split()[-2:] == ["1.78", "12.5"]
+    assert format_table([{**row, "params": None}]).splitlines()[1].split()[-2:] == ["-", "12.5"]
     assert "per domain" not in format_table([{**row, "per_domain": {}}])

@@ -23,7 +23,7 @@ from grlm_ray.core.storage import copy_stages
 from grlm_ray.core.tracking import log_bytes, metric_key, open_run, run_name
 
 log = logging.getLogger(__name__)
-COLUMNS = ("variant", "k", "vocab", "colliding_items_mapped", "colliding_items_after", "train_loss_last",
+COLUMNS = ("variant", "k", "vocab", "params", "colliding_items_mapped", "colliding_items_after", "train_loss_last",
            "recall_at_5", "ndcg_at_5", "recall_at_10", "ndcg_at_10", "vr_at_10", "dhr_at_10", "users",
            "train_seconds", "train_minutes", "eval_seconds")
 
@@ -88,6 +88,9 @@ def compression_comparison(cfg: GrlmConfig) -> dict[str, Any]:
                      "colliding_items_mapped": s["colliding_items_mapped"],
                      "colliding_items_after": s.get("colliding_items_after"),
                      "train_loss_last": tr.get("final_loss"), "users": m["users"],
+                     # the model's size: a from-scratch model's term embeddings are most of it, so compressing the
+                     # vocabulary shrinks the model too (what a same-size comparison has to widen back)
+                     "params": (tr.get("backbone") or {}).get("parameters"),
                      **{c: m.get(c) for c in COLUMNS if c.startswith(("recall", "ndcg", "vr", "dhr"))},
                      "train_seconds": res["train"].get("seconds"), "eval_seconds": res["eval"].get("seconds"),
                      # the training loop's own clock (validation excluded), what a budget compares
@@ -114,7 +117,8 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as a console table: vocabulary, items colliding after compression (before / after
-    re-resolution), the metrics, training minutes; a joint catalog adds R@10 / N@10 per domain."""
+    re-resolution), the metrics, the model's parameters (millions), training minutes; a joint catalog adds R@10 /
+    N@10 per domain."""
     def f(x: Any, w: int = 7, p: int = 4) -> str:
         return f"{x:{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
 
@@ -122,13 +126,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return f"{x:{w}d}" if isinstance(x, int) else f"{'-':>{w}s}"
 
     head = (f"{'variant':>8s} {'vocab':>6s} {'collide':>8s} {'after':>6s} {'R@5':>7s} {'N@5':>7s} {'R@10':>7s} "
-            f"{'N@10':>7s} {'VR@10':>6s} {'loss':>6s} {'train min':>9s}")
+            f"{'N@10':>7s} {'VR@10':>6s} {'loss':>6s} {'params M':>8s} {'train min':>9s}")
     lines = [head]
     for r in rows:
         lines.append(f"{r['variant']:>8s} {r['vocab']:6d} {n(r.get('colliding_items_mapped'), 8)} "
                      f"{n(r.get('colliding_items_after'), 6)} {f(r.get('recall_at_5'))} {f(r.get('ndcg_at_5'))} "
                      f"{f(r.get('recall_at_10'))} {f(r.get('ndcg_at_10'))} {f(r.get('vr_at_10'), 6, 3)} "
-                     f"{f(r.get('train_loss_last'), 6, 3)} {f(r.get('train_minutes'), 9, 1)}")
+                     f"{f(r.get('train_loss_last'), 6, 3)} "
+                     f"{f(r['params'] / 1e6 if isinstance(r.get('params'), int) else None, 8, 2)} "
+                     f"{f(r.get('train_minutes'), 9, 1)}")
     domains = sorted({d for r in rows for d in (r.get("per_domain") or {})})
     if domains:
         lines.append("per domain, R@10 / N@10:")
@@ -175,8 +181,8 @@ def _log(cfg: GrlmConfig, out: dict[str, Any], png: bytes) -> str | None:
     with open_run(cfg, "compare", run_name(cfg, f"compare-ks{'-'.join(map(str, sorted(set(cfg.compress.ks))))}")) as run:
         mlflow.log_params({"compress/ks": str(sorted(set(cfg.compress.ks))), "compress/source": cfg.compress.source})
         for r in out["rows"]:
-            for key in ("recall_at_10", "ndcg_at_10", "vocab", "colliding_items_mapped", "colliding_items_after",
-                        "train_minutes"):
+            for key in ("recall_at_10", "ndcg_at_10", "vocab", "params", "colliding_items_mapped",
+                        "colliding_items_after", "train_minutes"):
                 if isinstance(r.get(key), (int, float)):
                     mlflow.log_metric(metric_key(f"{r['variant']}/{key}"), float(r[key]))
             for dom, v in (r.get("per_domain") or {}).items():
