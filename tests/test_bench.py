@@ -364,9 +364,20 @@ def test_paired_arms_counts_users_hit_by_one_arm_only_and_refuses_other_users(tm
     # A hits u1 (rank 1), u2 (rank 2), u3 (rank 1); B gives everyone ["a", "x"]: hits u1 only
     a = arm("A", [["a", "x"], ["y", "b"], ["c", "y"], ["x", "y"], ["x", "y"]], recall=0.6)
     b = arm("B", [["a", "x"]] * 5, recall=0.2)
+    # A was trained in its run folder: what it trained is reported with its scores (B has no training there)
+    (a / "train").mkdir()
+    (a / "train" / "_manifest.json").write_text(json.dumps({"info": {
+        "backbone": {"parameters": 972_160, "vocab_size": 1438}, "precision": "fp32", "steps": 30,
+        "train_seconds": 12.5}}))
+    (a / "train" / "validation_curve.json").write_text(json.dumps([{"epoch": 1.0, "recall_at_10": 0.1,
+                                                                   "ndcg_at_10": 0.05, "step": 30}]))
     assert pa_mod.main(["--name", "t", "--k", "2", "--arm", f"A={a}", "--arm", f"B={b}"]) == 0
     out = json.loads((tmp_path / "results" / "t.json").read_text())
     assert out["arms"]["A"]["recall_at_2"] == 0.6 and out["arms"]["A"]["hits"] == 3
+    assert out["arms"]["A"]["training"] == {"parameters": 972_160, "vocab_size": 1438, "precision": "fp32",
+                                            "steps": 30, "train_seconds": 12.5, "validation_curve": [
+                                                {"epoch": 1.0, "recall_at_10": 0.1, "ndcg_at_10": 0.05}]}
+    assert "training" not in out["arms"]["B"]
     assert out["arms"]["A"]["ndcg_at_2"] == pytest.approx(round((2 + 1 / math.log2(3)) / 5, 6))
     assert out["arms"]["B"]["distinct_top2_lists"] == 1 and out["arms"]["B"]["most_common_top2_share"] == 1.0
     assert out["arms"]["A"]["distinct_top1"] == 4 and out["arms"]["A"]["most_common_top2_share"] == 0.4
@@ -375,7 +386,8 @@ def test_paired_arms_counts_users_hit_by_one_arm_only_and_refuses_other_users(tm
     assert pair["sign_test_p"] == 0.5  # 2 discordant users, both for A: 2 * (1/2)^2
     assert pa_mod.sign_test_p(10, 4) == pytest.approx(2 * sum(math.comb(14, i) for i in range(5)) / 2 ** 14)
     assert pa_mod.sign_test_p(0, 0) == 1.0 and pa_mod.sign_test_p(3, 3) == 1.0
-    assert "exact sign test p = 0.5000" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "exact sign test p = 0.5000" in printed and "params M" in printed and "0.97" in printed
     other = arm("C", [["a", "x"]] * 4, users=("u1", "u2", "u3", "u9"))
     with pytest.raises(SystemExit, match="other users or targets"):
         pa_mod.main(["--name", "t2", "--arm", f"A={a}", "--arm", f"C={other}"])

@@ -7,7 +7,9 @@ predictions (and checked against its ``eval/metrics.json``), distinct top-1 item
 the share of users given the arm's most common top-K list (1.0 = one list for everyone: a model that ignores the
 history). For each pair of arms: users hit by both, by only the first, by only the second at K, and the exact
 two-sided sign test on the users hit by exactly one of them (McNemar's exact test: under "no difference" each
-such user is a fair coin).
+such user is a fair coin). An arm whose run holds its training (``train/_manifest.json``) also reports what it
+trained: parameters, vocabulary, precision, steps, seconds and its validation curve (arms of different sizes or
+machines are then compared knowingly).
 
     python benchmarks/isolation/paired_arms.py --name equal_tokens_beauty_paired \
         --arm "pretrained=/work/runs/bench-beauty-smollm2" --arm "random init=/work/runs/bench-beauty-smollm2-reinit"
@@ -72,6 +74,21 @@ def arm_summary(preds: dict[str, tuple[str, list[str]]], k: int) -> tuple[dict[s
     }, hits
 
 
+def training_facts(run: Path) -> dict[str, Any] | None:
+    """What the arm's model is and how it trained, from its train stage's manifest (None: not trained here)."""
+    path = run / "train" / "_manifest.json"
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text()).get("info") or {}
+    backbone = info.get("backbone") or {}
+    curve = run / "train" / "validation_curve.json"
+    return {"parameters": backbone.get("parameters"), "vocab_size": backbone.get("vocab_size"),
+            "precision": info.get("precision"), "steps": info.get("steps"),
+            "train_seconds": info.get("train_seconds"),
+            "validation_curve": [{k: p.get(k) for k in ("epoch", "recall_at_10", "ndcg_at_10")}
+                                 for p in json.loads(curve.read_text())] if curve.exists() else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arm", action="append", required=True, metavar="LABEL=RUN")
@@ -109,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{recorded}: recall_at_{args.k} {want} but its predictions give "
                                  f"{summary[f'recall_at_{args.k}']}")
         arms[label] = {"run": run.name, **summary}
+        trained = training_facts(run)
+        if trained is not None:
+            arms[label]["training"] = trained
 
     pairs = []
     for a, b in combinations(arms, 2):
@@ -134,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(portable(out), indent=2) + "\n")
     tmp.replace(path)
     k = args.k
-    print(f"{'arm':<28} {'R@' + str(k):>8} {'N@' + str(k):>8} {'hits':>6} {'top1':>6} {'lists':>6} {'common':>7}")
+    print(f"{'arm':<28} {'R@' + str(k):>8} {'N@' + str(k):>8} {'hits':>6} {'top1':>6} {'lists':>6} {'common':>7} "
+          f"{'params M':>8}")
     for label, s in arms.items():
+        n = (s.get("training") or {}).get("parameters")
         print(f"{label:<28} {s[f'recall_at_{k}']:>8.4f} {s[f'ndcg_at_{k}']:>8.4f} {s['hits']:>6} "
-              f"{s['distinct_top1']:>6} {s[f'distinct_top{k}_lists']:>6} {s[f'most_common_top{k}_share']:>7.3f}")
+              f"{s['distinct_top1']:>6} {s[f'distinct_top{k}_lists']:>6} {s[f'most_common_top{k}_share']:>7.3f} "
+              + (f"{n / 1e6:>8.2f}" if isinstance(n, int) else f"{'-':>8}"))
     for p in pairs:
         print(f"{p['a']} vs {p['b']}: both {p['both']}, only {p['a']} {p['only_a']}, only {p['b']} {p['only_b']}, "
               f"exact sign test p = {p['sign_test_p']:.4f}")
