@@ -72,6 +72,17 @@ def test_keep_lead_maps_only_the_terms_after_the_first():
     assert rows[0]["distinct_lead_terms"] == rows[1]["distinct_lead_terms"] == 2
     rows, tables = sweep(terms, items, [3], encode)  # without it the two brands merge into one core
     assert rows[0]["distinct_lead_terms"] == 2 and rows[1]["distinct_lead_terms"] == 1
+    # keep_rare=1: the one-item terms (zenith, cream, hand) stay as written, only the shared ones are clustered
+    seen.clear()
+    rows, tables = sweep(terms, items, [1], encode, keep_rare=1)
+    assert seen == [["acme", "face", "lotion"]]
+    mapped = tables[1].column("terms").to_pylist()
+    assert [t for t in mapped[1] if t in ("zenith", "hand", "cream")] == ["zenith"] and "cream" in mapped[0]
+    assert "hand" in mapped[2]
+    assert rows[1]["core_terms"] == 1 and rows[1]["colliding_items_after"] == 0
+    seen.clear()
+    rows, tables = sweep(terms, items, [1], encode, keep_rare=2)  # every term used by <= 2 items: none clustered
+    assert seen == [] and tables[1].column("terms").to_pylist() == tids and rows[1]["vocab"] == rows[0]["vocab"]
 
 
 @pytest.mark.slow
@@ -114,6 +125,10 @@ def test_variant_names_say_what_was_compressed_and_how():
     lead = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.keep_lead=true"])
     rnd = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=random"])
     assert variant_name(lead, 60) == "k60-lead" and variant_name(rnd, 60) == "k60-random"
+    rare = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.keep_rare=1"])
+    assert variant_name(rare, 60) == "k60-rare1" and stage_key(rare, "compress") != stage_key(base, "compress")
+    assert stage_key(load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.keep_rare=0"]),
+                     "compress") == stage_key(base, "compress")
     assert variant_config(rnd, 60).run.name == f"{base.run.name}-k60-random"
     explicit = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=semantic"])
     assert stage_key(explicit, "compress") == stage_key(base, "compress") != stage_key(rnd, "compress")

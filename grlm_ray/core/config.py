@@ -325,6 +325,10 @@ class CompressConfig(StrictModel):
     # meaning is worth — the same k-means cluster sizes, members a seeded shuffle of the vocabulary (variants are
     # named <run>-k<K>-random)
     grouping: Literal["semantic", "random"] = neutral_default("semantic")
+    # N > 0: terms used by at most N items (a one-item term acts as that item's own id to a model trained from
+    # scratch) stay as written; only the other terms are clustered into K core terms — the isolation of what the
+    # rare terms are worth (variants are named <run>-k<K>-rare<N>)
+    keep_rare: int = neutral_default(0, ge=0)
 
 
 # --------------------------------------------------------------------------- stage 4: IIFT

@@ -80,15 +80,23 @@ def encode_terms(model_spec: str, terms: list[str]) -> np.ndarray:
 
 
 def sweep(terms: pa.Table, items: pa.Table, ks: list[int], encode: Callable[[list[str]], np.ndarray],
-          seed: int = 0, niter: int = 25, keep_lead: bool = False,
-          grouping: str = "semantic") -> tuple[list[dict[str, Any]], dict[int, pa.Table]]:
+          seed: int = 0, niter: int = 25, keep_lead: bool = False, grouping: str = "semantic",
+          keep_rare: int = 0) -> tuple[list[dict[str, Any]], dict[int, pa.Table]]:
     """Raw and each K: vocabulary size, items colliding after the mapping and after re-resolution, the tables.
     ``keep_lead``: only the terms after the first are clustered and mapped (``compress.keep_lead``);
-    ``grouping``: ``compress.grouping`` (semantic k-means, or its clusters with shuffled members)."""
+    ``grouping``: ``compress.grouping`` (semantic k-means, or its clusters with shuffled members);
+    ``keep_rare``: terms used by at most that many items stay as written, only the others are clustered
+    (``compress.keep_rare``)."""
     tids = terms.column("terms").to_pylist()
     vocab = sorted({t for tid in tids for t in tid})
     clustered = sorted({t for tid in tids for t in tid[1:]}) if keep_lead else vocab
-    emb = encode(clustered)
+    if keep_rare > 0:
+        used_by: dict[str, int] = {}
+        for tid in tids:
+            for t in set(tid):
+                used_by[t] = used_by.get(t, 0) + 1
+        clustered = [t for t in clustered if used_by[t] > keep_rare]
+    emb = encode(clustered) if clustered else np.zeros((0, 1), np.float32)  # nothing to cluster: every K is raw
     rows = [{"k": "raw", "vocab": len(vocab), "colliding_items_mapped": colliding_items([tuple(t) for t in tids]),
              "colliding_items_after": colliding_items([tuple(t) for t in tids]), "changed_items": 0,
              "distinct_lead_terms": len({tid[0] for tid in tids if tid})}]
@@ -144,7 +152,7 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
             ctx.info["provided_tids_kept"] = kept
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
         rows, tables = sweep(terms, items, sorted(set(c.ks)), lambda v: encode_terms(cfg.embed.model, v),
-                             c.seed, c.niter, c.keep_lead, c.grouping)
+                             c.seed, c.niter, c.keep_lead, c.grouping, c.keep_rare)
         for k, t in tables.items():
             ctx.write(f"k{k}/terms.parquet", t, TERMS)
         ctx.store.write_json(ctx.rel("sweep.json"), rows)
