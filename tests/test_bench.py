@@ -394,3 +394,51 @@ def test_paired_arms_counts_users_hit_by_one_arm_only_and_refuses_other_users(tm
     wrong = arm("D", [["a", "x"]] * 5, recall=0.4)  # its metrics.json disagrees with its predictions
     with pytest.raises(SystemExit, match="recall_at_2 0.4"):
         pa_mod.main(["--name", "t3", "--k", "2", "--arm", f"A={a}", "--arm", f"D={wrong}"])
+
+
+def test_target_groups_splits_hits_by_the_targets_rare_terms_and_popularity(tmp_path, monkeypatch, capsys):
+    """Targets grouped by whether their TID (in the reference run) has a term no other item uses, and by their
+    training popularity: each arm's hits per group, hand-counted; arms on other users are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "target_groups.py"
+    spec = importlib.util.spec_from_file_location("target_groups", path)
+    tg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tg)
+    monkeypatch.setattr(tg, "RESULTS", tmp_path / "results")
+    ref = tmp_path / "ref"
+    (ref / "sft").mkdir(parents=True)
+    (ref / "prepare").mkdir()
+    # 'a' has the one-item term 'zeta'; 'b', 'c' share all their terms with another item
+    pq.write_table(pa.table({"item_id": ["a", "b", "c"], "terms": [["x", "zeta"], ["x", "y"], ["y", "x"]]}),
+                   ref / "sft" / "terms.parquet")
+    # training interactions (each history without its last two): a x1, b x6, c x0
+    pq.write_table(pa.table({"item_ids": [["a"] + ["b"] * 6 + ["c", "a"], ["c", "b"]]}),
+                   ref / "prepare" / "sequences.parquet")
+
+    def arm(name, ranked, users=("u1", "u2", "u3")):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        pq.write_table(pa.table({"user_id": list(users), "target_item_id": ["a", "b", "c"][:len(users)],
+                                 "ranked_item_ids": ranked}), run / "eval" / "predictions.parquet")
+        return run
+
+    full = arm("full", [["a"], ["b"], ["c"]])
+    part = arm("part", [["b"], ["b"], ["a"]])  # loses the rare-term target a and c
+    assert tg.main(["--name", "g", "--terms", str(ref), "--arm", f"F={full}", "--arm", f"P={part}"]) == 0
+    out = json.loads((tmp_path / "results" / "g.json").read_text())
+    rows = {r["group"]: r for r in out["rows"]}
+    assert out["catalog"] == {"items": 3, "terms": 3, "rare_terms": 1, "items_with_a_rare_term": 1}
+    rare = rows["rare term (<= 1 items) / all"]
+    assert (rare["users"], rare["F hits"], rare["P hits"], rare["P hits lost vs F"]) == (1, 1, 0, 1)
+    assert rows["rare term (<= 1 items) / <=5"]["users"] == 1
+    assert rows["no rare term / 6-15"]["users"] == 1 and rows["no rare term / 6-15"]["P hits"] == 1
+    assert rows["no rare term / <=5"]["P R@10"] == 0.0 and rows["all"]["P R@10"] == round(1 / 3, 6)
+    assert "1 of 3 terms are used by <= 1 items" in capsys.readouterr().out
+    other = arm("other", [["a"], ["b"]], users=("u1", "u9"))
+    with pytest.raises(SystemExit, match="other users or targets"):
+        tg.main(["--name", "g2", "--terms", str(ref), "--arm", f"F={full}", "--arm", f"O={other}"])
