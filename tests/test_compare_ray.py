@@ -91,4 +91,8 @@ def test_the_comparison_table_adds_per_domain_columns_for_a_joint_catalog():
     assert lines[6].split() == ["k300", "-", "-"]
     assert lines[2].split()[-2:] == ["1.78", "12.5"]
     assert format_table([{**row, "params": None}]).splitlines()[1].split()[-2:] == ["-", "12.5"]
+    # a long variant name widens the column instead of pushing its row out of line
+    long = format_table([row, {**row, "variant": "k1100-random-rare1", "per_domain": {}}]).splitlines()
+    ends = [long[0].index("vocab") + 5, long[1].index(" 900") + 4, long[2].index(" 900") + 4]
+    assert len(set(ends)) == 1 and long[2].startswith("k1100-random-rare1")
     assert "per domain" not in format_table([{**row, "per_domain": {}}])

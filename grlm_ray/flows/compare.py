@@ -126,11 +126,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def n(x: Any, w: int) -> str:
         return f"{x:{w}d}" if isinstance(x, int) else f"{'-':>{w}s}"
 
-    head = (f"{'variant':>8s} {'vocab':>6s} {'collide':>8s} {'after':>6s} {'R@5':>7s} {'N@5':>7s} {'R@10':>7s} "
+    w = max([8, *(len(r["variant"]) for r in rows)])  # k1100-random-rare1 and the like stay aligned
+    head = (f"{'variant':>{w}s} {'vocab':>6s} {'collide':>8s} {'after':>6s} {'R@5':>7s} {'N@5':>7s} {'R@10':>7s} "
             f"{'N@10':>7s} {'VR@10':>6s} {'loss':>6s} {'params M':>8s} {'train min':>9s}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['variant']:>8s} {r['vocab']:6d} {n(r.get('colliding_items_mapped'), 8)} "
+        lines.append(f"{r['variant']:>{w}s} {r['vocab']:6d} {n(r.get('colliding_items_mapped'), 8)} "
                      f"{n(r.get('colliding_items_after'), 6)} {f(r.get('recall_at_5'))} {f(r.get('ndcg_at_5'))} "
                      f"{f(r.get('recall_at_10'))} {f(r.get('ndcg_at_10'))} {f(r.get('vr_at_10'), 6, 3)} "
                      f"{f(r.get('train_loss_last'), 6, 3)} "
@@ -139,12 +140,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     domains = sorted({d for r in rows for d in (r.get("per_domain") or {})})
     if domains:
         lines.append("per domain, R@10 / N@10:")
-        lines.append(f"{'variant':>8s} " + " ".join(f"{d[:17]:>17s}" for d in domains))
+        lines.append(f"{'variant':>{w}s} " + " ".join(f"{d[:17]:>17s}" for d in domains))
         for r in rows:
             pd_ = r.get("per_domain") or {}
             cells = [f"{f(pd_[d].get('recall_at_10'), 8)}/{f(pd_[d].get('ndcg_at_10'), 8)}" if d in pd_ else f"{'-':>17s}"
                      for d in domains]
-            lines.append(f"{r['variant']:>8s} " + " ".join(cells))
+            lines.append(f"{r['variant']:>{w}s} " + " ".join(cells))
     return "\n".join(lines)
 
 
