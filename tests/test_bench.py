@@ -15,6 +15,19 @@ from grlm_ray.cli import main as cli_main
 from grlm_ray.core.errors import ConfigError
 
 
+def isolation_script(name, monkeypatch, tmp_path):
+    """benchmarks/isolation/<name>.py loaded as a module, its result files going under tmp_path/results."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" /
+                                                  "isolation" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
+    return mod
+
+
 def test_every_benchmark_module_has_the_harness_interface():
     for name in BENCHMARKS:
         mod = module(name)
@@ -252,14 +265,8 @@ def test_joint_vs_single_compares_each_domain_on_the_same_users_and_refuses_othe
 def test_time_to_quality_reads_curves_at_equal_tokens_and_names_an_arm_without_them(tmp_path, monkeypatch):
     """benchmarks/isolation/time_to_quality.py --x tokens: the best validation score each arm had reached by each
     mark of training tokens, a plot against tokens; a run whose points predate the token count is named."""
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "time_to_quality.py"
-    spec = importlib.util.spec_from_file_location("time_to_quality", path)
-    ttq = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ttq)
-    monkeypatch.setattr(ttq, "RESULTS", tmp_path / "results")
+    ttq = isolation_script("time_to_quality", monkeypatch, tmp_path)
 
     def run(name, points):
         (tmp_path / name / "train").mkdir(parents=True)
@@ -298,18 +305,12 @@ def test_time_to_quality_reads_curves_at_equal_tokens_and_names_an_arm_without_t
 def test_time_to_quality_scores_popularity_on_the_validation_users_the_run_drew(tmp_path, monkeypatch):
     """--popularity RUN: items ranked by training interactions (held-out positions removed) scored on the
     targets in RUN's train/validation.parquet, recorded beside the arms; a run without them is named."""
-    import importlib.util
     import math
-    from pathlib import Path
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "time_to_quality.py"
-    spec = importlib.util.spec_from_file_location("time_to_quality", path)
-    ttq = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ttq)
-    monkeypatch.setattr(ttq, "RESULTS", tmp_path / "results")
+    ttq = isolation_script("time_to_quality", monkeypatch, tmp_path)
     run = tmp_path / "r"
     (run / "prepare").mkdir(parents=True)
     (run / "train").mkdir()
@@ -340,17 +341,11 @@ def test_paired_arms_counts_users_hit_by_one_arm_only_and_refuses_other_users(tm
     """Two arms on the same users: hits, the discordant counts with the exact sign test (hand-computed), distinct
     lists (an arm giving everyone one list shows share 1.0); the stage's recorded R@10 is checked; arms evaluated on
     other users are refused."""
-    import importlib.util
-    from pathlib import Path
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "paired_arms.py"
-    spec = importlib.util.spec_from_file_location("paired_arms", path)
-    pa_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pa_mod)
-    monkeypatch.setattr(pa_mod, "RESULTS", tmp_path / "results")
+    pa_mod = isolation_script("paired_arms", monkeypatch, tmp_path)
 
     def arm(name, ranked, users=("u1", "u2", "u3", "u4", "u5"), recall=None):
         run = tmp_path / name
@@ -399,17 +394,11 @@ def test_paired_arms_counts_users_hit_by_one_arm_only_and_refuses_other_users(tm
 def test_target_groups_splits_hits_by_the_targets_rare_terms_and_popularity(tmp_path, monkeypatch, capsys):
     """Targets grouped by whether their TID (in the reference run) has a term no other item uses, and by their
     training popularity: each arm's hits per group, hand-counted; arms on other users are refused."""
-    import importlib.util
-    from pathlib import Path
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "isolation" / "target_groups.py"
-    spec = importlib.util.spec_from_file_location("target_groups", path)
-    tg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tg)
-    monkeypatch.setattr(tg, "RESULTS", tmp_path / "results")
+    tg = isolation_script("target_groups", monkeypatch, tmp_path)
     ref = tmp_path / "ref"
     (ref / "sft").mkdir(parents=True)
     (ref / "prepare").mkdir()
