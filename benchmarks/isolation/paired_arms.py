@@ -74,6 +74,44 @@ def arm_summary(preds: dict[str, tuple[str, list[str]]], k: int) -> tuple[dict[s
     }, hits
 
 
+def read_arms(specs: list[str]) -> dict[str, tuple[Path, dict[str, tuple[str, list[str]]]]]:
+    """LABEL=RUN specs -> {label: (run, predictions)}; refuses arms evaluated on other users or targets."""
+    out: dict[str, tuple[Path, dict[str, tuple[str, list[str]]]]] = {}
+    keys: list | None = None
+    for spec in specs:
+        label, _, source = spec.rpartition("=")
+        if not label:
+            raise SystemExit(f"--arm needs LABEL=RUN, got {spec!r}")
+        run = Path(source).expanduser()
+        preds = load_predictions(run)
+        these = sorted((u, t) for u, (t, _) in preds.items())
+        if keys is None:
+            keys, first = these, label
+        elif these != keys:
+            raise SystemExit(f"arm {label!r} ({run}) was evaluated on other users or targets than arm {first!r}: "
+                             f"{len(these)} vs {len(keys)} users; evaluate both with the same eval.split / "
+                             "eval.limit_users / eval.seed")
+        out[label] = (run, preds)
+    return out
+
+
+def command_line(script: str, specs: list[str], name: str, extra: str = "") -> str:
+    """The command as recorded in a result file: run folders under ``<root>``."""
+    arms = " ".join(f"--arm '{s.rpartition('=')[0]}=<root>/{Path(s.rpartition('=')[2]).name}'" for s in specs)
+    return f"python benchmarks/isolation/{script} {arms} --name {name}{extra}"
+
+
+def write_result(name: str, out: dict[str, Any], folder: Path | None = None) -> Path:
+    """<folder, default benchmarks/results>/<name>.json, written atomically."""
+    folder = folder or RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def training_facts(run: Path) -> dict[str, Any] | None:
     """What the arm's model is and how it trained, from its train stage's manifest (None: not trained here)."""
     path = run / "train" / "_manifest.json"
@@ -103,20 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
     arms: dict[str, dict[str, Any]] = {}
     hits: dict[str, dict[str, bool]] = {}
-    keys: tuple | None = None
-    for spec in args.arm:
-        label, _, source = spec.rpartition("=")
-        if not label:
-            raise SystemExit(f"--arm needs LABEL=RUN, got {spec!r}")
-        run = Path(source).expanduser()
-        preds = load_predictions(run)
-        these = tuple(sorted((u, t) for u, (t, _) in preds.items()))
-        if keys is None:
-            keys, first = these, label
-        elif these != keys:
-            raise SystemExit(f"arm {label!r} ({run}) was evaluated on other users or targets than arm {first!r}: "
-                             f"{len(these)} vs {len(keys)} users; evaluate both with the same eval.split / "
-                             "eval.limit_users / eval.seed")
+    read = read_arms(args.arm)
+    for label, (run, preds) in read.items():
         summary, hits[label] = arm_summary(preds, args.k)
         recorded = run / "eval" / "metrics.json"
         if recorded.exists():  # the stage's own number, from the same predictions
@@ -138,21 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         pairs.append({"a": a, "b": b, "both": both, "only_a": only_a, "only_b": only_b,
                       "sign_test_p": round(sign_test_p(only_a, only_b), 6)})
 
-    users = [u for u, _ in keys]
+    users = sorted(next(iter(read.values()))[1])
     out = {
         "k": args.k, "users": len(users),
         "user_ids_sha1": hashlib.sha1("\n".join(users).encode()).hexdigest(),
         "arms": arms, "pairs": pairs, "protocol": args.protocol,
         "machine": describe(),
-        "command": "python benchmarks/isolation/paired_arms.py " + " ".join(
-            f"--arm '{s.rpartition('=')[0]}=<root>/{Path(s.rpartition('=')[2]).name}'" for s in args.arm)
-        + f" --name {args.name}" + (f" --k {args.k}" if args.k != 10 else ""),
+        "command": command_line("paired_arms.py", args.arm, args.name, f" --k {args.k}" if args.k != 10 else ""),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(portable(out), indent=2) + "\n")
-    tmp.replace(path)
+    path = write_result(args.name, portable(out))
     k = args.k
     print(f"{'arm':<28} {'R@' + str(k):>8} {'N@' + str(k):>8} {'hits':>6} {'top1':>6} {'lists':>6} {'common':>7} "
           f"{'params M':>8}")

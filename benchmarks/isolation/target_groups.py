@@ -19,7 +19,6 @@ Writes benchmarks/results/<name>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
     from grlm_ray.bench.common import describe, portable
-    from paired_arms import load_predictions
+    import paired_arms
 
     ref = Path(args.terms).expanduser()
     for need in ("sft/terms.parquet", "prepare/sequences.parquet"):
@@ -63,19 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     seq = pq.read_table(ref / "prepare" / "sequences.parquet", columns=["item_ids"]).column("item_ids").to_pylist()
     pop = Counter(i for s in seq for i in s[:-2])
 
-    arms: dict[str, dict[str, tuple[str, list[str]]]] = {}
-    keys = None
-    for spec in args.arm:
-        label, _, source = spec.rpartition("=")
-        if not label:
-            raise SystemExit(f"--arm needs LABEL=RUN, got {spec!r}")
-        preds = load_predictions(Path(source).expanduser())
-        these = sorted((u, tg) for u, (tg, _) in preds.items())
-        if keys is None:
-            keys, first = these, label
-        elif these != keys:
-            raise SystemExit(f"arm {label!r} was evaluated on other users or targets than arm {first!r}")
-        arms[label] = preds
+    arms = {label: preds for label, (_, preds) in paired_arms.read_arms(args.arm).items()}
+    keys = sorted((u, tg) for u, (tg, _) in next(iter(arms.values())).items())
     missing = {tg for _, tg in keys if tg not in tids}
     if missing:
         raise SystemExit(f"{ref}/sft/terms.parquet has no TID for {len(missing)} test targets "
@@ -101,16 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                        "rare_terms": sum(1 for c in used_by.values() if c <= args.rare),
                        "items_with_a_rare_term": len(rare_items)},
            "machine": describe(),
-           "command": "python benchmarks/isolation/target_groups.py "
-                      f"--terms <root>/{ref.name} "
-                      + " ".join(f"--arm '{s.rpartition('=')[0]}=<root>/{Path(s.rpartition('=')[2]).name}'"
-                                 for s in args.arm)
-                      + f" --name {args.name}" + (f" --rare {args.rare}" if args.rare != 1 else "")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(portable(out), indent=2) + "\n")
-    tmp.replace(path)
+           "command": paired_arms.command_line(
+               "target_groups.py", args.arm, args.name,
+               f" --terms <root>/{ref.name}" + (f" --rare {args.rare}" if args.rare != 1 else ""))}
+    path = paired_arms.write_result(args.name, portable(out), RESULTS)
     c = out["catalog"]
     print(f"{c['rare_terms']} of {c['terms']} terms are used by <= {args.rare} items; "
           f"{c['items_with_a_rare_term']} of {c['items']} items have one")
