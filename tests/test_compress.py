@@ -40,6 +40,49 @@ def test_random_grouping_keeps_the_cluster_sizes_and_drops_the_meaning():
         core_term_map(vocab, e, 4, grouping="alphabetic")
 
 
+def test_behaviour_grouping_merges_the_terms_of_items_bought_together():
+    """``compress.grouping=behaviour``: item vectors from the training sequences alone (held-out positions are not in
+    ``lists``), each term the sum of its items' vectors, k-means over those — terms of items bought in the same
+    sessions merge whatever the words mean; a term whose items were never trained on is counted, not dropped."""
+    import pyarrow as pa
+
+    from grlm_ray.stages.compress import behaviour_vectors, item_behaviour
+
+    rng = np.random.default_rng(0)
+    shops = [[f"a{i}" for i in range(5)], [f"b{i}" for i in range(5)]]
+    seqs = [list(rng.permutation(shops[u % 2])) for u in range(40)]  # each user buys within one shop
+    ids = shops[0] + shops[1] + ["new"]  # "new": in the catalog, never in a training sequence
+    lists = pa.array(seqs, pa.list_(pa.string()))
+    iv = item_behaviour(lists, ids, dim=2)  # two shops: two dimensions say everything
+    assert iv.shape == (11, 2) and not iv[-1].any() and np.allclose(np.linalg.norm(iv[:-1], axis=1), 1)
+    same = float(np.mean([iv[0] @ iv[j] for j in range(1, 5)]))
+    other = float(np.mean([iv[0] @ iv[j] for j in range(5, 10)]))
+    assert same > 0.9 and other < 0.1
+    # words that mean nothing about the shops: every item has a colour term (shared across shops) and its own term
+    tids = [[f"own{i}", ["red", "blue"][i % 2]] for i in range(10)] + [["lonely", "red"]]
+    vocab = sorted({t for tid in tids for t in tid})
+    vecs, empty = behaviour_vectors(vocab, tids, iv, seed=0)
+    assert empty == 1 and np.allclose(np.linalg.norm(vecs, axis=1), 1)  # "lonely": only the untrained item has it
+    m = core_term_map(vocab, vecs, 3, seed=0, grouping="behaviour")
+    assert len({m[f"own{i}"] for i in range(5)}) == 1 and len({m[f"own{i}"] for i in range(5, 10)}) == 1
+    assert m["own0"] != m["own5"]
+    assert not item_behaviour(pa.array([[]], pa.list_(pa.string())), ids, dim=2).any()  # no training: zero rows
+
+
+def test_a_tid_keeps_distinct_terms_and_ranks_give_the_next_core():
+    """A core that another term of the TID is itself, or that an earlier term took: the term keeps its own word (no
+    TID ever holds a term twice); with ranks (behaviour grouping) it takes its next free core instead, so the
+    vocabulary stays at the K cores — its own word only when every ranked core is taken."""
+    m = {"cream": "lotion", "balm": "lotion", "lotion": "lotion", "face": "face", "hand": "face"}
+    assert apply_map([["cream", "lotion"]], m) == [["cream", "lotion"]]  # was ["lotion", "lotion"]
+    assert apply_map([["cream", "balm", "hand"]], m) == [["lotion", "balm", "face"]]
+    ranks = {"cream": ["lotion", "face"], "balm": ["lotion", "face", "hand"], "hand": ["face", "lotion"]}
+    assert apply_map([["cream", "balm"]], m, ranks=ranks) == [["lotion", "face"]]
+    assert apply_map([["cream", "lotion"]], m, ranks=ranks) == [["face", "lotion"]]
+    assert apply_map([["cream", "balm", "hand"]], m, ranks=ranks) == [["lotion", "face", "hand"]]  # all taken: own
+    assert apply_map([["cream", "face"]], m, keep_lead=True, ranks=ranks) == [["cream", "face"]]
+
+
 def test_keep_lead_maps_only_the_terms_after_the_first():
     """``compress.keep_lead``: the lead term (a brand) stays as written, only later terms are clustered and mapped;
     the sweep reports the distinct lead terms, which compression without it merges."""
@@ -110,6 +153,18 @@ def test_sweep_on_authors_beauty_tids_with_real_encoder(shared_data, tmp_path):
     mlflow.set_tracking_uri(tracking_uri(cfg))
     runs = mlflow.search_runs(experiment_names=["grlm-beauty"], filter_string="tags.`grlm.stage` = 'compress'")
     assert {"1000", "3000", "raw"} <= set(runs["tags.grlm.compress_k"].dropna())
+    # behaviour grouping on the same prepared data: the stage reads the training sequences (recorded as its inputs)
+    beh = load_config(None, [f"run.root={tmp_path}", "run.name=b", f"data.base_dir={shared_data}",
+                             "data.domains={beauty: {kind: bundle, dir: beauty}}", "compress.source=provided",
+                             "compress.ks=[1000]", "compress.grouping=behaviour", "tracking.enabled=false"])
+    info = run_pipeline(beh, stages=("prepare", "compress"))["stages"]["compress"]["info"]
+    print(info["sweep"], info["items_without_training"], info["terms_without_training"])
+    b1000 = info["sweep"][1]
+    assert b1000["core_terms"] == 1000 and b1000["colliding_items_after"] == 0 and b1000["vocab"] < raw["vocab"]
+    assert 0 <= info["items_without_training"] < 200 and 0 <= info["terms_without_training"] < 200
+    from grlm_ray.core.storage import read_manifest
+
+    assert {"sequences", "targets"} <= set(read_manifest(Store(str(tmp_path)), "b", "compress")["inputs"])
 
 
 def test_variant_names_say_what_was_compressed_and_how():
@@ -132,3 +187,6 @@ def test_variant_names_say_what_was_compressed_and_how():
     assert variant_config(rnd, 60).run.name == f"{base.run.name}-k60-random"
     explicit = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=semantic"])
     assert stage_key(explicit, "compress") == stage_key(base, "compress") != stage_key(rnd, "compress")
+    beh = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=behaviour"])
+    assert variant_name(beh, 60) == "k60-behaviour" and stage_key(beh, "compress") not in (
+        stage_key(base, "compress"), stage_key(rnd, "compress"))

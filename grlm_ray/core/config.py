@@ -323,8 +323,10 @@ class CompressConfig(StrictModel):
     keep_lead: bool = neutral_default(False)
     # semantic: k-means over the terms' embeddings (the method); random: the control for what the merged words'
     # meaning is worth — the same k-means cluster sizes, members a seeded shuffle of the vocabulary (variants are
-    # named <run>-k<K>-random)
-    grouping: Literal["semantic", "random"] = neutral_default("semantic")
+    # named <run>-k<K>-random); behaviour: k-means over what the terms' items do in the training sequences (each
+    # term the sum of its items' co-interaction vectors: PPMI + SVD of items within 3 positions), so terms whose
+    # items are bought in the same contexts merge (variants are named <run>-k<K>-behaviour)
+    grouping: Literal["semantic", "random", "behaviour"] = neutral_default("semantic")
     # N > 0: terms used by at most N items (a one-item term acts as that item's own id to a model trained from
     # scratch) stay as written; only the other terms are clustered into K core terms — the isolation of what the
     # rare terms are worth (variants are named <run>-k<K>-rare<N>)

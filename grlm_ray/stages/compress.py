@@ -4,8 +4,10 @@ map each term to its cluster's *core term* (the member nearest the centroid). A 
 
 Contract: ctg/terms (or prepare/terms for the provided TIDs; with ``sft.provided_domains``, CTG's terms with those
 domains' own in place) -> compress/k<K>/terms + compress/sweep.json.
-Within a TID, a term whose core term is already present keeps its own word, so TIDs keep N distinct
-terms; collisions the mapping creates are resolved again (``resolve_collisions``) and counted.
+Within a TID, a term whose core term is already present (or is another of its terms) keeps its own word, so
+TIDs keep N distinct terms; collisions the mapping creates are resolved again (``resolve_collisions``) and counted.
+``compress.grouping=behaviour`` clusters the terms by what their items do in the training sequences instead of what
+the words mean, and a term whose core is taken takes its next nearest core (one item's terms fall in one cluster).
 """
 
 from __future__ import annotations
@@ -19,52 +21,79 @@ import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.registry import stage_key
-from grlm_ray.core.schemas import ITEMS, TERMS
+from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
 from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext
 from grlm_ray.core.tracking import open_run
 from grlm_ray.lib.models import quiet_loading, resolve_model_path
 from grlm_ray.lib.terms import colliding_items, keep_provided, resolve_terms_table
-from grlm_ray.lib.textformat import domain_lookup
+from grlm_ray.lib.textformat import domain_lookup, training_lists
 
 log = logging.getLogger(__name__)
 STAGE = "compress"
 
 
+GROUPINGS = ("semantic", "random", "behaviour")
+BEHAVIOUR_DIM = 64  # the item vectors' dimension (truncated SVD of the co-interaction PPMI)
+BEHAVIOUR_WINDOW = 3  # items at most this many positions apart in a training sequence co-occur
+
+
 def core_term_map(vocab: list[str], emb: np.ndarray, k: int, seed: int = 0, niter: int = 25,
                   grouping: str = "semantic") -> dict[str, str]:
-    """term -> core term. ``emb`` is [len(vocab), d], L2-normalized. ``grouping="random"``: the control for what
-    the meaning of the merged words is worth — k-means' clusters keep their sizes but their members are a seeded
-    shuffle of the vocabulary (each cluster's core: its member nearest its centroid, as for the semantic map)."""
-    if grouping not in ("semantic", "random"):
-        raise ValueError(f"compress.grouping={grouping!r}: expected 'semantic' or 'random'")
+    """term -> core term. ``emb`` is [len(vocab), d], L2-normalized (the terms' meaning, or with
+    ``grouping="behaviour"`` their items' behaviour: ``behaviour_vectors``; k-means either way).
+    ``grouping="random"``: the control for what the meaning of the merged words is worth — k-means' clusters keep
+    their sizes but their members are a seeded shuffle of the vocabulary (each cluster's core: its member nearest
+    its centroid, as for the semantic map)."""
+    return {t: r[0] for t, r in core_term_ranks(vocab, emb, k, seed, niter, grouping, 1).items()}
+
+
+def core_term_ranks(vocab: list[str], emb: np.ndarray, k: int, seed: int = 0, niter: int = 25,
+                    grouping: str = "semantic", n: int = 8) -> dict[str, list[str]]:
+    """term -> up to ``n`` core terms, its own cluster's first (``core_term_map``), then the cores of the next
+    nearest centroids: where a TID's terms share a cluster (behaviour grouping puts the terms of one item
+    together), ``apply_map`` gives the later ones their next core instead of their own word."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"compress.grouping={grouping!r}: expected one of {', '.join(GROUPINGS)}")
     if k >= len(vocab):
-        return {t: t for t in vocab}
+        return {t: [t] for t in vocab}
     import faiss
 
-    km = faiss.Kmeans(emb.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False)
-    km.train(emb.astype(np.float32))
-    _, assign = km.index.search(emb.astype(np.float32), 1)  # [n_terms, 1]
-    assign = assign[:, 0]
+    x = emb.astype(np.float32)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False)
+    km.train(x)
+    _, near = km.index.search(x, min(n, k))  # [n_terms, n] nearest centroids, nearest first
+    assign = near[:, 0].copy()
     if grouping == "random":  # the same cluster sizes, members drawn without regard to meaning
-        assign = assign[np.random.default_rng(seed).permutation(len(assign))]
+        perm = np.random.default_rng(seed).permutation(len(assign))
+        assign, near = assign[perm], near[perm]
     sims = np.einsum("nd,nd->n", emb, km.centroids[assign])  # similarity to own centroid
     core: dict[int, int] = {}
     for i, c in enumerate(assign):
         if c not in core or sims[i] > sims[core[c]] or (sims[i] == sims[core[c]] and vocab[i] < vocab[core[c]]):
             core[int(c)] = i
-    return {t: vocab[core[int(assign[i])]] for i, t in enumerate(vocab)}
+    out = {}
+    for i, t in enumerate(vocab):
+        ranked = [int(assign[i])] + [int(c) for c in near[i] if c != assign[i] and int(c) in core]
+        out[t] = [vocab[core[c]] for c in ranked[:n]]
+    return out
 
 
-def apply_map(tids: list[list[str]], mapping: dict[str, str], keep_lead: bool = False) -> list[list[str]]:
-    """Each term -> its core term (a core already in the TID: the term keeps its own word); ``keep_lead``: the
-    first term stays as written."""
+def apply_map(tids: list[list[str]], mapping: dict[str, str], keep_lead: bool = False,
+              ranks: dict[str, list[str]] | None = None) -> list[list[str]]:
+    """Each term -> its core term. A core that is already in the TID, or that another of its terms is itself (a
+    core maps to itself): the term keeps its own word, or with ``ranks`` takes its next core not in the TID (its
+    own word only when all are) — a TID's terms stay distinct. ``keep_lead``: the first term stays as written."""
     out = []
     for tid in tids:
+        fixed = {t for j, t in enumerate(tid) if mapping.get(t, t) == t or (keep_lead and j == 0)}
         new: list[str] = []
         for j, t in enumerate(tid):
-            m = t if keep_lead and j == 0 else mapping.get(t, t)
-            new.append(m if m not in new else t)
+            if t in fixed:
+                new.append(t)
+                continue
+            options = ranks.get(t, [mapping.get(t, t)]) if ranks else [mapping.get(t, t)]
+            new.append(next((m for m in options if m not in new and m not in fixed), t))
         out.append(new)
     return out
 
@@ -77,6 +106,70 @@ def encode_terms(model_spec: str, terms: list[str]) -> np.ndarray:
     texts = [t.replace("-", " ") for t in terms]
     return model.encode(texts, batch_size=256, normalize_embeddings=True, convert_to_numpy=True,
                         show_progress_bar=False).astype(np.float32)
+
+
+def item_behaviour(lists: pa.ListArray, item_ids: list[str], dim: int = BEHAVIOUR_DIM,
+                   window: int = BEHAVIOUR_WINDOW, seed: int = 0) -> np.ndarray:
+    """[len(item_ids), <= dim] L2-normalized item vectors from the training sequences alone (``lists``: each
+    user's items with the held-out positions removed): items within ``window`` positions of each other co-occur
+    (weight 1/distance, both directions), positive PMI of those counts, truncated SVD (U * sqrt(S)). An item with
+    no training interaction gets a zero row."""
+    import pyarrow.compute as pc
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import svds
+
+    n = len(item_ids)
+    flat = pc.index_in(pc.list_flatten(lists), value_set=pa.array(item_ids, pa.string()))
+    codes = flat.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    owner = np.repeat(np.arange(len(lists)), np.diff(lists.offsets.to_numpy()))
+    rows, cols, vals = [], [], []
+    for d in range(1, window + 1):
+        same = owner[d:] == owner[:-d]
+        a, b = codes[:-d][same], codes[d:][same]
+        ok = (a >= 0) & (b >= 0) & (a != b)
+        rows += [a[ok], b[ok]]
+        cols += [b[ok], a[ok]]
+        vals += [np.full(int(ok.sum()), 1.0 / d)] * 2
+    r, c, v = (np.concatenate(x) if x else np.zeros(0) for x in (rows, cols, vals))
+    m = sp.coo_matrix((v, (r.astype(np.int64), c.astype(np.int64))), shape=(n, n)).tocsr()
+    m.sum_duplicates()
+    row_sum = np.asarray(m.sum(axis=1)).ravel()
+    total = row_sum.sum()
+    out = np.zeros((n, dim), np.float32)
+    if total == 0:
+        return out
+    coo = m.tocoo()
+    pmi = np.log(coo.data * total / (row_sum[coo.row] * row_sum[coo.col]))
+    keep = pmi > 0
+    ppmi = sp.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=(n, n))
+    k = min(dim, n - 1)
+    if k < 1 or ppmi.nnz == 0:
+        return out
+    u, s, _ = svds(ppmi, k=k, random_state=seed)
+    vec = (u * np.sqrt(s)).astype(np.float32)
+    norm = np.linalg.norm(vec, axis=1, keepdims=True)
+    out[:, :k] = np.where(norm > 0, vec / np.maximum(norm, 1e-12), 0)
+    return out
+
+
+def behaviour_vectors(vocab: list[str], tids: list[list[str]], item_vecs: np.ndarray,
+                      seed: int = 0) -> tuple[np.ndarray, int]:
+    """Each term's behaviour: the normalized sum of the vectors of the items whose TID holds it
+    (``item_vecs`` aligned with ``tids``). A term none of whose items was ever trained on gets a seeded random unit
+    vector (k-means places it anywhere); returned with how many terms that was."""
+    index = {t: i for i, t in enumerate(vocab)}
+    out = np.zeros((len(vocab), item_vecs.shape[1]), np.float32)
+    for tid, vec in zip(tids, item_vecs):
+        for t in set(tid):
+            if t in index:
+                out[index[t]] += vec
+    norm = np.linalg.norm(out, axis=1)
+    empty = norm < 1e-9
+    if empty.any():
+        rnd = np.random.default_rng(seed).normal(size=(int(empty.sum()), out.shape[1])).astype(np.float32)
+        out[empty] = rnd
+        norm = np.linalg.norm(out, axis=1)
+    return out / norm[:, None], int(empty.sum())
 
 
 def sweep(terms: pa.Table, items: pa.Table, ks: list[int], encode: Callable[[list[str]], np.ndarray],
@@ -102,8 +195,11 @@ def sweep(terms: pa.Table, items: pa.Table, ks: list[int], encode: Callable[[lis
              "distinct_lead_terms": len({tid[0] for tid in tids if tid})}]
     tables: dict[int, pa.Table] = {}
     for k in ks:
-        mapping = core_term_map(clustered, emb, k, seed, niter, grouping)
-        mapped = apply_map(tids, mapping, keep_lead)
+        ranks = core_term_ranks(clustered, emb, k, seed, niter, grouping)
+        mapping = {t: r[0] for t, r in ranks.items()}
+        # behaviour puts one item's terms in one cluster: their own words would keep most of the vocabulary (3,400+
+        # of Beauty's 7,497 terms at any K); the next core keeps it at about K
+        mapped = apply_map(tids, mapping, keep_lead, ranks if grouping == "behaviour" else None)
         t = terms.set_column(terms.column_names.index("terms"), "terms", pa.array(mapped, pa.list_(pa.string())))
         collide = colliding_items([tuple(x) for x in mapped])
         resolved, rep = resolve_terms_table(t, items)
@@ -151,7 +247,19 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
             terms, kept = keep_provided(terms, own, provided, domain_lookup(cfg))
             ctx.info["provided_tids_kept"] = kept
         items = ctx.read("items.parquet", ITEMS, stage="prepare")
-        rows, tables = sweep(terms, items, sorted(set(c.ks)), lambda v: encode_terms(cfg.embed.model, v),
+        encode: Callable[[list[str]], np.ndarray] = lambda v: encode_terms(cfg.embed.model, v)
+        if c.grouping == "behaviour":  # the terms' items' co-interactions in the training sequences, not the words
+            lists = training_lists(ctx.read("sequences.parquet", SEQUENCES, stage="prepare"),
+                                   ctx.read("targets.parquet", TARGETS, stage="prepare"))
+            tids = terms.column("terms").to_pylist()
+            item_vecs = item_behaviour(lists, terms.column("item_id").to_pylist(), seed=c.seed)
+            ctx.info["items_without_training"] = int((np.abs(item_vecs).sum(axis=1) == 0).sum())
+
+            def encode(vocab: list[str]) -> np.ndarray:
+                vecs, empty = behaviour_vectors(vocab, tids, item_vecs, c.seed)
+                ctx.info["terms_without_training"] = empty
+                return vecs
+        rows, tables = sweep(terms, items, sorted(set(c.ks)), encode,
                              c.seed, c.niter, c.keep_lead, c.grouping, c.keep_rare)
         for k, t in tables.items():
             ctx.write(f"k{k}/terms.parquet", t, TERMS)
@@ -160,7 +268,10 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
         _log_sweep(cfg, rows)
 
     key = stage_key(cfg, STAGE) + (f"-provided-{'-'.join(sorted(provided))}" if provided else "")
-    return Run.of(cfg).run_stage(STAGE, body, key=key, inputs={"terms": (src_stage, "terms.parquet")})
+    inputs = {"terms": (src_stage, "terms.parquet")}
+    if c.grouping == "behaviour":
+        inputs.update(sequences=("prepare", "sequences.parquet"), targets=("prepare", "targets.parquet"))
+    return Run.of(cfg).run_stage(STAGE, body, key=key, inputs=inputs)
 
 
 def _log_sweep(cfg: GrlmConfig, rows: list[dict[str, Any]]) -> None:
