@@ -69,6 +69,20 @@ def test_behaviour_grouping_merges_the_terms_of_items_bought_together():
     assert not item_behaviour(pa.array([[]], pa.list_(pa.string())), ids, dim=2).any()  # no training: zero rows
 
 
+def test_behaviour_text_places_rarely_bought_items_by_their_text():
+    """``compress.behaviour_text=c``: an item's text embedding joins its behaviour vector, weighted c / (c + n) for n
+    training interactions — a never-bought item is its text alone, an often-bought one nearly its behaviour."""
+    from grlm_ray.stages.compress import with_text
+
+    beh = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]], np.float32)  # the third item was never bought
+    text = np.array([[0.0, 3.0], [0.0, 3.0], [0.0, 3.0]], np.float32)  # not normalized: with_text does it
+    out = with_text(beh, text, np.array([95, 5, 0]), 5.0)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1)
+    assert np.allclose(out[0], np.array([0.95, 0, 0, 0.05]) / np.hypot(0.95, 0.05))
+    assert np.allclose(out[1], np.array([1, 0, 0, 1]) / np.sqrt(2))  # n = c: half and half
+    assert np.allclose(out[2], [0, 0, 0, 1])
+
+
 def test_a_tid_keeps_distinct_terms_and_ranks_give_the_next_core():
     """A core that another term of the TID is itself, or that an earlier term took: the term keeps its own word (no
     TID ever holds a term twice); with ranks (behaviour grouping) it takes its next free core instead, so the
@@ -188,5 +202,10 @@ def test_variant_names_say_what_was_compressed_and_how():
     explicit = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=semantic"])
     assert stage_key(explicit, "compress") == stage_key(base, "compress") != stage_key(rnd, "compress")
     beh = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=behaviour"])
+    text = load_config("configs/demo.yaml", ["compress.ks=[60]", "compress.grouping=behaviour",
+                                             "compress.behaviour_text=5"])
+    assert variant_name(text, 60) == "k60-behaviour-text5" and stage_key(text, "compress") != stage_key(beh, "compress")
+    with pytest.raises(Exception, match="needs compress.grouping=behaviour"):
+        load_config("configs/demo.yaml", ["compress.behaviour_text=5"])
     assert variant_name(beh, 60) == "k60-behaviour" and stage_key(beh, "compress") not in (
         stage_key(base, "compress"), stage_key(rnd, "compress"))

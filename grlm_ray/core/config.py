@@ -327,6 +327,17 @@ class CompressConfig(StrictModel):
     # term the sum of its items' co-interaction vectors: PPMI + SVD of items within 3 positions), so terms whose
     # items are bought in the same contexts merge (variants are named <run>-k<K>-behaviour)
     grouping: Literal["semantic", "random", "behaviour"] = neutral_default("semantic")
+    # with grouping=behaviour, > 0: each item's text embedding (the embed stage's) joins its behaviour vector with
+    # weight c / (c + behaviour_text) against n / (n + behaviour_text) for its n training interactions, so a rarely
+    # bought item is placed by its text (variants are named <run>-k<K>-behaviour-text<c>); 0: behaviour alone
+    behaviour_text: float = neutral_default(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _text_needs_behaviour(self) -> "CompressConfig":
+        if self.behaviour_text and self.grouping != "behaviour":
+            raise ValueError(f"compress.behaviour_text={self.behaviour_text} weighs text into the behaviour vectors: "
+                             f"it needs compress.grouping=behaviour (is {self.grouping!r})")
+        return self
     # N > 0: terms used by at most N items (a one-item term acts as that item's own id to a model trained from
     # scratch) stay as written; only the other terms are clustered into K core terms — the isolation of what the
     # rare terms are worth (variants are named <run>-k<K>-rare<N>)

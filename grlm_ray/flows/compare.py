@@ -30,11 +30,13 @@ COLUMNS = ("variant", "k", "vocab", "params", "colliding_items_mapped", "collidi
 
 def variant_name(cfg: GrlmConfig, k: int | None) -> str:
     """``raw``, ``k<K>``, ``k<K>-lead`` (``compress.keep_lead``), ``k<K>-random`` / ``k<K>-behaviour``
-    (``compress.grouping``), ``k<K>-rare<N>`` (``compress.keep_rare``): the variant's row and its run's suffix."""
+    (``compress.grouping``; ``-text<c>``: ``compress.behaviour_text``), ``k<K>-rare<N>`` (``compress.keep_rare``): the
+    variant's row and its run's suffix."""
     if k is None:
         return "raw"
     c = cfg.compress
-    return (f"k{k}{'-lead' if c.keep_lead else ''}{'' if c.grouping == 'semantic' else f'-{c.grouping}'}"
+    text = f"-text{c.behaviour_text:g}" if c.grouping == "behaviour" and c.behaviour_text else ""
+    return (f"k{k}{'-lead' if c.keep_lead else ''}{'' if c.grouping == 'semantic' else f'-{c.grouping}'}{text}"
             f"{f'-rare{c.keep_rare}' if c.keep_rare else ''}")
 
 

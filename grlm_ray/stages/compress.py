@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from grlm_ray.core.config import GrlmConfig
 from grlm_ray.core.registry import stage_key
-from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
+from grlm_ray.core.schemas import EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS
 from grlm_ray.core.run import Run
 from grlm_ray.core.storage import StageContext
 from grlm_ray.core.tracking import open_run
@@ -152,6 +152,16 @@ def item_behaviour(lists: pa.ListArray, item_ids: list[str], dim: int = BEHAVIOU
     return out
 
 
+def with_text(item_vecs: np.ndarray, text_vecs: np.ndarray, counts: np.ndarray, c: float) -> np.ndarray:
+    """Each item's behaviour vector and its (L2-normalized) text embedding side by side, weighted n / (n + c) and
+    c / (c + n) for its n training interactions: an item bought often is placed by its behaviour, one bought rarely
+    (or never) by its text. Rows L2-normalized."""
+    n = np.asarray(counts, np.float32)[:, None]
+    t = text_vecs / np.maximum(np.linalg.norm(text_vecs, axis=1, keepdims=True), 1e-12)
+    out = np.concatenate([item_vecs * (n / (n + c)), t * (c / (n + c))], axis=1).astype(np.float32)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
 def behaviour_vectors(vocab: list[str], tids: list[list[str]], item_vecs: np.ndarray,
                       seed: int = 0) -> tuple[np.ndarray, int]:
     """Each term's behaviour: the normalized sum of the vectors of the items whose TID holds it
@@ -252,8 +262,12 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
             lists = training_lists(ctx.read("sequences.parquet", SEQUENCES, stage="prepare"),
                                    ctx.read("targets.parquet", TARGETS, stage="prepare"))
             tids = terms.column("terms").to_pylist()
-            item_vecs = item_behaviour(lists, terms.column("item_id").to_pylist(), seed=c.seed)
+            ids = terms.column("item_id").to_pylist()
+            item_vecs = item_behaviour(lists, ids, seed=c.seed)
             ctx.info["items_without_training"] = int((np.abs(item_vecs).sum(axis=1) == 0).sum())
+            if c.behaviour_text > 0:
+                item_vecs = with_text(item_vecs, _text_vectors(ctx, ids), _interaction_counts(lists, ids),
+                                      c.behaviour_text)
 
             def encode(vocab: list[str]) -> np.ndarray:
                 vecs, empty = behaviour_vectors(vocab, tids, item_vecs, c.seed)
@@ -271,7 +285,30 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
     inputs = {"terms": (src_stage, "terms.parquet")}
     if c.grouping == "behaviour":
         inputs.update(sequences=("prepare", "sequences.parquet"), targets=("prepare", "targets.parquet"))
+        if c.behaviour_text > 0:
+            inputs["embeddings"] = ("embed", "embeddings.parquet")
     return Run.of(cfg).run_stage(STAGE, body, key=key, inputs=inputs)
+
+
+def _interaction_counts(lists: pa.ListArray, item_ids: list[str]) -> np.ndarray:
+    """Each item's number of training interactions (``lists``: the training sequences), in ``item_ids`` order."""
+    import pyarrow.compute as pc
+
+    codes = pc.index_in(pc.list_flatten(lists), value_set=pa.array(item_ids, pa.string()))
+    codes = codes.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.bincount(codes, minlength=len(item_ids))
+
+
+def _text_vectors(ctx: StageContext, item_ids: list[str]) -> np.ndarray:
+    """The embed stage's item embeddings in ``item_ids`` order; an item without one is an error naming it."""
+    emb = ctx.read("embeddings.parquet", EMBEDDINGS, stage="embed")
+    row = {i: k for k, i in enumerate(emb.column("item_id").to_pylist())}
+    missing = [i for i in item_ids if i not in row]
+    if missing:
+        raise ValueError(f"compress.behaviour_text: {len(missing)} items have no embedding in embed/embeddings.parquet "
+                         f"(first: {missing[0]!r}); run the embed stage over the whole catalog")
+    vecs = np.asarray(emb.column("embedding").to_pylist(), np.float32)
+    return vecs[[row[i] for i in item_ids]]
 
 
 def _log_sweep(cfg: GrlmConfig, rows: list[dict[str, Any]]) -> None:
