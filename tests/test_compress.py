@@ -209,3 +209,50 @@ def test_variant_names_say_what_was_compressed_and_how():
         load_config("configs/demo.yaml", ["compress.behaviour_text=5"])
     assert variant_name(beh, 60) == "k60-behaviour" and stage_key(beh, "compress") not in (
         stage_key(base, "compress"), stage_key(rnd, "compress"))
+
+
+def test_the_stage_groups_by_behaviour_with_text_from_its_own_artifacts(tmp_path):
+    """The compress stage with ``grouping=behaviour`` and ``behaviour_text``: it reads the prepared sequences (the held-out
+    positions not learned from: "new" is only ever a test target), targets and the embed stage's embeddings, records
+    them as its inputs, counts the items never trained on, and an item without an embedding stops it with an error
+    naming the item."""
+    import pyarrow as pa
+
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.schemas import EMBEDDINGS, ITEMS, SEQUENCES, TARGETS, TERMS
+    from grlm_ray.core.storage import Store, read_manifest
+    from grlm_ray.stages.compress import compress
+
+    ids = [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)] + ["new"]
+    store = Store(str(tmp_path))
+    store.write_table("c/prepare/items.parquet", pa.table(
+        {"item_id": ids, "category": ["c"] * 11, "title": [f"{i} plain{k} sturdy{k} cotton{k}" for k, i in enumerate(ids)],
+         "description": [""] * 11, "brand": [""] * 11,
+         "categories": pa.array([[]] * 11, pa.list_(pa.string()))}), ITEMS)
+    tids = [[f"own{i}", ["red", "blue"][i % 2]] for i in range(10)] + [["lonely", "red"]]
+    store.write_table("c/ctg/terms.parquet", pa.table(
+        {"item_id": ids, "terms": tids, "raw": [""] * 11, "valid": [True] * 11, "source": ["lexical"] * 11},
+        schema=TERMS.arrow), TERMS)
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.permutation(ids[:5] if u % 2 else ids[5:10])) + ["new"] for u in range(40)]  # "new": held out
+    users = [f"u{u}" for u in range(40)]
+    store.write_table("c/prepare/sequences.parquet", pa.table(
+        {"user_id": users, "item_ids": seqs, "timestamps": pa.array([None] * 40, pa.list_(pa.int64()))}), SEQUENCES)
+    store.write_table("c/prepare/targets.parquet", pa.table(
+        {"user_id": users, "split": ["test"] * 40, "domain": ["d"] * 40, "position": pa.array([5] * 40, pa.int32()),
+         "target_item_id": ["new"] * 40}), TARGETS)
+    text = rng.normal(size=(11, 8)).astype(np.float32)  # every item has text, "new" too: no term without a vector
+    store.write_table("c/embed/embeddings.parquet", pa.table(
+        {"item_id": ids, "embedding": pa.array(list(text), pa.list_(pa.float32()))}), EMBEDDINGS)
+    over = [f"run.root={tmp_path}", "run.name=c", "compress.ks=[3]", "compress.grouping=behaviour",
+            "compress.behaviour_text=1", "tracking.enabled=false"]
+    res = compress(load_config(None, over))
+    assert res["info"]["items_without_training"] == 1 and res["info"]["terms_without_training"] == 0
+    assert {"sequences", "targets", "embeddings"} <= set(read_manifest(store, "c", "compress")["inputs"])
+    raw, k3 = res["info"]["sweep"]  # (which terms merge is the unit tests' business: here the stage's wiring)
+    assert k3["core_terms"] == 3 and k3["vocab"] < raw["vocab"] and k3["colliding_items_after"] == 0
+    assert store.read_table("c/compress/k3/terms.parquet").num_rows == 11
+    store.write_table("c/embed/embeddings.parquet", pa.table(
+        {"item_id": ids[:-1], "embedding": pa.array(list(text[:-1]), pa.list_(pa.float32()))}), EMBEDDINGS)
+    with pytest.raises(ValueError, match="1 items have no embedding.*'new'"):
+        compress(load_config(None, over + ["compress.seed=1"]))
