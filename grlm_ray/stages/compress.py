@@ -114,13 +114,11 @@ def item_behaviour(lists: pa.ListArray, item_ids: list[str], dim: int = BEHAVIOU
     user's items with the held-out positions removed): items within ``window`` positions of each other co-occur
     (weight 1/distance, both directions), positive PMI of those counts, truncated SVD (U * sqrt(S)). An item with
     no training interaction gets a zero row."""
-    import pyarrow.compute as pc
     import scipy.sparse as sp
     from scipy.sparse.linalg import svds
 
     n = len(item_ids)
-    flat = pc.index_in(pc.list_flatten(lists), value_set=pa.array(item_ids, pa.string()))
-    codes = flat.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = _item_codes(lists, item_ids)
     owner = np.repeat(np.arange(len(lists)), np.diff(lists.offsets.to_numpy()))
     rows, cols, vals = [], [], []
     for d in range(1, window + 1):
@@ -292,11 +290,16 @@ def compress(cfg: GrlmConfig) -> dict[str, Any]:
 
 def _interaction_counts(lists: pa.ListArray, item_ids: list[str]) -> np.ndarray:
     """Each item's number of training interactions (``lists``: the training sequences), in ``item_ids`` order."""
+    codes = _item_codes(lists, item_ids)
+    return np.bincount(codes[codes >= 0], minlength=len(item_ids))
+
+
+def _item_codes(lists: pa.ListArray, item_ids: list[str]) -> np.ndarray:
+    """Every training interaction's position in ``item_ids`` (-1: not a catalog item), in sequence order."""
     import pyarrow.compute as pc
 
     codes = pc.index_in(pc.list_flatten(lists), value_set=pa.array(item_ids, pa.string()))
-    codes = codes.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.bincount(codes, minlength=len(item_ids))
+    return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _text_vectors(ctx: StageContext, item_ids: list[str]) -> np.ndarray:
