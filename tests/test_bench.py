@@ -431,3 +431,43 @@ def test_target_groups_splits_hits_by_the_targets_rare_terms_and_popularity(tmp_
     other = arm("other", [["a"], ["b"]], users=("u1", "u9"))
     with pytest.raises(SystemExit, match="other users or targets"):
         tg.main(["--name", "g2", "--terms", str(ref), "--arm", f"F={full}", "--arm", f"O={other}"])
+
+
+def test_arrival_queries_counts_placed_gated_and_content_hits(monkeypatch, tmp_path):
+    """benchmarks/isolation/arrival_queries.py on hand-built unit vectors: the decayed history query, and which
+    targets a placement (ungated, within the query's 10 nearest catalog items) and the content top 10 find."""
+    import numpy as np
+
+    mod = isolation_script("arrival_queries", monkeypatch, tmp_path)
+    at = {"a": 0, "b": 1}
+    emb = np.eye(2, dtype=np.float32)
+    q = mod.query_vectors(emb, at, [["a", "b"], ["b"], ["zz"]], 2, 0.5)
+    assert np.allclose(q[0], np.array([0.5, 1.0]) / np.linalg.norm([0.5, 1.0]))  # b last (1), a before it (0.5)
+    assert np.allclose(q[1], [0, 1]) and not q[2].any()  # no known item: a zero row
+    # a catalog of 12 seen items far from the query and 3 new ones: the target is the 2nd-nearest new item and
+    # within the 10 nearest catalog items; a user without a query finds nothing
+    rng = np.random.default_rng(0)
+    d = 16
+    base = np.zeros((15, d), dtype=np.float32)
+    base[:12] = rng.normal(size=(12, d))
+    base[:12, 0] = -5  # seen items: away from the query direction e0
+    base[12] = np.eye(d)[0]
+    base[13] = np.eye(d)[0] * 0.9 + np.eye(d)[1] * 0.1
+    base[14] = np.eye(d)[1]
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    query = np.zeros((2, d), dtype=np.float32)
+    query[0, 0] = 1
+    out = mod.found(query, [-1, -1], [13, 13], np.array([12, 13, 14]), base)
+    assert out["users"] == 2
+    assert out["placed"] == {"1": 0.0, "2": 0.5, "3": 0.5, "4": 0.5, "5": 0.5, "10": 0.5}
+    assert out["placed_within10"] == out["placed"] and out["content_top10"] == 0.5
+    # the user's last item excluded from the rankings: the target's rival (item 12) as last item -> found at 1 slot
+    out = mod.found(query[:1], [12], [13], np.array([12, 13, 14]), base)
+    assert out["placed"]["1"] == 1.0
+    # eleven seen items nearer the query than the new ones: the target placed at 2 slots, never within the 10 nearest
+    near = base.copy()
+    near[:11] = np.eye(d)[0] * 0.99 + rng.normal(size=(11, d)) * 0.01
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    out = mod.found(query[:1], [-1], [13], np.array([12, 13, 14]), near)
+    assert out["placed"]["1"] == 0.0 and out["placed"]["2"] == 1.0
+    assert out["placed_within10"]["10"] == 0.0 and out["content_top10"] == 0.0

@@ -1,0 +1,170 @@
+"""How far can placing new items by their text neighbours go, and does a query from more of the user's history
+find more of them? Model-free, on a cold-start config's runs (its prepare and embed stages; nothing trained or
+decoded), for each query — the user's last item (what the bench and the content baseline use), or the decayed sum
+of the embeddings of their last ``m`` items (weight ``w ** d`` for the item ``d`` places before the last) — the
+share of new-item targets found:
+
+- placed: the target among the ``s`` new items nearest the query (s = 1..5, 10), ungated, and gated within the
+  query's 10 nearest catalog items (``eval.added_within=10``); no cosine floor (the bench's rules add one, so
+  these are their ceilings);
+- content: the target among the query's 10 nearest catalog items, new and seen (the last item itself excluded):
+  the content baseline for the last-item query.
+
+On two sets of new items: **simulated arrivals** (the bench's own ``arrival_pools``: pools of seen late items as
+large as the held-out set, the validation users whose target is in a pool) and the **real held-out items** on the
+test users whose target is one (embedded as the bench embeds them). Nothing is chosen: both are reported.
+
+    python benchmarks/isolation/arrival_queries.py configs/bench/toys_cold_start.yaml --name cold_start_toys_queries \
+        --set run.root=runs data.base_dir=../shared/data/amazon2014
+
+Writes benchmarks/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+QUERIES = (("last", 1, 1.0), ("m2-w0.3", 2, 0.3), ("m2-w0.5", 2, 0.5), ("m3-w0.3", 3, 0.3), ("m3-w0.5", 3, 0.5),
+           ("m5-w0.3", 5, 0.3), ("m3-w1", 3, 1.0))
+SLOTS = (1, 2, 3, 4, 5, 10)
+
+
+def query_vectors(emb: np.ndarray, at: dict[str, int], hists: list[list[str]], m: int, w: float) -> np.ndarray:
+    """Unit rows: each history's last ``m`` items' embeddings summed with weight ``w ** d`` (``d`` places before
+    the last); a zero row where none of them has an embedding."""
+    q = np.zeros((len(hists), emb.shape[1]), dtype=np.float32)
+    for j, h in enumerate(hists):
+        for d, item in enumerate(reversed(h[-m:])):
+            n = at.get(item)
+            if n is not None:
+                q[j] += (w ** d) * emb[n]
+    norm = np.linalg.norm(q, axis=1, keepdims=True)
+    return q / np.where(norm == 0, 1, norm)
+
+
+def found(q: np.ndarray, last: list[int], want: list[int], new_cols: np.ndarray, emb: np.ndarray,
+          chunk: int = 1024) -> dict[str, Any]:
+    """For queries ``q`` (one per user), each user's last item ``last`` (a catalog row, excluded from every
+    ranking; -1: none) and target ``want`` (a catalog row among ``new_cols``): hits of the placed rules (ungated and
+    within the query's 10 nearest catalog items, for each of ``SLOTS``) and of the content top 10."""
+    placed = {s: 0 for s in SLOTS}
+    gated = {s: 0 for s in SLOTS}
+    content = 0
+    is_new = np.zeros(len(emb), dtype=bool)
+    is_new[new_cols] = True
+    for a in range(0, len(q), chunk):
+        sc = q[a:a + chunk] @ emb.T
+        rows = np.arange(len(sc))
+        li = np.array(last[a:a + chunk])
+        sc[rows[li >= 0], li[li >= 0]] = -np.inf
+        tgt = np.array(want[a:a + chunk])
+        ts = sc[rows, tgt]
+        empty = ~np.any(q[a:a + chunk], axis=1)
+        floor10 = np.partition(sc, sc.shape[1] - 10, axis=1)[:, sc.shape[1] - 10]
+        content += int(np.sum((ts >= floor10) & ~empty))
+        rank_new = np.sum(sc[:, new_cols] > ts[:, None], axis=1)  # new items scoring above the target
+        for s in SLOTS:
+            hit = (rank_new < s) & ~empty
+            placed[s] += int(np.sum(hit))
+            gated[s] += int(np.sum(hit & (ts >= floor10)))
+    n = len(q)
+
+    def r(x: int) -> float:
+        return round(x / n, 6) if n else 0.0
+
+    return {"users": n, "content_top10": r(content), "placed": {str(s): r(v) for s, v in placed.items()},
+            "placed_within10": {str(s): r(v) for s, v in gated.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--set", nargs="*", default=[])
+    args = ap.parse_args(argv)
+
+    import pyarrow.compute as pc
+
+    from grlm_ray.bench.cold_start import ARRIVAL_POOLS, arrival_pools, held_out_rows
+    from grlm_ray.bench.common import write_result
+    from grlm_ray.core.config import load_config
+    from grlm_ray.core.run import Run
+    from grlm_ray.core.schemas import SEQUENCES, TARGETS
+    from grlm_ray.flows.pipeline import run_pipeline
+    from grlm_ray.lib.embeddings import catalog_embeddings
+    from grlm_ray.lib.protocol import target_rows
+
+    t0 = time.time()
+    cfg = load_config(args.config, args.set)
+    run_pipeline(cfg, stages=("prepare", "embed"))
+    run = Run.of(cfg)
+    seqs = run.read_table("prepare", "sequences.parquet", SEQUENCES)
+    targets = run.read_table("prepare", "targets.parquet", TARGETS)
+    held = set(run.read_table("prepare", "holdout_items.parquet").column("item_id").to_pylist())
+    rows_new, no_text = held_out_rows(run)
+    ids, emb = catalog_embeddings(cfg, rows_new)  # the base run: the new runs copy its embed stage
+    emb = emb.astype(np.float32)
+    at = {i: n for n, i in enumerate(ids)}
+
+    def users(split: str) -> tuple[list[list[str]], list[str]]:
+        t = target_rows(targets, split, None, cfg.eval.seed)
+        hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id")))
+        return ([h[:p] for h, p in zip(hist.to_pylist(), t.column("position").to_pylist())],
+                t.column("target_item_id").to_pylist())
+
+    def measure(hists: list[list[str]], want: list[str], new_items: list[str]) -> dict[str, Any]:
+        keep = [j for j, x in enumerate(want) if x in set(new_items) and x in at]
+        hs = [hists[j] for j in keep]
+        last = [at.get(h[-1], -1) if h else -1 for h in hs]
+        cols = np.array(sorted(at[i] for i in new_items if i in at))
+        return {name: found(query_vectors(emb, at, hs, m, w), last, [at[want[j]] for j in keep], cols, emb)
+                for name, m, w in QUERIES}
+
+    h = cfg.data.holdout
+    pools = arrival_pools(run, seqs, len(held), h.candidates, h.seed, ARRIVAL_POOLS)
+    vh, vw = users("valid")
+    per_pool = [measure(vh, vw, pool) for pool in pools]
+    simulated = {}
+    for name, *_ in QUERIES:  # pooled over the pools: hits / users
+        parts = [p[name] for p in per_pool]
+        n = sum(p["users"] for p in parts)
+
+        def pooled(key: str, sub: str | None = None) -> float:
+            return round(sum((p[key][sub] if sub else p[key]) * p["users"] for p in parts) / n, 6) if n else 0.0
+
+        simulated[name] = {"users": n, "content_top10": pooled("content_top10"),
+                           "placed": {str(s): pooled("placed", str(s)) for s in SLOTS},
+                           "placed_within10": {str(s): pooled("placed_within10", str(s)) for s in SLOTS}}
+    th, tw = users("test")
+    real = measure(th, tw, sorted(i for i in held if i in at))
+    result = {"run": cfg.run.name, "config": args.config, "overrides": args.set,
+              "queries": {name: {"m": m, "w": w} for name, m, w in QUERIES},
+              "simulated_arrivals": {"pools": ARRIVAL_POOLS, "pool_items": len(held), "split": "valid",
+                                     "by_query": simulated},
+              "real_arrivals": {"split": "test", "new_items": len(held), "without_text": len(no_text),
+                                "by_query": real},
+              "seconds": round(time.time() - t0, 1),
+              "command": " ".join(["python benchmarks/isolation/arrival_queries.py", args.config, "--name",
+                                   args.name, "--set", *args.set])}
+    path = write_result(args.name, result, RESULTS)
+    for label, table in (("simulated arrivals (valid)", simulated), ("real arrivals (test)", real)):
+        print(f"{label}: users {next(iter(table.values()))['users']}")
+        print(f"{'query':>8s} {'content10':>9s} " + " ".join(f"{'p' + str(s):>6s}" for s in SLOTS) + "  "
+              + " ".join(f"{'w10p' + str(s):>7s}" for s in SLOTS))
+        for name, v in table.items():
+            print(f"{name:>8s} {v['content_top10']:9.4f} " + " ".join(f"{v['placed'][str(s)]:6.4f}" for s in SLOTS)
+                  + "  " + " ".join(f"{v['placed_within10'][str(s)]:7.4f}" for s in SLOTS))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
