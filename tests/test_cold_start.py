@@ -349,6 +349,32 @@ def test_simulated_arrivals_count_the_pool_targets_a_rule_would_show_and_drive_t
         == "bottom"  # the same share: the better seen NDCG
 
 
+def test_the_slot_grid_is_the_configs_and_a_fourth_slot_reaches_a_fourth_arrival():
+    import numpy as np
+    import pytest
+
+    from grlm_ray.bench.cold_start import neighbour_curve, simulate_arrivals
+    from grlm_ray.core.config import BenchConfig
+
+    ids = ["a", "p1", "p2", "p3", "p4"]
+    emb = np.array([[1, 0], [0.99, 0.14], [0.98, 0.2], [0.95, 0.31], [0.9, 0.44]], dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    anchors, targets = ["a"] * 4, ["p1", "p2", "p3", "p4"]
+    sim = simulate_arrivals(anchors, targets, [["p1", "p2", "p3", "p4"]], ids, emb, {}, slot_counts=[3, 4])
+    assert sorted({s for _, s, _ in sim}) == [3, 4]
+    assert sim[(0, 3, 0.5)]["recall"] == 0.75 and sim[(0, 4, 0.5)]["recall"] == 1.0
+    # the validation curve covers exactly the configured slot counts (the first point: the lever off)
+    rows = [("x", [f"s{j}" for j in range(10)])]
+    cands = [[("p1", 0.99), ("p2", 0.98), ("p3", 0.95), ("p4", 0.9)]]
+    curve = neighbour_curve(rows, cands, {"p1", "p2", "p3", "p4"}, slot_counts=[4])
+    assert {p["slots"] for p in curve[1:]} == {4}
+    assert max(p["new_share_at_10"] for p in curve[1:]) == 0.4  # four new items in the ten
+    assert BenchConfig().neighbour_slots == [1, 2, 3]
+    for bad in ([], [0], [11]):
+        with pytest.raises(ValueError, match="bench.neighbour_slots"):
+            BenchConfig(neighbour_slots=bad)
+
+
 def test_content_fusion_keeps_grlms_first_items_and_fills_the_rest_from_content():
     import importlib.util
     from pathlib import Path

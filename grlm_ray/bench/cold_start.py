@@ -67,7 +67,7 @@ LEVER_ROWS = {"new_known": "GRLM + new items, known terms", "new_search": "GRLM 
 ANCHORS = {"last": "GRLM + new items, text neighbours of the last item",
            "predicted": "GRLM + new items, text neighbours of its top item"}
 MIN_COSINES = (0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.7, 0.65, 0.6, 0.5)
-SLOTS = (1, 2, 3)
+SLOTS = (1, 2, 3)  # bench.neighbour_slots' default
 # eval.added_within: 0 (the cosine floor alone), or an added item placed only when among the anchor's N nearest
 # items of the whole catalog (the content baseline's rule at N=10)
 WITHINS = (0, 10, 20)
@@ -246,9 +246,10 @@ def content_rankings(ids: list[str], base: np.ndarray, last: list[str], k: int) 
 
 def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[str, float]]], held: set[str],
                     k: int = 10, fill: int = 0, content: list[list[str]] | None = None,
-                    floors: dict[int, list[float]] | None = None) -> list[dict[str, Any]]:
+                    floors: dict[int, list[float]] | None = None,
+                    slot_counts: tuple[int, ...] | list[int] = SLOTS) -> list[dict[str, Any]]:
     """``split_metrics`` of the ranked lists with the new items placed by ``place_added``, for every
-    (rank gate, position, slots, similarity floor) in ``floors`` x ``POSITIONS`` x ``SLOTS`` x ``MIN_COSINES``;
+    (rank gate, position, slots, similarity floor) in ``floors`` x ``POSITIONS`` x ``slot_counts`` x ``MIN_COSINES``;
     the first point is the lever off. ``floors``: within -> each user's floor (``TextNeighbours.floors`` over the
     whole catalog; ``eval.added_within``); none: the cosine floor alone (within 0). ``fill``: each list then gets
     its last ``fill`` places of ``k`` from ``content`` (each user's text neighbours, ``fill_content``), as the
@@ -262,7 +263,7 @@ def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[st
     for within in (0, *sorted(w for w in floors or {} if w)):
         gated = gate(cands, floors[within]) if within else cands
         for position in POSITIONS:
-            for slots in SLOTS:
+            for slots in slot_counts:
                 for m in MIN_COSINES:
                     placed = refill([(t, place_added(r, c, m, slots, position, k)) for (t, r), c in zip(rows, gated)])
                     curve.append({"position": position, "slots": slots, "min_cosine": m, "within": within,
@@ -304,7 +305,8 @@ def arrival_pools(run: Run, seqs: Any, size: int, candidates: float, seed: int, 
 
 
 def simulate_arrivals(anchors: list[str | None], targets: list[str], pools: list[list[str]], ids: list[str],
-                      emb: np.ndarray, floors: dict[int, list[float]]) -> dict[tuple[int, int, float], dict[str, Any]]:
+                      emb: np.ndarray, floors: dict[int, list[float]],
+                      slot_counts: tuple[int, ...] | list[int] = SLOTS) -> dict[tuple[int, int, float], dict[str, Any]]:
     """How often each placement rule (within, slots, cosine floor: ``neighbour_curve``'s grid) would have shown
     the arrival a user went on to buy, measured where that can be seen: each pool of ``pools`` (seen items
     drawn like the held-out ones, ``arrival_pools``) plays the new items — the rule places its members nearest
@@ -320,10 +322,10 @@ def simulate_arrivals(anchors: list[str | None], targets: list[str], pools: list
         members = set(pool)
         rows = [j for j, t in enumerate(targets) if t in members]
         users += len(rows)
-        cands = TextNeighbours(ids, emb, pool).candidates([anchors[j] for j in rows], max(SLOTS))
+        cands = TextNeighbours(ids, emb, pool).candidates([anchors[j] for j in rows], max(slot_counts))
         for within in (0, *sorted(w for w in floors if w)):
             gated = gate(cands, [floors[within][j] for j in rows]) if within else cands
-            for slots in SLOTS:
+            for slots in slot_counts:
                 for m in MIN_COSINES:
                     n = sum(targets[j] in place_added([], c, m, slots) for j, c in zip(rows, gated))
                     hits[(within, slots, m)] = hits.get((within, slots, m), 0) + n
@@ -379,7 +381,8 @@ def simulated_recalls(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: 
     for anchor in ANCHORS:
         anchors, want = ((last_all, t.column("target_item_id").to_pylist()) if anchor == "last"
                          else ([r[0] if r else None for _, r in rows], [w for w, _ in rows]))
-        out[anchor] = simulate_arrivals(anchors, want, pools, ids, emb, near.floors_at(anchors, withins))
+        out[anchor] = simulate_arrivals(anchors, want, pools, ids, emb, near.floors_at(anchors, withins),
+                                        cfg.bench.neighbour_slots)
         best = max(out[anchor].items(), key=lambda kv: kv[1]["recall"])
         log.info("cold start: simulated arrivals (%s item, %d target users over %d pools): best rule %s recall %.4f",
                  anchor, best[1]["users"], ARRIVAL_POOLS, best[0], best[1]["recall"])
@@ -403,9 +406,10 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
     content = near.ranked(last, 10) if fill else None
     for anchor in ANCHORS:
         anchors = anchor_items(last, rows, anchor)
-        cands = placer.candidates(anchors, max(SLOTS))
+        cands = placer.candidates(anchors, max(cfg.bench.neighbour_slots))
         floors = near.floors_at(anchors, [w for w in WITHINS if w])
-        curve = neighbour_curve(rows, cands, held, fill=fill, content=content, floors=floors)
+        curve = neighbour_curve(rows, cands, held, fill=fill, content=content, floors=floors,
+                                slot_counts=cfg.bench.neighbour_slots)
         if simulated is not None:
             for p in curve:
                 rule = simulated[anchor].get((p["within"], p["slots"], p["min_cosine"]))
@@ -519,10 +523,11 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         test_cands, test_floors = {}, {}
         for anchor, name in ANCHORS.items():
             anchors = anchor_items(last, grlm_new, anchor)
-            cands = test_cands[anchor] = placer.candidates(anchors, max(SLOTS))
+            cands = test_cands[anchor] = placer.candidates(anchors, max(cfg.bench.neighbour_slots))
             floors = test_floors[anchor] = near_all.floors_at(anchors, [w for w in WITHINS if w])
             # the whole test curve is recorded for the plot; only the validation choice is a row
-            test_curves[anchor] = neighbour_curve(grlm_new, cands, held, floors=floors)
+            test_curves[anchor] = neighbour_curve(grlm_new, cands, held, floors=floors,
+                                                  slot_counts=cfg.bench.neighbour_slots)
             chosen = neighbours[anchor]["chosen"]
             if chosen is not None:
                 gated = gate(cands, floors[chosen["within"]]) if chosen["within"] else cands

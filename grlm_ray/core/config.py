@@ -842,10 +842,21 @@ class BenchConfig(StrictModel):
     # drawn like the held-out ones play the new items; the users whose validation target is in a pool are its
     # new-item targets — the placement needs no model, so its recall there estimates its recall on real arrivals)
     neighbour_choice: Literal["share", "simulated"] = neutral_default("share")
+    # the slots added_neighbours' rules may take (the grid's slot counts, each placing up to that many new items):
+    # gated within the last item's 10 nearest catalog items, a placement reaches the content baseline's new items
+    # at 3 slots on Beauty and 4 on Toys (benchmarks/isolation/arrival_queries.py)
+    neighbour_slots: list[int] = neutral_default([1, 2, 3])
     # ``grlm bench quality``: eval.content_fill values tried on bench.sample_users validation users (the same
     # model's lists, refilled); the best by Recall@10 then NDCG@10 is scored on the test users as a row of its
     # own ("+ text neighbours"). Empty: no such row
     content_fills: list[int] = neutral_default([])
+
+    @model_validator(mode="after")
+    def _check_slots(self) -> "BenchConfig":
+        if not self.neighbour_slots or any(not 1 <= n <= 10 for n in self.neighbour_slots):
+            raise ValueError(f"bench.neighbour_slots must be slot counts from 1 to 10 (the list shown), got "
+                             f"{self.neighbour_slots}")
+        return self
 
 
 class TrackingConfig(StrictModel):
