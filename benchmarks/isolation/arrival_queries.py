@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 t.column("target_item_id").to_pylist())
 
     def measure(hists: list[list[str]], want: list[str], new_items: list[str]) -> dict[str, Any]:
-        keep = [j for j, x in enumerate(want) if x in set(new_items) and x in at]
+        pool = set(new_items)
+        keep = [j for j, x in enumerate(want) if x in pool and x in at]
         hs = [hists[j] for j in keep]
         last = [at.get(h[-1], -1) if h else -1 for h in hs]
         cols = np.array(sorted(at[i] for i in new_items if i in at))
