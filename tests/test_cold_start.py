@@ -168,6 +168,9 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     assert [{k: v for k, v in r.items() if k != "eval_s"} for r in again["rows"]] == \
            [{k: v for k, v in r.items() if k != "eval_s"} for r in res["rows"]]
     assert again["new_items"]["written"] == 0
+    # the added-item search's validation beams too: read back, not decoded again, the same curve
+    assert not res["added_search_tuning"]["beams_reused"] and again["added_search_tuning"]["beams_reused"]
+    assert again["added_search_tuning"]["curve"] == res["added_search_tuning"]["curve"]
     # the eval stage's switch gives the bench's row: the chosen placement scored by `grlm eval` itself
     from grlm_ray.core.run import Run
     from grlm_ray.flows.pipeline import run_pipeline

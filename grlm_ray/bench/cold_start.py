@@ -21,6 +21,7 @@ of new items among every top-10 slot (against ``new_target_share``, the share of
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -110,13 +111,25 @@ def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) 
     extra_decoder = decoder.restricted([tid_text(t) for t in added.column("terms").to_pylist()], cfg.bench.new_item_beams)
     index = TidIndex(ids, tids, decay=e.decay, match=e.match, fallback_order=training_popularity(seqs, targets))
     prompts, want = queries.column("prompt").to_pylist(), queries.column("target_item_id").to_pylist()
-    main, extra, t0 = [], [], time.time()
-    for s in tqdm(range(0, len(prompts), e.batch_size), desc="validation users (added-item search)",
-                  disable=not cfg.ray.progress_bars):
-        batch = prompts[s:s + e.batch_size]
-        main += decoder(batch, batch_size=len(batch), with_scores=True)
-        extra += extra_decoder(batch, batch_size=len(batch), with_scores=True)
-    seconds = time.time() - t0
+    added_tids = [tid_text(t) for t in added.column("terms").to_pylist()]
+    # the two searches' beams are kept beside the run, keyed by everything they depend on: a rerun of the bench
+    # with nothing changed for them (another neighbour grid, another cost) does not decode every user again
+    cache = run.file(f"bench-cold/added_search_{added_search_key(run, prompts, added_tids, cfg)}.json")
+    reused = run.store.exists(cache)
+    if reused:
+        got = run.store.read_json(cache)
+        main, extra, seconds = got["main"], got["extra"], got["seconds"]
+        log.info("cold start: added-item search beams of %d validation users reused (%s)", len(prompts),
+                 run.store.uri(cache))
+    else:
+        main, extra, t0 = [], [], time.time()
+        for s in tqdm(range(0, len(prompts), e.batch_size), desc="validation users (added-item search)",
+                      disable=not cfg.ray.progress_bars):
+            batch = prompts[s:s + e.batch_size]
+            main += decoder(batch, batch_size=len(batch), with_scores=True)
+            extra += extra_decoder(batch, batch_size=len(batch), with_scores=True)
+        seconds = time.time() - t0
+        run.store.write_json(cache, {"main": main, "extra": extra, "seconds": seconds})
     k = 10
     curve = []
     for bonus in (-float("inf"), *BONUSES):
@@ -130,7 +143,20 @@ def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) 
              f"new share {chosen['new_share_at_10']:.4f})", curve[0]["recall_at_10"], floor)
     return {"users": len(want), "split": "valid", "beams": cfg.bench.new_item_beams, "cost": cfg.bench.new_item_cost,
             "curve": [{**p, "bonus": None if p["bonus"] == -float("inf") else p["bonus"]} for p in curve],
-            "chosen_bonus": chosen["bonus"] if chosen else None, "decode_seconds": round(seconds, 1)}
+            "chosen_bonus": chosen["bonus"] if chosen else None, "decode_seconds": round(seconds, 1),
+            "beams_reused": reused}
+
+
+def added_search_key(run: Run, prompts: list[str], added_tids: list[str], cfg: GrlmConfig) -> str:
+    """What ``tune_added_bonus``'s beams depend on, hashed: the trained model (its train manifest's key and
+    finish), the validation prompts, the added items' TIDs and the decoding settings."""
+    from grlm_ray.core.storage import read_manifest
+
+    m = read_manifest(run.store, run.name, "train") or {}
+    e = cfg.eval
+    parts = [m.get("config_hash"), m.get("generation"), m.get("finished_at"), prompts, added_tids, e.num_beams,
+             e.max_new_tokens, e.dtype, bool(e.renormalize), cfg.bench.new_item_beams]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 def held_out_rows(run: Run) -> tuple[list[dict[str, Any]], list[str]]:

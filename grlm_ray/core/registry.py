@@ -130,7 +130,7 @@ _BY_NAME = {s.name: s for s in REGISTRY}
 # files of a run that belong to no stage (``core/run.py``: ``Run.file``): its resolved config, the items added
 # to its catalog after training (serving, the cold-start benchmark), a comparison's table and plot, the scale
 # benchmark's scratch files
-RUN_FILES: tuple[str, ...] = ("config.yaml", "serve/catalog_updates.parquet", "compare/", "bench-scale/")
+RUN_FILES: tuple[str, ...] = ("config.yaml", "serve/catalog_updates.parquet", "compare/", "bench-scale/", "bench-cold/")
 _EXTRA_SECTIONS: dict[str, Callable[["GrlmConfig"], tuple[str, ...]]] = {"train": _train_sections}
 
 
