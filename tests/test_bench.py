@@ -471,3 +471,31 @@ def test_arrival_queries_counts_placed_gated_and_content_hits(monkeypatch, tmp_p
     out = mod.found(query[:1], [-1], [13], np.array([12, 13, 14]), near)
     assert out["placed"]["1"] == 0.0 and out["placed"]["2"] == 1.0
     assert out["placed_within10"]["10"] == 0.0 and out["content_top10"] == 0.0
+
+
+def test_placements_count_the_new_items_a_last_item_rule_would_put_in_a_seen_targets_list(monkeypatch, tmp_path):
+    """arrival_queries.placements on hand-built unit vectors: per floor, the new items above it (capped at the
+    slots), within the last item's 10 nearest catalog items or not, and the users given at least one."""
+    import numpy as np
+
+    mod = isolation_script("arrival_queries", monkeypatch, tmp_path)
+    d = 16
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(16, d)).astype(np.float32)
+    emb[:, 0] = -3  # 12 seen items (0-11) and 4 new ones (12-15) all away from e0 ...
+    emb[12] = np.eye(d)[0]  # ... but two new items at the last item's (row 0 turned to e0 below) side
+    emb[13] = np.eye(d)[0] * 0.8 + np.eye(d)[1] * 0.6
+    emb[0] = np.eye(d)[0] * 0.9 + np.eye(d)[2] * 0.1
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    new = np.array([12, 13, 14, 15])
+    out = mod.placements([0, -1], new, emb, floors=(0.5, 0.9), slots=1)
+    cos = emb[[12, 13]] @ emb[0]
+    assert cos[0] >= 0.9 > cos[1] >= 0.5  # item 12 passes both floors, item 13 the lower one only
+    by = {(p["min_cosine"], p["within"]): p for p in out["by_floor"]}
+    assert out["users"] == 2 and out["slots"] == 1
+    assert by[(0.5, 0)]["placed_per_user"] == 0.5  # two pass, one slot; the user without a last item: none
+    assert by[(0.5, 0)]["users_with_a_placement"] == 0.5 and by[(0.9, 0)]["placed_per_user"] == 0.5
+    assert by[(0.5, 10)] == {**by[(0.5, 0)], "within": 10}  # both among the 10 nearest of 15 others
+    two = mod.placements([0], new, emb, floors=(0.5,), slots=3)
+    assert two["by_floor"][0]["placed_per_user"] == 2.0
+    assert two["nearest_new_cosine"] == round(float(cos.max()), 6)

@@ -35,6 +35,7 @@ RESULTS = REPO / "benchmarks" / "results"
 QUERIES = (("last", 1, 1.0), ("m2-w0.3", 2, 0.3), ("m2-w0.5", 2, 0.5), ("m3-w0.3", 3, 0.3), ("m3-w0.5", 3, 0.5),
            ("m5-w0.3", 5, 0.3), ("m3-w1", 3, 1.0))
 SLOTS = (1, 2, 3, 4, 5, 10)
+PLACE_FLOORS = (0.5, 0.6, 0.7)
 
 
 def query_vectors(emb: np.ndarray, at: dict[str, int], hists: list[list[str]], m: int, w: float) -> np.ndarray:
@@ -82,6 +83,43 @@ def found(q: np.ndarray, last: list[int], want: list[int], new_cols: np.ndarray,
 
     return {"users": n, "content_top10": r(content), "placed": {str(s): r(v) for s, v in placed.items()},
             "placed_within10": {str(s): r(v) for s, v in gated.items()}}
+
+
+def placements(last: list[int], new_cols: np.ndarray, emb: np.ndarray, floors: tuple[float, ...] = PLACE_FLOORS,
+               slots: int = 3, chunk: int = 1024) -> dict[str, Any]:
+    """How much a last-item placement of the new items (``new_cols``) takes from a list, for users whose target is
+    a seen item (where its cost falls): per cosine floor, ungated and within the last item's 10 nearest catalog
+    items, the mean number of new items placed (up to ``slots``) and the share of users given at least one; and
+    the mean cosine of the last item's nearest new item. Users without a last item count as placing none."""
+    n = len(last)
+    is_new = np.zeros(len(emb), dtype=bool)
+    is_new[new_cols] = True
+    placed = {(f, w): 0 for f in floors for w in (0, 10)}
+    anyone = dict(placed)
+    nearest = 0.0
+    li_all = np.array(last)
+    for a in range(0, n, chunk):
+        li = li_all[a:a + chunk]
+        ok = li >= 0
+        sc = emb[li[ok]] @ emb.T
+        rows = np.arange(len(sc))
+        sc[rows, li[ok]] = -np.inf
+        floor10 = np.partition(sc, sc.shape[1] - 10, axis=1)[:, sc.shape[1] - 10]
+        new_sc = sc[:, new_cols]
+        nearest += float(np.sum(new_sc.max(axis=1)))
+        for f in floors:
+            for w in (0, 10):
+                ok_new = (new_sc >= f) & ((new_sc >= floor10[:, None]) if w else True)
+                k = np.minimum(ok_new.sum(axis=1), slots)
+                placed[(f, w)] += int(k.sum())
+                anyone[(f, w)] += int(np.sum(k > 0))
+
+    def r(x: float) -> float:
+        return round(x / n, 6) if n else 0.0
+
+    return {"users": n, "slots": slots, "nearest_new_cosine": r(nearest),
+            "by_floor": [{"min_cosine": f, "within": w, "placed_per_user": r(placed[(f, w)]),
+                          "users_with_a_placement": r(anyone[(f, w)])} for f in floors for w in (0, 10)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,12 +184,22 @@ def main(argv: list[str] | None = None) -> int:
                            "placed_within10": {str(s): pooled("placed_within10", str(s)) for s in SLOTS}}
     th, tw = users("test")
     real = measure(th, tw, sorted(i for i in held if i in at))
+    # the placement's cost side: on the seen-target users of each split, how many of the real held-out items a
+    # last-item placement would put in their lists (validation: what the bench's tuning run sees)
+    real_cols = np.array(sorted(at[i] for i in held if i in at))
+
+    def seen_last(hists: list[list[str]], want: list[str]) -> list[int]:
+        return [at.get(h[-1], -1) if h else -1 for h, x in zip(hists, want) if x not in held]
+
+    cost_side = {"valid": placements(seen_last(vh, vw), real_cols, emb),
+                 "test": placements(seen_last(th, tw), real_cols, emb)}
     result = {"run": cfg.run.name, "config": args.config, "overrides": args.set,
               "queries": {name: {"m": m, "w": w} for name, m, w in QUERIES},
               "simulated_arrivals": {"pools": ARRIVAL_POOLS, "pool_items": len(held), "split": "valid",
                                      "by_query": simulated},
               "real_arrivals": {"split": "test", "new_items": len(held), "without_text": len(no_text),
                                 "by_query": real},
+              "placements_on_seen_targets": cost_side,
               "seconds": round(time.time() - t0, 1),
               "command": " ".join(["python benchmarks/isolation/arrival_queries.py", args.config, "--name",
                                    args.name, "--set", *args.set])}
@@ -163,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, v in table.items():
             print(f"{name:>8s} {v['content_top10']:9.4f} " + " ".join(f"{v['placed'][str(s)]:6.4f}" for s in SLOTS)
                   + "  " + " ".join(f"{v['placed_within10'][str(s)]:7.4f}" for s in SLOTS))
+    for split, v in cost_side.items():
+        print(f"placements, seen-target users ({split}, {v['users']}; nearest new item's cosine "
+              f"{v['nearest_new_cosine']:.4f}): " + ", ".join(
+                  f"cos>={p['min_cosine']}{' w10' if p['within'] else ''} {p['placed_per_user']:.4f}/"
+                  f"{p['users_with_a_placement']:.4f}" for p in v["by_floor"]))
     print(path)
     return 0
 
