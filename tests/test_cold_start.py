@@ -107,6 +107,13 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     assert fill["chosen"] == max(fill["points"], key=lambda q: (q["recall_at_10"], q["ndcg_at_10"],
                                                                  -q["content_fill"]))["content_fill"]
     f = fill["chosen"]
+    if f:  # the placement's cost on the filled lists counts from the same filled lists without the new items
+        ref = fill["neighbours"]["reference"]
+        assert ref["users_seen"] == 80 and ref["new_share_at_10"] == 0
+        if fill["neighbours"]["chosen"]:
+            key_ = lambda p: (p["position"], p["slots"], p["min_cosine"], p["within"])  # noqa: E731
+            [pt] = [p for p in fill["neighbours"]["curve"] if key_(p) == key_(fill["neighbours"]["chosen"])]
+            assert pt["recall_at_10"] >= 0.1 * ref["recall_at_10"] - 1e-9
     filled = [f"GRLM, new items absent + {f} text neighbours", f"GRLM + new items + {f} text neighbours",
               *([f"GRLM + new items, text neighbours of the last item + {f} text neighbours"]
                 if f and fill["neighbours"]["chosen"] else [])] if f else []
@@ -317,6 +324,10 @@ def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():
     assert choose_neighbours(curve, 0.02) is curve[1]
     assert choose_neighbours(curve, 0.06) is curve[2]
     assert choose_neighbours([curve[0], curve[3]], 0.02) is None
+    # measured against another base (the same filled lists without the new items, higher than the lever off):
+    # the cost counts from there, so a point within 6% of the lever off can be outside 6% of it
+    assert choose_neighbours(curve, 0.06, base=0.102) is curve[1]
+    assert choose_neighbours(curve, 0.02, base=0.102) is None
 
 
 def test_simulated_arrivals_count_the_pool_targets_a_rule_would_show_and_drive_the_choice():

@@ -297,14 +297,16 @@ def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[st
     return curve
 
 
-def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share") -> dict[str, Any] | None:
+def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share",
+                      base: float | None = None) -> dict[str, Any] | None:
     """Among the validation points whose Recall@10 is at least ``1 - cost`` of the lever off (validation targets
     are seen items only: new items were held out of every history), the one showing the most new items
     (``by`` share), or the one whose placement rule found the most simulated arrivals (``by`` simulated: the
     point's ``simulated_new_recall``, ``simulate_arrivals``; ties: the larger new share — with the content fill,
     new items placed in the last places are pushed out by it, which the model-free simulation cannot see — then
-    the better seen Recall@10, then NDCG@10)."""
-    floor = (1 - cost) * curve[0]["recall_at_10"]
+    the better seen Recall@10, then NDCG@10). ``base``: the Recall@10 the cost is measured against, when not the
+    lever-off point's (with the content fill: the same filled lists without the new items, ``tune_neighbours``)."""
+    floor = (1 - cost) * (curve[0]["recall_at_10"] if base is None else base)
     ok = [p for p in curve[1:] if p["recall_at_10"] >= floor]
     if not ok:
         return None
@@ -416,13 +418,17 @@ def simulated_recalls(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: 
 
 
 def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, near: Any, fill: int = 0,
-                    simulated: dict[str, Any] | None = None) -> dict[str, Any]:
+                    simulated: dict[str, Any] | None = None, near_seen: Any = None) -> dict[str, Any]:
     """For each anchor (``ANCHORS``), the rank gate, similarity floor and slots of ``added_neighbours`` chosen on
     ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``, by ``bench.neighbour_choice``), with
     the whole curve; ``near``: the whole catalog's text neighbours (the rank gate's floors); ``fill``: on lists
     then refilled with ``fill`` of them, the cost measured against the refilled lists; ``simulated``:
     ``simulated_recalls`` (each point gets its rule's ``simulated_new_recall``; needed by the simulated
-    choice). Both choices are recorded (``chosen``, and ``chosen_by_share`` / ``chosen_by_simulated``)."""
+    choice). Both choices are recorded (``chosen``, and ``chosen_by_share`` / ``chosen_by_simulated``).
+    ``near_seen`` (with ``fill``): the text neighbours among the seen items only; the cost is then measured against
+    the same lists filled from them with the new items taken out (``reference``: the same filled model without the
+    new items, what the bench's row compares with on test) — not against the lever-off point, whose fill already
+    shows new items and so already costs seen hits."""
     users, rows, last = validation_lists(valid)
     by = cfg.bench.neighbour_choice
     if by == "simulated" and simulated is None:
@@ -430,6 +436,14 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
     out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost,
                            "content_fill": fill, "choice": by}
     content = near.ranked(last, 10) if fill else None
+    base = None
+    if fill and near_seen is not None:
+        from grlm_ray.lib.eig import fill_content
+
+        ref = split_metrics([(t, fill_content([x for x in r if x not in held], c, fill, 10))
+                             for (t, r), c in zip(rows, near_seen.ranked(last, 10))], held, 10)
+        out["reference"] = {"lists": "the same lists without the new items, filled from the seen items only", **ref}
+        base = ref["recall_at_10"]
     for anchor in ANCHORS:
         anchors = anchor_items(last, rows, anchor)
         cands = placer.candidates(anchors, max(cfg.bench.neighbour_slots))
@@ -440,12 +454,13 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
             for p in curve:
                 rule = simulated[anchor].get((p["within"], p["slots"], p["min_cosine"]))
                 p["simulated_new_recall"] = rule["recall"] if rule else 0.0
-        chosen = choose_neighbours(curve, cfg.bench.new_item_cost, by)
+        chosen = choose_neighbours(curve, cfg.bench.new_item_cost, by, base)
         other = "simulated" if by == "share" else "share"
-        alt = choose_neighbours(curve, cfg.bench.new_item_cost, other) if simulated is not None else None
+        alt = choose_neighbours(curve, cfg.bench.new_item_cost, other, base) if simulated is not None else None
         log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
                  "none within the cost" if chosen is None else f"{chosen['slots']} slots ({chosen['position']}), cosine >= "
-                 f"{chosen['min_cosine']}, within {chosen['within'] or 'any'} (R@10 {chosen['recall_at_10']:.4f} vs {curve[0]['recall_at_10']:.4f} off, "
+                 f"{chosen['min_cosine']}, within {chosen['within'] or 'any'} (R@10 {chosen['recall_at_10']:.4f} vs "
+                 f"{curve[0]['recall_at_10'] if base is None else base:.4f} {'off' if base is None else 'without new items'}, "
                  f"new share {chosen['new_share_at_10']:.4f})")
         out[anchor] = {"chosen": _rule(chosen), f"chosen_by_{other}": _rule(alt), "curve": curve}
     return out
@@ -568,15 +583,15 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
         f = fill_tuning["chosen"]
         if f:
             new_ids = {r["item_id"] for r in rows_new}
-            seen_pool = TextNeighbours(ids, emb, [i for i in ids if i not in new_ids])
+            seen_pool = TextNeighbours(ids, emb, [i for i in ids if i not in new_ids])  # the fill without new items
             ranked[f"GRLM, new items absent + {f} text neighbours"] = [
                 (t, fill_content(r, c, f, k)) for (t, r), c in zip(ranked["GRLM, new items absent"],
                                                                     seen_pool.ranked(last, k))]
             content_all = near_all.ranked(last, k)
             ranked[f"GRLM + new items + {f} text neighbours"] = [
                 (t, fill_content(r, c, f, k)) for (t, r), c in zip(grlm_new, content_all)]
-            fill_tuning["neighbours"] = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, f,
-                                                        simulated)["last"]
+            tuned = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, f, simulated, seen_pool)
+            fill_tuning["neighbours"] = {**tuned["last"], "reference": tuned["reference"]}
             chosen = fill_tuning["neighbours"]["chosen"]
             if chosen is not None:
                 cands = test_cands["last"]  # the last item's new neighbours, as searched above
