@@ -328,6 +328,11 @@ def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():
     # the cost counts from there, so a point within 6% of the lever off can be outside 6% of it
     assert choose_neighbours(curve, 0.06, base=0.102) is curve[1]
     assert choose_neighbours(curve, 0.02, base=0.102) is None
+    # a rule showing no more new items than the lever off is never chosen, however many arrivals it simulates
+    noop = {"recall_at_10": 0.10, "ndcg_at_10": 0.05, "new_share_at_10": 0.0, "simulated_new_recall": 0.9}
+    sims = [dict(p, simulated_new_recall=0.1, ndcg_at_10=0.05) for p in curve]
+    assert choose_neighbours([sims[0], noop, sims[1]], 0.02, "simulated") is sims[1]
+    assert choose_neighbours([sims[0], noop], 0.02, "simulated") is None
 
 
 def test_simulated_arrivals_count_the_pool_targets_a_rule_would_show_and_drive_the_choice():

@@ -307,7 +307,10 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share
     the better seen Recall@10, then NDCG@10). ``base``: the Recall@10 the cost is measured against, when not the
     lever-off point's (with the content fill: the same filled lists without the new items, ``tune_neighbours``)."""
     floor = (1 - cost) * (curve[0]["recall_at_10"] if base is None else base)
-    ok = [p for p in curve[1:] if p["recall_at_10"] >= floor]
+    # a rule that shows no more new items than the lever off changes nothing a user sees (with the content fill, a
+    # bottom placement no longer than the fill: the fill takes its places back): it costs nothing and, by the
+    # model-free simulation, can look best — it is no lever
+    ok = [p for p in curve[1:] if p["recall_at_10"] >= floor and p["new_share_at_10"] > curve[0]["new_share_at_10"]]
     if not ok:
         return None
     if by == "simulated":
