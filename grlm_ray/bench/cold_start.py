@@ -108,10 +108,10 @@ def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) 
     decoder = TidDecoder(model_dir, [tid_text(t) for t in tids], num_beams=e.num_beams,
                          max_new_tokens=e.max_new_tokens, threads=threads, dtype=e.dtype,
                          renormalize=bool(e.renormalize))
-    extra_decoder = decoder.restricted([tid_text(t) for t in added.column("terms").to_pylist()], cfg.bench.new_item_beams)
+    added_tids = [tid_text(t) for t in added.column("terms").to_pylist()]
+    extra_decoder = decoder.restricted(added_tids, cfg.bench.new_item_beams)
     index = TidIndex(ids, tids, decay=e.decay, match=e.match, fallback_order=training_popularity(seqs, targets))
     prompts, want = queries.column("prompt").to_pylist(), queries.column("target_item_id").to_pylist()
-    added_tids = [tid_text(t) for t in added.column("terms").to_pylist()]
     # the two searches' beams are kept beside the run, keyed by everything they depend on: a rerun of the bench
     # with nothing changed for them (another neighbour grid, another cost) does not decode every user again
     cache = run.file(f"bench-cold/added_search_{added_search_key(run, prompts, added_tids, cfg)}.json")
@@ -421,7 +421,8 @@ def simulated_recalls(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: 
 
 
 def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, near: Any, fill: int = 0,
-                    simulated: dict[str, Any] | None = None, near_seen: Any = None) -> dict[str, Any]:
+                    simulated: dict[str, Any] | None = None, near_seen: Any = None,
+                    anchors: tuple[str, ...] = tuple(ANCHORS)) -> dict[str, Any]:
     """For each anchor (``ANCHORS``), the rank gate, similarity floor and slots of ``added_neighbours`` chosen on
     ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``, by ``bench.neighbour_choice``), with
     the whole curve; ``near``: the whole catalog's text neighbours (the rank gate's floors); ``fill``: on lists
@@ -431,7 +432,7 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
     ``near_seen`` (with ``fill``): the text neighbours among the seen items only; the cost is then measured against
     the same lists filled from them with the new items taken out (``reference``: the same filled model without the
     new items, what the bench's row compares with on test) — not against the lever-off point, whose fill already
-    shows new items and so already costs seen hits."""
+    shows new items and so already costs seen hits. ``anchors``: the ones tuned (default every one)."""
     users, rows, last = validation_lists(valid)
     by = cfg.bench.neighbour_choice
     if by == "simulated" and simulated is None:
@@ -447,10 +448,10 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
                              for (t, r), c in zip(rows, near_seen.ranked(last, 10))], held, 10)
         out["reference"] = {"lists": "the same lists without the new items, filled from the seen items only", **ref}
         base = ref["recall_at_10"]
-    for anchor in ANCHORS:
-        anchors = anchor_items(last, rows, anchor)
-        cands = placer.candidates(anchors, max(cfg.bench.neighbour_slots))
-        floors = near.floors_at(anchors, [w for w in WITHINS if w])
+    for anchor in anchors:
+        items = anchor_items(last, rows, anchor)
+        cands = placer.candidates(items, max(cfg.bench.neighbour_slots))
+        floors = near.floors_at(items, [w for w in WITHINS if w])
         curve = neighbour_curve(rows, cands, held, fill=fill, content=content, floors=floors,
                                 slot_counts=cfg.bench.neighbour_slots)
         if simulated is not None:
@@ -593,7 +594,8 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
             content_all = near_all.ranked(last, k)
             ranked[f"GRLM + new items + {f} text neighbours"] = [
                 (t, fill_content(r, c, f, k)) for (t, r), c in zip(grlm_new, content_all)]
-            tuned = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, f, simulated, seen_pool)
+            tuned = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, f, simulated, seen_pool,
+                                    anchors=("last",))  # the fill's row places the last item's neighbours only
             fill_tuning["neighbours"] = {**tuned["last"], "reference": tuned["reference"]}
             chosen = fill_tuning["neighbours"]["chosen"]
             if chosen is not None:
