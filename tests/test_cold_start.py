@@ -206,7 +206,7 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     # given to the last item's text neighbours among every item, the new ones too (the bench's content baseline)
     from grlm_ray.bench.cold_start import content_rankings, held_out_rows, last_items
     from grlm_ray.lib.embeddings import catalog_embeddings
-    from grlm_ray.lib.eig import TextNeighbours, fill_content
+    from grlm_ray.lib.eig import TextNeighbours, fill_content, placement_depth
 
     both = load_config(None, [*ecfg_overrides(overrides, pick), "eval.content_fill=3"])
     run_pipeline(both, stages=("eval",))
@@ -219,7 +219,7 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
     floors = TextNeighbours(ids, emb, ids).floors(last, pick["within"]) if pick["within"] else None
     placed = placer.place(plain.column("ranked_item_ids").to_pylist(), last, pick["min_cosine"], pick["slots"],
-                          pick["position"], floors)
+                          pick["position"], floors, placement_depth(10, 3))  # 'bottom': above the fill's places
     want = [fill_content(r, c, 3, 10) for r, c in zip(placed, content_rankings(ids, emb, last, 10))]
     assert got.column("ranked_item_ids").to_pylist() == want
     assert any("content_neighbour" in h for h in got.column("grounded_by").to_pylist())
@@ -306,6 +306,24 @@ def test_added_neighbours_at_the_bottom_push_out_the_models_least_likely_items_o
     assert place_added(ranked, cands, 0.99, 3, "bottom", 4) == ranked
     with pytest.raises(ValueError, match="position must be 'top' or 'bottom'"):
         place_added(ranked, cands, 0.8, 1, "middle")
+
+
+def test_a_bottom_placement_with_the_content_fill_takes_the_places_above_the_fill():
+    from grlm_ray.lib.eig import fill_content, place_added, placement_depth
+
+    ranked = [f"m{i}" for i in range(12)]
+    cands = [("n1", 0.9), ("n2", 0.8), ("n3", 0.7)]
+    content = ["c1", "c2", "n1", "c3"]
+    # 3 new items with a fill of 3: they take places 5-7, the fill 8-10 — none taken back by the fill
+    got = fill_content(place_added(ranked, cands, 0.5, 3, "bottom", placement_depth(10, 3)), content, 3, 10)
+    assert got[:10] == ["m0", "m1", "m2", "m3", "n1", "n2", "n3", "c1", "c2", "c3"]
+    # placed in the fill's own places instead, the fill would take all three back: the lists are the same
+    plain = fill_content(ranked, content, 3, 10)
+    assert fill_content(place_added(ranked, cands, 0.5, 3, "bottom", 10), content, 3, 10)[:10] == plain[:10]
+    assert placement_depth(10, 0) == 10 and placement_depth(10, 3) == 7 and placement_depth(3, 5) == 1
+    # 'top' is not moved by the fill
+    assert fill_content(place_added(ranked, cands, 0.5, 2, "top", placement_depth(10, 3)), content, 3, 10)[:3] == \
+        ["n1", "n2", "m0"]
 
 
 def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():

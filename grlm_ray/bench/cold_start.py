@@ -279,8 +279,9 @@ def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[st
     the first point is the lever off. ``floors``: within -> each user's floor (``TextNeighbours.floors`` over the
     whole catalog; ``eval.added_within``); none: the cosine floor alone (within 0). ``fill``: each list then gets
     its last ``fill`` places of ``k`` from ``content`` (each user's text neighbours, ``fill_content``), as the
-    eval stage does after placing (``eval.content_fill``)."""
-    from grlm_ray.lib.eig import fill_content, gate, place_added
+    eval stage does after placing (``eval.content_fill``); a 'bottom' placement then takes the last places above
+    the fill (``placement_depth``)."""
+    from grlm_ray.lib.eig import fill_content, gate, place_added, placement_depth
 
     def refill(lists: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
         return [(t, fill_content(r, c, fill, k)) for (t, r), c in zip(lists, content)] if fill else lists
@@ -291,7 +292,8 @@ def neighbour_curve(rows: list[tuple[str, list[str]]], cands: list[list[tuple[st
         for position in POSITIONS:
             for slots in slot_counts:
                 for m in MIN_COSINES:
-                    placed = refill([(t, place_added(r, c, m, slots, position, k)) for (t, r), c in zip(rows, gated)])
+                    placed = refill([(t, place_added(r, c, m, slots, position, placement_depth(k, fill)))
+                                     for (t, r), c in zip(rows, gated)])
                     curve.append({"position": position, "slots": slots, "min_cosine": m, "within": within,
                                   **split_metrics(placed, held, k)})
     return curve
@@ -303,13 +305,13 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share
     are seen items only: new items were held out of every history), the one showing the most new items
     (``by`` share), or the one whose placement rule found the most simulated arrivals (``by`` simulated: the
     point's ``simulated_new_recall``, ``simulate_arrivals``; ties: the larger new share — with the content fill,
-    new items placed in the last places are pushed out by it, which the model-free simulation cannot see — then
-    the better seen Recall@10, then NDCG@10). ``base``: the Recall@10 the cost is measured against, when not the
+    a new item placed among the fill's neighbours takes a place the fill would have shown anyway, which the
+    model-free simulation cannot see — then the better seen Recall@10, then NDCG@10). ``base``: the Recall@10 the cost is measured against, when not the
     lever-off point's (with the content fill: the same filled lists without the new items, ``tune_neighbours``)."""
     floor = (1 - cost) * (curve[0]["recall_at_10"] if base is None else base)
-    # a rule that shows no more new items than the lever off changes nothing a user sees (with the content fill, a
-    # bottom placement no longer than the fill: the fill takes its places back): it costs nothing and, by the
-    # model-free simulation, can look best — it is no lever
+    # a rule that shows no more new items than the lever off changes nothing a user sees (e.g. every new item it
+    # places is one the content fill shows anyway): it costs nothing and, by the model-free simulation, can look
+    # best — it is no lever
     ok = [p for p in curve[1:] if p["recall_at_10"] >= floor and p["new_share_at_10"] > curve[0]["new_share_at_10"]]
     if not ok:
         return None
@@ -581,7 +583,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
 
     fill_tuning = None
     if cfg.bench.content_fills and "new_valid" in runs:  # eval.content_fill, then the placement on top of it
-        from grlm_ray.lib.eig import fill_content
+        from grlm_ray.lib.eig import fill_content, placement_depth
 
         fill_tuning = tune_content_fill(cfg, runs["new_valid"], held, near_all, k)
         f = fill_tuning["chosen"]
@@ -603,8 +605,9 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
                 if chosen["within"]:
                     cands = gate(cands, test_floors["last"][chosen["within"]])
                 ranked[f"GRLM + new items, text neighbours of the last item + {f} text neighbours"] = [
-                    (t, fill_content(place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"], k),
-                                     cc, f, k)) for (t, r), c, cc in zip(grlm_new, cands, content_all)]
+                    (t, fill_content(place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"],
+                                                 placement_depth(k, f)), cc, f, k))
+                    for (t, r), c, cc in zip(grlm_new, cands, content_all)]
 
     train_s, seconds = train["seconds"], {"GRLM + new items": ev_new["seconds"],
                                           **{LEVER_ROWS[r]: evals[r]["seconds"] for r in LEVER_ROWS if r in evals},

@@ -552,7 +552,7 @@ class EvalConfig(StrictModel):
     # (the user's last history item, or the model's top item) with cosine >= added_min_cosine
     # (grlm_ray/lib/eig.py: place_added; ``grlm bench cold-start`` chooses all three on validation users);
     # added_position 'top': those items go first; 'bottom': they take the list's last places (the model's
-    # best guesses keep theirs)
+    # best guesses keep theirs; with content_fill, the last places above the fill's)
     added_neighbours: int = neutral_default(0, ge=0)
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
     added_position: Literal["top", "bottom"] = neutral_default("top")
@@ -737,7 +737,7 @@ class ServeConfig(StrictModel):
     # items added after training placed in a recommendation (as ``eval.added_neighbours`` scores it):
     # up to this many, those whose text embedding is nearest the request's last history item with cosine >=
     # added_min_cosine (the grounding replicas embed each added item once; ``grounded_by: added_neighbour``)
-    # (added_position 'bottom': in the last places of the list instead, as eval.added_position)
+    # (added_position 'bottom': in the last places of the list instead — above content_fill's — as eval.added_position)
     added_neighbours: int = neutral_default(0, ge=0)
     added_min_cosine: float = neutral_default(0.9, ge=-1, le=1)
     added_position: Literal["top", "bottom"] = neutral_default("top")

@@ -363,6 +363,13 @@ def place_added(ranked: Sequence[str], candidates: Sequence[tuple[str, float]], 
     return [i for i in head if i not in gone] + extra + drop[::-1] + [i for i in ranked[d:] if i not in have]
 
 
+def placement_depth(depth: int, fill: int) -> int:
+    """The places ``place_added``'s 'bottom' takes the last of when ``fill_content`` then gives the last ``fill``
+    of ``depth`` to text neighbours: the ones above the fill (placing the added items in the fill's own places
+    would have the fill take them back — a bottom placement no longer than the fill would change nothing)."""
+    return max(1, depth - max(0, fill))
+
+
 def fill_content(ranked: Sequence[str], content: Sequence[str], slots: int, depth: int = 10) -> list[str]:
     """``ranked`` with the last ``slots`` places of its shown list (its first ``depth``) given to ``content``
     (another ranking, best first, e.g. the text neighbours of the user's last item): the model's first
@@ -430,13 +437,15 @@ class TextNeighbours:
         return {w: [c[w - 1][1] if len(c) >= w else -np.inf for c in cands] for w in withins}
 
     def place(self, ranked: Sequence[Sequence[str]], anchors: Sequence[str | None], min_cosine: float,
-              slots: int, position: str = "top", floors: Sequence[float] | None = None) -> list[list[str]]:
-        """Every ranked list with its added neighbours placed (``place_added``: first, or in the last places),
-        cut to its length; ``floors``: each list's own similarity floor besides ``min_cosine`` (``gate``)."""
+              slots: int, position: str = "top", floors: Sequence[float] | None = None,
+              depth: int | None = None) -> list[list[str]]:
+        """Every ranked list with its added neighbours placed (``place_added``: first, or in the last of its first
+        ``depth`` places), cut to its length; ``floors``: each list's own similarity floor besides ``min_cosine``
+        (``gate``)."""
         cands = self.candidates(anchors, slots)
         if floors is not None:
             cands = gate(cands, floors)
-        return [place_added(r, c, min_cosine, slots, position)[:len(r)] for r, c in zip(ranked, cands)]
+        return [place_added(r, c, min_cosine, slots, position, depth)[:len(r)] for r, c in zip(ranked, cands)]
 
 
 def gate(cands: Sequence[Sequence[tuple[str, float]]], floors: Sequence[float]) -> list[list[tuple[str, float]]]:

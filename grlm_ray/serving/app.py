@@ -57,7 +57,8 @@ from grlm_ray.core.errors import ConfigError, DataError
 from grlm_ray.core.runtime import init_ray
 from grlm_ray.core.run import Run, member_model_dirs
 from grlm_ray.lib.decoding import TidDecoder
-from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, gate, parse_generated, place_added, tid_text
+from grlm_ray.lib.eig import (TextNeighbours, TidIndex, fill_content, gate, parse_generated, place_added, placement_depth,
+                              tid_text)
 from grlm_ray.lib.embeddings import catalog_embeddings, embed_rows, text_encoder
 from grlm_ray.lib.models import set_torch_threads
 from grlm_ray.lib.textformat import history_prompt, line_writer
@@ -497,7 +498,8 @@ class Grounder(_CatalogFollower):
             [cands] = placer.candidates([last], s_.added_neighbours)
             if s_.added_within and every is not None:  # only those among the catalog's added_within nearest
                 [cands] = gate([cands], every.floors([last], s_.added_within))
-            order = place_added(order, cands, s_.added_min_cosine, s_.added_neighbours, s_.added_position)[:len(out)]
+            order = place_added(order, cands, s_.added_min_cosine, s_.added_neighbours, s_.added_position,
+                                placement_depth(k, s_.content_fill if content is not None else 0))[:len(out)]
             near.update((i, (c, "added_neighbour")) for i, c in cands)
         if content is not None:
             [cands] = content.candidates([last], k)

@@ -29,7 +29,7 @@ from grlm_ray.core.errors import GrlmError
 from grlm_ray.core.run import Run, member_model_dirs, member_runs
 from grlm_ray.core.storage import StageContext, chained_key, read_manifest, release_arrow_memory, take_rows
 from grlm_ray.lib.decoding import TidDecoder, check_ensemble, effective_max_new_tokens, tid_token_arrays
-from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, merge_beams, tid_text
+from grlm_ray.lib.eig import TextNeighbours, TidIndex, fill_content, merge_beams, placement_depth, tid_text
 from grlm_ray.lib.embeddings import catalog_embeddings
 from grlm_ray.lib.metrics import RankingSums
 from grlm_ray.lib.models import load_tokenizer, quiet_loading
@@ -208,7 +208,8 @@ def _reranker(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table, adde
             anchors = users if e.added_anchor == "last" else [x[0] if x else None for x in r]
             floors = every.floors(anchors, e.added_within) if e.added_within and every is not None else None
             r, h = step(r, h, placer.place(r, anchors, e.added_min_cosine, e.added_neighbours, e.added_position,
-                                           floors), "added_neighbour")
+                                           floors, placement_depth(e.content_depth, e.content_fill if fill else 0)),
+                        "added_neighbour")
         if content is not None:
             r, h = step(r, h, [fill_content(x, c, e.content_fill, e.content_depth)
                                for x, c in zip(r, content.ranked(users, e.content_depth))], "content_neighbour")
