@@ -371,6 +371,22 @@ def test_simulated_arrivals_count_the_pool_targets_a_rule_would_show_and_drive_t
     # two pools: users pooled over both
     two = simulate_arrivals(anchors, targets, [["p1"], ["p2", "b"]], ids, emb, floors)
     assert two[(0, 1, 0.5)] == {"recall": round(2 / 3, 6), "users": 3}  # p1 hit; p2 hit; b's is the anchor a's 2nd
+    # with the histories, a pool's members leave them first (as the holdout takes the real arrivals out): a user
+    # whose last item is p1, in the same pool as their target p3, is anchored on the item before it instead
+    from grlm_ray.core.errors import GrlmError
+    from grlm_ray.lib.eig import TextNeighbours
+
+    near = TextNeighbours(ids, emb, ids)
+    hists = [["b", "a"], ["a"], ["b", "p1"], ["a"]]
+    masked = simulate_arrivals([], targets, [["p1", "p2", "p3"]], ids, emb, {}, histories=hists, near=near)
+    assert masked[(0, 1, 0.5)]["recall"] == round(2 / 3, 6)  # p3 found from b (p1 is gone from the history)
+    unmasked = simulate_arrivals(["a", "a", "p1", "a"], targets, [["p1", "p2", "p3"]], ids, emb,
+                                 near.floors_at(["a", "a", "p1", "a"], [10]))
+    assert unmasked[(0, 1, 0.5)]["recall"] == round(1 / 3, 6)  # anchored on p1: p2 is nearer it than p3
+    assert masked[(0, 3, 0.5)]["users"] == 3
+    assert masked[(10, 1, 0.5)]["recall"] == round(2 / 3, 6)  # 5 items: every one is within 10
+    with pytest.raises(GrlmError, match="near"):
+        simulate_arrivals([], targets, [["p1"]], ids, emb, {}, histories=hists)
     # the simulated choice takes the rule finding the most arrivals within the cost, not the one showing most
     curve = [{"recall_at_10": 0.10, "ndcg_at_10": 0.05, "new_share_at_10": 0.0, "simulated_new_recall": 0.0},
              {"recall_at_10": 0.099, "ndcg_at_10": 0.05, "new_share_at_10": 0.08, "simulated_new_recall": 0.03},

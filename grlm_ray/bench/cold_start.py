@@ -78,17 +78,17 @@ ARRIVAL_POOLS = 5
 BONUSES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
 
-def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) -> dict[str, Any]:
-    """``eval.added_bonus`` chosen on validation users (``users`` of them, seeded; every validation target is a
-    seen item: the new items were held out of every history): one decoding pass writes the main beams and the
-    added-item search's beams with their log-probabilities; each bonus in ``BONUSES`` merges them
-    (``merge_beams``), grounds and scores. Chosen: the largest bonus whose validation Recall@10 is at least
-    ``1 - bench.new_item_cost`` of the search off (the most new items shown for a bounded cost on seen ones)."""
+def validation_beams(cfg: GrlmConfig, users: int, threads: int) -> dict[str, Any]:
+    """One decoding pass over ``users`` validation users (seeded) of ``cfg``'s run with the new items added: the
+    main beams and the added-item search's (``bench.new_item_beams`` over only the new TIDs), each with its
+    log-probabilities, kept beside the run (``bench-cold/added_search_<key>.json``, keyed by everything they
+    depend on: a rerun with nothing changed for them reads them back). Returns the users, their targets, both
+    beam lists, the ``TidIndex`` they ground with, the decode seconds and whether they were reused."""
     from tqdm import tqdm
 
     from grlm_ray.core.schemas import ITEMS, SEQUENCES, TARGETS, TERMS
     from grlm_ray.lib.decoding import TidDecoder
-    from grlm_ray.lib.eig import TidIndex, merge_beams, tid_text
+    from grlm_ray.lib.eig import TidIndex, tid_text
     from grlm_ray.lib.models import load_tokenizer
     from grlm_ray.lib.protocol import query_table, training_popularity
     from grlm_ray.serving.catalog import UPDATES
@@ -105,11 +105,7 @@ def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) 
     added = run.store.read_table(run.file(UPDATES))
     ids = terms.column("item_id").to_pylist() + added.column("item_id").to_pylist()
     tids = terms.column("terms").to_pylist() + added.column("terms").to_pylist()
-    decoder = TidDecoder(model_dir, [tid_text(t) for t in tids], num_beams=e.num_beams,
-                         max_new_tokens=e.max_new_tokens, threads=threads, dtype=e.dtype,
-                         renormalize=bool(e.renormalize))
     added_tids = [tid_text(t) for t in added.column("terms").to_pylist()]
-    extra_decoder = decoder.restricted(added_tids, cfg.bench.new_item_beams)
     index = TidIndex(ids, tids, decay=e.decay, match=e.match, fallback_order=training_popularity(seqs, targets))
     prompts, want = queries.column("prompt").to_pylist(), queries.column("target_item_id").to_pylist()
     # the two searches' beams are kept beside the run, keyed by everything they depend on: a rerun of the bench
@@ -122,6 +118,10 @@ def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) 
         log.info("cold start: added-item search beams of %d validation users reused (%s)", len(prompts),
                  run.store.uri(cache))
     else:
+        decoder = TidDecoder(model_dir, [tid_text(t) for t in tids], num_beams=e.num_beams,
+                             max_new_tokens=e.max_new_tokens, threads=threads, dtype=e.dtype,
+                             renormalize=bool(e.renormalize))
+        extra_decoder = decoder.restricted(added_tids, cfg.bench.new_item_beams)
         main, extra, t0 = [], [], time.time()
         for s in tqdm(range(0, len(prompts), e.batch_size), desc="validation users (added-item search)",
                       disable=not cfg.ray.progress_bars):
@@ -130,6 +130,20 @@ def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) 
             extra += extra_decoder(batch, batch_size=len(batch), with_scores=True)
         seconds = time.time() - t0
         run.store.write_json(cache, {"main": main, "extra": extra, "seconds": seconds})
+    return {"users": queries.column("user_id").to_pylist(), "want": want, "main": main, "extra": extra,
+            "index": index, "seconds": seconds, "reused": reused}
+
+
+def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) -> dict[str, Any]:
+    """``eval.added_bonus`` chosen on validation users (``users`` of them, seeded; every validation target is a
+    seen item: the new items were held out of every history): one decoding pass writes the main beams and the
+    added-item search's beams with their log-probabilities (``validation_beams``); each bonus in ``BONUSES``
+    merges them (``merge_beams``), grounds and scores. Chosen: the largest bonus whose validation Recall@10 is at
+    least ``1 - bench.new_item_cost`` of the search off (the most new items shown for a bounded cost on seen ones)."""
+    from grlm_ray.lib.eig import merge_beams
+
+    b = validation_beams(cfg, users, threads)
+    main, extra, want, index = b["main"], b["extra"], b["want"], b["index"]
     k = 10
     curve = []
     for bonus in (-float("inf"), *BONUSES):
@@ -143,8 +157,8 @@ def tune_added_bonus(cfg: GrlmConfig, held: set[str], users: int, threads: int) 
              f"new share {chosen['new_share_at_10']:.4f})", curve[0]["recall_at_10"], floor)
     return {"users": len(want), "split": "valid", "beams": cfg.bench.new_item_beams, "cost": cfg.bench.new_item_cost,
             "curve": [{**p, "bonus": None if p["bonus"] == -float("inf") else p["bonus"]} for p in curve],
-            "chosen_bonus": chosen["bonus"] if chosen else None, "decode_seconds": round(seconds, 1),
-            "beams_reused": reused}
+            "chosen_bonus": chosen["bonus"] if chosen else None, "decode_seconds": round(b["seconds"], 1),
+            "beams_reused": b["reused"]}
 
 
 def added_search_key(run: Run, prompts: list[str], added_tids: list[str], cfg: GrlmConfig) -> str:
@@ -339,25 +353,40 @@ def arrival_pools(run: Run, seqs: Any, size: int, candidates: float, seed: int, 
 
 def simulate_arrivals(anchors: list[str | None], targets: list[str], pools: list[list[str]], ids: list[str],
                       emb: np.ndarray, floors: dict[int, list[float]],
-                      slot_counts: tuple[int, ...] | list[int] = SLOTS) -> dict[tuple[int, int, float], dict[str, Any]]:
+                      slot_counts: tuple[int, ...] | list[int] = SLOTS, histories: list[list[str]] | None = None,
+                      near: Any = None) -> dict[tuple[int, int, float], dict[str, Any]]:
     """How often each placement rule (within, slots, cosine floor: ``neighbour_curve``'s grid) would have shown
     the arrival a user went on to buy, measured where that can be seen: each pool of ``pools`` (seen items
     drawn like the held-out ones, ``arrival_pools``) plays the new items — the rule places its members nearest
     the user's ``anchors`` item — and the users whose target is in the pool are the new-item targets. The rule
     needs no model, only text neighbours, so its recall on these arrivals is a validation estimate of its
     recall on the real ones (which no validation user has). ``floors``: the rank gate's, over the whole catalog
-    (``TextNeighbours.floors_at``). Returns (within, slots, floor) -> recall and users, pooled over the pools."""
+    (``TextNeighbours.floors_at``). ``histories`` (each user's items before the target) with ``near`` (the whole
+    catalog's ``TextNeighbours``): each pool's members are taken out of the histories first, as the holdout
+    takes the real arrivals out of every history — the anchor is the last history item *not* in the pool (a
+    user who bought one arrival right after another would otherwise be anchored on its near-twin, which no real
+    arrival's buyer is), and the floors are its own. Returns (within, slots, floor) -> recall and users, pooled
+    over the pools."""
     from grlm_ray.lib.eig import TextNeighbours, gate, place_added
 
+    if histories is not None and near is None:
+        raise GrlmError("simulate_arrivals: histories need the whole catalog's neighbours (near) for the floors")
+    withins = sorted(w for w in floors if w) if histories is None else [w for w in WITHINS if w]
     hits: dict[tuple[int, int, float], int] = {}
     users = 0
     for pool in pools:
         members = set(pool)
         rows = [j for j, t in enumerate(targets) if t in members]
         users += len(rows)
-        cands = TextNeighbours(ids, emb, pool).candidates([anchors[j] for j in rows], max(slot_counts))
-        for within in (0, *sorted(w for w in floors if w)):
-            gated = gate(cands, [floors[within][j] for j in rows]) if within else cands
+        if histories is None:
+            at = [anchors[j] for j in rows]
+            fl = {w: [floors[w][j] for j in rows] for w in withins}
+        else:
+            at = [next((x for x in reversed(histories[j]) if x not in members), None) for j in rows]
+            fl = near.floors_at(at, withins)
+        cands = TextNeighbours(ids, emb, pool).candidates(at, max(slot_counts))
+        for within in (0, *withins):
+            gated = gate(cands, fl[within]) if within else cands
             for slots in slot_counts:
                 for m in MIN_COSINES:
                     n = sum(targets[j] in place_added([], c, m, slots) for j, c in zip(rows, gated))
@@ -402,20 +431,24 @@ def simulated_recalls(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: 
     """``simulate_arrivals`` for each anchor (``ANCHORS``) on ``ARRIVAL_POOLS`` pools as large as the held-out
     set: the last item's over every validation user (no model needed), the model's top item's over ``valid``'s
     scored users. ``seqs`` / ``targets``: the run's prepared sequences and targets."""
-    from grlm_ray.lib.protocol import last_history_items, target_rows
+    from grlm_ray.lib.protocol import history_items, target_rows
 
     run, h = Run.of(cfg), cfg.data.holdout
     pools = arrival_pools(run, seqs, len(held), h.candidates, h.seed, ARRIVAL_POOLS)
     t = target_rows(targets, "valid", None, cfg.eval.seed)
-    last_all = last_history_items(seqs, t)
+    hists = history_items(seqs, t)
     _, rows, _ = validation_lists(valid)
     withins = [w for w in WITHINS if w]
-    out: dict[str, Any] = {"pools": ARRIVAL_POOLS, "pool_items": len(held)}
+    out: dict[str, Any] = {"pools": ARRIVAL_POOLS, "pool_items": len(held),
+                           "histories": "each pool's members taken out (the last item: the last one not in the pool)"}
     for anchor in ANCHORS:
-        anchors, want = ((last_all, t.column("target_item_id").to_pylist()) if anchor == "last"
-                         else ([r[0] if r else None for _, r in rows], [w for w, _ in rows]))
-        out[anchor] = simulate_arrivals(anchors, want, pools, ids, emb, near.floors_at(anchors, withins),
-                                        cfg.bench.neighbour_slots)
+        if anchor == "last":  # model-free: the pool's members taken out of the histories, as the holdout does
+            out[anchor] = simulate_arrivals([], t.column("target_item_id").to_pylist(), pools, ids, emb, {},
+                                            cfg.bench.neighbour_slots, histories=hists, near=near)
+        else:  # the model's top item: its lists were decoded from the histories as they are
+            anchors = [r[0] if r else None for _, r in rows]
+            out[anchor] = simulate_arrivals(anchors, [w for w, _ in rows], pools, ids, emb,
+                                            near.floors_at(anchors, withins), cfg.bench.neighbour_slots)
         best = max(out[anchor].items(), key=lambda kv: kv[1]["recall"])
         log.info("cold start: simulated arrivals (%s item, %d target users over %d pools): best rule %s recall %.4f",
                  anchor, best[1]["users"], ARRIVAL_POOLS, best[0], best[1]["recall"])

@@ -53,6 +53,14 @@ def last_history_items(seqs: pa.Table, t: pa.Table) -> list[str | None]:
     return [h[p - 1] if p > 0 else None for h, p in zip(hist.to_pylist(), t.column("position").to_pylist())]
 
 
+def history_items(seqs: pa.Table, t: pa.Table) -> list[list[str]]:
+    """Each target's history (rows of ``target_rows``): the items before it in its user's sequence, oldest first."""
+    import pyarrow.compute as pc
+
+    hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id")))
+    return [h[:p] for h, p in zip(hist.to_pylist(), t.column("position").to_pylist())]
+
+
 def select_targets(targets: pa.Table, split: str, limit: int | None, seed: int) -> list[dict[str, Any]]:
     """``target_rows`` as row dicts."""
     return target_rows(targets, split, limit, seed).to_pylist()
