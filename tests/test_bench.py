@@ -499,3 +499,23 @@ def test_placements_count_the_new_items_a_last_item_rule_would_put_in_a_seen_tar
     two = mod.placements([0], new, emb, floors=(0.5,), slots=3)
     assert two["by_floor"][0]["placed_per_user"] == 2.0
     assert two["nearest_new_cosine"] == round(float(cos.max()), 6)
+
+
+def test_arrival_pairs_measure_how_near_each_buyers_last_item_is_to_what_they_bought(monkeypatch, tmp_path):
+    """arrival_queries.pairs on hand-built unit vectors: the cosine floors and catalog ranks of the target seen
+    from the last item (itself excluded); a buyer without a last item counts as near nothing."""
+    import numpy as np
+
+    mod = isolation_script("arrival_queries", monkeypatch, tmp_path)
+    d = 32
+    emb = np.zeros((25, d), dtype=np.float32)
+    emb[0, 0] = 1  # the last item
+    emb[1] = np.eye(d)[0] * 0.8 + np.eye(d)[1] * 0.6  # target A: cosine 0.8, the nearest other item
+    for j in range(2, 24):  # 22 fillers at cosine 0.6 to item 0: target B (item 24, cosine 0.55) ranks 24th
+        emb[j] = np.eye(d)[0] * 0.6 + np.eye(d)[j] * 0.8
+    emb[24] = np.eye(d)[0] * 0.55 + np.eye(d)[24] * np.sqrt(1 - 0.55 ** 2)
+    out = mod.pairs([0, 0, -1], [1, 24, 1], emb)
+    assert out["users"] == 3
+    assert out["cos_0.5"] == round(2 / 3, 6) and out["cos_0.65"] == round(1 / 3, 6)
+    assert out["within_10"] == round(1 / 3, 6) and out["within_20"] == round(1 / 3, 6)
+    assert out["within_20_cos_0.65"] == round(1 / 3, 6) and out["within_10_cos_0.5"] == round(1 / 3, 6)

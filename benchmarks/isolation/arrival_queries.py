@@ -85,6 +85,28 @@ def found(q: np.ndarray, last: list[int], want: list[int], new_cols: np.ndarray,
             "placed_within10": {str(s): r(v) for s, v in gated.items()}}
 
 
+def pairs(last: list[int], want: list[int], emb: np.ndarray, chunk: int = 1024) -> dict[str, Any]:
+    """How near each new-item buyer's last item is to what they bought (catalog rows; -1: no last item, counted as
+    near nothing): the shares whose cosine reaches 0.5 / 0.65, whose target is among the last item's 10 / 20
+    nearest catalog items, and both (within 20 and >= 0.65: the gate and floor the Beauty bench chose)."""
+    n = len(last)
+    c = {"cos_0.5": 0, "cos_0.65": 0, "within_10": 0, "within_20": 0, "within_20_cos_0.65": 0, "within_10_cos_0.5": 0}
+    li_all, t_all = np.array(last), np.array(want)
+    for a in range(0, n, chunk):
+        li, t = li_all[a:a + chunk], t_all[a:a + chunk]
+        ok = li >= 0
+        sc = emb[li[ok]] @ emb.T
+        rows = np.arange(len(sc))
+        sc[rows, li[ok]] = -np.inf
+        ct = sc[rows, t[ok]]
+        rank = np.sum(sc > ct[:, None], axis=1) + 1
+        for key, hit in (("cos_0.5", ct >= 0.5), ("cos_0.65", ct >= 0.65), ("within_10", rank <= 10),
+                         ("within_20", rank <= 20), ("within_20_cos_0.65", (rank <= 20) & (ct >= 0.65)),
+                         ("within_10_cos_0.5", (rank <= 10) & (ct >= 0.5))):
+            c[key] += int(np.sum(hit))
+    return {"users": n, **{k: round(v / n, 6) if n else 0.0 for k, v in c.items()}}
+
+
 def placements(last: list[int], new_cols: np.ndarray, emb: np.ndarray, floors: tuple[float, ...] = PLACE_FLOORS,
                slots: int = 3, chunk: int = 1024) -> dict[str, Any]:
     """How much a last-item placement of the new items (``new_cols``) takes from a list, for users whose target is
@@ -161,17 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     def measure(hists: list[list[str]], want: list[str], new_items: list[str]) -> dict[str, Any]:
         pool = set(new_items)
         keep = [j for j, x in enumerate(want) if x in pool and x in at]
-        hs = [hists[j] for j in keep]
+        # the arrivals taken out of the histories, as the holdout takes the real ones (a no-op for them): as the
+        # bench's simulation does
+        hs = [[x for x in hists[j] if x not in pool] for j in keep]
         last = [at.get(h[-1], -1) if h else -1 for h in hs]
         cols = np.array(sorted(at[i] for i in new_items if i in at))
-        return {name: found(query_vectors(emb, at, hs, m, w), last, [at[want[j]] for j in keep], cols, emb)
-                for name, m, w in QUERIES}
+        tgt = [at[want[j]] for j in keep]
+        return {**{name: found(query_vectors(emb, at, hs, m, w), last, tgt, cols, emb) for name, m, w in QUERIES},
+                "pairs": pairs(last, tgt, emb)}
 
     h = cfg.data.holdout
     pools = arrival_pools(run, seqs, len(held), h.candidates, h.seed, ARRIVAL_POOLS)
     vh, vw = users("valid")
     per_pool = [measure(vh, vw, pool) for pool in pools]
     simulated = {}
+    n_all = sum(p["pairs"]["users"] for p in per_pool)
+    simulated_pairs = {"users": n_all, **{k: round(sum(p["pairs"][k] * p["pairs"]["users"] for p in per_pool) / n_all, 6)
+                                          for k in per_pool[0]["pairs"] if k != "users"}} if n_all else None
     for name, *_ in QUERIES:  # pooled over the pools: hits / users
         parts = [p[name] for p in per_pool]
         n = sum(p["users"] for p in parts)
@@ -184,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                            "placed_within10": {str(s): pooled("placed_within10", str(s)) for s in SLOTS}}
     th, tw = users("test")
     real = measure(th, tw, sorted(i for i in held if i in at))
+    real_pairs = real.pop("pairs")
     # the placement's cost side: on the seen-target users of each split, how many of the real held-out items a
     # last-item placement would put in their lists (validation: what the bench's tuning run sees)
     real_cols = np.array(sorted(at[i] for i in held if i in at))
@@ -196,14 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {"run": cfg.run.name, "config": args.config, "overrides": args.set,
               "queries": {name: {"m": m, "w": w} for name, m, w in QUERIES},
               "simulated_arrivals": {"pools": ARRIVAL_POOLS, "pool_items": len(held), "split": "valid",
-                                     "by_query": simulated},
+                                     "histories": "each pool's members taken out", "by_query": simulated,
+                                     "pairs": simulated_pairs},
               "real_arrivals": {"split": "test", "new_items": len(held), "without_text": len(no_text),
-                                "by_query": real},
+                                "by_query": real, "pairs": real_pairs},
               "placements_on_seen_targets": cost_side,
               "seconds": round(time.time() - t0, 1),
               "command": " ".join(["python benchmarks/isolation/arrival_queries.py", args.config, "--name",
                                    args.name, "--set", *args.set])}
     path = write_result(args.name, result, RESULTS)
+    for label, pr in (("simulated", simulated_pairs), ("real", real_pairs)):
+        print(f"{label} arrivals' buyers, last item vs target: " + ", ".join(f"{k} {v}" for k, v in (pr or {}).items()))
     for label, table in (("simulated arrivals (valid)", simulated), ("real arrivals (test)", real)):
         print(f"{label}: users {next(iter(table.values()))['users']}")
         print(f"{'query':>8s} {'content10':>9s} " + " ".join(f"{'p' + str(s):>6s}" for s in SLOTS) + "  "
