@@ -519,3 +519,6 @@ def test_arrival_pairs_measure_how_near_each_buyers_last_item_is_to_what_they_bo
     assert out["cos_0.5"] == round(2 / 3, 6) and out["cos_0.65"] == round(1 / 3, 6)
     assert out["within_10"] == round(1 / 3, 6) and out["within_20"] == round(1 / 3, 6)
     assert out["within_20_cos_0.65"] == round(1 / 3, 6) and out["within_10_cos_0.5"] == round(1 / 3, 6)
+    dens = mod.density([0], emb)  # item 0's nearest others: A at 0.8, then the fillers at 0.6
+    assert dens["items"] == 1 and dens["nn1"] == 0.8 and abs(dens["nn10"] - 0.6) < 1e-6
+    assert mod.density([], emb) == {"items": 0}

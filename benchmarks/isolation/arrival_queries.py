@@ -107,6 +107,19 @@ def pairs(last: list[int], want: list[int], emb: np.ndarray, chunk: int = 1024) 
     return {"users": n, **{k: round(v / n, 6) if n else 0.0 for k, v in c.items()}}
 
 
+def density(items: list[int], emb: np.ndarray) -> dict[str, float]:
+    """How crowded the text space is around a set of items (catalog rows): the mean cosine of each one's 1st, 10th
+    and 20th nearest other catalog item."""
+    if not items:
+        return {"items": 0}
+    r = np.array(items)
+    sc = emb[r] @ emb.T
+    sc[np.arange(len(r)), r] = -np.inf
+    top = -np.sort(-sc, axis=1)[:, :20]
+    return {"items": len(items), **{f"nn{k}": round(float(top[:, k - 1].mean()), 6) for k in (1, 10, 20)
+                                    if top.shape[1] >= k}}
+
+
 def placements(last: list[int], new_cols: np.ndarray, emb: np.ndarray, floors: tuple[float, ...] = PLACE_FLOORS,
                slots: int = 3, chunk: int = 1024) -> dict[str, Any]:
     """How much a last-item placement of the new items (``new_cols``) takes from a list, for users whose target is
@@ -222,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cost_side = {"valid": placements(seen_last(vh, vw), real_cols, emb),
                  "test": placements(seen_last(th, tw), real_cols, emb)}
+    # are the stand-ins' surroundings in text space the real arrivals'? (each set's own nearest catalog items)
+    item_density = {"real": density(real_cols.tolist(), emb),
+                    "pools": [density([at[i] for i in pool if i in at], emb) for pool in pools]}
     result = {"run": cfg.run.name, "config": args.config, "overrides": args.set,
               "queries": {name: {"m": m, "w": w} for name, m, w in QUERIES},
               "simulated_arrivals": {"pools": ARRIVAL_POOLS, "pool_items": len(held), "split": "valid",
@@ -229,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "pairs": simulated_pairs},
               "real_arrivals": {"split": "test", "new_items": len(held), "without_text": len(no_text),
                                 "by_query": real, "pairs": real_pairs},
-              "placements_on_seen_targets": cost_side,
+              "placements_on_seen_targets": cost_side, "item_density": item_density,
               "seconds": round(time.time() - t0, 1),
               "command": " ".join(["python benchmarks/isolation/arrival_queries.py", args.config, "--name",
                                    args.name, "--set", *args.set])}
     path = write_result(args.name, result, RESULTS)
+    print("item density (mean cosine of the 1st / 10th / 20th nearest catalog item): real "
+          + str(item_density["real"]) + "; pools " + "; ".join(str(d) for d in item_density["pools"]))
     for label, pr in (("simulated", simulated_pairs), ("real", real_pairs)):
         print(f"{label} arrivals' buyers, last item vs target: " + ", ".join(f"{k} {v}" for k, v in (pr or {}).items()))
     for label, table in (("simulated arrivals (valid)", simulated), ("real arrivals (test)", real)):
