@@ -320,8 +320,9 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share
     (``by`` share), or the one whose placement rule found the most simulated arrivals (``by`` simulated: the
     point's ``simulated_new_recall``, ``simulate_arrivals``; ties: the larger new share — with the content fill,
     a new item placed among the fill's neighbours takes a place the fill would have shown anyway, which the
-    model-free simulation cannot see — then the better seen Recall@10, then NDCG@10). ``base``: the Recall@10 the cost is measured against, when not the
-    lever-off point's (with the content fill: the same filled lists without the new items, ``tune_neighbours``)."""
+    model-free simulation cannot see — then the better seen Recall@10, then NDCG@10). ``base``: the Recall@10 the
+    cost is measured against, when not the lever-off point's (with the content fill: the same filled lists without
+    the new items, ``tune_neighbours``)."""
     floor = (1 - cost) * (curve[0]["recall_at_10"] if base is None else base)
     # a rule that shows no more new items than the lever off changes nothing a user sees (e.g. every new item it
     # places is one the content fill shows anyway): it costs nothing and, by the model-free simulation, can look

@@ -44,21 +44,23 @@ def target_rows(targets: pa.Table, split: str, limit: int | None, seed: int) -> 
     return t
 
 
-def last_history_items(seqs: pa.Table, t: pa.Table) -> list[str | None]:
-    """The item just before each target of ``t`` (rows of ``target_rows``) in its user's sequence: the last
-    item of the history the target is predicted from (None for a target at position 0)."""
+def _sequences_of(seqs: pa.Table, t: pa.Table) -> tuple[list[list[str]], list[int]]:
+    """Each target row's whole sequence and the target's position in it."""
     import pyarrow.compute as pc
 
     hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id")))
-    return [h[p - 1] if p > 0 else None for h, p in zip(hist.to_pylist(), t.column("position").to_pylist())]
+    return hist.to_pylist(), t.column("position").to_pylist()
+
+
+def last_history_items(seqs: pa.Table, t: pa.Table) -> list[str | None]:
+    """The item just before each target of ``t`` (rows of ``target_rows``) in its user's sequence: the last
+    item of the history the target is predicted from (None for a target at position 0)."""
+    return [h[p - 1] if p > 0 else None for h, p in zip(*_sequences_of(seqs, t))]
 
 
 def history_items(seqs: pa.Table, t: pa.Table) -> list[list[str]]:
     """Each target's history (rows of ``target_rows``): the items before it in its user's sequence, oldest first."""
-    import pyarrow.compute as pc
-
-    hist = seqs.column("item_ids").take(pc.index_in(t.column("user_id"), value_set=seqs.column("user_id")))
-    return [h[:p] for h, p in zip(hist.to_pylist(), t.column("position").to_pylist())]
+    return [h[:p] for h, p in zip(*_sequences_of(seqs, t))]
 
 
 def select_targets(targets: pa.Table, split: str, limit: int | None, seed: int) -> list[dict[str, Any]]:
