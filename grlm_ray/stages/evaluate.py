@@ -208,7 +208,7 @@ def _reranker(cfg: GrlmConfig, run: Run, seqs: pa.Table, targets: pa.Table, adde
             anchors = users if e.added_anchor == "last" else [x[0] if x else None for x in r]
             floors = every.floors(anchors, e.added_within) if e.added_within and every is not None else None
             r, h = step(r, h, placer.place(r, anchors, e.added_min_cosine, e.added_neighbours, e.added_position,
-                                           floors, placement_depth(e.content_depth, e.content_fill if fill else 0)),
+                                           floors, placement_depth(e.content_depth, e.content_fill) if fill else None),
                         "added_neighbour")
         if content is not None:
             r, h = step(r, h, [fill_content(x, c, e.content_fill, e.content_depth)
