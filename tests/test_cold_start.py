@@ -54,6 +54,11 @@ def test_held_out_items_leave_every_history_but_test_targets_stay():
     assert h.info["test_targets_new"] == 3 and h.info["test_targets_seen"] == 2
     assert h.info["interactions_removed"] == 2  # u2's i8 and u4's i8 (u4 then dropped)
     assert h.info["arrival"].startswith("mean relative position")
+    # u2's validation target was i8, a held-out item: kept apart as a real arrival on validation, with its
+    # history (the seen items before the test target), not in the targets training and evaluation read
+    assert h.arrival_targets.to_pylist() == [{"user_id": "u2", "split": "valid", "domain": "d", "position": 2,
+                                              "target_item_id": "i8"}]
+    assert h.info["valid_targets_new"] == 1
 
 
 def test_timestamps_decide_arrival_when_every_user_has_them():
@@ -97,7 +102,7 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
         "train.strategy=single", "train.num_workers=1", "train.max_steps=30", "bench.sample_users=80", "bench.baselines=[sasrec_ce]",
         "baseline.epochs=2", "baseline.hidden_size=16", "eval.num_beams=10", "eval.ks=[5,10]", "eval.batch_size=8",
         "bench.new_item_levers=[known_terms,added_search,added_neighbours]", "bench.new_item_beams=5",
-        "bench.new_item_cost=0.9", "bench.content_fills=[2,4]"]
+        "bench.new_item_cost=0.9", "bench.content_fills=[2,4]", "bench.neighbour_choice=arrivals"]
     assert cli_main(["bench", "cold-start", "--out-dir", str(tmp_path), *overrides]) == 0
     [path] = tmp_path.glob("cold_start_demo_sample.json")
     res = json.loads(path.read_text())
@@ -119,8 +124,7 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
                 if f and fill["neighbours"]["chosen"] else [])] if f else []
     assert list(rows) == ["GRLM + new items", "GRLM + new items, known terms", "GRLM + new items, added-item search",
                           "GRLM, new items absent", "SASRec-CE", "popularity", "content (last item's text neighbours)",
-                          "GRLM + new items, text neighbours of the last item",
-                          "GRLM + new items, text neighbours of its top item", *filled]
+                          "GRLM + new items, text neighbours of the last item", *filled]
     if f:  # the fill over a catalog without the new items never shows one
         assert rows[filled[0]]["new_share_at_10"] == 0 and rows[filled[1]]["users_new"] == rows["GRLM + new items"]["users_new"]
         assert set(res["ratios"]["content_fill_rows"]) == set(filled[1:])
@@ -135,10 +139,21 @@ def test_cold_start_benchmark_recommends_new_items_with_their_written_tids(tiny_
     assert tune["curve"][0]["new_share_at_10"] <= chosen["new_share_at_10"]
     s_ = rows["GRLM + new items, added-item search"]
     assert s_["new_share_at_10"] > 0 and s_["users_new"] == rows["GRLM + new items"]["users_new"]
-    # the text-neighbour placement: chosen on the same validation users, the whole test curve recorded
-    for anchor, name in (("last", "GRLM + new items, text neighbours of the last item"),
-                         ("predicted", "GRLM + new items, text neighbours of its top item")):
+    # the text-neighbour placement: chosen by the real arrivals on validation (the users whose validation target
+    # was a held-out item) within the cost on the same validation users, the whole test curve recorded; the
+    # model's top item is not an anchor this choice has (it would need the model on those users' histories)
+    arrivals = res["added_neighbours_tuning"]["real_arrivals"]
+    assert arrivals["users"] == res["protocol"]["valid_targets_new"] > 0 and 0 <= arrivals["content_recall"] <= 1
+    assert "predicted" not in res["added_neighbours_tuning"] and set(res["added_neighbours_test_curves"]) == \
+        {"last", "predicted"}
+    for anchor, name in (("last", "GRLM + new items, text neighbours of the last item"),):
         t_ = res["added_neighbours_tuning"][anchor]
+        assert t_["chosen_by_share"] and t_["chosen_by_simulated"]  # the other choices, recorded beside it
+        ok = [p for p in t_["curve"][1:] if p["recall_at_10"] >= 0.1 * t_["curve"][0]["recall_at_10"] - 1e-9
+              and p["new_share_at_10"] > t_["curve"][0]["new_share_at_10"]]
+        rule = lambda p: (p["position"], p["slots"], p["min_cosine"], p["within"])  # noqa: E731
+        assert max(p["arrival_new_recall"] for p in ok) == max(p["arrival_new_recall"] for p in t_["curve"]
+                                                               if rule(p) == rule(t_["chosen"]))
         assert res["added_neighbours_tuning"]["users"] == 80 and t_["curve"][0]["slots"] == 0
         key = lambda p: (p["position"], p["slots"], p["min_cosine"], p["within"])  # noqa: E731
         assert {p["position"] for p in t_["curve"][1:]} == {"top", "bottom"}  # both placements on the curve
@@ -400,6 +415,41 @@ def test_simulated_arrivals_count_the_pool_targets_a_rule_would_show_and_drive_t
     assert choose_neighbours([curve[0], bottom, top], 0.03, "simulated") is top
     assert choose_neighbours([curve[0], top, {**bottom, "new_share_at_10": 0.05}], 0.03, "simulated")["position"] \
         == "bottom"  # the same share: the better seen NDCG
+
+
+def test_real_arrivals_on_validation_count_the_buyers_a_rule_shows_their_new_item_and_drive_the_choice():
+    import numpy as np
+
+    from grlm_ray.bench.cold_start import arrival_recalls, choose_neighbours
+    from grlm_ray.lib.eig import TextNeighbours
+
+    # a, b seen; n1, n2, n3 the new items. Three buyers: anchored on a they bought n1 (a's nearest new item)
+    # and n2 (its second), anchored on b n3
+    ids = ["a", "b", "s1", "n1", "n2", "n3"]
+    emb = np.array([[1, 0], [0, 1], [0.99, 0.1], [0.97, 0.25], [0.8, 0.6], [0.2, 0.98]], dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    placer, near = TextNeighbours(ids, emb, ["n1", "n2", "n3"]), TextNeighbours(ids, emb, ids)
+    anchors, want = ["a", "a", "b"], ["n1", "n2", "n3"]
+    got = arrival_recalls(anchors, want, placer, near, [1, 2])
+    assert got["users"] == 3 and got["fill"] == 0
+    assert got["last"][(0, 1, 0.5)]["recall"] == round(2 / 3, 6)  # n1 for a, n3 for b; n2 needs a second slot
+    assert got["last"][(0, 2, 0.5)]["recall"] == 1.0
+    assert got["last"][(0, 2, 0.95)]["recall"] == round(2 / 3, 6)  # n2 is 0.8 from a: below the floor
+    assert got["last"][(10, 2, 0.5)]["recall"] == 1.0  # 6 items: every one is within 10
+    # the content baseline on the same buyers: the anchor's nearest items of the whole catalog (10 of 5 others)
+    assert got["content_recall"] == 1.0
+    # with a fill of 2, the rule's item takes the last place above it, then the fill shows the anchor's nearest
+    # items not shown yet (a: s1, then n2 — n1 is placed): n2's buyer is found by the fill
+    assert got["last"][(0, 1, 0.95)]["recall"] == round(2 / 3, 6)
+    filled = arrival_recalls(anchors, want, placer, near, [1], fill=2)
+    assert filled["fill"] == 2 and filled["last"][(0, 1, 0.95)]["recall"] == 1.0
+    # the arrivals choice takes the rule finding the most real arrivals within the cost
+    curve = [{"recall_at_10": 0.10, "ndcg_at_10": 0.05, "new_share_at_10": 0.0, "arrival_new_recall": 0.0},
+             {"recall_at_10": 0.099, "ndcg_at_10": 0.05, "new_share_at_10": 0.08, "arrival_new_recall": 0.03},
+             {"recall_at_10": 0.098, "ndcg_at_10": 0.05, "new_share_at_10": 0.05, "arrival_new_recall": 0.06},
+             {"recall_at_10": 0.05, "ndcg_at_10": 0.02, "new_share_at_10": 0.3, "arrival_new_recall": 0.2}]
+    assert choose_neighbours(curve, 0.03, "arrivals") is curve[2]
+    assert choose_neighbours(curve, 0.03, "share") is curve[1]
 
 
 def test_the_slot_grid_is_the_configs_and_a_fourth_slot_reaches_a_fourth_arrival():

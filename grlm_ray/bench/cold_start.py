@@ -75,6 +75,8 @@ WITHINS = (0, 10, 20)
 POSITIONS = ("top", "bottom")
 # bench.neighbour_choice=simulated: pools of seen items drawn like the held-out ones, each playing the arrivals
 ARRIVAL_POOLS = 5
+# bench.neighbour_choice -> the curve point's new-item recall estimate it chooses by
+ESTIMATES = {"simulated": "simulated_new_recall", "arrivals": "arrival_new_recall"}
 BONUSES = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
 
@@ -318,7 +320,8 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share
     """Among the validation points whose Recall@10 is at least ``1 - cost`` of the lever off (validation targets
     are seen items only: new items were held out of every history), the one showing the most new items
     (``by`` share), or the one whose placement rule found the most simulated arrivals (``by`` simulated: the
-    point's ``simulated_new_recall``, ``simulate_arrivals``; ties: the larger new share — with the content fill,
+    point's ``simulated_new_recall``, ``simulate_arrivals``), or the most real ones on validation (``by``
+    arrivals: ``arrival_new_recall``, ``arrival_recalls``; ties, both: the larger new share — with the content fill,
     a new item placed among the fill's neighbours takes a place the fill would have shown anyway, which the
     model-free simulation cannot see — then the better seen Recall@10, then NDCG@10). ``base``: the Recall@10 the
     cost is measured against, when not the lever-off point's (with the content fill: the same filled lists without
@@ -330,9 +333,8 @@ def choose_neighbours(curve: list[dict[str, Any]], cost: float, by: str = "share
     ok = [p for p in curve[1:] if p["recall_at_10"] >= floor and p["new_share_at_10"] > curve[0]["new_share_at_10"]]
     if not ok:
         return None
-    if by == "simulated":
-        return max(ok, key=lambda p: (p["simulated_new_recall"], p["new_share_at_10"], p["recall_at_10"],
-                                      p["ndcg_at_10"]))
+    if by in ESTIMATES:
+        return max(ok, key=lambda p: (p[ESTIMATES[by]], p["new_share_at_10"], p["recall_at_10"], p["ndcg_at_10"]))
     return max(ok, key=lambda p: (p["new_share_at_10"], p["recall_at_10"]))
 
 
@@ -393,6 +395,63 @@ def simulate_arrivals(anchors: list[str | None], targets: list[str], pools: list
                     n = sum(targets[j] in place_added([], c, m, slots) for j, c in zip(rows, gated))
                     hits[(within, slots, m)] = hits.get((within, slots, m), 0) + n
     return {key: {"recall": round(n / users, 6) if users else 0.0, "users": users} for key, n in hits.items()}
+
+
+def validation_arrivals(cfg: GrlmConfig, seqs: Any) -> tuple[list[str | None], list[str]]:
+    """The validation split's **real** new-item targets: the users whose validation target was a held-out item
+    (the holdout took it out of their history and kept the row apart: ``prepare/holdout_targets.parquet``;
+    nothing trains on it) — (each one's anchor: the last item of its history, seen items only as a test
+    history; its target). ``seqs``: the run's prepared sequences."""
+    from grlm_ray.core.schemas import TARGETS
+    from grlm_ray.lib.protocol import history_items
+
+    run = Run.of(cfg)
+    if not run.exists("prepare", "holdout_targets.parquet"):
+        raise GrlmError(f"cold start: bench.neighbour_choice=arrivals needs {run.name}/prepare/holdout_targets.parquet "
+                        f"(prepare writes it under data.holdout since 2026-12-07): redo prepare (grlm prep CONFIG --redo; the "
+                        f"stages after it run again) or choose by bench.neighbour_choice=simulated")
+    t = run.read_table("prepare", "holdout_targets.parquet", TARGETS)
+    if t.num_rows == 0:
+        raise GrlmError("cold start: no validation target is a held-out item (prepare/holdout_targets.parquet is "
+                        "empty): bench.neighbour_choice=arrivals has nothing to choose on; use simulated or share")
+    return [h[-1] if h else None for h in history_items(seqs, t)], t.column("target_item_id").to_pylist()
+
+
+def arrival_recalls(anchors: list[str | None], want: list[str], placer: Any, near: Any,
+                    slot_counts: tuple[int, ...] | list[int] = SLOTS, fill: int = 0, k: int = 10) -> dict[str, Any]:
+    """Each placement rule's recall (``neighbour_curve``'s grid: within, slots, cosine floor) on real arrivals
+    (``validation_arrivals``: each user's ``anchors`` item, the new item ``want`` it went on to buy): the rule
+    places the new items nearest the anchor (``placer``: the new items' ``TextNeighbours``; ``near``: the whole
+    catalog's, for the rank gate and the content fill). A placement's new-item recall needs no model: of ``k``
+    places the model fills (never with a new item here), the rule's take the last ones (``fill``: above the last
+    ``fill``, then given to ``near``'s neighbours of the anchor, as the eval stage refills), and a target counts
+    where one of them is it. Also the content baseline's recall on the same rows (the anchor's ``k`` nearest items
+    of the whole catalog). Returns ``{"last": (within, slots, floor) -> recall and users, "users",
+    "content_recall", "fill"}``."""
+    from grlm_ray.lib.eig import fill_content, gate, place_added, placement_depth
+
+    withins = [w for w in WITHINS if w]
+    cands = placer.candidates(anchors, max(slot_counts))
+    floors = near.floors_at(anchors, withins)
+    content = near.ranked(anchors, k)
+    model = [f"\x00{j}" for j in range(k)]  # the model's places: never a new item
+    depth = placement_depth(k, fill)
+    out: dict[tuple[int, int, float], dict[str, Any]] = {}
+    for within in (0, *withins):
+        gated = gate(cands, floors[within]) if within else cands
+        for slots in slot_counts:
+            for m in MIN_COSINES:
+                hits = 0
+                for w, c, cc in zip(want, gated, content):
+                    shown = place_added(model, c, m, slots, "bottom", depth)
+                    hits += w in (fill_content(shown, cc, fill, k) if fill else shown)[:k]
+                out[(within, slots, m)] = {"recall": round(hits / len(want), 6), "users": len(want)}
+    content_recall = round(sum(w in c for w, c in zip(want, content)) / len(want), 6)
+    best = max(out.items(), key=lambda kv: kv[1]["recall"])
+    log.info("cold start: real arrivals on validation (%d users whose validation target is a new item, fill %d): "
+             "best rule %s recall %.4f; content baseline %.4f", len(want), fill, best[0], best[1]["recall"],
+             content_recall)
+    return {"last": out, "users": len(want), "content_recall": content_recall, "fill": fill}
 
 
 def validation_lists(valid: GrlmConfig) -> tuple[list[str], list[tuple[str, list[str]]], list[str]]:
@@ -458,21 +517,26 @@ def simulated_recalls(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: 
 
 def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, near: Any, fill: int = 0,
                     simulated: dict[str, Any] | None = None, near_seen: Any = None,
-                    anchors: tuple[str, ...] = tuple(ANCHORS)) -> dict[str, Any]:
+                    anchors: tuple[str, ...] = tuple(ANCHORS), arrivals: dict[str, Any] | None = None) -> dict[str, Any]:
     """For each anchor (``ANCHORS``), the rank gate, similarity floor and slots of ``added_neighbours`` chosen on
     ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``, by ``bench.neighbour_choice``), with
     the whole curve; ``near``: the whole catalog's text neighbours (the rank gate's floors); ``fill``: on lists
     then refilled with ``fill`` of them, the cost measured against the refilled lists; ``simulated``:
     ``simulated_recalls`` (each point gets its rule's ``simulated_new_recall``; needed by the simulated
-    choice). Both choices are recorded (``chosen``, and ``chosen_by_share`` / ``chosen_by_simulated``).
+    choice); ``arrivals``: ``arrival_recalls`` with the same ``fill`` (each point gets ``arrival_new_recall``;
+    needed by the arrivals choice, which tunes only the anchors it has: the last item). Every choice the estimates
+    allow is recorded (``chosen``, and ``chosen_by_<share|simulated|arrivals>``).
     ``near_seen`` (with ``fill``): the text neighbours among the seen items only; the cost is then measured against
     the same lists filled from them with the new items taken out (``reference``: the same filled model without the
     new items, what the bench's row compares with on test) — not against the lever-off point, whose fill already
     shows new items and so already costs seen hits. ``anchors``: the ones tuned (default every one)."""
     users, rows, last = validation_lists(valid)
     by = cfg.bench.neighbour_choice
-    if by == "simulated" and simulated is None:
-        raise GrlmError("cold start: bench.neighbour_choice=simulated needs the simulated arrivals")
+    estimates = {"simulated": simulated, "arrivals": arrivals}
+    if by in estimates and estimates[by] is None:
+        raise GrlmError(f"cold start: bench.neighbour_choice={by} needs the {by} arrivals' recalls")
+    if by == "arrivals":
+        anchors = tuple(a for a in anchors if a in arrivals)
     out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost,
                            "content_fill": fill, "choice": by}
     content = near.ranked(last, 10) if fill else None
@@ -490,19 +554,20 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
         floors = near.floors_at(items, [w for w in WITHINS if w])
         curve = neighbour_curve(rows, cands, held, fill=fill, content=content, floors=floors,
                                 slot_counts=cfg.bench.neighbour_slots)
-        if simulated is not None:
-            for p in curve:
-                rule = simulated[anchor].get((p["within"], p["slots"], p["min_cosine"]))
-                p["simulated_new_recall"] = rule["recall"] if rule else 0.0
+        for name, est in estimates.items():
+            if est is not None and anchor in est:
+                for p in curve:
+                    rule = est[anchor].get((p["within"], p["slots"], p["min_cosine"]))
+                    p[ESTIMATES[name]] = rule["recall"] if rule else 0.0
         chosen = choose_neighbours(curve, cfg.bench.new_item_cost, by, base)
-        other = "simulated" if by == "share" else "share"
-        alt = choose_neighbours(curve, cfg.bench.new_item_cost, other, base) if simulated is not None else None
+        alts = {f"chosen_by_{o}": _rule(choose_neighbours(curve, cfg.bench.new_item_cost, o, base))
+                for o in ("share", *ESTIMATES) if o != by and (o == "share" or ESTIMATES[o] in curve[0])}
         log.info("cold start: neighbours of the %s item on %d validation users: %s", anchor, len(users),
                  "none within the cost" if chosen is None else f"{chosen['slots']} slots ({chosen['position']}), cosine >= "
                  f"{chosen['min_cosine']}, within {chosen['within'] or 'any'} (R@10 {chosen['recall_at_10']:.4f} vs "
                  f"{curve[0]['recall_at_10'] if base is None else base:.4f} {'off' if base is None else 'without new items'}, "
                  f"new share {chosen['new_share_at_10']:.4f})")
-        out[anchor] = {"chosen": _rule(chosen), f"chosen_by_{other}": _rule(alt), "curve": curve}
+        out[anchor] = {"chosen": _rule(chosen), **alts, "curve": curve}
     return out
 
 
@@ -594,9 +659,15 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
 
         placer = TextNeighbours(ids, emb, [r["item_id"] for r in rows_new])
         near_all = TextNeighbours(ids, emb, ids)  # the pool as serving has it: every item, the new ones too
+        # the simulation is kept beside the real arrivals' choice (model-free, cheap): how far apart they choose
         simulated = simulated_recalls(cfg, runs["new_valid"], held, near_all, ids, emb, seqs, targets) \
-            if cfg.bench.neighbour_choice == "simulated" else None
-        neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, simulated=simulated)
+            if cfg.bench.neighbour_choice in ESTIMATES else None
+        arriving = validation_arrivals(cfg, seqs) if cfg.bench.neighbour_choice == "arrivals" else None
+        arrivals = arrival_recalls(*arriving, placer, near_all, cfg.bench.neighbour_slots) if arriving else None
+        neighbours = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, simulated=simulated,
+                                     arrivals=arrivals)
+        if arrivals is not None:
+            neighbours["real_arrivals"] = {k_: arrivals[k_] for k_ in ("users", "content_recall", "fill")}
         if simulated is not None:
             neighbours["simulated_arrivals"] = {"pools": simulated["pools"], "pool_items": simulated["pool_items"],
                                                 "target_users": {a: next(iter(simulated[a].values()))["users"]
@@ -609,7 +680,7 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
             # the whole test curve is recorded for the plot; only the validation choice is a row
             test_curves[anchor] = neighbour_curve(grlm_new, cands, held, floors=floors,
                                                   slot_counts=cfg.bench.neighbour_slots)
-            chosen = neighbours[anchor]["chosen"]
+            chosen = (neighbours.get(anchor) or {}).get("chosen")  # the arrivals choice tunes the last item only
             if chosen is not None:
                 gated = gate(cands, floors[chosen["within"]]) if chosen["within"] else cands
                 ranked[name] = [(t, place_added(r, c, chosen["min_cosine"], chosen["slots"], chosen["position"],
@@ -630,9 +701,14 @@ def cold_start(cfg: GrlmConfig, threads: int = 2) -> dict[str, Any]:
             content_all = near_all.ranked(last, k)
             ranked[f"GRLM + new items + {f} text neighbours"] = [
                 (t, fill_content(r, c, f, k)) for (t, r), c in zip(grlm_new, content_all)]
+            arrivals_f = arrival_recalls(*arriving, placer, near_all, cfg.bench.neighbour_slots, f) \
+                if arriving else None
             tuned = tune_neighbours(cfg, runs["new_valid"], held, placer, near_all, f, simulated, seen_pool,
-                                    anchors=("last",))  # the fill's row places the last item's neighbours only
+                                    anchors=("last",), arrivals=arrivals_f)  # the last item's neighbours only
             fill_tuning["neighbours"] = {**tuned["last"], "reference": tuned["reference"]}
+            if arrivals_f is not None:
+                fill_tuning["neighbours"]["real_arrivals"] = {k_: arrivals_f[k_] for k_ in ("users", "content_recall",
+                                                                                            "fill")}
             chosen = fill_tuning["neighbours"]["chosen"]
             if chosen is not None:
                 cands = test_cands["last"]  # the last item's new neighbours, as searched above

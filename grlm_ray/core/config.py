@@ -840,8 +840,10 @@ class BenchConfig(StrictModel):
     # how added_neighbours' rule is chosen among those within new_item_cost: share, the one showing the most new
     # items; simulated, the one that found the most arrivals in a simulation on validation (pools of seen items
     # drawn like the held-out ones play the new items; the users whose validation target is in a pool are its
-    # new-item targets — the placement needs no model, so its recall there estimates its recall on real arrivals)
-    neighbour_choice: Literal["share", "simulated"] = neutral_default("share")
+    # new-item targets — the placement needs no model, so its recall there estimates its recall on real arrivals);
+    # arrivals, the one that found the most real arrivals on validation (the users whose validation target was a
+    # held-out item: prepare/holdout_targets.parquet; the last item's neighbours only)
+    neighbour_choice: Literal["share", "simulated", "arrivals"] = neutral_default("share")
     # the slots added_neighbours' rules may take (the grid's slot counts, each placing up to that many new items):
     # gated within the last item's 10 nearest catalog items, a placement reaches the content baseline's new items
     # at 3 slots on Beauty and 4 on Toys (benchmarks/isolation/arrival_queries.py)

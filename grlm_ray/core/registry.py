@@ -89,7 +89,8 @@ REGISTRY: tuple[Stage, ...] = (
     Stage("prepare", "grlm_ray.stages.prepare:prepare", "prep", "stage 1: prepare catalog, sequences and targets",
           sections=("data",), reads=(), outputs=("items.parquet", "sequences.parquet", "targets.parquet",
                                                  "raw_text.parquet", "rejects.parquet"),
-          tracked=("data",), optional=("terms.parquet", "holdout_items.parquet"),  # a source's own TIDs; data.holdout
+          tracked=("data",),  # a source's own TIDs; data.holdout's held-out items and their validation targets
+          optional=("terms.parquet", "holdout_items.parquet", "holdout_targets.parquet"),
           checks="grlm_ray.stages.prepare:check_sources"),
     Stage("embed", "grlm_ray.stages.embed:embed", "embed", "stage 2: sentence embeddings of item text (Ray Data)",
           sections=("data", "embed"), reads=("prepare",), outputs=("embeddings.parquet",), tracked=("data", "embed")),

@@ -3,7 +3,8 @@
 Contract out (``<root>/<run>/prepare/``): ``items``, ``sequences``, ``targets``, ``rejects``, ``raw_text``
 (the source text of every item field cleaned under ``data.clean_text``), when a source provides Term
 IDs, ``terms`` (source='provided'), and under ``data.holdout`` (the cold-start protocol) ``holdout_items``:
-the items taken out of the catalog and of every history (``core.hold_out``). Each domain is loaded and filtered as its own
+the items taken out of the catalog and of every history (``core.hold_out``), and ``holdout_targets``: the
+validation targets that were held-out items, kept apart (TARGETS rows; no stage trains on them). Each domain is loaded and filtered as its own
 resumable part (in parallel as Ray tasks when there are several), then the parts are merged by mode:
 
 - single: one domain, ids as in the source (unless ``namespace_ids``);
@@ -371,9 +372,11 @@ def prepare(cfg: GrlmConfig) -> dict[str, Any]:
             items, seqs, targets = ho.items, ho.sequences, ho.targets
             seen = set(items.column("item_id").to_pylist())
             ctx.write("holdout_items.parquet", ho.held, ITEMS)
+            ctx.write("holdout_targets.parquet", ho.arrival_targets, TARGETS)
             ctx.info["holdout"] = ho.info
-            log.info("prepare: cold start: %d of %d items held out (%s), %d test targets new, %d users dropped",
-                     ho.info["held_out_items"], ho.info["items"], ho.info["arrival"], ho.info["test_targets_new"],
+            log.info("prepare: cold start: %d of %d items held out (%s), %d test targets new, %d validation targets "
+                     "new (kept apart), %d users dropped", ho.info["held_out_items"], ho.info["items"],
+                     ho.info["arrival"], ho.info["test_targets_new"], ho.info["valid_targets_new"],
                      ho.info["users_dropped_below_min"])
         ctx.write("items.parquet", items, ITEMS)
         ctx.write("sequences.parquet", seqs, SEQUENCES)

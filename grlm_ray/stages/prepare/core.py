@@ -240,6 +240,10 @@ class Holdout:
     sequences: pa.Table
     targets: pa.Table
     info: dict
+    # the validation split's real new-item targets: a user whose validation target (the item just before the
+    # test target) was a held-out item, which the holdout took out of the history; ``position`` is that of the
+    # test target in ``sequences`` (the history is the seen items bought before it, as a test history is)
+    arrival_targets: pa.Table | None = None
 
 
 def arrival_scores(sequences: pa.Table) -> tuple[dict[str, float], str]:
@@ -294,6 +298,7 @@ def hold_out(items: pa.Table, sequences: pa.Table, targets: pa.Table, share: flo
     for r in targets.select(["user_id", "domain"]).to_pylist():
         domain_of.setdefault(r["user_id"], r["domain"])
     users, seqs_out, ts_out, dropped, removed = [], [], [], 0, 0
+    arrivals: dict[str, list] = {"user_id": [], "split": [], "domain": [], "position": [], "target_item_id": []}
     for u, its, ts in zip(sequences.column("user_id").to_pylist(), sequences.column("item_ids").to_pylist(),
                           sequences.column("timestamps").to_pylist()):
         keep = [j for j, i in enumerate(its[:-1]) if i not in held] + [len(its) - 1]
@@ -304,6 +309,10 @@ def hold_out(items: pa.Table, sequences: pa.Table, targets: pa.Table, share: flo
         users.append(u)
         seqs_out.append([its[j] for j in keep])
         ts_out.append(None if ts is None else [ts[j] for j in keep])
+        if len(its) >= 2 and its[-2] in held:  # its validation target was an arrival: kept apart, with its history
+            for k, v in (("user_id", u), ("split", "valid"), ("domain", domain_of.get(u)),
+                         ("position", len(keep) - 1), ("target_item_id", its[-2])):
+                arrivals[k].append(v)
     seqs = pa.table({"user_id": pa.array(users, pa.string()),
                      "item_ids": pa.array(seqs_out, pa.list_(pa.string())),
                      "timestamps": pa.array(ts_out, pa.list_(pa.int64()))})
@@ -322,5 +331,7 @@ def hold_out(items: pa.Table, sequences: pa.Table, targets: pa.Table, share: flo
     info = {"share": share, "candidates": candidates, "seed": seed, "arrival": rule, "items": n,
             "candidate_items": pool_n, "held_out_items": want, "held_out_items_without_text": len(no_text),
             "interactions_removed": removed, "users_dropped_below_min": dropped, "users": len(users),
-            "test_targets_new": new_targets, "test_targets_seen": len(users) - new_targets}
-    return Holdout(items.filter(pc.invert(mask)), held_t, seqs, pa.table(rows, schema=TARGETS.arrow), info)
+            "test_targets_new": new_targets, "test_targets_seen": len(users) - new_targets,
+            "valid_targets_new": len(arrivals["user_id"])}
+    return Holdout(items.filter(pc.invert(mask)), held_t, seqs, pa.table(rows, schema=TARGETS.arrow), info,
+                   pa.table(arrivals, schema=TARGETS.arrow))
