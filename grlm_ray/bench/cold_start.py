@@ -407,9 +407,9 @@ def validation_arrivals(cfg: GrlmConfig, seqs: Any) -> tuple[list[str | None], l
 
     run = Run.of(cfg)
     if not run.exists("prepare", "holdout_targets.parquet"):
-        raise GrlmError(f"cold start: bench.neighbour_choice=arrivals needs {run.name}/prepare/holdout_targets.parquet "
-                        f"(prepare writes it under data.holdout since 2026-12-07): redo prepare (grlm prep CONFIG --redo; the "
-                        f"stages after it run again) or choose by bench.neighbour_choice=simulated")
+        raise GrlmError(f"cold start: bench.neighbour_choice=arrivals needs {run.name}/prepare/holdout_targets"
+                        ".parquet (prepare writes it under data.holdout since 2026-12-07): redo prepare (grlm prep "
+                        "CONFIG --redo; the stages after it run again) or choose by bench.neighbour_choice=simulated")
     t = run.read_table("prepare", "holdout_targets.parquet", TARGETS)
     if t.num_rows == 0:
         raise GrlmError("cold start: no validation target is a held-out item (prepare/holdout_targets.parquet is "
@@ -517,7 +517,8 @@ def simulated_recalls(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], near: 
 
 def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: Any, near: Any, fill: int = 0,
                     simulated: dict[str, Any] | None = None, near_seen: Any = None,
-                    anchors: tuple[str, ...] = tuple(ANCHORS), arrivals: dict[str, Any] | None = None) -> dict[str, Any]:
+                    anchors: tuple[str, ...] = tuple(ANCHORS),
+                    arrivals: dict[str, Any] | None = None) -> dict[str, Any]:
     """For each anchor (``ANCHORS``), the rank gate, similarity floor and slots of ``added_neighbours`` chosen on
     ``valid``'s users (``choose_neighbours``, cost ``bench.new_item_cost``, by ``bench.neighbour_choice``), with
     the whole curve; ``near``: the whole catalog's text neighbours (the rank gate's floors); ``fill``: on lists
@@ -534,7 +535,7 @@ def tune_neighbours(cfg: GrlmConfig, valid: GrlmConfig, held: set[str], placer: 
     by = cfg.bench.neighbour_choice
     estimates = {"simulated": simulated, "arrivals": arrivals}
     if by in estimates and estimates[by] is None:
-        raise GrlmError(f"cold start: bench.neighbour_choice={by} needs the {by} arrivals' recalls")
+        raise GrlmError(f"cold start: bench.neighbour_choice={by} needs its new-item recalls ({by} arrivals)")
     if by == "arrivals":
         anchors = tuple(a for a in anchors if a in arrivals)
     out: dict[str, Any] = {"users": len(users), "split": valid.eval.split, "cost": cfg.bench.new_item_cost,

@@ -4,8 +4,9 @@ Contract out (``<root>/<run>/prepare/``): ``items``, ``sequences``, ``targets``,
 (the source text of every item field cleaned under ``data.clean_text``), when a source provides Term
 IDs, ``terms`` (source='provided'), and under ``data.holdout`` (the cold-start protocol) ``holdout_items``:
 the items taken out of the catalog and of every history (``core.hold_out``), and ``holdout_targets``: the
-validation targets that were held-out items, kept apart (TARGETS rows; no stage trains on them). Each domain is loaded and filtered as its own
-resumable part (in parallel as Ray tasks when there are several), then the parts are merged by mode:
+validation targets that were held-out items, kept apart (TARGETS rows; no stage trains on them). Each domain
+is loaded and filtered as its own resumable part (in parallel as Ray tasks when there are several), then the
+parts are merged by mode:
 
 - single: one domain, ids as in the source (unless ``namespace_ids``);
 - joint: every domain's items and users namespaced ``<domain>/<id>``, sequences kept per domain;
