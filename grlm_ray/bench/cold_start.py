@@ -407,9 +407,10 @@ def validation_arrivals(cfg: GrlmConfig, seqs: Any) -> tuple[list[str | None], l
 
     run = Run.of(cfg)
     if not run.exists("prepare", "holdout_targets.parquet"):
-        raise GrlmError(f"cold start: bench.neighbour_choice=arrivals needs {run.name}/prepare/holdout_targets"
-                        ".parquet (prepare writes it under data.holdout since 2026-12-07): redo prepare (grlm prep "
-                        "CONFIG --redo; the stages after it run again) or choose by bench.neighbour_choice=simulated")
+        where = run.uri("prepare", "holdout_targets.parquet")
+        raise GrlmError(f"cold start: bench.neighbour_choice=arrivals needs {where}"
+                        " (prepare writes it under data.holdout since 2026-12-07): redo prepare (grlm prep CONFIG "
+                        "--redo; the stages after it run again) or choose by bench.neighbour_choice=simulated")
     t = run.read_table("prepare", "holdout_targets.parquet", TARGETS)
     if t.num_rows == 0:
         raise GrlmError("cold start: no validation target is a held-out item (prepare/holdout_targets.parquet is "
