@@ -368,6 +368,13 @@ def test_neighbour_candidates_skip_the_anchor_and_the_choice_keeps_the_cost():
     assert choose_neighbours([sims[0], noop], 0.02, "simulated") is None
 
 
+def _choice_curve(estimate: str) -> list[dict]:
+    """A validation curve (the lever off first) where the rule showing the most new items within a 3% cost is
+    not the one finding the most arrivals (``estimate``: the curve points' new-item recall)."""
+    points = [(0.10, 0.05, 0.0, 0.0), (0.099, 0.05, 0.08, 0.03), (0.098, 0.05, 0.05, 0.06), (0.05, 0.02, 0.3, 0.2)]
+    return [{"recall_at_10": r, "ndcg_at_10": n, "new_share_at_10": sh, estimate: e} for r, n, sh, e in points]
+
+
 def test_simulated_arrivals_count_the_pool_targets_a_rule_would_show_and_drive_the_choice():
     import numpy as np
 
@@ -403,10 +410,7 @@ def test_simulated_arrivals_count_the_pool_targets_a_rule_would_show_and_drive_t
     with pytest.raises(GrlmError, match="near"):
         simulate_arrivals([], targets, [["p1"]], ids, emb, {}, histories=hists)
     # the simulated choice takes the rule finding the most arrivals within the cost, not the one showing most
-    curve = [{"recall_at_10": 0.10, "ndcg_at_10": 0.05, "new_share_at_10": 0.0, "simulated_new_recall": 0.0},
-             {"recall_at_10": 0.099, "ndcg_at_10": 0.05, "new_share_at_10": 0.08, "simulated_new_recall": 0.03},
-             {"recall_at_10": 0.098, "ndcg_at_10": 0.05, "new_share_at_10": 0.05, "simulated_new_recall": 0.06},
-             {"recall_at_10": 0.05, "ndcg_at_10": 0.02, "new_share_at_10": 0.3, "simulated_new_recall": 0.2}]
+    curve = _choice_curve("simulated_new_recall")
     assert choose_neighbours(curve, 0.03, "share") is curve[1]
     assert choose_neighbours(curve, 0.03, "simulated") is curve[2]
     # the same rule first or last: with the content fill the last places go to the fill, so fewer new items show
@@ -444,10 +448,7 @@ def test_real_arrivals_on_validation_count_the_buyers_a_rule_shows_their_new_ite
     filled = arrival_recalls(anchors, want, placer, near, [1], fill=2)
     assert filled["fill"] == 2 and filled["last"][(0, 1, 0.95)]["recall"] == 1.0
     # the arrivals choice takes the rule finding the most real arrivals within the cost
-    curve = [{"recall_at_10": 0.10, "ndcg_at_10": 0.05, "new_share_at_10": 0.0, "arrival_new_recall": 0.0},
-             {"recall_at_10": 0.099, "ndcg_at_10": 0.05, "new_share_at_10": 0.08, "arrival_new_recall": 0.03},
-             {"recall_at_10": 0.098, "ndcg_at_10": 0.05, "new_share_at_10": 0.05, "arrival_new_recall": 0.06},
-             {"recall_at_10": 0.05, "ndcg_at_10": 0.02, "new_share_at_10": 0.3, "arrival_new_recall": 0.2}]
+    curve = _choice_curve("arrival_new_recall")
     assert choose_neighbours(curve, 0.03, "arrivals") is curve[2]
     assert choose_neighbours(curve, 0.03, "share") is curve[1]
 
