@@ -370,7 +370,7 @@ def simulate_arrivals(anchors: list[str | None], targets: list[str], pools: list
     user who bought one arrival right after another would otherwise be anchored on its near-twin, which no real
     arrival's buyer is), and the floors are its own. Returns (within, slots, floor) -> recall and users, pooled
     over the pools."""
-    from grlm_ray.lib.eig import TextNeighbours, gate, place_added
+    from grlm_ray.lib.eig import TextNeighbours
 
     if histories is not None and near is None:
         raise GrlmError("simulate_arrivals: histories need the whole catalog's neighbours (near) for the floors")
@@ -388,13 +388,33 @@ def simulate_arrivals(anchors: list[str | None], targets: list[str], pools: list
             at = [next((x for x in reversed(histories[j]) if x not in members), None) for j in rows]
             fl = near.floors_at(at, withins)
         cands = TextNeighbours(ids, emb, pool).candidates(at, max(slot_counts))
-        for within in (0, *withins):
-            gated = gate(cands, fl[within]) if within else cands
-            for slots in slot_counts:
-                for m in MIN_COSINES:
-                    n = sum(targets[j] in place_added([], c, m, slots) for j, c in zip(rows, gated))
-                    hits[(within, slots, m)] = hits.get((within, slots, m), 0) + n
+        for key, n in rule_hits([targets[j] for j in rows], cands, fl, withins, slot_counts).items():
+            hits[key] = hits.get(key, 0) + n
     return {key: {"recall": round(n / users, 6) if users else 0.0, "users": users} for key, n in hits.items()}
+
+
+def rule_hits(want: list[str], cands: list[list[tuple[str, float]]], floors: dict[int, list[float]],
+              withins: list[int], slot_counts: tuple[int, ...] | list[int], fill: int = 0,
+              content: list[list[str]] | None = None, k: int = 10) -> dict[tuple[int, int, float], int]:
+    """For each placement rule (within: 0 and ``withins``, ``slot_counts``, ``MIN_COSINES``), how many users' target
+    ``want`` the rule shows, model-free: of ``k`` places the model fills (never with a new item here), the rule's
+    new items (of ``cands``, gated by ``floors``) take the last ones — above the last ``fill``, which then go to
+    each user's ``content`` ranking, as the eval stage refills."""
+    from grlm_ray.lib.eig import fill_content, gate, place_added, placement_depth
+
+    model = [f"\x00{j}" for j in range(k)]  # the model's places: never a new item
+    depth = placement_depth(k, fill)
+    hits: dict[tuple[int, int, float], int] = {}
+    for within in (0, *withins):
+        gated = gate(cands, floors[within]) if within else cands
+        for slots in slot_counts:
+            for m in MIN_COSINES:
+                n = 0
+                for j, (w, c) in enumerate(zip(want, gated)):
+                    shown = place_added(model, c, m, slots, "bottom", depth)
+                    n += w in (fill_content(shown, content[j], fill, k) if fill else shown)
+                hits[(within, slots, m)] = n
+    return hits
 
 
 def validation_arrivals(cfg: GrlmConfig, seqs: Any) -> tuple[list[str | None], list[str]]:
@@ -429,24 +449,11 @@ def arrival_recalls(anchors: list[str | None], want: list[str], placer: Any, nea
     where one of them is it. Also the content baseline's recall on the same rows (the anchor's ``k`` nearest items
     of the whole catalog). Returns ``{"last": (within, slots, floor) -> recall and users, "users",
     "content_recall", "fill"}``."""
-    from grlm_ray.lib.eig import fill_content, gate, place_added, placement_depth
-
     withins = [w for w in WITHINS if w]
-    cands = placer.candidates(anchors, max(slot_counts))
-    floors = near.floors_at(anchors, withins)
     content = near.ranked(anchors, k)
-    model = [f"\x00{j}" for j in range(k)]  # the model's places: never a new item
-    depth = placement_depth(k, fill)
-    out: dict[tuple[int, int, float], dict[str, Any]] = {}
-    for within in (0, *withins):
-        gated = gate(cands, floors[within]) if within else cands
-        for slots in slot_counts:
-            for m in MIN_COSINES:
-                hits = 0
-                for w, c, cc in zip(want, gated, content):
-                    shown = place_added(model, c, m, slots, "bottom", depth)
-                    hits += w in (fill_content(shown, cc, fill, k) if fill else shown)[:k]
-                out[(within, slots, m)] = {"recall": round(hits / len(want), 6), "users": len(want)}
+    hits = rule_hits(want, placer.candidates(anchors, max(slot_counts)), near.floors_at(anchors, withins), withins,
+                     slot_counts, fill, content, k)
+    out = {key: {"recall": round(n / len(want), 6), "users": len(want)} for key, n in hits.items()}
     content_recall = round(sum(w in c for w, c in zip(want, content)) / len(want), 6)
     best = max(out.items(), key=lambda kv: kv[1]["recall"])
     log.info("cold start: real arrivals on validation (%d users whose validation target is a new item, fill %d): "

@@ -243,7 +243,7 @@ class Holdout:
     # the validation split's real new-item targets: a user whose validation target (the item just before the
     # test target) was a held-out item, which the holdout took out of the history; ``position`` is that of the
     # test target in ``sequences`` (the history is the seen items bought before it, as a test history is)
-    arrival_targets: pa.Table | None = None
+    arrival_targets: pa.Table
 
 
 def arrival_scores(sequences: pa.Table) -> tuple[dict[str, float], str]:
